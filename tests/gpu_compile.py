@@ -1,0 +1,145 @@
+"""Compile every Triton kernel ahead of time for real GPUs, on a machine without one.
+
+Each kernel is lowered to a cubin for sm_80 (A100) and sm_90a (H100) with the ptxas shipped in
+Triton's wheel, at the block shapes its launcher uses; ptxas's own report gives registers, spill
+bytes and stack, the compiled metadata the shared memory. Must run WITHOUT ``TRITON_INTERPRET``,
+so tests call it in a subprocess:
+
+    python tests/gpu_compile.py            # JSON rows on stdout
+    python tests/gpu_compile.py --markdown # the table for benchmarks/RESULTS.md
+
+To prove a new kernel, add a ``Spec`` to ``SPECS`` with the dtypes and constexprs it is launched
+with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+ARCHS = (80, 90)
+
+
+@dataclass
+class Spec:
+    module: str
+    kernel: str
+    signature: dict  # arg -> "*fp32" | "*bf16" | "*i64" | "i32" | "constexpr"
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 2
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}[{self.label}]" if self.label else self.kernel
+
+
+def _decode_specs() -> list[Spec]:
+    from topk_kernels import sparse_decode as sd
+
+    mod = sd.__name__
+    specs = []
+    for dt in ("fp32", "bf16"):
+        specs.append(Spec(mod, "_decode_fwd_kernel", {
+            "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+            "out_ptr": f"*{dt}", "B": "i32", "M": "i32", "K": "i32",
+            "HAS_BIAS": "constexpr", "BLOCK_B": "constexpr", "BLOCK_M": "constexpr",
+        }, {"HAS_BIAS": True, "BLOCK_B": sd.BLOCK_B, "BLOCK_M": sd.BLOCK_M}, label=dt))
+        specs.append(Spec(mod, "_decode_bwd_acts_kernel", {
+            "grad_ptr": f"*{dt}", "idx_ptr": "*i64", "w_ptr": f"*{dt}", "gacts_ptr": f"*{dt}",
+            "M": "i32", "K": "i32", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",
+        }, {"BLOCK_K": sd.BLOCK_K_ACTS, "BLOCK_M": sd.BLOCK_M_ACTS}, label=dt))
+        specs.append(Spec(mod, "_decode_bwd_weight_atomic_kernel", {
+            "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "gw_ptr": "*fp32",
+            "B": "i32", "M": "i32", "K": "i32", "BLOCK_B": "constexpr", "BLOCK_M": "constexpr",
+        }, {"BLOCK_B": sd.BLOCK_B, "BLOCK_M": sd.BLOCK_M}, label=dt))
+        specs.append(Spec(mod, "_decode_bwd_weight_segment_kernel", {
+            "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "sorted_idx_ptr": "*i64", "order_ptr": "*i64",
+            "gw_ptr": "*fp32", "NNZ": "i32", "M": "i32", "K": "i32", "BLOCK_M": "constexpr",
+        }, {"BLOCK_M": sd.BLOCK_M}, label=dt))
+    return specs
+
+
+def all_specs() -> list[Spec]:
+    """Every kernel the package launches. Op families add their builders here."""
+    specs = _decode_specs()
+    for builder in _EXTRA_BUILDERS:
+        specs.extend(builder())
+    return specs
+
+
+_EXTRA_BUILDERS: list = []
+
+
+_USED = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_spec(spec: Spec, arch: int) -> dict:
+    """Compile one kernel for one architecture; returns a row of resource usage."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(spec.module), spec.kernel)
+    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(
+            src, target=target, options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+        )
+    text = log.getvalue()
+    used = _USED.findall(text)
+    spill = _SPILL.findall(text)
+    if not used or not spill:
+        raise RuntimeError(f"{spec.name} sm_{arch}: no ptxas report found in:\n{text}")
+    stack, stores, loads = (int(v) for v in spill[-1])
+    return {
+        "kernel": spec.name,
+        "arch": f"sm_{arch}",
+        "registers": int(used[-1]),
+        "shared_bytes": int(compiled.metadata.shared),
+        "stack_bytes": stack,
+        "spill_stores": stores,
+        "spill_loads": loads,
+        "num_warps": spec.num_warps,
+    }
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("gpu_compile: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
+        return 2
+    rows, failures = [], []
+    for spec in all_specs():
+        for arch in ARCHS:
+            try:
+                rows.append(compile_spec(spec, arch))
+            except Exception as exc:  # report every failure, not just the first
+                failures.append({"kernel": spec.name, "arch": f"sm_{arch}", "error": repr(exc)[:2000]})
+    if "--markdown" in argv:
+        print("| kernel | arch | warps | registers | shared memory (B) | stack (B) | spill stores (B) | spill loads (B) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['registers']} | {r['shared_bytes']} "
+                  f"| {r['stack_bytes']} | {r['spill_stores']} | {r['spill_loads']} |")
+        for f in failures:
+            print(f"| {f['kernel']} | {f['arch']} | FAILED: {f['error'][:200]} |")
+    else:
+        print(json.dumps({"rows": rows, "failures": failures}))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,128 @@
+"""sparse_decode: forward and all three gradients against the fp64 dense reference, on the CPU path
+and on the Triton kernels under the interpreter; errors; torch.library and torch.compile."""
+
+import pytest
+import torch
+
+from helpers import BACKENDS, TOL, assert_close
+from topk_kernels import reference, sparse_decode
+
+SHAPES = [  # (leading shape, m, n, k)
+    ((37,), 100, 1000, 17),
+    ((5, 7), 33, 129, 5),
+    ((4,), 1, 3, 3),
+]
+
+
+def _inputs(lead, m, n, k, dtype):
+    acts = torch.randn(*lead, k).abs().to(dtype)
+    idx = torch.randint(0, n, (*lead, k))
+    weight = torch.randn(n, m).to(dtype)
+    bias = torch.randn(m).to(dtype)
+    return acts, idx, weight, bias
+
+
+def _check_against_reference(acts, idx, weight, bias, backend, tol):
+    leaves = [t.detach().clone().requires_grad_() for t in (acts, weight, bias)]
+    out = sparse_decode(leaves[0], idx, leaves[1], leaves[2], backend=backend)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (acts, weight, bias)]
+    ref = reference.sparse_decode(ref_leaves[0], idx, ref_leaves[1], ref_leaves[2])
+    assert out.dtype == acts.dtype
+    assert_close(out, ref, tol, "forward")
+    grad_out = torch.randn_like(ref)
+    out.backward(grad_out.to(out.dtype))
+    ref.backward(grad_out)
+    for name, got, want in zip(("top_acts", "weight", "bias"), leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype
+        assert_close(got.grad, want.grad, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_dense_reference(backend, lead, m, n, k, dtype):
+    _check_against_reference(*_inputs(lead, m, n, k, dtype), backend, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_indices_add_up(backend):
+    acts, idx, weight, bias = _inputs((9,), 20, 6, 8, torch.float32)  # k > n forces repeats
+    idx[:, 1] = idx[:, 0]
+    _check_against_reference(acts, idx, weight, bias, backend, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_bias(backend):
+    acts, idx, weight, _ = _inputs((11,), 24, 50, 4, torch.float32)
+    out = sparse_decode(acts, idx, weight, backend=backend)
+    assert_close(out, reference.sparse_decode(acts.double(), idx, weight.double()), 1e-5, "no bias")
+
+
+def test_triton_deterministic_weight_grad_matches_atomic():
+    acts, idx, weight, bias = _inputs((23,), 40, 7, 9, torch.float32)  # many repeats per latent
+    grad_out = torch.randn(23, 40)
+
+    def weight_grad():
+        w = weight.clone().requires_grad_()
+        sparse_decode(acts, idx, w, bias, backend="triton").backward(grad_out)
+        return w.grad
+
+    atomic = weight_grad()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = weight_grad(), weight_grad()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, second)
+    w64 = weight.double().requires_grad_()
+    reference.sparse_decode(acts.double(), idx, w64, bias.double()).backward(grad_out.double())
+    assert_close(first, w64.grad, 1e-5, "deterministic weight grad")
+    assert_close(atomic, w64.grad, 1e-5, "atomic weight grad")
+
+
+def test_empty_batch():
+    acts, idx, weight, bias = _inputs((0,), 8, 10, 3, torch.float32)
+    assert sparse_decode(acts, idx, weight, bias).shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a, i, w, b: (a, i + 1000, w, b), r"top_indices: expected every index in \[0, n_latents=1000\)"),
+        (lambda a, i, w, b: (a, i - 1000, w, b), r"top_indices: .* found -"),
+        (lambda a, i, w, b: (a[:, :-1], i, w, b), r"top_indices: expected the shape of top_acts"),
+        (lambda a, i, w, b: (a, i, w, b[:-1]), r"bias: expected shape \(100,\)"),
+        (lambda a, i, w, b: (a, i, w[0], b), r"weight: expected a 2-D tensor"),
+        (lambda a, i, w, b: (a, i.float(), w, b), r"top_indices: expected an int64"),
+        (lambda a, i, w, b: (a.long(), i, w, b), r"top_acts: expected a float"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(mutate, match):
+    args = mutate(*_inputs((37,), 100, 1000, 17, torch.float32))
+    with pytest.raises((ValueError, IndexError, TypeError), match=match):
+        sparse_decode(*args)
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        sparse_decode(*_inputs((3,), 4, 5, 2, torch.float32), backend="cuda")
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_opcheck(use_triton):
+    acts, idx, weight, bias = _inputs((13,), 24, 40, 5, torch.float32)
+    args = (acts.requires_grad_(), idx, weight.requires_grad_(), bias.requires_grad_(), use_triton)
+    torch.library.opcheck(torch.ops.topk_kernels.sparse_decode.default, args)
+
+
+def test_torch_compile_cpu():
+    acts, idx, weight, bias = _inputs((19,), 32, 64, 6, torch.float32)
+    weight.requires_grad_()
+    compiled = torch.compile(lambda a, i, w, b: sparse_decode(a, i, w, b).square().sum(), fullgraph=True)
+    loss = compiled(acts, idx, weight, bias)
+    (grad,) = torch.autograd.grad(loss, weight)
+    w64 = weight.detach().double().requires_grad_()
+    ref = reference.sparse_decode(acts.double(), idx, w64, bias.double()).square().sum()
+    ref.backward()
+    assert_close(loss.detach().reshape(1), ref.detach().reshape(1), 1e-5, "compiled loss")
+    assert_close(grad, w64.grad, 1e-5, "compiled weight grad")

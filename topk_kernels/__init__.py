@@ -1,0 +1,10 @@
+"""Fast kernels for TopK and Expander sparse autoencoders.
+
+Four differentiable ops, each with a Triton kernel (CUDA, or the interpreter under
+``TRITON_INTERPRET=1``), a fast PyTorch path for CPU, and a dense reference in
+:mod:`topk_kernels.reference`. Pick one with ``backend="triton" | "torch" | "reference"``.
+"""
+
+from .sparse_decode import sparse_decode
+
+__all__ = ["sparse_decode"]
