@@ -30,3 +30,38 @@ def pytest_report_header(config):
 def _seed(request):
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + BASE_SEED) % (2**31))
     yield
+
+
+# --- TEST-ONLY speed-up of the Triton interpreter (not part of the package) ----------------------
+# tl.sort / tl.topk / tl.flip / tl.bitonic_merge swap elements through xor_sum reductions, which
+# the interpreter runs element by element in Python. XOR is associative and exact, so reducing
+# with NumPy gives bit-identical results, 10-15x faster. Only the interpreter's xor path changes.
+def _patch_interpreter_xor_reduce():
+    import numpy as np
+
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = interpreter.ReduceOps.apply_impl
+    if getattr(original, "_numpy_xor", False):
+        return
+
+    def apply_impl(self, input):
+        if self.combine_fn == tl.standard._xor_combine and len(input) == 1:
+            data = input[0].handle.data
+            axis = self.axis
+            if axis is None:
+                data, axis = data.reshape(-1), 0
+            out = np.bitwise_xor.reduce(data, axis=axis, keepdims=self.keep_dims and self.axis is not None)
+            if self.keep_dims and self.axis is None:
+                out = out.reshape([1] * input[0].handle.data.ndim)
+            return self.to_tensor(out, input[0].dtype)
+        return original(self, input)
+
+    apply_impl._numpy_xor = True
+    interpreter.ReduceOps.apply_impl = apply_impl
+
+
+_patch_interpreter_xor_reduce()

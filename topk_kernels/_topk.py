@@ -1,0 +1,215 @@
+"""Top-k machinery shared by the fused encoders (``topk_encode``, ``expander_encode``).
+
+A fused encoder never writes the [B, n] pre-activations: each program computes one tile of them,
+keeps its best ``K_PAD`` candidates in registers, and a second stage merges the candidates of all
+programs into the final k per token. ``tl.topk`` returns values only, so a candidate travels as one
+int64 *key* that packs the value and its latent id and whose signed integer order is the order we
+want: larger value first, and on equal values the lower latent id first. Sorting keys therefore
+breaks ties deterministically, the same way on every backend.
+
+Key layout (int64)::
+
+    bits 63..32: the fp32 value's bits, made order-preserving as a signed int32
+                 (negative floats get their 31 magnitude bits flipped; -0.0 is folded into +0.0)
+    bits 31..0 : 0xFFFFFFFF - latent_id   (unsigned; a lower id gives a larger key)
+
+Latent ids must lie in [0, 2**32 - 1). ``MIN_KEY`` (= -2**63) marks an empty slot: it is below
+every real key, including keys of real ``-inf`` values, so padding never wins over a real entry.
+NaN values are not supported (they sort by their bit pattern).
+
+Interface (stable; both encoders import it):
+
+Triton device functions (call them from ``@triton.jit`` kernels):
+  - ``pack_keys(values, ids) -> keys``: fp32 tensor and integer ids of broadcastable shapes ->
+    int64 keys.
+  - ``unpack_keys(keys) -> (values, ids)``: int64 keys -> (fp32 values, int64 ids). ``MIN_KEY``
+    unpacks to (NaN, 2**32 - 1): callers never select it when k <= n.
+  - ``empty_keys(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64 filled with ``MIN_KEY``: the initial
+    running candidates.
+  - ``tile_topk_keys(pre, ids, K_PAD) -> [BLOCK_B, K_PAD]`` int64 keys, sorted descending.
+    ``pre`` is the fp32 [BLOCK_B, BLOCK_N] tile with invalid entries already set to ``-inf``
+    and ``ids`` its [BLOCK_N] global latent ids; padded columns must carry ids >= n (for
+    example ``offs_n`` itself), so a padded ``-inf`` loses against a real ``-inf``. Needs
+    ``K_PAD <= BLOCK_N``, both powers of two.
+  - ``merge_topk_keys(running, new) -> [BLOCK_B, K_PAD]``: the K_PAD largest keys of the union of
+    two [BLOCK_B, K_PAD] key tiles, each sorted descending; the result is sorted descending.
+    (Max against the reversed tile keeps the top half of a bitonic merge, then one bitonic merge
+    sorts it: log2(K_PAD) compare-and-swap rounds instead of a full sort of 2*K_PAD keys.)
+  - ``update_topk_keys(running, pre, ids, K_PAD)`` = ``merge_topk_keys(running,
+    tile_topk_keys(pre, ids, K_PAD))``: the one call per tile of a fused encoder's inner loop.
+
+Host side (torch, any device, no host sync):
+  - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors.
+  - ``merge_candidates(keys, k, out_dtype=torch.float32) -> (top_acts, top_indices)``: stage 2.
+    ``keys`` [B, C] int64 candidates (C >= k, at least k of them real per row, e.g. K_PAD per
+    latent split); returns the k best per row sorted by descending pre-activation, ``top_acts``
+    = relu(value) as ``out_dtype`` [B, k], ``top_indices`` int64 [B, k].
+  - ``blocked_topk(pre_block_fn, n, k, block) -> (values, indices)``: the CPU path's running
+    top-k. ``pre_block_fn(start, stop)`` returns the fp32 pre-activations [B, stop - start] of
+    latents [start, stop); the result is the k largest per row, values (raw, not ReLU'd) fp32
+    [B, k] sorted descending and indices int64 [B, k], ties to the lower latent id exactly as the
+    kernels do. Extra memory O(B * (block + k)) beyond what ``pre_block_fn`` allocates.
+  - ``token_blocked_topk(pre_fn, B, n, k, block_n, block_b)``: the same, tiled over tokens too
+    (``pre_fn(b0, b1, start, stop)`` -> [b1 - b0, stop - start]) so a tile stays in cache.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._dispatch import HAS_TRITON
+
+MIN_KEY_VALUE = -(2**63)
+_LOW_MASK = 0xFFFFFFFF  # low 32 bits of a key: 0xFFFFFFFF - latent id
+_MAGNITUDE = 0x7FFFFFFF  # the 31 non-sign bits of an fp32
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    MIN_KEY: tl.constexpr = tl.constexpr(MIN_KEY_VALUE)
+    LOW_MASK: tl.constexpr = tl.constexpr(_LOW_MASK)
+
+    @triton.jit
+    def pack_keys(values, ids):
+        """fp32 values and integer latent ids (broadcastable) -> int64 keys, larger = better."""
+        values = tl.where(values == 0.0, 0.0, values)  # -0.0 and +0.0 must tie, as in torch.topk
+        bits = values.to(tl.int32, bitcast=True)
+        # Negative floats order backwards as integers: flipping their magnitude bits fixes that.
+        bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        low = LOW_MASK - ids.to(tl.int64)
+        return (bits.to(tl.int64) << 32) | low
+
+    @triton.jit
+    def unpack_keys(keys):
+        """int64 keys -> (fp32 values, int64 latent ids)."""
+        high = (keys >> 32).to(tl.int32)
+        bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+        values = bits.to(tl.float32, bitcast=True)
+        ids = LOW_MASK - (keys & LOW_MASK)
+        return values, ids
+
+    @triton.jit
+    def empty_keys(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
+        """[BLOCK_B, K_PAD] empty running candidates (every slot MIN_KEY)."""
+        return tl.full((BLOCK_B, K_PAD), MIN_KEY, tl.int64)
+
+    @triton.jit
+    def tile_topk_keys(pre, ids, K_PAD: tl.constexpr):
+        """pre [BLOCK_B, BLOCK_N] fp32 (invalid = -inf), ids [BLOCK_N] -> top K_PAD keys per row,
+        sorted descending."""
+        tl.static_assert(K_PAD <= pre.shape[1], "tile_topk_keys needs K_PAD <= BLOCK_N")
+        keys = pack_keys(pre, ids[None, :])
+        return tl.topk(keys, K_PAD, dim=1)
+
+    @triton.jit
+    def merge_topk_keys(running, new):
+        """Two [BLOCK_B, K_PAD] key tiles sorted descending -> the K_PAD largest of their union,
+        sorted descending."""
+        # running[i] vs new[K_PAD-1-i]: the larger of each pair is exactly the top K_PAD of the
+        # union, and the sequence is bitonic, so one bitonic merge sorts it.
+        both = tl.maximum(running, tl.flip(new, 1))
+        return tl.bitonic_merge(both, 1, True)
+
+    @triton.jit
+    def update_topk_keys(running, pre, ids, K_PAD: tl.constexpr):
+        """Fold one pre-activation tile into the running candidates (see tile_topk_keys)."""
+        return merge_topk_keys(running, tile_topk_keys(pre, ids, K_PAD))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: the same packing on torch tensors, stage 2, and the CPU path's blocked top-k.
+# ---------------------------------------------------------------------------------------------
+
+def pack_keys_torch(values: Tensor, ids: Tensor) -> Tensor:
+    """fp32 values and integer ids (broadcastable) -> int64 keys, identical to ``pack_keys``."""
+    values = values.float()
+    values = torch.where(values == 0, torch.zeros((), dtype=values.dtype, device=values.device), values)
+    bits = values.view(torch.int32)
+    bits = bits ^ ((bits >> 31) & _MAGNITUDE)
+    return (bits.long() << 32) | (_LOW_MASK - ids.long())
+
+
+def unpack_keys_torch(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """int64 keys -> (fp32 values, int64 ids), identical to ``unpack_keys``."""
+    high = (keys >> 32).int()
+    bits = high ^ ((high >> 31) & _MAGNITUDE)
+    return bits.view(torch.float32), _LOW_MASK - (keys & _LOW_MASK)
+
+
+def merge_candidates(keys: Tensor, k: int, out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Stage 2: candidate keys [B, C] int64 -> (top_acts [B, k] out_dtype, top_indices [B, k] int64).
+
+    Keys are unique per row (one per latent) except for ``MIN_KEY`` padding, so ``torch.topk``'s
+    unspecified tie order never matters. Sorted by descending pre-activation; acts are ReLU'd.
+    """
+    if keys.shape[1] < k:
+        raise ValueError(f"keys: expected at least k={k} candidates per row, got {keys.shape[1]}")
+    values, ids = unpack_keys_torch(keys.topk(k, dim=1, sorted=True).values)
+    return values.relu().to(out_dtype), ids
+
+
+def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of [R, C] values with their ids by (value desc, id asc), via packed keys."""
+    top = pack_keys_torch(values, ids).topk(k, dim=1, sorted=True).values
+    return unpack_keys_torch(top)
+
+
+def _block_topk(pre: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
+    """Top-min(k, w) of one [R, w] block, ties to the lower id; indices offset by ``start``."""
+    w = pre.shape[1]
+    kk = min(k, w)
+    vals, idx = pre.topk(kk, dim=1, sorted=False)
+    # torch.topk breaks ties arbitrarily. Only a tie at the boundary changes *which* latents are
+    # kept; redo exactly (with packed keys) the rare rows where more than kk entries reach the
+    # kk-th value. Order among the kept ones is fixed later by the key merge.
+    kth = vals.min(dim=1, keepdim=True).values
+    tied = (pre >= kth).sum(dim=1) > kk
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        ids = torch.arange(start, start + w, device=pre.device)
+        rv, ri = _exact_topk(pre[rows].float(), ids.expand(len(rows), w), kk)
+        vals, idx = vals.clone(), idx.clone()
+        vals[rows] = rv.to(vals.dtype)
+        idx[rows] = ri - start
+    return vals.float(), idx + start
+
+
+def blocked_topk(
+    pre_block_fn: Callable[[int, int], Tensor], n: int, k: int, block: int
+) -> tuple[Tensor, Tensor]:
+    """Running top-k over latents computed ``block`` at a time.
+
+    Args:
+        pre_block_fn: (start, stop) -> [B, stop - start] pre-activations of latents [start, stop).
+        n: number of latents; k: 1 <= k <= n; block: latents per call.
+
+    Returns:
+        values fp32 [B, k] (raw pre-activations, sorted descending), indices int64 [B, k];
+        ties go to the lower latent id. Extra memory O(B * (block + k)).
+    """
+    run_vals = run_idx = None
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        vals, idx = _block_topk(pre_block_fn(start, stop), start, k)
+        if run_vals is not None:
+            vals, idx = torch.cat([run_vals, vals], 1), torch.cat([run_idx, idx], 1)
+        run_vals, run_idx = _exact_topk(vals, idx, min(k, vals.shape[1]))
+    return run_vals, run_idx
+
+
+def token_blocked_topk(
+    pre_fn: Callable[[int, int, int, int], Tensor], B: int, n: int, k: int, block_n: int, block_b: int
+) -> tuple[Tensor, Tensor]:
+    """``blocked_topk`` tiled over tokens as well: ``pre_fn(b0, b1, start, stop)`` returns the
+    [b1 - b0, stop - start] pre-activations; returns values fp32 [B, k], indices int64 [B, k]."""
+    parts = [
+        blocked_topk(lambda s, e, b0=b0: pre_fn(b0, min(B, b0 + block_b), s, e), n, k, block_n)
+        for b0 in range(0, B, block_b)
+    ]
+    if not parts:
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
