@@ -1,0 +1,65 @@
+"""Measurement helpers shared by the benchmark suites and the microbenchmark command.
+
+Peak extra memory on CPU: torch keeps no CPU allocator statistics, so we read the kernel's own
+accounting: reset the process's peak RSS (write 5 to /proc/self/clear_refs), run the op, and report
+VmHWM minus the RSS before it. Large tensors are mmapped by glibc and returned on free, so the
+reading is the op's transient footprint. Linux only; elsewhere it reports None.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3 on an H100 SXM: the roofline floor printed beside our CPU times
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float | None:
+    """MiB the process's resident set grew above its starting point while ``fn`` ran."""
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+    except OSError:
+        return None
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return max(0.0, (peak - before) / 1024)
+
+
+def time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock milliseconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summary(times: list[float]) -> str:
+    return f"{statistics.median(times):9.2f} ({min(times):.2f}-{max(times):.2f})"
+
+
+def forward_backward(fn: Callable[..., torch.Tensor], *args) -> Callable[[], object]:
+    """A closure running fn(*args) then backward with a ones gradient (grads accumulate; harmless)."""
+    def run():
+        out = fn(*args)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+        return out
+    return run

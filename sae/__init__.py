@@ -1,0 +1,1 @@
+"""Thin modules for TopK and Expander sparse autoencoders, built on :mod:`topk_kernels`."""
