@@ -1,0 +1,224 @@
+"""Random expander masks: which d of the m model coordinates each latent's decoder atom may use.
+
+An Expander SAE fixes, before training, a left-d-regular bipartite graph between the n latents
+and the m model coordinates: latent j writes only to the d rows ``rows[j]``. ``expander_mask``
+draws that graph; ``mask_diagnostics`` measures it (row degrees, largest overlap between two
+latents, expansion of random latent sets).
+
+How the graph is drawn, fully vectorised so that n = 2^20 takes about a second:
+
+1. Lay the n*d slots out as consecutive random permutations of the m rows, then cut them into
+   n groups of d. Every full permutation adds one to every row's degree and the last partial one
+   adds one to a random subset, so degrees differ by at most one and every row is used when
+   n*d >= m.
+2. A group of d <= m consecutive slots spans at most two permutations, so it can repeat a row
+   only where it straddles a boundary: few latents. Those are repaired by swapping a repeated
+   entry with an entry of another latent where neither side then repeats; a swap moves entries
+   between latents and so leaves every row's degree unchanged. Many swaps run per round.
+3. When d > m/2 the latents' complements (the m - d rows a latent does *not* use) are the sparser
+   graph: they are drawn the same way and inverted, which keeps repairs easy near d = m.
+
+Latent order is shuffled (so neighbouring ids are not structurally related) and rows are sorted
+within each latent (ascending rows give the kernels a little memory locality).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+# Candidate swap partners tried per repeated entry per repair round.
+_CANDIDATES = 16
+_MAX_ROUNDS = 10_000
+
+
+def _check_int(name: str, value, lo: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name}: expected {name} >= {lo}, got {value}")
+    return int(value)
+
+
+def expander_mask(m: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Draw the support rows of a random left-d-regular bipartite graph.
+
+    Args:
+        m: number of model coordinates (right vertices).
+        n: number of latents (left vertices).
+        d: degree: rows per latent, 1 <= d <= m.
+        seed: the graph is a deterministic function of (m, n, d, seed).
+
+    Returns:
+        LongTensor [n, d] (on CPU): ``rows[j]`` holds d distinct rows in [0, m), sorted ascending.
+        Every row of [0, m) appears, and row degrees differ by at most one.
+    """
+    m = _check_int("m", m, 1)
+    n = _check_int("n", n, 1)
+    d = _check_int("d", d, 1)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if d > m:
+        raise ValueError(f"d: expected d <= m={m} (a latent's rows must be distinct), got d={d}")
+    if n * d < m:
+        raise ValueError(
+            f"n, d: expected n * d >= m so that every one of the m={m} rows is used, "
+            f"got n * d = {n} * {d} = {n * d}"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    if d == m:
+        return torch.arange(m).expand(n, m).clone()
+    if 2 * d > m:
+        # Complement degrees are n - degree, so they are balanced too; every row keeps degree >= 1
+        # because the complement's largest degree ceil(n (m-d) / m) is < n when n*d >= m.
+        missing = _balanced_rows(m, n, m - d, gen)
+        keep = torch.ones(n, m, dtype=torch.bool)
+        keep.scatter_(1, missing, False)
+        return keep.nonzero()[:, 1].view(n, d)
+    return _balanced_rows(m, n, d, gen)
+
+
+def _balanced_rows(m: int, n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, d] distinct sorted rows per latent, row degrees within one of each other (d <= m/2 or
+    n*d <= m; the caller guarantees it)."""
+    total = n * d
+    n_perm = -(-total // m)
+    # Row-wise argsort of uniform noise: n_perm independent random permutations in one call.
+    slots = torch.rand(n_perm, m, generator=gen).argsort(dim=1).view(-1)[:total]
+    rows = slots.view(n, d)[torch.randperm(n, generator=gen)]
+    rows = rows.sort(dim=1).values
+    return _repair_duplicates(rows, gen)
+
+
+def _repair_duplicates(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Make each latent's rows distinct by degree-preserving swaps; ``rows`` sorted per latent."""
+    n, d = rows.shape
+    if d == 1:
+        return rows
+    # Only swapped latents can change, so the full scan runs once and later rounds re-check those.
+    bad = (rows[:, 1:] == rows[:, :-1]).any(dim=1).nonzero().squeeze(1)
+    for _ in range(_MAX_ROUNDS):
+        if bad.numel() == 0:
+            return rows
+        # A random half of the bad latents are repaired this round; the rest (and all clean
+        # latents) may serve as partners, so the repair never waits on a clean latent existing.
+        targets = bad[torch.rand(bad.numel(), generator=gen) < 0.5]
+        if targets.numel() == 0:
+            continue
+        dup = rows[targets, 1:] == rows[targets, :-1]
+        pos = dup.int().argmax(dim=1) + 1  # second copy of the first repeated row
+        v = rows[targets, pos]
+        t_count = targets.numel()
+        partner = torch.randint(0, n, (t_count, _CANDIDATES), generator=gen)
+        slot = torch.randint(0, d, (t_count, _CANDIDATES), generator=gen)
+        w = rows[partner, slot]
+        # Swap v (repeated in the target) with w (in the partner): the target then repeats one
+        # row less iff w is new to it; the partner repeats no more iff v is new to it.
+        ok = ~torch.isin(partner, targets)
+        ok &= ~(rows[targets][:, None, :] == w[..., None]).any(dim=-1)
+        ok &= ~(rows[partner] == v[:, None, None]).any(dim=-1)
+        found = ok.any(dim=1)
+        choice = ok.int().argmax(dim=1)
+        targets, pos, v = targets[found], pos[found], v[found]
+        partner = partner[found, choice[found]]
+        slot = slot[found, choice[found]]
+        w = w[found, choice[found]]
+        # A latent may take part in one swap per round: keep the first target per partner.
+        order = torch.argsort(partner, stable=True)
+        first = torch.ones(order.numel(), dtype=torch.bool)
+        first[1:] = partner[order][1:] != partner[order][:-1]
+        keep = order[first]
+        targets, pos, v, partner, slot, w = (t[keep] for t in (targets, pos, v, partner, slot, w))
+        rows[targets, pos] = w
+        rows[partner, slot] = v
+        touched = torch.cat([targets, partner])
+        rows[touched] = rows[touched].sort(dim=1).values
+        check = torch.cat([bad, partner]).unique()
+        bad = check[(rows[check, 1:] == rows[check, :-1]).any(dim=1)]
+    raise RuntimeError(
+        f"expander_mask: could not make every latent's rows distinct after {_MAX_ROUNDS} repair "
+        f"rounds (n={n}, d={d}); try another seed"
+    )
+
+
+def mask_diagnostics(
+    rows: torch.Tensor, m: int, k: int = 32, n_sets: int = 256, seed: int = 0,
+    n_pairs: int = 200_000, exact_overlap_up_to: int = 4096,
+) -> dict:
+    """Measure an expander mask.
+
+    Args:
+        rows: [n, d] integer support rows in [0, m).
+        m: number of model coordinates.
+        k: size of the random latent sets S used for the expansion estimate (clipped to n).
+        n_sets: how many random sets S.
+        seed: seed of the sampling (sets and pairs).
+        n_pairs: latent pairs sampled for the overlap estimate when n > exact_overlap_up_to.
+        exact_overlap_up_to: up to this many latents, the largest overlap is computed exactly.
+
+    Returns:
+        dict with ``degree_min``, ``degree_max``, ``degree_spread`` (rows' degrees in the graph),
+        ``max_overlap`` (largest |rows[i] & rows[j]| over latent pairs i != j; exact or over
+        sampled pairs, see ``overlap_exact``), ``expansion_min`` and ``expansion_mean``
+        (|N(S)| / (d |S|) over the random sets S; 1.0 means no two latents of S share a row).
+    """
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+        raise ValueError(f"rows: expected a 2-D [n, d] tensor, got {getattr(rows, 'shape', type(rows).__name__)}")
+    if rows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"rows: expected an int64 (or int32) tensor, got dtype {rows.dtype}")
+    m = _check_int("m", m, 1)
+    k = _check_int("k", k, 1)
+    n_sets = _check_int("n_sets", n_sets, 1)
+    rows = rows.long().cpu()
+    n, d = rows.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"rows: expected a non-empty [n, d] tensor, got shape {tuple(rows.shape)}")
+    if int(rows.min()) < 0 or int(rows.max()) >= m:
+        raise IndexError(f"rows: expected every row in [0, m={m}), found {int(rows.min())}..{int(rows.max())}")
+    gen = torch.Generator().manual_seed(int(seed))
+    degree = torch.bincount(rows.reshape(-1), minlength=m)
+    out = {
+        "degree_min": int(degree.min()),
+        "degree_max": int(degree.max()),
+        "degree_spread": int(degree.max() - degree.min()),
+    }
+
+    if n < 2:
+        out["max_overlap"], out["overlap_exact"] = 0, True
+    elif n <= exact_overlap_up_to:
+        indicator = torch.zeros(n, m)
+        indicator.scatter_(1, rows, 1.0)
+        gram = indicator @ indicator.T
+        gram.fill_diagonal_(-1.0)
+        out["max_overlap"], out["overlap_exact"] = int(gram.max()), True
+    else:
+        i = torch.randint(0, n, (n_pairs,), generator=gen)
+        j = (i + torch.randint(1, n, (n_pairs,), generator=gen)) % n  # j != i
+        best = 0
+        for lo in range(0, n_pairs, 65536):  # bounded [chunk, d, d] comparisons
+            a, b = rows[i[lo:lo + 65536]], rows[j[lo:lo + 65536]]
+            best = max(best, int((a[:, :, None] == b[:, None, :]).sum(dim=(1, 2)).max()))
+        out["max_overlap"], out["overlap_exact"] = best, False
+
+    k = min(k, n)
+    sets = _random_sets(n, k, n_sets, gen)
+    support = rows[sets].reshape(n_sets, k * d).sort(dim=1).values
+    distinct = 1 + (support[:, 1:] != support[:, :-1]).sum(dim=1)
+    expansion = distinct.double() / (d * k)
+    out["expansion_min"] = float(expansion.min())
+    out["expansion_mean"] = float(expansion.mean())
+    return out
+
+
+def _random_sets(n: int, k: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """[count, k] latent ids, distinct within each set."""
+    if n * count <= 1 << 24:
+        return torch.rand(count, n, generator=gen).argsort(dim=1)[:, :k]
+    sets = torch.randint(0, n, (count, k), generator=gen)
+    while True:  # redraw the (rare, since k << n) sets holding a repeated latent
+        s = sets.sort(dim=1).values
+        again = (s[:, 1:] == s[:, :-1]).any(dim=1).nonzero().squeeze(1)
+        if again.numel() == 0:
+            return sets
+        sets[again] = torch.randint(0, n, (again.numel(), k), generator=gen)

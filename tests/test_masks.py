@@ -1,0 +1,125 @@
+"""expander_mask: a left-d-regular bipartite graph with distinct rows per latent, every row used,
+balanced row degrees, deterministic per seed, fast at SAE scale; mask_diagnostics measures it."""
+
+import time
+
+import pytest
+import torch
+
+from sae.masks import expander_mask, mask_diagnostics
+
+SIZES = [  # (m, n, d)
+    (37, 101, 5),  # odd sizes, n*d not a multiple of m
+    (37, 101, 18),  # d just under m/2: most latents straddle two permutations
+    (37, 101, 30),  # d > m/2: drawn through the complement
+    (37, 5, 37),  # d == m
+    (36, 4, 9),  # n*d == m: a partition of the rows
+    (100, 3, 34),  # n*d barely above m
+    (2048, 3000, 7),
+]
+
+
+def _assert_valid(rows, m, n, d):
+    assert rows.shape == (n, d) and rows.dtype == torch.int64
+    assert int(rows.min()) >= 0 and int(rows.max()) < m
+    # Sorted strictly ascending within each latent <=> distinct within each latent.
+    assert (rows[:, 1:] > rows[:, :-1]).all(), "rows repeat (or are unsorted) within a latent"
+    degree = torch.bincount(rows.reshape(-1), minlength=m)
+    assert int(degree.min()) >= 1, "some row is used by no latent"
+    assert int(degree.max() - degree.min()) <= 1, f"row degrees {int(degree.min())}..{int(degree.max())}"
+    assert int(degree.sum()) == n * d
+
+
+@pytest.mark.parametrize("m,n,d", SIZES)
+def test_graph_is_left_regular_covering_and_balanced(m, n, d):
+    _assert_valid(expander_mask(m, n, d, seed=3), m, n, d)
+
+
+def test_every_small_configuration_and_seed():
+    """Exhaustive over small m and every feasible d, at the smallest and a few larger n."""
+    for m in range(1, 14):
+        for d in range(1, m + 1):
+            n_min = -(-m // d)
+            for n in sorted({n_min, n_min + 1, 2 * n_min + 1, 23}):
+                for seed in range(2):
+                    _assert_valid(expander_mask(m, n, d, seed=seed), m, n, d)
+
+
+def test_deterministic_per_seed_and_different_across_seeds():
+    a = expander_mask(300, 1000, 7, seed=11)
+    assert torch.equal(a, expander_mask(300, 1000, 7, seed=11))
+    assert not torch.equal(a, expander_mask(300, 1000, 7, seed=12))
+
+
+def test_does_not_touch_global_rng():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    expander_mask(64, 200, 6, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_latent_supports_look_random():
+    """Neighbouring latent ids are unrelated (the layout is shuffled) and no pair of latents shares
+    much: at m=512, d=8, two random supports share 8*8/512 = 0.125 rows on average."""
+    rows = expander_mask(512, 2000, 8, seed=0)
+    stats = mask_diagnostics(rows, 512, k=16, n_sets=64)
+    assert stats["overlap_exact"] and stats["max_overlap"] <= 4
+    assert stats["expansion_mean"] > 0.85
+    shared_neighbours = (rows[1:, :, None] == rows[:-1, None, :]).any(-1).any(-1).float().mean()
+    assert 0.05 < shared_neighbours < 0.25  # ~0.12 expected; an unshuffled layout gives ~0.003
+
+
+def test_sae_scale_is_fast():
+    start = time.perf_counter()
+    rows = expander_mask(2048, 1 << 20, 7, seed=0)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10.0, f"expander_mask(2048, 2**20, 7) took {elapsed:.1f} s"
+    assert (rows[:, 1:] > rows[:, :-1]).all()
+    degree = torch.bincount(rows.reshape(-1), minlength=2048)
+    assert int(degree.min()) == int(degree.max()) == (1 << 20) * 7 // 2048
+
+
+@pytest.mark.parametrize(
+    "args,err,match",
+    [
+        ((10, 5, 11), ValueError, r"d: expected d <= m=10"),
+        ((10, 5, 0), ValueError, r"d: expected d >= 1"),
+        ((10, 3, 3), ValueError, r"n, d: expected n \* d >= m .* got n \* d = 3 \* 3 = 9"),
+        ((0, 5, 1), ValueError, r"m: expected m >= 1"),
+        ((10, 0, 1), ValueError, r"n: expected n >= 1"),
+        ((10.0, 5, 2), TypeError, r"m: expected an int, got float"),
+        ((10, 5, True), TypeError, r"d: expected an int, got bool"),
+        ((10, 5, 2, "0"), TypeError, r"seed: expected an int, got str"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(args, err, match):
+    with pytest.raises(err, match=match):
+        expander_mask(*args)
+
+
+def test_diagnostics_on_a_known_graph():
+    # Latents 0 and 1 share rows {1, 2}; row 5 has degree 0, row 1 degree 3.
+    rows = torch.tensor([[0, 1, 2], [1, 2, 3], [1, 4, 6]])
+    stats = mask_diagnostics(rows, 7, k=3, n_sets=4)
+    assert (stats["degree_min"], stats["degree_max"], stats["degree_spread"]) == (0, 3, 3)
+    assert stats["max_overlap"] == 2 and stats["overlap_exact"]
+    # S = all three latents: N(S) = {0, 1, 2, 3, 4, 6}, so 6 / 9.
+    assert stats["expansion_min"] == pytest.approx(6 / 9)
+    assert stats["expansion_mean"] == pytest.approx(6 / 9)
+
+
+def test_diagnostics_sampled_overlap_matches_exact():
+    # 30 latents have 435 pairs; 20000 sampled pairs miss any given one with probability e^-46.
+    rows = expander_mask(40, 30, 6, seed=2)
+    exact = mask_diagnostics(rows, 40)
+    sampled = mask_diagnostics(rows, 40, exact_overlap_up_to=10, n_pairs=20_000)
+    assert exact["overlap_exact"] and not sampled["overlap_exact"]
+    assert sampled["max_overlap"] == exact["max_overlap"] >= 2
+    brute = max(len(set(a.tolist()) & set(b.tolist())) for i, a in enumerate(rows) for b in rows[i + 1:])
+    assert exact["max_overlap"] == brute
+
+
+def test_diagnostics_rejects_rows_out_of_range():
+    with pytest.raises(IndexError, match=r"rows: expected every row in \[0, m=4\)"):
+        mask_diagnostics(torch.tensor([[0, 4]]), 4)
