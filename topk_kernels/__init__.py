@@ -5,6 +5,8 @@ Four differentiable ops, each with a Triton kernel (CUDA, or the interpreter und
 :mod:`topk_kernels.reference`. Pick one with ``backend="triton" | "torch" | "reference"``.
 """
 
+from .expander_decode import expander_decode
 from .sparse_decode import sparse_decode
+from .topk_encode import topk_encode
 
-__all__ = ["sparse_decode"]
+__all__ = ["expander_decode", "sparse_decode", "topk_encode"]

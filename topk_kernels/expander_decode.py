@@ -1,0 +1,388 @@
+"""Expander decoder: ``out[..., rows[j, t]] += top_acts[..., s] * values[j, t]`` for ``j = top_indices[..., s]``.
+
+An Expander SAE's decoder atom j lives on only d of the m model coordinates, stored compactly as
+``values [n, d]`` on ``rows [n, d]`` (see ``sae.masks.expander_mask``). Decoding k active latents
+therefore touches k*d entries per token: every pass here costs O(B*k*d) (plus writing the dense
+[B, m] output), against O(B*k*m) for a dense sparse decode and O(B*n*m) for the dense GEMM.
+
+This file holds the whole op: the Triton kernels (forward; a backward that gathers the output
+gradient once for both the activation and the value gradients, with atomics; a deterministic
+segmented value gradient), the CPU path built on gather + ``scatter_add_`` / ``index_add_``, and
+the ``torch.library`` registration with fake and autograd rules.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._dispatch import (
+    HAS_TRITON,
+    check_bias,
+    check_indices,
+    check_matrix,
+    check_same_device,
+    resolve_backend,
+)
+from .sparse_decode import _check_decode_args, _compute_dtype, _pow2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _expander_decode_fwd_kernel(
+        acts_ptr, idx_ptr, values_ptr, rows_ptr, bias_ptr, acc_ptr, out_ptr,
+        B, M, K, D,
+        HAS_BIAS: tl.constexpr, CAST_OUT: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """One program per BLOCK_B tokens, owning their fp32 output rows ``acc[b, :]``.
+
+        Race-free without atomics: each step read-modify-writes the d entries of one latent for
+        every token of the block (distinct addresses: distinct tokens, distinct rows within a
+        latent) and a CTA barrier separates steps, so repeats across latents of a token add in a
+        fixed order; the price is k dependent round trips per program instead of one atomic burst.
+        """
+        pid = tl.program_id(0)
+        offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        out_row = offs_b.to(tl.int64) * M
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = mask_b[:, None] & (offs_m < M)[None, :]
+            init = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+                init += bias[None, :]
+            tl.store(acc_ptr + out_row[:, None] + offs_m[None, :], init, mask=mask)
+        tl.debug_barrier()
+        offs_d = tl.arange(0, BLOCK_D)
+        entry = offs_b.to(tl.int64) * K
+        for s in range(0, K):
+            j = tl.load(idx_ptr + entry + s, mask=mask_b, other=0).to(tl.int64)
+            a = tl.load(acts_ptr + entry + s, mask=mask_b, other=0.0).to(tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                od = d0 + offs_d
+                mask = mask_b[:, None] & (od < D)[None, :]
+                atom = j[:, None] * D + od[None, :]
+                r = tl.load(rows_ptr + atom, mask=mask, other=0)
+                v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
+                ptrs = acc_ptr + out_row[:, None] + r
+                # .cg reads from L2, where this CTA's earlier stores landed (L1 is not coherent).
+                cur = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(ptrs, cur + a[:, None] * v, mask=mask)
+            tl.debug_barrier()
+        if CAST_OUT:
+            for m0 in range(0, M, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                mask = mask_b[:, None] & (offs_m < M)[None, :]
+                offs = out_row[:, None] + offs_m[None, :]
+                acc = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _expander_decode_bwd_kernel(
+        grad_ptr, acts_ptr, idx_ptr, values_ptr, rows_ptr, gacts_ptr, gvalues_ptr,
+        NNZ, M, K, D,
+        NEED_ACTS: tl.constexpr, NEED_VALUES: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program per BLOCK_E (token, slot) entries; the d gradient entries under each active
+        atom are gathered once and serve both gradients:
+        gacts[b, s] = sum_t grad[b, rows[j, t]] * values[j, t];
+        gvalues[j, t] += grad[b, rows[j, t]] * acts[b, s] (fp32 atomics into a zeroed buffer)."""
+        offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < NNZ
+        j = tl.load(idx_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+        grad_row = (offs_e // K) * M
+        if NEED_VALUES:
+            a = tl.load(acts_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        gacc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            od = d0 + offs_d
+            mask = mask_e[:, None] & (od < D)[None, :]
+            atom = j[:, None] * D + od[None, :]
+            r = tl.load(rows_ptr + atom, mask=mask, other=0)
+            g = tl.load(grad_ptr + grad_row[:, None] + r, mask=mask, other=0.0).to(tl.float32)
+            if NEED_ACTS:
+                v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
+                gacc += tl.sum(g * v, axis=1)
+            if NEED_VALUES:
+                tl.atomic_add(gvalues_ptr + atom, g * a[:, None], mask=mask)
+        if NEED_ACTS:
+            tl.store(gacts_ptr + offs_e, gacc.to(gacts_ptr.dtype.element_ty), mask=mask_e)
+
+    @triton.jit
+    def _expander_decode_bwd_values_segment_kernel(
+        grad_ptr, acts_ptr, rows_ptr, sorted_idx_ptr, order_ptr, gvalues_ptr,
+        NNZ, M, K, D,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Deterministic value grad: entries sorted by latent; the program at the start of a
+        latent's segment sums the whole segment in order and writes its d values once."""
+        i = tl.program_id(0).to(tl.int64)
+        od = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = od < D
+        latent = tl.load(sorted_idx_ptr + i)
+        prev = tl.load(sorted_idx_ptr + i - 1, mask=i > 0, other=-1)
+        if latent != prev:
+            atom = latent.to(tl.int64) * D + od
+            r = tl.load(rows_ptr + atom, mask=mask_d, other=0)
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            e = i
+            cur = latent
+            while cur == latent:
+                flat = tl.load(order_ptr + e)
+                a = tl.load(acts_ptr + flat).to(tl.float32)
+                g = tl.load(grad_ptr + (flat // K) * M + r, mask=mask_d, other=0.0).to(tl.float32)
+                acc += a * g
+                e += 1
+                cur = tl.load(sorted_idx_ptr + e, mask=e < NNZ, other=-1)
+            tl.store(gvalues_ptr + atom, acc, mask=mask_d)
+
+
+# Largest block shapes the launchers use (tests/gpu_compile.py compiles exactly these).
+BLOCK_B = 16  # tokens per forward program: 16 tokens x 8 atom entries = one per thread of 4 warps
+BLOCK_M = 128  # output columns per chunk of the forward's init / cast loops
+BLOCK_D = 32  # atom entries per step (d is padded to a power of two up to this, then looped)
+BLOCK_E = 64  # (token, slot) entries per backward program
+
+
+def _block_d(d: int) -> int:
+    return min(BLOCK_D, _pow2(d))
+
+
+def _triton_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
+    B, K = idx.shape
+    D = rows.shape[1]
+    out = torch.empty(B, m, device=acts.device, dtype=out_dtype)
+    if B == 0:
+        return out
+    cast = out_dtype != torch.float32
+    acc = torch.empty(B, m, device=acts.device, dtype=torch.float32) if cast else out
+    _expander_decode_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
+        acts, idx, values, rows, bias if bias is not None else acts, acc, out, B, m, K, D,
+        HAS_BIAS=bias is not None, CAST_OUT=cast,
+        BLOCK_B=BLOCK_B, BLOCK_D=_block_d(D), BLOCK_M=min(BLOCK_M, _pow2(m, lo=16)),
+        num_stages=1,  # no software pipelining across the read-modify-write steps
+    )
+    return out
+
+
+def _triton_backward(grad, acts, idx, values, rows, need_acts, need_values):
+    B, K = idx.shape
+    n, D = rows.shape
+    m = grad.shape[1]
+    gacts = torch.empty(B, K, device=grad.device, dtype=acts.dtype) if need_acts else None
+    gvalues = torch.zeros(n, D, device=grad.device, dtype=torch.float32) if need_values else None
+    nnz = B * K
+    if nnz == 0:
+        return gacts, gvalues
+    deterministic = need_values and torch.are_deterministic_algorithms_enabled()
+    if need_acts or (need_values and not deterministic):
+        _expander_decode_bwd_kernel[(triton.cdiv(nnz, BLOCK_E),)](
+            grad, acts, idx, values, rows,
+            gacts if need_acts else grad, gvalues if need_values else grad,
+            nnz, m, K, D,
+            NEED_ACTS=need_acts, NEED_VALUES=need_values and not deterministic,
+            BLOCK_E=BLOCK_E, BLOCK_D=_block_d(D),
+        )
+    if deterministic:
+        sorted_idx, order = torch.sort(idx.reshape(-1), stable=True)
+        block_d = _block_d(D)
+        _expander_decode_bwd_values_segment_kernel[(nnz, triton.cdiv(D, block_d))](
+            grad, acts, rows, sorted_idx, order, gvalues, nnz, m, K, D, BLOCK_D=block_d
+        )
+    return gacts, gvalues
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU path: gather the active atoms ([chunk, k, d] rows and scaled values), then one scatter_add_
+# into the output rows; backward gathers the output gradient at the same rows. Tokens go in
+# chunks so that the intermediates stay bounded (~_CHUNK_ENTRIES atom entries at a time).
+# ---------------------------------------------------------------------------------------------
+
+_CHUNK_ENTRIES = 1 << 21
+
+
+def _token_chunks(B: int, K: int, D: int):
+    step = max(1, _CHUNK_ENTRIES // max(1, K * D))
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+def _torch_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
+    B, K = idx.shape
+    D = rows.shape[1]
+    cd = _compute_dtype(out_dtype)
+    out = torch.zeros(B, m, device=acts.device, dtype=cd)
+    if bias is not None:
+        out += bias.to(cd)  # a fresh buffer: an expanded view of bias could alias it at B <= 1
+    vals = values.to(cd)
+    for b0, b1 in _token_chunks(B, K, D):
+        j = idx[b0:b1]
+        contrib = vals[j] * acts[b0:b1].to(cd)[..., None]
+        out[b0:b1].scatter_add_(1, rows[j].view(b1 - b0, K * D), contrib.view(b1 - b0, K * D))
+    return out.to(out_dtype)
+
+
+def _torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
+    B, K = idx.shape
+    n, D = rows.shape
+    cd = _compute_dtype(grad.dtype)
+    gacts = torch.empty(B, K, device=grad.device, dtype=cd) if need_acts else None
+    gvalues = torch.zeros(n, D, device=grad.device, dtype=cd) if need_values else None
+    vals = values.to(cd) if need_acts else None
+    for b0, b1 in _token_chunks(B, K, D):
+        j = idx[b0:b1]
+        g = grad[b0:b1].to(cd).gather(1, rows[j].view(b1 - b0, K * D)).view(b1 - b0, K, D)
+        if need_acts:
+            gacts[b0:b1] = (g * vals[j]).sum(-1)
+        if need_values:
+            gvalues.index_add_(0, j.reshape(-1), (g * acts[b0:b1].to(cd)[..., None]).view(-1, D))
+    return gacts, gvalues
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: 2-D [B, k] inputs; the public function flattens leading dims.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("topk_kernels::expander_decode", mutates_args=())
+def _expander_decode_op(
+    top_acts: Tensor, top_indices: Tensor, values: Tensor, rows: Tensor, m: int,
+    bias: Optional[Tensor], use_triton: bool,
+) -> Tensor:
+    # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
+    check_indices("top_indices", top_indices, values.shape[0], "n_latents")
+    check_indices("rows", rows, m, "m")
+    out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
+    # The kernels index flat memory; a no-op for the public function, which passes contiguous inputs.
+    top_acts, top_indices, values, rows = (t.contiguous() for t in (top_acts, top_indices, values, rows))
+    bias = bias.contiguous() if bias is not None else None
+    if use_triton:
+        return _triton_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
+    return _torch_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
+
+
+@_expander_decode_op.register_fake
+def _(top_acts, top_indices, values, rows, m, bias, use_triton):
+    out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
+    return top_acts.new_empty(top_acts.shape[0], m, dtype=out_dtype)
+
+
+@torch.library.custom_op("topk_kernels::expander_decode_backward", mutates_args=())
+def _expander_decode_backward_op(
+    grad: Tensor, top_acts: Tensor, top_indices: Tensor, values: Tensor, rows: Tensor,
+    need_acts: bool, need_values: bool, use_triton: bool,
+) -> tuple[Tensor, Tensor]:
+    grad, top_acts, top_indices, values, rows = (
+        t.contiguous() for t in (grad, top_acts, top_indices, values, rows)
+    )
+    impl = _triton_backward if use_triton else _torch_backward
+    gacts, gvalues = impl(grad, top_acts, top_indices, values, rows, need_acts, need_values)
+    empty = grad.new_empty(0)
+    gacts = gacts.to(top_acts.dtype) if need_acts else empty
+    gvalues = gvalues.to(values.dtype) if need_values else empty
+    return gacts, gvalues
+
+
+@_expander_decode_backward_op.register_fake
+def _(grad, top_acts, top_indices, values, rows, need_acts, need_values, use_triton):
+    gacts = torch.empty_like(top_acts) if need_acts else grad.new_empty(0)
+    gvalues = torch.empty_like(values) if need_values else grad.new_empty(0)
+    return gacts, gvalues
+
+
+def _setup_context(ctx, inputs, output):
+    top_acts, top_indices, values, rows, m, bias, use_triton = inputs
+    ctx.save_for_backward(top_acts, top_indices, values, rows)
+    ctx.use_triton = use_triton
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    top_acts, top_indices, values, rows = ctx.saved_tensors
+    need_acts, _, need_values, _, _, need_bias, _ = ctx.needs_input_grad
+    gacts, gvalues = _expander_decode_backward_op(
+        grad, top_acts, top_indices, values, rows, need_acts, need_values, ctx.use_triton
+    )
+    gbias = grad.sum(0).to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_bias) else None
+    return (gacts if need_acts else None), None, (gvalues if need_values else None), None, None, gbias, None
+
+
+_expander_decode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_expander(values: Tensor, rows: Tensor, m) -> int:
+    """values/rows shapes and dtypes, m; returns m as an int. Row values are checked in the op."""
+    check_matrix("values", values)
+    if not isinstance(rows, Tensor):
+        raise TypeError(f"rows: expected a torch.Tensor, got {type(rows).__name__}")
+    if rows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"rows: expected an int64 (or int32) tensor, got dtype {rows.dtype}")
+    if rows.shape != values.shape:
+        raise ValueError(
+            f"rows: expected the shape of values {tuple(values.shape)} ([n, d]), got {tuple(rows.shape)}"
+        )
+    if not isinstance(m, numbers.Integral) or isinstance(m, bool):
+        raise TypeError(f"m: expected an int, got {type(m).__name__}")
+    if m < 1:
+        raise ValueError(f"m: expected m >= 1, got {m}")
+    d = values.shape[1]
+    if d > m:
+        raise ValueError(f"values, rows: expected degree d <= m={m} (rows distinct per latent), got d={d}")
+    return int(m)
+
+
+def expander_decode(
+    top_acts: Tensor,
+    top_indices: Tensor,
+    values: Tensor,
+    rows: Tensor,
+    m: int,
+    bias: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Decode k active latents per token through an expander (d-sparse) dictionary.
+
+    Args:
+        top_acts: [..., k] float activations of the active latents.
+        top_indices: [..., k] int64 latent ids in [0, n); duplicates within a token add up.
+        values: [n, d] float atom values.
+        rows: [n, d] int64 model coordinates in [0, m) of those values, distinct within each
+            latent (as ``sae.masks.expander_mask`` draws them; not checked: repeats are
+            undefined on the Triton path). An integer buffer: no gradient.
+        m: model dimension (width of the output).
+        bias: optional [m].
+        backend: None (automatic), "triton", "torch" or "reference".
+
+    Returns:
+        [..., m]: out[..., rows[j, t]] += top_acts[..., s] * values[j, t] for j = top_indices[..., s]
+        (+ bias). Gradients flow to top_acts, values and bias.
+    """
+    m = _check_expander(values, rows, m)
+    _check_decode_args(top_acts, top_indices)
+    check_bias("bias", bias, m, "m")
+    check_same_device(top_acts=top_acts, top_indices=top_indices, values=values, rows=rows, bias=bias)
+    backend = resolve_backend(backend, values.device)
+    if backend == "reference":
+        check_indices("top_indices", top_indices, values.shape[0], "n_latents")
+        check_indices("rows", rows, m, "m")
+        return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias)
+    lead, k = top_acts.shape[:-1], top_acts.shape[-1]
+    out = _expander_decode_op(
+        top_acts.reshape(-1, k).contiguous(),
+        top_indices.reshape(-1, k).long().contiguous(),
+        values.contiguous(),
+        rows.long().contiguous(),
+        m,
+        bias.contiguous() if bias is not None else None,
+        backend == "triton",
+    )
+    return out.reshape(*lead, m)
