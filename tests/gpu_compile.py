@@ -78,6 +78,40 @@ def all_specs() -> list[Spec]:
 _EXTRA_BUILDERS: list = []
 
 
+def _expander_decode_specs() -> list[Spec]:
+    import importlib
+
+    ed = importlib.import_module("topk_kernels.expander_decode")  # the package re-exports the function
+    mod = ed.__name__
+    specs = []
+    for dt in ("fp32", "bf16"):
+        for bd in (8, ed.BLOCK_D):  # d = 7/8, the usual degree, and the widest atom tile
+            label = f"{dt},BLOCK_D={bd}"
+            specs.append(Spec(mod, "_expander_decode_fwd_kernel", {
+                "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "values_ptr": f"*{dt}", "rows_ptr": "*i64",
+                "bias_ptr": f"*{dt}", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
+                "B": "i32", "M": "i32", "K": "i32", "D": "i32",
+                "HAS_BIAS": "constexpr", "CAST_OUT": "constexpr",
+                "BLOCK_B": "constexpr", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr",
+            }, {"HAS_BIAS": True, "CAST_OUT": dt != "fp32", "BLOCK_B": ed.BLOCK_B, "BLOCK_D": bd,
+                "BLOCK_M": ed.BLOCK_M}, num_stages=1, label=label))
+            specs.append(Spec(mod, "_expander_decode_bwd_kernel", {
+                "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "values_ptr": f"*{dt}",
+                "rows_ptr": "*i64", "gacts_ptr": f"*{dt}", "gvalues_ptr": "*fp32",
+                "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
+                "NEED_ACTS": "constexpr", "NEED_VALUES": "constexpr", "BLOCK_E": "constexpr", "BLOCK_D": "constexpr",
+            }, {"NEED_ACTS": True, "NEED_VALUES": True, "BLOCK_E": ed._block_e(bd), "BLOCK_D": bd}, label=label))
+            specs.append(Spec(mod, "_expander_decode_bwd_values_segment_kernel", {
+                "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "rows_ptr": "*i64", "sorted_idx_ptr": "*i64",
+                "order_ptr": "*i64", "gvalues_ptr": "*fp32", "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
+                "BLOCK_D": "constexpr",
+            }, {"BLOCK_D": bd}, label=label))
+    return specs
+
+
+_EXTRA_BUILDERS.append(_expander_decode_specs)
+
+
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 

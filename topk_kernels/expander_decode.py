@@ -151,11 +151,16 @@ if HAS_TRITON:
 BLOCK_B = 16  # tokens per forward program: 16 tokens x 8 atom entries = one per thread of 4 warps
 BLOCK_M = 128  # output columns per chunk of the forward's init / cast loops
 BLOCK_D = 32  # atom entries per step (d is padded to a power of two up to this, then looped)
-BLOCK_E = 64  # (token, slot) entries per backward program
+BLOCK_E = 64  # (token, slot) entries per backward program at d <= 8; fewer for wider atoms
 
 
 def _block_d(d: int) -> int:
     return min(BLOCK_D, _pow2(d))
+
+
+def _block_e(block_d: int) -> int:
+    """Keep the backward tile at <= 512 entries (BLOCK_E=64 x 32 sat at 255 registers)."""
+    return min(BLOCK_E, 512 // block_d)
 
 
 def _triton_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
@@ -186,12 +191,13 @@ def _triton_backward(grad, acts, idx, values, rows, need_acts, need_values):
         return gacts, gvalues
     deterministic = need_values and torch.are_deterministic_algorithms_enabled()
     if need_acts or (need_values and not deterministic):
-        _expander_decode_bwd_kernel[(triton.cdiv(nnz, BLOCK_E),)](
+        block_e = _block_e(_block_d(D))
+        _expander_decode_bwd_kernel[(triton.cdiv(nnz, block_e),)](
             grad, acts, idx, values, rows,
             gacts if need_acts else grad, gvalues if need_values else grad,
             nnz, m, K, D,
             NEED_ACTS=need_acts, NEED_VALUES=need_values and not deterministic,
-            BLOCK_E=BLOCK_E, BLOCK_D=_block_d(D),
+            BLOCK_E=block_e, BLOCK_D=_block_d(D),
         )
     if deterministic:
         sorted_idx, order = torch.sort(idx.reshape(-1), stable=True)
