@@ -226,14 +226,16 @@ def _torch_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
     B, K = idx.shape
     D = rows.shape[1]
     cd = _compute_dtype(out_dtype)
-    out = torch.zeros(B, m, device=acts.device, dtype=cd)
     if bias is not None:
-        out += bias.to(cd)  # a fresh buffer: an expanded view of bias could alias it at B <= 1
+        out = bias.to(cd).repeat(B, 1)  # one write pass; a fresh buffer, never a view of bias
+    else:
+        out = torch.zeros(B, m, device=acts.device, dtype=cd)
     vals = values.to(cd)
     for b0, b1 in _token_chunks(B, K, D):
-        j = idx[b0:b1]
-        contrib = vals[j] * acts[b0:b1].to(cd)[..., None]
-        out[b0:b1].scatter_add_(1, rows[j].view(b1 - b0, K * D), contrib.view(b1 - b0, K * D))
+        j = idx[b0:b1].reshape(-1)  # index_select: ~4x faster than advanced indexing on CPU
+        contrib = vals.index_select(0, j).view(b1 - b0, K, D) * acts[b0:b1].to(cd)[..., None]
+        where = rows.index_select(0, j).view(b1 - b0, K * D)
+        out[b0:b1].scatter_add_(1, where, contrib.view(b1 - b0, K * D))
     return out.to(out_dtype)
 
 
@@ -245,12 +247,13 @@ def _torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
     gvalues = torch.zeros(n, D, device=grad.device, dtype=cd) if need_values else None
     vals = values.to(cd) if need_acts else None
     for b0, b1 in _token_chunks(B, K, D):
-        j = idx[b0:b1]
-        g = grad[b0:b1].to(cd).gather(1, rows[j].view(b1 - b0, K * D)).view(b1 - b0, K, D)
+        j = idx[b0:b1].reshape(-1)
+        where = rows.index_select(0, j).view(b1 - b0, K * D)
+        g = grad[b0:b1].to(cd).gather(1, where).view(b1 - b0, K, D)
         if need_acts:
-            gacts[b0:b1] = (g * vals[j]).sum(-1)
+            gacts[b0:b1] = (g * vals.index_select(0, j).view(b1 - b0, K, D)).sum(-1)
         if need_values:
-            gvalues.index_add_(0, j.reshape(-1), (g * acts[b0:b1].to(cd)[..., None]).view(-1, D))
+            gvalues.index_add_(0, j, (g * acts[b0:b1].to(cd)[..., None]).view(-1, D))
     return gacts, gvalues
 
 
