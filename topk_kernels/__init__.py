@@ -6,7 +6,8 @@ Four differentiable ops, each with a Triton kernel (CUDA, or the interpreter und
 """
 
 from .expander_decode import expander_decode
+from .expander_encode import expander_encode
 from .sparse_decode import sparse_decode
 from .topk_encode import topk_encode
 
-__all__ = ["expander_decode", "sparse_decode", "topk_encode"]
+__all__ = ["expander_decode", "expander_encode", "sparse_decode", "topk_encode"]

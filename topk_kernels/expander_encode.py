@@ -1,0 +1,363 @@
+"""Expander encoder: ``pre[..., j] = sum_t values[j, t] * x[..., rows[j, t]] + bias[j]``, then TopK + ReLU.
+
+An Expander SAE's (tied) encoder row j lives on the same d of the m model coordinates as its
+decoder atom, stored compactly as ``values [n, d]`` on ``rows [n, d]``. Each pre-activation is a
+gather of d inputs and a d-term dot product, so encoding costs O(B*n*d) instead of the dense GEMM's
+O(B*n*m); the cost that remains is choosing the top k of n per token.
+
+The Triton kernel runs one program per (token block, latent split): per [BLOCK_B, BLOCK_N] tile it
+gathers ``x[b, rows[j, t]]`` one t at a time (fp32 accumulation), adds the bias and folds the tile
+into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2 merges
+the splits. The [B, n] pre-activations are never written. The CPU path computes pre-activations a
+(token tile x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a
+latent is a bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
+``_topk.token_blocked_topk``, so extra memory stays O(tile) instead of O(B*n).
+
+Backward (only through selected entries with positive pre-activation, as ReLU dictates), with g the
+masked gradient of ``top_acts``: ``grad x`` is exactly an expander decode of g, and ``grad values``
+(``+= g * x[b, rows[j, t]]``) is exactly the expander decoder's value gradient with x in the role
+of the output gradient, so both reuse :mod:`topk_kernels.expander_decode`'s kernels and CPU
+routines (atomics, or a deterministic segmented sum under
+``torch.are_deterministic_algorithms_enabled()``); ``grad bias`` is a scatter-add of g.
+
+Kernel, CPU path and the ``torch.library`` registration (fake + autograd) all live here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from ._dispatch import (
+    HAS_TRITON,
+    check_bias,
+    check_float,
+    check_indices,
+    check_k,
+    check_same_device,
+    resolve_backend,
+)
+from ._topk import merge_candidates, token_blocked_topk
+from .expander_decode import (
+    _check_expander,
+    _torch_backward as _decode_torch_backward,
+    _torch_forward as _decode_torch_forward,
+    _triton_backward as _decode_triton_backward,
+    _triton_forward as _decode_triton_forward,
+)
+from .sparse_decode import _compute_dtype, _pow2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._topk import empty_keys, update_topk_keys
+
+    @triton.jit
+    def _expander_encode_fwd_kernel(
+        x_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
+        B, N, M, D, TILES_PER_SPLIT, C,
+        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+    ):
+        """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split].
+
+        pre[b, j] = sum_t values[j, t] * x[b, rows[j, t]] is built one t at a time as a
+        [BLOCK_B, BLOCK_N] gather, so registers hold one tile, never a [.., .., d] cube.
+        """
+        pid_b = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        x_rows = offs_b.to(tl.int64) * M
+        running = empty_keys(BLOCK_B, K_PAD)
+        n_first = split * TILES_PER_SPLIT * BLOCK_N
+        for tile in range(0, TILES_PER_SPLIT):
+            offs_n = n_first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            atom = offs_n.to(tl.int64) * D
+            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            for t in range(0, D):
+                r = tl.load(rows_ptr + atom + t, mask=mask_n, other=0)
+                v = tl.load(values_ptr + atom + t, mask=mask_n, other=0.0).to(tl.float32)
+                # Rows are validated on CPU only (a check would be a host sync on CUDA): masking
+                # an out-of-range row keeps a bad graph from reading outside x.
+                ok = mask_n & (r >= 0) & (r < M)
+                xv = tl.load(x_ptr + x_rows[:, None] + r[None, :], mask=mask_b[:, None] & ok[None, :], other=0.0)
+                acc += xv.to(tl.float32) * v[None, :]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            # Padded latents become -inf with ids >= N: they lose even against a real -inf.
+            acc = tl.where(mask_n[None, :], acc, float("-inf"))
+            running = update_topk_keys(running, acc, offs_n, K_PAD)
+        out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
+        tl.store(out, running, mask=mask_b[:, None])
+
+
+# Launch configurations of the fused kernel, by K_PAD = next_pow2(k): (BLOCK_B, BLOCK_N, num_warps).
+# BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
+# tile and its bitonic network must stay in registers, so a wider K_PAD takes fewer tokens.
+# tests/gpu_compile.py compiles every entry for sm_80 / sm_90 and checks for spills.
+EXPANDER_ENCODE_CONFIGS = {
+    1: (64, 64, 4),
+    2: (64, 64, 4),
+    4: (64, 64, 4),
+    8: (64, 64, 4),
+    16: (64, 64, 4),
+    32: (64, 64, 4),
+    64: (32, 64, 4),
+    128: (16, 128, 4),
+    256: (16, 256, 8),
+}
+MAX_FUSED_K_PAD = max(EXPANDER_ENCODE_CONFIGS)
+
+# CPU path: tokens per tile and latents per block. A tile's pre-activations are computed as
+# [CPU_BLOCK_N, CPU_BLOCK_B] by embedding_bag and transposed into a reused buffer: 2 x 16 MiB fp32.
+CPU_BLOCK_B = 1024
+CPU_BLOCK_N = 4096
+
+
+def _splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
+    """Latent splits per token block: enough programs to fill the GPU, each with >= 1 tile."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
+        target = 4
+    splits = max(1, min(n_tiles, -(-target // token_blocks)))
+    per_split = -(-n_tiles // splits)
+    return -(-n_tiles // per_split)
+
+
+def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
+    """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
+    B, M = x.shape
+    N, D = rows.shape
+    k_pad = _pow2(k)
+    if k_pad > MAX_FUSED_K_PAD:
+        # Registers cannot hold that many candidates per token: blocked gathers + exact key
+        # top-k, still without a [B, n] tensor and without host syncs.
+        return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
+    if torch.float64 in (x.dtype, values.dtype):  # the kernel ranks fp32 keys
+        x, values = x.float(), values.float()
+        bias = bias.float() if bias is not None else None
+    block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
+    n_tiles = triton.cdiv(N, block_n)
+    token_blocks = triton.cdiv(B, block_b)
+    splits = _splits(token_blocks, n_tiles, x.device)
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
+    _expander_encode_fwd_kernel[(token_blocks, splits)](
+        x, values, rows, bias if bias is not None else values, cand,
+        B, N, M, D, tiles_per_split, splits * k_pad,
+        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
+    )
+    return merge_candidates(cand, k, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU path. For a tile of tokens, x_tile.T [m, tile] is an embedding table whose rows are model
+# coordinates; latent j is the bag rows[j, :] weighted by values[j, :], so one embedding_bag call
+# yields pre.T for a block of latents. Measured against a CSR sparse matmul per block, blocked
+# gathers x[:, rows].mul(values).sum(-1) and a torch.compile'd gather-reduce, it was the fastest
+# (see benchmarks/RESULTS.md); the top-k over the blocks then dominates.
+# ---------------------------------------------------------------------------------------------
+
+def _exact_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], idx: Tensor) -> Tensor:
+    """Pre-activations at the selected latents idx [B, k], in x's dtype: O(B*k*d) gathers."""
+    B, K = idx.shape
+    D = rows.shape[1]
+    xs = x.gather(1, rows[idx].view(B, K * D)).view(B, K, D)
+    pre = (xs * values[idx]).sum(-1)
+    return pre + bias[idx] if bias is not None else pre
+
+
+def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = False):
+    """Tiles of CPU_BLOCK_B tokens x CPU_BLOCK_N latents through embedding_bag, running top-k."""
+    B, M = x.shape
+    N, D = rows.shape
+    cd = _compute_dtype(out_dtype)
+    vals = values.to(cd)
+    bc = bias.to(cd) if bias is not None else None
+    block_b = min(B, CPU_BLOCK_B)
+    block_n = min(N, CPU_BLOCK_N)
+    buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
+    table = {}  # the current token tile, transposed: one [m, tile] table reused by every block
+
+    def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
+        if table.get("b0") != b0:
+            table.clear()
+            table["b0"], table["xt"] = b0, x[b0:b1].T.to(cd).contiguous()
+        pre_t = F.embedding_bag(rows[start:stop], table["xt"], per_sample_weights=vals[start:stop], mode="sum")
+        if bc is not None:
+            pre_t += bc[start:stop, None]
+        out = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
+        return out.copy_(pre_t.T)  # rows per token: torch.topk is fastest along a contiguous dim
+
+    top_vals, top_idx = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
+    if cd == torch.float64:  # keys rank fp32-rounded values; return the exact winners
+        top_vals = _exact_values(x.to(cd), vals, rows, bc, top_idx)
+    return top_vals.relu().to(out_dtype), top_idx
+
+
+def _torch_forward(x, values, rows, bias, k, out_dtype):
+    return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=x.device.type != "cpu")
+
+
+def _grad_bias(g: Tensor, idx: Tensor, n: int, dtype) -> Tensor:
+    """[B, k] gradients at [B, k] latent ids -> [n]: a scatter-add, O(B*k)."""
+    gb = torch.zeros(n, device=g.device, dtype=_compute_dtype(g.dtype))
+    gb.index_add_(0, idx.reshape(-1), g.reshape(-1).to(gb.dtype))
+    return gb.to(dtype)
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    """NaN pre-activations have no place in the key order; checked on CPU tensors only (a host
+    sync on CUDA)."""
+    if t.device.type == "cpu" and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, found {'nan' if t.isnan().any() else 'inf'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: 2-D [B, m] inputs; the public function flattens leading dims.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("topk_kernels::expander_encode", mutates_args=())
+def _expander_encode_op(
+    x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, use_triton: bool
+) -> tuple[Tensor, Tensor]:
+    # Value checks run here, inside the op, so they also run (eagerly) under torch.compile.
+    check_indices("rows", rows, x.shape[1], "m = x.shape[-1]")
+    _check_finite("x", x)
+    _check_finite("values", values)
+    if bias is not None:
+        _check_finite("bias", bias)
+    out_dtype = torch.promote_types(x.dtype, values.dtype)
+    if x.shape[0] == 0:
+        return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    if use_triton:
+        return _triton_forward(x, values, rows, bias, k, out_dtype)
+    return _torch_forward(x, values, rows, bias, k, out_dtype)
+
+
+@_expander_encode_op.register_fake
+def _(x, values, rows, bias, k, use_triton):
+    out_dtype = torch.promote_types(x.dtype, values.dtype)
+    return x.new_empty(x.shape[0], k, dtype=out_dtype), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.custom_op("topk_kernels::expander_encode_backward", mutates_args=())
+def _expander_encode_backward_op(
+    grad_acts: Tensor, top_acts: Tensor, top_indices: Tensor, x: Tensor, values: Tensor, rows: Tensor,
+    need_x: bool, need_values: bool, need_bias: bool, bias_dtype: Optional[torch.dtype], use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = values.shape[0]
+    m = x.shape[1]
+    # ReLU: only selected entries with positive pre-activation pass gradient.
+    zero = torch.zeros((), dtype=grad_acts.dtype, device=grad_acts.device)
+    g = torch.where(top_acts > 0, grad_acts, zero).contiguous()
+    gx, gv, gb = (grad_acts.new_empty(0) for _ in range(3))  # distinct: outputs may not alias
+    if use_triton:
+        if need_x:  # out[b, rows[j, t]] += g[b, s] * values[j, t]: the expander decoder itself
+            gx = _decode_triton_forward(g, top_indices, values, rows, m, None, x.dtype)
+        if need_values:  # += g[b, s] * x[b, rows[j, t]]: the decoder's value grad, x as its grad
+            gv = _decode_triton_backward(x, g, top_indices, values, rows, False, True)[1]
+    else:
+        if need_x:
+            gx = _decode_torch_forward(g, top_indices, values, rows, m, None, x.dtype)
+        if need_values:
+            gv = _decode_torch_backward(x, g, top_indices, values, rows, False, True)[1]
+    if need_values:
+        gv = gv.to(values.dtype)
+    if need_bias and bias_dtype is not None:
+        gb = _grad_bias(g, top_indices, n, bias_dtype)
+    return gx, gv, gb
+
+
+@_expander_encode_backward_op.register_fake
+def _(grad_acts, top_acts, top_indices, x, values, rows, need_x, need_values, need_bias, bias_dtype, use_triton):
+    gx = torch.empty_like(x) if need_x else grad_acts.new_empty(0)
+    gv = torch.empty_like(values) if need_values else grad_acts.new_empty(0)
+    gb = (values.new_empty(values.shape[0], dtype=bias_dtype) if (need_bias and bias_dtype is not None)
+          else grad_acts.new_empty(0))
+    return gx, gv, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, rows, bias, k, use_triton = inputs
+    top_acts, top_indices = output
+    ctx.save_for_backward(x, values, rows, top_acts, top_indices)
+    ctx.use_triton = use_triton
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(top_indices)
+
+
+def _backward(ctx, grad_acts, grad_indices):
+    x, values, rows, top_acts, top_indices = ctx.saved_tensors
+    need_x, need_values, _, need_bias, _, _ = ctx.needs_input_grad
+    gx, gv, gb = _expander_encode_backward_op(
+        grad_acts, top_acts, top_indices, x, values, rows,
+        need_x, need_values, need_bias, ctx.bias_dtype, ctx.use_triton,
+    )
+    return (
+        gx if need_x else None,
+        gv if need_values else None,
+        None,
+        gb if (need_bias and ctx.bias_dtype is not None) else None,
+        None,
+        None,
+    )
+
+
+_expander_encode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def expander_encode(
+    x: Tensor,
+    values: Tensor,
+    rows: Tensor,
+    bias: Optional[Tensor],
+    k: int,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """Encode each token through an expander (d-sparse) dictionary to its k largest ReLU'd
+    pre-activations, without forming [..., n].
+
+    Args:
+        x: [..., m] float inputs.
+        values: [n, d] float encoder values (an Expander SAE's tied, normalised atoms).
+        rows: [n, d] int64 model coordinates in [0, m) of those values, distinct within each
+            latent (as ``sae.masks.expander_mask`` draws them). An integer buffer: no gradient.
+        bias: optional [n] encoder bias.
+        k: latents kept per token, 1 <= k <= n.
+        backend: None (automatic), "triton", "torch" or "reference".
+
+    Returns:
+        (top_acts [..., k] in the promoted dtype of x and values, top_indices [..., k] int64): the
+        k largest of ``pre[..., j] = sum_t values[j, t] * x[..., rows[j, t]] + bias[j]`` per token,
+        sorted descending (equal values: lower latent id first), ``top_acts = relu(pre)`` there.
+        Gradients flow to x, values and bias through the selected, positive entries.
+    """
+    check_float("x", x)
+    m = _check_expander(values, rows, x.shape[-1])
+    n = values.shape[0]
+    check_bias("bias", bias, n, "n = values.shape[0]")
+    check_k(k, n)
+    check_same_device(x=x, values=values, rows=rows, bias=bias)
+    backend = resolve_backend(backend, values.device)
+    if backend == "reference":
+        check_indices("rows", rows, m, "m = x.shape[-1]")
+        return reference.expander_encode(x, values, rows.long(), bias, k)
+    lead = x.shape[:-1]
+    top_acts, top_indices = _expander_encode_op(
+        x.reshape(-1, m).contiguous(),
+        values.contiguous(),
+        rows.long().contiguous(),
+        bias.contiguous() if bias is not None else None,
+        k,
+        backend == "triton",
+    )
+    return top_acts.reshape(*lead, k), top_indices.reshape(*lead, k)
