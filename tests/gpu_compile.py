@@ -112,6 +112,30 @@ def _expander_decode_specs() -> list[Spec]:
 _EXTRA_BUILDERS.append(_expander_decode_specs)
 
 
+def _topk_encode_specs() -> list[Spec]:
+    import importlib
+
+    te = importlib.import_module("topk_kernels.topk_encode")  # the package re-exports the function
+    specs = []
+    for dt in ("fp32", "bf16"):
+        for k_pad, (bb, bn, bm, nw) in te.ENCODE_CONFIGS.items():
+            precisions = ("ieee", "tf32") if (dt == "fp32" and k_pad == 32) else ("ieee",)
+            for precision in precisions:
+                label = f"{dt},K_PAD={k_pad}" + (",tf32" if precision == "tf32" else "")
+                specs.append(Spec(te.__name__, "_encode_fwd_kernel", {
+                    "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "cand_ptr": "*i64",
+                    "B": "i32", "N": "i32", "M": "i32", "TILES_PER_SPLIT": "i32", "C": "i32",
+                    "HAS_BIAS": "constexpr", "BLOCK_B": "constexpr", "BLOCK_N": "constexpr",
+                    "BLOCK_M": "constexpr", "K_PAD": "constexpr", "CAST_FP32": "constexpr",
+                    "INPUT_PRECISION": "constexpr",
+                }, {"HAS_BIAS": True, "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_M": bm, "K_PAD": k_pad,
+                    "CAST_FP32": False, "INPUT_PRECISION": precision}, num_warps=nw, label=label))
+    return specs
+
+
+_EXTRA_BUILDERS.append(_topk_encode_specs)
+
+
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 

@@ -38,19 +38,22 @@ Triton device functions (call them from ``@triton.jit`` kernels):
   - ``update_topk_keys(running, pre, ids, K_PAD)`` = ``merge_topk_keys(running,
     tile_topk_keys(pre, ids, K_PAD))``: the one call per tile of a fused encoder's inner loop.
 
-Host side (torch, any device, no host sync):
+Host side (torch tensors on any device):
   - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors.
   - ``merge_candidates(keys, k, out_dtype=torch.float32) -> (top_acts, top_indices)``: stage 2.
     ``keys`` [B, C] int64 candidates (C >= k, at least k of them real per row, e.g. K_PAD per
     latent split); returns the k best per row sorted by descending pre-activation, ``top_acts``
     = relu(value) as ``out_dtype`` [B, k], ``top_indices`` int64 [B, k].
-  - ``blocked_topk(pre_block_fn, n, k, block) -> (values, indices)``: the CPU path's running
-    top-k. ``pre_block_fn(start, stop)`` returns the fp32 pre-activations [B, stop - start] of
-    latents [start, stop); the result is the k largest per row, values (raw, not ReLU'd) fp32
-    [B, k] sorted descending and indices int64 [B, k], ties to the lower latent id exactly as the
-    kernels do. Extra memory O(B * (block + k)) beyond what ``pre_block_fn`` allocates.
-  - ``token_blocked_topk(pre_fn, B, n, k, block_n, block_b)``: the same, tiled over tokens too
-    (``pre_fn(b0, b1, start, stop)`` -> [b1 - b0, stop - start]) so a tile stays in cache.
+    No host sync.
+  - ``blocked_topk(pre_block_fn, n, k, block, *, exact_keys=False) -> (values, indices)``: the
+    CPU path's running top-k. ``pre_block_fn(start, stop)`` returns the pre-activations
+    [B, stop - start] of latents [start, stop); the result is the k largest per row, values (raw,
+    not ReLU'd) fp32 [B, k] sorted descending and indices int64 [B, k], ties to the lower latent
+    id exactly as the kernels do. Extra memory O(B * (block + k)) beyond what ``pre_block_fn``
+    allocates. ``exact_keys=True`` packs whole blocks into keys, which avoids the per-block host
+    sync of the tie check (for CUDA tensors).
+  - ``token_blocked_topk(pre_fn, B, n, k, block_n, block_b, *, exact_keys=False)``: the same,
+    tiled over tokens too (``pre_fn(b0, b1, start, stop)`` -> [b1 - b0, stop - start]).
 """
 
 from __future__ import annotations
@@ -102,6 +105,11 @@ if HAS_TRITON:
         """pre [BLOCK_B, BLOCK_N] fp32 (invalid = -inf), ids [BLOCK_N] -> top K_PAD keys per row,
         sorted descending."""
         tl.static_assert(K_PAD <= pre.shape[1], "tile_topk_keys needs K_PAD <= BLOCK_N")
+        if K_PAD == 1:
+            # A max and an argmin in 32 bits: cheaper than a bitonic network or an int64 max.
+            best = tl.max(pre, axis=1)
+            best_id = tl.min(tl.where(pre == best[:, None], ids[None, :], 0x7FFFFFFF), axis=1)
+            return pack_keys(best, best_id)[:, None]
         keys = pack_keys(pre, ids[None, :])
         return tl.topk(keys, K_PAD, dim=1)
 
@@ -111,6 +119,8 @@ if HAS_TRITON:
         sorted descending."""
         # running[i] vs new[K_PAD-1-i]: the larger of each pair is exactly the top K_PAD of the
         # union, and the sequence is bitonic, so one bitonic merge sorts it.
+        if running.shape[1] == 1:
+            return tl.maximum(running, new)
         both = tl.maximum(running, tl.flip(new, 1))
         return tl.bitonic_merge(both, 1, True)
 
@@ -158,34 +168,40 @@ def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_keys_torch(top)
 
 
-def _block_topk(pre: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
-    """Top-min(k, w) of one [R, w] block, ties to the lower id; indices offset by ``start``."""
+def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tuple[Tensor, Tensor]:
+    """Candidates of one [R, w] block that contain its exact top-min(k, w) (ties to the lower id);
+    returns fp32 values and int64 global ids (offset by ``start``)."""
     w = pre.shape[1]
-    kk = min(k, w)
-    vals, idx = pre.topk(kk, dim=1, sorted=False)
-    # torch.topk breaks ties arbitrarily. Only a tie at the boundary changes *which* latents are
-    # kept; redo exactly (with packed keys) the rare rows where more than kk entries reach the
-    # kk-th value. Order among the kept ones is fixed later by the key merge.
-    kth = vals.min(dim=1, keepdim=True).values
-    tied = (pre >= kth).sum(dim=1) > kk
+    ids = torch.arange(start, start + w, device=pre.device)
+    if exact_keys:  # no host sync: for CUDA tensors
+        return _exact_topk(pre, ids.expand(pre.shape[0], w), min(k, w))
+    if w <= k + 1:
+        return pre.float(), ids.expand(pre.shape[0], w)
+    # torch.topk breaks ties arbitrarily. Its top-(k+1) holds the exact top-k unless the k-th and
+    # the (k+1)-th value tie, and then the smallest kept value appears at least twice; only such
+    # rare rows are redone with packed keys. Checking costs O(R * k), not O(R * w).
+    vals, idx = pre.topk(k + 1, dim=1, sorted=False)
+    low = vals.min(dim=1, keepdim=True).values
+    tied = (vals == low).sum(dim=1) > 1
+    vals, idx = vals.float(), idx + start
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
-        ids = torch.arange(start, start + w, device=pre.device)
-        rv, ri = _exact_topk(pre[rows].float(), ids.expand(len(rows), w), kk)
-        vals, idx = vals.clone(), idx.clone()
-        vals[rows] = rv.to(vals.dtype)
-        idx[rows] = ri - start
-    return vals.float(), idx + start
+        rv, ri = _exact_topk(pre[rows], ids.expand(len(rows), w), k + 1)
+        vals[rows], idx[rows] = rv, ri
+    return vals, idx
 
 
 def blocked_topk(
-    pre_block_fn: Callable[[int, int], Tensor], n: int, k: int, block: int
+    pre_block_fn: Callable[[int, int], Tensor], n: int, k: int, block: int, *, exact_keys: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Running top-k over latents computed ``block`` at a time.
 
     Args:
         pre_block_fn: (start, stop) -> [B, stop - start] pre-activations of latents [start, stop).
         n: number of latents; k: 1 <= k <= n; block: latents per call.
+        exact_keys: pack every block into keys before ``torch.topk`` (no host sync, for CUDA;
+            two extra elementwise passes). Otherwise ``torch.topk`` on the values plus a cheap
+            tie check, with one host sync per block (fine on CPU).
 
     Returns:
         values fp32 [B, k] (raw pre-activations, sorted descending), indices int64 [B, k];
@@ -194,7 +210,7 @@ def blocked_topk(
     run_vals = run_idx = None
     for start in range(0, n, block):
         stop = min(n, start + block)
-        vals, idx = _block_topk(pre_block_fn(start, stop), start, k)
+        vals, idx = _block_candidates(pre_block_fn(start, stop), start, k, exact_keys)
         if run_vals is not None:
             vals, idx = torch.cat([run_vals, vals], 1), torch.cat([run_idx, idx], 1)
         run_vals, run_idx = _exact_topk(vals, idx, min(k, vals.shape[1]))
@@ -202,12 +218,14 @@ def blocked_topk(
 
 
 def token_blocked_topk(
-    pre_fn: Callable[[int, int, int, int], Tensor], B: int, n: int, k: int, block_n: int, block_b: int
+    pre_fn: Callable[[int, int, int, int], Tensor], B: int, n: int, k: int, block_n: int, block_b: int,
+    *, exact_keys: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``blocked_topk`` tiled over tokens as well: ``pre_fn(b0, b1, start, stop)`` returns the
     [b1 - b0, stop - start] pre-activations; returns values fp32 [B, k], indices int64 [B, k]."""
     parts = [
-        blocked_topk(lambda s, e, b0=b0: pre_fn(b0, min(B, b0 + block_b), s, e), n, k, block_n)
+        blocked_topk(lambda s, e, b0=b0: pre_fn(b0, min(B, b0 + block_b), s, e), n, k, block_n,
+                     exact_keys=exact_keys)
         for b0 in range(0, B, block_b)
     ]
     if not parts:
