@@ -1,0 +1,235 @@
+"""TopKSAE and ExpanderSAE: forward against independent dense formulas, the decoder constraints,
+dead latents and AuxK, BatchTopK, checkpoints, and learning a planted sparse dictionary."""
+
+import pytest
+import torch
+
+from helpers import assert_close
+from sae.data import ActivationBuffer
+from sae.models import ExpanderSAE, TopKSAE
+from sae.train import TrainConfig, train
+from topk_kernels import reference
+
+
+def _planted(m, n, k, tokens, seed=0):
+    """x = sum of k random atoms of a unit-norm dictionary [n, m] with positive coefficients."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n, m, generator=g)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(tokens)])
+    coef = torch.rand(tokens, k, generator=g) + 0.5
+    return reference.sparse_decode(coef, idx, dictionary)
+
+
+# -- TopKSAE ----------------------------------------------------------------------------------
+
+def test_topk_forward_matches_dense_formula():
+    sae = TopKSAE(24, 101, 5)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(3, 7, 24)
+    out = sae(x)
+    x64 = x.double()
+    pre = (x64 - sae.b_dec.double()) @ sae.W_enc.double().T + sae.b_enc.double()
+    acts, idx = pre.topk(5, dim=-1)
+    dense = torch.zeros(3, 7, 101, dtype=torch.float64).scatter(-1, idx, acts.relu())
+    want = dense @ sae.W_dec.double() + sae.b_dec.double()
+    assert torch.equal(out.top_indices, idx)
+    assert_close(out.x_hat, want, 1e-5, "x_hat")
+    err = (x64 - want).reshape(-1, 24)
+    fvu = err.pow(2).sum() / (x64.reshape(-1, 24) - x64.reshape(-1, 24).mean(0)).pow(2).sum()
+    assert_close(out.fvu.reshape(1), fvu.reshape(1), 1e-5, "fvu")
+
+
+def test_topk_tied_unit_norm_init():
+    sae = TopKSAE(16, 40, 3)
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert_close(sae.W_dec.norm(dim=1), torch.ones(40), 1e-6, "row norms")
+
+
+def test_remove_parallel_grads_touches_only_given_rows():
+    sae = TopKSAE(12, 30, 4)
+    sae.W_dec.grad = torch.randn(30, 12)
+    before = sae.W_dec.grad.clone()
+    rows = torch.tensor([3, 7, 7, 21])
+    sae.remove_parallel_grads(rows)
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert parallel[[3, 7, 21]].abs().max() < 1e-5
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(sae.W_dec.grad[untouched], before[untouched])
+
+
+def test_normalize_decoder():
+    sae = TopKSAE(12, 30, 4)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(30, 1) * 3 + 0.1)
+    sae.normalize_decoder()
+    assert_close(sae.W_dec.norm(dim=1), torch.ones(30), 1e-6, "row norms")
+
+
+def test_init_b_dec_median():
+    sae = TopKSAE(8, 16, 2)
+    sample = torch.randn(101, 8) + 3
+    sae.init_b_dec(sample)
+    assert torch.equal(sae.b_dec.detach(), sample.median(0).values)
+
+
+def test_topk_learns_planted_dictionary():
+    x = _planted(32, 256, 4, 8192)
+    sae = TopKSAE(32, 256, 4, auxk=False)
+    with torch.no_grad():
+        first = float(sae(x[:2048]).fvu)
+    cfg = TrainConfig(batch_size=256, total_tokens=256 * 600, lr=3e-3, warmup_steps=20, checkpoint_every=10**9,
+                      progress=False)
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        train(sae, ActivationBuffer(x), cfg, out)
+    with torch.no_grad():
+        last = float(sae(x[:2048]).fvu)
+    assert last <= 0.5 * first, f"FVU went from {first:.3f} to {last:.3f}"
+
+
+def _kill_latents(sae, killed):
+    # Dead but revivable: their encoder rows are scaled down so they never make the top-k, yet keep
+    # positive pre-activations on some tokens, which is what AuxK can act on.
+    with torch.no_grad():
+        sae.W_enc[killed] *= 0.02
+
+
+@pytest.mark.parametrize("auxk", [True, False])
+def test_auxk_revives_dead_latents(auxk, tmp_path):
+    x = _planted(32, 128, 4, 8192, seed=1)
+    sae = TopKSAE(32, 128, 4, auxk=auxk, k_aux=32, auxk_coef=1.0, dead_tokens_threshold=512)
+    killed = torch.arange(64, 128)
+    _kill_latents(sae, killed)
+    cfg = TrainConfig(batch_size=256, total_tokens=256 * 300, lr=3e-3, warmup_steps=10, decay_fraction=0.0,
+                      checkpoint_every=10**9, progress=False)
+    train(sae, ActivationBuffer(x), cfg, tmp_path)
+    sae.eval()
+    with torch.no_grad():
+        _, idx = sae.encode(x)
+    fired = torch.zeros(128, dtype=torch.bool)
+    fired[idx.reshape(-1)] = True
+    revived = fired[killed].float().mean().item()
+    if auxk:
+        assert revived >= 0.5, f"AuxK revived only {revived:.0%} of the killed latents"
+    else:
+        assert revived <= 0.1, f"without AuxK {revived:.0%} of killed latents fired: the test does not kill them"
+
+
+def test_dead_mask_and_auxk_term_reported():
+    sae = TopKSAE(16, 64, 2, dead_tokens_threshold=10)
+    with torch.no_grad():
+        sae.tokens_since_fired[:32] = 100
+    out = sae(torch.randn(20, 16))
+    assert out.dead_mask is not None and out.dead_mask[:32].all() and not out.dead_mask[32:].any()
+    assert out.auxk_loss is not None and out.auxk_loss > 0
+    assert (out.auxk_indices < 32).all(), "AuxK must use dead latents only"
+    assert torch.allclose(out.loss, out.fvu + out.auxk_coef * out.auxk_loss)
+
+
+def test_batch_topk_keeps_batch_budget_and_learns_threshold():
+    sae = TopKSAE(16, 64, 3, batch_topk=True)
+    x = torch.randn(50, 16)
+    out = sae(x)
+    assert int((out.top_acts > 0).sum()) <= 50 * 3
+    assert int((out.top_acts > 0).sum()) >= 50 * 3 - 5  # ties at zero aside, the budget is used
+    assert float(sae.batch_threshold) > 0
+    sae.eval()
+    acts, _ = sae.encode(x)
+    assert ((acts == 0) | (acts > sae.batch_threshold)).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k: expected k <= n_latents=10"):
+        TopKSAE(8, 10, 11)
+    with pytest.raises(ValueError, match="x: expected last dimension d_model=8"):
+        TopKSAE(8, 10, 2)(torch.randn(4, 9))
+    with pytest.raises(ValueError, match="d: expected"):
+        ExpanderSAE(8, 10, 2, degree=9)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(TopKSAE, {}), (ExpanderSAE, {"degree": 3, "seed": 5})])
+def test_save_load_round_trip(tmp_path, cls, kwargs):
+    sae = cls(12, 40, 4, dead_tokens_threshold=77, **kwargs)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    path = str(tmp_path / "sae.safetensors")
+    sae.save(path)
+    loaded = cls.load(path)
+    assert loaded.config() == sae.config()
+    for (name, a), (_, b) in zip(sae.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(5, 12)
+    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+
+
+# -- ExpanderSAE ------------------------------------------------------------------------------
+
+def _dense_masked_sae(values, rows, m, x, k):
+    """The paper's formulation: W = colnorm(M * V) as a dense [m, n] matrix, tied encoder W^T."""
+    n, d = values.shape
+    V = torch.zeros(m, n, dtype=values.dtype).index_put((rows.T.reshape(-1), torch.arange(n).repeat(d)),
+                                                         values.T.reshape(-1)).requires_grad_()
+    mask = torch.zeros(m, n, dtype=torch.bool)
+    mask[rows.T.reshape(-1), torch.arange(n).repeat(d)] = True
+    W = V * mask
+    W = W / W.norm(dim=0, keepdim=True)
+    pre = x @ W
+    acts, idx = pre.topk(k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, acts.relu())
+    return z @ W.T, V, idx
+
+
+def test_expander_equals_dense_masked_formulation():
+    m, n, d, k = 40, 300, 5, 8
+    sae = ExpanderSAE(m, n, k, degree=d, seed=3).double()
+    with torch.no_grad():
+        sae.values.normal_()
+    x = torch.randn(17, m, dtype=torch.float64)
+    out = sae(x)
+    x_hat_dense, V, idx = _dense_masked_sae(sae.values.detach(), sae.rows, m, x, k)
+    assert torch.equal(out.top_indices, idx)
+    assert_close(out.x_hat, x_hat_dense, 1e-4, "x_hat")
+    g = torch.randn_like(x)
+    (out.x_hat * g).sum().backward()
+    (x_hat_dense * g).sum().backward()
+    grad_dense_at_support = V.grad[sae.rows, torch.arange(n)[:, None]]
+    assert_close(sae.values.grad, grad_dense_at_support, 1e-4, "grad values")
+
+
+def test_expander_stores_only_n_times_d_matrix_values():
+    sae = ExpanderSAE(64, 512, 8, degree=7)
+    matrices = [p for p in sae.parameters() if p.dim() == 2]
+    assert [tuple(p.shape) for p in matrices] == [(512, 7)]
+    assert sae.decoder_values == 512 * 7
+    assert sae.rows.shape == (512, 7) and sae.rows.dtype == torch.int64
+
+
+def test_expander_dense_decoder_and_untied_encoder():
+    sae = ExpanderSAE(20, 50, 4, degree=3, tied=False)
+    dense = sae.dense_decoder()
+    assert dense.shape == (50, 20)
+    assert ((dense != 0).sum(1) == 3).all()
+    assert_close(dense.norm(dim=1), torch.ones(50), 1e-6, "unit atoms")
+    assert sae.enc_values is not None and sae.enc_values.shape == (50, 3)
+    x = torch.randn(6, 20)
+    pre = (x - sae.b_dec) @ reference.expander_dense(sae.enc_values, sae.rows, 20).T + sae.b_enc
+    acts, idx = sae.encode(x)
+    assert torch.equal(idx, pre.topk(4, dim=-1).indices)
+
+
+def test_expander_learns_planted_dictionary(tmp_path):
+    x = _planted(32, 256, 4, 8192)
+    sae = ExpanderSAE(32, 256, 4, degree=8, auxk=False)
+    with torch.no_grad():
+        first = float(sae(x[:2048]).fvu)
+    cfg = TrainConfig(batch_size=256, total_tokens=256 * 300, lr=1e-2, warmup_steps=20, checkpoint_every=10**9,
+                      progress=False)
+    train(sae, ActivationBuffer(x), cfg, tmp_path)
+    with torch.no_grad():
+        last = float(sae(x[:2048]).fvu)
+    assert last < 0.8 * first, f"FVU went from {first:.3f} to {last:.3f}"
