@@ -5,7 +5,7 @@ and the m model coordinates: latent j writes only to the d rows ``rows[j]``. ``e
 draws that graph; ``mask_diagnostics`` measures it (row degrees, largest overlap between two
 latents, expansion of random latent sets).
 
-How the graph is drawn, fully vectorised so that n = 2^20 takes about a second:
+How the graph is drawn, fully vectorised (n = 2^20, m = 2048, d = 7 takes under 2 s on one CPU core):
 
 1. Lay the n*d slots out as consecutive random permutations of the m rows, then cut them into
    n groups of d. Every full permutation adds one to every row's degree and the last partial one
