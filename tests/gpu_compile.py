@@ -136,6 +136,26 @@ def _topk_encode_specs() -> list[Spec]:
 _EXTRA_BUILDERS.append(_topk_encode_specs)
 
 
+def _expander_encode_specs() -> list[Spec]:
+    import importlib
+
+    ee = importlib.import_module("topk_kernels.expander_encode")  # the package re-exports the function
+    specs = []
+    for dt in ("fp32", "bf16"):
+        for k_pad, (bb, bn, nw) in ee.EXPANDER_ENCODE_CONFIGS.items():
+            specs.append(Spec(ee.__name__, "_expander_encode_fwd_kernel", {
+                "x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "rows_ptr": "*i64", "bias_ptr": f"*{dt}",
+                "cand_ptr": "*i64", "B": "i32", "N": "i32", "M": "i32", "D": "i32",
+                "TILES_PER_SPLIT": "i32", "C": "i32", "HAS_BIAS": "constexpr", "BLOCK_B": "constexpr",
+                "BLOCK_N": "constexpr", "K_PAD": "constexpr",
+            }, {"HAS_BIAS": True, "BLOCK_B": bb, "BLOCK_N": bn, "K_PAD": k_pad}, num_warps=nw,
+                label=f"{dt},K_PAD={k_pad}"))
+    return specs
+
+
+_EXTRA_BUILDERS.append(_expander_encode_specs)
+
+
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
