@@ -72,7 +72,10 @@ if HAS_TRITON:
         split = tl.program_id(1)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        x_rows = offs_b.to(tl.int64) * M
+        # int64 base of the token block, int32 offsets inside it (BLOCK_B * M < 2**31): the
+        # [BLOCK_B, BLOCK_N] gather addresses then cost one register each, not two.
+        x_blk = x_ptr + (pid_b * BLOCK_B).to(tl.int64) * M
+        x_rows = tl.arange(0, BLOCK_B) * M
         running = empty_keys(BLOCK_B, K_PAD)
         n_first = split * TILES_PER_SPLIT * BLOCK_N
         for tile in range(0, TILES_PER_SPLIT):
@@ -86,7 +89,8 @@ if HAS_TRITON:
                 # Rows are validated on CPU only (a check would be a host sync on CUDA): masking
                 # an out-of-range row keeps a bad graph from reading outside x.
                 ok = mask_n & (r >= 0) & (r < M)
-                xv = tl.load(x_ptr + x_rows[:, None] + r[None, :], mask=mask_b[:, None] & ok[None, :], other=0.0)
+                xv = tl.load(x_blk + (x_rows[:, None] + r.to(tl.int32)[None, :]),
+                             mask=mask_b[:, None] & ok[None, :], other=0.0)
                 acc += xv.to(tl.float32) * v[None, :]
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -99,15 +103,17 @@ if HAS_TRITON:
 
 # Launch configurations of the fused kernel, by K_PAD = next_pow2(k): (BLOCK_B, BLOCK_N, num_warps).
 # BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
-# tile and its bitonic network must stay in registers, so a wider K_PAD takes fewer tokens.
+# tile and its bitonic network must stay in registers, so a wider K_PAD takes fewer tokens. The
+# [64, 64] tiles take 8 warps: with 4, the gather addresses push ptxas to the 255-register cap
+# (and to spills at K_PAD=8 on sm_90); with 8 they need <= 170.
 # tests/gpu_compile.py compiles every entry for sm_80 / sm_90 and checks for spills.
 EXPANDER_ENCODE_CONFIGS = {
-    1: (64, 64, 4),
-    2: (64, 64, 4),
-    4: (64, 64, 4),
-    8: (64, 64, 4),
-    16: (64, 64, 4),
-    32: (64, 64, 4),
+    1: (64, 64, 8),
+    2: (64, 64, 8),
+    4: (64, 64, 8),
+    8: (64, 64, 8),
+    16: (64, 64, 8),
+    32: (64, 64, 8),
     64: (32, 64, 4),
     128: (16, 128, 4),
     256: (16, 256, 8),
