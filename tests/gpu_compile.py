@@ -42,8 +42,9 @@ class Spec:
 
 
 def _decode_specs() -> list[Spec]:
-    from topk_kernels import sparse_decode as sd
+    import importlib
 
+    sd = importlib.import_module("topk_kernels.sparse_decode")  # the package re-exports the function
     mod = sd.__name__
     specs = []
     for dt in ("fp32", "bf16"):

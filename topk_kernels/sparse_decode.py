@@ -246,6 +246,8 @@ def _sparse_decode_op(
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
     check_indices("top_indices", top_indices, weight.shape[0], "n_latents")
     out_dtype = torch.promote_types(top_acts.dtype, weight.dtype)
+    top_acts, top_indices, weight = top_acts.contiguous(), top_indices.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     if use_triton:
         return _triton_forward(top_acts, top_indices, weight, bias, out_dtype)
     return _torch_forward(top_acts, top_indices, weight, bias, out_dtype)
@@ -262,7 +264,7 @@ def _sparse_decode_backward_op(
     grad: Tensor, top_acts: Tensor, top_indices: Tensor, weight: Tensor,
     need_acts: bool, need_weight: bool, use_triton: bool,
 ) -> tuple[Tensor, Tensor]:
-    grad = grad.contiguous()
+    grad, top_acts, top_indices, weight = (t.contiguous() for t in (grad, top_acts, top_indices, weight))
     empty = grad.new_empty(0)
     if use_triton:
         gacts = _triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty
