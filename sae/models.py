@@ -152,10 +152,11 @@ class _SparseCoder(nn.Module):
     def _auxk_loss(self, x, error, dead_mask, num_dead, total_variance):
         """Gao et al.'s AuxK: the top k_aux dead latents reconstruct the residual x - x_hat.
 
-        Dead-only selection reuses the fused encoder: live latents get bias -inf, so they never win.
+        Dead-only selection reuses the fused encoder: live latents get a bias so negative (half the
+        dtype's lowest finite value, so sums stay finite) that they never win and ReLU zeroes them.
         """
         k_aux = min(self.k_aux, num_dead)
-        dead_bias = self.b_enc.masked_fill(~dead_mask, float("-inf"))
+        dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
         aux_acts, aux_idx = self._encode_with(x - self.b_dec, dead_bias, k_aux)
         error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model)
         scale = min(num_dead / self.k_aux, 1.0)  # fewer dead latents than k_aux: weigh the term down
