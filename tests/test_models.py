@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import assert_close
+from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.data import ActivationBuffer
 from sae.models import ExpanderSAE, TopKSAE
 from sae.train import TrainConfig, train
@@ -37,6 +38,9 @@ def test_topk_forward_matches_dense_formula():
     want = dense @ sae.W_dec.double() + sae.b_dec.double()
     assert torch.equal(out.top_indices, idx)
     assert_close(out.x_hat, want, 1e-5, "x_hat")
+    dense = DenseTopKSAE(24, 101, 5)
+    dense.load_state_dict({"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec})
+    assert_close(dense(x)[0], want, 1e-5, "dense baseline x_hat")
     err = (x64 - want).reshape(-1, 24)
     fvu = err.pow(2).sum() / (x64.reshape(-1, 24) - x64.reshape(-1, 24).mean(0)).pow(2).sum()
     assert_close(out.fvu.reshape(1), fvu.reshape(1), 1e-5, "fvu")
@@ -169,35 +173,23 @@ def test_save_load_round_trip(tmp_path, cls, kwargs):
 
 # -- ExpanderSAE ------------------------------------------------------------------------------
 
-def _dense_masked_sae(values, rows, m, x, k):
-    """The paper's formulation: W = colnorm(M * V) as a dense [m, n] matrix, tied encoder W^T."""
-    n, d = values.shape
-    V = torch.zeros(m, n, dtype=values.dtype).index_put((rows.T.reshape(-1), torch.arange(n).repeat(d)),
-                                                         values.T.reshape(-1)).requires_grad_()
-    mask = torch.zeros(m, n, dtype=torch.bool)
-    mask[rows.T.reshape(-1), torch.arange(n).repeat(d)] = True
-    W = V * mask
-    W = W / W.norm(dim=0, keepdim=True)
-    pre = x @ W
-    acts, idx = pre.topk(k, dim=-1)
-    z = torch.zeros_like(pre).scatter(-1, idx, acts.relu())
-    return z @ W.T, V, idx
-
-
 def test_expander_equals_dense_masked_formulation():
+    """Zero biases: the compact model and the paper's dense colnorm(M * V) give the same x_hat and
+    the same gradient w.r.t. the values (the dense V's gradient read at the support)."""
     m, n, d, k = 40, 300, 5, 8
     sae = ExpanderSAE(m, n, k, degree=d, seed=3).double()
     with torch.no_grad():
         sae.values.normal_()
+    dense = DenseMaskedExpanderSAE(m, n, k, sae.rows, sae.values.detach()).double()
     x = torch.randn(17, m, dtype=torch.float64)
     out = sae(x)
-    x_hat_dense, V, idx = _dense_masked_sae(sae.values.detach(), sae.rows, m, x, k)
-    assert torch.equal(out.top_indices, idx)
+    x_hat_dense, _ = dense(x)
+    assert torch.equal(out.top_indices, ((x @ dense.dictionary()).topk(k, dim=-1).indices))
     assert_close(out.x_hat, x_hat_dense, 1e-4, "x_hat")
     g = torch.randn_like(x)
     (out.x_hat * g).sum().backward()
     (x_hat_dense * g).sum().backward()
-    grad_dense_at_support = V.grad[sae.rows, torch.arange(n)[:, None]]
+    grad_dense_at_support = dense.V.grad[sae.rows, torch.arange(n)[:, None]]
     assert_close(sae.values.grad, grad_dense_at_support, 1e-4, "grad values")
 
 
