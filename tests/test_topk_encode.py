@@ -31,8 +31,9 @@ SHAPES = [  # (leading shape, m, n, k)
 @pytest.fixture
 def small_cpu_blocks(monkeypatch):
     """Make the CPU path tile even these small problems (several token and latent blocks)."""
-    monkeypatch.setattr(te, "CPU_BLOCK_N", 64)
-    monkeypatch.setattr(te, "CPU_BLOCK_B", 16)
+    monkeypatch.setattr(te, "CPU_TILE_ELEMS", 16 * 64)
+    monkeypatch.setattr(te, "CPU_MAX_BLOCK_N", 64)
+    monkeypatch.setattr(te, "CPU_MIN_BLOCK_B", 16)
 
 
 def _inputs(lead, m, n, dtype=torch.float32):

@@ -58,6 +58,7 @@ Host side (torch tensors on any device):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -168,6 +169,25 @@ def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_keys_torch(top)
 
 
+@contextlib.contextmanager
+def _serial_on_cpu(device: torch.device):
+    """Run the small [B, ~2k] bookkeeping ops of the running top-k on one thread.
+
+    Each of them is ~0.1 ms of work, but a 2-thread OpenMP region stalls for a whole scheduler
+    slice whenever one of its threads is descheduled: on a busy 2-core machine a merge of ~20
+    such ops measured 200 ms instead of 2 ms. The big GEMM and topk calls keep every thread.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tuple[Tensor, Tensor]:
     """Candidates of one [R, w] block that contain its exact top-min(k, w) (ties to the lower id);
     returns fp32 values and int64 global ids (offset by ``start``)."""
@@ -181,10 +201,12 @@ def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tupl
     # the (k+1)-th value tie, and then the smallest kept value appears at least twice; only such
     # rare rows are redone with packed keys. Checking costs O(R * k), not O(R * w).
     vals, idx = pre.topk(k + 1, dim=1, sorted=False)
-    low = vals.min(dim=1, keepdim=True).values
-    tied = (vals == low).sum(dim=1) > 1
-    vals, idx = vals.float(), idx + start
-    if bool(tied.any()):
+    with _serial_on_cpu(pre.device):
+        low = vals.min(dim=1, keepdim=True).values
+        tied = (vals == low).sum(dim=1) > 1
+        vals, idx = vals.float(), idx + start
+        any_tied = bool(tied.any())
+    if any_tied:
         rows = tied.nonzero().squeeze(1)
         rv, ri = _exact_topk(pre[rows], ids.expand(len(rows), w), k + 1)
         vals[rows], idx[rows] = rv, ri
@@ -211,9 +233,10 @@ def blocked_topk(
     for start in range(0, n, block):
         stop = min(n, start + block)
         vals, idx = _block_candidates(pre_block_fn(start, stop), start, k, exact_keys)
-        if run_vals is not None:
-            vals, idx = torch.cat([run_vals, vals], 1), torch.cat([run_idx, idx], 1)
-        run_vals, run_idx = _exact_topk(vals, idx, min(k, vals.shape[1]))
+        with _serial_on_cpu(vals.device):
+            if run_vals is not None:
+                vals, idx = torch.cat([run_vals, vals], 1), torch.cat([run_idx, idx], 1)
+            run_vals, run_idx = _exact_topk(vals, idx, min(k, vals.shape[1]))
     return run_vals, run_idx
 
 
