@@ -98,6 +98,15 @@ def test_bfloat16(backend):
         assert_close(got.grad, want.grad, TOL[torch.bfloat16], f"bf16 grad {name}")
 
 
+def test_float64_on_the_cpu_path():
+    x, weight, bias = (t.double() for t in _inputs((17,), 30, 120))
+    acts, idx = topk_encode(x, weight, bias, 11, backend="torch")
+    ref_acts, ref_idx = reference.topk_encode(x, weight, bias, 11)
+    assert acts.dtype == torch.float64
+    assert torch.equal(idx, ref_idx)
+    assert_close(acts, ref_acts, TOL[torch.float64], "fp64 top_acts")
+
+
 @pytest.mark.usefixtures("small_cpu_blocks")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [5, 40, 300])

@@ -193,11 +193,22 @@ def _blocked_forward(
 
     values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
     if cd == torch.float64:
-        # Keys rank by fp32-rounded values; return the exact fp64 pre-activations of the winners.
-        values = torch.einsum("bm,bkm->bk", xc, weight.to(cd)[indices])
-        if bc is not None:
-            values = values + bc[indices]
+        values = _exact_values(xc, weight, bc, indices)
     return values.relu().to(out_dtype), indices
+
+
+def _exact_values(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor) -> Tensor:
+    """fp64 pre-activations [B, k] at the selected [B, k] latents (keys rank by fp32-rounded values).
+    Token chunks keep the gathered [chunk, k, m] rows within the CPU tile budget."""
+    B, k = indices.shape
+    chunk = max(1, CPU_TILE_ELEMS // (2 * k * x.shape[1]))
+    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    for b0 in range(0, B, chunk):
+        rows = weight[indices[b0:b0 + chunk]].to(x.dtype)  # [chunk, k, m]
+        values[b0:b0 + chunk] = torch.bmm(rows, x[b0:b0 + chunk, :, None]).squeeze(2)
+    if bias is not None:
+        values += bias[indices]
+    return values
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
