@@ -65,3 +65,16 @@ def _patch_interpreter_xor_reduce():
 
 
 _patch_interpreter_xor_reduce()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A 4-layer random-weight LlamaForCausalLM (d_model 32, vocab 101) built from a config: no files."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)

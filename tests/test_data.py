@@ -216,18 +216,6 @@ def test_tokenize_contexts_disjoint_positions():
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 101, (6, 12), generator=torch.Generator().manual_seed(1))
 

@@ -87,18 +87,6 @@ def test_reconstruction_metrics_inputs_agree():
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 101, (5, 16), generator=torch.Generator().manual_seed(2))
 
