@@ -124,9 +124,7 @@ def _train_one(ws: _Workspace, arch: str, k: int, degree: int | None, run_dir: P
     fresh = not (run_dir / "checkpoint.safetensors").exists()
     if fresh:
         sae.init_b_dec(buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]])
-    lr = args.lr if args.lr is not None else None
-    if lr is None and arch == "expander":
-        lr = args.expander_lr
+    lr = args.lr if args.lr is not None else (args.expander_lr if arch == "expander" else args.topk_lr)
     cfg = TrainConfig(batch_size=args.batch_size, total_tokens=args.tokens, lr=lr, checkpoint_every=args.checkpoint_every,
                       seed=args.seed, progress=not args.no_progress)
     result = train(sae, buffer, cfg, run_dir, resume=not fresh, evaluate=ws.evaluate)
@@ -134,7 +132,7 @@ def _train_one(ws: _Workspace, arch: str, k: int, degree: int | None, run_dir: P
     row = {"model": ws.model_name, "layer": ws.layer, "arch": arch, "n_latents": n_latents, "k": k,
            "degree": ws.d_model if arch == "topk" else degree, "decoder_values": sae.decoder_values,
            "tokens_trained": result.tokens, "d_model": ws.d_model, "batch_size": args.batch_size,
-           "lr": cfg.lr if cfg.lr is not None else None, **result.final}
+           "lr": cfg.lr, **result.final}
     (run_dir / "row.json").write_text(json.dumps(row, indent=1))
     return row
 
@@ -248,8 +246,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(n / 2^14) (Gao et al.)")
-    p.add_argument("--expander-lr", type=float, default=None, help="lr for Expander SAEs when --lr is not given")
+    # Defaults from a 300K-token sweep on the embedded default (results/README.md): the atoms of an
+    # Expander SAE have d values each, so it wants a much larger step than a dense dictionary.
+    p.add_argument("--lr", type=float, default=None, help="Adam lr for every architecture (overrides the two below)")
+    p.add_argument("--topk-lr", type=float, default=3e-3, help="lr for dense TopK SAEs")
+    p.add_argument("--expander-lr", type=float, default=3e-2, help="lr for Expander SAEs")
     p.add_argument("--dead-tokens", type=int, default=250_000, help="tokens without firing before a latent is dead")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps")
     p.add_argument("--seed", type=int, default=0)
