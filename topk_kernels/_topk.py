@@ -192,11 +192,14 @@ def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tupl
     """Candidates of one [R, w] block that contain its exact top-min(k, w) (ties to the lower id);
     returns fp32 values and int64 global ids (offset by ``start``)."""
     w = pre.shape[1]
-    ids = torch.arange(start, start + w, device=pre.device)
+
+    def ids(rows: int) -> Tensor:
+        return torch.arange(start, start + w, device=pre.device).expand(rows, w)
+
     if exact_keys:  # no host sync: for CUDA tensors
-        return _exact_topk(pre, ids.expand(pre.shape[0], w), min(k, w))
+        return _exact_topk(pre, ids(pre.shape[0]), min(k, w))
     if w <= k + 1:
-        return pre.float(), ids.expand(pre.shape[0], w)
+        return pre.float(), ids(pre.shape[0])
     # torch.topk breaks ties arbitrarily. Its top-(k+1) holds the exact top-k unless the k-th and
     # the (k+1)-th value tie, and then the smallest kept value appears at least twice; only such
     # rare rows are redone with packed keys. Checking costs O(R * k), not O(R * w).
@@ -208,7 +211,7 @@ def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tupl
         any_tied = bool(tied.any())
     if any_tied:
         rows = tied.nonzero().squeeze(1)
-        rv, ri = _exact_topk(pre[rows], ids.expand(len(rows), w), k + 1)
+        rv, ri = _exact_topk(pre[rows], ids(len(rows)), k + 1)
         vals[rows], idx[rows] = rv, ri
     return vals, idx
 
