@@ -108,8 +108,10 @@ def test_reference_backend_matches_dense_reference():
 def test_cpu_tiles_and_blocks_merge(monkeypatch):
     """The CPU path's running top-k across several token tiles and latent blocks (the default
     tiles are larger than any test input)."""
-    monkeypatch.setattr(ee, "CPU_BLOCK_B", 8)
-    monkeypatch.setattr(ee, "CPU_BLOCK_N", 70)
+    monkeypatch.setattr(ee, "CPU_TILE_ELEMS", 8 * 70)
+    monkeypatch.setattr(ee, "CPU_MAX_BLOCK_N", 70)
+    monkeypatch.setattr(ee, "CPU_MIN_BLOCK_B", 1)
+    assert ee._cpu_tile(29, 333) == (8, 70)
     _check_against_reference(*_inputs((29,), 60, 333, 5), 13, "torch", TOL[torch.float32])
 
 
