@@ -30,7 +30,8 @@ Triton device functions (call them from ``@triton.jit`` kernels):
     ``pre`` is the fp32 [BLOCK_B, BLOCK_N] tile with invalid entries already set to ``-inf``
     and ``ids`` its [BLOCK_N] global latent ids; padded columns must carry ids >= n (for
     example ``offs_n`` itself), so a padded ``-inf`` loses against a real ``-inf``. Needs
-    ``K_PAD <= BLOCK_N``, both powers of two.
+    ``K_PAD <= BLOCK_N``, both powers of two. K_PAD = 1 takes a max + lowest-id argmin
+    instead of the bitonic network.
   - ``merge_topk_keys(running, new) -> [BLOCK_B, K_PAD]``: the K_PAD largest keys of the union of
     two [BLOCK_B, K_PAD] key tiles, each sorted descending; the result is sorted descending.
     (Max against the reversed tile keeps the top half of a bitonic merge, then one bitonic merge
@@ -51,7 +52,8 @@ Host side (torch tensors on any device):
     not ReLU'd) fp32 [B, k] sorted descending and indices int64 [B, k], ties to the lower latent
     id exactly as the kernels do. Extra memory O(B * (block + k)) beyond what ``pre_block_fn``
     allocates. ``exact_keys=True`` packs whole blocks into keys, which avoids the per-block host
-    sync of the tie check (for CUDA tensors).
+    sync of the tie check (for CUDA tensors). On CPU the small per-block merge ops run on one
+    thread (see ``_serial_on_cpu``); ``pre_block_fn`` and the block's ``torch.topk`` keep them all.
   - ``token_blocked_topk(pre_fn, B, n, k, block_n, block_b, *, exact_keys=False)``: the same,
     tiled over tokens too (``pre_fn(b0, b1, start, stop)`` -> [b1 - b0, stop - start]).
 """
