@@ -265,15 +265,17 @@ def _sparse_decode_backward_op(
     need_acts: bool, need_weight: bool, use_triton: bool,
 ) -> tuple[Tensor, Tensor]:
     grad, top_acts, top_indices, weight = (t.contiguous() for t in (grad, top_acts, top_indices, weight))
-    empty = grad.new_empty(0)
+    def empty():  # a fresh tensor per unused output: outputs of a custom op must not alias
+        return grad.new_empty(0)
+
     if use_triton:
-        gacts = _triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty
+        gacts = _triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty()
         gw = (_triton_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
-              if need_weight else empty)
+              if need_weight else empty())
     else:
-        gacts = _torch_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty
+        gacts = _torch_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty()
         gw = (_torch_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
-              if need_weight else empty)
+              if need_weight else empty())
     return gacts, gw
 
 
