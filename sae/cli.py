@@ -207,17 +207,18 @@ def plot_frontier(rows: list, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "ce_recovered", "CE-loss recovered"), (axes[1], "fvu", "FVU (lower is better)")):
-        for k in sorted({r["k"] for r in rows}):
+        for color, k in enumerate(sorted({r["k"] for r in rows})):
             exp = sorted((r for r in rows if r["arch"] == "expander" and r["k"] == k), key=lambda r: r["decoder_values"])
             if exp:
-                ax.plot([r["decoder_values"] for r in exp], [r[key] for r in exp], "o-", label=f"Expander k={k}")
+                ax.plot([r["decoder_values"] for r in exp], [r[key] for r in exp], "o-", color=f"C{color}",
+                        label=f"Expander k={k}")
                 for r in exp:
                     ax.annotate(f"d={r['degree']}", (r["decoder_values"], r[key]), textcoords="offset points",
                                 xytext=(4, 4), fontsize=8)
             dense = [r for r in rows if r["arch"] == "topk" and r["k"] == k]
             if dense:
                 ax.plot([r["decoder_values"] for r in dense], [r[key] for r in dense], "*", markersize=13,
-                        label=f"dense TopK k={k}")
+                        color=f"C{color}", label=f"dense TopK k={k}")
         ax.set_xscale("log")
         ax.set_xlabel("decoder values stored")
         ax.set_ylabel(label)

@@ -52,7 +52,8 @@ class TrainConfig:
     progress: bool = True
 
     def steps(self) -> int:
-        return max(1, self.total_tokens // self.batch_size)
+        """Steps to see at least ``total_tokens`` tokens."""
+        return max(1, -(-self.total_tokens // self.batch_size))
 
 
 @dataclass

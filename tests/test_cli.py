@@ -62,7 +62,7 @@ def test_frontier_end_to_end(tiny_model, tmp_path):
               "rel_err", "dead_fraction", "ce_clean", "ce_zero", "ce_sae", "ce_recovered"}
     for r in rows:
         assert fields <= set(r), fields - set(r)
-        assert r["tokens_trained"] >= 4096 - 128 and r["n_latents"] == 64
+        assert r["tokens_trained"] >= 4096 and r["n_latents"] == 64
     assert rows[0]["decoder_values"] == 64 * 32 and rows[1]["decoder_values"] == 64 * 3
     assert (tmp_path / "results" / "frontier.png").stat().st_size > 1000
     # A second run finds every SAE done and rewrites the same rows.
