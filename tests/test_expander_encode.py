@@ -9,6 +9,7 @@ import torch
 
 from helpers import BACKENDS, TOL, assert_close
 from topk_kernels import expander_encode, reference
+from topk_kernels._topk import cpu_tile
 
 ee = importlib.import_module("topk_kernels.expander_encode")  # the module; the package exports the function
 
@@ -111,7 +112,7 @@ def test_cpu_tiles_and_blocks_merge(monkeypatch):
     monkeypatch.setattr(ee, "CPU_TILE_ELEMS", 8 * 70)
     monkeypatch.setattr(ee, "CPU_MAX_BLOCK_N", 70)
     monkeypatch.setattr(ee, "CPU_MIN_BLOCK_B", 1)
-    assert ee._cpu_tile(29, 333) == (8, 70)
+    assert cpu_tile(29, 333, ee.CPU_TILE_ELEMS, ee.CPU_MAX_BLOCK_N, ee.CPU_MIN_BLOCK_B) == (8, 70)
     _check_against_reference(*_inputs((29,), 60, 333, 5), 13, "torch", TOL[torch.float32])
 
 

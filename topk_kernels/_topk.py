@@ -259,3 +259,24 @@ def token_blocked_topk(
     if not parts:
         return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def cpu_tile(B: int, n: int, tile_elems: int, max_block_n: int, min_block_b: int) -> tuple[int, int]:
+    """(tokens, latents) per CPU tile of an encoder: wide in latents (up to ``max_block_n``, since
+    torch.topk is cheaper per element on long rows), at least ``min_block_b`` tokens, and about
+    ``tile_elems`` pre-activations, which bounds the extra memory."""
+    block_n = min(n, max_block_n)
+    block_b = min(B, max(min_block_b, tile_elems // block_n))
+    return max(1, block_b), block_n
+
+
+def latent_splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
+    """Latent splits per token block of a fused encoder grid: enough programs to fill the GPU,
+    each with >= 1 tile of latents."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
+        target = 4
+    splits = max(1, min(n_tiles, -(-target // token_blocks)))
+    per_split = -(-n_tiles // splits)
+    return -(-n_tiles // per_split)

@@ -42,7 +42,7 @@ from ._dispatch import (
     check_same_device,
     resolve_backend,
 )
-from ._topk import _serial_on_cpu, merge_candidates, token_blocked_topk
+from ._topk import _serial_on_cpu, cpu_tile, latent_splits, merge_candidates, token_blocked_topk
 from .expander_decode import (
     _check_expander,
     _torch_backward as _decode_torch_backward,
@@ -133,22 +133,8 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
 
 
-def _cpu_tile(B: int, N: int) -> tuple[int, int]:
-    """(tokens, latents) per CPU tile."""
-    block_n = min(N, CPU_MAX_BLOCK_N)
-    block_b = min(B, max(CPU_MIN_BLOCK_B, CPU_TILE_ELEMS // block_n))
-    return max(1, block_b), block_n
 
 
-def _splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """Latent splits per token block: enough programs to fill the GPU, each with >= 1 tile."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
-        target = 4
-    splits = max(1, min(n_tiles, -(-target // token_blocks)))
-    per_split = -(-n_tiles // splits)
-    return -(-n_tiles // per_split)
 
 
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
@@ -166,7 +152,7 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
     block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
-    splits = _splits(token_blocks, n_tiles, x.device)
+    splits = latent_splits(token_blocks, n_tiles, x.device)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     _expander_encode_fwd_kernel[(token_blocks, splits)](
@@ -195,14 +181,14 @@ def _exact_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor
 
 
 def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = False):
-    """Tiles of tokens x latents (``_cpu_tile``) through embedding_bag, then a running top-k.
+    """Tiles of tokens x latents (``_topk.cpu_tile``) through embedding_bag, then a running top-k.
     Extra memory: two tile buffers plus O(B * k)."""
     B, M = x.shape
     N, D = rows.shape
     cd = _compute_dtype(out_dtype)
     vals = values.to(cd)
     bc = bias.to(cd) if bias is not None else None
-    block_b, block_n = _cpu_tile(B, N)
+    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
     table = {}  # the current token tile, transposed: one [m, tile] table reused by every block
 

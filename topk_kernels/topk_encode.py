@@ -35,7 +35,7 @@ from ._dispatch import (
     check_same_device,
     resolve_backend,
 )
-from ._topk import blocked_topk, merge_candidates, token_blocked_topk
+from ._topk import blocked_topk, cpu_tile, latent_splits, merge_candidates, token_blocked_topk
 from .sparse_decode import (
     _pow2,
     _torch_forward as _decode_torch_forward,
@@ -118,26 +118,12 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
-def _cpu_tile(B: int, n: int) -> tuple[int, int]:
-    """(tokens, latents) per CPU tile."""
-    block_n = min(n, CPU_MAX_BLOCK_N)
-    block_b = min(B, max(CPU_MIN_BLOCK_B, CPU_TILE_ELEMS // block_n))
-    return max(1, block_b), block_n
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """Latent splits per token block: enough programs to fill the GPU, each with >= 1 tile."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
-        target = 4
-    splits = max(1, min(n_tiles, -(-target // token_blocks)))
-    per_split = -(-n_tiles // splits)
-    return -(-n_tiles // per_split)
 
 
 def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
@@ -156,7 +142,7 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     block_m = min(block_m, _pow2(M, lo=16))
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
-    splits = _splits(token_blocks, n_tiles, x.device)
+    splits = latent_splits(token_blocks, n_tiles, x.device)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
@@ -174,14 +160,14 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
 def _blocked_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype, exact_keys: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Tiles of tokens x latents (``_cpu_tile``): one GEMM each into a reused buffer, then a
+    """Tiles of tokens x latents (``_topk.cpu_tile``): one GEMM each into a reused buffer, then a
     running top-k. Extra memory: the buffer plus O(B * k)."""
     B, M = x.shape
     N = weight.shape[0]
     cd = _compute_dtype(torch.promote_types(x.dtype, weight.dtype))
     xc = x.to(cd)
     bc = bias.to(cd) if bias is not None else None
-    block_b, block_n = _cpu_tile(B, N)
+    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
