@@ -35,7 +35,7 @@ from ._dispatch import (
     check_same_device,
     resolve_backend,
 )
-from ._topk import blocked_topk, cpu_tile, latent_splits, merge_candidates, token_blocked_topk
+from ._topk import cpu_tile, latent_splits, merge_candidates, token_blocked_topk
 from .sparse_decode import (
     _pow2,
     _torch_forward as _decode_torch_forward,
