@@ -5,9 +5,9 @@ An Expander SAE's decoder atom j lives on only d of the m model coordinates, sto
 therefore touches k*d entries per token: every pass here costs O(B*k*d) (plus writing the dense
 [B, m] output), against O(B*k*m) for a dense sparse decode and O(B*n*m) for the dense GEMM.
 
-This file holds the whole op: the Triton kernels (forward; a backward that gathers the output
-gradient once for both the activation and the value gradients, with atomics; a deterministic
-segmented value gradient), the CPU path built on gather + ``scatter_add_`` / ``index_add_``, and
+This file holds the whole op: the Triton kernels (forward; the activation gradient alone; the
+value gradient, with the activation gradient from the same gathers, written once per atom by
+:mod:`topk_kernels._rowgrad`), the CPU path built on gather + ``scatter_add_`` / ``index_add_``, and
 the ``torch.library`` registration with fake and autograd rules.
 """
 
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _rowgrad, reference
 from ._dispatch import (
     HAS_TRITON,
     check_bias,
@@ -87,21 +87,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _expander_decode_bwd_kernel(
-        grad_ptr, acts_ptr, idx_ptr, values_ptr, rows_ptr, gacts_ptr, gvalues_ptr,
+        grad_ptr, idx_ptr, values_ptr, rows_ptr, gacts_ptr,
         NNZ, M, K, D,
-        NEED_ACTS: tl.constexpr, NEED_VALUES: tl.constexpr,
         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per BLOCK_E (token, slot) entries; the d gradient entries under each active
-        atom are gathered once and serve both gradients:
-        gacts[b, s] = sum_t grad[b, rows[j, t]] * values[j, t];
-        gvalues[j, t] += grad[b, rows[j, t]] * acts[b, s] (fp32 atomics into a zeroed buffer)."""
+        """One program per BLOCK_E (token, slot) entries: the activation gradient alone,
+        gacts[b, s] = sum_t grad[b, rows[j, t]] * values[j, t] (the value gradient, and this one
+        with it, is :mod:`topk_kernels._rowgrad`'s)."""
         offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = offs_e < NNZ
         j = tl.load(idx_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
         grad_row = (offs_e // K) * M
-        if NEED_VALUES:
-            a = tl.load(acts_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         gacc = tl.zeros((BLOCK_E,), dtype=tl.float32)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
@@ -110,41 +106,9 @@ if HAS_TRITON:
             atom = j[:, None] * D + od[None, :]
             r = tl.load(rows_ptr + atom, mask=mask, other=0)
             g = tl.load(grad_ptr + grad_row[:, None] + r, mask=mask, other=0.0).to(tl.float32)
-            if NEED_ACTS:
-                v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
-                gacc += tl.sum(g * v, axis=1)
-            if NEED_VALUES:
-                tl.atomic_add(gvalues_ptr + atom, g * a[:, None], mask=mask)
-        if NEED_ACTS:
-            tl.store(gacts_ptr + offs_e, gacc.to(gacts_ptr.dtype.element_ty), mask=mask_e)
-
-    @triton.jit
-    def _expander_decode_bwd_values_segment_kernel(
-        grad_ptr, acts_ptr, rows_ptr, sorted_idx_ptr, order_ptr, gvalues_ptr,
-        NNZ, M, K, D,
-        BLOCK_D: tl.constexpr,
-    ):
-        """Deterministic value grad: entries sorted by latent; the program at the start of a
-        latent's segment sums the whole segment in order and writes its d values once."""
-        i = tl.program_id(0).to(tl.int64)
-        od = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = od < D
-        latent = tl.load(sorted_idx_ptr + i)
-        prev = tl.load(sorted_idx_ptr + i - 1, mask=i > 0, other=-1)
-        if latent != prev:
-            atom = latent.to(tl.int64) * D + od
-            r = tl.load(rows_ptr + atom, mask=mask_d, other=0)
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            e = i
-            cur = latent
-            while cur == latent:
-                flat = tl.load(order_ptr + e)
-                a = tl.load(acts_ptr + flat).to(tl.float32)
-                g = tl.load(grad_ptr + (flat // K) * M + r, mask=mask_d, other=0.0).to(tl.float32)
-                acc += a * g
-                e += 1
-                cur = tl.load(sorted_idx_ptr + e, mask=e < NNZ, other=-1)
-            tl.store(gvalues_ptr + atom, acc, mask=mask_d)
+            v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
+            gacc += tl.sum(g * v, axis=1)
+        tl.store(gacts_ptr + offs_e, gacc.to(gacts_ptr.dtype.element_ty), mask=mask_e)
 
 
 # Largest block shapes the launchers use (tests/gpu_compile.py compiles exactly these).
@@ -184,27 +148,21 @@ def _triton_backward(grad, acts, idx, values, rows, need_acts, need_values):
     B, K = idx.shape
     n, D = rows.shape
     m = grad.shape[1]
-    gacts = torch.empty(B, K, device=grad.device, dtype=acts.dtype) if need_acts else None
-    gvalues = torch.zeros(n, D, device=grad.device, dtype=torch.float32) if need_values else None
-    nnz = B * K
-    if nnz == 0:
-        return gacts, gvalues
-    deterministic = need_values and torch.are_deterministic_algorithms_enabled()
-    if need_acts or (need_values and not deterministic):
-        block_e = _block_e(_block_d(D))
-        _expander_decode_bwd_kernel[(triton.cdiv(nnz, block_e),)](
-            grad, acts, idx, values, rows,
-            gacts if need_acts else grad, gvalues if need_values else grad,
-            nnz, m, K, D,
-            NEED_ACTS=need_acts, NEED_VALUES=need_values and not deterministic,
-            BLOCK_E=block_e, BLOCK_D=_block_d(D),
+    gacts = gvalues = None
+    if need_values:  # sorted by latent, each atom's d values written once; gacts from the same gathers
+        plan = _rowgrad.sort_by_latent(idx, n)
+        gvalues, gacts = _rowgrad.row_grad(
+            grad, acts, plan, values.dtype, D, cols=rows,
+            atom=values if need_acts else None, gscale_dtype=acts.dtype,
         )
-    if deterministic:
-        sorted_idx, order = torch.sort(idx.reshape(-1), stable=True)
-        block_d = _block_d(D)
-        _expander_decode_bwd_values_segment_kernel[(nnz, triton.cdiv(D, block_d))](
-            grad, acts, rows, sorted_idx, order, gvalues, nnz, m, K, D, BLOCK_D=block_d
-        )
+    if need_acts and gacts is None:
+        gacts = torch.empty(B, K, device=grad.device, dtype=acts.dtype)
+        if B * K:
+            block_d = _block_d(D)
+            block_e = _block_e(block_d)
+            _expander_decode_bwd_kernel[(triton.cdiv(B * K, block_e),)](
+                grad, idx, values, rows, gacts, B * K, m, K, D, BLOCK_E=block_e, BLOCK_D=block_d,
+            )
     return gacts, gvalues
 
 

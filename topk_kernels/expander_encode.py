@@ -17,8 +17,8 @@ Backward (only through selected entries with positive pre-activation, as ReLU di
 masked gradient of ``top_acts``: ``grad x`` is exactly an expander decode of g, and ``grad values``
 (``+= g * x[b, rows[j, t]]``) is exactly the expander decoder's value gradient with x in the role
 of the output gradient, so both reuse :mod:`topk_kernels.expander_decode`'s kernels and CPU
-routines (atomics, or a deterministic segmented sum under
-``torch.are_deterministic_algorithms_enabled()``); ``grad bias`` is a scatter-add of g.
+routines (the value gradient sorted by latent and written once per atom, deterministic);
+``grad bias`` is a scatter-add of g.
 
 Kernel, CPU path and the ``torch.library`` registration (fake + autograd) all live here.
 """

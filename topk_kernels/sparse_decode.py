@@ -3,8 +3,9 @@
 Only the k active rows of ``weight [n, m]`` are read per token, and the backward touches only
 those rows, so every pass costs O(B*k*m) instead of the dense O(B*n*m). Never forms [..., n].
 
-This file holds the whole op family: the Triton kernels (forward, grad of the activations,
-grad of the weight with atomics or a deterministic segmented reduction), the CPU path built on
+This file holds the whole op family: the Triton kernels (forward, grad of the activations; the
+grad of the weight, fused with that of the activations when rows fit one program, is written once
+per row by :mod:`topk_kernels._rowgrad`), the CPU path built on
 ``F.embedding_bag``, and the ``torch.library`` registration with fake and autograd rules.
 """
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import _rowgrad, reference
 from ._dispatch import (
     HAS_TRITON,
     check_bias,
@@ -82,61 +83,13 @@ if HAS_TRITON:
             acc += tl.sum(w * g[None, :], axis=1)
         tl.store(gacts_ptr + b * K + offs_k, acc.to(gacts_ptr.dtype.element_ty), mask=mask_k)
 
-    @triton.jit
-    def _decode_bwd_weight_atomic_kernel(
-        grad_ptr, acts_ptr, idx_ptr, gw_ptr,
-        B, M, K,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        """gw[idx[b, s], :] += acts[b, s] * grad[b, :], by fp32 atomics into a zeroed buffer."""
-        pid_b = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_b = offs_b < B
-        mask = mask_b[:, None] & (offs_m < M)[None, :]
-        row = offs_b.to(tl.int64) * K
-        g = tl.load(grad_ptr + offs_b.to(tl.int64)[:, None] * M + offs_m[None, :], mask=mask, other=0.0)
-        g = g.to(tl.float32)
-        for s in range(0, K):
-            idx = tl.load(idx_ptr + row + s, mask=mask_b, other=0).to(tl.int64)
-            a = tl.load(acts_ptr + row + s, mask=mask_b, other=0.0).to(tl.float32)
-            tl.atomic_add(gw_ptr + idx[:, None] * M + offs_m[None, :], a[:, None] * g, mask=mask)
-
-    @triton.jit
-    def _decode_bwd_weight_segment_kernel(
-        grad_ptr, acts_ptr, sorted_idx_ptr, order_ptr, gw_ptr,
-        NNZ, M, K,
-        BLOCK_M: tl.constexpr,
-    ):
-        """Deterministic weight grad: entries sorted by latent; the program that sits at the start
-        of a latent's segment sums the whole segment in order and writes the row once."""
-        i = tl.program_id(0).to(tl.int64)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        latent = tl.load(sorted_idx_ptr + i)
-        prev = tl.load(sorted_idx_ptr + i - 1, mask=i > 0, other=-1)
-        if latent != prev:
-            acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            j = i
-            cur = latent
-            while cur == latent:
-                flat = tl.load(order_ptr + j)
-                token = flat // K
-                a = tl.load(acts_ptr + flat).to(tl.float32)
-                g = tl.load(grad_ptr + token * M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-                acc += a * g
-                j += 1
-                cur = tl.load(sorted_idx_ptr + j, mask=j < NNZ, other=-1)
-            tl.store(gw_ptr + latent.to(tl.int64) * M + offs_m, acc, mask=mask_m)
-
 
 def _pow2(x: int, lo: int = 1, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, 1 << max(0, (x - 1).bit_length())))
 
 
 # Largest block shapes the launchers use (tests/gpu_compile.py compiles exactly these).
-BLOCK_B = 16  # tokens per program (forward, atomic weight grad)
+BLOCK_B = 16  # tokens per forward program
 BLOCK_M = 128  # model columns per program
 BLOCK_K_ACTS = 32  # active latents per program in the activation grad
 BLOCK_M_ACTS = 64  # its column chunk: BLOCK_K_ACTS x BLOCK_M_ACTS stays within registers
@@ -172,23 +125,18 @@ def _triton_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> 
 
 
 def _triton_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
-    B, K = idx.shape
-    M = grad.shape[1]
-    gw = torch.zeros(n, M, device=grad.device, dtype=torch.float32)  # the only O(n*m) step
-    if B == 0:
-        return gw.to(weight_dtype)
-    block_m = min(BLOCK_M, _pow2(M, lo=16))
-    if torch.are_deterministic_algorithms_enabled():
-        flat = idx.reshape(-1)
-        sorted_idx, order = torch.sort(flat, stable=True)
-        _decode_bwd_weight_segment_kernel[(flat.numel(), triton.cdiv(M, block_m))](
-            grad, acts, sorted_idx, order, gw, flat.numel(), M, K, BLOCK_M=block_m
-        )
-    else:
-        _decode_bwd_weight_atomic_kernel[(triton.cdiv(B, BLOCK_B), triton.cdiv(M, block_m))](
-            grad, acts, idx, gw, B, M, K, BLOCK_B=BLOCK_B, BLOCK_M=block_m
-        )
-    return gw if weight_dtype == torch.float32 else gw.to(weight_dtype)
+    """gw[j] = sum over entries of latent j of acts * grad[token]: each row written once (_rowgrad)."""
+    plan = _rowgrad.sort_by_latent(idx, n)
+    return _rowgrad.row_grad(grad, acts, plan, weight_dtype, grad.shape[1])[0]
+
+
+def _triton_grad_acts_and_weight(grad: Tensor, acts: Tensor, idx: Tensor, weight: Tensor):
+    """Both gradients from one pass over the sorted entries when a program holds whole rows."""
+    plan = _rowgrad.sort_by_latent(idx, weight.shape[0])
+    gw, gacts = _rowgrad.row_grad(
+        grad, acts, plan, weight.dtype, weight.shape[1], atom=weight, gscale_dtype=acts.dtype
+    )
+    return (gacts if gacts is not None else _triton_grad_acts(grad, idx, weight, acts.dtype)), gw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +216,9 @@ def _sparse_decode_backward_op(
     def empty():  # a fresh tensor per unused output: outputs of a custom op must not alias
         return grad.new_empty(0)
 
-    if use_triton:
+    if use_triton and need_acts and need_weight:
+        gacts, gw = _triton_grad_acts_and_weight(grad, top_acts, top_indices, weight)
+    elif use_triton:
         gacts = _triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty()
         gw = (_triton_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
               if need_weight else empty())
