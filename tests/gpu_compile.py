@@ -35,6 +35,7 @@ class Spec:
     num_stages: int = 2
     label: str = ""
     extra: dict = field(default_factory=dict)
+    divisible_by_16: tuple = ()  # args the JIT would specialize so (16-byte aligned pointers, sizes)
 
     @property
     def name(self) -> str:
@@ -57,14 +58,6 @@ def _decode_specs() -> list[Spec]:
             "grad_ptr": f"*{dt}", "idx_ptr": "*i64", "w_ptr": f"*{dt}", "gacts_ptr": f"*{dt}",
             "M": "i32", "K": "i32", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",
         }, {"BLOCK_K": sd.BLOCK_K_ACTS, "BLOCK_M": sd.BLOCK_M_ACTS}, label=dt))
-        specs.append(Spec(mod, "_decode_bwd_weight_atomic_kernel", {
-            "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "gw_ptr": "*fp32",
-            "B": "i32", "M": "i32", "K": "i32", "BLOCK_B": "constexpr", "BLOCK_M": "constexpr",
-        }, {"BLOCK_B": sd.BLOCK_B, "BLOCK_M": sd.BLOCK_M}, label=dt))
-        specs.append(Spec(mod, "_decode_bwd_weight_segment_kernel", {
-            "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "sorted_idx_ptr": "*i64", "order_ptr": "*i64",
-            "gw_ptr": "*fp32", "NNZ": "i32", "M": "i32", "K": "i32", "BLOCK_M": "constexpr",
-        }, {"BLOCK_M": sd.BLOCK_M}, label=dt))
     return specs
 
 
@@ -97,20 +90,52 @@ def _expander_decode_specs() -> list[Spec]:
             }, {"HAS_BIAS": True, "CAST_OUT": dt != "fp32", "BLOCK_B": ed.BLOCK_B, "BLOCK_D": bd,
                 "BLOCK_M": ed.BLOCK_M}, num_stages=1, label=label))
             specs.append(Spec(mod, "_expander_decode_bwd_kernel", {
-                "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "values_ptr": f"*{dt}",
-                "rows_ptr": "*i64", "gacts_ptr": f"*{dt}", "gvalues_ptr": "*fp32",
-                "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
-                "NEED_ACTS": "constexpr", "NEED_VALUES": "constexpr", "BLOCK_E": "constexpr", "BLOCK_D": "constexpr",
-            }, {"NEED_ACTS": True, "NEED_VALUES": True, "BLOCK_E": ed._block_e(bd), "BLOCK_D": bd}, label=label))
-            specs.append(Spec(mod, "_expander_decode_bwd_values_segment_kernel", {
-                "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "rows_ptr": "*i64", "sorted_idx_ptr": "*i64",
-                "order_ptr": "*i64", "gvalues_ptr": "*fp32", "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
-                "BLOCK_D": "constexpr",
-            }, {"BLOCK_D": bd}, label=label))
+                "grad_ptr": f"*{dt}", "idx_ptr": "*i64", "values_ptr": f"*{dt}", "rows_ptr": "*i64",
+                "gacts_ptr": f"*{dt}", "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
+                "BLOCK_E": "constexpr", "BLOCK_D": "constexpr",
+            }, {"BLOCK_E": ed._block_e(bd), "BLOCK_D": bd}, label=label))
     return specs
 
 
 _EXTRA_BUILDERS.append(_expander_decode_specs)
+
+
+# --- topk_kernels._rowgrad: the decoders' weight / value gradients, written once per row -------
+def _rowgrad_specs() -> list[Spec]:
+    import importlib
+
+    rg = importlib.import_module("topk_kernels._rowgrad")
+    specs = []
+    for dt in ("fp32", "bf16"):
+        # (label, width C, GATHER, FUSE_ACTS): the sparse decoder at m=2048 (weight + activation
+        # grads), the encoder's weight grad at m=2048, the widest row, and the expander at d=8.
+        for label, width, gather, fuse in (
+            ("decoder,m=2048", 2048, False, True), ("encoder,m=2048", 2048, False, False),
+            ("decoder,m=4096", rg.MAX_BLOCK_C, False, True), ("expander,d=8", 8, True, True),
+        ):
+            block = rg.block_c(width)
+            specs.append(Spec(rg.__name__, "_rowgrad_chunk_kernel", {
+                "src_ptr": f"*{dt}", "scale_ptr": f"*{dt}", "sorted_ptr": "*i32", "order_ptr": "*i64",
+                "bounds_ptr": "*i64", "atom_ptr": f"*{dt}", "cols_ptr": "*i64", "out_ptr": f"*{dt}",
+                "part_ptr": "*fp32", "gscale_ptr": f"*{dt}",
+                "N": "i32", "M": "i32", "C": "i32", "K": "i32", "CHUNK": "i32",
+                "GATHER": "constexpr", "FUSE_ACTS": "constexpr", "DEBUG": "constexpr", "BLOCK_C": "constexpr",
+            }, {"GATHER": gather, "FUSE_ACTS": fuse, "DEBUG": False, "BLOCK_C": block},
+                num_warps=rg.chunk_warps(block), label=f"{dt},{label}",
+                divisible_by_16=_ALIGNED_POINTERS + (("M",) if gather else ("M", "C"))))
+        specs.append(Spec(rg.__name__, "_rowgrad_finish_kernel", {
+            "bounds_ptr": "*i64", "part_ptr": "*fp32", "out_ptr": f"*{dt}",
+            "N": "i32", "C": "i32", "NNZ": "i32", "CHUNK": "i32",
+            "DEBUG": "constexpr", "ROWS": "constexpr", "BLOCK_C": "constexpr",
+        }, {"DEBUG": False, "ROWS": rg.FINISH_ROWS, "BLOCK_C": rg.FINISH_BLOCK_C}, label=dt,
+            divisible_by_16=("bounds_ptr", "part_ptr", "out_ptr", "C")))
+    return specs
+
+
+# torch allocations start 16-byte aligned; m = 2048 / 4096 is a multiple of 16, d = 8 is not.
+_ALIGNED_POINTERS = ("src_ptr", "scale_ptr", "sorted_ptr", "order_ptr", "bounds_ptr", "atom_ptr",
+                     "cols_ptr", "out_ptr", "part_ptr", "gscale_ptr")
+_EXTRA_BUILDERS.append(_rowgrad_specs)
 
 
 def _topk_encode_specs() -> list[Spec]:
@@ -170,7 +195,8 @@ def compile_spec(spec: Spec, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(spec.module), spec.kernel)
-    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs)
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible_by_16}
+    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report

@@ -69,19 +69,17 @@ if HAS_TRITON:
         started = cur != prev
         for i in range(start, end):
             nxt = tl.load(sorted_ptr + i + 1, mask=i + 1 < hi, other=-1)
-            reset = (cur != prev) | (i == start)
-            started = tl.where(reset, cur != prev, started)
-            acc = tl.where(reset, 0.0, acc)
             row = cur.to(tl.int64) * C
-            if GATHER:  # this latent's columns: loaded once per segment (masked off otherwise)
-                new_col = tl.load(cols_ptr + row + offs_c, mask=mask_c & reset, other=0).to(tl.int64)
-                col = tl.where(reset, new_col, col)
-                live = mask_c & (col >= 0) & (col < M)
-                if DEBUG:
-                    tl.device_assert(live | ~mask_c, "rows: expected every row in [0, m)")
-            if FUSE_ACTS:
-                new_atom = tl.load(atom_ptr + row + offs_c, mask=mask_c & reset, other=0.0).to(tl.float32)
-                atom = tl.where(reset, new_atom, atom)
+            if (cur != prev) | (i == start):  # a new segment, or this chunk's part of one
+                started = cur != prev
+                acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                if GATHER:  # this latent's columns, loaded once per segment
+                    col = tl.load(cols_ptr + row + offs_c, mask=mask_c, other=0).to(tl.int64)
+                    live = mask_c & (col >= 0) & (col < M)
+                    if DEBUG:
+                        tl.device_assert(live | ~mask_c, "rows: expected every row in [0, m)")
+                if FUSE_ACTS:
+                    atom = tl.load(atom_ptr + row + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             e = tl.load(order_ptr + i)
             g = tl.load(src_ptr + (e // K) * M + col, mask=live, other=0.0).to(tl.float32)
             acc += tl.load(scale_ptr + e).to(tl.float32) * g
@@ -89,10 +87,12 @@ if HAS_TRITON:
                 tl.store(gscale_ptr + e, tl.sum(g * atom).to(gscale_ptr.dtype.element_ty))
             seg_end = nxt != cur
             final = seg_end & started
-            flush = (seg_end | (i == end - 1)) & ~final
-            tl.store(out_ptr + row + offs_c, acc.to(out_ptr.dtype.element_ty), mask=mask_c & final)
-            slot = 2 * p + started.to(tl.int64)
-            tl.store(part_ptr + slot * C + offs_c, acc, mask=mask_c & flush)
+            # Uniform branches: the row's store (and any layout change for it) runs once per segment.
+            if final:
+                tl.store(out_ptr + row + offs_c, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
+            elif seg_end | (i == end - 1):
+                slot = 2 * p + started.to(tl.int64)
+                tl.store(part_ptr + slot * C + offs_c, acc, mask=mask_c)
             prev = cur
             cur = nxt
 
