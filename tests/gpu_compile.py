@@ -182,12 +182,35 @@ def _expander_encode_specs() -> list[Spec]:
 _EXTRA_BUILDERS.append(_expander_encode_specs)
 
 
+# sm_90 machine code: memory atomics (not REDUX, a warp reduction) and the GPU-wide fence that
+# Triton's default acq_rel semantics put before each one (sem="relaxed" has none).
+_ATOMIC = re.compile(r"\b(ATOMG|ATOMS|ATOM|REDG|RED)\.")
+_FENCE = "MEMBAR.ALL.GPU"
+
+
+def sass_atomics(sass: str) -> tuple[int, list]:
+    """(number of atomics, atomics with a MEMBAR.ALL.GPU anywhere before them in their function)."""
+    count, fenced, behind_fence = 0, [], False
+    for line in sass.splitlines():
+        if line.lstrip().startswith("Function"):
+            behind_fence = False
+            continue
+        instruction = line.split("\t")[-1].strip()
+        if _FENCE in instruction:
+            behind_fence = True
+        elif _ATOMIC.search(instruction):
+            count += 1
+            if behind_fence:
+                fenced.append(instruction)
+    return count, fenced
+
+
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_spec(spec: Spec, arch: int) -> dict:
-    """Compile one kernel for one architecture; returns a row of resource usage."""
+def compile_kernel(spec: Spec, arch: int):
+    """Compile one kernel for one architecture: (Triton's compiled kernel, ptxas's log)."""
     import importlib
 
     import triton
@@ -205,7 +228,12 @@ def compile_spec(spec: Spec, arch: int) -> dict:
         compiled = triton.compile(
             src, target=target, options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
         )
-    text = log.getvalue()
+    return compiled, log.getvalue()
+
+
+def compile_spec(spec: Spec, arch: int) -> dict:
+    """Compile one kernel for one architecture; returns a row of resource usage."""
+    compiled, text = compile_kernel(spec, arch)
     used = _USED.findall(text)
     spill = _SPILL.findall(text)
     if not used or not spill:
@@ -220,7 +248,17 @@ def compile_spec(spec: Spec, arch: int) -> dict:
         "spill_stores": stores,
         "spill_loads": loads,
         "num_warps": spec.num_warps,
+        **_sass_facts(compiled, arch),
     }
+
+
+def _sass_facts(compiled, arch: int) -> dict:
+    if arch != 90:
+        return {}
+    sass = compiled.asm["sass"]  # cuobjdump from Triton's wheel
+    atomics, fenced = sass_atomics(sass)
+    instructions = sum(1 for line in sass.splitlines() if "\t" in line and not line.rstrip().endswith(":"))
+    return {"sass_instructions": instructions, "atomics": atomics, "fenced_atomics": fenced}
 
 
 def main(argv: list[str]) -> int:

@@ -37,3 +37,19 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report):
 def test_no_register_spills(report):
     spilling = [r for r in report["rows"] if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, f"kernels spill registers: {spilling}"
+
+
+@pytest.mark.gpu_compile
+def test_no_atomic_is_behind_a_gpu_wide_fence(report):
+    """Triton's default acq_rel atomics put MEMBAR.ALL.GPU before each one: use sem="relaxed"."""
+    sm90 = [r for r in report["rows"] if r["arch"] == "sm_90"]
+    assert sm90 and all("fenced_atomics" in r for r in sm90)
+    fenced = {r["kernel"]: r["fenced_atomics"] for r in sm90 if r["fenced_atomics"]}
+    assert not fenced, f"atomics behind MEMBAR.ALL.GPU: {fenced}"
+
+
+@pytest.mark.gpu_compile
+def test_decoder_row_gradients_use_no_atomics(report):
+    rowgrad = {r["kernel"]: r["atomics"] for r in report["rows"]
+               if r["arch"] == "sm_90" and r["kernel"].startswith("_rowgrad_")}
+    assert rowgrad and not any(rowgrad.values()), rowgrad
