@@ -29,6 +29,7 @@ bounds[n])`` and are never touched; gathered rows outside [0, m) are masked; wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -36,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import HAS_TRITON
+from ._dispatch import HAS_TRITON, INTERPRET
 
 if HAS_TRITON:
     import triton
@@ -142,8 +143,17 @@ def chunk_warps(block: int) -> int:
     return max(1, min(8, block // 512))
 
 
-def _debug_enabled() -> bool:
-    return os.environ.get("TOPK_KERNELS_DEBUG", "0") == "1"
+def _launch_options() -> dict:
+    """``debug=True`` under ``TOPK_KERNELS_DEBUG=1`` (read at every launch): turns the kernels'
+    ``tl.device_assert`` on. The interpreter ignores a launch's flag, so there it goes to its builder."""
+    debug = os.environ.get("TOPK_KERNELS_DEBUG", "0") == "1"
+    if INTERPRET:
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        if builder.options.debug != debug:
+            builder.options = dataclasses.replace(builder.options, debug=debug)
+    return {"debug": debug}
 
 
 def _on_device(device: torch.device):
@@ -220,6 +230,10 @@ def row_grad(
     ``gscale[b, s] = sum_c src[b, col] * atom[j, c]`` in ``gscale_dtype`` (zero for entries whose
     index lies outside [0, n)); otherwise the second result is None.
     """
+    # The kernels index flat memory; a no-op for the ops, which pass contiguous tensors.
+    src, scale = src.contiguous(), scale.contiguous()
+    cols = cols.contiguous() if cols is not None else None
+    atom = atom.contiguous() if atom is not None else None
     B, K = scale.shape
     M = src.shape[1]
     n, nnz = plan.n, B * K
@@ -229,7 +243,7 @@ def row_grad(
     gscale = torch.zeros(B, K, device=src.device, dtype=gscale_dtype) if fuse else None
     if n == 0 or width == 0:
         return out, gscale
-    debug = _debug_enabled()
+    options = _launch_options()
     chunks = triton.cdiv(nnz, CHUNK)
     part = torch.empty(2 * chunks, width, device=src.device, dtype=torch.float32)
     with _on_device(src.device):
@@ -239,12 +253,12 @@ def row_grad(
                 atom if fuse else src, cols if cols is not None else plan.order,
                 out, part, gscale if fuse else scale,
                 n, M, width, K, CHUNK,
-                GATHER=cols is not None, FUSE_ACTS=fuse, DEBUG=debug, BLOCK_C=block,
-                num_warps=chunk_warps(block), debug=debug,
+                GATHER=cols is not None, FUSE_ACTS=fuse, DEBUG=options["debug"], BLOCK_C=block,
+                num_warps=chunk_warps(block), **options,
             )
         finish_block = min(FINISH_BLOCK_C, block)
         _rowgrad_finish_kernel[(triton.cdiv(n, FINISH_ROWS), triton.cdiv(width, finish_block))](
             plan.bounds, part, out, n, width, nnz, CHUNK,
-            DEBUG=debug, ROWS=FINISH_ROWS, BLOCK_C=finish_block, debug=debug,
+            DEBUG=options["debug"], ROWS=FINISH_ROWS, BLOCK_C=finish_block, **options,
         )
     return out, gscale
