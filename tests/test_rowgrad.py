@@ -216,7 +216,8 @@ def test_encoder_and_decoder_backward_share_one_sort(monkeypatch):
     sorts = []
 
     class CountingSort(_rowgrad.LatentSort):
-        def __post_init__(self):
+        def __init__(self, *args):
+            super().__init__(*args)
             sorts.append(self)
 
     monkeypatch.setattr(_rowgrad, "LatentSort", CountingSort)
