@@ -141,6 +141,21 @@ def test_expander_value_grad_hot_latent(monkeypatch, dtype):
     assert_close(first[0], a64.grad, TOL[dtype], "grad acts")
 
 
+def test_bf16_value_grad_allocates_no_fp32_n_by_d_buffer():
+    B, m, n, d, k = 29, 30, 300, 7, 5  # n*d above the [B, m] tensors of the forward
+    acts = torch.randn(B, k).abs().to(torch.bfloat16).requires_grad_()
+    values = torch.randn(n, d).to(torch.bfloat16).requires_grad_()
+    idx = torch.randint(0, n, (B, k))
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d]
+    spy = AllocationSpy()
+    with spy:
+        expander_decode(acts, idx, values, rows, m, backend="triton").square().sum().backward()
+    assert ((n, d), torch.bfloat16) in spy.outputs
+    big_fp32 = [o for o in spy.outputs if o[1] == torch.float32 and torch.Size(o[0]).numel() >= n * d]
+    assert not big_fp32, f"fp32 buffers of >= n*d elements: {big_fp32}"
+    assert values.grad.dtype == torch.bfloat16 and torch.isfinite(values.grad).all()
+
+
 def _row_grad_dense(src, scale, idx, n, cols=None):
     """fp64 scatter of the same sum, skipping entries whose index (or column) is out of range."""
     width = cols.shape[1] if cols is not None else src.shape[1]
