@@ -127,7 +127,7 @@ if HAS_TRITON:
 
 
 # Launch parameters (tests/gpu_compile.py compiles exactly these).
-CHUNK = 128  # sorted entries per chunk program: ~a quarter of a wave's worth of rows at k=64
+CHUNK = 128  # sorted entries per chunk program: 4096 programs (~4 waves on an H100) at B*k = 2^19
 MAX_BLOCK_C = 4096  # widest row one program holds (fp32 acc + atom + loaded row in registers)
 FINISH_ROWS = 16  # latents per finish program: most rows are written by the chunk kernel
 FINISH_BLOCK_C = 1024
