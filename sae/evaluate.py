@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import ActivationBuffer, _decoder_layer, _hidden
+from .data import ActivationBuffer, decoder_layer as _decoder_layer
+from .data.layouts import _hidden
 
 __all__ = [
     "CEBaseline",

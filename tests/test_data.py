@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sae import data as sdata
+from sae.data._rdata import read_lazy_load_db, unserialize
 from sae.data import ActivationBuffer, harvest_activations, load_austen_texts, load_texts, tokenize_contexts
 
 
@@ -111,7 +112,7 @@ def test_r_lazy_load_db_round_trip(tmp_path, version):
         "long": [f"line {i}" for i in range(5000)],
     }
     _write_lazy_load_db(tmp_path / "Rdata", variables, version)
-    db = sdata._read_lazy_load_db(tmp_path / "Rdata")
+    db = read_lazy_load_db(tmp_path / "Rdata")
     assert set(db) == set(variables)
     for name, strings in variables.items():
         assert list(db[name]) == strings
@@ -125,16 +126,16 @@ def test_r_unserialize_numbers_and_named_list():
         "b": w.lglsxp([True, False]),
         "s": w.strsxp(["a", "b"], names=["first", "second"]),
     }))
-    obj = sdata._unserialize(ser)
+    obj = unserialize(ser)
     assert obj.attrs["names"] == ["i", "x", "b", "s"]
     assert list(obj[0]) == [1, None, -7]
     assert list(obj[1]) == [1.5, -2.25]
     assert list(obj[2]) == [True, False]
     assert list(obj[3]) == ["a", "b"] and obj[3].attrs["names"] == ["first", "second"]
     with pytest.raises(ValueError, match="truncated"):
-        sdata._unserialize(ser[:-6])
+        unserialize(ser[:-6])
     with pytest.raises(ValueError, match="XDR"):
-        sdata._unserialize(b"A\n" + ser[2:])
+        unserialize(b"A\n" + ser[2:])
 
 
 def test_load_austen_texts_from_generated_db(tmp_path):
