@@ -7,8 +7,13 @@ the real SmolLM2 + Austen check is in test_evaluate.py, marked slow."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import gzip
+import os
+import subprocess
+import sys
 import struct
 import zlib
 
@@ -357,3 +362,196 @@ def test_buffer_harvest_cached_on_disk(tiny_llama, tokens, tmp_path):
     direct = torch.cat(list(harvest_activations(model_bf16, tokens, 1)))
     assert torch.equal(bf[:], direct)
     assert len([p for p in tmp_path.iterdir()]) == 3  # no temporary folders left behind
+
+
+def _npy_bytes(buf: ActivationBuffer) -> bytes:
+    return (buf.path / "acts.npy").read_bytes()
+
+
+class _Interrupt(BaseException):
+    """Stands in for Ctrl-C / a kill in the middle of a harvest."""
+
+
+@contextlib.contextmanager
+def _count_batches(model, interrupt_at: int | None = None):
+    """Counts forward passes through layer 0; raises _Interrupt inside pass ``interrupt_at``."""
+    calls = []
+
+    def hook(*args):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise _Interrupt
+
+    h = model.model.layers[0].register_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        h.remove()
+
+
+def test_buffer_harvest_resumes_after_interruption(tiny_llama, tmp_path):
+    model, layer = tiny_llama, 1
+    toks = torch.randint(0, 101, (11, 9), generator=torch.Generator().manual_seed(5))  # 6 batches of 2
+    whole = ActivationBuffer.harvest(model, toks, layer, cache_dir=tmp_path / "a", batch_size=2, chunk_batches=2)
+
+    cache = tmp_path / "b"
+    # dies inside batch 4: the chunk of batches 1-2 is recorded, batch 3 is written but not recorded
+    with _count_batches(model, interrupt_at=4), pytest.raises(_Interrupt):
+        ActivationBuffer.harvest(model, toks, layer, cache_dir=cache, batch_size=2, chunk_batches=2)
+    assert [p.name.endswith(".partial") for p in cache.iterdir() if p.is_dir()] == [True]
+    with _count_batches(model) as calls:
+        resumed = ActivationBuffer.harvest(model, toks, layer, cache_dir=cache, batch_size=2, chunk_batches=2)
+    assert len(calls) == 4  # batches 3..6 only
+    assert _npy_bytes(resumed) == _npy_bytes(whole)
+    assert sorted(p.name for p in cache.iterdir()) == [whole.path.name]  # no partial, lock or temp left
+
+
+def test_buffer_harvest_restarts_a_partial_of_other_batching(tiny_llama, tokens, tmp_path):
+    ref = ActivationBuffer.harvest(tiny_llama, tokens, 2, cache_dir=tmp_path / "ref", batch_size=3)
+    with _count_batches(tiny_llama, interrupt_at=2), pytest.raises(_Interrupt):
+        ActivationBuffer.harvest(tiny_llama, tokens, 2, cache_dir=tmp_path / "c", batch_size=2, chunk_batches=1)
+    with _count_batches(tiny_llama) as calls:
+        again = ActivationBuffer.harvest(tiny_llama, tokens, 2, cache_dir=tmp_path / "c", batch_size=3)
+    assert len(calls) == 2  # all of it again: batches of 3 cannot continue a harvest in batches of 2
+    assert _npy_bytes(again) == _npy_bytes(ref)
+
+
+def test_buffer_harvest_cleans_what_killed_harvests_left(tiny_llama, tokens, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    old_tmp = tmp_path / f".tiny_L1_oldkey.{dead.pid}.tmp"  # what older versions left
+    old_tmp.mkdir()
+    (old_tmp / "acts.npy").write_bytes(b"\0" * 1000)
+    killed = tmp_path / ".other_L3_key.partial"
+    killed.mkdir()
+    (killed / "acts.npy").write_bytes(b"\0" * 1000)
+    (tmp_path / ".other_L3_key.lock").touch()
+    live = tmp_path / ".busy_L2_key.partial"  # another process is writing this one right now
+    live.mkdir()
+    with open(tmp_path / ".busy_L2_key.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        buf = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([buf.path.name, live.name, ".busy_L2_key.lock"])
+
+
+# --------------------------------------------------------------------------------------------
+# Model layouts, splits, model loading, the environment
+# --------------------------------------------------------------------------------------------
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+def _tiny_neox():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64)
+    return transformers.GPTNeoXForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("make, where", [(_tiny_gpt2, "transformer.h"), (_tiny_neox, "gpt_neox.layers")])
+def test_layouts_gpt2_and_neox(make, where, tokens):
+    model = make()
+    layers = sdata.decoder_layers(model)
+    expected = model
+    for attr in where.split("."):
+        expected = getattr(expected, attr)
+    assert layers is expected and sdata.n_decoder_layers(model) == 3
+    with torch.no_grad():
+        hs = model(tokens, output_hidden_states=True).hidden_states
+    for layer in (0, 1):  # the last entry of hidden_states has the final norm applied
+        got = torch.cat(list(harvest_activations(model, tokens, layer, batch_size=4)))
+        torch.testing.assert_close(got, hs[layer + 1][:, 1:].reshape(-1, 32), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="layer: expected 0 <= layer < 3"):
+        sdata.decoder_layer(model, 3)
+    with pytest.raises(IndexError, match="layer"):
+        sdata.decoder_layer(model, -1)
+
+
+def test_layouts_unknown_model_and_output_hook(tiny_llama, tokens):
+    with pytest.raises(TypeError, match="model: expected a decoder-only transformer"):
+        sdata.decoder_layers(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="layer: expected an int"):
+        sdata.decoder_layer(tiny_llama, 1.0)
+    with torch.no_grad():
+        clean = tiny_llama(tokens).logits
+        seen = []
+        with sdata.layer_output_hook(tiny_llama, 2, lambda h: seen.append(h.shape)):
+            same = tiny_llama(tokens).logits
+        with sdata.layer_output_hook(tiny_llama, 3, torch.zeros_like):
+            zeroed = tiny_llama(tokens).logits
+    assert seen == [(6, 12, 32)] and torch.equal(same, clean)
+    # the last layer's output zeroed: the final RMSNorm of 0 is 0, so every logit is 0
+    assert (zeroed == 0).all()
+    assert not tiny_llama.model.layers[3]._forward_hooks
+
+
+def test_token_splits_three_way():
+    tok = _CharTokenizer()
+    texts = ["a" * 180, "b" * 45]  # 20 and 5 contexts of 9 text tokens (+ BOS)
+    splits = sdata.token_splits(texts, tok, ctx_len=10, validation_fraction=0.1, test_fraction=0.2)
+    a, b = ord("a") % 100 + 3, ord("b") % 100 + 3
+    # text a: 4 test, 2 validation, 14 train; text b: 1 test, 1 validation (at least one each), 3 train
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [14 + 3, 2 + 1, 4 + 1]
+    assert (splits.test[:4, 1:] == a).all() and (splits.test[4:, 1:] == b).all()
+    assert (splits.validation[:2, 1:] == a).all() and (splits.train[14:, 1:] == b).all()
+    assert splits.bos_id == 1 and (splits.test[:, 0] == 1).all()
+    assert splits.n_tokens() == {"train": 170, "validation": 30, "test": 50}
+    with pytest.raises(ValueError, match="min_test_tokens"):
+        sdata.token_splits(texts, tok, ctx_len=10, test_fraction=0.2, min_test_tokens=51)
+    with pytest.raises(ValueError, match="validation_fraction \\+ test_fraction"):
+        sdata.token_splits(texts, tok, ctx_len=10, validation_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(KeyError, match="name"):
+        splits["held_out"]
+
+
+def test_token_splits_are_disjoint_by_position():
+    class Positional:
+        bos_token_id = None
+
+        def __call__(self, text, add_special_tokens=False, verbose=True):
+            return {"input_ids": list(range(len(text)))}
+
+    s = sdata.token_splits(["z" * 2000], Positional(), ctx_len=16, validation_fraction=0.1, test_fraction=0.1)
+    assert s.bos_id is None
+    assert s.train.max() < s.validation.min() and s.validation.max() < s.test.min()
+
+
+def test_load_model_missing_paths_fail_before_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="name_or_path: the model folder .* does not exist"):
+        sdata.load_model(tmp_path / "no" / "such" / "model")
+    with pytest.raises(FileNotFoundError, match="name_or_path: the .gguf file"):
+        sdata.load_model(tmp_path / "missing.gguf")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="name_or_path"):
+        sdata.load_model(tmp_path / "weights.bin")
+
+
+def test_load_model_from_a_local_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1)
+    folder = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghij ")}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                         unk_token="<unk>").save_pretrained(folder)
+    model, tokenizer = sdata.load_model(folder, dtype=torch.float32)
+    assert sdata.n_decoder_layers(model) == 2 and not model.training
+    assert tokenizer.bos_token_id == 1 and tokenizer("abc", add_special_tokens=False)["input_ids"] == [2, 3, 4]
+    source = sdata.model_source(folder)
+    assert list(source["files"]) == ["model.safetensors"] and len(source["files"]["model.safetensors"]) == 64
+
+
+def test_importing_data_and_evaluate_leaves_the_environment_alone():
+    code = ("import os, sys; before = dict(os.environ); import sae.data, sae.evaluate; "
+            "sys.exit(0 if dict(os.environ) == before else 1)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
