@@ -221,7 +221,7 @@ def training_dead_fraction(sae, window_tokens: int | None = None) -> dict:
             raise ValueError("window_tokens: expected an int (the SAE has no dead_tokens_threshold), got None")
     if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens < 1:
         raise ValueError(f"window_tokens: expected an int >= 1, got {window_tokens!r}")
-    dead = (since >= window_tokens).float().mean().item()
+    dead = int((since >= window_tokens).sum()) / since.numel()
     return {"dead_fraction": dead, "window_tokens": int(window_tokens)}
 
 

@@ -85,6 +85,59 @@ def test_reconstruction_metrics_inputs_agree():
         reconstruction_metrics(SimpleNamespace(encode=None, decode=None), x)
 
 
+class _TopKLinear(torch.nn.Module):
+    """A small TopK SAE written out here: top-k of x @ W.T + b, ReLU'd."""
+
+    def __init__(self, m: int, n: int, k: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n, m))
+        self.b = torch.nn.Parameter(torch.randn(n) - 1.0)
+        self.k, self.n_latents = k, n
+
+    def encode(self, x):
+        vals, idx = (x @ self.w.T + self.b).topk(self.k, dim=-1)
+        return vals.relu(), idx
+
+    def decode(self, top_acts, top_indices):
+        return (top_acts[..., None] * self.w[top_indices]).sum(-2)
+
+
+def test_firing_density_by_hand_and_plot(tmp_path):
+    sae = _TopKLinear(8, 37, 3)
+    x = torch.randn(1000, 8)
+    dens = firing_density(sae, ActivationBuffer(x), batch_size=128, progress=True)
+    acts, idx = sae.encode(x)
+    fired = torch.zeros(1000, 37)
+    fired.scatter_(1, idx, (acts > 0).float())
+    torch.testing.assert_close(dens.density, fired.mean(0).double())
+    assert dens.n_tokens == 1000 and dens.never_fired() == int((fired.sum(0) == 0).sum())
+    counts, edges = dens.log10_histogram(bins=10)
+    assert counts.sum() == 37 - dens.never_fired() and edges[0] == -3.0 and edges[-1] == 0.0
+    assert firing_density(sae, x, max_tokens=300).n_tokens == 300
+    path = plot_firing_density(dens, tmp_path / "density.png", title="toy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_training_dead_fraction_reads_the_counter():
+    sae = _TopKLinear(8, 10, 2)
+    sae.register_buffer("tokens_since_fired", torch.tensor([0, 5, 99, 100, 101, 7, 250, 3, 0, 100]))
+    sae.dead_tokens_threshold = 100
+    assert training_dead_fraction(sae) == {"dead_fraction": 0.4, "window_tokens": 100}
+    assert training_dead_fraction(sae, window_tokens=7) == {"dead_fraction": 0.6, "window_tokens": 7}
+    with pytest.raises(ValueError, match="window_tokens"):
+        training_dead_fraction(sae, window_tokens=0)
+    with pytest.raises(TypeError, match="tokens_since_fired"):
+        training_dead_fraction(_KeepFirst(4, 2))
+
+
+def test_activation_mean_and_progress(capsys):
+    x = torch.randn(777, 6) * 3 + torch.arange(6)
+    torch.testing.assert_close(activation_mean(ActivationBuffer(x), batch_size=100), x.double().mean(0).float())
+    torch.testing.assert_close(activation_mean(x, max_tokens=10), x[:10].double().mean(0).float())
+    reconstruction_metrics(_KeepFirst(6, 2), x, batch_size=100, progress=True)
+    assert "reconstruction" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # CE loss recovered: every convention against a recomputation written out here
 # --------------------------------------------------------------------------------------------
