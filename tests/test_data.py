@@ -14,6 +14,7 @@ import gzip
 import os
 import subprocess
 import sys
+import threading
 import struct
 import zlib
 
@@ -414,6 +415,23 @@ def test_buffer_harvest_restarts_a_partial_of_other_batching(tiny_llama, tokens,
         again = ActivationBuffer.harvest(tiny_llama, tokens, 2, cache_dir=tmp_path / "c", batch_size=3)
     assert len(calls) == 2  # all of it again: batches of 3 cannot continue a harvest in batches of 2
     assert _npy_bytes(again) == _npy_bytes(ref)
+
+
+def test_buffer_harvest_waits_for_a_live_harvester_of_the_same_entry(tiny_llama, tokens, tmp_path, capfd):
+    ref = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "ref")
+    cache = tmp_path / "c"
+    cache.mkdir()
+    out = []
+    with open(cache / f".{ref.path.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another process harvesting the same entry would
+        worker = threading.Thread(target=lambda: out.append(
+            ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=cache)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not out
+    worker.join(timeout=120)
+    assert out and _npy_bytes(out[0]) == _npy_bytes(ref)
+    assert "waiting for another process harvesting" in capfd.readouterr().err
 
 
 def test_buffer_harvest_cleans_what_killed_harvests_left(tiny_llama, tokens, tmp_path):

@@ -267,6 +267,8 @@ class ActivationBuffer:
                         skip_first=True)
             _write_json_atomic(partial / "meta.json", meta)
             (partial / "progress.json").unlink()
+            if folder.exists():  # an incomplete entry without meta.json, from a version before this one
+                shutil.rmtree(folder)
             os.replace(partial, folder)
         finally:
             _unlock(lock, lock_path)
