@@ -439,7 +439,7 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
             add("count", pred_mask.sum(1))
             add("count_all", torch.full((len(ids),), targets.shape[1]))
             add("count_kl", mask.sum(1))
-            clean_logp = None
+            clean_logp = clean_p = None
             for name, replace in [("clean", None), *splices.items()]:
                 active.update(replace=replace, mask=mask)
                 logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
@@ -447,11 +447,12 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
                 add(f"{name}.ce", (ce * pred_mask).sum(1))
                 add(f"{name}.ce_all", ce.sum(1))
                 if clean_logp is None:
-                    clean_logp = logp
+                    clean_logp, clean_p = logp, logp.exp()
                 else:
-                    p = clean_logp.exp()
-                    kl = torch.where(p > 0, p * (clean_logp - logp), 0.0).sum(-1)  # [b, T]
+                    # p log(p / q), with 0 log 0 = 0 where the clean probability underflows
+                    kl = torch.where(clean_p > 0, clean_p * (clean_logp - logp), 0.0).sum(-1)  # [b, T]
                     add(f"{name}.kl", (kl * mask).sum(1))
+                del logp
             active.update(replace=None, mask=None)
     return {key: torch.cat(values) for key, values in sums.items()}
 
