@@ -46,6 +46,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def n_decoder_layers(model: torch.nn.Module) -> int:
+    """How many decoder layers the model has (valid ``layer`` values are ``0 .. n - 1``)."""
     return len(decoder_layers(model))
 
 
