@@ -5,14 +5,27 @@ decoder layer and the expander graph, ``load_sae`` for any checkpoint (ours, SAE
 sparsify's), and the trainer with its configuration. Data harvesting (``sae.data``) and
 evaluation (``sae.evaluate``) need the ``lm`` extra and stay in their modules; peer export is in
 ``sae.interop``.
+
+Names are imported on first use, so ``python -m sae`` checks its arguments before torch loads.
 """
 
-from .checkpoint import CheckpointError, load_sae
-from .config import SAEConfig, TrainConfig
-from .layers import SparseDecoder
-from .masks import expander_mask
-from .models import ExpanderSAE, SAEOutput, TopKSAE
-from .train import NonFiniteError, train
+import importlib
 
-__all__ = ["TopKSAE", "ExpanderSAE", "SparseDecoder", "SAEOutput", "expander_mask", "load_sae", "SAEConfig",
-           "TrainConfig", "train", "CheckpointError", "NonFiniteError"]
+_PUBLIC = {
+    "TopKSAE": "models", "ExpanderSAE": "models", "SAEOutput": "models", "SparseDecoder": "layers",
+    "expander_mask": "masks", "load_sae": "checkpoint", "CheckpointError": "checkpoint", "SAEConfig": "config",
+    "TrainConfig": "config", "train": "train", "NonFiniteError": "errors",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sae' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

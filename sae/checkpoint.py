@@ -105,6 +105,24 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     raise CheckpointError(f"checkpoint: {path} is not an SAE checkpoint of this package (no format in its metadata)")
 
 
+def read_train_record(path: str | os.PathLike) -> Optional[dict]:
+    """The ``train`` record of a training checkpoint from its header alone (no tensor is read or
+    verified), or None for a final SAE. For quick checks before a run; ``read_checkpoint`` verifies."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
+    if "train" in meta:
+        return json.loads(meta["train"])
+    if "sae_class" in meta and "step" in meta:
+        return {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
+                "train_config": json.loads(meta["train_config"])}
+    return None
+
+
 def _read_v2(path: Path, meta: dict, tensors: dict) -> Checkpoint:
     version = int(meta.get("format_version", "0"))
     if version > FORMAT_VERSION:

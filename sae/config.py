@@ -44,7 +44,8 @@ class SAEConfig:
     """Expander only: the encoder reuses the decoder's normalised atoms."""
 
     seed: int = 0
-    """Seeds the initial weights and, for an Expander SAE, its graph."""
+    """Seeds the initial weights and, for an Expander SAE, its graph (the CLI's --seed also seeds the
+    data order: TrainConfig.seed)."""
 
     auxk: bool = True
     """Train dead latents with Gao et al.'s auxiliary TopK loss (AuxK)."""
@@ -179,11 +180,12 @@ class TrainConfig:
         """Steps to see at least ``total_tokens`` tokens."""
         return max(1, -(-self.total_tokens // self.batch_size))
 
-    def lr_for(self, sae) -> float:
-        """The base learning rate for ``sae``: ``lr``, else the architecture's default."""
+    def lr_for(self, sae_or_arch) -> float:
+        """The base learning rate for an SAE (or an arch name): ``lr``, else the architecture's default."""
         if self.lr is not None:
             return self.lr
-        return self.expander_lr if getattr(sae, "arch", "topk") == "expander" else self.topk_lr
+        arch = sae_or_arch if isinstance(sae_or_arch, str) else getattr(sae_or_arch, "arch", "topk")
+        return self.expander_lr if arch == "expander" else self.topk_lr
 
     def dead_tokens(self) -> int:
         """The dead-latent threshold in tokens for this run's length."""

@@ -888,3 +888,5 @@ class ActivationBuffer:
         buf = cls(arr, storage_dtype=_STORAGE_BY_NAME[meta["storage_dtype"]])
         buf.path = folder
         return buf
+
+decoder_layer = _decoder_layer

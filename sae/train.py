@@ -35,6 +35,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, read_checkpoint, save_sae
 from .config import TrainConfig
+from .errors import NonFiniteError, TrainingInterrupted
 from .rundir import RunLock, write_json
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -44,18 +45,6 @@ _RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_
 
 __all__ = ["CHECKPOINT", "METRICS", "CheckpointError", "NonFiniteError", "TrainingInterrupted", "TrainConfig",
            "TrainResult", "train", "save_checkpoint", "load_checkpoint"]
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN or infinity; nothing from that step on was written."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during ``train()``: ``step`` reached, ``checkpoint_step`` saved in ``out_dir``."""
-
-    def __init__(self, step: int, total: int, checkpoint_step: int, out_dir: Path):
-        super().__init__(f"stopped at step {step} of {total}; last checkpoint at step {checkpoint_step} in {out_dir}")
-        self.step, self.total, self.checkpoint_step, self.out_dir = step, total, checkpoint_step, out_dir
 
 
 @dataclass
@@ -119,6 +108,21 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+
+def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, out: Path,
+                   names: Optional[dict] = None) -> dict:
+    """{setting: (old, new)} for the settings of ``_RESUME_KEYS`` that differ from the checkpoint's
+    ``record``; raises ``ValueError`` naming them (as ``names`` spells them) unless ``allow``."""
+    old = {**record["train_config"], "base_lr": record.get("base_lr", base_lr)}
+    new = {**asdict(cfg), "base_lr": base_lr}
+    diff = {k: (old.get(k), new[k]) for k in _RESUME_KEYS if k in old and old[k] != new[k]}
+    if diff and not allow:
+        named = ", ".join(f"{(names or {}).get(k, k)} {a} -> {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"resume: the checkpoint in {out} was trained with other settings ({named}); "
+                         f"use the original values, or allow_config_change (--allow-config-change) to continue "
+                         f"anyway")
+    return diff
+
 
 class _FiniteWatch:
     """A device-side flag for the first step with a non-finite loss, read only when asked."""
@@ -187,14 +191,7 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
         step, tokens = record["step"], record["tokens"]
         history = list(record.get("history", []))
         changes = list(record.get("config_changes", []))
-        old = {**record["train_config"], "base_lr": record.get("base_lr", base_lr)}
-        new = {**asdict(cfg), "base_lr": base_lr}
-        diff = {k: (old.get(k), new[k]) for k in _RESUME_KEYS if k in old and old[k] != new[k]}
-        if diff and not allow_config_change:
-            named = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"resume: the checkpoint in {out} was trained with other settings ({named}); "
-                             f"use the original values, or allow_config_change (--allow-config-change) to continue "
-                             f"anyway")
+        diff = resume_changes(record, cfg, base_lr, allow_config_change, out)
         if diff:
             changes.append({"step": step, "changed": {k: list(v) for k, v in diff.items()}})
         print(f"[sae] resuming from step {step} of {total} ({tokens:,} tokens trained) in {out}", flush=True)
