@@ -179,8 +179,6 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
     from tqdm.auto import tqdm
 
     total = cfg.steps()
-    spe = buffer.steps_per_epoch(cfg.batch_size)
-    epochs = -(-total // spe)
     base_lr = cfg.lr_for(sae)
     optimizer = torch.optim.Adam(params, lr=base_lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
@@ -192,6 +190,8 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
         history = list(record.get("history", []))
         changes = list(record.get("config_changes", []))
         diff = resume_changes(record, cfg, base_lr, allow_config_change, out)
+        # Steps left from the tokens left, so a changed batch size still trains total_tokens in all.
+        total = step + max(0, -(-(cfg.total_tokens - tokens) // cfg.batch_size))
         if diff:
             changes.append({"step": step, "changed": {k: list(v) for k, v in diff.items()}})
         print(f"[sae] resuming from step {step} of {total} ({tokens:,} tokens trained) in {out}", flush=True)
@@ -199,6 +199,7 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
         raise FileExistsError(f"out_dir: {out} already holds a checkpoint; pass resume=True or use a new directory")
 
     sae.train()
+    epochs = -(-total // buffer.steps_per_epoch(cfg.batch_size))
     device = next(sae.parameters()).device
     watch = _FiniteWatch(sae, device)
     batches = buffer.batches(cfg.batch_size, epochs, seed=cfg.seed, start_step=step, device=device)
