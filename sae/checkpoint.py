@@ -1,8 +1,10 @@
 """One checkpoint format for final SAEs and training checkpoints, and ``load_sae``.
 
-A checkpoint is one safetensors file. Its metadata holds:
+A checkpoint is one safetensors file. Its metadata has one key, ``"topk-sae"``, whose value is a
+JSON object (one key, so the file's bytes do not depend on the order in which safetensors writes
+a map: two identical runs give identical files) with:
 
-- ``format`` = ``"topk-sae"`` and ``format_version`` (``FORMAT_VERSION``);
+- ``format_version`` (``FORMAT_VERSION``);
 - ``class``: the SAE class's name in ``sae.models.SAE_CLASSES``;
 - ``config``: the SAE's full ``config()`` (every default; never runtime choices such as ``backend``);
 - ``sha256``: a JSON map from each tensor's name to the SHA-256 of its dtype, shape and bytes,
@@ -73,11 +75,11 @@ def save_sae(sae, path: str | os.PathLike, *, optimizer_tensors: Optional[dict] 
     tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
     for k, v in (optimizer_tensors or {}).items():
         tensors[f"optimizer.{k}"] = v.detach().contiguous()
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "class": name,
-            "config": json.dumps(sae.config()),
-            "sha256": json.dumps({k: tensor_sha256(v) for k, v in tensors.items()})}
+    record = {"format_version": FORMAT_VERSION, "class": name, "config": sae.config(),
+              "sha256": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}}
     if train is not None:
-        meta["train"] = json.dumps(train)
+        record["train"] = train
+    meta = {FORMAT: json.dumps(record)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -96,8 +98,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for a bad header or size
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
-    if meta.get("format") == FORMAT:
-        return _read_v2(path, meta, tensors)
+    if FORMAT in meta:
+        return _read_v2(path, json.loads(meta[FORMAT]), tensors)
     if "sae_class" in meta and "sha256" in meta:
         return _read_v1_training(path, meta, tensors)
     if "config" in meta and "class" in meta:  # first-format final SAE: no checksum to verify
@@ -115,8 +117,8 @@ def read_train_record(path: str | os.PathLike) -> Optional[dict]:
             meta = f.metadata() or {}
     except Exception as exc:
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
-    if "train" in meta:
-        return json.loads(meta["train"])
+    if FORMAT in meta:
+        return json.loads(meta[FORMAT]).get("train")
     if "sae_class" in meta and "step" in meta:
         return {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
                 "train_config": json.loads(meta["train_config"])}
@@ -124,11 +126,11 @@ def read_train_record(path: str | os.PathLike) -> Optional[dict]:
 
 
 def _read_v2(path: Path, meta: dict, tensors: dict) -> Checkpoint:
-    version = int(meta.get("format_version", "0"))
+    version = int(meta.get("format_version", 0))
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint: {path} has format version {version}; this package reads up to "
                               f"{FORMAT_VERSION} (upgrade the package)")
-    sums = json.loads(meta.get("sha256", "{}"))
+    sums = meta.get("sha256", {})
     if set(sums) != set(tensors):
         raise CheckpointError(f"checkpoint: {path} is corrupt (tensors {sorted(set(sums) ^ set(tensors))} "
                               f"lack a checksum or are missing)")
@@ -137,8 +139,7 @@ def _read_v2(path: Path, meta: dict, tensors: dict) -> Checkpoint:
         raise CheckpointError(f"checkpoint: {path} is corrupt (tensor {bad[0]} does not match its stored SHA-256)")
     sae = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     opt = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-    train = json.loads(meta["train"]) if "train" in meta else None
-    return Checkpoint(meta["class"], json.loads(meta["config"]), sae, opt, train, version)
+    return Checkpoint(meta["class"], meta["config"], sae, opt, meta.get("train"), version)
 
 
 def _v1_digest(tensors: dict) -> str:

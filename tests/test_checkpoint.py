@@ -41,13 +41,13 @@ def test_metadata_holds_full_config_version_and_class(tmp_path):
     sae = TopKSAE(8, 20, 2, backend="torch")
     sae.save(str(tmp_path / "a.safetensors"))
     with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-    assert meta["format_version"] == str(FORMAT_VERSION) and meta["class"] == "TopKSAE"
-    config = json.loads(meta["config"])
+        meta = json.loads(f.metadata()["topk-sae"])
+    assert meta["format_version"] == FORMAT_VERSION and meta["class"] == "TopKSAE"
+    config = meta["config"]
     assert "backend" not in config
     # every SAEConfig option is saved, defaults included
     assert set(SAEConfig().model_options()) <= set(config)
-    assert set(json.loads(meta["sha256"])) == set(sae.state_dict())
+    assert set(meta["sha256"]) == set(sae.state_dict())
     assert SAE_CLASSES["TopKSAE"] is TopKSAE and SAE_CLASSES["ExpanderSAE"] is ExpanderSAE
 
 
