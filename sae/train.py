@@ -214,7 +214,13 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
             if watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all()):
                 raise NonFiniteError(f"step {step + 1}: the training activations (x) hold NaN or inf. "
                                      f"Nothing after step {last_ckpt} was written.")
-            output = sae(x)
+            try:
+                output = sae(x)
+            except ValueError:
+                # An op refusing non-finite inputs (e.g. x - b_dec) names its own argument; name the
+                # parameter that actually broke instead.
+                watch.check(step + 1, last_ckpt)
+                raise
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             touched = output.top_indices if output.auxk_indices is None else torch.cat(

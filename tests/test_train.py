@@ -240,3 +240,11 @@ def test_dead_threshold_defaults_to_a_fraction_of_the_run(tmp_path):
     cfg = _cfg(dead_fraction=0.25)
     train(sae, ActivationBuffer(torch.randn(300, 8)), cfg, tmp_path)
     assert sae.dead_tokens_threshold == int(0.25 * 12 * 32)
+
+
+def test_expander_blames_the_parameter_that_broke(tmp_path):
+    sae = ExpanderSAE(8, 24, 3, degree=3)
+    with pytest.raises(NonFiniteError, match=r"step \d+: (the training loss|parameter \S+) is not finite"):
+        train(sae, ActivationBuffer(torch.randn(200, 8)), _cfg(lr=1e30, warmup_steps=0, grad_clip=0.0), tmp_path)
+    if (tmp_path / CHECKPOINT).exists():
+        assert _all_finite_on_disk(tmp_path)
