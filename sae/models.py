@@ -90,6 +90,8 @@ class _SparseCoder(nn.Module):
             for name in ("signed", "renorm_values"):
                 if opts[name]:
                     raise ValueError(f"{name}: only for ExpanderSAE, got {name}=True for {type(self).__name__}")
+        if opts["signed"] and opts["batch_topk"]:
+            raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
         for name, value in opts.items():
             setattr(self, name, value)
@@ -246,10 +248,10 @@ class _SparseCoder(nn.Module):
 
     @torch.no_grad()
     def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:
-        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=top_indices.device)
-        fired[top_indices.reshape(-1)[top_acts.reshape(-1) != 0]] = True
-        self.tokens_since_fired += num_tokens
-        self.tokens_since_fired[fired] = 0
+        # A scatter, not boolean indexing: no data-dependent shape, so no host sync on CUDA.
+        hits = torch.zeros(self.n_latents, dtype=torch.int32, device=top_indices.device)
+        hits.index_add_(0, top_indices.reshape(-1), (top_acts.reshape(-1) != 0).to(torch.int32))
+        self.tokens_since_fired.add_(num_tokens).masked_fill_(hits > 0, 0)
 
     def dead_fraction(self, threshold: Optional[int] = None) -> float:
         t = self._dead_threshold if threshold is None else threshold
