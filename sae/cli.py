@@ -50,7 +50,7 @@ def _flag_error(exc: ValueError) -> _UsageError:
     text = str(exc)
     name, sep, rest = text.partition(":")
     if sep and name.isidentifier():
-        flag = "--tokens" if name == "total_tokens" else "--" + name.replace("_", "-")
+        flag = {"total_tokens": "--tokens", "d": "--degree"}.get(name, "--" + name.replace("_", "-"))
         return _UsageError(f"{flag}:{rest}")
     return _UsageError(text)
 
@@ -212,7 +212,10 @@ def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args) -> dict:
     from .train import CHECKPOINT, train
 
     with RunLock(run_dir):
-        sae = sae_cfg.build(ws.d_model)
+        try:
+            sae = sae_cfg.build(ws.d_model)
+        except ValueError as exc:  # a size that only the model's d_model rules out
+            raise _flag_error(exc) from None
         buffer = ws.buffer()
         fresh = not (run_dir / CHECKPOINT).exists()
         if fresh:

@@ -146,7 +146,7 @@ class TrainConfig:
     """Adam's betas."""
 
     eps: float = 6.25e-10
-    """Adam's eps (Gao et al.); optimizer state is kept in fp32 whatever the SAE's dtype."""
+    """Adam's eps (Gao et al.); bf16 represents it, fp16 does not (fp16 training is refused)."""
 
     warmup_steps: int = 100
     """Steps of linear learning-rate warm-up."""
