@@ -165,7 +165,8 @@ class _Workspace:
             t0 = time.perf_counter()
             self._buffer = ActivationBuffer.harvest(
                 self.model, self.train_tokens, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
-                model_id=self.model_name, batch_size=8, progress=True)
+                model_id=self.args.model or "SmolLM2-135M",  # the cache folder's name before the rename
+                batch_size=8, progress=True)
             print(f"[sae] {len(self._buffer):,} training activations ready ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
         return self._buffer
