@@ -6,10 +6,17 @@ sparsify's), and the trainer with its configuration. Data harvesting (``sae.data
 evaluation (``sae.evaluate``) need the ``lm`` extra and stay in their modules; peer export is in
 ``sae.interop``.
 
-Names are imported on first use, so ``python -m sae`` checks its arguments before torch loads.
+Names are imported on first use, except ``train``: the function must be bound over the submodule
+``sae.train`` of the same name before anything imports that submodule (which would rebind the
+name to the module). ``python -m sae`` (``sys.argv[0] == "-m"`` while the package is located)
+skips that import, so the CLI checks its arguments before torch loads.
 """
 
 import importlib
+import sys
+
+if sys.argv[:1] != ["-m"]:
+    from .train import train  # noqa: E402,F401
 
 _PUBLIC = {
     "TopKSAE": "models", "ExpanderSAE": "models", "SAEOutput": "models", "SparseDecoder": "layers",
