@@ -95,6 +95,7 @@ def test_second_trainer_on_one_out_exits_at_once(tiny_model, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path):

@@ -177,6 +177,7 @@ def test_a_second_trainer_on_one_directory_stops_at_once(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     # the killed holder's lock is stale: the next trainer takes it
     result = train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(100, 8)), _cfg(), tmp_path)
     assert result.step == 12
