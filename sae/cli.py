@@ -284,7 +284,9 @@ def cmd_frontier(args) -> int:
     grid = [(a, k, d) for k in args.ks for (a, d) in [("topk", None)] + [("expander", d) for d in args.degrees]]
     configs = []
     for arch, k, degree in grid:
-        configs.append(_configs(args, arch=arch, k=k, degree=degree))
+        # Expander-only options (--signed, --renorm-values, --no-tied) apply to the Expander SAEs only.
+        dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
+        configs.append(_configs(args, arch=arch, k=k, degree=degree, **dense_only))
     for (arch, k, degree), (sae_cfg, train_cfg) in zip(grid, configs):
         _check_resume(runs / _run_name(arch, k, degree), train_cfg, arch, False)
     from .rundir import RunLock
