@@ -115,6 +115,12 @@ class SAEConfig:
             raise ValueError(f"arch: expected 'topk' or 'expander', got {self.arch!r}")
         if self.arch == "expander" and self.degree is None:
             raise ValueError("degree: required for arch 'expander'")
+        if self.arch == "topk":
+            for name in ("signed", "renorm_values"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: only for arch 'expander', got arch 'topk'")
+        if self.signed and self.batch_topk:
+            raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
         if self.auxk_norm not in ("variance", "residual"):
             raise ValueError(f"auxk_norm: expected 'variance' or 'residual', got {self.auxk_norm!r}")
         if not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
