@@ -1,0 +1,290 @@
+"""Distributed training (sae.distributed) on 2 gloo processes spawned here, against one process.
+
+One spawn (module fixture) runs every 2-process scenario and leaves its results on disk; the tests
+compare them with a single-process reference loop written below (same Adam, schedule, clipping and
+decoder constraints as ``sae.train``). Data parallel and latent-sharded training must give the
+single-process losses within 1e-5 relative, step by step, and the same weights; a killed run
+resumes to the same weights; a sharded checkpoint loads in one process and reproduces the outputs;
+and the bytes communicated per step equal the formula, with no [B, n] tensor among them.
+"""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+from torch import nn
+
+from sae.data import ActivationBuffer
+from sae.distributed import communication_per_step
+from sae.models import ExpanderSAE, TopKSAE
+from sae.train import CHECKPOINT, TrainConfig, _lr_at, load_checkpoint
+
+WORLD = 2
+M, N, K, DEGREE = 16, 96, 4, 4        # each rank holds 48 latents > m: a [B, n/P] tensor would stand out
+BATCH, STEPS = 32, 30
+TIMEOUT_S = 240
+
+
+def _make(arch):
+    kwargs = dict(dead_tokens_threshold=64, backend="torch")  # AuxK turns on after a few steps
+    torch.manual_seed(0)
+    if arch == "topk":
+        return TopKSAE(M, N, K, **kwargs)
+    return ExpanderSAE(M, N, K, degree=DEGREE, seed=3, **kwargs)
+
+
+def _buffer():
+    return ActivationBuffer(torch.randn(400, M, generator=torch.Generator().manual_seed(1)) * 2 + 0.5)
+
+
+def _cfg(**kw):
+    return TrainConfig(**dict(dict(batch_size=BATCH, total_tokens=BATCH * STEPS, lr=3e-3, warmup_steps=4,
+                                   checkpoint_every=5, log_every=1, progress=False), **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-process reference
+# ---------------------------------------------------------------------------------------------
+
+def _reference(arch):
+    """Plain loop on one process: (per-step fvu and auxk_loss, final state_dict)."""
+    sae, buffer, cfg = _make(arch), _buffer(), _cfg()
+    params = [p for p in sae.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    total = cfg.steps()
+    batches = buffer.batches(cfg.batch_size, -(-total // buffer.steps_per_epoch(cfg.batch_size)), seed=cfg.seed)
+    fvu, auxk = [], []
+    sae.train()
+    for step in range(total):
+        output = sae(next(batches))
+        optimizer.zero_grad()
+        output.loss.backward()
+        touched = output.top_indices.reshape(-1)
+        if output.auxk_indices is not None:
+            touched = torch.cat([touched, output.auxk_indices.reshape(-1)])
+        sae.remove_parallel_grads(touched)
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, cfg.lr, cfg)
+        optimizer.step()
+        sae.normalize_decoder()
+        fvu.append(float(output.fvu))
+        auxk.append(None if output.auxk_loss is None else float(output.auxk_loss))
+    return fvu, auxk, sae.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2-process scenarios (run in the spawned workers)
+# ---------------------------------------------------------------------------------------------
+
+class _Killed(Exception):
+    pass
+
+
+def _scenarios(rank, world, out):
+    import sae.distributed as sd
+
+    x_eval = torch.randn(10, M, generator=torch.Generator().manual_seed(7))
+    for mode in ("data", "latent"):
+        for arch in ("topk", "expander"):
+            name = f"{mode}-{arch}"
+            model, result = sd.train_distributed(_make(arch), _buffer(), _cfg(), out / name, mode=mode)
+            if mode == "latent":
+                model.save(out / f"{name}.safetensors")
+                model.eval()
+                with torch.no_grad():
+                    outputs = model(x_eval)
+                model = model.to_model()
+                if rank == 0:
+                    torch.save({"x": x_eval, "x_hat": outputs.x_hat, "top_acts": outputs.top_acts,
+                                "top_indices": outputs.top_indices}, out / f"{name}.outputs.pt")
+            if rank == 0:
+                torch.save({"history": result.history, "state": model.state_dict()}, out / f"{name}.pt")
+
+    # kill at step 13 (last checkpoint at 10), then resume on 2 processes
+    for mode in ("data", "latent"):
+        def kill(step, log):
+            if step == 13:
+                raise _Killed
+
+        try:
+            sd.train_distributed(_make("topk"), _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, on_step=kill)
+        except _Killed:
+            pass
+        torch.manual_seed(1234 + rank)  # the resumed run must not depend on the fresh model's initialisation
+        fresh = TopKSAE(M, N, K, dead_tokens_threshold=64, backend="torch")
+        model, result = sd.train_distributed(fresh, _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, resume=True)
+        model = model.to_model() if mode == "latent" else model
+        if rank == 0:
+            torch.save({"history": result.history, "state": model.state_dict()}, out / f"resumed-{mode}.pt")
+
+    # re-shard: a single-process file with an odd latent count, read as 2 uneven shards (25 + 24)
+    if rank == 0:
+        torch.manual_seed(5)
+        single = ExpanderSAE(M, 49, K, degree=DEGREE, seed=11, backend="torch")
+        with torch.no_grad():
+            single.b_enc.normal_(0, 0.1)
+            single.b_dec.normal_(0, 0.1)
+        single.save(str(out / "single.safetensors"))
+    torch.distributed.barrier()
+    sharded = sd.load_sharded(out / "single.safetensors").eval()
+    with torch.no_grad():
+        outputs = sharded(x_eval)
+    if rank == 0:
+        torch.save({"x_hat": outputs.x_hat, "top_acts": outputs.top_acts, "top_indices": outputs.top_indices,
+                    "rows": sharded.shard.rows.shape[0]}, out / "resharded.pt")
+
+    # bytes per step, counted: one latent-sharded step with AuxK active, one data-parallel step
+    sae = _make("topk")
+    sae.tokens_since_fired.fill_(10**6)  # every latent dead: AuxK active with k_aux = m / 2
+    sharded = sd.LatentShardedSAE.from_model(sae)
+    x = _buffer()[list(range(BATCH))]
+    with sd.count_communication() as log:
+        output = sharded(x)
+        output.loss.backward()
+        sharded.clip_grad_norm_(1.0)
+    records = {"latent": [(r.op, r.shape, r.bytes) for r in log.records]}
+    sae = _make("expander")
+    dp = sd.DataParallel(sae)
+    with sd.count_communication() as log:
+        x_local = dp.local_rows(x)
+        loss, _ = dp.objective(x_local, sae(x_local))
+        loss.backward()
+        dp.sum_gradients()
+        dp.merge_dead_counts(x_local.shape[0])
+    records["data"] = [(r.op, r.shape, r.bytes) for r in log.records]
+    if rank == 0:
+        torch.save(records, out / "comm.pt")
+
+
+def _entry(rank, world, port, out):
+    import topk_kernels._dispatch as dispatch
+
+    dispatch.cpu_default_backend = "torch"  # the interpreter flag is inherited from the test process
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        _scenarios(rank, world, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Spawn 2 gloo processes that run every scenario; fail (never hang) after TIMEOUT_S."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("dist")
+    context = mp.start_processes(_entry, args=(WORLD, _free_port(), out), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+def _assert_same_training(run, reference):
+    fvu, auxk, state = reference
+    history = run["history"]
+    assert [h["step"] for h in history] == list(range(1, STEPS + 1))
+    got_fvu = torch.tensor([h["fvu"] for h in history], dtype=torch.float64)
+    torch.testing.assert_close(got_fvu, torch.tensor(fvu, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert [h["auxk_loss"] is None for h in history] == [a is None for a in auxk]
+    assert any(a is not None for a in auxk), "AuxK never ran: the test would not cover it"
+    got_aux = torch.tensor([h["auxk_loss"] for h in history if h["auxk_loss"] is not None], dtype=torch.float64)
+    torch.testing.assert_close(got_aux, torch.tensor([a for a in auxk if a is not None], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    assert run["state"].keys() == state.keys()
+    for name, value in state.items():
+        torch.testing.assert_close(run["state"][name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_two_processes_train_like_one(runs, mode, arch):
+    _assert_same_training(torch.load(runs / f"{mode}-{arch}.pt"), _reference(arch))
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_killed_two_process_run_resumes_to_the_same_weights(runs, mode):
+    meta = load_checkpoint(runs / f"killed-{mode}" / CHECKPOINT, TopKSAE(M, N, K, dead_tokens_threshold=64,
+                                                                         backend="torch"))
+    assert meta["step"] == STEPS  # the resumed run finished and its checkpoint loads in one process
+    _assert_same_training(torch.load(runs / f"resumed-{mode}.pt"), _reference("topk"))
+
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
+def test_sharded_checkpoint_loads_in_one_process(runs, arch):
+    cls = TopKSAE if arch == "topk" else ExpanderSAE
+    model = cls.load(str(runs / f"latent-{arch}.safetensors")).eval()
+    trained = torch.load(runs / f"latent-{arch}.pt")["state"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    sharded = torch.load(runs / f"latent-{arch}.outputs.pt")
+    with torch.no_grad():
+        out = model(sharded["x"])
+    torch.testing.assert_close(sharded["x_hat"], out.x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sharded["top_acts"], out.top_acts, rtol=1e-5, atol=1e-6)
+    active = out.top_acts > 0
+    assert torch.equal(sharded["top_indices"][active], out.top_indices[active])
+
+
+def test_single_process_file_reshards_unevenly(runs):
+    single = ExpanderSAE.load(str(runs / "single.safetensors")).eval()
+    sharded = torch.load(runs / "resharded.pt")
+    assert sharded["rows"] == 25  # rank 0 of 49 latents over 2 ranks
+    with torch.no_grad():
+        out = single(torch.randn(10, M, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(sharded["x_hat"], out.x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sharded["top_acts"], out.top_acts, rtol=1e-5, atol=1e-6)
+    active = out.top_acts > 0
+    assert torch.equal(sharded["top_indices"][active], out.top_indices[active])
+
+
+def test_latent_sharded_step_communicates_candidates_not_latents(runs):
+    records = torch.load(runs / "comm.pt")["latent"]
+    expected = communication_per_step("latent", batch=BATCH, d_model=M, n_latents=N, k=K, world=WORLD,
+                                      auxk_active=True)
+    assert sum(b for _, _, b in records) == expected["bytes"]
+    n_local = N // WORLD
+    for op, shape, _ in records:
+        numel = torch.Size(shape).numel()
+        assert numel <= BATCH * max(M, M // 2, K), (op, shape)  # candidates [B, k_aux] or partials [B, m]
+        assert numel < BATCH * n_local, (op, shape)
+    ops = [op for op, _, _ in records]
+    assert ops.count("all_gather") == 4 and ops.count("all_reduce") == 5  # acts+ids twice; see below
+    # all-reduces: [B, m] reconstruction and AuxK residual, dead count, b_dec gradient, gradient norm
+
+
+def test_data_parallel_step_communicates_gradients_once(runs):
+    records = torch.load(runs / "comm.pt")["data"]
+    expected = communication_per_step("data", batch=BATCH, d_model=M, n_latents=N, k=K, world=WORLD,
+                                      arch="expander", degree=DEGREE)
+    assert sum(b for _, _, b in records) == expected["bytes"]
+
+
+def test_communication_formula_at_scale_never_moves_dense_latents():
+    for n in (2**20, 2**24):
+        latent = communication_per_step("latent", batch=4096, d_model=2048, n_latents=n, k=64, world=8)
+        assert latent["bytes"] == 8 * 4096 * 64 * 8 + 4 * 4096 * 2048 + 4 * 2048 + 12
+        assert latent["bytes"] < latent["dense_latents_bytes"] / 100
