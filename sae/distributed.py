@@ -714,7 +714,7 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
             elapsed = time.perf_counter() - t0
             auxk = logged["auxk_loss"]
             log = {"step": step, "tokens": step * cfg.batch_size, "fvu": fvu_sum / fvu_n, "lr": lr,
-                   "auxk_loss": None if auxk is None else float(auxk), "dead_fraction": model.dead_fraction(),
+                   "auxk_loss": None if auxk is None else float(auxk.detach()), "dead_fraction": model.dead_fraction(),
                    "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_per_s": fvu_n * cfg.batch_size / max(elapsed, 1e-9)}
             bar.set_postfix(fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")

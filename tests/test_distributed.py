@@ -8,7 +8,7 @@ resumes to the same weights; a sharded checkpoint loads in one process and repro
 and the bytes communicated per step equal the formula, with no [B, n] tensor among them.
 """
 
-import os
+import functools
 import socket
 import time
 from datetime import timedelta
@@ -25,6 +25,7 @@ from sae.train import CHECKPOINT, TrainConfig, _lr_at, load_checkpoint
 WORLD = 2
 M, N, K, DEGREE = 16, 96, 4, 4        # each rank holds 48 latents > m: a [B, n/P] tensor would stand out
 BATCH, STEPS = 32, 30
+ACTS_PENALTY = 0.01
 TIMEOUT_S = 240
 
 
@@ -49,6 +50,7 @@ def _cfg(**kw):
 # The single-process reference
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _reference(arch):
     """Plain loop on one process: (per-step fvu and auxk_loss, final state_dict)."""
     sae, buffer, cfg = _make(arch), _buffer(), _cfg()
@@ -71,8 +73,8 @@ def _reference(arch):
             group["lr"] = _lr_at(step, total, cfg.lr, cfg)
         optimizer.step()
         sae.normalize_decoder()
-        fvu.append(float(output.fvu))
-        auxk.append(None if output.auxk_loss is None else float(output.auxk_loss))
+        fvu.append(float(output.fvu.detach()))
+        auxk.append(None if output.auxk_loss is None else float(output.auxk_loss.detach()))
     return fvu, auxk, sae.state_dict()
 
 
@@ -137,17 +139,21 @@ def _scenarios(rank, world, out):
         torch.save({"x_hat": outputs.x_hat, "top_acts": outputs.top_acts, "top_indices": outputs.top_indices,
                     "rows": sharded.shard.rows.shape[0]}, out / "resharded.pt")
 
-    # bytes per step, counted: one latent-sharded step with AuxK active, one data-parallel step
+    # one step, counted: latent-sharded with AuxK active, then data parallel; gradients kept for the
+    # reference (the top_acts term has a consumer replicated on every rank, unlike the decoder)
+    x = _buffer()[list(range(BATCH))]
     sae = _make("topk")
     sae.tokens_since_fired.fill_(10**6)  # every latent dead: AuxK active with k_aux = m / 2
     sharded = sd.LatentShardedSAE.from_model(sae)
-    x = _buffer()[list(range(BATCH))]
     with sd.count_communication() as log:
         output = sharded(x)
-        output.loss.backward()
-        sharded.clip_grad_norm_(1.0)
-    records = {"latent": [(r.op, r.shape, r.bytes) for r in log.records]}
+        (output.loss + ACTS_PENALTY * output.top_acts.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in sharded.shard.named_parameters()}
+        norm = sharded.clip_grad_norm_(1.0)
+    saved = {"latent": [(r.op, r.shape, r.bytes) for r in log.records], "latent_grads": grads,
+             "latent_range": (sharded.lo, sharded.hi), "latent_norm": float(norm)}
     sae = _make("expander")
+    sae.tokens_since_fired[::2] = 10**6  # half the latents dead: AuxK on, normalised by the global variance
     dp = sd.DataParallel(sae)
     with sd.count_communication() as log:
         x_local = dp.local_rows(x)
@@ -155,9 +161,10 @@ def _scenarios(rank, world, out):
         loss.backward()
         dp.sum_gradients()
         dp.merge_dead_counts(x_local.shape[0])
-    records["data"] = [(r.op, r.shape, r.bytes) for r in log.records]
-    if rank == 0:
-        torch.save(records, out / "comm.pt")
+    saved.update(data=[(r.op, r.shape, r.bytes) for r in log.records],
+                 data_grads={name: p.grad.clone() for name, p in sae.named_parameters()},
+                 data_counts=sae.tokens_since_fired.clone())
+    torch.save(saved, out / f"step.rank{rank}.pt")
 
 
 def _entry(rank, world, port, out):
@@ -261,8 +268,37 @@ def test_single_process_file_reshards_unevenly(runs):
     assert torch.equal(sharded["top_indices"][active], out.top_indices[active])
 
 
+def test_latent_sharded_gradients_equal_one_process(runs):
+    sae = _make("topk")
+    sae.tokens_since_fired.fill_(10**6)
+    output = sae(_buffer()[list(range(BATCH))])
+    (output.loss + ACTS_PENALTY * output.top_acts.sum()).backward()
+    assert output.auxk_loss is not None
+    for rank in range(WORLD):
+        step = torch.load(runs / f"step.rank{rank}.pt")
+        lo, hi = step["latent_range"]
+        for name, p in sae.named_parameters():
+            expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
+            torch.testing.assert_close(step["latent_grads"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        norm = torch.cat([p.grad.reshape(-1) for p in sae.parameters()]).norm()
+        assert step["latent_norm"] == pytest.approx(float(norm), rel=1e-5)
+
+
+def test_data_parallel_gradients_and_dead_counts_equal_one_process(runs):
+    sae = _make("expander")
+    sae.tokens_since_fired[::2] = 10**6
+    output = sae(_buffer()[list(range(BATCH))])
+    output.loss.backward()
+    assert output.auxk_loss is not None
+    for rank in range(WORLD):
+        step = torch.load(runs / f"step.rank{rank}.pt")
+        for name, p in sae.named_parameters():
+            torch.testing.assert_close(step["data_grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(step["data_counts"], sae.tokens_since_fired)
+
+
 def test_latent_sharded_step_communicates_candidates_not_latents(runs):
-    records = torch.load(runs / "comm.pt")["latent"]
+    records = torch.load(runs / "step.rank0.pt")["latent"]
     expected = communication_per_step("latent", batch=BATCH, d_model=M, n_latents=N, k=K, world=WORLD,
                                       auxk_active=True)
     assert sum(b for _, _, b in records) == expected["bytes"]
@@ -277,7 +313,7 @@ def test_latent_sharded_step_communicates_candidates_not_latents(runs):
 
 
 def test_data_parallel_step_communicates_gradients_once(runs):
-    records = torch.load(runs / "comm.pt")["data"]
+    records = torch.load(runs / "step.rank1.pt")["data"]
     expected = communication_per_step("data", batch=BATCH, d_model=M, n_latents=N, k=K, world=WORLD,
                                       arch="expander", degree=DEGREE)
     assert sum(b for _, _, b in records) == expected["bytes"]
