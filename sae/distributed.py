@@ -644,6 +644,12 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
         if (out / METRICS).exists():
             history = [h for h in json.loads((out / METRICS).read_text()).get("history", []) if h["step"] <= step]
 
+    if world > 1:  # every rank must resume from the same checkpoint: several nodes need a shared out_dir
+        steps = torch.tensor([step, -step], device=next(sae.parameters()).device)
+        _all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+        if steps[0] != -steps[1]:
+            raise RuntimeError(f"out_dir: the ranks found checkpoints at steps {-int(steps[1])}..{int(steps[0])} in "
+                               f"{out}; every node must see the same out_dir (a shared filesystem)")
     if mode == "data":
         dp = DataParallel(sae, group)
         model, rows = sae, dp.local_slice(cfg.batch_size)
