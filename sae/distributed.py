@@ -54,7 +54,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     Backend: NCCL when CUDA is available, else gloo. A process not started by torchrun (no
     ``WORLD_SIZE``) and not already in a group is a world of one: (0, 1), nothing initialised.
     """
-    if dist.is_available() and dist.is_initialized():
+    if _in_group():
         return dist.get_rank(), dist.get_world_size()
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
@@ -66,8 +66,12 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     return dist.get_rank(), dist.get_world_size()
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank_world(group=None) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -132,7 +136,9 @@ def _record(op: str, tensor: Tensor, factor: int = 1) -> None:
 
 
 def _all_reduce(tensor: Tensor, op=None, group=None) -> Tensor:
-    """In place; returns ``tensor``."""
+    """In place; returns ``tensor``. Outside a process group (a world of one): nothing to do."""
+    if not _in_group():
+        return tensor
     _record("all_reduce", tensor)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return tensor
@@ -140,6 +146,8 @@ def _all_reduce(tensor: Tensor, op=None, group=None) -> Tensor:
 
 def _all_gather(tensor: Tensor, group=None) -> Tensor:
     """[*shape] on every rank -> [P, *shape]."""
+    if not _in_group():
+        return tensor.unsqueeze(0)
     world = dist.get_world_size(group)
     tensor = tensor.contiguous()
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))  # gloo wants the ranks stacked on dim 0
@@ -161,6 +169,8 @@ def _broadcast(tensor: Tensor, src: int = 0, group=None) -> Tensor:
 def _gather_rows(shard: Tensor, n_rows: int, group=None) -> Optional[Tensor]:
     """Stack every rank's row block (sizes from ``latent_range``) on rank 0; None elsewhere."""
     rank, world = _rank_world(group)
+    if world == 1:
+        return shard
     widest = latent_range(n_rows, 0, world)[1]
     padded = shard.new_zeros((widest, *shard.shape[1:]))
     padded[: shard.shape[0]] = shard
@@ -182,7 +192,7 @@ class _GatherCandidates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor, group) -> Tensor:
-        ctx.rank = dist.get_rank(group)
+        ctx.rank = _rank_world(group)[0]
         return _all_gather(local, group)
 
     @staticmethod
@@ -264,7 +274,7 @@ class DataParallel:
         """This rank's term of the global-batch loss, and the global fvu / auxk_loss / loss.
 
         FVU = sum over all ranks' tokens of ||x - x_hat||^2 over the global total variance (two
-        small all-reduces: the coordinate sums, then three scalars). Summing the ranks' gradients
+        small all-reduces: the coordinate sums and count, then three scalars). Summing the ranks' gradients
         of the returned term gives the gradient of the global loss. The model's own AuxK term is
         normalised by its local variance; it is rescaled to the global one.
         """
@@ -277,13 +287,13 @@ class DataParallel:
         local_tv = (flat - flat.mean(0)).pow(2).sum().clamp_min(tiny)
         error = (x - output.x_hat).reshape(-1, m).pow(2).sum()
         aux = output.auxk_loss * local_tv if output.auxk_loss is not None else error.new_zeros(())
-        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach().float(), aux.detach().float(),
-                            error.new_tensor(float(output.auxk_loss is not None))])
+        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach().float(), aux.detach().float()])
         _all_reduce(sums, group=self.group)
         total_variance = sums[0].clamp_min(tiny)
         loss = (error + output.auxk_coef * aux) / total_variance
         fvu, auxk = sums[1] / total_variance, sums[2] / total_variance
-        logged = {"fvu": fvu, "auxk_loss": auxk if sums[3] > 0 else None,
+        # Dead counters are equal on every rank, so AuxK runs on all of them or on none.
+        logged = {"fvu": fvu, "auxk_loss": auxk if output.auxk_loss is not None else None,
                   "loss": fvu + output.auxk_coef * auxk}
         return loss, logged
 
@@ -758,7 +768,7 @@ def communication_per_step(mode: str, *, batch: int, d_model: int, n_latents: in
         params = 2 * n * m + n + m if arch == "topk" else n * degree + n + m
         parts["gradient all-reduce"] = (4 * params, ring_reduce)
         parts["fired-latent all-reduce (uint8)"] = (n, ring_reduce)
-        parts["variance statistics"] = (4 * (m + 1 + 4), ring_reduce)
+        parts["variance statistics"] = (4 * (m + 1 + 3), ring_reduce)
     elif mode == "latent":
         parts["top-k candidate all-gather"] = (P * B * k * 8, ring_gather)
         parts["reconstruction all-reduce [B, m]"] = (4 * B * m, ring_reduce)

@@ -324,3 +324,49 @@ def test_communication_formula_at_scale_never_moves_dense_latents():
         latent = communication_per_step("latent", batch=4096, d_model=2048, n_latents=n, k=64, world=8)
         assert latent["bytes"] == 8 * 4096 * 64 * 8 + 4 * 4096 * 2048 + 4 * 2048 + 12
         assert latent["bytes"] < latent["dense_latents_bytes"] / 100
+
+
+# ---------------------------------------------------------------------------------------------
+# One process (no spawn): the sharded code path in a world of one, and refusals
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
+def test_world_of_one_sharded_model_is_the_model(arch):
+    from sae.distributed import LatentShardedSAE
+
+    sae = _make(arch)
+    sae.tokens_since_fired[::3] = 10**6
+    sharded = LatentShardedSAE.from_model(_make(arch))
+    sharded.shard.tokens_since_fired[::3] = 10**6
+    x = _buffer()[list(range(BATCH))]
+    expected, got = sae(x), sharded(x)
+    expected.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.x_hat, expected.x_hat)
+    torch.testing.assert_close(got.auxk_loss, expected.auxk_loss)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(dict(sharded.shard.named_parameters())[name].grad, p.grad, msg=name)
+
+
+def test_batch_topk_is_refused():
+    from sae.distributed import DataParallel, LatentShardedSAE
+
+    for wrap in (DataParallel, LatentShardedSAE.from_model):
+        with pytest.raises(NotImplementedError, match="batch_topk"):
+            wrap(TopKSAE(M, N, K, batch_topk=True))
+
+
+def test_data_parallel_batch_must_split_evenly():
+    from sae.distributed import DataParallel
+
+    dp = DataParallel(_make("topk"))
+    dp.world = 3  # as on 3 ranks
+    with pytest.raises(ValueError, match="batch_size: expected a multiple of the world size 3, got 32"):
+        dp.local_slice(32)
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    from sae.distributed import train_distributed
+
+    with pytest.raises(ValueError, match="mode: expected 'data' or 'latent', got 'tensor'"):
+        train_distributed(_make("topk"), _buffer(), _cfg(), tmp_path, mode="tensor")
