@@ -9,9 +9,12 @@ and the bytes communicated per step equal the formula, with no [B, n] tensor amo
 """
 
 import functools
+import os
+import shutil
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from torch import nn
 from sae.data import ActivationBuffer
 from sae.distributed import communication_per_step
 from sae.models import ExpanderSAE, TopKSAE
-from sae.train import CHECKPOINT, TrainConfig, _lr_at, load_checkpoint
+from sae.train import CHECKPOINT, TrainConfig, _lr_at, load_checkpoint, train
 
 WORLD = 2
 M, N, K, DEGREE = 16, 96, 4, 4        # each rank holds 48 latents > m: a [B, n/P] tensor would stand out
@@ -116,6 +119,8 @@ def _scenarios(rank, world, out):
             sd.train_distributed(_make("topk"), _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, on_step=kill)
         except _Killed:
             pass
+        if rank == 0:  # for resuming in one process
+            shutil.copytree(out / f"killed-{mode}", out / f"killed-{mode}-copy")
         torch.manual_seed(1234 + rank)  # the resumed run must not depend on the fresh model's initialisation
         fresh = TopKSAE(M, N, K, dead_tokens_threshold=64, backend="torch")
         model, result = sd.train_distributed(fresh, _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, resume=True)
@@ -238,6 +243,15 @@ def test_killed_two_process_run_resumes_to_the_same_weights(runs, mode):
                                                                          backend="torch"))
     assert meta["step"] == STEPS  # the resumed run finished and its checkpoint loads in one process
     _assert_same_training(torch.load(runs / f"resumed-{mode}.pt"), _reference("topk"))
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_two_process_checkpoint_resumes_in_one_process(runs, mode, tmp_path):
+    shutil.copytree(runs / f"killed-{mode}-copy", tmp_path / "run")
+    sae = _make("topk")
+    result = train(sae, _buffer(), _cfg(), tmp_path / "run", resume=True)
+    assert result.step == STEPS
+    _assert_same_training({"history": result.history, "state": sae.state_dict()}, _reference("topk"))
 
 
 @pytest.mark.parametrize("arch", ["topk", "expander"])
@@ -370,3 +384,48 @@ def test_unknown_mode_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="mode: expected 'data' or 'latent', got 'tensor'"):
         train_distributed(_make("topk"), _buffer(), _cfg(), tmp_path, mode="tensor")
+
+
+_TORCHRUN_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from sae.data import ActivationBuffer
+from sae.distributed import init_distributed, train_distributed
+from sae.models import TopKSAE
+from sae.train import TrainConfig
+
+rank, world = init_distributed()
+assert world == 2, world
+out = Path(sys.argv[1])
+buffer = ActivationBuffer(torch.randn(256, 12, generator=torch.Generator().manual_seed(0)))
+cfg = TrainConfig(batch_size=32, total_tokens=32 * 6, lr=1e-3, progress=False)
+for mode in ("data", "latent"):
+    torch.manual_seed(0)
+    model, _ = train_distributed(TopKSAE(12, 40, 3, backend="torch"), buffer, cfg, out / mode, mode=mode)
+    if mode == "latent":
+        model.save(out / mode / "sae.safetensors")  # a collective: every rank calls it
+    elif rank == 0:
+        model.save(str(out / mode / "sae.safetensors"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_launch_writes_checkpoints_one_process_loads(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "launch.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), TRITON_INTERPRET="0",
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for mode in ("data", "latent"):
+        model = TopKSAE.load(str(tmp_path / mode / "sae.safetensors"))
+        from_checkpoint = TopKSAE(12, 40, 3, backend="torch")
+        assert load_checkpoint(tmp_path / mode / CHECKPOINT, from_checkpoint)["step"] == 6
+        for name, value in from_checkpoint.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
