@@ -379,9 +379,40 @@ class LatentShardedSAE(nn.Module):
         full_state = full.state_dict()
         shard = _build_shard(type(full), full.config(), hi - lo, next(full.parameters()).device)
         keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
-        with torch.no_grad():
-            shard.load_state_dict({k: (v[lo:hi] if k in keys else v) for k, v in full_state.items()})
-        return cls(shard, type(full), full.config(), keys, group)
+        model = cls(shard, type(full), full.config(), keys, group)
+        model.load_full_state_dict(full_state)
+        return model
+
+    @classmethod
+    def create(cls, full_class: type, config: dict, seed: int = 0, group=None, device=None) -> "LatentShardedSAE":
+        """A freshly initialised sharded SAE without ever building the full one.
+
+        Each rank initialises its latents with the class's own rule (``reset_parameters``) from
+        the seed ``(seed, rank)``, so the initial dictionary depends on the world size (it is
+        not the one ``full_class(**config)`` would draw). An Expander SAE's graph is
+        ``expander_mask(m, n, degree, config seed)`` for all n latents, sliced.
+        """
+        from .masks import expander_mask
+
+        rank, world = _rank_world(group)
+        n = config["n_latents"]
+        lo, hi = latent_range(n, rank, world)
+        if hi - lo < 1:
+            raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + rank)
+            shard = _build_shard(full_class, config, hi - lo, device)
+        if "rows" in dict(shard.named_buffers()):
+            with torch.no_grad():
+                shard.rows.copy_(expander_mask(config["d_model"], n, config["degree"], seed=config.get("seed", 0))[lo:hi])
+        return cls(shard, full_class, config, _latent_keys(full_class, config), group)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict) -> None:
+        """Take this rank's rows of a full model's state dict (the inverse of ``full_state_dict``)."""
+        device = self.shard.b_enc.device
+        self.shard.load_state_dict({k: (v[self.lo:self.hi] if k in self.sharded_keys else v).to(device)
+                                    for k, v in state.items()})
 
     def to_model(self) -> Optional[nn.Module]:
         """Gather every shard into one full SAE on rank 0 (None on the other ranks)."""
@@ -393,15 +424,15 @@ class LatentShardedSAE(nn.Module):
         return model
 
     def full_state_dict(self) -> Optional[dict]:
-        """The full model's state dict on rank 0 (on CPU), None elsewhere. Gathers one tensor at a time."""
+        """The full model's state dict on rank 0 (CPU copies), None elsewhere. Gathers one tensor at a time."""
         out = {}
         for key, tensor in self.shard.state_dict().items():
             if key in self.sharded_keys:
                 full = _gather_rows(tensor.detach(), self.n_latents, self.group)
                 if full is not None:
-                    out[key] = full.cpu()
+                    out[key] = full.to("cpu", copy=True)
             elif self.rank == 0:
-                out[key] = tensor.detach().cpu()
+                out[key] = tensor.detach().to("cpu", copy=True)
         return out if self.rank == 0 else None
 
     def save(self, path: str | os.PathLike) -> None:
@@ -544,7 +575,7 @@ class LatentShardedSAE(nn.Module):
                 if name in self.sharded_keys and value.ndim > 0:
                     value = _gather_rows(value.detach(), self.n_latents, self.group)
                 if self.rank == 0:
-                    out.setdefault(i, {})[key] = value.detach().cpu()
+                    out.setdefault(i, {})[key] = value.detach().to("cpu", copy=True)
         return out if self.rank == 0 else None
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
@@ -564,7 +595,15 @@ def _build_shard(full_class: type, full_config: dict, n_local: int, device) -> n
     except ValueError as exc:  # e.g. an expander shard whose n/P * degree < m
         raise ValueError(f"group: a shard of {n_local} latents of {full_class.__name__} {full_config} "
                          f"cannot be built ({exc}); use fewer ranks") from exc
-    return shard.to(device)
+    return shard if device is None else shard.to(device)
+
+
+def _latent_keys(full_class: type, config: dict) -> set:
+    """The state keys that grow with n_latents, found on two tiny models of the class."""
+    small = max(config["k"], -(-config["d_model"] // config.get("degree", config["d_model"]))) + 1
+    with torch.random.fork_rng(devices=[]):
+        a, b = (full_class(**_shard_config(config, size)).state_dict() for size in (small, small + 1))
+    return {key for key in a if a[key].shape != b[key].shape}
 
 
 def load_sharded(path: str | os.PathLike, group=None, device="cpu") -> LatentShardedSAE:
@@ -620,7 +659,9 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
                       on_step: Optional[Callable[[int, dict], None]] = None):
     """``sae.train.train`` on every rank of the process group, in ``mode`` "data" or "latent".
 
-    ``sae``: the same full SAE on every rank (same seed). ``cfg.batch_size`` is the global batch
+    ``sae``: the same full SAE on every rank (same seed), or in mode "latent" a
+    ``LatentShardedSAE`` (e.g. from ``LatentShardedSAE.create``: no rank builds the full model,
+    except to resume or save, on CPU / rank 0). ``cfg.batch_size`` is the global batch
     (data parallel: batch_size / world tokens per rank; latent: every rank sees all of it), so the
     run matches a single process with the same config step for step. Rank 0 writes the checkpoint
     (``sae.train``'s format, loadable in one process: ``load_checkpoint``) and metrics.json; resume
@@ -634,6 +675,9 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
 
     if mode not in ("data", "latent"):
         raise ValueError(f"mode: expected 'data' or 'latent', got {mode!r}")
+    presharded = isinstance(sae, LatentShardedSAE)
+    if presharded and mode != "latent":
+        raise ValueError(f"sae: a LatentShardedSAE trains in mode 'latent', got mode={mode!r}")
     rank, world = _rank_world(group)
     out = Path(out_dir)
     if rank == 0:
@@ -643,14 +687,18 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
     total = cfg.steps()
     epochs = -(-total // buffer.steps_per_epoch(cfg.batch_size))
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
-    full_class, ckpt = type(sae), out / CHECKPOINT
+    full_class, ckpt = (sae.full_class if presharded else type(sae)), out / CHECKPOINT
     step, history = 0, []
     if ckpt.exists() and not resume:
         raise FileExistsError(f"out_dir: {out} already holds a checkpoint; pass resume=True or use a new directory")
     full_opt = None
     if resume and ckpt.exists():
-        full_opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=base_lr)
-        step = load_checkpoint(ckpt, sae, full_opt)["step"]
+        full = full_class(**sae.full_config) if presharded else sae  # on CPU: the checkpoint holds the full model
+        full_opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr)
+        step = load_checkpoint(ckpt, full, full_opt)["step"]
+        if presharded:
+            sae.load_full_state_dict(full.state_dict())
+        del full
         if (out / METRICS).exists():
             history = [h for h in json.loads((out / METRICS).read_text()).get("history", []) if h["step"] <= step]
 
@@ -669,7 +717,7 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
             optimizer.load_state_dict(full_opt.state_dict())
     else:
         dp, rows = None, slice(None)
-        model = LatentShardedSAE.from_model(sae, group)
+        model = sae if presharded else LatentShardedSAE.from_model(sae, group)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=base_lr,
                                      betas=tuple(cfg.betas), eps=cfg.eps)
         if full_opt is not None:

@@ -55,8 +55,12 @@ def _cfg(**kw):
 
 @functools.lru_cache(maxsize=None)
 def _reference(arch):
+    return _reference_from(_make(arch))
+
+
+def _reference_from(sae):
     """Plain loop on one process: (per-step fvu and auxk_loss, final state_dict)."""
-    sae, buffer, cfg = _make(arch), _buffer(), _cfg()
+    buffer, cfg = _buffer(), _cfg()
     params = [p for p in sae.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     total = cfg.steps()
@@ -108,6 +112,14 @@ def _scenarios(rank, world, out):
                                 "top_indices": outputs.top_indices}, out / f"{name}.outputs.pt")
             if rank == 0:
                 torch.save({"history": result.history, "state": model.state_dict()}, out / f"{name}.pt")
+
+    # created sharded (no full model anywhere), trained; its initial state gathered for the reference
+    created = sd.LatentShardedSAE.create(ExpanderSAE, _make("expander").config(), seed=4)
+    initial = created.full_state_dict()
+    model, result = sd.train_distributed(created, _buffer(), _cfg(), out / "created", mode="latent")
+    final = model.to_model()
+    if rank == 0:
+        torch.save({"initial": initial, "history": result.history, "state": final.state_dict()}, out / "created.pt")
 
     # kill at step 13 (last checkpoint at 10), then resume on 2 processes
     for mode in ("data", "latent"):
@@ -243,6 +255,19 @@ def test_killed_two_process_run_resumes_to_the_same_weights(runs, mode):
                                                                          backend="torch"))
     assert meta["step"] == STEPS  # the resumed run finished and its checkpoint loads in one process
     _assert_same_training(torch.load(runs / f"resumed-{mode}.pt"), _reference("topk"))
+
+
+def test_created_sharded_expander_has_the_global_graph_and_trains_like_one_process(runs):
+    from sae.masks import expander_mask
+
+    run = torch.load(runs / "created.pt")
+    initial = run["initial"]
+    assert torch.equal(initial["rows"], expander_mask(M, N, DEGREE, seed=3))
+    torch.testing.assert_close(initial["values"].norm(dim=1), torch.ones(N))
+    assert not torch.equal(initial["values"][: N // 2], initial["values"][N // 2:])  # ranks drew different values
+    sae = _make("expander")
+    sae.load_state_dict(initial)
+    _assert_same_training(run, _reference_from(sae))
 
 
 @pytest.mark.parametrize("mode", ["data", "latent"])
