@@ -348,8 +348,10 @@ class LatentShardedSAE(nn.Module):
     ``dead_mask`` this shard's), with identical values on every rank.
 
     Build with ``LatentShardedSAE.from_model(full)`` (every rank holds the same full model, e.g. the
-    same seed) or ``load_sharded(path)`` (reads only this rank's rows); ``to_model()`` /
-    ``save(path)`` reassemble one full model on rank 0 that loads in one process.
+    same seed), ``LatentShardedSAE.create(cls, config)`` (fresh, no full model anywhere) or
+    ``load_sharded(path)`` (reads only this rank's rows of a file, for any world size);
+    ``to_model()`` / ``save(path)`` reassemble one full model on rank 0 that loads in one process
+    (collectives: every rank calls them).
     """
 
     def __init__(self, shard: nn.Module, full_class: type, full_config: dict, sharded_keys: set, group=None):
@@ -580,9 +582,9 @@ class LatentShardedSAE(nn.Module):
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
         """Inverse of ``full_optimizer_state``: every rank passes the full state and keeps its rows."""
-        device = self.shard.b_enc.device
         names = self._param_names()
-        state = {i: {key: (v[self.lo:self.hi] if names[i] in self.sharded_keys and v.ndim > 0 else v).to(device)
+        # load_state_dict moves moments to each parameter's device and keeps Adam's step where it belongs.
+        state = {i: {key: (v[self.lo:self.hi] if names[i] in self.sharded_keys and v.ndim > 0 else v)
                      for key, v in entries.items()}
                  for i, entries in full_state.items()}
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

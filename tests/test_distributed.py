@@ -148,13 +148,16 @@ def _scenarios(rank, world, out):
             single.b_enc.normal_(0, 0.1)
             single.b_dec.normal_(0, 0.1)
         single.save(str(out / "single.safetensors"))
+        # 7 latents, k = 4: rank 1's 3 latents give fewer than k candidates (padded)
+        TopKSAE(M, 7, K, backend="torch").save(str(out / "narrow.safetensors"))
     torch.distributed.barrier()
-    sharded = sd.load_sharded(out / "single.safetensors").eval()
-    with torch.no_grad():
-        outputs = sharded(x_eval)
-    if rank == 0:
-        torch.save({"x_hat": outputs.x_hat, "top_acts": outputs.top_acts, "top_indices": outputs.top_indices,
-                    "rows": sharded.shard.rows.shape[0]}, out / "resharded.pt")
+    for name in ("single", "narrow"):
+        sharded = sd.load_sharded(out / f"{name}.safetensors").eval()
+        with torch.no_grad():
+            outputs = sharded(x_eval)
+        if rank == 0:
+            torch.save({"x_hat": outputs.x_hat, "top_acts": outputs.top_acts, "top_indices": outputs.top_indices,
+                        "latents": sharded.hi - sharded.lo}, out / f"resharded-{name}.pt")
 
     # one step, counted: latent-sharded with AuxK active, then data parallel; gradients kept for the
     # reference (the top_acts term has a consumer replicated on every rank, unlike the decoder)
@@ -295,10 +298,11 @@ def test_sharded_checkpoint_loads_in_one_process(runs, arch):
     assert torch.equal(sharded["top_indices"][active], out.top_indices[active])
 
 
-def test_single_process_file_reshards_unevenly(runs):
-    single = ExpanderSAE.load(str(runs / "single.safetensors")).eval()
-    sharded = torch.load(runs / "resharded.pt")
-    assert sharded["rows"] == 25  # rank 0 of 49 latents over 2 ranks
+@pytest.mark.parametrize("name, latents", [("single", 25), ("narrow", 4)])
+def test_single_process_file_reshards_unevenly(runs, name, latents):
+    single = (ExpanderSAE if name == "single" else TopKSAE).load(str(runs / f"{name}.safetensors")).eval()
+    sharded = torch.load(runs / f"resharded-{name}.pt")
+    assert sharded["latents"] == latents  # rank 0's share of 49 (or 7) latents over 2 ranks
     with torch.no_grad():
         out = single(torch.randn(10, M, generator=torch.Generator().manual_seed(7)))
     torch.testing.assert_close(sharded["x_hat"], out.x_hat, rtol=1e-5, atol=1e-5)
