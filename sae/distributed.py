@@ -231,7 +231,8 @@ class _SharedInput(torch.autograd.Function):
 
 def _check_no_batch_topk(sae) -> None:
     if getattr(sae, "batch_topk", False):
-        raise NotImplementedError("sae.batch_topk: distributed training supports per-token TopK only, got batch_topk=True")
+        raise NotImplementedError(
+            "sae.batch_topk: distributed training supports per-token TopK only, got batch_topk=True")
 
 
 class DataParallel:
@@ -274,9 +275,9 @@ class DataParallel:
         """This rank's term of the global-batch loss, and the global fvu / auxk_loss / loss.
 
         FVU = sum over all ranks' tokens of ||x - x_hat||^2 over the global total variance (two
-        small all-reduces: the coordinate sums and count, then three scalars). Summing the ranks' gradients
-        of the returned term gives the gradient of the global loss. The model's own AuxK term is
-        normalised by its local variance; it is rescaled to the global one.
+        small all-reduces: the coordinate sums and count, then three scalars). Summing the ranks'
+        gradients of the returned term gives the gradient of the global loss. The model's own AuxK
+        term is normalised by its local variance (or residual); it is renormalised globally.
         """
         m = x.shape[-1]
         flat = x.reshape(-1, m).float()
@@ -285,13 +286,17 @@ class DataParallel:
         mean = stats[:m] / stats[m]
         tiny = torch.finfo(torch.float32).tiny
         local_tv = (flat - flat.mean(0)).pow(2).sum().clamp_min(tiny)
-        error = (x - output.x_hat).reshape(-1, m).pow(2).sum()
-        aux = output.auxk_loss * local_tv if output.auxk_loss is not None else error.new_zeros(())
-        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach().float(), aux.detach().float()])
+        error = (flat - output.x_hat.reshape(-1, m).float()).pow(2).sum()
+        # The model normalised its AuxK term by this rank's variance (or residual): undo, renormalise.
+        residual = getattr(self.sae, "auxk_norm", "variance") == "residual"
+        weight = error.detach().clamp_min(tiny) if residual else local_tv
+        aux = output.auxk_loss * weight if output.auxk_loss is not None else error.new_zeros(())
+        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach(), aux.detach().float()])
         _all_reduce(sums, group=self.group)
-        total_variance = sums[0].clamp_min(tiny)
-        loss = (error + output.auxk_coef * aux) / total_variance
-        fvu, auxk = sums[1] / total_variance, sums[2] / total_variance
+        total_variance = sums[0]
+        aux_norm = sums[1].clamp_min(tiny) if residual else total_variance
+        loss = error / total_variance + output.auxk_coef * aux / aux_norm
+        fvu, auxk = sums[1] / total_variance, sums[2] / aux_norm
         # Dead counters are equal on every rank, so AuxK runs on all of them or on none.
         logged = {"fvu": fvu, "auxk_loss": auxk if output.auxk_loss is not None else None,
                   "loss": fvu + output.auxk_coef * auxk}
@@ -379,14 +384,16 @@ class LatentShardedSAE(nn.Module):
         if hi - lo < 1:
             raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
         full_state = full.state_dict()
-        shard = _build_shard(type(full), full.config(), hi - lo, next(full.parameters()).device)
+        shard = _build_shard(type(full), full.config(), hi - lo, next(full.parameters()).device,
+                             getattr(full, "backend", None))
         keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
         model = cls(shard, type(full), full.config(), keys, group)
         model.load_full_state_dict(full_state)
         return model
 
     @classmethod
-    def create(cls, full_class: type, config: dict, seed: int = 0, group=None, device=None) -> "LatentShardedSAE":
+    def create(cls, full_class: type, config: dict, seed: int = 0, group=None, device=None,
+               backend=None) -> "LatentShardedSAE":
         """A freshly initialised sharded SAE without ever building the full one.
 
         Each rank initialises its latents with the class's own rule (``reset_parameters``) from
@@ -401,12 +408,20 @@ class LatentShardedSAE(nn.Module):
         lo, hi = latent_range(n, rank, world)
         if hi - lo < 1:
             raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
+        rank_seed = seed * 1_000_003 + rank
+        # SAEs that seed their initialisation from config["seed"] get the rank's seed there (and the
+        # configured seed back afterwards; the expander graph is replaced below); others draw from
+        # the global generator.
+        shard_config = dict(config, seed=rank_seed) if "seed" in config else config
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + rank)
-            shard = _build_shard(full_class, config, hi - lo, device)
+            torch.manual_seed(rank_seed)
+            shard = _build_shard(full_class, shard_config, hi - lo, device, backend)
+        if hasattr(shard, "seed"):
+            shard.seed = config.get("seed", 0)
         if "rows" in dict(shard.named_buffers()):
             with torch.no_grad():
-                shard.rows.copy_(expander_mask(config["d_model"], n, config["degree"], seed=config.get("seed", 0))[lo:hi])
+                rows = expander_mask(config["d_model"], n, config["degree"], seed=config.get("seed", 0))
+                shard.rows.copy_(rows[lo:hi])
         return cls(shard, full_class, config, _latent_keys(full_class, config), group)
 
     @torch.no_grad()
@@ -451,14 +466,17 @@ class LatentShardedSAE(nn.Module):
         return dict(self.full_config)
 
     # -- the forward pass -----------------------------------------------------------------------
-    def _merged_topk(self, x_centered: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Global top-k [B, k] (values, global int64 ids) from every shard's k candidates."""
+    def _merged_topk(self, x_centered: Tensor, bias: Tensor, k: int, **encode_options) -> tuple[Tensor, Tensor]:
+        """Global top-k [B, k] (values, global int64 ids) from every shard's k candidates.
+
+        Merged by |value|, as the shards selected them (ReLU codes are >= 0; signed codes are not).
+        """
         n_local = self.hi - self.lo
         k_local = min(k, n_local)
-        acts, idx = self.shard._encode_with(x_centered, bias, k_local)
+        acts, idx = self.shard._encode_with(x_centered, bias, k_local, **encode_options)
         widest = min(k, latent_range(self.n_latents, 0, self.world)[1])
-        if k_local < widest:  # a narrower shard pads with -1: below every ReLU'd candidate
-            acts = torch.cat([acts, acts.new_full((acts.shape[0], widest - k_local), -1.0)], 1)
+        if k_local < widest:  # a narrower shard pads with zero codes: they decode to nothing if chosen
+            acts = torch.cat([acts, acts.new_zeros((acts.shape[0], widest - k_local))], 1)
             idx = torch.cat([idx, idx.new_zeros((idx.shape[0], widest - k_local))], 1)
         # int32 ids halve the bytes; n < 2^31 always holds for a dictionary that exists.
         ids = (idx + self.lo).to(torch.int32 if self.n_latents < 2**31 else torch.int64)
@@ -467,8 +485,8 @@ class LatentShardedSAE(nn.Module):
         B = x_centered.shape[0]
         cand_acts = cand_acts.permute(1, 0, 2).reshape(B, -1)
         cand_ids = cand_ids.permute(1, 0, 2).reshape(B, -1)
-        top_acts, pos = cand_acts.topk(k, dim=-1, sorted=True)
-        return top_acts, cand_ids.gather(-1, pos).long()
+        pos = cand_acts.detach().abs().topk(k, dim=-1, sorted=True).indices
+        return cand_acts.gather(-1, pos), cand_ids.gather(-1, pos).long()
 
     def _decode_partial(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """Sum over ranks of each rank's own latents' atoms: [B, m] without bias."""
@@ -478,10 +496,20 @@ class LatentShardedSAE(nn.Module):
         partial = self.shard._decode_atoms(local_acts, local_ids)
         return _SumPartials.apply(partial, self.group)
 
+    # The model's optional features, read so that SAEs without them (older versions) work too.
+    def _scale_in(self, x: Tensor) -> Tensor:
+        return self.shard._scale_in(x) if hasattr(self.shard, "_scale_in") else x
+
+    def _scale_out(self, x: Tensor) -> Tensor:
+        return self.shard._scale_out(x) if hasattr(self.shard, "_scale_out") else x
+
+    def _dead_threshold(self) -> int:
+        return getattr(self.shard, "_dead_threshold", self.shard.dead_tokens_threshold)
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., m] (the same on every rank) -> (top_acts, top_indices) [..., k], global ids."""
         self.shard._check_input(x)
-        flat = x.reshape(-1, self.d_model)
+        flat = self._scale_in(x).reshape(-1, self.d_model)
         acts, ids = self._merged_topk(flat - _SharedInput.apply(self.shard.b_dec, self.group), self.shard.b_enc,
                                       self.k)
         return acts.reshape(*x.shape[:-1], self.k), ids.reshape(*x.shape[:-1], self.k)
@@ -489,42 +517,48 @@ class LatentShardedSAE(nn.Module):
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         shape = top_acts.shape
         out = self._decode_partial(top_acts.reshape(-1, shape[-1]), top_indices.reshape(-1, shape[-1]))
-        return (out + self.shard.b_dec).reshape(*shape[:-1], self.d_model)
+        return self._scale_out(out + self.shard.b_dec).reshape(*shape[:-1], self.d_model)
 
     def forward(self, x: Tensor):
         """x [..., m], the same on every rank -> ``SAEOutput`` (the full model's loss terms)."""
         from .models import SAEOutput
 
-        self.shard._check_input(x)
-        flat_x = x.reshape(-1, self.d_model)
-        b_dec_shared = _SharedInput.apply(self.shard.b_dec, self.group)  # one [m] all-reduce in backward
-        top_acts, top_indices = self._merged_topk(flat_x - b_dec_shared, self.shard.b_enc, self.k)
-        x_hat = self._decode_partial(top_acts, top_indices) + self.shard.b_dec
-        error = flat_x - x_hat
-        total_variance = (flat_x - flat_x.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        shard = self.shard
+        shard._check_input(x)
+        flat_x = self._scale_in(x).reshape(-1, self.d_model)
+        b_dec_shared = _SharedInput.apply(shard.b_dec, self.group)  # one [m] all-reduce in backward
+        top_acts, top_indices = self._merged_topk(flat_x - b_dec_shared, shard.b_enc, self.k)
+        x_hat = self._decode_partial(top_acts, top_indices) + shard.b_dec
+        # Losses in fp32, as the models compute them.
+        flat_f = flat_x.float()
+        error = flat_f - x_hat.float()
+        total_variance = (flat_f - flat_f.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / total_variance
 
         dead_mask = auxk_loss = auxk_indices = None
         if self.training:
-            dead_mask = self.shard.tokens_since_fired > self.shard.dead_tokens_threshold
+            dead_mask = shard.tokens_since_fired > self._dead_threshold()
             num_dead = int(_all_reduce(dead_mask.sum().reshape(1), group=self.group))
-            if self.shard.auxk and num_dead > 0:
+            if shard.auxk and num_dead > 0:
                 k_aux = min(self.k_aux, num_dead)
-                dead_bias = self.shard.b_enc.masked_fill(~dead_mask, torch.finfo(self.shard.b_enc.dtype).min / 2)
-                aux_acts, auxk_indices = self._merged_topk(flat_x - b_dec_shared, dead_bias, k_aux)
-                error_hat = self._decode_partial(aux_acts, auxk_indices)
-                scale = min(num_dead / self.k_aux, 1.0)
-                auxk_loss = scale * (error_hat - error.detach()).pow(2).sum() / total_variance
+                dead_bias = shard.b_enc.masked_fill(~dead_mask, torch.finfo(shard.b_enc.dtype).min / 2)
+                options = {"signed": False} if hasattr(shard, "signed") else {}  # AuxK codes are ReLU codes
+                aux_acts, auxk_indices = self._merged_topk(flat_x - b_dec_shared, dead_bias, k_aux, **options)
+                sq = (self._decode_partial(aux_acts, auxk_indices).float() - error.detach()).pow(2).sum()
+                if getattr(shard, "auxk_norm", "variance") == "residual":
+                    auxk_loss = sq / error.detach().pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+                else:
+                    auxk_loss = min(num_dead / self.k_aux, 1.0) * sq / total_variance
                 auxk_indices = auxk_indices.reshape(*x.shape[:-1], k_aux)
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
         lead = x.shape[:-1]
-        return SAEOutput(x_hat.reshape(x.shape), top_acts.reshape(*lead, self.k),
+        return SAEOutput(self._scale_out(x_hat).reshape(x.shape), top_acts.reshape(*lead, self.k),
                          top_indices.reshape(*lead, self.k), fvu, auxk_loss, dead_mask, auxk_indices,
-                         self.shard.auxk_coef)
+                         shard.auxk_coef)
 
     @torch.no_grad()
     def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:
-        ids = top_indices.reshape(-1)[top_acts.reshape(-1) > 0]
+        ids = top_indices.reshape(-1)[top_acts.reshape(-1) != 0]
         ids = ids[(ids >= self.lo) & (ids < self.hi)] - self.lo
         counts = self.shard.tokens_since_fired
         counts += num_tokens
@@ -558,7 +592,7 @@ class LatentShardedSAE(nn.Module):
         self.shard.normalize_decoder()
 
     def dead_fraction(self, threshold: Optional[int] = None) -> float:
-        t = self.shard.dead_tokens_threshold if threshold is None else threshold
+        t = self._dead_threshold() if threshold is None else threshold
         dead = (self.shard.tokens_since_fired > t).sum().reshape(1)
         return float(_all_reduce(dead, group=self.group)) / self.n_latents
 
@@ -590,8 +624,10 @@ class LatentShardedSAE(nn.Module):
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _build_shard(full_class: type, full_config: dict, n_local: int, device) -> nn.Module:
+def _build_shard(full_class: type, full_config: dict, n_local: int, device, backend=None) -> nn.Module:
     config = _shard_config(full_config, n_local)
+    if backend is not None and "backend" not in config:
+        config["backend"] = backend  # a runtime choice some versions keep out of config()
     try:
         shard = full_class(**config)
     except ValueError as exc:  # e.g. an expander shard whose n/P * degree < m
@@ -656,6 +692,18 @@ def _local_batches(buffer, batch_size: int, epochs: int, seed: int, start_step: 
         yield buffer[idx].to(device)
 
 
+def _base_lr(cfg, sae, n_latents: int) -> float:
+    if hasattr(cfg, "lr_for"):
+        return cfg.lr_for(sae)
+    return cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)  # sae.train.default_lr
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *, mode: str = "data",
                       resume: bool = False, group=None,
                       on_step: Optional[Callable[[int, dict], None]] = None):
@@ -672,8 +720,7 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
     """
     from tqdm.auto import tqdm
 
-    from .train import CHECKPOINT, METRICS, TrainResult, _lr_at, _write_json, default_lr, load_checkpoint, \
-        save_checkpoint
+    from .train import CHECKPOINT, METRICS, TrainResult, _lr_at, load_checkpoint, save_checkpoint
 
     if mode not in ("data", "latent"):
         raise ValueError(f"mode: expected 'data' or 'latent', got {mode!r}")
@@ -684,11 +731,18 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
     out = Path(out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     if cfg.batch_size > len(buffer):
         raise ValueError(f"batch_size: expected <= the {len(buffer)} activations in the buffer, got {cfg.batch_size}")
-    total = cfg.steps()
+    total = max(1, -(-cfg.total_tokens // cfg.batch_size))
     epochs = -(-total // buffer.steps_per_epoch(cfg.batch_size))
-    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
+    base_lr = _base_lr(cfg, sae.shard if presharded else sae, sae.n_latents)
+    model_with_options = sae.shard if presharded else sae
+    if getattr(model_with_options, "dead_tokens_threshold", 0) is None and hasattr(cfg, "dead_tokens"):
+        model_with_options.dead_tokens_threshold = cfg.dead_tokens()  # as sae.train does
+        if presharded:
+            sae.full_config["dead_tokens_threshold"] = cfg.dead_tokens()
     full_class, ckpt = (sae.full_class if presharded else type(sae)), out / CHECKPOINT
     step, history = 0, []
     if ckpt.exists() and not resume:
