@@ -644,30 +644,55 @@ def _latent_keys(full_class: type, config: dict) -> set:
     return {key for key in a if a[key].shape != b[key].shape}
 
 
-def load_sharded(path: str | os.PathLike, group=None, device="cpu") -> LatentShardedSAE:
-    """Read this rank's latents of an SAE file (``save`` / ``TopKSAE.save``) for any world size.
+def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: bool = True,
+                 backend: Optional[str] = None) -> LatentShardedSAE:
+    """Read this rank's latents of an SAE file (``save``, ``TopKSAE.save``, or a training checkpoint)
+    for any world size.
 
-    Only this rank's rows are read from disk (safetensors slices), never the full dictionary.
+    With ``verify`` (and a file that stores per-tensor SHA-256 sums) each tensor is read whole,
+    checked and sliced, one at a time; ``verify=False`` reads only this rank's rows from disk.
     """
     from safetensors import safe_open
 
-    from .models import ExpanderSAE, TopKSAE
+    from . import models
 
+    classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
     rank, world = _rank_world(group)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-        if "config" not in meta or meta.get("class") not in ("TopKSAE", "ExpanderSAE"):
-            raise ValueError(f"path: {path} is not a TopKSAE/ExpanderSAE file (metadata {sorted(meta)})")
-        full_class = {"TopKSAE": TopKSAE, "ExpanderSAE": ExpanderSAE}[meta["class"]]
-        config = json.loads(meta["config"])
+        if "topk-sae" in meta:  # one JSON record: class, config, per-tensor sha256 (sae.checkpoint)
+            record = json.loads(meta["topk-sae"])
+            class_name, config, sums, prefix = record["class"], record["config"], record.get("sha256", {}), ""
+        elif "class" in meta and "config" in meta:
+            class_name, config, sums, prefix = meta["class"], json.loads(meta["config"]), {}, ""
+        elif "sae_class" in meta and "sae_config" in meta:
+            class_name, config, sums, prefix = meta["sae_class"], json.loads(meta["sae_config"]), {}, "sae."
+        else:
+            raise ValueError(f"path: {path} is not an SAE file of this package (metadata keys {sorted(meta)})")
+        if class_name not in classes:
+            raise ValueError(f"path: {path} holds a {class_name!r}; expected one of {sorted(classes)}")
+        full_class = classes[class_name]
         n = config["n_latents"]
         lo, hi = latent_range(n, rank, world)
-        shard = _build_shard(full_class, config, hi - lo, device)
-        keys = _sharded_keys({k: f.get_slice(k).get_shape() for k in f.keys()}, shard.state_dict(), n)
-        state = {k: (f.get_slice(k)[lo:hi] if k in keys else f.get_tensor(k)) for k in f.keys()}
+        shard = _build_shard(full_class, config, hi - lo, device, backend)
+        names = [k for k in f.keys() if k.startswith(prefix) and not k.startswith("optimizer.")]
+        keys = _sharded_keys({k[len(prefix):]: f.get_slice(k).get_shape() for k in names}, shard.state_dict(), n)
+        state = {}
+        for name in names:
+            key = name[len(prefix):]
+            if verify and name in sums:
+                from .checkpoint import tensor_sha256
+
+                tensor = f.get_tensor(name)
+                if tensor_sha256(tensor) != sums[name]:
+                    raise ValueError(f"path: {path} is corrupt ({name} does not match its stored SHA-256)")
+                state[key] = tensor[lo:hi].clone() if key in keys else tensor
+                del tensor
+            else:
+                state[key] = f.get_slice(name)[lo:hi] if key in keys else f.get_tensor(name)
     with torch.no_grad():
         shard.load_state_dict(state)
-    return LatentShardedSAE(shard.to(device), full_class, config, keys, group)
+    return LatentShardedSAE(shard, full_class, config, keys, group)
 
 
 # ---------------------------------------------------------------------------------------------
