@@ -25,6 +25,7 @@ constraints and checkpoints of ``sae.train``), written so its hooks can move int
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -776,11 +777,14 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
     if resume and ckpt.exists():
         full = full_class(**sae.full_config) if presharded else sae  # on CPU: the checkpoint holds the full model
         full_opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr)
-        step = load_checkpoint(ckpt, full, full_opt)["step"]
+        record = load_checkpoint(ckpt, full, full_opt)
+        step = record["step"]
         if presharded:
             sae.load_full_state_dict(full.state_dict())
         del full
-        if (out / METRICS).exists():
+        if "history" in record:  # checkpoints that carry their history
+            history = [h for h in record["history"] if h["step"] <= step]
+        elif (out / METRICS).exists():
             history = [h for h in json.loads((out / METRICS).read_text()).get("history", []) if h["step"] <= step]
 
     if world > 1:  # every rank must resume from the same checkpoint: several nodes need a shared out_dir
@@ -806,16 +810,21 @@ def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *
     del full_opt
     params = [p for p in model.parameters() if p.requires_grad]
 
+    # Checkpoints that take a record of extras carry the history too, as sae.train writes them.
+    takes_extra = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                      for p in inspect.signature(save_checkpoint).parameters.values())
+
     def save():
+        extra = {"base_lr": base_lr, "history": history} if takes_extra else {}
         if mode == "data":
             if rank == 0:
-                save_checkpoint(ckpt, sae, optimizer, step, step * cfg.batch_size, cfg)
+                save_checkpoint(ckpt, sae, optimizer, step, step * cfg.batch_size, cfg, **extra)
         else:
             full_model, full_state = model.to_model(), model.full_optimizer_state(optimizer)
             if rank == 0:
                 opt = torch.optim.Adam([p for p in full_model.parameters() if p.requires_grad], lr=base_lr)
                 opt.load_state_dict({"state": full_state, "param_groups": opt.state_dict()["param_groups"]})
-                save_checkpoint(ckpt, full_model, opt, step, step * cfg.batch_size, cfg)
+                save_checkpoint(ckpt, full_model, opt, step, step * cfg.batch_size, cfg, **extra)
         if rank == 0:
             _write_json(out / METRICS, {"history": history, "world_size": world, "mode": mode})
         if world > 1:

@@ -431,7 +431,8 @@ buffer = ActivationBuffer(torch.randn(256, 12, generator=torch.Generator().manua
 cfg = TrainConfig(batch_size=32, total_tokens=32 * 6, lr=1e-3, progress=False)
 for mode in ("data", "latent"):
     torch.manual_seed(0)
-    model, _ = train_distributed(TopKSAE(12, 40, 3, backend="torch"), buffer, cfg, out / mode, mode=mode)
+    model, _ = train_distributed(TopKSAE(12, 40, 3, dead_tokens_threshold=10**6, backend="torch"), buffer, cfg,
+                                 out / mode, mode=mode)
     if mode == "latent":
         model.save(out / mode / "sae.safetensors")  # a collective: every rank calls it
     elif rank == 0:
@@ -454,7 +455,7 @@ def test_torchrun_launch_writes_checkpoints_one_process_loads(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for mode in ("data", "latent"):
         model = TopKSAE.load(str(tmp_path / mode / "sae.safetensors"))
-        from_checkpoint = TopKSAE(12, 40, 3, backend="torch")
+        from_checkpoint = TopKSAE(12, 40, 3, dead_tokens_threshold=10**6, backend="torch")
         assert load_checkpoint(tmp_path / mode / CHECKPOINT, from_checkpoint)["step"] == 6
         for name, value in from_checkpoint.state_dict().items():
             assert torch.equal(model.state_dict()[name], value), name
