@@ -3,9 +3,11 @@
 One spawn (module fixture) runs every 2-process scenario and leaves its results on disk; the tests
 compare them with a single-process reference loop written below (same Adam, schedule, clipping and
 decoder constraints as ``sae.train``). Data parallel and latent-sharded training must give the
-single-process losses within 1e-5 relative, step by step, and the same weights; a killed run
-resumes to the same weights; a sharded checkpoint loads in one process and reproduces the outputs;
-and the bytes communicated per step equal the formula, with no [B, n] tensor among them.
+single-process losses within 1e-5 relative, step by step, and the same weights; one step's
+gradients equal one process's; a killed run resumes to the same weights (on 2 processes or on
+one); a sharded checkpoint loads in one process and reproduces the outputs, and a single-process
+file reshards unevenly; the bytes communicated per step equal the formula, with no [B, n] tensor
+among them. A last test launches through torchrun itself.
 """
 
 import functools
