@@ -42,6 +42,31 @@ def _make(arch):
     return ExpanderSAE(M, N, K, degree=DEGREE, seed=3, **kwargs)
 
 
+def _supported_options() -> dict:
+    """The optional model features to test, those this version of sae.models knows."""
+    wanted = {"signed-residual": dict(signed=True, auxk_norm="residual", normalize_activations=True),
+              "normalized-topk": dict(normalize_activations=True)}
+    try:
+        ExpanderSAE(M, N, K, degree=DEGREE, **wanted["signed-residual"])
+    except TypeError:  # a version without these options
+        return {}
+    return wanted
+
+
+_OPTIONS = _supported_options()
+
+
+def _make_optioned(name, x):
+    options = dict(_OPTIONS[name], dead_tokens_threshold=10, backend="torch")
+    sae = ExpanderSAE(M, N, K, degree=DEGREE, seed=2, **options) if name.startswith("signed") else \
+        TopKSAE(M, N, K, **options)
+    sae.init_b_dec(x)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    sae.tokens_since_fired[::2] = 100  # half dead: AuxK on
+    return sae
+
+
 def _buffer():
     return ActivationBuffer(torch.randn(400, M, generator=torch.Generator().manual_seed(1)) * 2 + 0.5)
 
@@ -187,6 +212,28 @@ def _scenarios(rank, world, out):
                  data_grads={name: p.grad.clone() for name, p in sae.named_parameters()},
                  data_counts=sae.tokens_since_fired.clone())
     torch.save(saved, out / f"step.rank{rank}.pt")
+
+    # one step with the models' optional features, where this version of sae.models has them
+    if _OPTIONS:
+        x = _buffer()[list(range(BATCH))]
+        steps = {}
+        for name, options in _OPTIONS.items():
+            sae = _make_optioned(name, x)
+            sharded = sd.LatentShardedSAE.from_model(sae)
+            output = sharded(x)
+            (output.loss + ACTS_PENALTY * output.top_acts.abs().sum()).backward()
+            dp_sae = _make_optioned(name, x)
+            dp = sd.DataParallel(dp_sae)
+            x_local = dp.local_rows(x)
+            loss, logged = dp.objective(x_local, dp_sae(x_local))
+            loss.backward()
+            dp.sum_gradients()
+            steps[name] = {"latent_x_hat": output.x_hat.detach(), "latent_auxk": output.auxk_loss.detach(),
+                           "latent_grads": {n: p.grad.clone() for n, p in sharded.shard.named_parameters()},
+                           "latent_range": (sharded.lo, sharded.hi), "data_fvu": logged["fvu"],
+                           "data_auxk": logged["auxk_loss"],
+                           "data_grads": {n: p.grad.clone() for n, p in dp_sae.named_parameters()}}
+        torch.save(steps, out / f"options.rank{rank}.pt")
 
 
 def _entry(rank, world, port, out):
@@ -461,3 +508,27 @@ def test_torchrun_launch_writes_checkpoints_one_process_loads(tmp_path):
         assert load_checkpoint(tmp_path / mode / CHECKPOINT, from_checkpoint)["step"] == 6
         for name, value in from_checkpoint.state_dict().items():
             assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.skipif(not _OPTIONS, reason="this version of sae.models has no signed / normalised / residual-AuxK SAEs")
+@pytest.mark.parametrize("name", list(_OPTIONS) or ["none"])
+def test_model_options_give_one_process_results(runs, name):
+    x = _buffer()[list(range(BATCH))]
+    sae = _make_optioned(name, x)
+    output = sae(x)
+    (output.loss + ACTS_PENALTY * output.top_acts.abs().sum()).backward()
+    plain = _make_optioned(name, x)
+    plain_output = plain(x)
+    plain_output.loss.backward()
+    for rank in range(WORLD):
+        step = torch.load(runs / f"options.rank{rank}.pt")[name]
+        torch.testing.assert_close(step["latent_x_hat"], output.x_hat.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step["latent_auxk"], output.auxk_loss.detach(), rtol=1e-5, atol=1e-7)
+        lo, hi = step["latent_range"]
+        for n, p in sae.named_parameters():
+            expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
+            torch.testing.assert_close(step["latent_grads"][n], expected, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(step["data_fvu"], plain_output.fvu.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(step["data_auxk"], plain_output.auxk_loss.detach(), rtol=1e-5, atol=0)
+        for n, p in plain.named_parameters():
+            torch.testing.assert_close(step["data_grads"][n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
