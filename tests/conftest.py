@@ -10,20 +10,20 @@ import os
 import zlib
 
 os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TOPK_KERNELS_CPU_BACKEND", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import topk_kernels._dispatch as _dispatch  # noqa: E402
-
-_dispatch.cpu_default_backend = "torch"
 
 # Inputs are drawn fresh from this seed (change it to draw others); each test mixes in its name.
 BASE_SEED = int(os.environ.get("TOPK_TEST_SEED", "0"))
 
 
 def pytest_report_header(config):
-    return f"TOPK_TEST_SEED={BASE_SEED}, TRITON_INTERPRET=1, triton available: {_dispatch.HAS_TRITON}"
+    from topk_kernels._common import HAS_TRITON
+
+    return f"TOPK_TEST_SEED={BASE_SEED}, TRITON_INTERPRET=1, triton available: {HAS_TRITON}"
 
 
 @pytest.fixture(autouse=True)

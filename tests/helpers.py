@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from topk_kernels._dispatch import HAS_TRITON
+from topk_kernels._common import HAS_TRITON
 
 # Per-dtype tolerances relative to the scale of the fp64 reference: one table for every op.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-10}
