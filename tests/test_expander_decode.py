@@ -8,6 +8,8 @@ import torch
 from helpers import BACKENDS, TOL, assert_close
 from topk_kernels import expander_decode, reference
 
+pytestmark = pytest.mark.ops
+
 SHAPES = [  # (leading shape, m, n, d, k)
     ((37,), 100, 999, 7, 17),
     ((5, 7), 33, 129, 5, 5),

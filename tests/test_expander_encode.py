@@ -13,6 +13,8 @@ from topk_kernels._topk import cpu_tile
 
 ee = importlib.import_module("topk_kernels.expander_encode")  # the module; the package exports the function
 
+pytestmark = pytest.mark.ops
+
 SHAPES = [  # (leading shape, m, n, d, k)
     ((33,), 100, 999, 7, 17),  # odd sizes
     ((3, 5), 24, 130, 3, 9),  # a leading shape

@@ -24,8 +24,6 @@ Interface (stable; both encoders import it):
 Triton device functions (call them from ``@triton.jit`` kernels):
   - ``pack_keys(values, ids) -> keys``: fp32 tensor and integer ids of broadcastable shapes ->
     int64 keys.
-  - ``unpack_keys(keys) -> (values, ids)``: int64 keys -> (fp32 values, int64 ids). ``MIN_KEY``
-    unpacks to (NaN, 2**32 - 1): callers never select it when k <= n.
   - ``empty_keys(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64 filled with ``MIN_KEY``: the initial
     running candidates.
   - ``tile_topk_keys(pre, ids, K_PAD) -> [BLOCK_B, K_PAD]`` int64 keys, sorted descending.
@@ -42,7 +40,9 @@ Triton device functions (call them from ``@triton.jit`` kernels):
     tile_topk_keys(pre, ids, K_PAD))``: the one call per tile of a fused encoder's inner loop.
 
 Host side (torch tensors on any device):
-  - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors.
+  - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors
+    (stage 2 unpacks on the host). ``MIN_KEY`` unpacks to (NaN, 2**32 - 1): callers never select
+    it when k <= n.
   - ``merge_candidates(keys, k, out_dtype=torch.float32) -> (top_acts, top_indices)``: stage 2.
     ``keys`` [B, C] int64 candidates (C >= k, at least k of them real per row, e.g. K_PAD per
     latent split); returns the k best per row sorted by descending pre-activation, ``top_acts``
@@ -92,15 +92,6 @@ if HAS_TRITON:
         return (bits.to(tl.int64) << 32) | low
 
     @triton.jit
-    def unpack_keys(keys):
-        """int64 keys -> (fp32 values, int64 latent ids)."""
-        high = (keys >> 32).to(tl.int32)
-        bits = high ^ ((high >> 31) & 0x7FFFFFFF)
-        values = bits.to(tl.float32, bitcast=True)
-        ids = LOW_MASK - (keys & LOW_MASK)
-        return values, ids
-
-    @triton.jit
     def empty_keys(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
         """[BLOCK_B, K_PAD] empty running candidates (every slot MIN_KEY)."""
         return tl.full((BLOCK_B, K_PAD), MIN_KEY, tl.int64)
@@ -147,7 +138,7 @@ def pack_keys_torch(values: Tensor, ids: Tensor) -> Tensor:
 
 
 def unpack_keys_torch(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """int64 keys -> (fp32 values, int64 ids), identical to ``unpack_keys``."""
+    """int64 keys -> (fp32 values, int64 ids): the inverse of ``pack_keys`` (NaN comes back as +NaN)."""
     high = (keys >> 32).int()
     bits = high ^ ((high >> 31) & _MAGNITUDE)
     return bits.view(torch.float32), _LOW_MASK - (keys & _LOW_MASK)
@@ -251,11 +242,16 @@ def cpu_tile(B: int, n: int, tile_elems: int, max_block_n: int, min_block_b: int
     return max(1, block_b), block_n
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (tests/gpu_compile.py substitutes an A100's or H100's count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def latent_splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Latent splits per token block of a fused encoder grid: enough programs to fill the GPU,
     each with >= 1 tile of latents."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * multiprocessor_count(device)
     else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
         target = 4
     splits = max(1, min(n_tiles, -(-target // token_blocks)))

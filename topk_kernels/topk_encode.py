@@ -101,7 +101,7 @@ if HAS_TRITON:
 # BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
 # tile and its bitonic network must stay in registers, so wider K_PAD takes fewer tokens. K_PAD
 # starts at 2: with one candidate, ptxas spilled a few bytes on sm_80 at every shape tried.
-# tests/gpu_compile.py compiles every entry for sm_80 / sm_90 (fp32 and bf16): no spills.
+# tests/gpu_compile.py compiles every entry as launched for sm_80 / sm_90 (fp32, TF32, bf16): no spills.
 ENCODE_CONFIGS = {
     2: (64, 64, 32, 8),
     4: (64, 64, 32, 8),
@@ -142,12 +142,15 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
     precision = "tf32" if (fp32_dot and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    # An exact fp32 dot runs on FMA units: pipelining its loads bought nothing but registers, and
+    # with Triton's default 3 stages ptxas spilled 12-28 bytes at K_PAD=4..128 (tests/gpu_compile.py).
+    num_stages = 1 if (fp32_dot and precision == "ieee") else 3
     _encode_fwd_kernel[(token_blocks, splits)](
         x, weight, bias if bias is not None else x, cand,
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
         K_PAD=k_pad, CAST_FP32=INTERPRET or not (fp32_dot or x.dtype == weight.dtype),
-        INPUT_PRECISION=precision, num_warps=num_warps, **launch_options(),
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
 
