@@ -157,9 +157,16 @@ def check_expander_rows(rows: Tensor, m: int, what: str = "m") -> None:
     lo, hi = (int(v) for v in torch.aminmax(rows))
     if lo < 0 or hi >= m:
         raise IndexError(f"rows: expected every index in [0, {what}={m}), found {lo if lo < 0 else hi}")
-    if rows.shape[1] > 1:
-        ordered = rows.sort(dim=1).values
-        repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    d = rows.shape[1]
+    if d > 1:
+        if d <= 16:  # d(d-1)/2 column comparisons: ~10x faster than a sort along a short dim
+            cols = rows.T.contiguous()
+            repeats = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+            for t in range(1, d):
+                repeats |= (cols[t] == cols[:t]).any(dim=0)
+        else:
+            ordered = rows.sort(dim=1).values
+            repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
         if bool(repeats.any()):
             j = int(repeats.nonzero()[0, 0])
             raise ValueError(

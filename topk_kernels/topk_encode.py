@@ -142,9 +142,12 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
     precision = "tf32" if (fp32_dot and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    # An exact fp32 dot runs on FMA units: pipelining its loads bought nothing but registers, and
-    # with Triton's default 3 stages ptxas spilled 12-28 bytes at K_PAD=4..128 (tests/gpu_compile.py).
-    num_stages = 1 if (fp32_dot and precision == "ieee") else 3
+    num_stages = 3  # Triton's default
+    if fp32_dot and precision == "ieee":
+        # An exact fp32 dot runs on FMA units at the same cost per column whatever the chunk:
+        # with 32-column chunks and Triton's default 3 stages ptxas spilled 8-28 bytes at
+        # K_PAD=4..128 (tests/gpu_compile.py); 16 columns and no pipelining spill none.
+        block_m, num_stages = min(block_m, 16), 1
     _encode_fwd_kernel[(token_blocks, splits)](
         x, weight, bias if bias is not None else x, cand,
         B, N, M, tiles_per_split, splits * k_pad,
