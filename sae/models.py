@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import topk_kernels as tk
-from topk_kernels import check_float
+from topk_kernels._dispatch import check_float
 
 from .layers import SparseDecoder
 from .masks import expander_mask
