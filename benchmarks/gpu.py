@@ -541,6 +541,8 @@ def run_case(case: Case, mach: Machine) -> dict:
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
     _free()
     row.update(ms=ms, mib=mib)
+    if mach.device.type != "cuda":  # a dry run's rates would mean nothing
+        return row
     if case.flops:
         row["tflops"] = case.flops / ms / 1e9
     if case.bytes:
