@@ -27,6 +27,7 @@ roofline (its numbers mean nothing and are labelled so).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
@@ -137,7 +138,9 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item() / scale
 
 
+@functools.lru_cache(maxsize=4)
 def _rows(n: int, m: int, d: int, device) -> torch.Tensor:
+    """The expander graph (drawn once per size: n = 2^20 takes seconds on the host)."""
     from sae.masks import expander_mask
 
     return expander_mask(m, n, d, seed=0).to(device)
