@@ -8,6 +8,8 @@ import torch
 from helpers import BACKENDS, TOL, assert_close
 from topk_kernels import expander_decode, reference
 
+pytestmark = pytest.mark.ops
+
 SHAPES = [  # (leading shape, m, n, d, k)
     ((37,), 100, 999, 7, 17),
     ((5, 7), 33, 129, 5, 5),
@@ -155,9 +157,9 @@ def test_bad_input_raises_naming_the_argument(mutate, err, match, backend):
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_opcheck(use_triton):
     acts, idx, values, rows, bias = _inputs((13,), 24, 40, 5, 6, torch.float32)
-    args = (acts.requires_grad_(), idx, values.requires_grad_(), rows, 24, bias.requires_grad_(), use_triton)
+    args = (acts.requires_grad_(), idx, values.requires_grad_(), rows, 24, bias.requires_grad_(), use_triton, True)
     torch.library.opcheck(torch.ops.topk_kernels.expander_decode.default, args)
-    args = (acts, idx, values, rows, 24, None, use_triton)
+    args = (acts, idx, values, rows, 24, None, use_triton, True)
     torch.library.opcheck(torch.ops.topk_kernels.expander_decode.default, args)
 
 

@@ -7,6 +7,8 @@ import torch
 from helpers import BACKENDS, TOL, assert_close
 from topk_kernels import reference, sparse_decode
 
+pytestmark = pytest.mark.ops
+
 SHAPES = [  # (leading shape, m, n, k)
     ((37,), 100, 1000, 17),
     ((5, 7), 33, 129, 5),
