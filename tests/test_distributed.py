@@ -237,9 +237,6 @@ def _scenarios(rank, world, out):
 
 
 def _entry(rank, world, port, out):
-    import topk_kernels._dispatch as dispatch
-
-    dispatch.cpu_default_backend = "torch"  # the interpreter flag is inherited from the test process
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
