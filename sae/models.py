@@ -1,36 +1,51 @@
 """TopK and Expander sparse autoencoders.
 
 Both share one base class that owns everything that is not the encoder/decoder weights: the
-forward pass and its loss terms (FVU, AuxK), dead-latent tracking, BatchTopK, the config, and
-safetensors checkpoints. Subclasses say only how to encode with a given bias and k, and how to
-decode.
+forward pass and its loss terms (FVU, AuxK), dead-latent tracking, BatchTopK, activation
+normalisation, the config and checkpoints. Subclasses say only how to encode with a given bias
+and k, and how to decode. Each subclass registers itself by name (``SAE_CLASSES``) so a
+checkpoint names its class and ``load_sae`` finds it.
 
 - ``TopKSAE`` (Gao et al. 2024): dense encoder ``W_enc [n, m]`` fused with the top-k
   (``topk_encode``), decoder ``SparseDecoder`` whose rows are kept unit-norm.
 - ``ExpanderSAE`` (Mendoza-Smith 2026): every atom lives on ``degree`` of the ``m`` coordinates fixed
   by an expander graph; stores ``values [n, d]`` and ``rows [n, d]`` only. Atoms are the values
   normalised per latent, and the tied encoder reuses them (``expander_encode`` / ``expander_decode``).
+
+Option defaults (AuxK, dead threshold, BatchTopK, seed, ...) come from ``sae.config.SAEConfig``.
+``backend`` is a runtime choice: it is never saved. Double backward is not supported (the ops
+register first-order gradients only).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 import topk_kernels as tk
-from topk_kernels._dispatch import check_float
+from topk_kernels import check_float
 
+from .config import SAEConfig
 from .layers import SparseDecoder
 from .masks import expander_mask
+
+SAE_CLASSES: dict[str, type] = {}
+"""Registry of SAE classes by name: what a checkpoint's ``class`` field refers to."""
+
+_OPTION_DEFAULTS = SAEConfig().model_options()
+_GAO_DEAD_TOKENS = 10_000_000  # used when no threshold was set and train() never ran
 
 
 @dataclass
 class SAEOutput:
-    """What ``forward`` returns. Shapes: x_hat [..., m]; top_acts, top_indices [..., k]."""
+    """What ``forward`` returns. Shapes: x_hat [..., m]; top_acts, top_indices [..., k].
+
+    ``fvu`` and ``auxk_loss`` are fp32 whatever the SAE's dtype.
+    """
 
     x_hat: Tensor
     top_acts: Tensor
@@ -48,31 +63,60 @@ class SAEOutput:
 
 
 class _SparseCoder(nn.Module):
-    """Shared TopK machinery. Subclasses implement ``_encode_with(x_centered, bias, k)``, ``decode``,
-    ``_decode_atoms(top_acts, top_indices)`` (decode without the bias) and ``decoder_values``."""
+    """Shared TopK machinery. Subclasses set ``arch``, implement ``_encode_with(x_centered, bias, k)``,
+    ``_decode_atoms(top_acts, top_indices)`` (decode without bias), ``_decode_norm`` (with bias),
+    ``_size_config`` and ``decoder_values``, and initialise from ``self._generator()``."""
 
-    def __init__(self, d_model: int, n_latents: int, k: int, *, auxk: bool = True, k_aux: Optional[int] = None,
-                 auxk_coef: float = 1 / 32, dead_tokens_threshold: int = 10_000_000, batch_topk: bool = False,
-                 batch_topk_cap: int = 4, backend: Optional[str] = None):
+    arch = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            SAE_CLASSES[cls.__name__] = cls
+
+    def __init__(self, d_model: int, n_latents: int, k: int, *, backend: Optional[str] = None, **options):
         super().__init__()
         for name, value in (("d_model", d_model), ("n_latents", n_latents), ("k", k)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if k > n_latents:
             raise ValueError(f"k: expected k <= n_latents={n_latents}, got {k}")
+        unknown = set(options) - set(_OPTION_DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown options {sorted(unknown)}; "
+                            f"expected some of {sorted(_OPTION_DEFAULTS)}")
+        opts = {**_OPTION_DEFAULTS, **options}
+        if self.arch != "expander":
+            for name in ("signed", "renorm_values"):
+                if opts[name]:
+                    raise ValueError(f"{name}: only for ExpanderSAE, got {name}=True for {type(self).__name__}")
+        if opts["signed"] and opts["batch_topk"]:
+            raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
-        self.auxk = auxk
-        # Gao et al.: k_aux = d_model / 2, coefficient 1/32, dead after 10M tokens without firing.
-        self.k_aux = min(n_latents, k_aux if k_aux is not None else max(1, d_model // 2))
-        self.auxk_coef = auxk_coef
-        self.dead_tokens_threshold = dead_tokens_threshold
-        self.batch_topk = batch_topk
-        self.batch_topk_cap = batch_topk_cap
-        self.backend = backend
+        for name, value in opts.items():
+            setattr(self, name, value)
+        # Gao et al.: k_aux = d_model / 2.
+        self.k_aux = min(n_latents, self.k_aux if self.k_aux is not None else max(1, d_model // 2))
+        self._backend = backend
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64))
         # BatchTopK's inference threshold: a running mean of the smallest activation kept per batch.
         self.register_buffer("batch_threshold", torch.zeros(()))
         self.register_buffer("batch_threshold_steps", torch.zeros((), dtype=torch.int64))
+        if self.normalize_activations:
+            # x is multiplied by act_scale so that E||x||^2 = d_model; outputs are divided back.
+            self.register_buffer("act_scale", torch.ones(()))
+
+    @property
+    def backend(self) -> Optional[str]:
+        """Which op implementation to force (None: by device). A runtime choice, never saved."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._backend = value
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = value
 
     # -- to implement ---------------------------------------------------------------------------
     def _encode_with(self, x_centered: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -81,7 +125,10 @@ class _SparseCoder(nn.Module):
     def _decode_atoms(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+    def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _size_config(self) -> dict:
         raise NotImplementedError
 
     @property
@@ -89,14 +136,31 @@ class _SparseCoder(nn.Module):
         """Learned decoder values stored (n*m dense, n*d expander)."""
         raise NotImplementedError
 
+    # -- config ---------------------------------------------------------------------------------
     def config(self) -> dict:
-        raise NotImplementedError
+        """Every constructor argument but device/dtype/backend, defaults included: ``type(self)(**config())``
+        rebuilds this SAE."""
+        opts = {name: getattr(self, name) for name in _OPTION_DEFAULTS}
+        return {**self._size_config(), **opts}
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
 
     # -- shared ---------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
         check_float("x", x)
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if x.device.type == "cpu" and x.numel():  # on CUDA the trainer's device-side flag catches it
+            lo, hi = torch.aminmax(x.detach())
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+                raise ValueError(f"x: expected finite activations, found {'nan' if torch.isnan(x).any() else 'inf'}")
+
+    def _scale_in(self, x: Tensor) -> Tensor:
+        return x * self.act_scale.to(x.dtype) if self.normalize_activations else x
+
+    def _scale_out(self, x: Tensor) -> Tensor:
+        return x / self.act_scale.to(x.dtype) if self.normalize_activations else x
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., m] -> (top_acts, top_indices) [..., k], sorted by descending pre-activation.
@@ -105,6 +169,9 @@ class _SparseCoder(nn.Module):
         (the rest get activation 0), so the number of active latents varies per token.
         """
         self._check_input(x)
+        return self._encode_norm(self._scale_in(x))
+
+    def _encode_norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_centered = x - self.b_dec
         if not self.batch_topk:
             return self._encode_with(x_centered, self.b_enc, self.k)
@@ -113,6 +180,10 @@ class _SparseCoder(nn.Module):
         if self.training:
             return self._batch_select(acts, idx)
         return acts * (acts > self.batch_threshold), idx
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """[..., k] activations and indices -> x_hat [..., m]."""
+        return self._scale_out(self._decode_norm(top_acts, top_indices))
 
     def _batch_select(self, acts: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         """BatchTopK (Bussmann et al. 2024): keep the B*k largest activations over the batch.
@@ -131,25 +202,35 @@ class _SparseCoder(nn.Module):
                 self.batch_threshold_steps.copy_(steps)
         return acts * keep, idx
 
+    @property
+    def _dead_threshold(self) -> int:
+        return _GAO_DEAD_TOKENS if self.dead_tokens_threshold is None else self.dead_tokens_threshold
+
     def forward(self, x: Tensor) -> SAEOutput:
         """x [..., m] -> SAEOutput. In training mode also updates dead-latent counters."""
-        top_acts, top_indices = self.encode(x)
-        x_hat = self.decode(top_acts, top_indices)
-        flat_x = x.reshape(-1, self.d_model)
-        error = (x - x_hat).reshape(-1, self.d_model)
-        total_variance = (flat_x - flat_x.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        self._check_input(x)
+        xn = self._scale_in(x)
+        top_acts, top_indices = self._encode_norm(xn)
+        xn_hat = self._decode_norm(top_acts, top_indices)
+        # Losses in fp32: fp16 squares of LLM-scale activations (~300) overflow.
+        flat_x = xn.reshape(-1, self.d_model).float()
+        error = flat_x - xn_hat.reshape(-1, self.d_model).float()
+        # A batch of identical activations has zero variance: FVU is then undefined (inf or nan), and
+        # the trainer stops on it rather than training on a meaningless loss.
+        total_variance = (flat_x - flat_x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / total_variance
 
         dead_mask = auxk_loss = auxk_indices = None
         if self.training:
-            dead_mask = self.tokens_since_fired > self.dead_tokens_threshold
+            dead_mask = self.tokens_since_fired > self._dead_threshold
             num_dead = int(dead_mask.sum())
             if self.auxk and num_dead > 0:
-                auxk_loss, auxk_indices = self._auxk_loss(x, error.detach(), dead_mask, num_dead, total_variance)
+                auxk_loss, auxk_indices = self._auxk_loss(xn, error.detach(), dead_mask, num_dead, total_variance)
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
-        return SAEOutput(x_hat, top_acts, top_indices, fvu, auxk_loss, dead_mask, auxk_indices, self.auxk_coef)
+        return SAEOutput(self._scale_out(xn_hat), top_acts, top_indices, fvu, auxk_loss, dead_mask, auxk_indices,
+                         self.auxk_coef)
 
-    def _auxk_loss(self, x, error, dead_mask, num_dead, total_variance):
+    def _auxk_loss(self, xn, error, dead_mask, num_dead, total_variance):
         """Gao et al.'s AuxK: the top k_aux dead latents reconstruct the residual x - x_hat.
 
         Dead-only selection reuses the fused encoder: live latents get a bias so negative (half the
@@ -157,28 +238,37 @@ class _SparseCoder(nn.Module):
         """
         k_aux = min(self.k_aux, num_dead)
         dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
-        aux_acts, aux_idx = self._encode_with(x - self.b_dec, dead_bias, k_aux)
-        error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model)
+        aux_acts, aux_idx = self._encode_with(xn - self.b_dec, dead_bias, k_aux, signed=False)
+        error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).float()
+        sq = (error_hat - error).pow(2).sum()
+        if self.auxk_norm == "residual":  # Gao et al.: relative to the residual's own size
+            return sq / error.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny), aux_idx
         scale = min(num_dead / self.k_aux, 1.0)  # fewer dead latents than k_aux: weigh the term down
-        loss = scale * (error_hat - error).pow(2).sum() / total_variance
-        return loss, aux_idx
+        return scale * sq / total_variance, aux_idx
 
     @torch.no_grad()
     def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:
-        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=top_indices.device)
-        fired[top_indices.reshape(-1)[top_acts.reshape(-1) > 0]] = True
-        self.tokens_since_fired += num_tokens
-        self.tokens_since_fired[fired] = 0
+        # A scatter, not boolean indexing: no data-dependent shape, so no host sync on CUDA.
+        hits = torch.zeros(self.n_latents, dtype=torch.int32, device=top_indices.device)
+        hits.index_add_(0, top_indices.reshape(-1), (top_acts.reshape(-1) != 0).to(torch.int32))
+        self.tokens_since_fired.add_(num_tokens).masked_fill_(hits > 0, 0)
 
     def dead_fraction(self, threshold: Optional[int] = None) -> float:
-        t = self.dead_tokens_threshold if threshold is None else threshold
+        t = self._dead_threshold if threshold is None else threshold
         return float((self.tokens_since_fired > t).float().mean())
 
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor, method: str = "median") -> None:
-        """Set b_dec from a data sample [N, m]: its coordinate-wise median or mean."""
+        """Set b_dec from a data sample [N, m]: its coordinate-wise median or mean.
+
+        With ``normalize_activations`` it first sets ``act_scale`` so that E||x * act_scale||^2 = m.
+        """
         self._check_input(sample)
         flat = sample.reshape(-1, self.d_model).float()
+        if self.normalize_activations:
+            mean_sq = flat.pow(2).sum(-1).mean().clamp_min(torch.finfo(torch.float32).tiny)
+            self.act_scale.fill_(math.sqrt(self.d_model / float(mean_sq)))
+            flat = flat * self.act_scale
         if method == "median":
             value = flat.median(0).values
         elif method == "mean":
@@ -188,7 +278,7 @@ class _SparseCoder(nn.Module):
         self.b_dec.copy_(value.to(self.b_dec.dtype))
 
     # Decoder constraints the trainer calls; the TopK SAE overrides them, an Expander SAE's atoms
-    # are normalised by construction so there is nothing to do.
+    # are normalised by construction.
     def remove_parallel_grads(self, indices: Optional[Tensor] = None) -> None:
         """Remove from each decoder row's gradient its component along the row (rows ``indices``)."""
 
@@ -197,47 +287,43 @@ class _SparseCoder(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """safetensors file with every parameter and buffer, and the config as metadata."""
-        from safetensors.torch import save_file
+        """One safetensors file in our checkpoint format (``sae.checkpoint``); ``load_sae`` reads it."""
+        from .checkpoint import save_sae
 
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, path, metadata={"config": json.dumps(self.config()), "class": type(self).__name__})
+        save_sae(self, path)
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> "_SparseCoder":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Load a file written by ``save`` (or a training checkpoint); refuses another class."""
+        from .checkpoint import load_sae
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" not in meta:
-            raise ValueError(f"path: {path} is not an SAE checkpoint (no config in its metadata)")
-        kind = {c.__name__: c for c in (TopKSAE, ExpanderSAE)}.get(meta.get("class"), cls)
-        if cls is not _SparseCoder and kind is not cls:
-            raise ValueError(f"path: expected a {cls.__name__} checkpoint, got {meta.get('class')}")
-        model = kind(**json.loads(meta["config"]))
-        model.load_state_dict(load_file(path, device=device))
-        return model.to(device)
+        model = load_sae(path, device=device)
+        if cls is not _SparseCoder and not isinstance(model, cls):
+            raise ValueError(f"path: expected a {cls.__name__} checkpoint, got {type(model).__name__}")
+        return model
 
 
 class TopKSAE(_SparseCoder):
     """TopK SAE with a fused encoder and a sparse-gather decoder.
 
     Parameters: ``W_enc [n, m]``, ``b_enc [n]``, ``decoder.weight [n, m]`` (W_dec) and
-    ``decoder.bias [m]`` (b_dec). Tied initialisation: unit-norm decoder rows, W_enc = W_dec.
+    ``decoder.bias [m]`` (b_dec). Tied initialisation (seeded by ``seed``): unit-norm decoder rows,
+    W_enc = W_dec.
     """
 
-    def __init__(self, d_model: int, n_latents: int, k: int, *, device=None, dtype=None, **kwargs):
-        super().__init__(d_model, n_latents, k, **kwargs)
+    arch = "topk"
+
+    def __init__(self, d_model: int, n_latents: int, k: int, *, device=None, dtype=None,
+                 backend: Optional[str] = None, **options):
+        super().__init__(d_model, n_latents, k, backend=backend, **options)
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
-        self.decoder = SparseDecoder(n_latents, d_model, device=device, dtype=dtype, backend=self.backend)
-        self._kwargs = kwargs
+        self.decoder = SparseDecoder(n_latents, d_model, device=device, dtype=dtype, backend=backend)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        w = torch.randn(self.n_latents, self.d_model, device=self.W_enc.device)
+        w = torch.randn(self.n_latents, self.d_model, generator=self._generator())
         w /= w.norm(dim=1, keepdim=True)
         self.decoder.weight.copy_(w)
         self.W_enc.copy_(w)
@@ -256,17 +342,16 @@ class TopKSAE(_SparseCoder):
     def decoder_values(self) -> int:
         return self.n_latents * self.d_model
 
-    def config(self) -> dict:
-        return dict(d_model=self.d_model, n_latents=self.n_latents, k=self.k, **self._kwargs)
+    def _size_config(self) -> dict:
+        return dict(d_model=self.d_model, n_latents=self.n_latents, k=self.k)
 
-    def _encode_with(self, x_centered, bias, k):
+    def _encode_with(self, x_centered, bias, k, signed=None):
         return tk.topk_encode(x_centered, self.W_enc, bias, k, backend=self.backend)
 
     def _decode_atoms(self, top_acts, top_indices):
         return tk.sparse_decode(top_acts, top_indices, self.W_dec, backend=self.backend)
 
-    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """[..., k] activations and indices -> x_hat [..., m]."""
+    def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return self.decoder(top_acts, top_indices)
 
     @torch.no_grad()
@@ -287,30 +372,40 @@ class TopKSAE(_SparseCoder):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
 
 
+def _check_loaded_rows(module: "ExpanderSAE", incompatible_keys) -> None:
+    tk.check_expander_rows(module.rows, module.d_model)
+
+
 class ExpanderSAE(_SparseCoder):
     """Expander SAE trained in compact form.
 
     ``values [n, d]`` (Parameter) and ``rows [n, d]`` (buffer, from ``expander_mask(m, n, d, seed)``);
     atom j has ``values[j] / ||values[j]||`` at coordinates ``rows[j]`` (the paper's column
     normalisation). ``tied=True`` encodes with the same normalised atoms; ``tied=False`` adds
-    separate ``enc_values [n, d]`` on the same support.
+    separate ``enc_values [n, d]`` on the same support. ``signed=True`` keeps the k latents of largest
+    |pre-activation| with their sign (no ReLU), as the paper does.
     """
 
+    arch = "expander"
+
     def __init__(self, d_model: int, n_latents: int, k: int, degree: int, seed: int = 0, tied: bool = True, *,
-                 device=None, dtype=None, **kwargs):
-        super().__init__(d_model, n_latents, k, **kwargs)
-        self.degree, self.seed, self.tied = degree, seed, tied
+                 device=None, dtype=None, backend: Optional[str] = None, **options):
+        super().__init__(d_model, n_latents, k, backend=backend, seed=seed, **options)
+        self.degree, self.tied = degree, tied
         self.register_buffer("rows", expander_mask(d_model, n_latents, degree, seed=seed).to(device))
+        # rows are checked here and after every state-dict load, so the ops can skip the per-call check
+        # (on CUDA that check would be a host sync per call).
+        tk.check_expander_rows(self.rows, d_model)
+        self.register_load_state_dict_post_hook(_check_loaded_rows)
         self.values = nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))
         self.enc_values = None if tied else nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
-        self._kwargs = kwargs
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        v = torch.randn(self.n_latents, self.degree, device=self.values.device)
+        v = torch.randn(self.n_latents, self.degree, generator=self._generator())
         v /= v.norm(dim=1, keepdim=True)
         self.values.copy_(v)
         if self.enc_values is not None:
@@ -322,9 +417,8 @@ class ExpanderSAE(_SparseCoder):
     def decoder_values(self) -> int:
         return self.n_latents * self.degree
 
-    def config(self) -> dict:
-        return dict(d_model=self.d_model, n_latents=self.n_latents, k=self.k, degree=self.degree,
-                    seed=self.seed, tied=self.tied, **self._kwargs)
+    def _size_config(self) -> dict:
+        return dict(d_model=self.d_model, n_latents=self.n_latents, k=self.k, degree=self.degree, tied=self.tied)
 
     def atoms(self) -> Tensor:
         """[n, d] unit-norm atom values (column normalisation of the masked dictionary)."""
@@ -334,16 +428,33 @@ class ExpanderSAE(_SparseCoder):
     def _encoder_values(self) -> Tensor:
         return self.atoms() if self.enc_values is None else self.enc_values
 
-    def _encode_with(self, x_centered, bias, k):
-        return tk.expander_encode(x_centered, self._encoder_values(), self.rows, bias, k, backend=self.backend)
+    def _encode_with(self, x_centered, bias, k, signed=None):
+        values = self._encoder_values()
+        pos_acts, pos_idx = tk.expander_encode(x_centered, values, self.rows, bias, k, backend=self.backend,
+                                               check_rows=False)
+        if not (self.signed if signed is None else signed):
+            return pos_acts, pos_idx
+        # The k largest |pre| are among the top k of pre and the top k of -pre: encode both, merge.
+        neg_acts, neg_idx = tk.expander_encode(x_centered, -values, self.rows, -bias, k, backend=self.backend,
+                                               check_rows=False)
+        acts = torch.cat([pos_acts, -neg_acts], -1)
+        idx = torch.cat([pos_idx, neg_idx], -1)
+        order = acts.detach().abs().topk(k, dim=-1).indices
+        return acts.gather(-1, order), idx.gather(-1, order)
 
     def _decode_atoms(self, top_acts, top_indices):
-        return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend)
+        return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend,
+                                  check_rows=False)
 
-    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """[..., k] activations and indices -> x_hat [..., m]."""
+    def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, self.b_dec,
-                                  backend=self.backend)
+                                  backend=self.backend, check_rows=False)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """With ``renorm_values``: rescale ``values`` to unit norm per latent (the atoms do not change)."""
+        if self.renorm_values:
+            self.values.div_(self.values.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.values.dtype).eps))
 
     def dense_decoder(self) -> Tensor:
         """[n, m] dense dictionary with the atoms on their supports (for checks and export)."""

@@ -43,6 +43,80 @@ def tiny_model(tmp_path_factory):
     return root
 
 
+def _env(tmp_path):
+    import os
+
+    env = dict(os.environ, TOPK_SAE_DATA=str(tmp_path / "data"))
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _train_cmd(tiny_model, out, *extra):
+    return [sys.executable, "-m", "sae", "train", "--model", str(tiny_model / "model"), "--text",
+            str(tiny_model / "corpus.txt"), "--layer", "1", "--ctx-len", "32", "--eval-contexts", "2", "--expansion",
+            "2", "--k", "4", "--tokens", "2048", "--batch-size", "128", "--checkpoint-every", "4", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def test_two_identical_runs_give_bit_identical_saes_and_resume_checks_settings(tiny_model, tmp_path):
+    env = _env(tmp_path)
+    for name in ("a", "b"):
+        proc = subprocess.run(_train_cmd(tiny_model, tmp_path / name, "--seed", "3"), capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "a" / "sae.safetensors").read_bytes() == (tmp_path / "b" / "sae.safetensors").read_bytes()
+    row = json.loads((tmp_path / "a" / "row.json").read_text())
+    assert row["tokens_trained"] == 2048 and row["seed"] == 3
+    # resuming the finished run with another batch size is refused before the model loads
+    proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "a", "--seed", "3", "--batch-size", "64"),
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "--batch-size 128 -> 64" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_second_trainer_on_one_out_exits_at_once(tiny_model, tmp_path):
+    import textwrap
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from sae.rundir import RunLock
+        lock = RunLock({str(tmp_path / "run")!r}).__enter__()
+        print("held", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "run"), capture_output=True, text=True, timeout=60,
+                              env=_env(tmp_path))
+        assert proc.returncode == 1 and f"in use by process {holder.pid}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and time.perf_counter() - t0 < 30
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path):
+    import signal
+    import time
+
+    cmd = _train_cmd(tiny_model, tmp_path / "run")
+    cmd[cmd.index("--tokens") + 1] = "100000000"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    for line in proc.stdout:  # wait until training runs
+        if "training activations ready" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted at step" in last and "resume with: python -m sae train" in last, last
+
+
 def test_frontier_end_to_end(tiny_model, tmp_path):
     env_data = tmp_path / "data"
     cmd = [sys.executable, "-m", "sae", "frontier", "--model", str(tiny_model / "model"),
@@ -56,7 +130,9 @@ def test_frontier_end_to_end(tiny_model, tmp_path):
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads((tmp_path / "results" / "frontier.json").read_text())["rows"]
+    published = json.loads((tmp_path / "results" / "frontier.json").read_text())
+    assert published["complete"]
+    rows = published["rows"]
     assert [(r["arch"], r["degree"]) for r in rows] == [("topk", 32), ("expander", 3)]
     fields = {"model", "layer", "arch", "n_latents", "k", "degree", "decoder_values", "tokens_trained", "fvu",
               "rel_err", "dead_fraction", "ce_clean", "ce_zero", "ce_sae", "ce_recovered"}
@@ -68,3 +144,11 @@ def test_frontier_end_to_end(tiny_model, tmp_path):
     # A second run finds every SAE done and rewrites the same rows.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.count("done earlier") == 2
+    assert "SAE 1 of 2" in proc.stdout and "SAE 2 of 2" in proc.stdout
+    # without --out or --publish nothing is written outside the run directory
+    cwd = tmp_path / "checkout"
+    cwd.mkdir()
+    cmd = cmd[: cmd.index("--out")] + ["--runs", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []

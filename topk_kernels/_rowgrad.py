@@ -21,23 +21,21 @@ in the output's dtype:
    order (deterministic by construction).
 
 No atomics, no [n, m] fp32 intermediate (scratch is [2 * ceil(nnz / CHUNK), C]), bit-identical
-results across runs. Entries whose latent lies outside [0, n) sort outside ``[bounds[0],
-bounds[n])`` and are never touched; gathered rows outside [0, m) are masked; with
-``TOPK_KERNELS_DEBUG=1`` both are ``tl.device_assert``-ed.
+results across runs. The index contract of :mod:`topk_kernels._common` holds: entries whose latent
+lies outside [0, n) sort outside ``[bounds[0], bounds[n])`` and are never touched (their
+activation gradient is 0); gathered rows outside [0, m) are masked; with ``TOPK_KERNELS_DEBUG=1``
+both are ``tl.device_assert``-ed. Every launch passes ``**launch_options()``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._dispatch import HAS_TRITON, INTERPRET
+from ._common import HAS_TRITON, launch_options, on_device, pow2
 
 if HAS_TRITON:
     import triton
@@ -48,7 +46,7 @@ if HAS_TRITON:
         src_ptr, scale_ptr, sorted_ptr, order_ptr, bounds_ptr, atom_ptr, cols_ptr,
         out_ptr, part_ptr, gscale_ptr,
         N, M, C, K, CHUNK,
-        GATHER: tl.constexpr, FUSE_ACTS: tl.constexpr, DEBUG: tl.constexpr, BLOCK_C: tl.constexpr,
+        GATHER: tl.constexpr, FUSE_ACTS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """out[j, c] = sum over sorted entries e of latent j: scale[e] * src[token(e), col(j, c)],
         col = c, or cols[j, c] with GATHER; chunk-cut rows go to part; FUSE_ACTS also writes
@@ -77,8 +75,7 @@ if HAS_TRITON:
                 if GATHER:  # this latent's columns, loaded once per segment
                     col = tl.load(cols_ptr + row + offs_c, mask=mask_c, other=0).to(tl.int64)
                     live = mask_c & (col >= 0) & (col < M)
-                    if DEBUG:
-                        tl.device_assert(live | ~mask_c, "rows: expected every row in [0, m)")
+                    tl.device_assert(live | ~mask_c, "rows: expected every row in [0, m)")
                 if FUSE_ACTS:
                     atom = tl.load(atom_ptr + row + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             e = tl.load(order_ptr + i)
@@ -101,16 +98,15 @@ if HAS_TRITON:
     def _rowgrad_finish_kernel(
         bounds_ptr, part_ptr, out_ptr,
         N, C, NNZ, CHUNK,
-        DEBUG: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Rows of latents [pid*ROWS, (pid+1)*ROWS): zeros where inactive, the ordered sum of the
         partial rows where a chunk edge cut the segment; rows the chunk kernel wrote are left."""
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         lo = tl.load(bounds_ptr)
-        if DEBUG:
-            hi = tl.load(bounds_ptr + N)
-            tl.device_assert((lo == 0) & (hi == NNZ), "top_indices: expected every index in [0, n)")
+        hi = tl.load(bounds_ptr + N)  # dead unless TOPK_KERNELS_DEBUG=1 keeps the assertion
+        tl.device_assert((lo == 0) & (hi == NNZ), "top_indices: expected every index in [0, n)")
         for r in range(ROWS):
             j = tl.program_id(0).to(tl.int64) * ROWS + r
             in_range = j < N
@@ -135,29 +131,12 @@ FINISH_BLOCK_C = 1024
 
 def block_c(C: int) -> int:
     """Column block of the chunk kernel: the whole row up to MAX_BLOCK_C."""
-    return min(MAX_BLOCK_C, max(16, 1 << max(0, (C - 1).bit_length())))
+    return pow2(C, lo=16, hi=MAX_BLOCK_C)
 
 
 def chunk_warps(block: int) -> int:
     """One warp per 512 columns (16 fp32 per thread), 1 to 8."""
     return max(1, min(8, block // 512))
-
-
-def _launch_options() -> dict:
-    """``debug=True`` under ``TOPK_KERNELS_DEBUG=1`` (read at every launch): turns the kernels'
-    ``tl.device_assert`` on. The interpreter ignores a launch's flag, so there it goes to its builder."""
-    debug = os.environ.get("TOPK_KERNELS_DEBUG", "0") == "1"
-    if INTERPRET:
-        from triton.runtime import interpreter
-
-        builder = interpreter.interpreter_builder
-        if builder.options.debug != debug:
-            builder.options = dataclasses.replace(builder.options, debug=debug)
-    return {"debug": debug}
-
-
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -243,22 +222,22 @@ def row_grad(
     gscale = torch.zeros(B, K, device=src.device, dtype=gscale_dtype) if fuse else None
     if n == 0 or width == 0:
         return out, gscale
-    options = _launch_options()
+    options = launch_options()
     chunks = triton.cdiv(nnz, CHUNK)
     part = torch.empty(2 * chunks, width, device=src.device, dtype=torch.float32)
-    with _on_device(src.device):
+    with on_device(src.device):
         if nnz:
             _rowgrad_chunk_kernel[(chunks, triton.cdiv(width, block))](
                 src, scale, plan.sorted_latents, plan.order, plan.bounds,
                 atom if fuse else src, cols if cols is not None else plan.order,
                 out, part, gscale if fuse else scale,
                 n, M, width, K, CHUNK,
-                GATHER=cols is not None, FUSE_ACTS=fuse, DEBUG=options["debug"], BLOCK_C=block,
+                GATHER=cols is not None, FUSE_ACTS=fuse, BLOCK_C=block,
                 num_warps=chunk_warps(block), **options,
             )
         finish_block = min(FINISH_BLOCK_C, block)
         _rowgrad_finish_kernel[(triton.cdiv(n, FINISH_ROWS), triton.cdiv(width, finish_block))](
             plan.bounds, part, out, n, width, nnz, CHUNK,
-            DEBUG=options["debug"], ROWS=FINISH_ROWS, BLOCK_C=finish_block, **options,
+            ROWS=FINISH_ROWS, BLOCK_C=finish_block, **options,
         )
     return out, gscale

@@ -1,0 +1,17 @@
+"""Exceptions the trainer raises and the CLI reports, importable without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinity; nothing from that step on was written."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train()``: ``step`` reached, ``checkpoint_step`` saved in ``out_dir``."""
+
+    def __init__(self, step: int, total: int, checkpoint_step: int, out_dir: Path):
+        super().__init__(f"stopped at step {step} of {total}; last checkpoint at step {checkpoint_step} in {out_dir}")
+        self.step, self.total, self.checkpoint_step, self.out_dir = step, total, checkpoint_step, out_dir

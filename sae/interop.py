@@ -1,0 +1,208 @@
+"""SAEs saved by SAELens and sparsify, in and out.
+
+- SAELens (``SAE.save_model``): a folder with ``cfg.json`` (``architecture`` "topk", ``d_in``,
+  ``d_sae``, ``k``, ``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm``,
+  ``normalize_activations``, ...) and ``sae_weights.safetensors`` (``W_enc [m, n]``,
+  ``W_dec [n, m]``, ``b_enc [n]``, ``b_dec [m]``). Its TopK SAE computes
+  ``pre = ((x - a * b_dec) @ W_enc + b_enc) * r``, keeps the top k, ReLU, and decodes
+  ``(acts / r) @ W_dec + b_dec``, with ``a = apply_b_dec_to_input`` and ``r = ||W_dec_j||`` when
+  ``rescale_acts_by_decoder_norm`` (else 1). Both settings fold exactly into a ``TopKSAE``.
+- sparsify (``SparseCoder.save_to_disk``): a folder with ``cfg.json`` (``activation``, ``k``,
+  ``num_latents`` / ``expansion_factor``, ``d_in``, ``skip_connection``, ``transcode``, ...) and
+  ``sae.safetensors`` (``encoder.weight [n, m]``, ``encoder.bias [n]``, ``W_dec [n, m]``,
+  ``b_dec [m]``). It computes ``topk(relu((x - b_dec) @ encoder.weight.T + encoder.bias))``,
+  decoded as ``acts @ W_dec + b_dec``: a ``TopKSAE`` as is.
+
+Settings a ``TopKSAE`` cannot represent (other architectures, per-token input normalisation,
+skip connections, transcoders, signed codes) are refused with ``UnsupportedPeerFormat``.
+Export writes ours in either layout; an ``ExpanderSAE`` is exported as its dense dictionary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .rundir import atomic_write, write_json
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+CFG = "cfg.json"
+
+
+class UnsupportedPeerFormat(ValueError):
+    """A peer SAE whose settings a TopKSAE cannot represent (or ours, for a peer's format)."""
+
+
+def detect(path: str | os.PathLike) -> Optional[str]:
+    """"saelens", "sparsify" or None for a folder."""
+    path = Path(path)
+    if not (path / CFG).is_file():
+        return None
+    if (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (path / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify"
+    return None
+
+
+def load(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):
+    """A ``TopKSAE`` computing the same function as the peer SAE saved in folder ``path``."""
+    kind = detect(path)
+    if kind is None:
+        raise FileNotFoundError(f"path: {path} holds neither SAELens ({CFG} + {SAELENS_WEIGHTS}) nor sparsify "
+                                f"({CFG} + {SPARSIFY_WEIGHTS}) files")
+    sae = (load_saelens if kind == "saelens" else load_sparsify)(path)
+    return sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
+
+
+def _read(path: Path, weights: str) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / CFG).read_text())
+    return cfg, load_file(str(path / weights))
+
+
+def _expect_keys(tensors: dict, want: set, where: str) -> None:
+    extra, missing = set(tensors) - want, want - set(tensors)
+    if missing:
+        raise UnsupportedPeerFormat(f"{where}: missing tensors {sorted(missing)}")
+    if extra:
+        raise UnsupportedPeerFormat(f"{where}: tensors {sorted(extra)} have no counterpart in a TopKSAE")
+
+
+def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int):
+    """A TopKSAE holding these weights (W_enc [n, m]); computed in fp64, stored in W_dec's dtype."""
+    from .models import TopKSAE
+
+    n, m = W_dec.shape
+    sae = TopKSAE(m, n, k, dtype=W_dec.dtype)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+    return sae
+
+
+def load_saelens(path: str | os.PathLike):
+    path = Path(path)
+    cfg, t = _read(path, SAELENS_WEIGHTS)
+    where = f"SAELens cfg {path / CFG}"
+    arch = cfg.get("architecture")
+    act = cfg.get("activation_fn") or cfg.get("activation_fn_str")
+    if arch == "topk" or (arch in (None, "standard") and act == "topk"):
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    else:
+        raise UnsupportedPeerFormat(f"{where}: architecture {arch!r} (activation {act!r}) is not a TopK SAE; "
+                                    f"only 'topk' can be represented")
+    if not isinstance(k, int) or k < 1:
+        raise UnsupportedPeerFormat(f"{where}: expected a positive int k, got {k!r}")
+    norm = cfg.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise UnsupportedPeerFormat(f"{where}: normalize_activations={norm!r} cannot be represented (only 'none'; "
+                                    f"fold a constant scaling factor into the weights first)")
+    _expect_keys(t, {"W_enc", "W_dec", "b_enc", "b_dec"}, f"SAELens weights {path / SAELENS_WEIGHTS}")
+    W_enc, W_dec, b_enc, b_dec = (t[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    if W_enc.shape != (cfg["d_in"], cfg["d_sae"]) or W_dec.shape != (cfg["d_sae"], cfg["d_in"]):
+        raise UnsupportedPeerFormat(f"{where}: expected W_enc [d_in, d_sae] and W_dec [d_sae, d_in] for d_in="
+                                    f"{cfg['d_in']}, d_sae={cfg['d_sae']}; got {tuple(W_enc.shape)}, "
+                                    f"{tuple(W_dec.shape)}")
+    if not cfg.get("apply_b_dec_to_input", True):  # x @ W = (x - b_dec) @ W + b_dec @ W
+        b_enc = b_enc + b_dec @ W_enc
+    if cfg.get("rescale_acts_by_decoder_norm", False):  # fold r_j = ||W_dec_j|| as SAELens's fold does
+        r = W_dec.norm(dim=-1)
+        if not bool((r > 0).all()):
+            raise UnsupportedPeerFormat(f"{where}: rescale_acts_by_decoder_norm with a zero decoder row")
+        W_enc, b_enc, W_dec = W_enc * r, b_enc * r, W_dec / r[:, None]
+    sae = _topk_sae(W_enc.T, b_enc, W_dec, b_dec, k)
+    return sae.to(t["W_dec"].dtype)
+
+
+def load_sparsify(path: str | os.PathLike):
+    path = Path(path)
+    cfg, t = _read(path, SPARSIFY_WEIGHTS)
+    where = f"sparsify cfg {path / CFG}"
+    if cfg.get("activation", "topk") != "topk":
+        raise UnsupportedPeerFormat(f"{where}: activation {cfg['activation']!r} cannot be represented (only 'topk')")
+    for name in ("skip_connection", "transcode"):
+        if cfg.get(name, False):
+            raise UnsupportedPeerFormat(f"{where}: {name}=true cannot be represented by a TopKSAE")
+    _expect_keys(t, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, f"sparsify weights {path / SPARSIFY_WEIGHTS}")
+    d_in = cfg["d_in"]
+    n = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
+    if t["W_dec"].shape != (n, d_in) or t["encoder.weight"].shape != (n, d_in):
+        raise UnsupportedPeerFormat(f"{where}: expected encoder.weight and W_dec [{n}, {d_in}], got "
+                                    f"{tuple(t['encoder.weight'].shape)}, {tuple(t['W_dec'].shape)}")
+    return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"])
+
+
+def _dense_weights(sae) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_enc [n, m], b_enc, W_dec [n, m], b_dec) of the function ``sae`` computes, for peers' formula."""
+    from .models import ExpanderSAE, TopKSAE
+
+    name = type(sae).__name__
+    if getattr(sae, "batch_topk", False):
+        raise UnsupportedPeerFormat(f"sae: a {name} with batch_topk=True selects by a learned threshold at "
+                                    f"inference; the peers' TopK format cannot represent it")
+    if getattr(sae, "signed", False):
+        raise UnsupportedPeerFormat(f"sae: a {name} with signed=True keeps negative codes; the peers apply ReLU")
+    with torch.no_grad():
+        if isinstance(sae, TopKSAE):
+            W_enc, W_dec = sae.W_enc.double(), sae.W_dec.double()
+        elif isinstance(sae, ExpanderSAE):
+            from topk_kernels import reference
+
+            W_dec = sae.dense_decoder().double()
+            W_enc = reference.expander_dense(sae._encoder_values().double(), sae.rows, sae.d_model)
+        else:
+            raise UnsupportedPeerFormat(f"sae: expected a TopKSAE or ExpanderSAE, got {name}")
+        b_enc, b_dec = sae.b_enc.double(), sae.b_dec.double()
+        if sae.normalize_activations:  # x * s in, / s out: fold s into the weights
+            s = float(sae.act_scale)
+            W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+    return W_enc, b_enc, W_dec, b_dec
+
+
+def export_saelens(sae, path: str | os.PathLike) -> Path:
+    """Write ``sae`` as a SAELens TopK SAE folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+    from safetensors.torch import save_file
+
+    W_enc, b_enc, W_dec, b_dec = _dense_weights(sae)
+    dtype = sae.b_enc.dtype
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": W_enc.T.to(dtype).contiguous(), "W_dec": W_dec.to(dtype).contiguous(),
+               "b_enc": b_enc.to(dtype).contiguous(), "b_dec": b_dec.to(dtype).contiguous()}
+    atomic_write(path / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(path / CFG, {
+        "architecture": "topk", "d_in": sae.d_model, "d_sae": sae.n_latents, "k": sae.k,
+        "dtype": str(dtype).removeprefix("torch."), "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
+        "metadata": {"exported_from": type(sae).__name__},
+    })
+    return path
+
+
+def export_sparsify(sae, path: str | os.PathLike) -> Path:
+    """Write ``sae`` as a sparsify SAE folder (``cfg.json`` + ``sae.safetensors``)."""
+    from safetensors.torch import save_file
+
+    W_enc, b_enc, W_dec, b_dec = _dense_weights(sae)
+    dtype = sae.b_enc.dtype
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"encoder.weight": W_enc.to(dtype).contiguous(), "encoder.bias": b_enc.to(dtype).contiguous(),
+               "W_dec": W_dec.to(dtype).contiguous(), "b_dec": b_dec.to(dtype).contiguous()}
+    atomic_write(path / SPARSIFY_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(path / CFG, {
+        "activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_model), "normalize_decoder": True,
+        "num_latents": sae.n_latents, "k": sae.k, "multi_topk": False, "skip_connection": False,
+        "transcode": False, "d_in": sae.d_model,
+    })
+    return path

@@ -1,0 +1,96 @@
+"""One source of configuration: every field documented, the CLI's flags and defaults generated
+from the dataclasses, and every bad flag refused in one line with exit code 2 before a model loads."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from sae import cli
+from sae.config import SAEConfig, TrainConfig, field_docs, from_args
+
+
+@pytest.mark.parametrize("cls", [SAEConfig, TrainConfig])
+def test_every_field_has_a_docstring(cls):
+    docs = field_docs(cls)
+    assert [f.name for f in dataclasses.fields(cls)] == list(docs)
+    assert all(len(d) > 10 for d in docs.values())
+
+
+def test_cli_without_flags_gives_the_python_defaults():
+    args = cli.build_parser().parse_args(["train"])
+    assert from_args(TrainConfig, args) == TrainConfig()
+    assert from_args(SAEConfig, args) == SAEConfig()
+
+
+def test_cli_flags_reach_the_configs():
+    args = cli.build_parser().parse_args(["train", "--arch", "expander", "--degree", "7", "--lr", "0.01",
+                                          "--tokens", "1000", "--no-auxk", "--betas", "0.8", "0.9", "--seed", "4"])
+    sae_cfg, train_cfg = from_args(SAEConfig, args), from_args(TrainConfig, args)
+    assert (sae_cfg.arch, sae_cfg.degree, sae_cfg.auxk, sae_cfg.seed) == ("expander", 7, False, 4)
+    assert (train_cfg.lr, train_cfg.total_tokens, train_cfg.betas, train_cfg.seed) == (0.01, 1000, (0.8, 0.9), 4)
+
+
+def test_per_architecture_learning_rates_and_relative_dead_threshold():
+    from sae import ExpanderSAE, TopKSAE
+
+    cfg = TrainConfig(total_tokens=1_000_000, batch_size=1000)
+    assert cfg.lr_for(TopKSAE(8, 16, 2)) == cfg.topk_lr
+    assert cfg.lr_for(ExpanderSAE(8, 16, 2, degree=3)) == cfg.expander_lr
+    assert TrainConfig(lr=1e-3).lr_for(ExpanderSAE(8, 16, 2, degree=3)) == 1e-3
+    assert cfg.dead_tokens() == int(cfg.dead_fraction * 1_000_000)
+
+
+@pytest.mark.parametrize("command", ["train", "frontier", "evaluate"])
+def test_help_shows_every_default_and_a_help_for_every_flag(command):
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.dest in ("help", "checkpoint"):
+            continue
+        assert action.help, action.option_strings
+        assert "(default:" in action.help, action.option_strings
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--arch", "expander"], "--degree"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--eval-contexts", "0"], "--eval-contexts"),
+    (["--eval-contexts", "-1"], "--eval-contexts"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--text", "/no/such/file.txt"], "--text"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--tokens", "0"], "--tokens"),
+    (["--k", "0"], "--k"),
+    (["--degree", "0", "--arch", "expander"], "--degree"),
+    (["--auxk-coef", "nan"], "--auxk-coef"),
+    (["--model", "/no/such/model"], "--model"),
+    (["--model", "./no/such/model"], "--model"),
+])
+def test_bad_flags_stop_before_any_model_loads(argv, flag, monkeypatch, capsys, tmp_path):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "_Workspace", no_model)
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and "Traceback" not in err, err
+
+
+def test_folder_or_empty_file_where_a_file_is_expected(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_Workspace", lambda *a: pytest.fail("a model was loaded"))
+    (tmp_path / "empty.txt").write_text("")
+    assert cli.main(["train", "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r")]) == 2
+    assert "--text" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_type_is_one_line_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "sae", "train", "--k", "abc"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--k" in proc.stderr
