@@ -127,7 +127,8 @@ def _scenarios(rank, world, out):
     for mode in ("data", "latent"):
         for arch in ("topk", "expander"):
             name = f"{mode}-{arch}"
-            model, result = sd.train_distributed(_make(arch), _buffer(), _cfg(), out / name, mode=mode)
+            result = train(_make(arch), _buffer(), _cfg(parallel=mode), out / name)
+            model = result.model
             if mode == "latent":
                 model.save(out / f"{name}.safetensors")
                 model.eval()
@@ -143,8 +144,9 @@ def _scenarios(rank, world, out):
     # created sharded (no full model anywhere), trained; its initial state gathered for the reference
     created = sd.LatentShardedSAE.create(ExpanderSAE, _make("expander").config(), seed=4)
     initial = created.full_state_dict()
-    model, result = sd.train_distributed(created, _buffer(), _cfg(), out / "created", mode="latent")
-    final = model.to_model()
+    result = train(created, _buffer(), _cfg(parallel="latent"), out / "created")
+    assert result.model is created
+    final = created.to_model()
     if rank == 0:
         torch.save({"initial": initial, "history": result.history, "state": final.state_dict()}, out / "created.pt")
 
@@ -155,15 +157,15 @@ def _scenarios(rank, world, out):
                 raise _Killed
 
         try:
-            sd.train_distributed(_make("topk"), _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, on_step=kill)
+            train(_make("topk"), _buffer(), _cfg(parallel=mode), out / f"killed-{mode}", on_step=kill)
         except _Killed:
             pass
         if rank == 0:  # for resuming in one process
             shutil.copytree(out / f"killed-{mode}", out / f"killed-{mode}-copy")
         torch.manual_seed(1234 + rank)  # the resumed run must not depend on the fresh model's initialisation
         fresh = TopKSAE(M, N, K, dead_tokens_threshold=64, backend="torch")
-        model, result = sd.train_distributed(fresh, _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, resume=True)
-        model = model.to_model() if mode == "latent" else model
+        result = train(fresh, _buffer(), _cfg(parallel=mode), out / f"killed-{mode}", resume=True)
+        model = result.model.to_model() if mode == "latent" else result.model
         if rank == 0:
             torch.save({"history": result.history, "state": model.state_dict()}, out / f"resumed-{mode}.pt")
 
@@ -458,56 +460,113 @@ def test_data_parallel_batch_must_split_evenly():
 
 
 def test_unknown_mode_is_refused(tmp_path):
-    from sae.distributed import train_distributed
-
-    with pytest.raises(ValueError, match="mode: expected 'data' or 'latent', got 'tensor'"):
-        train_distributed(_make("topk"), _buffer(), _cfg(), tmp_path, mode="tensor")
+    with pytest.raises(ValueError, match="parallel: expected 'none', 'data' or 'latent', got 'tensor'"):
+        train(_make("topk"), _buffer(), _cfg(parallel="tensor"), tmp_path)
 
 
-_TORCHRUN_SCRIPT = """
-import sys
-from pathlib import Path
-import torch
-from sae.data import ActivationBuffer
-from sae.distributed import init_distributed, train_distributed
-from sae.models import TopKSAE
-from sae.train import TrainConfig
+@pytest.mark.parametrize("parallel", ["none", "data"])
+def test_sharded_model_needs_latent_mode(tmp_path, parallel):
+    from sae.distributed import LatentShardedSAE
 
-rank, world = init_distributed()
-assert world == 2, world
-out = Path(sys.argv[1])
-buffer = ActivationBuffer(torch.randn(256, 12, generator=torch.Generator().manual_seed(0)))
-cfg = TrainConfig(batch_size=32, total_tokens=32 * 6, lr=1e-3, progress=False)
-for mode in ("data", "latent"):
-    torch.manual_seed(0)
-    model, _ = train_distributed(TopKSAE(12, 40, 3, dead_tokens_threshold=10**6, backend="torch"), buffer, cfg,
-                                 out / mode, mode=mode)
+    with pytest.raises(ValueError, match=f"sae: a LatentShardedSAE trains with parallel='latent', got "
+                                         f"parallel='{parallel}'"):
+        train(LatentShardedSAE.from_model(_make("topk")), _buffer(), _cfg(parallel=parallel), tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_world_of_one_parallel_modes_train_like_one_process(tmp_path, mode):
+    """Without torchrun each mode is a world of one and trains as plain sae.train does."""
+    result = train(_make("topk"), _buffer(), _cfg(parallel=mode), tmp_path / mode)
     if mode == "latent":
-        model.save(out / mode / "sae.safetensors")  # a collective: every rank calls it
-    elif rank == 0:
-        model.save(str(out / mode / "sae.safetensors"))
-torch.distributed.destroy_process_group()
-"""
+        model = result.model.to_model()
+    else:
+        model = result.model
+    _assert_same_training({"history": result.history, "state": model.state_dict()}, _reference("topk"))
 
 
-def test_torchrun_launch_writes_checkpoints_one_process_loads(tmp_path):
+# ---------------------------------------------------------------------------------------------
+# python -m sae train under torchrun, on a tiny random-weight Llama (no files from any hub)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A 2-layer Llama with d_model 32, a word-level tokenizer and a corpus, in a local folder."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    root = tmp_path_factory.mktemp("tiny-lm")
+    words = "the cat sat on a mat and saw many dogs run over hills while birds sang in old trees".split()
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(400)) for _ in range(12))
+    (root / "corpus.txt").write_text(text)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], tokenizers.trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, bos_token_id=fast.bos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return root
+
+
+def _sae_train(tiny_lm, out, parallel, world):
+    """``python -m sae train`` on the tiny model: one process, or ``world`` under torchrun."""
     import subprocess
     import sys
 
-    script = tmp_path / "launch.py"
-    script.write_text(_TORCHRUN_SCRIPT)
+    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc-per-node", str(world)]
+    command = launcher + ["-m", "sae", "train", "--model", str(tiny_lm / "model"), "--text",
+                          str(tiny_lm / "corpus.txt"), "--layer", "1", "--ctx-len", "32", "--eval-contexts", "2",
+                          "--arch", "expander", "--degree", "4", "--expansion", "3", "--k", "4", "--tokens", "1536",
+                          "--batch-size", "128", "--lr", "3e-3", "--warmup-steps", "3", "--checkpoint-every", "5",
+                          "--log-every", "1", "--no-progress", "--parallel", parallel, "--out", str(out)]
     root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), TRITON_INTERPRET="0",
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               TRITON_INTERPRET="0", TOPK_SAE_DATA=str(tiny_lm / "data"))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def one_process_cli_run(tiny_lm):
+    done = _sae_train(tiny_lm, tiny_lm / "one-process", "none", 1)
     assert done.returncode == 0, done.stderr[-3000:]
-    for mode in ("data", "latent"):
-        model = TopKSAE.load(str(tmp_path / mode / "sae.safetensors"))
-        from_checkpoint = TopKSAE(12, 40, 3, dead_tokens_threshold=10**6, backend="torch")
-        assert load_checkpoint(tmp_path / mode / CHECKPOINT, from_checkpoint)["step"] == 6
-        for name, value in from_checkpoint.state_dict().items():
-            assert torch.equal(model.state_dict()[name], value), name
+    return tiny_lm / "one-process"
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_torchrun_cli_writes_one_checkpoint_that_loads_in_one_process(tiny_lm, one_process_cli_run, tmp_path, mode):
+    import json
+
+    from sae.checkpoint import load_sae
+
+    done = _sae_train(tiny_lm, tmp_path / "run", mode, WORLD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"tokens_trained"') == 1  # rank 0 alone prints the row
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        CHECKPOINT, "metrics.json", "row.json", "sae.safetensors"]
+    trained, checkpoint = load_sae(run / "sae.safetensors"), load_sae(run / CHECKPOINT)
+    for name, value in checkpoint.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name
+    assert load_checkpoint(run / CHECKPOINT, load_sae(run / CHECKPOINT))["step"] == 12
+    # the 2-process run trained the SAE one process trains with the same flags
+    one = load_sae(one_process_cli_run / "sae.safetensors")
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["parallel"], metrics["world_size"]) == (mode, WORLD)
+    history = metrics["history"]
+    one_history = json.loads((one_process_cli_run / "metrics.json").read_text())["history"]
+    torch.testing.assert_close(torch.tensor([h["fvu"] for h in history], dtype=torch.float64),
+                               torch.tensor([h["fvu"] for h in one_history], dtype=torch.float64), rtol=1e-5, atol=0)
+    row = json.loads((run / "row.json").read_text())
+    assert row["tokens_trained"] == 1536 and row["batch_size"] == 128 and 0 < row["fvu"] < 2
 
 
 @pytest.mark.skipif(not _OPTIONS, reason="this version of sae.models has no signed / normalised / residual-AuxK SAEs")
