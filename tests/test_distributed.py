@@ -12,6 +12,7 @@ among them. A last test launches through torchrun itself.
 
 import functools
 import os
+import re
 import shutil
 import socket
 import time
@@ -238,6 +239,33 @@ def _scenarios(rank, world, out):
         torch.save(steps, out / f"options.rank{rank}.pt")
 
 
+    # the reliability of sae.train on every rank: a run directory held by another process, a
+    # non-finite step, and changed settings on resume stop every rank (none waits in a collective)
+    outcomes = {}
+
+    def outcome(name, fn):
+        try:
+            fn()
+            outcomes[name] = None
+        except Exception as exc:  # noqa: BLE001 - the test inspects which error each rank raised
+            outcomes[name] = (type(exc).__name__, str(exc))
+
+    outcome("locked", lambda: train(_make("topk"), _buffer(), _cfg(parallel="data"), out / "locked"))
+    for mode in ("data", "latent"):
+        outcome(f"huge-lr-{mode}", lambda: train(_make("topk"), _buffer(),
+                                                 _cfg(parallel=mode, lr=1e30, warmup_steps=0, grad_clip=0.0),
+                                                 out / f"huge-lr-{mode}"))
+    if rank == 0:
+        shutil.copytree(out / "killed-latent", out / "extended")
+    torch.distributed.barrier()
+    outcome("changed", lambda: train(_make("topk"), _buffer(), _cfg(parallel="latent", lr=1e-3), out / "extended",
+                                     resume=True))
+    longer = _cfg(parallel="latent", total_tokens=BATCH * (STEPS + 3))
+    outcome("allowed", lambda: train(_make("topk"), _buffer(), longer, out / "extended", resume=True,
+                                     allow_config_change=True))
+    torch.save(outcomes, out / f"outcomes.rank{rank}.pt")
+
+
 def _entry(rank, world, port, out):
     import topk_kernels._dispatch as dispatch
 
@@ -262,18 +290,21 @@ def runs(tmp_path_factory):
     """Spawn 2 gloo processes that run every scenario; fail (never hang) after TIMEOUT_S."""
     import torch.multiprocessing as mp
 
+    from sae.rundir import RunLock
+
     out = tmp_path_factory.mktemp("dist")
-    context = mp.start_processes(_entry, args=(WORLD, _free_port(), out), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    with RunLock(out / "locked"):  # another process holds this run directory throughout
+        context = mp.start_processes(_entry, args=(WORLD, _free_port(), out), nprocs=WORLD, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
     return out
 
 
@@ -360,6 +391,42 @@ def test_single_process_file_reshards_unevenly(runs, name, latents):
     torch.testing.assert_close(sharded["top_acts"], out.top_acts, rtol=1e-5, atol=1e-6)
     active = out.top_acts > 0
     assert torch.equal(sharded["top_indices"][active], out.top_indices[active])
+
+
+def _outcomes(runs, name):
+    return [torch.load(runs / f"outcomes.rank{rank}.pt")[name] for rank in range(WORLD)]
+
+
+def test_run_directory_held_elsewhere_stops_every_rank(runs):
+    (lead, lead_message), (other, other_message) = _outcomes(runs, "locked")
+    assert lead == "RunLockedError" and "is in use by" in lead_message
+    assert other == "RuntimeError" and "locking out_dir failed on another rank" in other_message
+    assert not (runs / "locked" / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_non_finite_step_stops_every_rank_and_disk_stays_finite(runs, mode):
+    from safetensors.torch import load_file
+
+    results = _outcomes(runs, f"huge-lr-{mode}")
+    assert [kind for kind, _ in results] == ["NonFiniteError"] * WORLD
+    assert results[0][1] == results[1][1]  # the same step and verdict on both ranks
+    assert re.match(r"step \d+: (the training loss|parameter \S+) is not finite", results[0][1])
+    ckpt = runs / f"huge-lr-{mode}" / CHECKPOINT
+    if ckpt.exists():
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ckpt)).values() if t.is_floating_point())
+
+
+def test_changed_settings_on_resume_are_refused_on_every_rank_unless_allowed(runs):
+    import json
+
+    for kind, message in _outcomes(runs, "changed"):
+        assert kind == "ValueError" and "other settings (base_lr 0.003 -> 0.001)" in message
+    assert _outcomes(runs, "allowed") == [None, None]
+    metrics = json.loads((runs / "extended" / "metrics.json").read_text())
+    assert metrics["step"] == STEPS + 3
+    assert metrics["config_changes"] == [{"step": STEPS, "changed": {"total_tokens": [BATCH * STEPS,
+                                                                                     BATCH * (STEPS + 3)]}}]
 
 
 def test_latent_sharded_gradients_equal_one_process(runs):
