@@ -265,8 +265,9 @@ def cmd_train(args) -> int:
 @contextlib.contextmanager
 def _torchrun(train_cfg):
     """Under torchrun (WORLD_SIZE set): join the process group before any model loads and leave it
-    at the end (an exit without ``destroy_process_group`` can abort). Yields (rank, the SAE's device:
-    cuda:LOCAL_RANK with NCCL, else None); outside torchrun (0, None)."""
+    at the end (an exit without ``destroy_process_group`` can abort). Yields (rank, the device to
+    build the SAE on: cuda:LOCAL_RANK for data parallel with NCCL, else None: the CPU, and in latent
+    mode ``train`` puts each rank's shard on its GPU); outside torchrun (0, None)."""
     if "WORLD_SIZE" not in os.environ:
         yield 0, None
         return
@@ -284,7 +285,8 @@ def _torchrun(train_cfg):
 
     rank, _ = init_distributed()
     try:
-        yield rank, (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None)
+        on_gpu = dist.get_backend() == "nccl" and train_cfg.parallel == "data"
+        yield rank, (torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
     finally:
         dist.destroy_process_group()
 

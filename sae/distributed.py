@@ -69,6 +69,10 @@ def _in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _nccl(group=None) -> bool:
+    return _in_group() and dist.get_backend(group) == "nccl"
+
+
 def rank_and_world(group=None) -> tuple[int, int]:
     """(rank, world size) in ``group``; (0, 1) outside a process group."""
     if not _in_group():
@@ -266,6 +270,9 @@ class DataParallel:
 
     def __init__(self, sae: nn.Module, group=None):
         _check_no_batch_topk(sae)
+        if _nccl(group) and next(sae.parameters()).device.type != "cuda":
+            raise ValueError(f"sae: NCCL moves CUDA tensors only; expected the SAE on "
+                             f"cuda:{torch.cuda.current_device()} (LOCAL_RANK), got {next(sae.parameters()).device}")
         self.sae, self.group = sae, group
         self.rank, self.world = rank_and_world(group)
         self.broadcast_state()
@@ -392,16 +399,19 @@ class LatentShardedSAE(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, full: nn.Module, group=None) -> "LatentShardedSAE":
-        """Slice a full SAE (the same on every rank) into this rank's shard."""
+    def from_model(cls, full: nn.Module, group=None, device=None) -> "LatentShardedSAE":
+        """Slice a full SAE (the same on every rank) into this rank's shard, on ``device`` (default:
+        the current CUDA device in an NCCL group, else the full model's device)."""
         rank, world = rank_and_world(group)
         n = full.n_latents
         lo, hi = latent_range(n, rank, world)
         if hi - lo < 1:
             raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
         full_state = full.state_dict()
-        shard = _build_shard(type(full), full.config(), hi - lo, next(full.parameters()).device,
-                             getattr(full, "backend", None))
+        if device is None:
+            on_gpu = _nccl(group)
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else next(full.parameters()).device
+        shard = _build_shard(type(full), full.config(), hi - lo, device, getattr(full, "backend", None))
         keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
         model = cls(shard, type(full), full.config(), keys, group)
         model.load_full_state_dict(full_state)

@@ -178,12 +178,13 @@ class _Ranks:
             self.inner.dead_tokens_threshold = cfg.dead_tokens()
             if self.sharded:
                 sae.full_config["dead_tokens_threshold"] = cfg.dead_tokens()
-        self.device = next(sae.parameters()).device
         self.last_full, self.saved_step = None, None  # the full model gathered for the last checkpoint (rank 0)
         if self.mode == "data":
             self.dp = sd.DataParallel(sae, group)  # every rank starts from rank 0's weights
             self.rows = self.dp.local_slice(cfg.batch_size)
+        # From a full model the shard lands on the current CUDA device in an NCCL group.
         self.model = sd.LatentShardedSAE.from_model(sae, group) if self.mode == "latent" and not self.sharded else sae
+        self.device = next(self.model.parameters()).device
 
     def any_rank(self, flag: bool) -> bool:
         from .distributed import any_rank
