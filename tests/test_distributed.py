@@ -1,13 +1,16 @@
-"""Distributed training (sae.distributed) on 2 gloo processes spawned here, against one process.
+"""Distributed training (``sae.train`` with ``TrainConfig.parallel``, ``sae.distributed``) on 2 gloo
+processes spawned here, against one process.
 
 One spawn (module fixture) runs every 2-process scenario and leaves its results on disk; the tests
 compare them with a single-process reference loop written below (same Adam, schedule, clipping and
 decoder constraints as ``sae.train``). Data parallel and latent-sharded training must give the
 single-process losses within 1e-5 relative, step by step, and the same weights; one step's
 gradients equal one process's; a killed run resumes to the same weights (on 2 processes or on
-one); a sharded checkpoint loads in one process and reproduces the outputs, and a single-process
-file reshards unevenly; the bytes communicated per step equal the formula, with no [B, n] tensor
-among them. A last test launches through torchrun itself.
+one); a held run directory, a non-finite step and changed settings on resume stop both ranks; a
+sharded checkpoint loads in one process and reproduces the outputs, and a single-process file
+reshards unevenly; the bytes communicated per step equal the formula, with no [B, n] tensor among
+them. The last tests launch ``python -m sae train`` through torchrun on a tiny random Llama and
+load its checkpoint in one process, and parse the README's torchrun commands.
 """
 
 import functools
@@ -634,6 +637,27 @@ def test_torchrun_cli_writes_one_checkpoint_that_loads_in_one_process(tiny_lm, o
                                torch.tensor([h["fvu"] for h in one_history], dtype=torch.float64), rtol=1e-5, atol=0)
     row = json.loads((run / "row.json").read_text())
     assert row["tokens_trained"] == 1536 and row["batch_size"] == 128 and 0 < row["fvu"] < 2
+
+
+def test_readme_torchrun_commands_parse_with_torchrun_and_our_cli():
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from sae.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Training on several GPUs or machines", 1)[1].split("\n## ", 1)[0]
+    commands = [shlex.split(c, comments=True) for c in re.findall(r"^\.venv/bin/torchrun .*?(?<!\\)$",
+                                                                 section.replace("\\\n", " "), flags=re.M)]
+    assert len(commands) == 3
+    for words in commands:
+        module = words.index("-m")
+        launcher = get_args_parser().parse_args(words[1:module] + ["--module", "sae"])
+        assert launcher.module and launcher.training_script == "sae"
+        assert words[module + 1:module + 3] == ["sae", "train"]
+        args = build_parser().parse_args(words[module + 2:])
+        assert args.parallel in ("data", "latent") and args.out.startswith("/shared/")
 
 
 @pytest.mark.skipif(not _OPTIONS, reason="this version of sae.models has no signed / normalised / residual-AuxK SAEs")
