@@ -258,7 +258,7 @@ def _check_no_batch_topk(sae) -> None:
 class DataParallel:
     """Hooks that make N ranks, each holding the whole SAE, train like one process on N x the batch.
 
-    Per step (see ``train_distributed``)::
+    Per step (as ``sae.train`` runs them with ``parallel="data"``)::
 
         x = dp.local_rows(global_batch)          # or read only these rows
         output = sae(x)
