@@ -172,6 +172,9 @@ class _Ranks:
         self.sharded = isinstance(sae, sd.LatentShardedSAE)
         if self.sharded and self.mode != "latent":
             raise ValueError(f"sae: a LatentShardedSAE trains with parallel='latent', got parallel={self.mode!r}")
+        if self.mode != "none" and getattr(cfg, "resample_every", 0):  # the field arrives with branch front
+            raise NotImplementedError(f"resample_every: dead-latent resampling runs in one process only "
+                                      f"(parallel='none'), got parallel={self.mode!r}")
         self.rank, self.world = sd.rank_and_world(group) if self.mode != "none" else (0, 1)
         self.inner = sae.shard if self.sharded else sae  # the SAE whose options the run reads
         if getattr(self.inner, "dead_tokens_threshold", 0) is None:
