@@ -293,18 +293,28 @@ def _torchrun(train_cfg):
 
 def _shared_buffer(ws: _Workspace, rank: int, world: int):
     """Rank 0 harvests the training activations into the cache; the other ranks wait, then open
-    the same files (one cache folder for all nodes: --out's filesystem or TOPK_SAE_DATA shared)."""
+    the same files (the cache under $TOPK_SAE_DATA must be one folder for all nodes)."""
     if world == 1:
         return ws.buffer()
+    import hashlib
     from datetime import timedelta
 
     import torch.distributed as dist
 
+    from .distributed import min_max_over_ranks
+
     if rank == 0:
         ws.buffer()
     # A harvest can outlast the training group's timeout: wait on a group of its own.
-    dist.barrier(group=dist.new_group(backend="gloo", timeout=timedelta(hours=24)))
-    return ws.buffer()
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    dist.barrier(group=waiting)
+    buffer = ws.buffer()
+    rows = buffer[[0, len(buffer) // 2, len(buffer) - 1]]
+    digest = int(hashlib.sha1(f"{len(buffer)}".encode() + rows.numpy().tobytes()).hexdigest()[:15], 16)
+    if len(set(min_max_over_ranks(digest, waiting))) > 1:
+        raise _UsageError("TOPK_SAE_DATA: the ranks read different training activations; every node must see the "
+                          "same activation cache (one shared folder)")
+    return buffer
 
 
 def cmd_evaluate(args) -> int:
