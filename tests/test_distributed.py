@@ -547,12 +547,14 @@ def test_sharded_model_needs_latent_mode(tmp_path, parallel):
 @pytest.mark.parametrize("mode", ["data", "latent"])
 def test_world_of_one_parallel_modes_train_like_one_process(tmp_path, mode):
     """Without torchrun each mode is a world of one and trains as plain sae.train does."""
-    result = train(_make("topk"), _buffer(), _cfg(parallel=mode), tmp_path / mode)
-    if mode == "latent":
-        model = result.model.to_model()
+    sae = _make("topk")
+    result = train(sae, _buffer(), _cfg(parallel=mode), tmp_path / mode)
+    if mode == "latent":  # the trained shards gathered, and copied into the SAE passed in (rank 0's)
+        for name, value in result.model.to_model().state_dict().items():
+            assert torch.equal(sae.state_dict()[name], value), name
     else:
-        model = result.model
-    _assert_same_training({"history": result.history, "state": model.state_dict()}, _reference("topk"))
+        assert result.model is sae
+    _assert_same_training({"history": result.history, "state": sae.state_dict()}, _reference("topk"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +660,22 @@ def test_readme_torchrun_commands_parse_with_torchrun_and_our_cli():
         assert words[module + 1:module + 3] == ["sae", "train"]
         args = build_parser().parse_args(words[module + 2:])
         assert args.parallel in ("data", "latent") and args.out.startswith("/shared/")
+
+
+@pytest.mark.parametrize("first, then", [("latent", "data"), ("data", "latent"), ("latent", "none")])
+def test_a_run_resumes_in_another_mode(tmp_path, first, then):
+    """The checkpoint is the single-process one whatever wrote it (here in worlds of one)."""
+    def kill(step, log):
+        if step == 13:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(_make("topk"), _buffer(), _cfg(parallel=first), tmp_path, on_step=kill)
+    torch.manual_seed(99)  # the resumed run must not depend on the fresh model's initialisation
+    result = train(TopKSAE(M, N, K, dead_tokens_threshold=64, backend="torch"), _buffer(), _cfg(parallel=then),
+                   tmp_path, resume=True)
+    model = result.model.to_model() if then == "latent" else result.model
+    _assert_same_training({"history": result.history, "state": model.state_dict()}, _reference("topk"))
 
 
 @pytest.mark.skipif(not _OPTIONS, reason="this version of sae.models has no signed / normalised / residual-AuxK SAEs")
