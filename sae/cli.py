@@ -21,6 +21,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -28,6 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -205,24 +207,30 @@ class _Workspace:
                 "ce_recovered": ce.recovered}
 
 
-def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args) -> dict:
-    """Train (or resume) one SAE in ``run_dir`` and evaluate it; returns its frontier row."""
+def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args, device=None) -> Optional[dict]:
+    """Train (or resume) one SAE in ``run_dir`` and evaluate it; returns its frontier row (None on
+    the ranks other than 0 under torchrun: every rank builds the same SAE, rank 0 writes)."""
     import torch
 
+    from .distributed import rank_and_world
     from .rundir import RunLock, write_json
     from .train import CHECKPOINT, train
 
-    with RunLock(run_dir):
+    rank, world = rank_and_world()
+    with RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
         try:
-            sae = sae_cfg.build(ws.d_model)
+            sae = sae_cfg.build(ws.d_model, device=device)
         except ValueError as exc:  # a size that only the model's d_model rules out
             raise _flag_error(exc) from None
-        buffer = ws.buffer()
+        buffer = _shared_buffer(ws, rank, world)
         fresh = not (run_dir / CHECKPOINT).exists()
         if fresh:
-            sae.init_b_dec(buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]])
+            sample = buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]]
+            sae.init_b_dec(sample.to(sae.b_dec.device))
         result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=ws.evaluate,
                        allow_config_change=getattr(args, "allow_config_change", False))
+        if rank != 0:
+            return None
         sae.save(str(run_dir / "sae.safetensors"))
         row = {"model": ws.model_name, "layer": ws.layer, "arch": sae.arch, "n_latents": sae.n_latents, "k": sae.k,
                "degree": ws.d_model if sae.arch == "topk" else sae.degree, "decoder_values": sae.decoder_values,
@@ -243,12 +251,70 @@ def cmd_train(args) -> int:
     _check_data_args(args)
     sae_cfg, train_cfg = _configs(args)
     out = Path(args.out)
-    with RunLock(out):  # before the model loads: a second trainer on --out stops at once
-        _check_resume(out, train_cfg, sae_cfg.arch, args.allow_config_change)
-        ws = _Workspace(args)
-        row = _train_one(ws, sae_cfg, train_cfg, out, args)
-    print(json.dumps(row, indent=1))
+    with _torchrun(train_cfg) as (rank, device):
+        # Before the model loads: a second trainer on --out stops at once (rank 0 holds it for all).
+        with RunLock(out) if rank == 0 else contextlib.nullcontext():
+            _check_resume(out, train_cfg, sae_cfg.arch, args.allow_config_change)
+            ws = _Workspace(args)
+            row = _train_one(ws, sae_cfg, train_cfg, out, args, device=device)
+    if rank == 0:
+        print(json.dumps(row, indent=1))
     return 0
+
+
+@contextlib.contextmanager
+def _torchrun(train_cfg):
+    """Under torchrun (WORLD_SIZE set): join the process group before any model loads and leave it
+    at the end (an exit without ``destroy_process_group`` can abort). Yields (rank, the device to
+    build the SAE on: cuda:LOCAL_RANK for data parallel with NCCL, else None: the CPU, and in latent
+    mode ``train`` puts each rank's shard on its GPU); outside torchrun (0, None)."""
+    if "WORLD_SIZE" not in os.environ:
+        yield 0, None
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if world > 1 and train_cfg.parallel == "none":
+        raise _UsageError(f"--parallel: expected 'data' or 'latent' under torchrun with {world} processes, "
+                          f"got 'none'")
+    if train_cfg.parallel == "data" and train_cfg.batch_size % world:
+        raise _UsageError(f"--batch-size: expected a multiple of the {world} processes for --parallel data, "
+                          f"got {train_cfg.batch_size}")
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import init_distributed
+
+    rank, _ = init_distributed()
+    try:
+        on_gpu = dist.get_backend() == "nccl" and train_cfg.parallel == "data"
+        yield rank, (torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
+    finally:
+        dist.destroy_process_group()
+
+
+def _shared_buffer(ws: _Workspace, rank: int, world: int):
+    """Rank 0 harvests the training activations into the cache; the other ranks wait, then open
+    the same files (the cache under $TOPK_SAE_DATA must be one folder for all nodes)."""
+    if world == 1:
+        return ws.buffer()
+    import hashlib
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from .distributed import min_max_over_ranks
+
+    if rank == 0:
+        ws.buffer()
+    # A harvest can outlast the training group's timeout: wait on a group of its own.
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    dist.barrier(group=waiting)
+    buffer = ws.buffer()
+    rows = buffer[[0, len(buffer) // 2, len(buffer) - 1]]
+    digest = int(hashlib.sha1(f"{len(buffer)}".encode() + rows.numpy().tobytes()).hexdigest()[:15], 16)
+    if len(set(min_max_over_ranks(digest, waiting))) > 1:
+        raise _UsageError("TOPK_SAE_DATA: the ranks read different training activations; every node must see the "
+                          "same activation cache (one shared folder)")
+    return buffer
 
 
 def cmd_evaluate(args) -> int:
