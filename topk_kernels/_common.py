@@ -113,10 +113,14 @@ def check_float(name: str, t: Tensor, min_dim: int = 1) -> None:
         raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
 
 
-def check_matrix(name: str, t: Tensor) -> None:
+def check_matrix(name: str, t: Tensor, dims: str = "[n, m]") -> None:
+    """A float 2-D tensor with no empty dimension (zero latents, model dimensions or degree have no
+    defined top-k or atom, so every backend refuses them the same way)."""
     check_float(name, t)
     if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected a 2-D tensor {dims}, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty {dims} matrix (every size >= 1), got shape {tuple(t.shape)}")
 
 
 def check_index_dtype(name: str, t: Tensor) -> None:
@@ -204,11 +208,14 @@ def check_decode_args(top_acts: Tensor, top_indices: Tensor) -> None:
         got = tuple(top_indices.shape) if isinstance(top_indices, Tensor) else type(top_indices).__name__
         raise ValueError(f"top_indices: expected the shape of top_acts {tuple(top_acts.shape)}, got {got}")
     check_index_dtype("top_indices", top_indices)
+    if top_acts.shape[-1] == 0:
+        raise ValueError(f"top_acts: expected k >= 1 active latents in the last dimension, got shape "
+                         f"{tuple(top_acts.shape)}")
 
 
 def check_expander(values: Tensor, rows: Tensor, m) -> int:
     """values/rows shapes and dtypes, and m; returns m as an int. Row values: ``check_expander_rows``."""
-    check_matrix("values", values)
+    check_matrix("values", values, "[n, d]")
     check_index_dtype("rows", rows)
     if rows.shape != values.shape:
         raise ValueError(
