@@ -152,7 +152,7 @@ def _topk_encode_specs() -> list[Spec]:
             for tf32 in ((False, True) if (dt == "fp32" and k_pad == TOPK["k"]) else (False,)):
                 def run(dt=dt, k=k_pad, tf32=tf32):
                     with _tf32(tf32):
-                        return te._triton_forward(_t(B, m, dtype=dt), _t(n, m, dtype=dt), _t(n, dtype=dt), k,
+                        return te._fused_forward(_t(B, m, dtype=dt), _t(n, m, dtype=dt), _t(n, dtype=dt), k,
                                                   _torch_dtype(dt))
                 specs.append(Spec("topk_encode", f"{dt},K_PAD={k_pad}" + (",tf32" if tf32 else ""), run))
     return specs

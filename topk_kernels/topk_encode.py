@@ -8,6 +8,14 @@ final k. The CPU path computes ``pre`` a block of latents at a time with one GEM
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
 Ties go to the lower latent id on every backend.
 
+On CUDA the Triton backend runs one of two strategies per shape, picked by ``encode_strategy``
+from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
+roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
+``"fused"`` (the kernel above) or ``"chunked"`` (``_chunked_forward``: cuBLAS
+``x @ W[chunk].T + b[chunk]`` in fp32, packed keys + ``torch.topk``, merged into a running top-k,
+extra memory bounded by ``CHUNK_TILE_ELEMS``). Both follow the package's one NaN order and
+lowest-id tie rule, so the choice changes speed only.
+
 Backward (only through the selected entries with positive pre-activation, as ReLU dictates):
 ``grad x`` is a sparse decode of the masked gradient against ``weight``, ``grad weight`` touches
 only the active rows (row idx += g * x[token]), ``grad bias`` is a scatter-add; all three reuse the
@@ -123,16 +131,70 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
+# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (64 MiB, plus 128 MiB
+# of int64 keys while torch.topk runs), up to CHUNK_MAX_BLOCK_B tokens each (one GEMM of 8192 x
+# 2048 x m keeps cuBLAS at full tile occupancy on an H100).
+CHUNK_TILE_ELEMS = 16 * 2**20
+CHUNK_MAX_BLOCK_B = 8192
+
+# --- which strategy runs on CUDA ---------------------------------------------------------------
+# Measured on a GPU (benchmarks/test_bench_topk_encode.py): (device name, dtype of x, dtype of
+# weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes here; none exists yet.
+ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {}
+# Predicted (no GPU has measured), by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
+# n=131072 (benchmarks/RESULTS.md, "Encoder dispatch: predictions"). Fused: sm_90 SASS of today's
+# kernel, (GEMM loop x m/BLOCK_M + top-k) x warps warp-instructions per 64x64 tile at 4 issues
+# per SM per clock (1.755 GHz, 132 SMs): 15.4 (bf16, TF32) / 13.3 (K_PAD<=32) ms, and exact fp32
+# 73+ ms of FMA. Chunked: cuBLAS at 70% of peak (6.3 ms bf16, 12.7 TF32, 73 fp32) + 24 B per
+# pre-activation of traffic (fp32 write + read, int64 key write + read: 7.7 ms at 3.35 TB/s) +
+# torch.topk. Tensor-core math: chunked ~14 ms against fused ~15 ms, a near tie within the
+# model's error that the dispatcher gives to cuBLAS (the dense baseline's own GEMM). Exact fp32:
+# both FMA-bound; cuBLAS SGEMM is the better FMA GEMM.
+ENCODE_PREDICTED: dict[tuple[str, int], str] = {
+    **{("tensor", kp): "chunked" for kp in (2, 4, 8, 16, 32, 64, 128, 256)},
+    **{("fp32", kp): "chunked" for kp in (2, 4, 8, 16, 32, 64, 128, 256)},
+}
+
+
+def _math_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """"tensor" when the GEMM runs on tensor cores (a half type, or fp32 with TF32 allowed),
+    "fp32" for exact fp32 on FMA units."""
+    fp32 = x_dtype == torch.float32 and w_dtype == torch.float32
+    return "fp32" if (fp32 and torch.get_float32_matmul_precision() == "highest") else "tensor"
+
+
+def encode_strategy(B: int, m: int, n: int, k: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
+                    device: torch.device) -> str:
+    """"fused" or "chunked" for the Triton backend: a GPU measurement of this shape if there is
+    one, else the prediction for CUDA tensors; K_PAD above the fused kernel's limit is always
+    chunked. Elsewhere (the interpreter) the fused kernel runs, since proving it is the point."""
+    k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
+    if k_pad > MAX_FUSED_K_PAD:
+        return "chunked"  # registers cannot hold that many candidates per token
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    measured = ENCODE_MEASURED.get((name, x_dtype, w_dtype, m, k_pad))
+    if measured is not None:
+        return measured
+    if device.type == "cuda":
+        return ENCODE_PREDICTED[(_math_kind(x_dtype, w_dtype), k_pad)]
+    return "fused"
+
+
 def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    if encode_strategy(B, M, N, k, x.dtype, weight.dtype, x.device) == "chunked":
+        return _chunked_forward(x, weight, bias, k, out_dtype)
+    return _fused_forward(x, weight, bias, k, out_dtype)
+
+
+def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
+    """The fused kernel's launch (B > 0, K_PAD <= MAX_FUSED_K_PAD)."""
+    B, M = x.shape
+    N = weight.shape[0]
     k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
-    if k_pad > MAX_FUSED_K_PAD:
-        # Registers cannot hold that many candidates per token: blocked GEMM + exact key top-k,
-        # still without a [B, n] tensor and without host syncs.
-        return _blocked_forward(x, weight, bias, k, out_dtype, exact_keys=True)
     block_b, block_n, block_m, num_warps = ENCODE_CONFIGS[k_pad]
     block_m = min(block_m, pow2(M, lo=16))
     n_tiles = triton.cdiv(N, block_n)
@@ -141,7 +203,8 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
-    precision = "tf32" if (fp32_dot and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    # fp32 follows the user's matmul precision, as cuBLAS does: "high"/"medium" allow TF32.
+    precision = "tf32" if (fp32_dot and torch.get_float32_matmul_precision() != "highest") else "ieee"
     num_stages = 3  # Triton's default
     if fp32_dot and precision == "ieee":
         # An exact fp32 dot runs on FMA units at the same cost per column whatever the chunk:
@@ -181,6 +244,36 @@ def _blocked_forward(
     values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
     if cd == torch.float64:
         values = _exact_values(xc, weight, bc, indices)
+    return values.relu().to(out_dtype), indices
+
+
+def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
+    """cuBLAS GEMM of a tile of tokens x a chunk of latents at a time, in fp32 (the fused kernel's
+    accumulation), then packed keys + ``torch.topk`` merged into a running top-k: no [B, n] tensor,
+    no host sync, extra memory about 12 B x CHUNK_TILE_ELEMS + O(B * k)."""
+    B, M = x.shape
+    N = weight.shape[0]
+    if B == 0:
+        return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    # Same-dtype half inputs on CUDA: cuBLAS reads them as they are and writes fp32 (no weight
+    # copy). Otherwise (fp32, mixed dtypes, CPU) the chunk is cast to fp32, which fp32 GEMMs keep
+    # exact or TF32 as torch.get_float32_matmul_precision() says.
+    native = x.device.type == "cuda" and x.dtype == weight.dtype and x.dtype != torch.float32
+    xc = x if native else x.float()
+    bc = bias.float() if bias is not None else None
+    block_b = min(B, CHUNK_MAX_BLOCK_B)
+    block_n = min(N, max(1, CHUNK_TILE_ELEMS // block_b))
+
+    def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
+        if native:
+            pre = torch.mm(xc[b0:b1], weight[start:stop].T, out_dtype=torch.float32)
+            return pre if bc is None else pre.add_(bc[start:stop])
+        w = weight[start:stop].float()  # a copy only when weight is not fp32
+        if bc is None:
+            return torch.mm(xc[b0:b1], w.T)
+        return torch.addmm(bc[start:stop], xc[b0:b1], w.T)
+
+    values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=True)
     return values.relu().to(out_dtype), indices
 
 
