@@ -287,9 +287,8 @@ def test_chunked_strategy_matches_dense_reference(lead, m, n, k, dtype):
 
 
 @pytest.mark.usefixtures("chunked")
-def test_chunked_strategy_mixed_dtypes_and_no_bias():
+def test_chunked_strategy_without_bias():
     x, weight, _ = _inputs((29,), 36, 210)
-    weight = weight.bfloat16()  # fp32 x, bf16 weight: the chunk is widened, the GEMM stays exact
     acts, idx = topk_encode(x, weight, None, 13, backend="triton")
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), None, 13)
     assert acts.dtype == torch.float32
@@ -366,3 +365,20 @@ def test_fp32_precision_follows_matmul_precision(monkeypatch):
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda p=precision: p)
         te._fused_forward(x, weight, bias, 3, torch.float32)
         assert seen[-1] == want
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_mixed_dtypes_multiply_in_the_narrower_type(strategy, x_dtype, w_dtype, monkeypatch):
+    """fp32 with a half type: both strategies round the fp32 operand to the half type and
+    accumulate in fp32, i.e. they match the fp64 reference of the rounded inputs to fp32 accuracy."""
+    monkeypatch.setattr(te, "encode_strategy", lambda *args: strategy)
+    x, weight, bias = _inputs((23,), 40, 150)
+    x, weight = x.to(x_dtype), weight.to(w_dtype)
+    half = x_dtype if w_dtype == torch.float32 else w_dtype
+    acts, idx = topk_encode(x, weight, bias, 7, backend="triton")
+    rx, rw = x.to(half).double(), weight.to(half).double()
+    ref_acts, ref_idx = reference.topk_encode(rx, rw, bias.double(), 7)
+    assert acts.dtype == torch.float32
+    assert_same_topk(idx, ref_idx, _pre(rx, rw, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")

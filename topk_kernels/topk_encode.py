@@ -61,14 +61,14 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import empty_keys, update_topk_keys
+    from ._topk import empty_keys, tile_can_improve, update_topk_keys
 
     @triton.jit
     def _encode_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, cand_ptr,
         B, N, M, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-        K_PAD: tl.constexpr, CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        K_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
         """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split]."""
         pid_b = tl.program_id(0)
@@ -92,6 +92,12 @@ if HAS_TRITON:
                 # transpose in registers.
                 wt = tl.load(w_ptr + w_rows[:, None] + offs_m[None, :],
                              mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+                if DOT_DTYPE == "bf16":  # mixed dtypes: the narrower type feeds the tensor cores
+                    xt = xt.to(tl.bfloat16)
+                    wt = wt.to(tl.bfloat16)
+                elif DOT_DTYPE == "fp16":
+                    xt = xt.to(tl.float16)
+                    wt = wt.to(tl.float16)
                 if CAST_FP32:  # the interpreter multiplies bf16/fp16 dot operands wrongly
                     xt = xt.to(tl.float32)
                     wt = wt.to(tl.float32)
@@ -100,7 +106,10 @@ if HAS_TRITON:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             # Padded latents become -inf with ids >= N: they lose even against a real -inf.
             acc = tl.where(mask_n[None, :], acc, float("-inf"))
-            running = update_topk_keys(running, acc, offs_n, K_PAD)
+            # Tiles arrive in increasing latent ids, so most cannot beat any row's running K_PAD-th
+            # value once the first few are in: one compare per entry instead of the sort.
+            if tile_can_improve(running, acc):
+                running = update_topk_keys(running, acc, offs_n, K_PAD)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
         tl.store(out, running, mask=mask_b[:, None])
 
@@ -203,6 +212,13 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
+    same_dtype = x.dtype == weight.dtype
+    dot_dtype = _narrower_dot_dtype(x.dtype, weight.dtype)
+    if dot_dtype and INTERPRET:
+        # The interpreter rounds fp32 -> bf16 casts toward zero (compiled code rounds to nearest
+        # even, like torch): round on the host there, so the tests see the GPU's numbers.
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dot_dtype]
+        x, weight, dot_dtype, same_dtype = x.to(half), weight.to(half), "", True
     # fp32 follows the user's matmul precision, as cuBLAS does: "high"/"medium" allow TF32.
     precision = "tf32" if (fp32_dot and torch.get_float32_matmul_precision() != "highest") else "ieee"
     num_stages = 3  # Triton's default
@@ -215,10 +231,20 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         x, weight, bias if bias is not None else x, cand,
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
-        K_PAD=k_pad, CAST_FP32=INTERPRET or not (fp32_dot or x.dtype == weight.dtype),
+        K_PAD=k_pad, DOT_DTYPE=dot_dtype, CAST_FP32=INTERPRET or (dot_dtype == "" and not same_dtype),
         INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
+
+
+def _narrower_dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """"bf16" / "fp16" when one input is fp32 and the other that half type (the dot then runs on
+    tensor cores in the half type, fp32 accumulation); "" otherwise (same dtypes, or bf16 with
+    fp16, which have no common narrower type and meet in fp32)."""
+    if x_dtype == w_dtype or torch.float32 not in (x_dtype, w_dtype):
+        return ""
+    half = w_dtype if x_dtype == torch.float32 else x_dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
 
 
 def _blocked_forward(
@@ -255,20 +281,26 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    # Same-dtype half inputs on CUDA: cuBLAS reads them as they are and writes fp32 (no weight
-    # copy). Otherwise (fp32, mixed dtypes, CPU) the chunk is cast to fp32, which fp32 GEMMs keep
-    # exact or TF32 as torch.get_float32_matmul_precision() says.
-    native = x.device.type == "cuda" and x.dtype == weight.dtype and x.dtype != torch.float32
-    xc = x if native else x.float()
+    # Like the fused kernel, mixed fp32 / half inputs multiply in the half type (gemm_dtype).
+    # Half inputs on CUDA: cuBLAS reads them as they are and writes fp32. Otherwise (fp32, bf16 with
+    # fp16, CPU) operands are widened to fp32, whose GEMMs are exact or TF32 as
+    # torch.get_float32_matmul_precision() says.
+    narrow = _narrower_dot_dtype(x.dtype, weight.dtype)
+    gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
+    native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
+    xc = x.to(gemm_dtype) if native else x.to(gemm_dtype).float()
     bc = bias.float() if bias is not None else None
     block_b = min(B, CHUNK_MAX_BLOCK_B)
     block_n = min(N, max(1, CHUNK_TILE_ELEMS // block_b))
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
+        w = weight[start:stop]
+        if narrow:
+            w = w.to(gemm_dtype)  # one chunk at a time: no copy of the whole weight
         if native:
-            pre = torch.mm(xc[b0:b1], weight[start:stop].T, out_dtype=torch.float32)
+            pre = torch.mm(xc[b0:b1], w.T, out_dtype=torch.float32)
             return pre if bc is None else pre.add_(bc[start:stop])
-        w = weight[start:stop].float()  # a copy only when weight is not fp32
+        w = w.float()  # a copy only when weight is not fp32
         if bc is None:
             return torch.mm(xc[b0:b1], w.T)
         return torch.addmm(bc[start:stop], xc[b0:b1], w.T)
