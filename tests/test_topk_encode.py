@@ -361,10 +361,13 @@ def test_fp32_precision_follows_matmul_precision(monkeypatch):
 
     monkeypatch.setattr(te, "_encode_fwd_kernel", Spy())
     x, weight, bias = _inputs((5,), 16, 70)
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), 3)
     for precision, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda p=precision: p)
-        te._fused_forward(x, weight, bias, 3, torch.float32)
+        acts, idx = te._fused_forward(x, weight, bias, 3, torch.float32)  # TF32: its own tile row
         assert seen[-1] == want
+        assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], precision)
+        assert_close(acts, ref_acts, TOL[torch.float32], precision)
 
 
 @pytest.mark.parametrize("strategy", ["fused", "chunked"])

@@ -131,6 +131,19 @@ ENCODE_CONFIGS = {
 }
 MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 
+# Tensor-core tiles, by (kind, K_PAD) -> (BLOCK_B, BLOCK_N, BLOCK_M, num_warps); 3 stages. "half":
+# bf16/fp16 inputs (also fp32 mixed with one, which multiplies in the half type); "tf32": fp32
+# when torch.get_float32_matmul_precision() allows TF32. 128 x 64 output tiles feed sm_90's wgmma
+# at n = 64 with 64-deep (16-bit) or 32-deep (fp32) k-steps, twice the tokens per weight tile of
+# ENCODE_CONFIGS; the k-step is clamped to next_pow2(m). 128 x 128 x 64 compiled at 255 registers
+# with 0 spills on sm_90 but spilled 576 bytes on sm_80 at K_PAD=64. Other K_PAD and the exact-fp32
+# path use ENCODE_CONFIGS. tests/gpu_compile.py compiles every entry as launched for sm_80 /
+# sm_90 with 0 spills (benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch").
+ENCODE_TC_TILES = {
+    **{("half", kp): (128, 64, 64, 8) for kp in (2, 4, 8, 16, 32, 64)},
+    **{("tf32", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
+}
+
 # CPU path tiles: at most CPU_TILE_ELEMS fp32 pre-activations (128 MiB) exist at a time, which
 # bounds the extra memory. Tiles are wide in latents and short in tokens because torch.topk costs
 # less per element on long rows (measured here: 2.5 ns/element at 65536 wide, 4.3 at 8192, 15 at
@@ -204,7 +217,8 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
     B, M = x.shape
     N = weight.shape[0]
     k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
-    block_b, block_n, block_m, num_warps = ENCODE_CONFIGS[k_pad]
+    tile_kind = _tile_kind(x.dtype, weight.dtype)
+    block_b, block_n, block_m, num_warps = ENCODE_TC_TILES.get((tile_kind, k_pad), ENCODE_CONFIGS[k_pad])
     block_m = min(block_m, pow2(M, lo=16))
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
@@ -235,6 +249,16 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
+
+
+def _tile_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """Which tile table row applies: "half", "tf32" or "fp32" (exact fp32 on FMA units, and bf16
+    with fp16, which meet in exact fp32)."""
+    if x_dtype == w_dtype == torch.float32:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if x_dtype == w_dtype or _narrower_dot_dtype(x_dtype, w_dtype):
+        return "half"
+    return "fp32"
 
 
 def _narrower_dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
