@@ -153,10 +153,10 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
-# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (64 MiB, plus 128 MiB
-# of int64 keys while torch.topk runs), up to CHUNK_MAX_BLOCK_B tokens each (one GEMM of 8192 x
-# 2048 x m keeps cuBLAS at full tile occupancy on an H100).
-CHUNK_TILE_ELEMS = 16 * 2**20
+# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (32 MiB; the eager key
+# packing of ``_topk.pack_keys_torch`` holds a few more tensors of that size while it runs), up to
+# CHUNK_MAX_BLOCK_B tokens each (a GEMM of 8192 x 1024 x m still fills an H100).
+CHUNK_TILE_ELEMS = 8 * 2**20
 CHUNK_MAX_BLOCK_B = 8192
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
@@ -164,17 +164,13 @@ CHUNK_MAX_BLOCK_B = 8192
 # weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes here; none exists yet.
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {}
 # Predicted (no GPU has measured), by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
-# n=131072 (benchmarks/RESULTS.md, "Encoder dispatch: predictions"). Fused: sm_90 SASS of today's
-# kernel, (GEMM loop x m/BLOCK_M + top-k) x warps warp-instructions per 64x64 tile at 4 issues
-# per SM per clock (1.755 GHz, 132 SMs): 15.4 (bf16, TF32) / 13.3 (K_PAD<=32) ms, and exact fp32
-# 73+ ms of FMA. Chunked: cuBLAS at 70% of peak (6.3 ms bf16, 12.7 TF32, 73 fp32) + 24 B per
-# pre-activation of traffic (fp32 write + read, int64 key write + read: 7.7 ms at 3.35 TB/s) +
-# torch.topk. Tensor-core math: chunked ~14 ms against fused ~15 ms, a near tie within the
-# model's error that the dispatcher gives to cuBLAS (the dense baseline's own GEMM). Exact fp32:
-# both FMA-bound; cuBLAS SGEMM is the better FMA GEMM.
+# n=131072 (benchmarks/RESULTS.md, "Encoder on CUDA ... (PREDICTIONS)"). Tensor cores: fused
+# ~19 ms (L2-bound: 103 GB of tile streaming; issue-bound 10.9 ms from the sm_90 SASS) against
+# chunked ~50 ms (GEMM 6.3 ms + ~136 B of eager elementwise traffic per pre-activation for the
+# fp32 tile, bias and key packing, 44 ms). Exact fp32: fused ~97 ms (84 FMA-loop
+# warp-instructions per element) against chunked ~126 ms (SGEMM 82 ms + the same 44 ms).
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
-    **{("tensor", kp): "chunked" for kp in (2, 4, 8, 16, 32, 64, 128, 256)},
-    **{("fp32", kp): "chunked" for kp in (2, 4, 8, 16, 32, 64, 128, 256)},
+    (kind, kp): "fused" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
 }
 
 
@@ -300,7 +296,7 @@ def _blocked_forward(
 def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     """cuBLAS GEMM of a tile of tokens x a chunk of latents at a time, in fp32 (the fused kernel's
     accumulation), then packed keys + ``torch.topk`` merged into a running top-k: no [B, n] tensor,
-    no host sync, extra memory about 12 B x CHUNK_TILE_ELEMS + O(B * k)."""
+    no host sync, extra memory a few fp32/int64 tensors of CHUNK_TILE_ELEMS + O(B * k)."""
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
