@@ -69,6 +69,7 @@ if HAS_TRITON:
         B, N, M, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         K_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        SKIP_SORT: tl.constexpr,
     ):
         """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split]."""
         pid_b = tl.program_id(0)
@@ -108,7 +109,10 @@ if HAS_TRITON:
             acc = tl.where(mask_n[None, :], acc, float("-inf"))
             # Tiles arrive in increasing latent ids, so most cannot beat any row's running K_PAD-th
             # value once the first few are in: one compare per entry instead of the sort.
-            if tile_can_improve(running, acc):
+            if SKIP_SORT:
+                if tile_can_improve(running, acc):
+                    running = update_topk_keys(running, acc, offs_n, K_PAD)
+            else:
                 running = update_topk_keys(running, acc, offs_n, K_PAD)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
         tl.store(out, running, mask=mask_b[:, None])
@@ -132,7 +136,7 @@ ENCODE_CONFIGS = {
 MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 
 # Tensor-core tiles, by (kind, K_PAD) -> (BLOCK_B, BLOCK_N, BLOCK_M, num_warps); 3 stages. "half":
-# bf16/fp16 inputs (also fp32 mixed with one, which multiplies in the half type); "tf32": fp32
+# bf16/fp16 inputs; "mixed": fp32 with one of them (multiplied in the half type); "tf32": fp32
 # when torch.get_float32_matmul_precision() allows TF32. 128 x 64 output tiles feed sm_90's wgmma
 # at n = 64 with 64-deep (16-bit) or 32-deep (fp32) k-steps, twice the tokens per weight tile of
 # ENCODE_CONFIGS; the k-step is clamped to next_pow2(m). 128 x 128 x 64 compiled at 255 registers
@@ -142,7 +146,13 @@ MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 ENCODE_TC_TILES = {
     **{("half", kp): (128, 64, 64, 8) for kp in (2, 4, 8, 16, 32, 64)},
     **{("tf32", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
+    # fp32 x with a half weight (or the reverse): the fp32 operand's tile is twice as wide in
+    # shared memory, and 64-deep k-steps spilled 8 bytes on sm_80.
+    **{("mixed", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
 }
+# The sort-skip test (``_topk.tile_can_improve``) costs registers: at K_PAD=128 the exact-fp32
+# build spilled 8-20 bytes with it, so wider candidate sets sort every tile as before.
+SKIP_SORT_MAX_K_PAD = 64
 
 # CPU path tiles: at most CPU_TILE_ELEMS fp32 pre-activations (128 MiB) exist at a time, which
 # bounds the extra memory. Tiles are wide in latents and short in tokens because torch.topk costs
@@ -242,19 +252,19 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
         K_PAD=k_pad, DOT_DTYPE=dot_dtype, CAST_FP32=INTERPRET or (dot_dtype == "" and not same_dtype),
-        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
+        INPUT_PRECISION=precision, SKIP_SORT=k_pad <= SKIP_SORT_MAX_K_PAD, num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
 
 
 def _tile_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
-    """Which tile table row applies: "half", "tf32" or "fp32" (exact fp32 on FMA units, and bf16
-    with fp16, which meet in exact fp32)."""
+    """Which tile table row applies: "half", "tf32", "mixed" (fp32 with a half type) or "fp32"
+    (exact fp32 on FMA units, and bf16 with fp16, which meet in exact fp32)."""
     if x_dtype == w_dtype == torch.float32:
         return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    if x_dtype == w_dtype or _narrower_dot_dtype(x_dtype, w_dtype):
+    if x_dtype == w_dtype:
         return "half"
-    return "fp32"
+    return "mixed" if _narrower_dot_dtype(x_dtype, w_dtype) else "fp32"
 
 
 def _narrower_dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
