@@ -252,7 +252,8 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
         K_PAD=k_pad, DOT_DTYPE=dot_dtype, CAST_FP32=INTERPRET or (dot_dtype == "" and not same_dtype),
-        INPUT_PRECISION=precision, SKIP_SORT=k_pad <= SKIP_SORT_MAX_K_PAD, num_warps=num_warps, num_stages=num_stages, **launch_options(),
+        INPUT_PRECISION=precision, SKIP_SORT=k_pad <= SKIP_SORT_MAX_K_PAD,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
 
