@@ -137,17 +137,27 @@ def _sparse_decode_weight_grad_specs() -> list[Spec]:
 # --- topk_encode ------------------------------------------------------------------------------
 
 def _topk_encode_specs() -> list[Spec]:
+    """The fused kernel (``_fused_forward``, whatever the dispatcher would pick) for every row of
+    both tile tables: ENCODE_CONFIGS (exact fp32, and bf16 where no tensor-core tile is listed),
+    ENCODE_TC_TILES ("half": bf16, and fp32 x with bf16 weight; "tf32": fp32 with TF32 allowed)."""
     te = _mod("topk_encode")
     B, m, n = TOPK["B"], TOPK["m"], TOPK["n"]
+    tf32_k_pads = {kp for kind, kp in te.ENCODE_TC_TILES if kind == "tf32"} | {TOPK["k"]}
     specs = []
+
+    def add(label, x_dt, w_dt, k, tf32=False):
+        def run():
+            with _tf32(tf32):
+                return te._fused_forward(_t(B, m, dtype=x_dt), _t(n, m, dtype=w_dt), _t(n, dtype=w_dt), k,
+                                         _torch_dtype("fp32" if "fp32" in (x_dt, w_dt) else w_dt))
+        specs.append(Spec("topk_encode", label, run))
+
     for dt in DTYPES:
         for k_pad in te.ENCODE_CONFIGS:
-            for tf32 in ((False, True) if (dt == "fp32" and k_pad == TOPK["k"]) else (False,)):
-                def run(dt=dt, k=k_pad, tf32=tf32):
-                    with _tf32(tf32):
-                        return te._triton_forward(_t(B, m, dtype=dt), _t(n, m, dtype=dt), _t(n, dtype=dt), k,
-                                                  _torch_dtype(dt))
-                specs.append(Spec("topk_encode", f"{dt},K_PAD={k_pad}" + (",tf32" if tf32 else ""), run))
+            add(f"{dt},K_PAD={k_pad}", dt, dt, k_pad)
+            if dt == "fp32" and k_pad in tf32_k_pads:
+                add(f"{dt},K_PAD={k_pad},tf32", dt, dt, k_pad, tf32=True)
+    add(f"fp32 x bf16 weight,K_PAD={TOPK['k']}", "fp32", "bf16", TOPK["k"])
     return specs
 
 

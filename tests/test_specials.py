@@ -3,7 +3,8 @@
 
 - The top-k never returns an id outside [0, n) for inputs full of NaN (both sign bits), +-inf and
   ties, at n not a multiple of any block, and the Triton kernels, the PyTorch path and the
-  reference return the same ids (one order: value descending, NaN above +inf, ties to the lower id).
+  reference return the same ids (one order: value descending, NaN above +inf, ties to the lower id);
+  so does topk_encode's chunked strategy (GEMM per chunk + running top-k).
 - An out-of-range or negative index handed straight to the Triton launchers (no API check in
   front) contributes nothing and touches no memory outside its tensors; with
   ``TOPK_KERNELS_DEBUG=1`` the kernels raise.
@@ -53,7 +54,7 @@ def _spec_order(pre, k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 17, N])
-def test_topk_encode_specials_every_backend_same_ids(k):
+def test_topk_encode_specials_every_backend_same_ids(k, monkeypatch):
     # Token rows 0..5: finite x, pre = small-integer dot + special bias (ties, NaN, inf).
     # Token rows 6..9: x holds +inf in two columns, so pre mixes inf - inf (a sign-bit NaN on
     # x86), 0 * inf = NaN and +-inf: all-NaN tokens included.
@@ -65,9 +66,22 @@ def test_topk_encode_specials_every_backend_same_ids(k):
     weight[::3] = 0.0
     bias = _specials((N,))
     results = {b: topk_encode(x, weight, bias, k, backend=b) for b in RUNNABLE}
+    if HAS_TRITON:
+        results["triton, chunked"] = _chunked_topk_encode(monkeypatch, x, weight, bias, k)
     _assert_same_topk(results, N, k)
     pre = x.double() @ weight.double().T + bias.double()
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
+
+
+def _chunked_topk_encode(monkeypatch, x, weight, bias, k):
+    """topk_encode's Triton backend forced onto its chunked strategy (GEMM per chunk + running
+    top-k), with chunks small enough to split these tokens and latents several ways."""
+    te = importlib.import_module("topk_kernels.topk_encode")
+    with monkeypatch.context() as patch:
+        patch.setattr(te, "encode_strategy", lambda *args: "chunked")
+        patch.setattr(te, "CHUNK_TILE_ELEMS", 4 * 20)
+        patch.setattr(te, "CHUNK_MAX_BLOCK_B", 4)
+        return topk_encode(x, weight, bias, k, backend="triton")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 17, N])
@@ -85,11 +99,15 @@ def test_expander_encode_specials_every_backend_same_ids(k):
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_all_nan_tokens_return_the_lowest_ids(backend):
+@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton)])
+def test_all_nan_tokens_return_the_lowest_ids(backend, monkeypatch):
     x = torch.full((3, 5), NAN)
     x[1] = -NAN
-    acts, idx = topk_encode(x, torch.randn(N, 5), torch.randn(N), 4, backend=backend)
+    weight, bias = torch.randn(N, 5), torch.randn(N)
+    if backend == "chunked":
+        acts, idx = _chunked_topk_encode(monkeypatch, x, weight, bias, 4)
+    else:
+        acts, idx = topk_encode(x, weight, bias, 4, backend=backend)
     assert torch.equal(idx, torch.arange(4).expand(3, 4))
     assert acts.isnan().all()
 

@@ -254,3 +254,134 @@ def test_blocked_topk_matches_exact_topk(block):
     assert max(calls) <= block
     keyed_values, keyed_indices = blocked_topk(pre_block, 333, 60, block, exact_keys=True)
     assert torch.equal(keyed_indices, expected) and torch.equal(keyed_values, values)
+
+
+# --- the chunked strategy (cuBLAS-style GEMM per chunk + running top-k) and the dispatcher -----
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """Make the Triton backend run the chunked strategy, with chunks small enough that these
+    problems span several token blocks and latent chunks."""
+    monkeypatch.setattr(te, "encode_strategy", lambda *args: "chunked")
+    monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 16 * 40)
+    monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 16)
+
+
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,m,n,k", SHAPES)
+def test_chunked_strategy_matches_dense_reference(lead, m, n, k, dtype):
+    x, weight, bias = _inputs(lead, m, n, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    acts, idx = topk_encode(*leaves, k, backend="triton")
+    ref_leaves, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert acts.dtype == dtype and idx.dtype == torch.int64 and idx.shape == (*lead, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[dtype], "top_acts")
+    grad = torch.randn_like(ref_acts)
+    acts.backward(grad.to(dtype))
+    ref_acts.backward(grad)
+    for name, got, want in zip(("x", "weight", "bias"), leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        assert_close(got.grad, want.grad, max(TOL[dtype], 1e-4), f"grad {name}")
+
+
+@pytest.mark.usefixtures("chunked")
+def test_chunked_strategy_without_bias():
+    x, weight, _ = _inputs((29,), 36, 210)
+    acts, idx = topk_encode(x, weight, None, 13, backend="triton")
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), None, 13)
+    assert acts.dtype == torch.float32
+    assert_same_topk(idx, ref_idx, _pre(x, weight, None), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+
+
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("k", [5, 40, 300])
+def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
+    n = 300
+    weight = torch.zeros(n, 12)
+    choices = torch.tensor([-1.0, -0.0, 0.0, 2.0, 3.5])
+    bias = choices[torch.randint(0, len(choices), (n,))]
+    expected = torch.sort(-bias, stable=True).indices[:k]
+    acts, idx = topk_encode(torch.randn(21, 12), weight, bias, k, backend="triton")
+    assert torch.equal(idx, expected.expand(21, k))
+    assert torch.equal(acts, bias[expected].relu().expand(21, k))
+
+
+def test_chunked_strategy_extra_memory_is_bounded(monkeypatch):
+    """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""
+    monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 24 * 50)
+    monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 24)
+    sizes = []
+    blocked = te.token_blocked_topk
+
+    def spy(pre_fn, *args, **kwargs):
+        def recorded(*bounds):
+            pre = pre_fn(*bounds)
+            sizes.append(pre.numel())
+            return pre
+        return blocked(recorded, *args, **kwargs)
+
+    monkeypatch.setattr(te, "token_blocked_topk", spy)
+    x, weight, bias = _inputs((70,), 20, 333)
+    acts, idx = te._chunked_forward(x, weight, bias, 9, torch.float32)
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), 9)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert len(sizes) > 3 and max(sizes) <= 24 * 50 < 70 * 333
+
+
+def test_encode_strategy_table(monkeypatch):
+    cpu = torch.device("cpu")
+    # The interpreter proves the fused kernel unless a measurement says otherwise.
+    assert te.encode_strategy(64, 40, 999, 17, torch.float32, torch.float32, cpu) == "fused"
+    # Past the fused kernel's K_PAD limit the chunked path always runs.
+    k_big = 2 * te.MAX_FUSED_K_PAD
+    assert te.encode_strategy(64, 40, 999, k_big, torch.float32, torch.float32, cpu) == "chunked"
+    monkeypatch.setitem(te.ENCODE_MEASURED, ("cpu", torch.bfloat16, torch.bfloat16, 40, 32), "chunked")
+    assert te.encode_strategy(64, 40, 999, 17, torch.bfloat16, torch.bfloat16, cpu) == "chunked"
+    assert te.encode_strategy(64, 40, 999, 17, torch.float32, torch.float32, cpu) == "fused"
+    # Every fused K_PAD has a predicted choice for both kinds of math.
+    assert {(kind, kp) for kind in ("tensor", "fp32") for kp in te.ENCODE_CONFIGS} <= set(te.ENCODE_PREDICTED)
+    assert set(te.ENCODE_PREDICTED.values()) <= {"fused", "chunked"}
+
+
+def test_fp32_precision_follows_matmul_precision(monkeypatch):
+    """The fused kernel's fp32 dots are TF32 exactly when torch.get_float32_matmul_precision()
+    allows it (what cuBLAS does), checked on the launch's INPUT_PRECISION."""
+    seen = []
+    kernel = te._encode_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["INPUT_PRECISION"])
+                return kernel[grid](*args, **{**kwargs, "INPUT_PRECISION": "ieee"})  # interpreter: exact
+            return launch
+
+    monkeypatch.setattr(te, "_encode_fwd_kernel", Spy())
+    x, weight, bias = _inputs((5,), 16, 70)
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), 3)
+    for precision, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda p=precision: p)
+        acts, idx = te._fused_forward(x, weight, bias, 3, torch.float32)  # TF32: its own tile row
+        assert seen[-1] == want
+        assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], precision)
+        assert_close(acts, ref_acts, TOL[torch.float32], precision)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_mixed_dtypes_multiply_in_the_narrower_type(strategy, x_dtype, w_dtype, monkeypatch):
+    """fp32 with a half type: both strategies round the fp32 operand to the half type and
+    accumulate in fp32, i.e. they match the fp64 reference of the rounded inputs to fp32 accuracy."""
+    monkeypatch.setattr(te, "encode_strategy", lambda *args: strategy)
+    x, weight, bias = _inputs((23,), 40, 150)
+    x, weight = x.to(x_dtype), weight.to(w_dtype)
+    half = x_dtype if w_dtype == torch.float32 else w_dtype
+    acts, idx = topk_encode(x, weight, bias, 7, backend="triton")
+    rx, rw = x.to(half).double(), weight.to(half).double()
+    ref_acts, ref_idx = reference.topk_encode(rx, rw, bias.double(), 7)
+    assert acts.dtype == torch.float32
+    assert_same_topk(idx, ref_idx, _pre(rx, rw, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")

@@ -38,6 +38,9 @@ Triton device functions (call them from ``@triton.jit`` kernels):
     sorts it: log2(K_PAD) compare-and-swap rounds instead of a full sort of 2*K_PAD keys.)
   - ``update_topk_keys(running, pre, ids, K_PAD)`` = ``merge_topk_keys(running,
     tile_topk_keys(pre, ids, K_PAD))``: the one call per tile of a fused encoder's inner loop.
+  - ``tile_can_improve(running, pre) -> scalar bool``: False when no entry of a tile (whose ids
+    all exceed those already folded in) can enter the running candidates; an encoder skips
+    ``update_topk_keys`` then. Conservative (NaNs and empty slots always say True).
 
 Host side (torch tensors on any device):
   - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors
@@ -122,6 +125,22 @@ if HAS_TRITON:
     def update_topk_keys(running, pre, ids, K_PAD: tl.constexpr):
         """Fold one pre-activation tile into the running candidates (see tile_topk_keys)."""
         return merge_topk_keys(running, tile_topk_keys(pre, ids, K_PAD))
+
+    @triton.jit
+    def tile_can_improve(running, pre):
+        """Whether any entry of the tile ``pre`` [BLOCK_B, BLOCK_N] (fp32, invalid = -inf) can
+        enter the running candidates [BLOCK_B, K_PAD] (sorted descending), for a tile whose ids
+        are all above the ids already seen: a scalar, so the caller skips the sort otherwise.
+
+        Conservative: a row improves if its running set has an empty slot, or an entry beats the
+        running K_PAD-th value, or the tile holds a NaN (NaN ties are not resolved here). An equal
+        value never improves, since its id is higher. One compare per entry instead of a sort.
+        """
+        last = tl.min(running, axis=1)  # the K_PAD-th best key of each row
+        high = (last >> 32).to(tl.int32)
+        kth = (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        better = (pre > kth[:, None]) | (pre != pre) | (last == MIN_KEY)[:, None]
+        return tl.max(tl.max(better.to(tl.int32), axis=1), axis=0) > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,14 @@ final k. The CPU path computes ``pre`` a block of latents at a time with one GEM
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
 Ties go to the lower latent id on every backend.
 
+On CUDA the Triton backend runs one of two strategies per shape, picked by ``encode_strategy``
+from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
+roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
+``"fused"`` (the kernel above) or ``"chunked"`` (``_chunked_forward``: cuBLAS
+``x @ W[chunk].T + b[chunk]`` in fp32, packed keys + ``torch.topk``, merged into a running top-k,
+extra memory bounded by ``CHUNK_TILE_ELEMS``). Both follow the package's one NaN order and
+lowest-id tie rule, so the choice changes speed only.
+
 Backward (only through the selected entries with positive pre-activation, as ReLU dictates):
 ``grad x`` is a sparse decode of the masked gradient against ``weight``, ``grad weight`` touches
 only the active rows (row idx += g * x[token]), ``grad bias`` is a scatter-add; all three reuse the
@@ -53,14 +61,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import empty_keys, update_topk_keys
+    from ._topk import empty_keys, tile_can_improve, update_topk_keys
 
     @triton.jit
     def _encode_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, cand_ptr,
         B, N, M, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-        K_PAD: tl.constexpr, CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        K_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        SKIP_SORT: tl.constexpr,
     ):
         """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split]."""
         pid_b = tl.program_id(0)
@@ -84,6 +93,12 @@ if HAS_TRITON:
                 # transpose in registers.
                 wt = tl.load(w_ptr + w_rows[:, None] + offs_m[None, :],
                              mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+                if DOT_DTYPE == "bf16":  # mixed dtypes: the narrower type feeds the tensor cores
+                    xt = xt.to(tl.bfloat16)
+                    wt = wt.to(tl.bfloat16)
+                elif DOT_DTYPE == "fp16":
+                    xt = xt.to(tl.float16)
+                    wt = wt.to(tl.float16)
                 if CAST_FP32:  # the interpreter multiplies bf16/fp16 dot operands wrongly
                     xt = xt.to(tl.float32)
                     wt = wt.to(tl.float32)
@@ -92,7 +107,13 @@ if HAS_TRITON:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             # Padded latents become -inf with ids >= N: they lose even against a real -inf.
             acc = tl.where(mask_n[None, :], acc, float("-inf"))
-            running = update_topk_keys(running, acc, offs_n, K_PAD)
+            # Tiles arrive in increasing latent ids, so most cannot beat any row's running K_PAD-th
+            # value once the first few are in: one compare per entry instead of the sort.
+            if SKIP_SORT:
+                if tile_can_improve(running, acc):
+                    running = update_topk_keys(running, acc, offs_n, K_PAD)
+            else:
+                running = update_topk_keys(running, acc, offs_n, K_PAD)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
         tl.store(out, running, mask=mask_b[:, None])
 
@@ -114,6 +135,25 @@ ENCODE_CONFIGS = {
 }
 MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 
+# Tensor-core tiles, by (kind, K_PAD) -> (BLOCK_B, BLOCK_N, BLOCK_M, num_warps); 3 stages. "half":
+# bf16/fp16 inputs; "mixed": fp32 with one of them (multiplied in the half type); "tf32": fp32
+# when torch.get_float32_matmul_precision() allows TF32. 128 x 64 output tiles feed sm_90's wgmma
+# at n = 64 with 64-deep (16-bit) or 32-deep (fp32) k-steps, twice the tokens per weight tile of
+# ENCODE_CONFIGS; the k-step is clamped to next_pow2(m). 128 x 128 x 64 compiled at 255 registers
+# with 0 spills on sm_90 but spilled 576 bytes on sm_80 at K_PAD=64. Other K_PAD and the exact-fp32
+# path use ENCODE_CONFIGS. tests/gpu_compile.py compiles every entry as launched for sm_80 /
+# sm_90 with 0 spills (benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch").
+ENCODE_TC_TILES = {
+    **{("half", kp): (128, 64, 64, 8) for kp in (2, 4, 8, 16, 32, 64)},
+    **{("tf32", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
+    # fp32 x with a half weight (or the reverse): the fp32 operand's tile is twice as wide in
+    # shared memory, and 64-deep k-steps spilled 8 bytes on sm_80.
+    **{("mixed", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
+}
+# The sort-skip test (``_topk.tile_can_improve``) costs registers: at K_PAD=128 the exact-fp32
+# build spilled 8-20 bytes with it, so wider candidate sets sort every tile as before.
+SKIP_SORT_MAX_K_PAD = 64
+
 # CPU path tiles: at most CPU_TILE_ELEMS fp32 pre-activations (128 MiB) exist at a time, which
 # bounds the extra memory. Tiles are wide in latents and short in tokens because torch.topk costs
 # less per element on long rows (measured here: 2.5 ns/element at 65536 wide, 4.3 at 8192, 15 at
@@ -123,17 +163,68 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
+# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (32 MiB; the eager key
+# packing of ``_topk.pack_keys_torch`` holds a few more tensors of that size while it runs), up to
+# CHUNK_MAX_BLOCK_B tokens each (a GEMM of 8192 x 1024 x m still fills an H100).
+CHUNK_TILE_ELEMS = 8 * 2**20
+CHUNK_MAX_BLOCK_B = 8192
+
+# --- which strategy runs on CUDA ---------------------------------------------------------------
+# Measured on a GPU (benchmarks/test_bench_topk_encode.py): (device name, dtype of x, dtype of
+# weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes here; none exists yet.
+ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {}
+# Predicted (no GPU has measured), by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
+# n=131072 (benchmarks/RESULTS.md, "Encoder on CUDA ... (PREDICTIONS)"). Tensor cores: fused
+# ~19 ms (L2-bound: 103 GB of tile streaming; issue-bound 10.9 ms from the sm_90 SASS) against
+# chunked ~50 ms (GEMM 6.3 ms + ~136 B of eager elementwise traffic per pre-activation for the
+# fp32 tile, bias and key packing, 44 ms). Exact fp32: fused ~97 ms (84 FMA-loop
+# warp-instructions per element) against chunked ~126 ms (SGEMM 82 ms + the same 44 ms).
+ENCODE_PREDICTED: dict[tuple[str, int], str] = {
+    (kind, kp): "fused" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
+}
+
+
+def _math_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """"tensor" when the GEMM runs on tensor cores (a half type, or fp32 with TF32 allowed),
+    "fp32" for exact fp32 on FMA units."""
+    fp32 = x_dtype == torch.float32 and w_dtype == torch.float32
+    return "fp32" if (fp32 and torch.get_float32_matmul_precision() == "highest") else "tensor"
+
+
+def encode_strategy(B: int, m: int, n: int, k: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
+                    device: torch.device) -> str:
+    """"fused" or "chunked" for the Triton backend: a GPU measurement of this shape if there is
+    one, else the prediction for CUDA tensors; K_PAD above the fused kernel's limit is always
+    chunked. Elsewhere (the interpreter) the fused kernel runs, since proving it is the point."""
+    k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
+    if k_pad > MAX_FUSED_K_PAD:
+        return "chunked"  # registers cannot hold that many candidates per token
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    measured = ENCODE_MEASURED.get((name, x_dtype, w_dtype, m, k_pad))
+    if measured is not None:
+        return measured
+    if device.type == "cuda":
+        return ENCODE_PREDICTED[(_math_kind(x_dtype, w_dtype), k_pad)]
+    return "fused"
+
+
 def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    if encode_strategy(B, M, N, k, x.dtype, weight.dtype, x.device) == "chunked":
+        return _chunked_forward(x, weight, bias, k, out_dtype)
+    return _fused_forward(x, weight, bias, k, out_dtype)
+
+
+def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
+    """The fused kernel's launch (B > 0, K_PAD <= MAX_FUSED_K_PAD)."""
+    B, M = x.shape
+    N = weight.shape[0]
     k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
-    if k_pad > MAX_FUSED_K_PAD:
-        # Registers cannot hold that many candidates per token: blocked GEMM + exact key top-k,
-        # still without a [B, n] tensor and without host syncs.
-        return _blocked_forward(x, weight, bias, k, out_dtype, exact_keys=True)
-    block_b, block_n, block_m, num_warps = ENCODE_CONFIGS[k_pad]
+    tile_kind = _tile_kind(x.dtype, weight.dtype)
+    block_b, block_n, block_m, num_warps = ENCODE_TC_TILES.get((tile_kind, k_pad), ENCODE_CONFIGS[k_pad])
     block_m = min(block_m, pow2(M, lo=16))
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
@@ -141,7 +232,15 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
-    precision = "tf32" if (fp32_dot and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    same_dtype = x.dtype == weight.dtype
+    dot_dtype = _narrower_dot_dtype(x.dtype, weight.dtype)
+    if dot_dtype and INTERPRET:
+        # The interpreter rounds fp32 -> bf16 casts toward zero (compiled code rounds to nearest
+        # even, like torch): round on the host there, so the tests see the GPU's numbers.
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dot_dtype]
+        x, weight, dot_dtype, same_dtype = x.to(half), weight.to(half), "", True
+    # fp32 follows the user's matmul precision, as cuBLAS does: "high"/"medium" allow TF32.
+    precision = "tf32" if (fp32_dot and torch.get_float32_matmul_precision() != "highest") else "ieee"
     num_stages = 3  # Triton's default
     if fp32_dot and precision == "ieee":
         # An exact fp32 dot runs on FMA units at the same cost per column whatever the chunk:
@@ -152,10 +251,31 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
         x, weight, bias if bias is not None else x, cand,
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
-        K_PAD=k_pad, CAST_FP32=INTERPRET or not (fp32_dot or x.dtype == weight.dtype),
-        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
+        K_PAD=k_pad, DOT_DTYPE=dot_dtype, CAST_FP32=INTERPRET or (dot_dtype == "" and not same_dtype),
+        INPUT_PRECISION=precision, SKIP_SORT=k_pad <= SKIP_SORT_MAX_K_PAD,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
+
+
+def _tile_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """Which tile table row applies: "half", "tf32", "mixed" (fp32 with a half type) or "fp32"
+    (exact fp32 on FMA units, and bf16 with fp16, which meet in exact fp32)."""
+    if x_dtype == w_dtype == torch.float32:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if x_dtype == w_dtype:
+        return "half"
+    return "mixed" if _narrower_dot_dtype(x_dtype, w_dtype) else "fp32"
+
+
+def _narrower_dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """"bf16" / "fp16" when one input is fp32 and the other that half type (the dot then runs on
+    tensor cores in the half type, fp32 accumulation); "" otherwise (same dtypes, or bf16 with
+    fp16, which have no common narrower type and meet in fp32)."""
+    if x_dtype == w_dtype or torch.float32 not in (x_dtype, w_dtype):
+        return ""
+    half = w_dtype if x_dtype == torch.float32 else x_dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
 
 
 def _blocked_forward(
@@ -181,6 +301,42 @@ def _blocked_forward(
     values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
     if cd == torch.float64:
         values = _exact_values(xc, weight, bc, indices)
+    return values.relu().to(out_dtype), indices
+
+
+def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
+    """cuBLAS GEMM of a tile of tokens x a chunk of latents at a time, in fp32 (the fused kernel's
+    accumulation), then packed keys + ``torch.topk`` merged into a running top-k: no [B, n] tensor,
+    no host sync, extra memory a few fp32/int64 tensors of CHUNK_TILE_ELEMS + O(B * k)."""
+    B, M = x.shape
+    N = weight.shape[0]
+    if B == 0:
+        return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    # Like the fused kernel, mixed fp32 / half inputs multiply in the half type (gemm_dtype).
+    # Half inputs on CUDA: cuBLAS reads them as they are and writes fp32. Otherwise (fp32, bf16 with
+    # fp16, CPU) operands are widened to fp32, whose GEMMs are exact or TF32 as
+    # torch.get_float32_matmul_precision() says.
+    narrow = _narrower_dot_dtype(x.dtype, weight.dtype)
+    gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
+    native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
+    xc = x.to(gemm_dtype) if native else x.to(gemm_dtype).float()
+    bc = bias.float() if bias is not None else None
+    block_b = min(B, CHUNK_MAX_BLOCK_B)
+    block_n = min(N, max(1, CHUNK_TILE_ELEMS // block_b))
+
+    def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
+        w = weight[start:stop]
+        if narrow:
+            w = w.to(gemm_dtype)  # one chunk at a time: no copy of the whole weight
+        if native:
+            pre = torch.mm(xc[b0:b1], w.T, out_dtype=torch.float32)
+            return pre if bc is None else pre.add_(bc[start:stop])
+        w = w.float()  # a copy only when weight is not fp32
+        if bc is None:
+            return torch.mm(xc[b0:b1], w.T)
+        return torch.addmm(bc[start:stop], xc[b0:b1], w.T)
+
+    values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=True)
     return values.relu().to(out_dtype), indices
 
 
