@@ -1,8 +1,8 @@
 """One trainer for ``TopKSAE`` and ``ExpanderSAE`` on a stream of activations.
 
-Adam with linear warm-up and a linear decay at the end, gradient clipping, the decoder
-constraints (unit-norm rows, gradient parallel to each row removed), dead-latent tracking and
-AuxK (inside the models), periodic evaluation, tqdm progress in tokens/s, JSON metrics, and
+Adam with linear warm-up and a linear decay at the end (or a cosine decay), gradient clipping,
+the decoder constraints (unit-norm rows, gradient parallel to each row removed), dead-latent
+tracking and AuxK (inside the models), optional dead-latent resampling (their Adam moments zeroed), periodic evaluation, tqdm progress in tokens/s, JSON metrics, and
 checkpoints that survive being killed at any moment:
 
 - a checkpoint is one file in the format of ``sae.checkpoint`` (SAE tensors, Adam moments, and a
@@ -41,7 +41,8 @@ from .rundir import RunLock, write_json
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 # Settings whose change on resume makes the run a different run: refused unless allowed.
-_RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "seed")
+_RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "seed", "lr_schedule",
+                "resample_every")
 
 __all__ = ["CHECKPOINT", "METRICS", "CheckpointError", "NonFiniteError", "TrainingInterrupted", "TrainConfig",
            "TrainResult", "train", "save_checkpoint", "load_checkpoint"]
@@ -58,6 +59,9 @@ class TrainResult:
 def _lr_at(step: int, total: int, base: float, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
     decay_start = int(total * (1 - cfg.decay_fraction))
     if cfg.decay_fraction > 0 and step >= decay_start:
         return base * max(0.0, (total - step) / max(1, total - decay_start))
@@ -149,6 +153,21 @@ class _FiniteWatch:
                     raise NonFiniteError(f"step {step}: parameter {name} is not finite. {hint}")
 
 
+@torch.no_grad()
+def _resample(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, seed: int) -> int:
+    """``sae.resample_dead`` on batch ``x``; zeroes the Adam moments of every per-latent row of the
+    resampled latents (parameters whose first dimension is n_latents). Returns how many."""
+    idx = sae.resample_dead(x, generator=torch.Generator().manual_seed(seed))
+    if idx.numel():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.dim() >= 1 and p.shape[0] == sae.n_latents:
+                    for value in optimizer.state.get(p, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                            value[idx.to(value.device)] = 0
+    return int(idx.numel())
+
+
 def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: str | os.PathLike = "runs/train", *,
           resume: bool = False, allow_config_change: bool = False,
           evaluate: Optional[Callable[[nn.Module], dict]] = None,
@@ -234,6 +253,9 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
             sae.normalize_decoder()
             step += 1
             tokens += x.shape[0]
+            resampled = None
+            if cfg.resample_every and step % cfg.resample_every == 0 and step != total:
+                resampled = _resample(sae, optimizer, x, cfg.seed * 1_000_003 + step)
             watch.record(step, output.loss)
             if watch.sync_every_step:
                 watch.check(step, last_ckpt, params=False)
@@ -252,6 +274,8 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
                 # The bar shows the training batches' running FVU, not the held-out figure reported at the end.
                 bar.set_postfix(train_fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")
                 t0, fvu_sum, fvu_n = time.perf_counter(), torch.zeros((), device=device), 0
+            if resampled is not None:
+                log = dict(log or {"step": step, "tokens": tokens}, resampled=resampled)
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                 log = dict(log or {"step": step, "tokens": tokens}, eval=evaluate(sae))
                 sae.train()
