@@ -159,7 +159,7 @@ class _Workspace:
         t0 = time.perf_counter()
         torch.manual_seed(getattr(args, "seed", 0))  # anything left on the global RNG is seeded too
         try:
-            self.model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+            self.model, tokenizer = load_model(args.model, dtype=getattr(torch, args.model_dtype))
             source = model_source(args.model)
         except (OSError, ValueError) as exc:
             where = args.model or "the embedded default"
@@ -185,8 +185,8 @@ class _Workspace:
         self.provenance = {
             "model": self.model_name, "model_file": ", ".join(files) or None,
             "model_sha256": ", ".join(files.values()) or None, "layer": self.layer, "n_layers": n_layers,
-            "bos_id": self.splits.bos_id, "ctx_len": args.ctx_len, "test_tokens": int(self.test_tokens.numel()),
-            "validation_tokens": int(self.splits.validation.numel()),
+            "model_dtype": args.model_dtype, "bos_id": self.splits.bos_id, "ctx_len": args.ctx_len,
+            "test_tokens": int(self.test_tokens.numel()), "validation_tokens": int(self.splits.validation.numel()),
             "train_split_tokens": int(self.splits.train.numel())}
         self.args = args
         print(f"[sae] {self.model_name}: layer {self.layer}/{n_layers}; tokens: {self.splits.train.numel():,} train, "
@@ -201,13 +201,16 @@ class _Workspace:
 
     def buffer(self):
         """Training-split activations, harvested once and cached on disk (bf16)."""
+        import torch
+
         from .data import ActivationBuffer
 
         if self._buffer is None:
             t0 = time.perf_counter()
             self._buffer = ActivationBuffer.harvest(
                 self.model, self.splits.train, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
-                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8, progress=True)
+                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8, progress=True,
+                storage_dtype=torch.bfloat16)
             print(f"[sae] {len(self._buffer):,} training activations ready ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
         return self._buffer
@@ -717,6 +720,10 @@ def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None
                    "(default: Jane Austen's novels)")
     p.add_argument("--layer", type=int, default=None, help="decoder layer whose output is read "
                    "(default: the middle layer)")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the model runs in: float32 is about 8x faster than bfloat16 on CPUs without bf16 "
+                   "matrix units and holds the dequantised GGUF weights exactly; training activations are cached in "
+                   "bfloat16 either way (default: float32)")
     p.add_argument("--ctx-len", type=int, default=256, help="tokens per context, BOS included (default: 256)")
     p.add_argument("--validation-fraction", type=float, default=0.05, help="fraction of each text's contexts, "
                    "before the test ones, kept for learning-rate selection (default: 0.05)")

@@ -19,7 +19,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from sae.cli import dense_sizes  # noqa: E402
 
 ROW_FIELDS = {
-    "seed", "ce_convention", "model", "model_file", "model_sha256", "bos_id", "test_tokens", "lr",
+    "seed", "ce_convention", "model", "model_file", "model_sha256", "model_dtype", "bos_id", "test_tokens", "lr",
     "training_dead_fraction", "training_dead_window_tokens", "other_params", "decoder_values", "tokens_trained",
     "ce_clean", "ce_zero", "ce_sae", "ce_recovered", "ce_recovered_low", "ce_recovered_high", "delta_ce",
     "delta_ce_low", "delta_ce_high", "kl", "kl_low", "kl_high", "ce_mean_ablation", "pos0_kept_ce_zero",
@@ -154,7 +154,7 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
 
     row = next(r for r in grid if r["arch"] == "expander" and r["seed"] == 1)
     sae = load_sae(runs / _name(row) / "sae.safetensors").eval()
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder / "model", dtype=torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder / "model", dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(tiny_folder / "model")
     test = token_splits(load_texts([tiny_folder / "corpus.txt"]), tok, 24).test
     assert test.numel() == row["test_tokens"]
