@@ -1,0 +1,922 @@
+"""Training on several processes with ``torch.distributed``: data parallel and latent-sharded SAEs.
+
+Launch with ``torchrun`` (NCCL on GPUs, gloo on CPUs); everything here is PyTorch's own collectives,
+routed through four small wrappers that count the bytes they move (``count_communication``).
+
+- **Data parallel** (``DataParallel``): every rank holds the whole SAE and trains on a disjoint
+  block of each step's batch. The loss is the *global-batch* objective (FVU over all ranks' tokens,
+  with the global mean and variance), so N ranks at B/N tokens each train exactly like one process
+  at B tokens: gradients are summed, dead-latent counters merged (a latent fired if it fired on any
+  rank), and the checkpoint is the ordinary single-process one, written by rank 0.
+- **Latent-sharded** (``LatentShardedSAE``): rank r holds latents ``[lo_r, hi_r)``: rows of
+  ``W_enc``/``W_dec`` for ``TopKSAE``, rows of ``values``/``rows`` for ``ExpanderSAE`` (the graph is
+  drawn once for all n latents from the seed, then sliced). Every rank sees the same batch. Each
+  rank runs the fused top-k on its shard; the k candidates per token per rank (values + global ids)
+  are all-gathered and merged into the global top-k; each rank decodes its own latents and the
+  partial reconstructions are all-reduced. Per step that is O(B*k*P) candidates plus one [B, m]
+  all-reduce (a second one, and O(B*k_aux*P) candidates, while AuxK is active), never [B, n].
+  Backward mirrors it without moving [B, *] tensors: the gather's gradient is the rank's own slice,
+  the all-reduce's gradient is the identity, and only b_dec's [m] gradient is summed.
+
+``train_distributed`` is the training loop for both modes (the schedule, clipping, decoder
+constraints and checkpoints of ``sae.train``), written so its hooks can move into ``sae.train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "DataParallel", "LatentShardedSAE", "communication_per_step", "count_communication",
+    "init_distributed", "latent_range", "load_sharded", "train_distributed",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------------------------
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment; returns (rank, world size).
+
+    Backend: NCCL when CUDA is available, else gloo. A process not started by torchrun (no
+    ``WORLD_SIZE``) and not already in a group is a world of one: (0, 1), nothing initialised.
+    """
+    if _in_group():
+        return dist.get_rank(), dist.get_world_size()
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    if not _in_group():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def latent_range(n_latents: int, rank: int, world: int) -> tuple[int, int]:
+    """Latents ``[lo, hi)`` of ``rank`` among ``world``: contiguous, sizes differ by at most one."""
+    base, extra = divmod(n_latents, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives, counted
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CommRecord:
+    """One collective as this rank saw it: bytes = the tensor it contributed times what it received."""
+
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    bytes: int
+
+
+@dataclass
+class CommLog:
+    records: list = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.records)
+
+    @property
+    def largest_numel(self) -> int:
+        return max((math.prod(r.shape) for r in self.records), default=0)
+
+
+_LOGS: list[CommLog] = []
+
+
+@contextlib.contextmanager
+def count_communication():
+    """Record every collective this module issues inside the block (forward and backward).
+
+    Bytes: an all-reduce or broadcast of S bytes counts S; an all-gather of S bytes per rank
+    counts P*S (its output). Multiply by the ring factors in ``communication_per_step`` for the
+    bytes a link carries.
+    """
+    log = CommLog()
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
+def _record(op: str, tensor: Tensor, factor: int = 1) -> None:
+    for log in _LOGS:
+        log.records.append(CommRecord(op, tuple(tensor.shape), tensor.dtype,
+                                      tensor.numel() * tensor.element_size() * factor))
+
+
+def _all_reduce(tensor: Tensor, op=None, group=None) -> Tensor:
+    """In place; returns ``tensor``. Outside a process group (a world of one): nothing to do."""
+    if not _in_group():
+        return tensor
+    _record("all_reduce", tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return tensor
+
+
+def _all_gather(tensor: Tensor, group=None) -> Tensor:
+    """[*shape] on every rank -> [P, *shape]."""
+    if not _in_group():
+        return tensor.unsqueeze(0)
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))  # gloo wants the ranks stacked on dim 0
+    _record("all_gather", tensor, world)
+    _gather_single(out, tensor, group=group)
+    return out.view(world, *tensor.shape)
+
+
+# torch 2.13 renamed all_gather_into_tensor; keep both spellings working.
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _broadcast(tensor: Tensor, src: int = 0, group=None) -> Tensor:
+    _record("broadcast", tensor)
+    dist.broadcast(tensor, src, group=group)
+    return tensor
+
+
+def _gather_rows(shard: Tensor, n_rows: int, group=None) -> Optional[Tensor]:
+    """Stack every rank's row block (sizes from ``latent_range``) on rank 0; None elsewhere."""
+    rank, world = _rank_world(group)
+    if world == 1:
+        return shard
+    widest = latent_range(n_rows, 0, world)[1]
+    padded = shard.new_zeros((widest, *shard.shape[1:]))
+    padded[: shard.shape[0]] = shard
+    out = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    _record("gather", padded, world)
+    dist.gather(padded, out, dst=0, group=group)
+    if rank != 0:
+        return None
+    return torch.cat([block[: hi - lo] for block, (lo, hi) in
+                      zip(out, (latent_range(n_rows, r, world) for r in range(world)))])
+
+
+class _GatherCandidates(torch.autograd.Function):
+    """all-gather [B, c] -> [P, B, c]; backward: this rank's slice of the gradient.
+
+    Everything downstream of the gather runs identically on every rank, so the gradient for this
+    rank's candidates is already complete here: nothing to communicate.
+    """
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group) -> Tensor:
+        ctx.rank = _rank_world(group)[0]
+        return _all_gather(local, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad[ctx.rank], None
+
+
+class _SumPartials(torch.autograd.Function):
+    """all-reduce SUM of partial reconstructions; backward: identity (the loss is replicated)."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, group) -> Tensor:
+        return _all_reduce(partial.clone(), group=group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _SharedInput(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ranks (a replicated tensor feeding shards)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_reduce(grad.contiguous().clone(), group=ctx.group), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel
+# ---------------------------------------------------------------------------------------------
+
+def _check_no_batch_topk(sae) -> None:
+    if getattr(sae, "batch_topk", False):
+        raise NotImplementedError(
+            "sae.batch_topk: distributed training supports per-token TopK only, got batch_topk=True")
+
+
+class DataParallel:
+    """Hooks that make N ranks, each holding the whole SAE, train like one process on N x the batch.
+
+    Per step (see ``train_distributed``)::
+
+        x = dp.local_rows(global_batch)          # or read only these rows
+        output = sae(x)
+        loss, logged = dp.objective(x, output)   # this rank's share of the global-batch loss
+        loss.backward(); dp.sum_gradients()
+        ... clip, optimizer step, decoder constraints (identical on every rank) ...
+        dp.merge_dead_counts(x.shape[0])
+    """
+
+    def __init__(self, sae: nn.Module, group=None):
+        _check_no_batch_topk(sae)
+        self.sae, self.group = sae, group
+        self.rank, self.world = _rank_world(group)
+        self.broadcast_state()
+
+    @torch.no_grad()
+    def broadcast_state(self) -> None:
+        """Make every rank's parameters and buffers equal to rank 0's."""
+        if self.world > 1:
+            for tensor in self.sae.state_dict().values():
+                _broadcast(tensor, 0, self.group)
+
+    def local_slice(self, global_batch: int) -> slice:
+        """This rank's rows of a global batch: contiguous, disjoint blocks of equal size."""
+        if global_batch % self.world:
+            raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, got {global_batch}")
+        per = global_batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def local_rows(self, batch: Tensor) -> Tensor:
+        return batch[self.local_slice(batch.shape[0])]
+
+    def objective(self, x: Tensor, output) -> tuple[Tensor, dict]:
+        """This rank's term of the global-batch loss, and the global fvu / auxk_loss / loss.
+
+        FVU = sum over all ranks' tokens of ||x - x_hat||^2 over the global total variance (two
+        small all-reduces: the coordinate sums and count, then three scalars). Summing the ranks'
+        gradients of the returned term gives the gradient of the global loss. The model's own AuxK
+        term is normalised by its local variance (or residual); it is renormalised globally.
+        """
+        m = x.shape[-1]
+        flat = x.reshape(-1, m).float()
+        stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+        _all_reduce(stats, group=self.group)
+        mean = stats[:m] / stats[m]
+        tiny = torch.finfo(torch.float32).tiny
+        local_tv = (flat - flat.mean(0)).pow(2).sum().clamp_min(tiny)
+        error = (flat - output.x_hat.reshape(-1, m).float()).pow(2).sum()
+        # The model normalised its AuxK term by this rank's variance (or residual): undo, renormalise.
+        residual = getattr(self.sae, "auxk_norm", "variance") == "residual"
+        weight = error.detach().clamp_min(tiny) if residual else local_tv
+        aux = output.auxk_loss * weight if output.auxk_loss is not None else error.new_zeros(())
+        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach(), aux.detach().float()])
+        _all_reduce(sums, group=self.group)
+        total_variance = sums[0]
+        aux_norm = sums[1].clamp_min(tiny) if residual else total_variance
+        loss = error / total_variance + output.auxk_coef * aux / aux_norm
+        fvu, auxk = sums[1] / total_variance, sums[2] / aux_norm
+        # Dead counters are equal on every rank, so AuxK runs on all of them or on none.
+        logged = {"fvu": fvu, "auxk_loss": auxk if output.auxk_loss is not None else None,
+                  "loss": fvu + output.auxk_coef * auxk}
+        return loss, logged
+
+    @torch.no_grad()
+    def sum_gradients(self) -> None:
+        """All-reduce SUM of every parameter's gradient (a missing gradient counts as zeros)."""
+        for p in self.sae.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            _all_reduce(p.grad, group=self.group)
+
+    @torch.no_grad()
+    def merge_dead_counts(self, local_tokens: int) -> None:
+        """After a training forward on ``local_tokens`` tokens per rank: counters as if one process
+        had seen every rank's tokens (a latent fired if it fired on any rank)."""
+        counts = self.sae.tokens_since_fired
+        fired = (counts == 0).to(torch.uint8)
+        _all_reduce(fired, op=dist.ReduceOp.MAX, group=self.group)
+        counts.add_(local_tokens * (self.world - 1)).masked_fill_(fired.bool(), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent-sharded SAE
+# ---------------------------------------------------------------------------------------------
+
+def _shard_config(config: dict, n_local: int) -> dict:
+    return dict(config, n_latents=n_local, k=min(config["k"], n_local))
+
+
+def _sharded_keys(full_shapes: dict, shard_state: dict, n: int) -> set:
+    """The state keys split along latents: those whose shard shape differs from the full one."""
+    keys = set()
+    for key, tensor in shard_state.items():
+        if key not in full_shapes:
+            raise KeyError(f"state: the shard has {key!r}, the full model does not")
+        full = tuple(full_shapes[key])
+        if full != tuple(tensor.shape):
+            if full[0] != n or full[1:] != tuple(tensor.shape[1:]):
+                raise ValueError(f"state[{key!r}]: expected [n_latents={n}, ...] to split, got {full}")
+            keys.add(key)
+    return keys
+
+
+class LatentShardedSAE(nn.Module):
+    """A ``TopKSAE`` or ``ExpanderSAE`` whose latents are split over the ranks of ``group``.
+
+    ``.shard`` is an ordinary SAE of the same class holding latents ``[lo, hi)`` (its parameter
+    and buffer names are the full model's). ``forward(x)`` takes the same batch on every rank and
+    returns the same ``SAEOutput`` fields as the full model (``top_indices`` global ids;
+    ``dead_mask`` this shard's), with identical values on every rank.
+
+    Build with ``LatentShardedSAE.from_model(full)`` (every rank holds the same full model, e.g. the
+    same seed), ``LatentShardedSAE.create(cls, config)`` (fresh, no full model anywhere) or
+    ``load_sharded(path)`` (reads only this rank's rows of a file, for any world size);
+    ``to_model()`` / ``save(path)`` reassemble one full model on rank 0 that loads in one process
+    (collectives: every rank calls them).
+    """
+
+    def __init__(self, shard: nn.Module, full_class: type, full_config: dict, sharded_keys: set, group=None):
+        super().__init__()
+        _check_no_batch_topk(shard)
+        self.shard, self.full_class, self.full_config = shard, full_class, dict(full_config)
+        self.sharded_keys, self.group = set(sharded_keys), group
+        self.rank, self.world = _rank_world(group)
+        self.n_latents, self.k, self.d_model = full_config["n_latents"], full_config["k"], full_config["d_model"]
+        self.lo, self.hi = latent_range(self.n_latents, self.rank, self.world)
+        # The full model's k_aux (the shard's own is capped at its size): Gao et al.'s default d_model / 2.
+        k_aux = full_config.get("k_aux")
+        self.k_aux = min(self.n_latents, k_aux if k_aux is not None else max(1, self.d_model // 2))
+        names = {id(p): n for n, p in shard.named_parameters()}
+        self._sharded_params = [p for p in shard.parameters() if names[id(p)] in self.sharded_keys]
+        self._replicated_params = [p for p in shard.parameters() if names[id(p)] not in self.sharded_keys]
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, full: nn.Module, group=None) -> "LatentShardedSAE":
+        """Slice a full SAE (the same on every rank) into this rank's shard."""
+        rank, world = _rank_world(group)
+        n = full.n_latents
+        lo, hi = latent_range(n, rank, world)
+        if hi - lo < 1:
+            raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
+        full_state = full.state_dict()
+        shard = _build_shard(type(full), full.config(), hi - lo, next(full.parameters()).device,
+                             getattr(full, "backend", None))
+        keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
+        model = cls(shard, type(full), full.config(), keys, group)
+        model.load_full_state_dict(full_state)
+        return model
+
+    @classmethod
+    def create(cls, full_class: type, config: dict, seed: int = 0, group=None, device=None,
+               backend=None) -> "LatentShardedSAE":
+        """A freshly initialised sharded SAE without ever building the full one.
+
+        Each rank initialises its latents with the class's own rule (``reset_parameters``) from
+        the seed ``(seed, rank)``, so the initial dictionary depends on the world size (it is
+        not the one ``full_class(**config)`` would draw). An Expander SAE's graph is
+        ``expander_mask(m, n, degree, config seed)`` for all n latents, sliced.
+        """
+        from .masks import expander_mask
+
+        rank, world = _rank_world(group)
+        n = config["n_latents"]
+        lo, hi = latent_range(n, rank, world)
+        if hi - lo < 1:
+            raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
+        rank_seed = seed * 1_000_003 + rank
+        # SAEs that seed their initialisation from config["seed"] get the rank's seed there (and the
+        # configured seed back afterwards; the expander graph is replaced below); others draw from
+        # the global generator.
+        shard_config = dict(config, seed=rank_seed) if "seed" in config else config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rank_seed)
+            shard = _build_shard(full_class, shard_config, hi - lo, device, backend)
+        if hasattr(shard, "seed"):
+            shard.seed = config.get("seed", 0)
+        if "rows" in dict(shard.named_buffers()):
+            with torch.no_grad():
+                rows = expander_mask(config["d_model"], n, config["degree"], seed=config.get("seed", 0))
+                shard.rows.copy_(rows[lo:hi])
+        return cls(shard, full_class, config, _latent_keys(full_class, config), group)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict) -> None:
+        """Take this rank's rows of a full model's state dict (the inverse of ``full_state_dict``)."""
+        device = self.shard.b_enc.device
+        self.shard.load_state_dict({k: (v[self.lo:self.hi] if k in self.sharded_keys else v).to(device)
+                                    for k, v in state.items()})
+
+    def to_model(self) -> Optional[nn.Module]:
+        """Gather every shard into one full SAE on rank 0 (None on the other ranks)."""
+        state = self.full_state_dict()
+        if state is None:
+            return None
+        model = self.full_class(**self.full_config)
+        model.load_state_dict(state)
+        return model
+
+    def full_state_dict(self) -> Optional[dict]:
+        """The full model's state dict on rank 0 (CPU copies), None elsewhere. Gathers one tensor at a time."""
+        out = {}
+        for key, tensor in self.shard.state_dict().items():
+            if key in self.sharded_keys:
+                full = _gather_rows(tensor.detach(), self.n_latents, self.group)
+                if full is not None:
+                    out[key] = full.to("cpu", copy=True)
+            elif self.rank == 0:
+                out[key] = tensor.detach().to("cpu", copy=True)
+        return out if self.rank == 0 else None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file for the whole SAE, written by rank 0 (``full_class.load`` reads it)."""
+        model = self.to_model()
+        if model is not None:
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            model.save(str(tmp))
+            os.replace(tmp, path)
+        if self.world > 1:
+            dist.barrier(self.group)
+
+    def config(self) -> dict:
+        return dict(self.full_config)
+
+    # -- the forward pass -----------------------------------------------------------------------
+    def _merged_topk(self, x_centered: Tensor, bias: Tensor, k: int, **encode_options) -> tuple[Tensor, Tensor]:
+        """Global top-k [B, k] (values, global int64 ids) from every shard's k candidates.
+
+        Merged by |value|, as the shards selected them (ReLU codes are >= 0; signed codes are not).
+        """
+        n_local = self.hi - self.lo
+        k_local = min(k, n_local)
+        acts, idx = self.shard._encode_with(x_centered, bias, k_local, **encode_options)
+        widest = min(k, latent_range(self.n_latents, 0, self.world)[1])
+        if k_local < widest:  # a narrower shard pads with zero codes: they decode to nothing if chosen
+            acts = torch.cat([acts, acts.new_zeros((acts.shape[0], widest - k_local))], 1)
+            idx = torch.cat([idx, idx.new_zeros((idx.shape[0], widest - k_local))], 1)
+        # int32 ids halve the bytes; n < 2^31 always holds for a dictionary that exists.
+        ids = (idx + self.lo).to(torch.int32 if self.n_latents < 2**31 else torch.int64)
+        cand_acts = _GatherCandidates.apply(acts, self.group)                   # [P, B, c]
+        cand_ids = _all_gather(ids, self.group)                                 # [P, B, c]
+        B = x_centered.shape[0]
+        cand_acts = cand_acts.permute(1, 0, 2).reshape(B, -1)
+        cand_ids = cand_ids.permute(1, 0, 2).reshape(B, -1)
+        pos = cand_acts.detach().abs().topk(k, dim=-1, sorted=True).indices
+        return cand_acts.gather(-1, pos), cand_ids.gather(-1, pos).long()
+
+    def _decode_partial(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """Sum over ranks of each rank's own latents' atoms: [B, m] without bias."""
+        mine = (top_indices >= self.lo) & (top_indices < self.hi)
+        local_acts = torch.where(mine, top_acts, torch.zeros_like(top_acts))
+        local_ids = torch.where(mine, top_indices - self.lo, torch.zeros_like(top_indices))
+        partial = self.shard._decode_atoms(local_acts, local_ids)
+        return _SumPartials.apply(partial, self.group)
+
+    # The model's optional features, read so that SAEs without them (older versions) work too.
+    def _scale_in(self, x: Tensor) -> Tensor:
+        return self.shard._scale_in(x) if hasattr(self.shard, "_scale_in") else x
+
+    def _scale_out(self, x: Tensor) -> Tensor:
+        return self.shard._scale_out(x) if hasattr(self.shard, "_scale_out") else x
+
+    def _dead_threshold(self) -> int:
+        return getattr(self.shard, "_dead_threshold", self.shard.dead_tokens_threshold)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [..., m] (the same on every rank) -> (top_acts, top_indices) [..., k], global ids."""
+        self.shard._check_input(x)
+        flat = self._scale_in(x).reshape(-1, self.d_model)
+        acts, ids = self._merged_topk(flat - _SharedInput.apply(self.shard.b_dec, self.group), self.shard.b_enc,
+                                      self.k)
+        return acts.reshape(*x.shape[:-1], self.k), ids.reshape(*x.shape[:-1], self.k)
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        shape = top_acts.shape
+        out = self._decode_partial(top_acts.reshape(-1, shape[-1]), top_indices.reshape(-1, shape[-1]))
+        return self._scale_out(out + self.shard.b_dec).reshape(*shape[:-1], self.d_model)
+
+    def forward(self, x: Tensor):
+        """x [..., m], the same on every rank -> ``SAEOutput`` (the full model's loss terms)."""
+        from .models import SAEOutput
+
+        shard = self.shard
+        shard._check_input(x)
+        flat_x = self._scale_in(x).reshape(-1, self.d_model)
+        b_dec_shared = _SharedInput.apply(shard.b_dec, self.group)  # one [m] all-reduce in backward
+        top_acts, top_indices = self._merged_topk(flat_x - b_dec_shared, shard.b_enc, self.k)
+        x_hat = self._decode_partial(top_acts, top_indices) + shard.b_dec
+        # Losses in fp32, as the models compute them.
+        flat_f = flat_x.float()
+        error = flat_f - x_hat.float()
+        total_variance = (flat_f - flat_f.mean(0)).pow(2).sum()
+        fvu = error.pow(2).sum() / total_variance
+
+        dead_mask = auxk_loss = auxk_indices = None
+        if self.training:
+            dead_mask = shard.tokens_since_fired > self._dead_threshold()
+            num_dead = int(_all_reduce(dead_mask.sum().reshape(1), group=self.group))
+            if shard.auxk and num_dead > 0:
+                k_aux = min(self.k_aux, num_dead)
+                dead_bias = shard.b_enc.masked_fill(~dead_mask, torch.finfo(shard.b_enc.dtype).min / 2)
+                options = {"signed": False} if hasattr(shard, "signed") else {}  # AuxK codes are ReLU codes
+                aux_acts, auxk_indices = self._merged_topk(flat_x - b_dec_shared, dead_bias, k_aux, **options)
+                sq = (self._decode_partial(aux_acts, auxk_indices).float() - error.detach()).pow(2).sum()
+                if getattr(shard, "auxk_norm", "variance") == "residual":
+                    auxk_loss = sq / error.detach().pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+                else:
+                    auxk_loss = min(num_dead / self.k_aux, 1.0) * sq / total_variance
+                auxk_indices = auxk_indices.reshape(*x.shape[:-1], k_aux)
+            self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
+        lead = x.shape[:-1]
+        return SAEOutput(self._scale_out(x_hat).reshape(x.shape), top_acts.reshape(*lead, self.k),
+                         top_indices.reshape(*lead, self.k), fvu, auxk_loss, dead_mask, auxk_indices,
+                         shard.auxk_coef)
+
+    @torch.no_grad()
+    def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:
+        ids = top_indices.reshape(-1)[top_acts.reshape(-1) != 0]
+        ids = ids[(ids >= self.lo) & (ids < self.hi)] - self.lo
+        counts = self.shard.tokens_since_fired
+        counts += num_tokens
+        counts[ids] = 0
+
+    # -- what the trainer calls between backward and the optimizer step -------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip by the global gradient norm (sharded parameters summed over ranks, replicated once);
+        returns that norm. Same rule as ``nn.utils.clip_grad_norm_``."""
+        def sq(params):
+            return sum((p.grad.float().pow(2).sum() for p in params if p.grad is not None),
+                       torch.zeros((), device=self.shard.b_enc.device))
+
+        total = _all_reduce(sq(self._sharded_params).reshape(1), group=self.group)[0] + sq(self._replicated_params)
+        norm = total.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in self.shard.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return norm
+
+    def remove_parallel_grads(self, indices: Optional[Tensor] = None) -> None:
+        """Decoder constraint on this shard's rows (``indices``: global ids; rows of other shards are ignored)."""
+        if indices is not None:
+            indices = indices.reshape(-1)
+            indices = indices[(indices >= self.lo) & (indices < self.hi)] - self.lo
+        self.shard.remove_parallel_grads(indices)
+
+    def normalize_decoder(self) -> None:
+        self.shard.normalize_decoder()
+
+    def dead_fraction(self, threshold: Optional[int] = None) -> float:
+        t = self._dead_threshold() if threshold is None else threshold
+        dead = (self.shard.tokens_since_fired > t).sum().reshape(1)
+        return float(_all_reduce(dead, group=self.group)) / self.n_latents
+
+    # -- optimizer state ------------------------------------------------------------------------
+    def _param_names(self) -> list:
+        return [n for n, _ in self.shard.named_parameters()]
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> Optional[dict]:
+        """Adam-style per-parameter state gathered to the full model's shapes on rank 0 (index ->
+        {key: tensor}, parameter order of the full model); None elsewhere."""
+        state = optimizer.state_dict()["state"]
+        out: dict = {}
+        for i, name in enumerate(self._param_names()):
+            for key, value in sorted(state.get(i, {}).items()):
+                value = torch.as_tensor(value)
+                if name in self.sharded_keys and value.ndim > 0:
+                    value = _gather_rows(value.detach(), self.n_latents, self.group)
+                if self.rank == 0:
+                    out.setdefault(i, {})[key] = value.detach().to("cpu", copy=True)
+        return out if self.rank == 0 else None
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
+        """Inverse of ``full_optimizer_state``: every rank passes the full state and keeps its rows."""
+        names = self._param_names()
+        # load_state_dict moves moments to each parameter's device and keeps Adam's step where it belongs.
+        state = {i: {key: (v[self.lo:self.hi] if names[i] in self.sharded_keys and v.ndim > 0 else v)
+                     for key, v in entries.items()}
+                 for i, entries in full_state.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _build_shard(full_class: type, full_config: dict, n_local: int, device, backend=None) -> nn.Module:
+    config = _shard_config(full_config, n_local)
+    if backend is not None and "backend" not in config:
+        config["backend"] = backend  # a runtime choice some versions keep out of config()
+    try:
+        shard = full_class(**config)
+    except ValueError as exc:  # e.g. an expander shard whose n/P * degree < m
+        raise ValueError(f"group: a shard of {n_local} latents of {full_class.__name__} {full_config} "
+                         f"cannot be built ({exc}); use fewer ranks") from exc
+    return shard if device is None else shard.to(device)
+
+
+def _latent_keys(full_class: type, config: dict) -> set:
+    """The state keys that grow with n_latents, found on two tiny models of the class."""
+    small = max(config["k"], -(-config["d_model"] // config.get("degree", config["d_model"]))) + 1
+    with torch.random.fork_rng(devices=[]):
+        a, b = (full_class(**_shard_config(config, size)).state_dict() for size in (small, small + 1))
+    return {key for key in a if a[key].shape != b[key].shape}
+
+
+def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: bool = True,
+                 backend: Optional[str] = None) -> LatentShardedSAE:
+    """Read this rank's latents of an SAE file (``save``, ``TopKSAE.save``, or a training checkpoint)
+    for any world size.
+
+    With ``verify`` (and a file that stores per-tensor SHA-256 sums) each tensor is read whole,
+    checked and sliced, one at a time; ``verify=False`` reads only this rank's rows from disk.
+    """
+    from safetensors import safe_open
+
+    from . import models
+
+    classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
+    rank, world = _rank_world(group)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if "topk-sae" in meta:  # one JSON record: class, config, per-tensor sha256 (sae.checkpoint)
+            record = json.loads(meta["topk-sae"])
+            class_name, config, sums, prefix = record["class"], record["config"], record.get("sha256", {}), ""
+        elif "class" in meta and "config" in meta:
+            class_name, config, sums, prefix = meta["class"], json.loads(meta["config"]), {}, ""
+        elif "sae_class" in meta and "sae_config" in meta:
+            class_name, config, sums, prefix = meta["sae_class"], json.loads(meta["sae_config"]), {}, "sae."
+        else:
+            raise ValueError(f"path: {path} is not an SAE file of this package (metadata keys {sorted(meta)})")
+        if class_name not in classes:
+            raise ValueError(f"path: {path} holds a {class_name!r}; expected one of {sorted(classes)}")
+        full_class = classes[class_name]
+        n = config["n_latents"]
+        lo, hi = latent_range(n, rank, world)
+        shard = _build_shard(full_class, config, hi - lo, device, backend)
+        names = [k for k in f.keys() if k.startswith(prefix) and not k.startswith("optimizer.")]
+        keys = _sharded_keys({k[len(prefix):]: f.get_slice(k).get_shape() for k in names}, shard.state_dict(), n)
+        state = {}
+        for name in names:
+            key = name[len(prefix):]
+            if verify and name in sums:
+                from .checkpoint import tensor_sha256
+
+                tensor = f.get_tensor(name)
+                if tensor_sha256(tensor) != sums[name]:
+                    raise ValueError(f"path: {path} is corrupt ({name} does not match its stored SHA-256)")
+                state[key] = tensor[lo:hi].clone() if key in keys else tensor
+                del tensor
+            else:
+                state[key] = f.get_slice(name)[lo:hi] if key in keys else f.get_tensor(name)
+    with torch.no_grad():
+        shard.load_state_dict(state)
+    return LatentShardedSAE(shard, full_class, config, keys, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop for both modes
+# ---------------------------------------------------------------------------------------------
+
+def _local_batches(buffer, batch_size: int, epochs: int, seed: int, start_step: int, rows: slice, device):
+    """This rank's rows of every global batch of ``buffer.batches(batch_size, ...)``, reading only them.
+
+    Follows ``ActivationBuffer.batches``'s order: step s is block s % spe of the permutation fixed
+    by (seed, s // spe), rows ascending within the batch.
+    """
+    import numpy as np
+
+    spe = buffer.steps_per_epoch(batch_size)
+    perm, perm_epoch = None, -1
+    for step in range(start_step, epochs * spe):
+        epoch, s = divmod(step, spe)
+        if epoch != perm_epoch:
+            perm, perm_epoch = buffer._permutation(len(buffer), seed, epoch), epoch
+        idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])[rows]
+        yield buffer[idx].to(device)
+
+
+def _base_lr(cfg, sae, n_latents: int) -> float:
+    if hasattr(cfg, "lr_for"):
+        return cfg.lr_for(sae)
+    return cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)  # sae.train.default_lr
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *, mode: str = "data",
+                      resume: bool = False, group=None,
+                      on_step: Optional[Callable[[int, dict], None]] = None):
+    """``sae.train.train`` on every rank of the process group, in ``mode`` "data" or "latent".
+
+    ``sae``: the same full SAE on every rank (same seed), or in mode "latent" a
+    ``LatentShardedSAE`` (e.g. from ``LatentShardedSAE.create``: no rank builds the full model,
+    except to resume or save, on CPU / rank 0). ``cfg.batch_size`` is the global batch
+    (data parallel: batch_size / world tokens per rank; latent: every rank sees all of it), so the
+    run matches a single process with the same config step for step. Rank 0 writes the checkpoint
+    (``sae.train``'s format, loadable in one process: ``load_checkpoint``) and metrics.json; resume
+    reads it on every rank, for any world size. Returns ``(model, TrainResult)``: the trained
+    model (the ``LatentShardedSAE`` in latent mode).
+    """
+    from tqdm.auto import tqdm
+
+    from .train import CHECKPOINT, METRICS, TrainResult, _lr_at, load_checkpoint, save_checkpoint
+
+    if mode not in ("data", "latent"):
+        raise ValueError(f"mode: expected 'data' or 'latent', got {mode!r}")
+    presharded = isinstance(sae, LatentShardedSAE)
+    if presharded and mode != "latent":
+        raise ValueError(f"sae: a LatentShardedSAE trains in mode 'latent', got mode={mode!r}")
+    rank, world = _rank_world(group)
+    out = Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    if cfg.batch_size > len(buffer):
+        raise ValueError(f"batch_size: expected <= the {len(buffer)} activations in the buffer, got {cfg.batch_size}")
+    total = max(1, -(-cfg.total_tokens // cfg.batch_size))
+    epochs = -(-total // buffer.steps_per_epoch(cfg.batch_size))
+    base_lr = _base_lr(cfg, sae.shard if presharded else sae, sae.n_latents)
+    model_with_options = sae.shard if presharded else sae
+    if getattr(model_with_options, "dead_tokens_threshold", 0) is None and hasattr(cfg, "dead_tokens"):
+        model_with_options.dead_tokens_threshold = cfg.dead_tokens()  # as sae.train does
+        if presharded:
+            sae.full_config["dead_tokens_threshold"] = cfg.dead_tokens()
+    full_class, ckpt = (sae.full_class if presharded else type(sae)), out / CHECKPOINT
+    step, history = 0, []
+    if ckpt.exists() and not resume:
+        raise FileExistsError(f"out_dir: {out} already holds a checkpoint; pass resume=True or use a new directory")
+    full_opt = None
+    if resume and ckpt.exists():
+        full = full_class(**sae.full_config) if presharded else sae  # on CPU: the checkpoint holds the full model
+        full_opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr)
+        record = load_checkpoint(ckpt, full, full_opt)
+        step = record["step"]
+        if presharded:
+            sae.load_full_state_dict(full.state_dict())
+        del full
+        if "history" in record:  # checkpoints that carry their history
+            history = [h for h in record["history"] if h["step"] <= step]
+        elif (out / METRICS).exists():
+            history = [h for h in json.loads((out / METRICS).read_text()).get("history", []) if h["step"] <= step]
+
+    if world > 1:  # every rank must resume from the same checkpoint: several nodes need a shared out_dir
+        steps = torch.tensor([step, -step], device=next(sae.parameters()).device)
+        _all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+        if steps[0] != -steps[1]:
+            raise RuntimeError(f"out_dir: the ranks found checkpoints at steps {-int(steps[1])}..{int(steps[0])} in "
+                               f"{out}; every node must see the same out_dir (a shared filesystem)")
+    if mode == "data":
+        dp = DataParallel(sae, group)
+        model, rows = sae, dp.local_slice(cfg.batch_size)
+        optimizer = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=base_lr,
+                                     betas=tuple(cfg.betas), eps=cfg.eps)
+        if full_opt is not None:
+            optimizer.load_state_dict(full_opt.state_dict())
+    else:
+        dp, rows = None, slice(None)
+        model = sae if presharded else LatentShardedSAE.from_model(sae, group)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=base_lr,
+                                     betas=tuple(cfg.betas), eps=cfg.eps)
+        if full_opt is not None:
+            model.load_full_optimizer_state(optimizer, full_opt.state_dict()["state"])
+    del full_opt
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # Checkpoints that take a record of extras carry the history too, as sae.train writes them.
+    takes_extra = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                      for p in inspect.signature(save_checkpoint).parameters.values())
+
+    def save():
+        extra = {"base_lr": base_lr, "history": history} if takes_extra else {}
+        if mode == "data":
+            if rank == 0:
+                save_checkpoint(ckpt, sae, optimizer, step, step * cfg.batch_size, cfg, **extra)
+        else:
+            full_model, full_state = model.to_model(), model.full_optimizer_state(optimizer)
+            if rank == 0:
+                opt = torch.optim.Adam([p for p in full_model.parameters() if p.requires_grad], lr=base_lr)
+                opt.load_state_dict({"state": full_state, "param_groups": opt.state_dict()["param_groups"]})
+                save_checkpoint(ckpt, full_model, opt, step, step * cfg.batch_size, cfg, **extra)
+        if rank == 0:
+            _write_json(out / METRICS, {"history": history, "world_size": world, "mode": mode})
+        if world > 1:
+            dist.barrier(group)
+
+    model.train()
+    device = next(model.parameters()).device
+    batches = _local_batches(buffer, cfg.batch_size, epochs, cfg.seed, step, rows, device)
+    bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
+               disable=not cfg.progress or rank != 0, desc=f"{full_class.__name__} n={sae.n_latents} x{world} {mode}")
+    t0, fvu_sum, fvu_n = time.perf_counter(), 0.0, 0
+    while step < total:
+        x = next(batches)
+        output = model(x)
+        optimizer.zero_grad(set_to_none=True)
+        if dp is not None:
+            loss, logged = dp.objective(x, output)
+            loss.backward()
+            dp.sum_gradients()
+            sae.remove_parallel_grads(None)  # rows touched on any rank; untouched rows have zero gradient
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        else:
+            logged = {"fvu": output.fvu.detach(), "auxk_loss": output.auxk_loss}
+            output.loss.backward()
+            touched = output.top_indices if output.auxk_indices is None else torch.cat(
+                [output.top_indices.reshape(-1), output.auxk_indices.reshape(-1)])
+            model.remove_parallel_grads(touched)
+            grad_norm = model.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
+        lr = _lr_at(step, total, base_lr, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+        model.normalize_decoder()
+        if dp is not None:
+            dp.merge_dead_counts(x.shape[0])
+        step += 1
+        fvu_sum, fvu_n = fvu_sum + float(logged["fvu"]), fvu_n + 1
+        bar.update(cfg.batch_size)
+        log = None
+        if step % cfg.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - t0
+            auxk = logged["auxk_loss"]
+            log = {"step": step, "tokens": step * cfg.batch_size, "fvu": fvu_sum / fvu_n, "lr": lr,
+                   "auxk_loss": None if auxk is None else float(auxk.detach()), "dead_fraction": model.dead_fraction(),
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "tokens_per_s": fvu_n * cfg.batch_size / max(elapsed, 1e-9)}
+            bar.set_postfix(fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")
+            t0, fvu_sum, fvu_n = time.perf_counter(), 0.0, 0
+            history.append(log)
+        if step % cfg.checkpoint_every == 0 or step == total:
+            save()
+        if on_step is not None:
+            on_step(step, log or {"step": step})
+    bar.close()
+    return model, TrainResult(step=step, tokens=step * cfg.batch_size, history=history)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes per step, on paper
+# ---------------------------------------------------------------------------------------------
+
+def communication_per_step(mode: str, *, batch: int, d_model: int, n_latents: int, k: int, world: int,
+                           arch: str = "topk", degree: Optional[int] = None, k_aux: Optional[int] = None,
+                           auxk_active: bool = False, bus_bandwidth: float = 450e9) -> dict:
+    """Bytes each rank exchanges per training step (fp32 values, int32 ids), and the time an NCCL ring
+    would take at ``bus_bandwidth`` (bytes/s of bus bandwidth, nccl-tests' definition: an all-reduce
+    of S bytes moves 2(P-1)/P * S per rank, an all-gather of P*S bytes moves (P-1)/P of that).
+
+    "data": one all-reduce of every gradient (parameter bytes) + the fired mask (n bytes) + the
+    variance statistics. "latent" (``batch`` tokens on every rank): all-gather of B*k candidates
+    per rank (+ B*k_aux with AuxK), one [B, m] all-reduce (+ one with AuxK), b_dec's [m] gradient
+    and scalars. The numbers match what ``count_communication`` records for the same step.
+    """
+    P, B, m, n = world, batch, d_model, n_latents
+    ring_reduce, ring_gather = 2 * (P - 1) / P, (P - 1) / P
+    k_aux = max(1, m // 2) if k_aux is None else k_aux
+    parts = {}
+    if mode == "data":
+        params = 2 * n * m + n + m if arch == "topk" else n * degree + n + m
+        parts["gradient all-reduce"] = (4 * params, ring_reduce)
+        parts["fired-latent all-reduce (uint8)"] = (n, ring_reduce)
+        parts["variance statistics"] = (4 * (m + 1 + 3), ring_reduce)
+    elif mode == "latent":
+        parts["top-k candidate all-gather"] = (P * B * k * 8, ring_gather)
+        parts["reconstruction all-reduce [B, m]"] = (4 * B * m, ring_reduce)
+        if auxk_active:
+            parts["AuxK candidate all-gather"] = (P * B * min(k_aux, n) * 8, ring_gather)
+            parts["AuxK reconstruction all-reduce [B, m]"] = (4 * B * m, ring_reduce)
+        parts["b_dec gradient + scalars"] = (4 * m + 8 + 4, ring_reduce)  # + dead count (int64), grad norm
+    else:
+        raise ValueError(f"mode: expected 'data' or 'latent', got {mode!r}")
+    total = sum(b for b, _ in parts.values())
+    wire = sum(b * f for b, f in parts.values())
+    return {"parts": {name: b for name, (b, _) in parts.items()}, "bytes": total, "bus_bytes": wire,
+            "seconds_at_bus_bandwidth": wire / bus_bandwidth, "dense_latents_bytes": 4 * B * n}
