@@ -246,24 +246,34 @@ class _Workspace:
         return self._baseline
 
     def evaluate(self, sae, conventions=("saelens",)) -> dict:
-        """Metrics of one SAE on the test split: reconstruction, and CE with the SAE spliced in, in
-        the SAELens convention (headline) and, for ``conventions`` beyond it, prefixed by their name."""
+        """Metrics of one SAE on the test split (``evaluate_many`` of one)."""
+        return self.evaluate_many({"sae": sae}, conventions)["sae"]
+
+    def evaluate_many(self, saes: dict, conventions=("saelens",)) -> dict:
+        """{name: metrics} of SAEs on the test split: reconstruction, and CE with each SAE spliced in,
+        in the SAELens convention (headline) and, for ``conventions`` beyond it, prefixed by their
+        name. The SAEs share each clean forward pass (KL needs one per batch)."""
         from .evaluate import ce_loss_recovered, reconstruction_metrics
 
         t0 = time.perf_counter()
-        print(f"[sae] evaluating on {self.test_tokens.numel():,} test tokens ...", flush=True)
-        was_training = sae.training
-        sae.eval()
-        rec = reconstruction_metrics(sae, self.acts("test"))
-        row = {"fvu": rec.fvu, "rel_err": rec.rel_error, "l0": rec.l0, "dead_fraction_test": rec.dead_fraction,
-               "eval_tokens": rec.n_tokens}
+        print(f"[sae] evaluating {len(saes)} SAE(s) on {self.test_tokens.numel():,} test tokens ...", flush=True)
+        modes = {name: sae.training for name, sae in saes.items()}
+        rows = {}
+        for name, sae in saes.items():
+            sae.eval()
+            rec = reconstruction_metrics(sae, self.acts("test"))
+            rows[name] = {"fvu": rec.fvu, "rel_err": rec.rel_error, "l0": rec.l0,
+                          "dead_fraction_test": rec.dead_fraction, "eval_tokens": rec.n_tokens}
         for convention in conventions:
-            ce = ce_loss_recovered(self.model, sae, self.test_tokens, self.layer, baseline=self.baseline(),
-                                   convention=convention, progress=True).as_dict()
-            row.update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
-        sae.train(was_training)
+            results = ce_loss_recovered(self.model, saes, self.test_tokens, self.layer, baseline=self.baseline(),
+                                        convention=convention, progress=True)
+            for name, ce in results.items():
+                ce = ce.as_dict()
+                rows[name].update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
+        for name, sae in saes.items():
+            sae.train(modes[name])
         print(f"[sae] evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
-        return row
+        return rows
 
     def validate(self, sae) -> dict:
         """FVU on the validation split: what learning rates are chosen by."""
@@ -322,42 +332,66 @@ def _sae_row(sae, sae_cfg, train_cfg) -> dict:
 
 def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args, *, split: str = "test",
                conventions=("saelens",), extra=None) -> dict:
-    """Train (or resume) one SAE in ``run_dir`` and evaluate it on ``split`` ("test": the full
-    evaluation and a firing-density plot; "validation": FVU for lr selection); returns its row."""
+    """Train (or resume) one SAE in ``run_dir`` and evaluate it (``_train_group`` of one)."""
+    return _train_group(ws, [(sae_cfg, train_cfg, run_dir, extra)], args, split=split, conventions=conventions)[0]
+
+
+def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conventions=("saelens",)) -> list:
+    """Train (or resume) SAEs ``jobs`` = [(sae_cfg, train_cfg, run_dir, extra)] one after the
+    other, then evaluate them on ``split``: "test" evaluates them together (one shared clean pass
+    per batch) and plots each one's firing density; "validation" measures FVU for lr selection.
+    Writes each run's ``sae.safetensors`` and ``row.json``; returns the rows."""
+    import contextlib
+
     import torch
 
     from .evaluate import training_dead_fraction
     from .rundir import RunLock, write_json
     from .train import CHECKPOINT, train
 
-    with RunLock(run_dir):
-        try:
-            sae = sae_cfg.build(ws.d_model)
-        except ValueError as exc:  # a size that only the model's d_model rules out
-            raise _flag_error(exc) from None
-        buffer = ws.buffer()
-        fresh = not (run_dir / CHECKPOINT).exists()
-        if fresh:
-            sae.init_b_dec(buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]])
-        evaluate = ws.validate if split == "validation" else (lambda s: ws.evaluate(s, conventions))
-        t0 = time.perf_counter()
-        try:
-            result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=evaluate,
-                           allow_config_change=getattr(args, "allow_config_change", False))
-        except ValueError as exc:
-            if str(exc).startswith("resume:"):
-                raise _UsageError(str(exc)) from None
-            raise
-        sae.save(str(run_dir / "sae.safetensors"))
-        dead = training_dead_fraction(sae)
-        row = {**ws.provenance, **_sae_row(sae, sae_cfg, train_cfg), **(extra or {}),
-               "tokens_trained": result.tokens, "training_dead_fraction": dead["dead_fraction"],
-               "training_dead_window_tokens": dead["window_tokens"], **result.final,
-               "seconds": round(time.perf_counter() - t0, 1)}
+    with contextlib.ExitStack() as locks:
+        trained = []
+        for sae_cfg, train_cfg, run_dir, extra in jobs:
+            locks.enter_context(RunLock(run_dir))
+            try:
+                sae = sae_cfg.build(ws.d_model)
+            except ValueError as exc:  # a size that only the model's d_model rules out
+                raise _flag_error(exc) from None
+            buffer = ws.buffer()
+            fresh = not (run_dir / CHECKPOINT).exists()
+            if fresh:
+                sample = buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]]
+                sae.init_b_dec(sample)
+            if split == "validation":
+                evaluate = ws.validate
+            else:  # periodic test evaluations only when asked for; the final one is shared below
+                evaluate = (lambda s: ws.evaluate(s, conventions)) if train_cfg.eval_every else None
+            t0 = time.perf_counter()
+            try:
+                result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=evaluate,
+                               allow_config_change=getattr(args, "allow_config_change", False))
+            except ValueError as exc:
+                if str(exc).startswith("resume:"):
+                    raise _UsageError(str(exc)) from None
+                raise
+            sae.save(str(run_dir / "sae.safetensors"))
+            dead = training_dead_fraction(sae)
+            row = {**ws.provenance, **_sae_row(sae, sae_cfg, train_cfg), **(extra or {}),
+                   "tokens_trained": result.tokens, "training_dead_fraction": dead["dead_fraction"],
+                   "training_dead_window_tokens": dead["window_tokens"], **result.final,
+                   "train_seconds": round(time.perf_counter() - t0, 1)}
+            trained.append((sae, row, run_dir))
         if split == "test":
-            row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
-        write_json(run_dir / "row.json", row)
-    return row
+            t0 = time.perf_counter()
+            pending = {str(i): sae for i, (sae, row, _) in enumerate(trained) if "ce_recovered" not in row}
+            metrics = ws.evaluate_many(pending, conventions) if pending else {}
+            for i, (sae, row, run_dir) in enumerate(trained):
+                row.update(metrics.get(str(i), {}))
+                row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
+                row["eval_seconds"] = round((time.perf_counter() - t0) / len(trained), 1)
+        for _, row, run_dir in trained:
+            write_json(run_dir / "row.json", row)
+    return [row for _, row, _ in trained]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,14 +589,22 @@ def _frontier(args, runs: Path, out) -> None:
             selected[(arch, n, degree)] = _sweep(ws, args, runs, arch, n, degree, k)
         write_json(runs / "sweeps.json", list(selected.values()))
     total = len(points) + bool(args.control)
-    rows, t_start, trained = [], time.perf_counter(), 0
-    for i, p in enumerate(points, 1):
-        name = _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"])
-        run_dir = runs / name
-        row = _done_row(run_dir, args.total_tokens)
-        if row is not None:
-            print(f"[sae] SAE {i} of {total}: {name}: done earlier, reusing {run_dir / 'row.json'}", flush=True)
-        else:
+    groups: dict = {}
+    for p in points:  # the seeds of one point train one after the other, then are evaluated together
+        groups.setdefault((p["arch"], p["k"], p["n"], p["degree"]), []).append(p)
+    rows, t_start, trained, i = [], time.perf_counter(), 0, 0
+    for group in groups.values():
+        jobs, names = [], []
+        for p in group:
+            i += 1
+            name = _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"])
+            run_dir = runs / name
+            row = _done_row(run_dir, args.total_tokens)
+            if row is not None:
+                print(f"[sae] SAE {i} of {total}: {name}: done earlier, reusing {run_dir / 'row.json'}", flush=True)
+                rows.append(row)
+                _report(name, row)
+                continue
             eta = ""
             if trained:
                 eta = f", overall ETA {_fmt_minutes((time.perf_counter() - t_start) / trained * (total - i + 1))}"
@@ -572,10 +614,13 @@ def _frontier(args, runs: Path, out) -> None:
             extra = {"matched_degree": p["matched_degree"], "storage_ratio": p["storage_ratio"],
                      "lr_selected_on": "validation FVU" if not sweep.get("skipped") else "not swept",
                      "lr_bracketed": sweep["bracketed"], "control": None}
-            row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, extra=extra)
-            trained += 1
-        rows.append(row)
-        _report(name, row)
+            jobs.append((sae_cfg, train_cfg, run_dir, extra))
+            names.append(name)
+        if jobs:
+            for name, row in zip(names, _train_group(ws, jobs, args)):
+                rows.append(row)
+                _report(name, row)
+            trained += len(jobs)
         _write_frontier(runs, rows, selected, complete=False)
     if args.control:
         d = min(args.degrees)
@@ -761,12 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text")
     _add_data_args(p)
     p.add_argument("--conventions", nargs="+", choices=["saelens", "paper"], default=["saelens"],
-                   help="CE conventions to report; the first named is unprefixed (default: saelens)")
+                   help="CE conventions to report: saelens unprefixed, paper as paper_* (default: saelens)")
     p.add_argument("checkpoint", help="an SAE file (a run's sae.safetensors or checkpoint.safetensors), a run folder, "
                    "or a folder saved by SAELens or sparsify")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid (the main job)")
+    p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid "
+                       "(the main job)")
     _add_data_args(p, min_test_tokens=80_000)
     _add_config_args(p, sae_skip=("arch", "k", "degree"))
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64], help="k of each SAE in the grid (default: 32 64)")
