@@ -17,8 +17,8 @@ CE conventions. The headline follows SAELens (``convention="saelens"``): for CE_
 output is zeroed at every position, BOS included; the SAE (and the mean ablation) is spliced at
 every non-BOS position, the BOS positions keep the model's own activation; CE and KL are averaged
 over the predictions made at non-BOS positions. The paper's convention (``convention="paper"``)
-zeroes and splices every position, BOS included, and averages over every prediction. In a bias-free Llama zeroing every position makes
-the logits uniform, so CE_zero = ln(vocabulary). The previous convention (``pos0_kept``, a
+zeroes and splices every position, BOS included, and averages over every prediction. In a
+bias-free Llama zeroing every position makes the logits uniform, so CE_zero = ln(vocabulary). The previous convention (``pos0_kept``, a
 labelled secondary figure) zeroes and splices only the non-BOS positions and averages CE over
 every prediction; position 0 then keeps its value, later positions copy it, and CE_zero comes out
 worse than uniform (15.4 against 10.8 nats for SmolLM2 at layer 15), which inflates CE-loss

@@ -2,8 +2,9 @@
 
 Adam with linear warm-up and a linear decay at the end (or a cosine decay), gradient clipping,
 the decoder constraints (unit-norm rows, gradient parallel to each row removed), dead-latent
-tracking and AuxK (inside the models), optional dead-latent resampling (their Adam moments zeroed), periodic evaluation, tqdm progress in tokens/s, JSON metrics, and
-checkpoints that survive being killed at any moment:
+tracking and AuxK (inside the models), optional dead-latent resampling (their Adam moments
+zeroed), periodic evaluation, tqdm progress in tokens/s, JSON metrics, and checkpoints that
+survive being killed at any moment:
 
 - a checkpoint is one file in the format of ``sae.checkpoint`` (SAE tensors, Adam moments, and a
   ``train`` record with the step, tokens trained, TrainConfig and the metrics history), written to a
