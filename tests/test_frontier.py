@@ -176,3 +176,19 @@ def _name(r) -> str:
 
     name = _point_name(r["arch"], r["k"], r["n_latents"], r["degree"] if r["arch"] == "expander" else None, r["seed"])
     return ("control_paper_" + name) if r["control"] else name
+
+
+def test_frontier_refuses_a_small_test_split_and_bad_grid_flags(tiny_folder, tmp_path):
+    env = dict(os.environ, TOPK_SAE_DATA=str(tmp_path / "data"))
+    env.pop("TRITON_INTERPRET", None)
+    base = [sys.executable, "-m", "sae", "frontier", "--model", str(tiny_folder / "model"), "--text",
+            str(tiny_folder / "corpus.txt"), "--ctx-len", "24", "--runs", str(tmp_path / "runs")]
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)  # 80,000 test tokens asked
+    assert proc.returncode == 2 and "--test-fraction:" in proc.stderr and "min_test_tokens = 80,000" in proc.stderr
+    # checked once the tokenizer has split the text: after the model loads, one line, no traceback
+    assert "Traceback" not in proc.stderr and "--test-fraction:" in proc.stderr.strip().splitlines()[-1]
+    for flags, named in ((["--seeds", "-1"], "--seeds"), (["--sweep-factors", "0"], "--sweep-factors"),
+                         (["--dense-between", "-2"], "--dense-between")):
+        proc = subprocess.run(base + flags, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 2 and f"error: {named}:" in proc.stderr, proc.stderr
+    assert not [p for p in (tmp_path / "runs").glob("*") if p.is_dir()]  # no SAE was started
