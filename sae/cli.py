@@ -192,7 +192,7 @@ class _Workspace:
         print(f"[sae] {self.model_name}: layer {self.layer}/{n_layers}; tokens: {self.splits.train.numel():,} train, "
               f"{self.splits.validation.numel():,} validation, {self.test_tokens.numel():,} test; BOS id "
               f"{self.splits.bos_id} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        self._buffer = self._acts = self._baseline = self._mean = None
+        self._buffer = self._baseline = self._mean = None
         self._acts = {}
 
     @property

@@ -18,6 +18,8 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from sae.cli import dense_sizes  # noqa: E402
 
+VOCAB = 101  # tiny_llama's vocabulary
+
 ROW_FIELDS = {
     "seed", "ce_convention", "model", "model_file", "model_sha256", "model_dtype", "bos_id", "test_tokens", "lr",
     "training_dead_fraction", "training_dead_window_tokens", "other_params", "decoder_values", "tokens_trained",
@@ -124,7 +126,7 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
         assert r["test_tokens"] >= 200 and r["firing_density_tokens"] == 3000
         assert (runs / _name(r) / "firing_density.png").stat().st_size > 1000
         # CE_zero zeroes every position: a bias-free Llama then predicts uniformly
-        assert r["ce_zero"] == pytest.approx(math.log(tiny_folder_vocab(r)), abs=1e-3)
+        assert r["ce_zero"] == pytest.approx(math.log(VOCAB), abs=1e-3)
     grid = [r for r in rows if r["control"] is None]
     assert sorted(r["seed"] for r in grid if r["arch"] == "expander") == [0, 1]
     assert [r["storage_ratio"] for r in grid if r["matched_degree"] == 4] == [pytest.approx(1.0)] * 2
@@ -165,10 +167,6 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done earlier") == len(grid) and "lr sweep" not in proc.stdout
-
-
-def tiny_folder_vocab(row) -> int:
-    return 101  # tiny_llama's vocabulary
 
 
 def _name(r) -> str:
