@@ -9,8 +9,8 @@
    *prediction* of the compute floor of a TopK SAE: the encoder GEMM of one rank
    (2*B_rank*n_rank*m flops) at an H100's dense bf16 peak (989 TFLOP/s); an Expander encoder is
    gather-bound, not flop-bound, so it gets no such floor.
-2. Measured: tokens/s of ``sae.train.train`` (one process) and of ``train_distributed`` in both
-   modes on 2 gloo processes, at a small size, from the runs' own logs (median over log windows
+2. Measured: tokens/s of ``sae.train.train`` in one process and on 2 gloo processes in both
+   modes (``TrainConfig.parallel``), at a small size, from the runs' own logs (median over log windows
    after the first). This machine has 2 cores: 2 processes cannot show speed-up here; the numbers
    show the overhead of the collectives, not scaling.
 """
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import statistics
@@ -90,7 +91,7 @@ def _tokens_per_s(history):
 
 
 def _worker(rank, world, port, out, threads):
-    import sae.distributed as sd
+    from sae.train import train
 
     torch.set_num_threads(threads)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -99,7 +100,7 @@ def _worker(rank, world, port, out, threads):
     results = {}
     for arch in ("topk", "expander"):
         for mode in ("data", "latent"):
-            _, result = sd.train_distributed(_make(arch), buffer, cfg, Path(out) / f"{arch}-{mode}", mode=mode)
+            result = train(_make(arch), buffer, dataclasses.replace(cfg, parallel=mode), Path(out) / f"{arch}-{mode}")
             results[(arch, mode)] = _tokens_per_s(result.history)
     if rank == 0:
         torch.save(results, Path(out) / "dist.pt")

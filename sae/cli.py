@@ -30,6 +30,7 @@ it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -37,6 +38,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 # sae.data.DEFAULT_MODEL_NAME, spelt out so that flags are checked before torch is imported.
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
@@ -331,37 +333,40 @@ def _sae_row(sae, sae_cfg, train_cfg) -> dict:
 
 
 def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args, *, split: str = "test",
-               conventions=("saelens",), extra=None) -> dict:
+               conventions=("saelens",), extra=None, device=None) -> Optional[dict]:
     """Train (or resume) one SAE in ``run_dir`` and evaluate it (``_train_group`` of one)."""
-    return _train_group(ws, [(sae_cfg, train_cfg, run_dir, extra)], args, split=split, conventions=conventions)[0]
+    return _train_group(ws, [(sae_cfg, train_cfg, run_dir, extra)], args, split=split, conventions=conventions,
+                        device=device)[0]
 
 
-def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conventions=("saelens",)) -> list:
+def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conventions=("saelens",),
+                 device=None) -> list:
     """Train (or resume) SAEs ``jobs`` = [(sae_cfg, train_cfg, run_dir, extra)] one after the
     other, then evaluate them on ``split``: "test" evaluates them together (one shared clean pass
     per batch) and plots each one's firing density; "validation" measures FVU for lr selection.
-    Writes each run's ``sae.safetensors`` and ``row.json``; returns the rows."""
-    import contextlib
-
+    Writes each run's ``sae.safetensors`` and ``row.json``; returns the rows. Under torchrun every
+    rank trains the same SAEs and rank 0 evaluates and writes; the other ranks get None rows."""
     import torch
 
+    from .distributed import rank_and_world
     from .evaluate import training_dead_fraction
     from .rundir import RunLock, write_json
     from .train import CHECKPOINT, train
 
+    rank, world = rank_and_world()
     with contextlib.ExitStack() as locks:
         trained = []
         for sae_cfg, train_cfg, run_dir, extra in jobs:
-            locks.enter_context(RunLock(run_dir))
+            locks.enter_context(RunLock(run_dir) if rank == 0 else contextlib.nullcontext())
             try:
-                sae = sae_cfg.build(ws.d_model)
+                sae = sae_cfg.build(ws.d_model, device=device)
             except ValueError as exc:  # a size that only the model's d_model rules out
                 raise _flag_error(exc) from None
-            buffer = ws.buffer()
+            buffer = _shared_buffer(ws, rank, world)
             fresh = not (run_dir / CHECKPOINT).exists()
             if fresh:
                 sample = buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]]
-                sae.init_b_dec(sample)
+                sae.init_b_dec(sample.to(sae.b_dec.device))
             if split == "validation":
                 evaluate = ws.validate
             else:  # periodic test evaluations only when asked for; the final one is shared below
@@ -374,6 +379,8 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
                 if str(exc).startswith("resume:"):
                     raise _UsageError(str(exc)) from None
                 raise
+            if rank != 0:
+                continue
             sae.save(str(run_dir / "sae.safetensors"))
             dead = training_dead_fraction(sae)
             row = {**ws.provenance, **_sae_row(sae, sae_cfg, train_cfg), **(extra or {}),
@@ -391,7 +398,7 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
                 row["eval_seconds"] = round((time.perf_counter() - t0) / len(trained), 1)
         for _, row, run_dir in trained:
             write_json(run_dir / "row.json", row)
-    return [row for _, row, _ in trained]
+    return [row for _, row, _ in trained] if rank == 0 else [None] * len(jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,12 +411,70 @@ def cmd_train(args) -> int:
     _check_data_args(args)
     sae_cfg, train_cfg = _configs(args)
     out = Path(args.out)
-    with RunLock(out):  # before the model loads: a second trainer on --out stops at once
-        _check_resume(out, train_cfg, sae_cfg.arch, args.allow_config_change)
-        ws = _Workspace(args)
-        row = _train_one(ws, sae_cfg, train_cfg, out, args)
-    print(json.dumps(row, indent=1))
+    with _torchrun(train_cfg) as (rank, device):
+        # Before the model loads: a second trainer on --out stops at once (rank 0 holds it for all).
+        with RunLock(out) if rank == 0 else contextlib.nullcontext():
+            _check_resume(out, train_cfg, sae_cfg.arch, args.allow_config_change)
+            ws = _Workspace(args)
+            row = _train_one(ws, sae_cfg, train_cfg, out, args, device=device)
+    if rank == 0:
+        print(json.dumps(row, indent=1))
     return 0
+
+
+@contextlib.contextmanager
+def _torchrun(train_cfg):
+    """Under torchrun (WORLD_SIZE set): join the process group before any model loads and leave it
+    at the end (an exit without ``destroy_process_group`` can abort). Yields (rank, the device to
+    build the SAE on: cuda:LOCAL_RANK for data parallel with NCCL, else None: the CPU, and in latent
+    mode ``train`` puts each rank's shard on its GPU); outside torchrun (0, None)."""
+    if "WORLD_SIZE" not in os.environ:
+        yield 0, None
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if world > 1 and train_cfg.parallel == "none":
+        raise _UsageError(f"--parallel: expected 'data' or 'latent' under torchrun with {world} processes, "
+                          f"got 'none'")
+    if train_cfg.parallel == "data" and train_cfg.batch_size % world:
+        raise _UsageError(f"--batch-size: expected a multiple of the {world} processes for --parallel data, "
+                          f"got {train_cfg.batch_size}")
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import init_distributed
+
+    rank, _ = init_distributed()
+    try:
+        on_gpu = dist.get_backend() == "nccl" and train_cfg.parallel == "data"
+        yield rank, (torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
+    finally:
+        dist.destroy_process_group()
+
+
+def _shared_buffer(ws: _Workspace, rank: int, world: int):
+    """Rank 0 harvests the training activations into the cache; the other ranks wait, then open
+    the same files (the cache under $TOPK_SAE_DATA must be one folder for all nodes)."""
+    if world == 1:
+        return ws.buffer()
+    import hashlib
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from .distributed import min_max_over_ranks
+
+    if rank == 0:
+        ws.buffer()
+    # A harvest can outlast the training group's timeout: wait on a group of its own.
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    dist.barrier(group=waiting)
+    buffer = ws.buffer()
+    rows = buffer[[0, len(buffer) // 2, len(buffer) - 1]]
+    digest = int(hashlib.sha1(f"{len(buffer)}".encode() + rows.numpy().tobytes()).hexdigest()[:15], 16)
+    if len(set(min_max_over_ranks(digest, waiting))) > 1:
+        raise _UsageError("TOPK_SAE_DATA: the ranks read different training activations; every node must see the "
+                          "same activation cache (one shared folder)")
+    return buffer
 
 
 def cmd_evaluate(args) -> int:

@@ -198,6 +198,11 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm progress bar."""
 
+    parallel: Literal["none", "data", "latent"] = "none"
+    """Under torchrun: "data" (every rank holds the SAE and trains on its 1/N of each batch) or
+    "latent" (each rank holds n/N of the latents and sees the whole batch); "none": one process.
+    batch_size is the global batch either way (sae.distributed)."""
+
     def steps(self) -> int:
         """Steps to see at least ``total_tokens`` tokens."""
         return max(1, -(-self.total_tokens // self.batch_size))
@@ -233,6 +238,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a number in [0, 1], got {getattr(self, name)}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ValueError(f"grad_clip: expected a finite number >= 0, got {self.grad_clip}")
+        if self.parallel not in ("none", "data", "latent"):
+            raise ValueError(f"parallel: expected 'none', 'data' or 'latent', got {self.parallel!r}")
 
 
 def _positive(cfg, *names: str, optional: bool = False) -> None:

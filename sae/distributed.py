@@ -18,30 +18,28 @@ routed through four small wrappers that count the bytes they move (``count_commu
   Backward mirrors it without moving [B, *] tensors: the gather's gradient is the rank's own slice,
   the all-reduce's gradient is the identity, and only b_dec's [m] gradient is summed.
 
-``train_distributed`` is the training loop for both modes (the schedule, clipping, decoder
-constraints and checkpoints of ``sae.train``), written so its hooks can move into ``sae.train``.
+``sae.train.train`` is the training loop for both modes (``TrainConfig.parallel``): it calls these
+hooks between its own steps, so every mode gets the same schedule, checks, checkpoints and resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
-    "DataParallel", "LatentShardedSAE", "communication_per_step", "count_communication",
-    "init_distributed", "latent_range", "load_sharded", "train_distributed",
+    "DataParallel", "LatentShardedSAE", "any_rank", "communication_per_step", "count_communication",
+    "init_distributed", "latent_range", "load_sharded", "min_max_over_ranks", "rank_and_world",
 ]
 
 
@@ -71,10 +69,31 @@ def _in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _rank_world(group=None) -> tuple[int, int]:
+def _nccl(group=None) -> bool:
+    return _in_group() and dist.get_backend(group) == "nccl"
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) outside a process group."""
     if not _in_group():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+
+def any_rank(flag: bool, group=None, device=None) -> bool:
+    """True on every rank if ``flag`` is True on any rank (so all ranks stop together, none hangs)."""
+    if not _in_group():
+        return bool(flag)
+    return bool(_all_reduce(torch.tensor([int(bool(flag))], device=device), op=dist.ReduceOp.MAX, group=group))
+
+
+def min_max_over_ranks(value: int, group=None, device=None) -> tuple[int, int]:
+    """(smallest, largest) of an int over the ranks: equal when every rank holds the same value."""
+    if not _in_group():
+        return value, value
+    both = _all_reduce(torch.tensor([value, -value], device=device), op=dist.ReduceOp.MAX, group=group)
+    return -int(both[1]), int(both[0])
 
 
 def latent_range(n_latents: int, rank: int, world: int) -> tuple[int, int]:
@@ -169,7 +188,7 @@ def _broadcast(tensor: Tensor, src: int = 0, group=None) -> Tensor:
 
 def _gather_rows(shard: Tensor, n_rows: int, group=None) -> Optional[Tensor]:
     """Stack every rank's row block (sizes from ``latent_range``) on rank 0; None elsewhere."""
-    rank, world = _rank_world(group)
+    rank, world = rank_and_world(group)
     if world == 1:
         return shard
     widest = latent_range(n_rows, 0, world)[1]
@@ -193,7 +212,7 @@ class _GatherCandidates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor, group) -> Tensor:
-        ctx.rank = _rank_world(group)[0]
+        ctx.rank = rank_and_world(group)[0]
         return _all_gather(local, group)
 
     @staticmethod
@@ -239,7 +258,7 @@ def _check_no_batch_topk(sae) -> None:
 class DataParallel:
     """Hooks that make N ranks, each holding the whole SAE, train like one process on N x the batch.
 
-    Per step (see ``train_distributed``)::
+    Per step (as ``sae.train`` runs them with ``parallel="data"``)::
 
         x = dp.local_rows(global_batch)          # or read only these rows
         output = sae(x)
@@ -251,8 +270,11 @@ class DataParallel:
 
     def __init__(self, sae: nn.Module, group=None):
         _check_no_batch_topk(sae)
+        if _nccl(group) and next(sae.parameters()).device.type != "cuda":
+            raise ValueError(f"sae: NCCL moves CUDA tensors only; expected the SAE on "
+                             f"cuda:{torch.cuda.current_device()} (LOCAL_RANK), got {next(sae.parameters()).device}")
         self.sae, self.group = sae, group
-        self.rank, self.world = _rank_world(group)
+        self.rank, self.world = rank_and_world(group)
         self.broadcast_state()
 
     @torch.no_grad()
@@ -365,7 +387,7 @@ class LatentShardedSAE(nn.Module):
         _check_no_batch_topk(shard)
         self.shard, self.full_class, self.full_config = shard, full_class, dict(full_config)
         self.sharded_keys, self.group = set(sharded_keys), group
-        self.rank, self.world = _rank_world(group)
+        self.rank, self.world = rank_and_world(group)
         self.n_latents, self.k, self.d_model = full_config["n_latents"], full_config["k"], full_config["d_model"]
         self.lo, self.hi = latent_range(self.n_latents, self.rank, self.world)
         # The full model's k_aux (the shard's own is capped at its size): Gao et al.'s default d_model / 2.
@@ -377,16 +399,19 @@ class LatentShardedSAE(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, full: nn.Module, group=None) -> "LatentShardedSAE":
-        """Slice a full SAE (the same on every rank) into this rank's shard."""
-        rank, world = _rank_world(group)
+    def from_model(cls, full: nn.Module, group=None, device=None) -> "LatentShardedSAE":
+        """Slice a full SAE (the same on every rank) into this rank's shard, on ``device`` (default:
+        the current CUDA device in an NCCL group, else the full model's device)."""
+        rank, world = rank_and_world(group)
         n = full.n_latents
         lo, hi = latent_range(n, rank, world)
         if hi - lo < 1:
             raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
         full_state = full.state_dict()
-        shard = _build_shard(type(full), full.config(), hi - lo, next(full.parameters()).device,
-                             getattr(full, "backend", None))
+        if device is None:
+            on_gpu = _nccl(group)
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else next(full.parameters()).device
+        shard = _build_shard(type(full), full.config(), hi - lo, device, getattr(full, "backend", None))
         keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
         model = cls(shard, type(full), full.config(), keys, group)
         model.load_full_state_dict(full_state)
@@ -404,7 +429,7 @@ class LatentShardedSAE(nn.Module):
         """
         from .masks import expander_mask
 
-        rank, world = _rank_world(group)
+        rank, world = rank_and_world(group)
         n = config["n_latents"]
         lo, hi = latent_range(n, rank, world)
         if hi - lo < 1:
@@ -658,7 +683,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     from . import models
 
     classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
-    rank, world = _rank_world(group)
+    rank, world = rank_and_world(group)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         if "topk-sae" in meta:  # one JSON record: class, config, per-tensor sha256 (sae.checkpoint)
@@ -694,192 +719,6 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     with torch.no_grad():
         shard.load_state_dict(state)
     return LatentShardedSAE(shard, full_class, config, keys, group)
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop for both modes
-# ---------------------------------------------------------------------------------------------
-
-def _local_batches(buffer, batch_size: int, epochs: int, seed: int, start_step: int, rows: slice, device):
-    """This rank's rows of every global batch of ``buffer.batches(batch_size, ...)``, reading only them.
-
-    Follows ``ActivationBuffer.batches``'s order: step s is block s % spe of the permutation fixed
-    by (seed, s // spe), rows ascending within the batch.
-    """
-    import numpy as np
-
-    spe = buffer.steps_per_epoch(batch_size)
-    perm, perm_epoch = None, -1
-    for step in range(start_step, epochs * spe):
-        epoch, s = divmod(step, spe)
-        if epoch != perm_epoch:
-            perm, perm_epoch = buffer._permutation(len(buffer), seed, epoch), epoch
-        idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])[rows]
-        yield buffer[idx].to(device)
-
-
-def _base_lr(cfg, sae, n_latents: int) -> float:
-    if hasattr(cfg, "lr_for"):
-        return cfg.lr_for(sae)
-    return cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)  # sae.train.default_lr
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def train_distributed(sae: nn.Module, buffer, cfg, out_dir: str | os.PathLike, *, mode: str = "data",
-                      resume: bool = False, group=None,
-                      on_step: Optional[Callable[[int, dict], None]] = None):
-    """``sae.train.train`` on every rank of the process group, in ``mode`` "data" or "latent".
-
-    ``sae``: the same full SAE on every rank (same seed), or in mode "latent" a
-    ``LatentShardedSAE`` (e.g. from ``LatentShardedSAE.create``: no rank builds the full model,
-    except to resume or save, on CPU / rank 0). ``cfg.batch_size`` is the global batch
-    (data parallel: batch_size / world tokens per rank; latent: every rank sees all of it), so the
-    run matches a single process with the same config step for step. Rank 0 writes the checkpoint
-    (``sae.train``'s format, loadable in one process: ``load_checkpoint``) and metrics.json; resume
-    reads it on every rank, for any world size. Returns ``(model, TrainResult)``: the trained
-    model (the ``LatentShardedSAE`` in latent mode).
-    """
-    from tqdm.auto import tqdm
-
-    from .train import CHECKPOINT, METRICS, TrainResult, _lr_at, load_checkpoint, save_checkpoint
-
-    if mode not in ("data", "latent"):
-        raise ValueError(f"mode: expected 'data' or 'latent', got {mode!r}")
-    presharded = isinstance(sae, LatentShardedSAE)
-    if presharded and mode != "latent":
-        raise ValueError(f"sae: a LatentShardedSAE trains in mode 'latent', got mode={mode!r}")
-    rank, world = _rank_world(group)
-    out = Path(out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    if cfg.batch_size > len(buffer):
-        raise ValueError(f"batch_size: expected <= the {len(buffer)} activations in the buffer, got {cfg.batch_size}")
-    total = max(1, -(-cfg.total_tokens // cfg.batch_size))
-    epochs = -(-total // buffer.steps_per_epoch(cfg.batch_size))
-    base_lr = _base_lr(cfg, sae.shard if presharded else sae, sae.n_latents)
-    model_with_options = sae.shard if presharded else sae
-    if getattr(model_with_options, "dead_tokens_threshold", 0) is None and hasattr(cfg, "dead_tokens"):
-        model_with_options.dead_tokens_threshold = cfg.dead_tokens()  # as sae.train does
-        if presharded:
-            sae.full_config["dead_tokens_threshold"] = cfg.dead_tokens()
-    full_class, ckpt = (sae.full_class if presharded else type(sae)), out / CHECKPOINT
-    step, history = 0, []
-    if ckpt.exists() and not resume:
-        raise FileExistsError(f"out_dir: {out} already holds a checkpoint; pass resume=True or use a new directory")
-    full_opt = None
-    if resume and ckpt.exists():
-        full = full_class(**sae.full_config) if presharded else sae  # on CPU: the checkpoint holds the full model
-        full_opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr)
-        record = load_checkpoint(ckpt, full, full_opt)
-        step = record["step"]
-        if presharded:
-            sae.load_full_state_dict(full.state_dict())
-        del full
-        if "history" in record:  # checkpoints that carry their history
-            history = [h for h in record["history"] if h["step"] <= step]
-        elif (out / METRICS).exists():
-            history = [h for h in json.loads((out / METRICS).read_text()).get("history", []) if h["step"] <= step]
-
-    if world > 1:  # every rank must resume from the same checkpoint: several nodes need a shared out_dir
-        steps = torch.tensor([step, -step], device=next(sae.parameters()).device)
-        _all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
-        if steps[0] != -steps[1]:
-            raise RuntimeError(f"out_dir: the ranks found checkpoints at steps {-int(steps[1])}..{int(steps[0])} in "
-                               f"{out}; every node must see the same out_dir (a shared filesystem)")
-    if mode == "data":
-        dp = DataParallel(sae, group)
-        model, rows = sae, dp.local_slice(cfg.batch_size)
-        optimizer = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=base_lr,
-                                     betas=tuple(cfg.betas), eps=cfg.eps)
-        if full_opt is not None:
-            optimizer.load_state_dict(full_opt.state_dict())
-    else:
-        dp, rows = None, slice(None)
-        model = sae if presharded else LatentShardedSAE.from_model(sae, group)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                                     betas=tuple(cfg.betas), eps=cfg.eps)
-        if full_opt is not None:
-            model.load_full_optimizer_state(optimizer, full_opt.state_dict()["state"])
-    del full_opt
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    # Checkpoints that take a record of extras carry the history too, as sae.train writes them.
-    takes_extra = any(p.kind is inspect.Parameter.VAR_KEYWORD
-                      for p in inspect.signature(save_checkpoint).parameters.values())
-
-    def save():
-        extra = {"base_lr": base_lr, "history": history} if takes_extra else {}
-        if mode == "data":
-            if rank == 0:
-                save_checkpoint(ckpt, sae, optimizer, step, step * cfg.batch_size, cfg, **extra)
-        else:
-            full_model, full_state = model.to_model(), model.full_optimizer_state(optimizer)
-            if rank == 0:
-                opt = torch.optim.Adam([p for p in full_model.parameters() if p.requires_grad], lr=base_lr)
-                opt.load_state_dict({"state": full_state, "param_groups": opt.state_dict()["param_groups"]})
-                save_checkpoint(ckpt, full_model, opt, step, step * cfg.batch_size, cfg, **extra)
-        if rank == 0:
-            _write_json(out / METRICS, {"history": history, "world_size": world, "mode": mode})
-        if world > 1:
-            dist.barrier(group)
-
-    model.train()
-    device = next(model.parameters()).device
-    batches = _local_batches(buffer, cfg.batch_size, epochs, cfg.seed, step, rows, device)
-    bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
-               disable=not cfg.progress or rank != 0, desc=f"{full_class.__name__} n={sae.n_latents} x{world} {mode}")
-    t0, fvu_sum, fvu_n = time.perf_counter(), 0.0, 0
-    while step < total:
-        x = next(batches)
-        output = model(x)
-        optimizer.zero_grad(set_to_none=True)
-        if dp is not None:
-            loss, logged = dp.objective(x, output)
-            loss.backward()
-            dp.sum_gradients()
-            sae.remove_parallel_grads(None)  # rows touched on any rank; untouched rows have zero gradient
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        else:
-            logged = {"fvu": output.fvu.detach(), "auxk_loss": output.auxk_loss}
-            output.loss.backward()
-            touched = output.top_indices if output.auxk_indices is None else torch.cat(
-                [output.top_indices.reshape(-1), output.auxk_indices.reshape(-1)])
-            model.remove_parallel_grads(touched)
-            grad_norm = model.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
-        lr = _lr_at(step, total, base_lr, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.step()
-        model.normalize_decoder()
-        if dp is not None:
-            dp.merge_dead_counts(x.shape[0])
-        step += 1
-        fvu_sum, fvu_n = fvu_sum + float(logged["fvu"]), fvu_n + 1
-        bar.update(cfg.batch_size)
-        log = None
-        if step % cfg.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - t0
-            auxk = logged["auxk_loss"]
-            log = {"step": step, "tokens": step * cfg.batch_size, "fvu": fvu_sum / fvu_n, "lr": lr,
-                   "auxk_loss": None if auxk is None else float(auxk.detach()), "dead_fraction": model.dead_fraction(),
-                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "tokens_per_s": fvu_n * cfg.batch_size / max(elapsed, 1e-9)}
-            bar.set_postfix(fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")
-            t0, fvu_sum, fvu_n = time.perf_counter(), 0.0, 0
-            history.append(log)
-        if step % cfg.checkpoint_every == 0 or step == total:
-            save()
-        if on_step is not None:
-            on_step(step, log or {"step": step})
-    bar.close()
-    return model, TrainResult(step=step, tokens=step * cfg.batch_size, history=history)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import topk_kernels as tk
-from topk_kernels._dispatch import check_float
+from topk_kernels import check_float
 
 from .config import SAEConfig
 from .layers import SparseDecoder
@@ -416,6 +416,10 @@ class TopKSAE(_SparseCoder):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
 
 
+def _check_loaded_rows(module: "ExpanderSAE", incompatible_keys) -> None:
+    tk.check_expander_rows(module.rows, module.d_model)
+
+
 class ExpanderSAE(_SparseCoder):
     """Expander SAE trained in compact form.
 
@@ -433,6 +437,10 @@ class ExpanderSAE(_SparseCoder):
         super().__init__(d_model, n_latents, k, backend=backend, seed=seed, **options)
         self.degree, self.tied = degree, tied
         self.register_buffer("rows", expander_mask(d_model, n_latents, degree, seed=seed).to(device))
+        # rows are checked here and after every state-dict load, so the ops can skip the per-call check
+        # (on CUDA that check would be a host sync per call).
+        tk.check_expander_rows(self.rows, d_model)
+        self.register_load_state_dict_post_hook(_check_loaded_rows)
         self.values = nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))
         self.enc_values = None if tied else nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
@@ -467,22 +475,25 @@ class ExpanderSAE(_SparseCoder):
 
     def _encode_with(self, x_centered, bias, k, signed=None):
         values = self._encoder_values()
-        pos_acts, pos_idx = tk.expander_encode(x_centered, values, self.rows, bias, k, backend=self.backend)
+        pos_acts, pos_idx = tk.expander_encode(x_centered, values, self.rows, bias, k, backend=self.backend,
+                                               check_rows=False)
         if not (self.signed if signed is None else signed):
             return pos_acts, pos_idx
         # The k largest |pre| are among the top k of pre and the top k of -pre: encode both, merge.
-        neg_acts, neg_idx = tk.expander_encode(x_centered, -values, self.rows, -bias, k, backend=self.backend)
+        neg_acts, neg_idx = tk.expander_encode(x_centered, -values, self.rows, -bias, k, backend=self.backend,
+                                               check_rows=False)
         acts = torch.cat([pos_acts, -neg_acts], -1)
         idx = torch.cat([pos_idx, neg_idx], -1)
         order = acts.detach().abs().topk(k, dim=-1).indices
         return acts.gather(-1, order), idx.gather(-1, order)
 
     def _decode_atoms(self, top_acts, top_indices):
-        return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend)
+        return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend,
+                                  check_rows=False)
 
     def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, self.b_dec,
-                                  backend=self.backend)
+                                  backend=self.backend, check_rows=False)
 
     @torch.no_grad()
     def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:

@@ -20,10 +20,16 @@ survive being killed at any moment:
 
 fp16 SAEs are refused (Adam's second moment underflows in fp16); bf16 trains with the same eps,
 which bf16 represents.
+
+Under ``torchrun`` the same loop trains on every rank (``TrainConfig.parallel``: "data" or
+"latent", the hooks of ``sae.distributed``); ``batch_size`` is the global batch, so the run matches
+one process step for step. Rank 0 alone takes the lock, shows progress, evaluates and writes; the
+checkpoint is the single-process one (latent shards gathered), and resumes on any world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -54,7 +60,8 @@ class TrainResult:
     step: int
     tokens: int
     history: list = field(default_factory=list)
-    final: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)  # evaluate()'s result; on rank 0 only under torchrun
+    model: Optional[nn.Module] = None  # what trained: the SAE, or in "latent" mode its LatentShardedSAE
 
 
 def _lr_at(step: int, total: int, base: float, cfg: TrainConfig) -> float:
@@ -132,8 +139,8 @@ def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, 
 class _FiniteWatch:
     """A device-side flag for the first step with a non-finite loss, read only when asked."""
 
-    def __init__(self, sae: nn.Module, device: torch.device):
-        self.sae = sae
+    def __init__(self, sae: nn.Module, device: torch.device, any_rank: Callable[[bool], bool] = bool):
+        self.sae, self.any_rank = sae, any_rank
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.sync_every_step = device.type != "cuda"
 
@@ -142,16 +149,141 @@ class _FiniteWatch:
         self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
 
     def check(self, step: int, last_good: int, params: bool = True) -> None:
-        """Raise ``NonFiniteError`` if a loss so far or (``params``) a parameter is not finite."""
+        """Raise ``NonFiniteError`` if a loss so far or (``params``) a parameter is not finite.
+
+        The loss is the global one (equal on every rank); a parameter is checked on every rank and
+        the verdict shared, so all ranks stop together."""
         bad = int(self.bad_step)
         hint = (f"Nothing after step {last_good} was written. Likely causes: non-finite activations, a batch "
                 f"with zero variance (FVU undefined), a learning rate or auxk_coef that is not finite or too large.")
         if bad >= 0:
             raise NonFiniteError(f"step {bad}: the training loss is not finite. {hint}")
         if params:
-            for name, p in self.sae.named_parameters():
-                if not bool(torch.isfinite(p).all()):
-                    raise NonFiniteError(f"step {step}: parameter {name} is not finite. {hint}")
+            broken = next((name for name, p in self.sae.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            if self.any_rank(broken is not None):
+                where = f"parameter {broken}" if broken else "a parameter (on another rank)"
+                raise NonFiniteError(f"step {step}: {where} is not finite. {hint}")
+
+
+class _Ranks:
+    """What ``cfg.parallel`` changes in the loop: the module that runs (the SAE, or its
+    ``LatentShardedSAE``), the rows a rank reads, the loss it backpropagates, the gradient hooks,
+    and how the checkpoint is gathered and loaded. "none" is one process: the plain SAE."""
+
+    def __init__(self, sae: nn.Module, cfg: TrainConfig, group=None):
+        from . import distributed as sd
+
+        self.mode, self.sae, self.group, self.dp, self.rows = cfg.parallel, sae, group, None, None
+        self.sharded = isinstance(sae, sd.LatentShardedSAE)
+        if self.sharded and self.mode != "latent":
+            raise ValueError(f"sae: a LatentShardedSAE trains with parallel='latent', got parallel={self.mode!r}")
+        if self.mode != "none" and getattr(cfg, "resample_every", 0):  # the field arrives with branch front
+            raise NotImplementedError(f"resample_every: dead-latent resampling runs in one process only "
+                                      f"(parallel='none'), got parallel={self.mode!r}")
+        self.rank, self.world = sd.rank_and_world(group) if self.mode != "none" else (0, 1)
+        self.inner = sae.shard if self.sharded else sae  # the SAE whose options the run reads
+        if getattr(self.inner, "dead_tokens_threshold", 0) is None:
+            self.inner.dead_tokens_threshold = cfg.dead_tokens()
+            if self.sharded:
+                sae.full_config["dead_tokens_threshold"] = cfg.dead_tokens()
+        self.last_full, self.saved_step = None, None  # the full model gathered for the last checkpoint (rank 0)
+        if self.mode == "data":
+            self.dp = sd.DataParallel(sae, group)  # every rank starts from rank 0's weights
+            self.rows = self.dp.local_slice(cfg.batch_size)
+        # From a full model the shard lands on the current CUDA device in an NCCL group.
+        self.model = sd.LatentShardedSAE.from_model(sae, group) if self.mode == "latent" and not self.sharded else sae
+        self.device = next(self.model.parameters()).device
+
+    def any_rank(self, flag: bool) -> bool:
+        from .distributed import any_rank
+
+        return any_rank(flag, self.group, self.device) if self.world > 1 else bool(flag)
+
+    def together(self, what: str, fn: Callable):
+        """``fn()`` (no collectives inside) on every rank; if it raises on one, every rank raises."""
+        try:
+            result = fn()
+        except Exception:
+            self.any_rank(True)
+            raise
+        if self.any_rank(False):
+            raise RuntimeError(f"{what} failed on another rank; see that rank's error")
+        return result
+
+    def batches(self, buffer, cfg: TrainConfig, epochs: int, start_step: int):
+        if self.rows is None:
+            return buffer.batches(cfg.batch_size, epochs, seed=cfg.seed, start_step=start_step, device=self.device)
+        return (buffer[idx[self.rows]].to(self.device)
+                for idx in buffer.batch_indices(cfg.batch_size, epochs, seed=cfg.seed, start_step=start_step))
+
+    def objective(self, x: torch.Tensor, output) -> tuple[torch.Tensor, dict]:
+        """The loss to backpropagate, and the global fvu / auxk_loss / loss to log."""
+        if self.dp is not None:
+            return self.dp.objective(x, output)
+        return output.loss, {"fvu": output.fvu, "auxk_loss": output.auxk_loss, "loss": output.loss}
+
+    def constrain_and_clip(self, output, params: list, max_norm: float) -> Optional[torch.Tensor]:
+        """Between backward and the optimizer step: gradients summed over ranks (data), the decoder
+        constraint, clipping by the global norm (returned; None without clipping)."""
+        if self.dp is not None:
+            self.dp.sum_gradients()
+            self.sae.remove_parallel_grads(None)  # rows touched on any rank; untouched rows have zero gradient
+        else:
+            touched = output.top_indices if output.auxk_indices is None else torch.cat(
+                [output.top_indices.reshape(-1), output.auxk_indices.reshape(-1)])
+            self.model.remove_parallel_grads(touched)
+        if max_norm <= 0:
+            return None
+        if self.mode == "latent":
+            return self.model.clip_grad_norm_(max_norm)
+        return nn.utils.clip_grad_norm_(params, max_norm)
+
+    def after_step(self, x: torch.Tensor) -> None:
+        self.model.normalize_decoder()
+        if self.dp is not None:
+            self.dp.merge_dead_counts(x.shape[0])
+
+    def full_model(self) -> Optional[nn.Module]:
+        """The whole trained SAE on rank 0 (None elsewhere in "latent" mode: a collective there)."""
+        if self.mode != "latent":
+            return self.sae
+        return self.model.to_model()
+
+    def save(self, path: Path, optimizer, step: int, tokens: int, cfg: TrainConfig, base_lr: float, extra: dict):
+        """Rank 0 writes the single-process checkpoint; in "latent" mode every rank joins the gather."""
+        full, opt = self.full_model(), optimizer
+        if self.mode == "latent":
+            state = self.model.full_optimizer_state(optimizer)
+            if self.rank == 0:
+                opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr,
+                                       betas=tuple(cfg.betas), eps=cfg.eps)
+                opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+            self.last_full, self.saved_step = full, step
+        if self.rank == 0:
+            save_checkpoint(path, full, opt, step, tokens, cfg, **extra)
+
+    def load(self, path: Path, optimizer, base_lr: float) -> dict:
+        """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
+        if self.mode != "latent":
+            return load_checkpoint(path, self.sae, optimizer)
+        full = self.model.full_class(**self.model.full_config) if self.sharded else self.sae
+        full_opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr)
+        record = load_checkpoint(path, full, full_opt)
+        self.model.load_full_state_dict(full.state_dict())
+        self.model.load_full_optimizer_state(optimizer, full_opt.state_dict()["state"])
+        return record
+
+    def finish(self, step: int) -> Optional[nn.Module]:
+        """The trained full SAE on rank 0 ("latent": gathered, or taken from the checkpoint of this
+        ``step``, and copied into ``sae`` there)."""
+        if self.mode != "latent":
+            return self.sae
+        if self.saved_step != step:
+            self.last_full, self.saved_step = self.full_model(), step
+        if self.rank == 0 and not self.sharded:
+            self.sae.load_state_dict(self.last_full.state_dict())
+            return self.sae
+        return self.last_full
 
 
 @torch.no_grad()
@@ -172,40 +304,51 @@ def _resample(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, seed: int)
 def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: str | os.PathLike = "runs/train", *,
           resume: bool = False, allow_config_change: bool = False,
           evaluate: Optional[Callable[[nn.Module], dict]] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int, dict], None]] = None, group=None) -> TrainResult:
     """Train ``sae`` on ``buffer`` (an ``sae.data.ActivationBuffer``) for ``cfg.total_tokens``.
 
     Writes ``out_dir/checkpoint.safetensors`` every ``cfg.checkpoint_every`` steps and at the end,
     and ``out_dir/metrics.json`` (training log + evaluations). ``evaluate(sae) -> dict`` runs every
     ``cfg.eval_every`` steps and at the end. ``on_step(step, log)`` is called after each step.
     An SAE whose ``dead_tokens_threshold`` is None gets ``cfg.dead_tokens()``.
+
+    With ``cfg.parallel`` "data" or "latent", every rank of ``group`` (default: the torchrun world,
+    ``sae.distributed.init_distributed``) calls ``train`` with the same arguments and the same
+    ``sae`` (same seed), or in "latent" mode a ``LatentShardedSAE`` (never built whole). Rank 0
+    evaluates and writes; ``out_dir`` must be one shared folder for every node. In "latent" mode
+    the trained weights are copied into ``sae`` on rank 0 only; ``result.model`` is the sharded
+    model on every rank.
     """
     cfg = TrainConfig() if cfg is None else cfg
     cfg.validate()
     out = Path(out_dir)
-    params = [p for p in sae.parameters() if p.requires_grad]
-    if any(p.dtype == torch.float16 for p in params):
-        raise ValueError("sae: fp16 training is not supported (Adam's squared gradients and eps underflow in fp16); "
-                         "train in fp32 or bf16 and cast the trained SAE with .half() for inference")
     if cfg.batch_size > len(buffer):
         raise ValueError(f"batch_size: expected <= the {len(buffer)} activations in the buffer, got {cfg.batch_size}")
-    if getattr(sae, "dead_tokens_threshold", 0) is None:
-        sae.dead_tokens_threshold = cfg.dead_tokens()
-    with RunLock(out):
-        return _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, evaluate, on_step)
+    if any(p.dtype == torch.float16 for p in sae.parameters() if p.requires_grad):
+        raise ValueError("sae: fp16 training is not supported (Adam's squared gradients and eps underflow in fp16); "
+                         "train in fp32 or bf16 and cast the trained SAE with .half() for inference")
+    ranks = _Ranks(sae, cfg, group)
+    with contextlib.ExitStack() as stack:
+        if ranks.rank == 0:  # only rank 0 writes: it alone holds the run directory
+            ranks.together("locking out_dir", lambda: stack.enter_context(RunLock(out)))
+        else:
+            ranks.together("locking out_dir", lambda: None)
+        return _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate, on_step)
 
 
-def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, evaluate, on_step) -> TrainResult:
+def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate, on_step) -> TrainResult:
     from tqdm.auto import tqdm
 
+    model, lead = ranks.model, ranks.rank == 0
+    params = [p for p in model.parameters() if p.requires_grad]
     total = cfg.steps()
-    base_lr = cfg.lr_for(sae)
+    base_lr = cfg.lr_for(ranks.inner)
     optimizer = torch.optim.Adam(params, lr=base_lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
     step, tokens, history, changes = 0, 0, [], []
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        record = load_checkpoint(ckpt, sae, optimizer)
+        record = ranks.together("loading the checkpoint", lambda: ranks.load(ckpt, optimizer, base_lr))
         step, tokens = record["step"], record["tokens"]
         history = list(record.get("history", []))
         changes = list(record.get("config_changes", []))
@@ -214,20 +357,39 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
         total = step + max(0, -(-(cfg.total_tokens - tokens) // cfg.batch_size))
         if diff:
             changes.append({"step": step, "changed": {k: list(v) for k, v in diff.items()}})
-        print(f"[sae] resuming from step {step} of {total} ({tokens:,} tokens trained) in {out}", flush=True)
+        if lead:
+            print(f"[sae] resuming from step {step} of {total} ({tokens:,} tokens trained) in {out}", flush=True)
     elif ckpt.exists() and not resume:
         raise FileExistsError(f"out_dir: {out} already holds a checkpoint; pass resume=True or use a new directory")
+    if ranks.world > 1:
+        from .distributed import min_max_over_ranks
 
-    sae.train()
+        lo, hi = min_max_over_ranks(step, ranks.group, ranks.device)
+        if lo != hi:
+            raise RuntimeError(f"out_dir: the ranks found checkpoints at steps {lo}..{hi} in {out}; every node "
+                               f"must see the same out_dir (a shared filesystem)")
+
+    model.train()
     epochs = -(-total // buffer.steps_per_epoch(cfg.batch_size))
-    device = next(sae.parameters()).device
-    watch = _FiniteWatch(sae, device)
-    batches = buffer.batches(cfg.batch_size, epochs, seed=cfg.seed, start_step=step, device=device)
+    device = ranks.device
+    # Shards differ, so their verdicts are shared; data-parallel replicas are equal, and sharing
+    # would pair a collective with another rank's all-reduce after an error on one rank's rows.
+    watch = _FiniteWatch(model, device, ranks.any_rank if ranks.mode == "latent" else bool)
+    batches = ranks.batches(buffer, cfg, epochs, step)
+    parallel = "" if ranks.mode == "none" else f" x{ranks.world} {ranks.mode}"
     bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
-               disable=not cfg.progress, desc=f"{type(sae).__name__} n={sae.n_latents} k={sae.k}")
+               disable=not cfg.progress or not lead,
+               desc=f"{type(ranks.inner).__name__} n={model.n_latents} k={model.k}{parallel}")
     t0, fvu_sum, fvu_n = time.perf_counter(), torch.zeros((), device=device), 0
     last_ckpt = step
     extra = lambda: {"base_lr": base_lr, "history": history, "config_changes": changes}  # noqa: E731
+
+    def evaluated() -> dict:
+        full = ranks.full_model()  # a collective in "latent" mode: every rank joins
+        result = evaluate(full) if lead else {}
+        model.train()
+        return result
+
     try:
         while step < total:
             x = next(batches)
@@ -235,41 +397,40 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
                 raise NonFiniteError(f"step {step + 1}: the training activations (x) hold NaN or inf. "
                                      f"Nothing after step {last_ckpt} was written.")
             try:
-                output = sae(x)
+                output = model(x)
             except ValueError:
                 # An op refusing non-finite inputs (e.g. x - b_dec) names its own argument; name the
                 # parameter that actually broke instead.
                 watch.check(step + 1, last_ckpt)
                 raise
             optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            touched = output.top_indices if output.auxk_indices is None else torch.cat(
-                [output.top_indices.reshape(-1), output.auxk_indices.reshape(-1)])
-            sae.remove_parallel_grads(touched)
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            loss, logged = ranks.objective(x, output)
+            loss.backward()
+            grad_norm = ranks.constrain_and_clip(output, params, cfg.grad_clip)
             lr = _lr_at(step, total, base_lr, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
-            sae.normalize_decoder()
+            ranks.after_step(x)
             step += 1
-            tokens += x.shape[0]
+            tokens += cfg.batch_size
             resampled = None
             if cfg.resample_every and step % cfg.resample_every == 0 and step != total:
-                resampled = _resample(sae, optimizer, x, cfg.seed * 1_000_003 + step)
-            watch.record(step, output.loss)
+                resampled = _resample(model, optimizer, x, cfg.seed * 1_000_003 + step)
+            watch.record(step, logged["loss"])
             if watch.sync_every_step:
                 watch.check(step, last_ckpt, params=False)
-            fvu_sum, fvu_n = fvu_sum + output.fvu.detach(), fvu_n + 1
-            bar.update(x.shape[0])
+            fvu_sum, fvu_n = fvu_sum + logged["fvu"].detach(), fvu_n + 1
+            bar.update(cfg.batch_size)
             log = None
             at_checkpoint = step % cfg.checkpoint_every == 0 or step == total
             if step % cfg.log_every == 0 or at_checkpoint:
                 watch.check(step, last_ckpt)
                 elapsed = time.perf_counter() - t0
+                auxk = logged["auxk_loss"]
                 log = {"step": step, "tokens": tokens, "fvu": float(fvu_sum) / fvu_n, "lr": lr,
-                       "auxk_loss": None if output.auxk_loss is None else float(output.auxk_loss.detach()),
-                       "dead_fraction": sae.dead_fraction(),
+                       "auxk_loss": None if auxk is None else float(auxk.detach()),
+                       "dead_fraction": model.dead_fraction(),
                        "grad_norm": None if grad_norm is None else float(grad_norm),
                        "tokens_per_s": fvu_n * cfg.batch_size / max(elapsed, 1e-9)}
                 # The bar shows the training batches' running FVU, not the held-out figure reported at the end.
@@ -278,14 +439,14 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
             if resampled is not None:
                 log = dict(log or {"step": step, "tokens": tokens}, resampled=resampled)
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-                log = dict(log or {"step": step, "tokens": tokens}, eval=evaluate(sae))
-                sae.train()
+                log = dict(log or {"step": step, "tokens": tokens}, eval=evaluated())
             if log is not None:
                 history.append(log)
             if at_checkpoint:
-                save_checkpoint(out / CHECKPOINT, sae, optimizer, step, tokens, cfg, **extra())
+                ranks.save(out / CHECKPOINT, optimizer, step, tokens, cfg, base_lr, extra())
                 last_ckpt = step
-                write_json(out / METRICS, {"history": history, "config_changes": changes})
+                if lead:
+                    write_json(out / METRICS, {"history": history, "config_changes": changes})
             if on_step is not None:
                 on_step(step, log or {"step": step})
     except KeyboardInterrupt:
@@ -293,10 +454,12 @@ def _train_locked(sae, buffer, cfg, out, params, resume, allow_config_change, ev
     finally:
         bar.close()
 
-    final = evaluate(sae) if evaluate is not None else {}
-    sae.train()
-    result = TrainResult(step=step, tokens=tokens, history=history, final=final)
-    write_json(out / METRICS, {"history": history, "final": final, "step": step, "tokens": tokens,
-                               "config_changes": changes, "sae_class": type(sae).__name__,
-                               "sae_config": sae.config()})
+    full = ranks.finish(step)
+    final = evaluate(full) if evaluate is not None and lead else {}
+    model.train()
+    result = TrainResult(step=step, tokens=tokens, history=history, final=final, model=model)
+    if lead:
+        write_json(out / METRICS, {"history": history, "final": final, "step": step, "tokens": tokens,
+                                   "config_changes": changes, "sae_class": type(full).__name__,
+                                   "sae_config": full.config(), "parallel": ranks.mode, "world_size": ranks.world})
     return result

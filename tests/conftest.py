@@ -1,29 +1,77 @@
-"""Test set-up: the Triton interpreter and per-test seeds.
+"""Test set-up: the device the op tests run on, the Triton interpreter, per-test seeds.
 
-``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined, so it is set
-here, before ``topk_kernels`` is imported. Ops called without ``backend=`` still take the fast
-PyTorch path (the interpreter is slow); tests that prove a kernel force ``backend="triton"``.
+Two ways to run the suite:
+
+- ``pytest`` (CPU, the default; CI): ``TRITON_INTERPRET=1`` is set here, before ``topk_kernels``
+  is imported (it must be set before any ``@triton.jit`` function is defined), so
+  ``backend="triton"`` runs the kernels in the interpreter. Ops called without ``backend=`` take
+  the fast PyTorch path (``TOPK_KERNELS_CPU_BACKEND=torch``): the interpreter is slow, and tests
+  that prove a kernel force ``backend="triton"``.
+- ``pytest --device cuda`` (or ``TOPK_TEST_DEVICE=cuda pytest``): no interpreter; the op tests
+  (modules marked ``ops``) create their tensors on the GPU, so every backend runs on CUDA tensors
+  against the fp64 reference. ``--device`` is read here from the command line, because the
+  interpreter switch must be settled before pytest parses its options.
+
 Shared assertions live in ``helpers.py``.
 """
 
 import os
+import sys
 import zlib
 
-os.environ["TRITON_INTERPRET"] = "1"
+
+def _requested_device() -> str:
+    for i, arg in enumerate(sys.argv):
+        if arg == "--device" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("TOPK_TEST_DEVICE", "cpu")
+
+
+DEVICE = _requested_device()
+if DEVICE not in ("cpu", "cuda"):
+    raise SystemExit(f"--device / TOPK_TEST_DEVICE: expected 'cpu' or 'cuda', got {DEVICE!r}")
+if DEVICE == "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("--device cuda runs the compiled kernels: unset TRITON_INTERPRET")
+os.environ["TOPK_TEST_DEVICE"] = DEVICE  # helpers.py reads it
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TOPK_KERNELS_CPU_BACKEND", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import topk_kernels._dispatch as _dispatch  # noqa: E402
-
-_dispatch.cpu_default_backend = "torch"
 
 # Inputs are drawn fresh from this seed (change it to draw others); each test mixes in its name.
 BASE_SEED = int(os.environ.get("TOPK_TEST_SEED", "0"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default=DEVICE, choices=("cpu", "cuda"),
+                     help="device of the op tests' tensors (cuda: compiled kernels, no interpreter)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ops: an op test module; its tensors are created on --device")
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch.cuda.is_available() is False")
+
+
 def pytest_report_header(config):
-    return f"TOPK_TEST_SEED={BASE_SEED}, TRITON_INTERPRET=1, triton available: {_dispatch.HAS_TRITON}"
+    from topk_kernels._common import HAS_TRITON
+
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    return f"TOPK_TEST_SEED={BASE_SEED}, device={DEVICE}, TRITON_INTERPRET={interp}, triton available: {HAS_TRITON}"
+
+
+@pytest.fixture(autouse=True)
+def _test_device(request):
+    """Op tests (marked ``ops``) create their tensors on the test device."""
+    if DEVICE == "cpu" or request.node.get_closest_marker("ops") is None:
+        yield
+        return
+    with torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture(autouse=True)

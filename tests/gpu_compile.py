@@ -1,221 +1,443 @@
-"""Compile every Triton kernel ahead of time for real GPUs, on a machine without one.
+"""Compile every Triton kernel for real GPUs exactly as its launcher launches it, without a GPU.
 
-Each kernel is lowered to a cubin for sm_80 (A100) and sm_90a (H100) with the ptxas shipped in
-Triton's wheel, at the block shapes its launcher uses; ptxas's own report gives registers, spill
-bytes and stack, the compiled metadata the shared memory. Must run WITHOUT ``TRITON_INTERPRET``,
-so tests call it in a subprocess:
+How: each op block below runs the package's real launchers on ``meta`` tensors at the sizes the
+benchmarks use; the JIT's ``run`` is replaced by a recorder, so every launch is captured with its
+real arguments, constexprs, ``num_warps``, ``num_stages`` (Triton's default of 3 when a launcher
+names none) and ``debug``. The launch's specialisation is then computed by Triton 3.7's own
+binder (``create_function_from_signature`` + ``JITFunction._pack_args``) for a CUDA target:
+integers equal to 1 become constexprs, integers and pointers divisible by 16 get
+``tt.divisibility=16`` (meta tensors report address 0: PyTorch's CUDA allocator returns 512-byte
+aligned blocks, so that is what a launch sees). The encoders size their grid by the SM count,
+which is taken as an A100's (108) for sm_80 and an H100 SXM's (132) for sm_90.
 
-    python tests/gpu_compile.py            # JSON rows on stdout
+Each capture is lowered to a cubin with the ptxas in Triton's wheel. Per kernel and arch the
+report gives: registers, spill bytes and stack (ptxas), shared memory (compiled metadata),
+occupancy (CTAs per SM from registers, shared memory, threads and the 32-CTA cap), and from the
+SASS (nvdisasm, also in the wheel) the total instruction count, the instruction count of the
+main loop (the largest innermost loop: a backward branch and its target), the number of
+``MEMBAR`` fences, and the memory atomics with those of them behind a ``MEMBAR.ALL.GPU`` (the
+fence Triton's default ``acq_rel`` semantics put before each atomic; ``sem="relaxed"`` has none). Must run WITHOUT ``TRITON_INTERPRET``, so tests call it in a subprocess:
+
+    python tests/gpu_compile.py            # JSON on stdout
     python tests/gpu_compile.py --markdown # the table for benchmarks/RESULTS.md
 
-To prove a new kernel, add a ``Spec`` to ``SPECS`` with the dtypes and constexprs it is launched
-with.
+To prove a new kernel, add (or extend) its op's block: a function returning ``Spec``s whose
+``run`` calls the launcher on meta tensors, registered in ``SPEC_BLOCKS``. A test fails for any
+``@triton.jit`` kernel of the package without a spec.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
 import re
+import subprocess
 import sys
-from dataclasses import dataclass, field
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARCHS = (80, 90)
+SM_COUNT = {80: 108, 90: 132}  # A100 SXM, H100 SXM
+# Per-SM limits of compute capability 8.0 and 9.0 (CUDA occupancy calculator): registers,
+# shared memory at the largest carveout, resident threads, resident CTAs; 1 KiB of shared memory
+# is reserved per CTA.
+SM_LIMITS = {
+    80: dict(regs=65536, smem=167936, threads=2048, ctas=32),
+    90: dict(regs=65536, smem=233472, threads=2048, ctas=32),
+}
+SMEM_RESERVED_PER_CTA = 1024
+
+# The sizes the launches are captured at: the issue's benchmark shapes.
+TOPK = dict(B=8192, m=2048, n=131072, k=64)
+EXPANDER = dict(B=4096, m=2048, n=2**20, d=7, k=64)
+DTYPES = ("fp32", "bf16")
 
 
 @dataclass
 class Spec:
-    module: str
-    kernel: str
-    signature: dict  # arg -> "*fp32" | "*bf16" | "*i64" | "i32" | "constexpr"
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 2
-    label: str = ""
-    extra: dict = field(default_factory=dict)
+    """One launcher call: ``run()`` calls it on meta tensors; every kernel it launches is compiled."""
 
-    @property
-    def name(self) -> str:
-        return f"{self.kernel}[{self.label}]" if self.label else self.kernel
+    op: str
+    label: str
+    run: Callable[[], object]
 
 
-def _decode_specs() -> list[Spec]:
-    import importlib
+def _mod(name: str):
+    return importlib.import_module(f"topk_kernels.{name}")  # the package re-exports same-named functions
 
-    sd = importlib.import_module("topk_kernels.sparse_decode")  # the package re-exports the function
-    mod = sd.__name__
+
+def _t(*shape, dtype="fp32"):
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "i64": torch.int64}[dtype]
+    return torch.empty(*shape, dtype=dt, device="meta")
+
+
+def _torch_dtype(dt: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# --- sparse_decode: forward and grad of the activations --------------------------------------
+
+def _sparse_decode_specs() -> list[Spec]:
+    sd = _mod("sparse_decode")
+    B, m, n, k = TOPK["B"], TOPK["m"], TOPK["n"], TOPK["k"]
     specs = []
-    for dt in ("fp32", "bf16"):
-        specs.append(Spec(mod, "_decode_fwd_kernel", {
-            "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-            "out_ptr": f"*{dt}", "B": "i32", "M": "i32", "K": "i32",
-            "HAS_BIAS": "constexpr", "BLOCK_B": "constexpr", "BLOCK_M": "constexpr",
-        }, {"HAS_BIAS": True, "BLOCK_B": sd.BLOCK_B, "BLOCK_M": sd.BLOCK_M}, label=dt))
-        specs.append(Spec(mod, "_decode_bwd_acts_kernel", {
-            "grad_ptr": f"*{dt}", "idx_ptr": "*i64", "w_ptr": f"*{dt}", "gacts_ptr": f"*{dt}",
-            "M": "i32", "K": "i32", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",
-        }, {"BLOCK_K": sd.BLOCK_K_ACTS, "BLOCK_M": sd.BLOCK_M_ACTS}, label=dt))
-        specs.append(Spec(mod, "_decode_bwd_weight_atomic_kernel", {
-            "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "gw_ptr": "*fp32",
-            "B": "i32", "M": "i32", "K": "i32", "BLOCK_B": "constexpr", "BLOCK_M": "constexpr",
-        }, {"BLOCK_B": sd.BLOCK_B, "BLOCK_M": sd.BLOCK_M}, label=dt))
-        specs.append(Spec(mod, "_decode_bwd_weight_segment_kernel", {
-            "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "sorted_idx_ptr": "*i64", "order_ptr": "*i64",
-            "gw_ptr": "*fp32", "NNZ": "i32", "M": "i32", "K": "i32", "BLOCK_M": "constexpr",
-        }, {"BLOCK_M": sd.BLOCK_M}, label=dt))
+    for dt in DTYPES:
+        acts, idx, w, bias = _t(B, k, dtype=dt), _t(B, k, dtype="i64"), _t(n, m, dtype=dt), _t(m, dtype=dt)
+        specs.append(Spec("sparse_decode", f"forward,{dt}",
+                          lambda a=acts, i=idx, w=w, b=bias, dt=dt: sd.triton_forward(a, i, w, b, _torch_dtype(dt))))
+        specs.append(Spec("sparse_decode", f"grad acts,{dt}",
+                          lambda i=idx, w=w, dt=dt: sd.triton_grad_acts(_t(B, m, dtype=dt), i, w, _torch_dtype(dt))))
     return specs
+
+
+# --- sparse_decode: weight gradient, written once per row (topk_kernels._rowgrad) -------------
+
+def _sparse_decode_weight_grad_specs() -> list[Spec]:
+    """Both decoder gradients from one pass (training); the weight gradient alone, which is also
+    topk_encode's (x in place of the output gradient); and the widest row one program holds."""
+    sd = _mod("sparse_decode")
+    B, m, n, k = TOPK["B"], TOPK["m"], TOPK["n"], TOPK["k"]
+    wide = _mod("_rowgrad").MAX_BLOCK_C
+    specs = []
+    for dt in DTYPES:
+        for width in (m, wide):
+            specs.append(Spec("sparse_decode", f"grad acts+weight,{dt},m={width}",
+                              lambda dt=dt, w=width: sd._triton_grad_acts_and_weight(
+                                  _t(B, w, dtype=dt), _t(B, k, dtype=dt), _t(B, k, dtype="i64"), _t(n, w, dtype=dt))))
+        specs.append(Spec("sparse_decode", f"grad weight (also topk_encode's),{dt}",
+                          lambda dt=dt: sd.triton_grad_weight(_t(B, m, dtype=dt), _t(B, k, dtype=dt),
+                                                              _t(B, k, dtype="i64"), n, _torch_dtype(dt))))
+    return specs
+
+
+# --- topk_encode ------------------------------------------------------------------------------
+
+def _topk_encode_specs() -> list[Spec]:
+    te = _mod("topk_encode")
+    B, m, n = TOPK["B"], TOPK["m"], TOPK["n"]
+    specs = []
+    for dt in DTYPES:
+        for k_pad in te.ENCODE_CONFIGS:
+            for tf32 in ((False, True) if (dt == "fp32" and k_pad == TOPK["k"]) else (False,)):
+                def run(dt=dt, k=k_pad, tf32=tf32):
+                    with _tf32(tf32):
+                        return te._triton_forward(_t(B, m, dtype=dt), _t(n, m, dtype=dt), _t(n, dtype=dt), k,
+                                                  _torch_dtype(dt))
+                specs.append(Spec("topk_encode", f"{dt},K_PAD={k_pad}" + (",tf32" if tf32 else ""), run))
+    return specs
+
+
+# --- expander_encode --------------------------------------------------------------------------
+
+def _expander_encode_specs() -> list[Spec]:
+    ee = _mod("expander_encode")
+    B, m, n, d = EXPANDER["B"], EXPANDER["m"], EXPANDER["n"], EXPANDER["d"]
+    specs = []
+    for dt in DTYPES:
+        for k_pad in ee.EXPANDER_ENCODE_CONFIGS:
+            specs.append(Spec("expander_encode", f"{dt},K_PAD={k_pad}", lambda dt=dt, k=k_pad: ee._triton_forward(
+                _t(B, m, dtype=dt), _t(n, d, dtype=dt), _t(n, d, dtype="i64"), _t(n, dtype=dt), k, _torch_dtype(dt))))
+    return specs
+
+
+# --- expander_decode: forward -----------------------------------------------------------------
+
+def _expander_decode_specs() -> list[Spec]:
+    ed = _mod("expander_decode")
+    B, m, n, k = EXPANDER["B"], EXPANDER["m"], EXPANDER["n"], EXPANDER["k"]
+    specs = []
+    for dt in DTYPES:
+        for d in (EXPANDER["d"], 45):  # the usual degree, and atoms wider than the 32-entry tile
+            specs.append(Spec("expander_decode", f"forward,{dt},d={d}", lambda dt=dt, d=d: ed.triton_forward(
+                _t(B, k, dtype=dt), _t(B, k, dtype="i64"), _t(n, d, dtype=dt), _t(n, d, dtype="i64"), m,
+                _t(m, dtype=dt), _torch_dtype(dt))))
+    return specs
+
+
+# --- expander_decode: backward (values written once per atom by _rowgrad; activations alone) --
+
+def _expander_decode_backward_specs() -> list[Spec]:
+    """Both gradients (training); the activation gradient alone (values frozen); the value
+    gradient alone, which is also expander_encode's (x in place of the output gradient)."""
+    ed = _mod("expander_decode")
+    B, m, n, k = EXPANDER["B"], EXPANDER["m"], EXPANDER["n"], EXPANDER["k"]
+    specs = []
+    for dt in DTYPES:
+        for d in (EXPANDER["d"], 45):
+            for need_acts, need_values, what in ((True, True, "backward"), (True, False, "grad acts"),
+                                                 (False, True, "grad values (also expander_encode's)")):
+                if d != EXPANDER["d"] and not (need_acts and need_values):
+                    continue  # the wide atom only where both gradients share the gathers
+                specs.append(Spec("expander_decode", f"{what},{dt},d={d}",
+                                  lambda dt=dt, d=d, a=need_acts, v=need_values: ed.triton_backward(
+                                      _t(B, m, dtype=dt), _t(B, k, dtype=dt), _t(B, k, dtype="i64"),
+                                      _t(n, d, dtype=dt), _t(n, d, dtype="i64"), a, v)))
+    return specs
+
+
+SPEC_BLOCKS = [
+    _sparse_decode_specs,
+    _sparse_decode_weight_grad_specs,
+    _topk_encode_specs,
+    _expander_encode_specs,
+    _expander_decode_specs,
+    _expander_decode_backward_specs,
+]
 
 
 def all_specs() -> list[Spec]:
-    """Every kernel the package launches. Op families add their builders here."""
-    specs = _decode_specs()
-    for builder in _EXTRA_BUILDERS:
-        specs.extend(builder())
-    return specs
+    return [spec for block in SPEC_BLOCKS for spec in block()]
 
 
-_EXTRA_BUILDERS: list = []
+# --- capturing launches -----------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    kernel: object  # triton JITFunction
+    args: tuple
+    kwargs: dict
 
 
-def _expander_decode_specs() -> list[Spec]:
-    import importlib
+@contextlib.contextmanager
+def _recording(arch: int):
+    """Replace JITFunction.run by a recorder and make the encoders size grids for ``arch``'s SMs."""
+    from triton.runtime.jit import JITFunction
 
-    ed = importlib.import_module("topk_kernels.expander_decode")  # the package re-exports the function
-    mod = ed.__name__
-    specs = []
-    for dt in ("fp32", "bf16"):
-        for bd in (8, ed.BLOCK_D):  # d = 7/8, the usual degree, and the widest atom tile
-            label = f"{dt},BLOCK_D={bd}"
-            specs.append(Spec(mod, "_expander_decode_fwd_kernel", {
-                "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "values_ptr": f"*{dt}", "rows_ptr": "*i64",
-                "bias_ptr": f"*{dt}", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
-                "B": "i32", "M": "i32", "K": "i32", "D": "i32",
-                "HAS_BIAS": "constexpr", "CAST_OUT": "constexpr",
-                "BLOCK_B": "constexpr", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr",
-            }, {"HAS_BIAS": True, "CAST_OUT": dt != "fp32", "BLOCK_B": ed.BLOCK_B, "BLOCK_D": bd,
-                "BLOCK_M": ed.BLOCK_M}, num_stages=1, label=label))
-            specs.append(Spec(mod, "_expander_decode_bwd_kernel", {
-                "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "idx_ptr": "*i64", "values_ptr": f"*{dt}",
-                "rows_ptr": "*i64", "gacts_ptr": f"*{dt}", "gvalues_ptr": "*fp32",
-                "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
-                "NEED_ACTS": "constexpr", "NEED_VALUES": "constexpr", "BLOCK_E": "constexpr", "BLOCK_D": "constexpr",
-            }, {"NEED_ACTS": True, "NEED_VALUES": True, "BLOCK_E": ed._block_e(bd), "BLOCK_D": bd}, label=label))
-            specs.append(Spec(mod, "_expander_decode_bwd_values_segment_kernel", {
-                "grad_ptr": f"*{dt}", "acts_ptr": f"*{dt}", "rows_ptr": "*i64", "sorted_idx_ptr": "*i64",
-                "order_ptr": "*i64", "gvalues_ptr": "*fp32", "NNZ": "i32", "M": "i32", "K": "i32", "D": "i32",
-                "BLOCK_D": "constexpr",
-            }, {"BLOCK_D": bd}, label=label))
-    return specs
+    topk = _mod("_topk")
+    launches: list[Launch] = []
+    saved_run, saved_count = JITFunction.run, topk.multiprocessor_count
+    saved_splits = {name: _mod(name).latent_splits for name in ("topk_encode", "expander_encode")}
+    fake_cuda = types.SimpleNamespace(type="cuda")
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs))
+
+    JITFunction.run = record
+    topk.multiprocessor_count = lambda device: SM_COUNT[arch]
+    for name, fn in saved_splits.items():
+        setattr(_mod(name), "latent_splits", lambda tb, nt, device, fn=fn: fn(tb, nt, fake_cuda))
+    try:
+        yield launches
+    finally:
+        JITFunction.run = saved_run
+        topk.multiprocessor_count = saved_count
+        for name, fn in saved_splits.items():
+            setattr(_mod(name), "latent_splits", fn)
 
 
-_EXTRA_BUILDERS.append(_expander_decode_specs)
+def capture(spec: Spec, arch: int) -> list[Launch]:
+    with _recording(arch) as launches:
+        spec.run()
+    if not launches:
+        raise RuntimeError(f"{spec.op}[{spec.label}]: the launcher launched no kernel")
+    return launches
 
 
-def _topk_encode_specs() -> list[Spec]:
-    import importlib
-
-    te = importlib.import_module("topk_kernels.topk_encode")  # the package re-exports the function
-    specs = []
-    for dt in ("fp32", "bf16"):
-        for k_pad, (bb, bn, bm, nw) in te.ENCODE_CONFIGS.items():
-            precisions = ("ieee", "tf32") if (dt == "fp32" and k_pad == 32) else ("ieee",)
-            for precision in precisions:
-                label = f"{dt},K_PAD={k_pad}" + (",tf32" if precision == "tf32" else "")
-                specs.append(Spec(te.__name__, "_encode_fwd_kernel", {
-                    "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "cand_ptr": "*i64",
-                    "B": "i32", "N": "i32", "M": "i32", "TILES_PER_SPLIT": "i32", "C": "i32",
-                    "HAS_BIAS": "constexpr", "BLOCK_B": "constexpr", "BLOCK_N": "constexpr",
-                    "BLOCK_M": "constexpr", "K_PAD": "constexpr", "CAST_FP32": "constexpr",
-                    "INPUT_PRECISION": "constexpr",
-                }, {"HAS_BIAS": True, "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_M": bm, "K_PAD": k_pad,
-                    "CAST_FP32": False, "INPUT_PRECISION": precision}, num_warps=nw, label=label))
-    return specs
-
-
-_EXTRA_BUILDERS.append(_topk_encode_specs)
-
-
-def _expander_encode_specs() -> list[Spec]:
-    import importlib
-
-    ee = importlib.import_module("topk_kernels.expander_encode")  # the package re-exports the function
-    specs = []
-    for dt in ("fp32", "bf16"):
-        for k_pad, (bb, bn, nw) in ee.EXPANDER_ENCODE_CONFIGS.items():
-            specs.append(Spec(ee.__name__, "_expander_encode_fwd_kernel", {
-                "x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "rows_ptr": "*i64", "bias_ptr": f"*{dt}",
-                "cand_ptr": "*i64", "B": "i32", "N": "i32", "M": "i32", "D": "i32",
-                "TILES_PER_SPLIT": "i32", "C": "i32", "HAS_BIAS": "constexpr", "BLOCK_B": "constexpr",
-                "BLOCK_N": "constexpr", "K_PAD": "constexpr",
-            }, {"HAS_BIAS": True, "BLOCK_B": bb, "BLOCK_N": bn, "K_PAD": k_pad}, num_warps=nw,
-                label=f"{dt},K_PAD={k_pad}"))
-    return specs
-
-
-_EXTRA_BUILDERS.append(_expander_encode_specs)
-
+# --- compiling one launch ---------------------------------------------------------------------
 
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_spec(spec: Spec, arch: int) -> dict:
-    """Compile one kernel for one architecture; returns a row of resource usage."""
-    import importlib
+def specialise(launch: Launch, arch: int):
+    """What ``JITFunction.run`` computes for this launch on ``arch``: (signature, constexprs,
+    attrs, options)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: Launch, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(importlib.import_module(spec.module), spec.kernel)
-    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs)
-    target = GPUTarget("cuda", arch, 32)
+    signature, constexprs, attrs, options = specialise(launch, arch)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(
-            src, target=target, options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
-        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     text = log.getvalue()
-    used = _USED.findall(text)
-    spill = _SPILL.findall(text)
+    used, spill = _USED.findall(text), _SPILL.findall(text)
     if not used or not spill:
-        raise RuntimeError(f"{spec.name} sm_{arch}: no ptxas report found in:\n{text}")
+        raise RuntimeError(f"{launch.kernel.__name__} sm_{arch}: no ptxas report found in:\n{text}")
     stack, stores, loads = (int(v) for v in spill[-1])
+    regs, shared = int(used[-1]), int(compiled.metadata.shared)
+    sass = sass_stats(compiled.asm["cubin"])
+    divisible = sorted(signature_names(launch.kernel)[k[0]] for k, v in attrs.items() if v)
     return {
-        "kernel": spec.name,
-        "arch": f"sm_{arch}",
-        "registers": int(used[-1]),
-        "shared_bytes": int(compiled.metadata.shared),
-        "stack_bytes": stack,
-        "spill_stores": stores,
-        "spill_loads": loads,
-        "num_warps": spec.num_warps,
+        "registers": regs, "shared_bytes": shared, "stack_bytes": stack, "spill_stores": stores,
+        "spill_loads": loads, "num_warps": options.num_warps, "num_stages": options.num_stages,
+        "ctas_per_sm": ctas_per_sm(arch, regs, shared, options.num_warps), **sass,
+        "divisible_by_16": divisible,
+        "constexprs": {signature_names(launch.kernel)[k[0]]: _jsonable(v) for k, v in constexprs.items()},
     }
+
+
+def signature_names(kernel) -> list[str]:
+    return [p.name for p in kernel.params]
+
+
+def _jsonable(v):
+    return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+
+
+def ctas_per_sm(arch: int, regs: int, shared: int, num_warps: int) -> int:
+    """Resident CTAs per SM, limited by registers (allocated per warp in units of 256), shared
+    memory (plus the 1 KiB reserved per CTA), threads and the CTA cap."""
+    lim = SM_LIMITS[arch]
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (lim["regs"] // regs_per_warp) // num_warps if regs_per_warp else lim["ctas"]
+    by_smem = lim["smem"] // (shared + SMEM_RESERVED_PER_CTA)
+    by_threads = lim["threads"] // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, lim["ctas"])
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^\s*\.?(L_x_\d+|\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*?`?\(?\.?(L_x_\d+)")
+
+
+# Memory atomics (not REDUX, a warp reduction) and the GPU-wide fence that Triton's default
+# acq_rel semantics put before each one (sem="relaxed" has none).
+_ATOMIC = re.compile(r"\b(ATOMG|ATOMS|ATOM|REDG|RED)\.")
+_FENCE = "MEMBAR.ALL.GPU"
+
+
+def sass_atomics(instructions: list[str]) -> tuple[int, list[str]]:
+    """(number of atomics, the atomics preceded by a MEMBAR.ALL.GPU) in one kernel's SASS
+    instructions, in program order."""
+    count, fenced, behind_fence = 0, [], False
+    for ins in instructions:
+        if _FENCE in ins:
+            behind_fence = True
+        elif _ATOMIC.search(ins):
+            count += 1
+            if behind_fence:
+                fenced.append(ins)
+    return count, fenced
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Total instructions, main-loop instructions, MEMBAR fences and atomics (all, and those
+    behind a GPU-wide fence) of the kernel's SASS."""
+    from triton import knobs
+
+    nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    instrs, labels, branches = [], {}, []
+    for line in text.splitlines():
+        lab = _LABEL.match(line)
+        if lab:
+            labels[lab.group(1).lstrip(".")] = len(instrs)
+            continue
+        ins = _SASS_LINE.search(line)
+        if ins:
+            body = ins.group(2).strip()
+            br = _BRANCH.search(body)
+            if br:
+                branches.append((len(instrs), br.group(1).lstrip(".")))
+            instrs.append(body)
+    loops = [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
+    innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    main = max((e - s + 1 for s, e in innermost), default=0)
+    atomics, fenced = sass_atomics(instrs)
+    return {
+        "sass_instructions": len(instrs),
+        "main_loop_instructions": main,
+        "membar": sum(1 for i in instrs if "MEMBAR" in i),
+        "atomics": atomics,
+        "fenced_atomics": fenced,
+    }
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def compile_all() -> tuple[list[dict], list[dict]]:
+    rows, failures, seen = [], [], set()
+    for spec in all_specs():
+        for arch in ARCHS:
+            try:
+                launches = capture(spec, arch)
+            except Exception as exc:
+                failures.append({"op": spec.op, "label": spec.label, "arch": f"sm_{arch}", "error": repr(exc)[:2000]})
+                continue
+            for launch in launches:
+                name = launch.kernel.__name__
+                try:
+                    sig = specialise(launch, arch)
+                    key = (name, arch, repr(sig[0]), repr(sorted(sig[1].items())), repr(sorted(sig[2].items())),
+                           repr(sig[3]))
+                    if key in seen:  # the same build launched twice by one launcher
+                        continue
+                    seen.add(key)
+                    rows.append({"op": spec.op, "label": spec.label, "kernel": name, "arch": f"sm_{arch}",
+                                 **compile_launch(launch, arch)})
+                except Exception as exc:  # report every failure, not just the first
+                    failures.append({"op": spec.op, "label": spec.label, "kernel": name, "arch": f"sm_{arch}",
+                                     "error": repr(exc)[:2000]})
+    return rows, failures
+
+
+def markdown(rows: list[dict], failures: list[dict]) -> str:
+    head = ("| kernel | launch | arch | warps | stages | registers | shared (B) | spill st/ld (B) | CTAs/SM "
+            "| SASS instrs | main-loop instrs | MEMBAR | atomics (fenced) |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(f"| {r['kernel']} | {r['label']} | {r['arch']} | {r['num_warps']} | {r['num_stages']} "
+                   f"| {r['registers']} | {r['shared_bytes']} | {r['spill_stores']}/{r['spill_loads']} "
+                   f"| {r['ctas_per_sm']} | {r['sass_instructions']} | {r['main_loop_instructions']} "
+                   f"| {r['membar']} | {r['atomics']} ({len(r['fenced_atomics'])}) |")
+    for f in failures:
+        out.append(f"| {f.get('kernel', f['op'])} | {f['label']} | {f['arch']} | FAILED: {f['error'][:200]} |")
+    return "\n".join(out)
 
 
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("gpu_compile: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
         return 2
-    rows, failures = [], []
-    for spec in all_specs():
-        for arch in ARCHS:
-            try:
-                rows.append(compile_spec(spec, arch))
-            except Exception as exc:  # report every failure, not just the first
-                failures.append({"kernel": spec.name, "arch": f"sm_{arch}", "error": repr(exc)[:2000]})
+    rows, failures = compile_all()
     if "--markdown" in argv:
-        print("| kernel | arch | warps | registers | shared memory (B) | stack (B) | spill stores (B) | spill loads (B) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['registers']} | {r['shared_bytes']} "
-                  f"| {r['stack_bytes']} | {r['spill_stores']} | {r['spill_loads']} |")
-        for f in failures:
-            print(f"| {f['kernel']} | {f['arch']} | FAILED: {f['error'][:200]} |")
+        print(markdown(rows, failures))
     else:
         print(json.dumps({"rows": rows, "failures": failures}))
     return 1 if failures else 0

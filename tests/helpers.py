@@ -1,15 +1,28 @@
 """Assertions and parameter lists shared by the op tests."""
 
+import os
+
 import pytest
 import torch
 
-from topk_kernels._dispatch import HAS_TRITON
+from topk_kernels._common import HAS_TRITON
+
+# The device the op tests run on (tests/conftest.py: ``pytest --device cuda``).
+DEVICE = torch.device(os.environ.get("TOPK_TEST_DEVICE", "cpu"))
+ON_CUDA = DEVICE.type == "cuda"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Per-dtype tolerances relative to the scale of the fp64 reference: one table for every op.
+# TF32 (CUDA matmuls with torch.backends.cuda.matmul.allow_tf32) keeps 10 mantissa bits.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-10}
+TF32_TOL = 2e-3
 
-# Backends a CPU test runs: the fast PyTorch path, and the Triton kernels under the interpreter.
+# Backends a test runs: the fast PyTorch path, and the Triton kernels (under the interpreter on
+# CPU, compiled on CUDA).
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+
+interpreter_only = pytest.mark.skipif(ON_CUDA, reason="checks the Triton interpreter's behaviour")
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="runs with pytest --device cuda")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
@@ -22,3 +35,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * scale {scale:.3g}"
+
+
+def assert_same_topk(idx: torch.Tensor, ref_idx: torch.Tensor, ref_pre: torch.Tensor, tol: float, what: str = "") -> None:
+    """The selected latents equal the reference's, except where the reference's own values tie
+    within ``tol`` (relative to the scale of ``ref_pre``): there the working precision cannot
+    order them and a swap is accepted. ``ref_pre`` is the fp64 [..., n] pre-activations."""
+    assert idx.shape == ref_idx.shape, f"{what}: shape {tuple(idx.shape)} != {tuple(ref_idx.shape)}"
+    differ = idx != ref_idx
+    if not differ.any():
+        return
+    scale = max(1.0, ref_pre.abs().max().item())
+    got, want = ref_pre.gather(-1, idx), ref_pre.gather(-1, ref_idx)
+    bad = differ & ((got - want).abs() > tol * scale)
+    assert not bad.any(), f"{what}: {int(bad.sum())} selected latents differ from the reference beyond ties"

@@ -1,17 +1,21 @@
-"""Distributed training (sae.distributed) on 2 gloo processes spawned here, against one process.
+"""Distributed training (``sae.train`` with ``TrainConfig.parallel``, ``sae.distributed``) on 2 gloo
+processes spawned here, against one process.
 
 One spawn (module fixture) runs every 2-process scenario and leaves its results on disk; the tests
 compare them with a single-process reference loop written below (same Adam, schedule, clipping and
 decoder constraints as ``sae.train``). Data parallel and latent-sharded training must give the
 single-process losses within 1e-5 relative, step by step, and the same weights; one step's
 gradients equal one process's; a killed run resumes to the same weights (on 2 processes or on
-one); a sharded checkpoint loads in one process and reproduces the outputs, and a single-process
-file reshards unevenly; the bytes communicated per step equal the formula, with no [B, n] tensor
-among them. A last test launches through torchrun itself.
+one); a held run directory, a non-finite step and changed settings on resume stop both ranks; a
+sharded checkpoint loads in one process and reproduces the outputs, and a single-process file
+reshards unevenly; the bytes communicated per step equal the formula, with no [B, n] tensor among
+them. The last tests launch ``python -m sae train`` through torchrun on a tiny random Llama and
+load its checkpoint in one process, and parse the README's torchrun commands.
 """
 
 import functools
 import os
+import re
 import shutil
 import socket
 import time
@@ -127,7 +131,8 @@ def _scenarios(rank, world, out):
     for mode in ("data", "latent"):
         for arch in ("topk", "expander"):
             name = f"{mode}-{arch}"
-            model, result = sd.train_distributed(_make(arch), _buffer(), _cfg(), out / name, mode=mode)
+            result = train(_make(arch), _buffer(), _cfg(parallel=mode), out / name)
+            model = result.model
             if mode == "latent":
                 model.save(out / f"{name}.safetensors")
                 model.eval()
@@ -143,8 +148,9 @@ def _scenarios(rank, world, out):
     # created sharded (no full model anywhere), trained; its initial state gathered for the reference
     created = sd.LatentShardedSAE.create(ExpanderSAE, _make("expander").config(), seed=4)
     initial = created.full_state_dict()
-    model, result = sd.train_distributed(created, _buffer(), _cfg(), out / "created", mode="latent")
-    final = model.to_model()
+    result = train(created, _buffer(), _cfg(parallel="latent"), out / "created")
+    assert result.model is created
+    final = created.to_model()
     if rank == 0:
         torch.save({"initial": initial, "history": result.history, "state": final.state_dict()}, out / "created.pt")
 
@@ -155,15 +161,15 @@ def _scenarios(rank, world, out):
                 raise _Killed
 
         try:
-            sd.train_distributed(_make("topk"), _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, on_step=kill)
+            train(_make("topk"), _buffer(), _cfg(parallel=mode), out / f"killed-{mode}", on_step=kill)
         except _Killed:
             pass
         if rank == 0:  # for resuming in one process
             shutil.copytree(out / f"killed-{mode}", out / f"killed-{mode}-copy")
         torch.manual_seed(1234 + rank)  # the resumed run must not depend on the fresh model's initialisation
         fresh = TopKSAE(M, N, K, dead_tokens_threshold=64, backend="torch")
-        model, result = sd.train_distributed(fresh, _buffer(), _cfg(), out / f"killed-{mode}", mode=mode, resume=True)
-        model = model.to_model() if mode == "latent" else model
+        result = train(fresh, _buffer(), _cfg(parallel=mode), out / f"killed-{mode}", resume=True)
+        model = result.model.to_model() if mode == "latent" else result.model
         if rank == 0:
             torch.save({"history": result.history, "state": model.state_dict()}, out / f"resumed-{mode}.pt")
 
@@ -236,10 +242,34 @@ def _scenarios(rank, world, out):
         torch.save(steps, out / f"options.rank{rank}.pt")
 
 
-def _entry(rank, world, port, out):
-    import topk_kernels._dispatch as dispatch
+    # the reliability of sae.train on every rank: a run directory held by another process, a
+    # non-finite step, and changed settings on resume stop every rank (none waits in a collective)
+    outcomes = {}
 
-    dispatch.cpu_default_backend = "torch"  # the interpreter flag is inherited from the test process
+    def outcome(name, fn):
+        try:
+            fn()
+            outcomes[name] = None
+        except Exception as exc:  # noqa: BLE001 - the test inspects which error each rank raised
+            outcomes[name] = (type(exc).__name__, str(exc))
+
+    outcome("locked", lambda: train(_make("topk"), _buffer(), _cfg(parallel="data"), out / "locked"))
+    for mode in ("data", "latent"):
+        outcome(f"huge-lr-{mode}", lambda: train(_make("topk"), _buffer(),
+                                                 _cfg(parallel=mode, lr=1e30, warmup_steps=0, grad_clip=0.0),
+                                                 out / f"huge-lr-{mode}"))
+    if rank == 0:
+        shutil.copytree(out / "killed-latent", out / "extended")
+    torch.distributed.barrier()
+    outcome("changed", lambda: train(_make("topk"), _buffer(), _cfg(parallel="latent", lr=1e-3), out / "extended",
+                                     resume=True))
+    longer = _cfg(parallel="latent", total_tokens=BATCH * (STEPS + 3))
+    outcome("allowed", lambda: train(_make("topk"), _buffer(), longer, out / "extended", resume=True,
+                                     allow_config_change=True))
+    torch.save(outcomes, out / f"outcomes.rank{rank}.pt")
+
+
+def _entry(rank, world, port, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
@@ -260,18 +290,21 @@ def runs(tmp_path_factory):
     """Spawn 2 gloo processes that run every scenario; fail (never hang) after TIMEOUT_S."""
     import torch.multiprocessing as mp
 
+    from sae.rundir import RunLock
+
     out = tmp_path_factory.mktemp("dist")
-    context = mp.start_processes(_entry, args=(WORLD, _free_port(), out), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    with RunLock(out / "locked"):  # another process holds this run directory throughout
+        context = mp.start_processes(_entry, args=(WORLD, _free_port(), out), nprocs=WORLD, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
     return out
 
 
@@ -358,6 +391,42 @@ def test_single_process_file_reshards_unevenly(runs, name, latents):
     torch.testing.assert_close(sharded["top_acts"], out.top_acts, rtol=1e-5, atol=1e-6)
     active = out.top_acts > 0
     assert torch.equal(sharded["top_indices"][active], out.top_indices[active])
+
+
+def _outcomes(runs, name):
+    return [torch.load(runs / f"outcomes.rank{rank}.pt")[name] for rank in range(WORLD)]
+
+
+def test_run_directory_held_elsewhere_stops_every_rank(runs):
+    (lead, lead_message), (other, other_message) = _outcomes(runs, "locked")
+    assert lead == "RunLockedError" and "is in use by" in lead_message
+    assert other == "RuntimeError" and "locking out_dir failed on another rank" in other_message
+    assert not (runs / "locked" / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_non_finite_step_stops_every_rank_and_disk_stays_finite(runs, mode):
+    from safetensors.torch import load_file
+
+    results = _outcomes(runs, f"huge-lr-{mode}")
+    assert [kind for kind, _ in results] == ["NonFiniteError"] * WORLD
+    assert results[0][1] == results[1][1]  # the same step and verdict on both ranks
+    assert re.match(r"step \d+: (the training loss|parameter \S+) is not finite", results[0][1])
+    ckpt = runs / f"huge-lr-{mode}" / CHECKPOINT
+    if ckpt.exists():
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ckpt)).values() if t.is_floating_point())
+
+
+def test_changed_settings_on_resume_are_refused_on_every_rank_unless_allowed(runs):
+    import json
+
+    for kind, message in _outcomes(runs, "changed"):
+        assert kind == "ValueError" and "other settings (base_lr 0.003 -> 0.001)" in message
+    assert _outcomes(runs, "allowed") == [None, None]
+    metrics = json.loads((runs / "extended" / "metrics.json").read_text())
+    assert metrics["step"] == STEPS + 3
+    assert metrics["config_changes"] == [{"step": STEPS, "changed": {"total_tokens": [BATCH * STEPS,
+                                                                                     BATCH * (STEPS + 3)]}}]
 
 
 def test_latent_sharded_gradients_equal_one_process(runs):
@@ -458,56 +527,152 @@ def test_data_parallel_batch_must_split_evenly():
 
 
 def test_unknown_mode_is_refused(tmp_path):
-    from sae.distributed import train_distributed
-
-    with pytest.raises(ValueError, match="mode: expected 'data' or 'latent', got 'tensor'"):
-        train_distributed(_make("topk"), _buffer(), _cfg(), tmp_path, mode="tensor")
+    with pytest.raises(ValueError, match="parallel: expected 'none', 'data' or 'latent', got 'tensor'"):
+        train(_make("topk"), _buffer(), _cfg(parallel="tensor"), tmp_path)
 
 
-_TORCHRUN_SCRIPT = """
-import sys
-from pathlib import Path
-import torch
-from sae.data import ActivationBuffer
-from sae.distributed import init_distributed, train_distributed
-from sae.models import TopKSAE
-from sae.train import TrainConfig
+@pytest.mark.parametrize("parallel", ["none", "data"])
+def test_sharded_model_needs_latent_mode(tmp_path, parallel):
+    from sae.distributed import LatentShardedSAE
 
-rank, world = init_distributed()
-assert world == 2, world
-out = Path(sys.argv[1])
-buffer = ActivationBuffer(torch.randn(256, 12, generator=torch.Generator().manual_seed(0)))
-cfg = TrainConfig(batch_size=32, total_tokens=32 * 6, lr=1e-3, progress=False)
-for mode in ("data", "latent"):
+    with pytest.raises(ValueError, match=f"sae: a LatentShardedSAE trains with parallel='latent', got "
+                                         f"parallel='{parallel}'"):
+        train(LatentShardedSAE.from_model(_make("topk")), _buffer(), _cfg(parallel=parallel), tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_world_of_one_parallel_modes_train_like_one_process(tmp_path, mode):
+    """Without torchrun each mode is a world of one and trains as plain sae.train does."""
+    sae = _make("topk")
+    result = train(sae, _buffer(), _cfg(parallel=mode), tmp_path / mode)
+    if mode == "latent":  # the trained shards gathered, and copied into the SAE passed in (rank 0's)
+        for name, value in result.model.to_model().state_dict().items():
+            assert torch.equal(sae.state_dict()[name], value), name
+    else:
+        assert result.model is sae
+    _assert_same_training({"history": result.history, "state": sae.state_dict()}, _reference("topk"))
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sae train under torchrun, on a tiny random-weight Llama (no files from any hub)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A 2-layer Llama with d_model 32, a word-level tokenizer and a corpus, in a local folder."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    root = tmp_path_factory.mktemp("tiny-lm")
+    words = "the cat sat on a mat and saw many dogs run over hills while birds sang in old trees".split()
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(400)) for _ in range(12))
+    (root / "corpus.txt").write_text(text)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], tokenizers.trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
     torch.manual_seed(0)
-    model, _ = train_distributed(TopKSAE(12, 40, 3, dead_tokens_threshold=10**6, backend="torch"), buffer, cfg,
-                                 out / mode, mode=mode)
-    if mode == "latent":
-        model.save(out / mode / "sae.safetensors")  # a collective: every rank calls it
-    elif rank == 0:
-        model.save(str(out / mode / "sae.safetensors"))
-torch.distributed.destroy_process_group()
-"""
+    config = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, bos_token_id=fast.bos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return root
 
 
-def test_torchrun_launch_writes_checkpoints_one_process_loads(tmp_path):
+def _sae_train(tiny_lm, out, parallel, world):
+    """``python -m sae train`` on the tiny model: one process, or ``world`` under torchrun."""
     import subprocess
     import sys
 
-    script = tmp_path / "launch.py"
-    script.write_text(_TORCHRUN_SCRIPT)
+    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc-per-node", str(world)]
+    command = launcher + ["-m", "sae", "train", "--model", str(tiny_lm / "model"), "--text",
+                          str(tiny_lm / "corpus.txt"), "--layer", "1", "--ctx-len", "32", "--eval-contexts", "2",
+                          "--arch", "expander", "--degree", "4", "--expansion", "3", "--k", "4", "--tokens", "1536",
+                          "--batch-size", "128", "--lr", "3e-3", "--warmup-steps", "3", "--checkpoint-every", "5",
+                          "--log-every", "1", "--no-progress", "--parallel", parallel, "--out", str(out)]
     root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), TRITON_INTERPRET="0",
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               TRITON_INTERPRET="0", TOPK_SAE_DATA=str(tiny_lm / "data"))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def one_process_cli_run(tiny_lm):
+    done = _sae_train(tiny_lm, tiny_lm / "one-process", "none", 1)
     assert done.returncode == 0, done.stderr[-3000:]
-    for mode in ("data", "latent"):
-        model = TopKSAE.load(str(tmp_path / mode / "sae.safetensors"))
-        from_checkpoint = TopKSAE(12, 40, 3, dead_tokens_threshold=10**6, backend="torch")
-        assert load_checkpoint(tmp_path / mode / CHECKPOINT, from_checkpoint)["step"] == 6
-        for name, value in from_checkpoint.state_dict().items():
-            assert torch.equal(model.state_dict()[name], value), name
+    return tiny_lm / "one-process"
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_torchrun_cli_writes_one_checkpoint_that_loads_in_one_process(tiny_lm, one_process_cli_run, tmp_path, mode):
+    import json
+
+    from sae.checkpoint import load_sae
+
+    done = _sae_train(tiny_lm, tmp_path / "run", mode, WORLD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"tokens_trained"') == 1  # rank 0 alone prints the row
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        CHECKPOINT, "firing_density.png", "metrics.json", "row.json", "sae.safetensors"]
+    trained, checkpoint = load_sae(run / "sae.safetensors"), load_sae(run / CHECKPOINT)
+    for name, value in checkpoint.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name
+    assert load_checkpoint(run / CHECKPOINT, load_sae(run / CHECKPOINT))["step"] == 12
+    # the 2-process run trained the SAE one process trains with the same flags
+    one = load_sae(one_process_cli_run / "sae.safetensors")
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["parallel"], metrics["world_size"]) == (mode, WORLD)
+    history = metrics["history"]
+    one_history = json.loads((one_process_cli_run / "metrics.json").read_text())["history"]
+    torch.testing.assert_close(torch.tensor([h["fvu"] for h in history], dtype=torch.float64),
+                               torch.tensor([h["fvu"] for h in one_history], dtype=torch.float64), rtol=1e-5, atol=0)
+    row = json.loads((run / "row.json").read_text())
+    assert row["tokens_trained"] == 1536 and row["batch_size"] == 128 and 0 < row["fvu"] < 2
+
+
+def test_readme_torchrun_commands_parse_with_torchrun_and_our_cli():
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from sae.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Training on several GPUs or machines", 1)[1].split("\n## ", 1)[0]
+    commands = [shlex.split(c, comments=True) for c in re.findall(r"^\.venv/bin/torchrun .*?(?<!\\)$",
+                                                                 section.replace("\\\n", " "), flags=re.M)]
+    assert len(commands) == 3
+    for words in commands:
+        module = words.index("-m")
+        launcher = get_args_parser().parse_args(words[1:module] + ["--module", "sae"])
+        assert launcher.module and launcher.training_script == "sae"
+        assert words[module + 1:module + 3] == ["sae", "train"]
+        args = build_parser().parse_args(words[module + 2:])
+        assert args.parallel in ("data", "latent") and args.out.startswith("/shared/")
+
+
+@pytest.mark.parametrize("first, then", [("latent", "data"), ("data", "latent"), ("latent", "none")])
+def test_a_run_resumes_in_another_mode(tmp_path, first, then):
+    """The checkpoint is the single-process one whatever wrote it (here in worlds of one)."""
+    def kill(step, log):
+        if step == 13:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(_make("topk"), _buffer(), _cfg(parallel=first), tmp_path, on_step=kill)
+    torch.manual_seed(99)  # the resumed run must not depend on the fresh model's initialisation
+    result = train(TopKSAE(M, N, K, dead_tokens_threshold=64, backend="torch"), _buffer(), _cfg(parallel=then),
+                   tmp_path, resume=True)
+    model = result.model.to_model() if then == "latent" else result.model
+    _assert_same_training({"history": result.history, "state": model.state_dict()}, _reference("topk"))
 
 
 @pytest.mark.skipif(not _OPTIONS, reason="this version of sae.models has no signed / normalised / residual-AuxK SAEs")

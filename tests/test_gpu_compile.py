@@ -1,4 +1,7 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 with ptxas, with no register spills.
+"""Every Triton kernel compiles for sm_80 and sm_90 with ptxas exactly as its launcher launches it
+(constexprs, warps, stages, divisibility specialisation), with no register spills, no atomic
+behind a GPU-wide fence (none at all in the decoders' row gradients), and no ``@triton.jit``
+kernel of the package lacks a spec.
 
 Runs tests/gpu_compile.py in a subprocess without TRITON_INTERPRET (the interpreter is on in this
 process). Needs triton's CUDA backend, which ships in the Linux wheel even without a GPU.
@@ -15,14 +18,34 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("gpu_compile.py")
+PACKAGE = Path(__file__).resolve().parents[1] / "topk_kernels"
 
 
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=1500)
     assert proc.stdout.strip(), f"gpu_compile printed nothing; stderr:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _package_kernels() -> set[str]:
+    """Names of the package's @triton.jit functions that are launched (not called from another
+    jit function), found in a subprocess without the interpreter so they are real JITFunctions."""
+    code = (
+        "import importlib, pkgutil, json, re, topk_kernels\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "fns = {}\n"
+        "for info in pkgutil.iter_modules(topk_kernels.__path__):\n"
+        "    mod = importlib.import_module('topk_kernels.' + info.name)\n"
+        "    fns.update({n: f for n, f in vars(mod).items() if isinstance(f, JITFunction) and f.__module__ == mod.__name__})\n"
+        "called = {n for n in fns for f in fns.values() if f.__name__ != n and re.search(rf'\\b{n}\\(', f.src)}\n"
+        "print(json.dumps(sorted(set(fns) - called)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE.parent), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 @pytest.mark.gpu_compile
@@ -34,6 +57,47 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report):
 
 
 @pytest.mark.gpu_compile
+def test_every_jit_kernel_of_the_package_has_a_spec(report):
+    compiled = {r["kernel"] for r in report["rows"]}
+    missing = _package_kernels() - compiled
+    assert not missing, f"@triton.jit kernels without a spec in tests/gpu_compile.py: {sorted(missing)}"
+
+
+@pytest.mark.gpu_compile
+def test_compiled_as_launched(report):
+    """Specialisation and launch options reach the build: at the benchmark sizes every pointer and
+    every multiple-of-16 integer is marked divisible by 16, and warps / stages are the launcher's."""
+    for r in report["rows"]:
+        assert any(name.endswith("_ptr") for name in r["divisible_by_16"]), r
+        assert r["num_stages"] in (1, 3), r  # 3 is Triton's default; some launchers ask 1
+    fwd = [r for r in report["rows"] if r["kernel"] == "_expander_decode_fwd_kernel"]
+    assert fwd and all(r["num_stages"] == 1 for r in fwd)
+
+
+@pytest.mark.gpu_compile
 def test_no_register_spills(report):
-    spilling = [r for r in report["rows"] if r["spill_stores"] or r["spill_loads"]]
+    spilling = [(r["kernel"], r["label"], r["arch"], r["spill_stores"], r["spill_loads"])
+                for r in report["rows"] if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, f"kernels spill registers: {spilling}"
+
+
+@pytest.mark.gpu_compile
+def test_every_kernel_fits_on_an_sm(report):
+    assert all(r["ctas_per_sm"] >= 1 for r in report["rows"]), [r for r in report["rows"] if r["ctas_per_sm"] < 1]
+
+
+@pytest.mark.gpu_compile
+def test_no_atomic_is_behind_a_gpu_wide_fence(report):
+    """Triton's default acq_rel atomics put MEMBAR.ALL.GPU before each one: use sem="relaxed"."""
+    sm90 = [r for r in report["rows"] if r["arch"] == "sm_90"]
+    assert sm90 and all("fenced_atomics" in r for r in sm90)
+    fenced = {(r["kernel"], r["label"]): r["fenced_atomics"] for r in sm90 if r["fenced_atomics"]}
+    assert not fenced, f"atomics behind MEMBAR.ALL.GPU: {fenced}"
+
+
+@pytest.mark.gpu_compile
+def test_decoder_row_gradients_use_no_atomics(report):
+    rowgrad = {(r["kernel"], r["label"], r["arch"]): r["atomics"] for r in report["rows"]
+               if r["kernel"].startswith("_rowgrad_")}
+    assert {k for k, _, _ in rowgrad} == {"_rowgrad_chunk_kernel", "_rowgrad_finish_kernel"}, rowgrad
+    assert not any(rowgrad.values()), rowgrad

@@ -325,3 +325,22 @@ def test_activation_normalisation_scales_in_and_back_out():
     plain.load_state_dict({k: v for k, v in sae.state_dict().items() if k != "act_scale"})
     s = float(sae.act_scale)
     assert_close(out.x_hat, plain(x * s).x_hat / s, 1e-5, "x_hat")
+
+
+def test_expander_rows_checked_once_at_load_not_per_call(monkeypatch):
+    """ExpanderSAE validates rows at construction and on load; the ops then skip the per-call check."""
+    import topk_kernels as tk
+    from sae import ExpanderSAE
+
+    sae = ExpanderSAE(d_model=37, n_latents=53, k=3, degree=5, seed=1)
+    calls = []
+    real = tk.check_expander_rows
+    monkeypatch.setattr(tk, "check_expander_rows", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    sae(torch.randn(11, 37))
+    assert calls == []
+    state = sae.state_dict()
+    state["rows"] = state["rows"].clone()
+    state["rows"][4, 1] = state["rows"][4, 0]  # a repeated row inside latent 4
+    with pytest.raises(ValueError, match="rows"):
+        sae.load_state_dict(state)
+    assert calls == [1]

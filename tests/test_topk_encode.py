@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import BACKENDS, TOL, assert_close
+from helpers import BACKENDS, TF32_TOL, TOL, assert_close, assert_same_topk, cuda_only
 from topk_kernels import reference, topk_encode
 from topk_kernels._topk import (
     MIN_KEY_VALUE,
@@ -18,6 +18,8 @@ from topk_kernels._topk import (
 )
 
 te = importlib.import_module("topk_kernels.topk_encode")  # the package re-exports the function
+
+pytestmark = pytest.mark.ops
 
 SHAPES = [  # (leading shape, m, n, k)
     ((33,), 100, 999, 17),
@@ -43,6 +45,12 @@ def _inputs(lead, m, n, dtype=torch.float32):
     return x, weight, bias
 
 
+def _pre(x, weight, bias):
+    """fp64 pre-activations [..., n]: the values the reference ranks."""
+    pre = x.double() @ weight.double().T
+    return pre if bias is None else pre + bias.double()
+
+
 def _reference(x, weight, bias, k):
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     acts, idx = reference.topk_encode(leaves[0], leaves[1], leaves[2], k)
@@ -60,7 +68,7 @@ def test_matches_dense_reference(backend, lead, m, n, k):
 
     assert acts.shape == idx.shape == (*lead, k)
     assert acts.dtype == torch.float32 and idx.dtype == torch.int64
-    assert torch.equal(idx, ref_idx)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
     assert (acts[..., :-1] >= acts[..., 1:]).all(), "not sorted descending"
 
@@ -77,25 +85,41 @@ def test_default_cpu_blocks_without_bias(backend):
     x, weight, _ = _inputs((21,), 48, 130)
     acts, idx = topk_encode(x, weight, None, 6, backend=backend)
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), None, 6)
-    assert torch.equal(idx, ref_idx)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, None), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "no bias")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16(backend):
-    x, weight, bias = _inputs((19,), 64, 150, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    x, weight, bias = _inputs((19,), 64, 150, dtype)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     acts, idx = topk_encode(*leaves, 9, backend=backend)
-    ref_leaves, ref_acts, ref_idx = _reference(x, weight, bias, 9)  # same bf16-rounded inputs
-    assert acts.dtype == torch.bfloat16
-    assert torch.equal(idx, ref_idx)  # fp32 accumulation ranks like fp64 here
-    assert_close(acts, ref_acts, TOL[torch.bfloat16], "bf16 top_acts")
+    ref_leaves, ref_acts, ref_idx = _reference(x, weight, bias, 9)  # same rounded inputs
+    assert acts.dtype == dtype
+    # fp32 accumulation ranks like fp64 except on near-ties
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[dtype], "top_acts")
     grad = torch.randn_like(ref_acts)
-    acts.backward(grad.bfloat16())
+    acts.backward(grad.to(dtype))
     ref_acts.backward(grad)
     for name, got, want in zip(("x", "weight", "bias"), leaves, ref_leaves):
-        assert got.grad.dtype == torch.bfloat16
-        assert_close(got.grad, want.grad, TOL[torch.bfloat16], f"bf16 grad {name}")
+        assert got.grad.dtype == dtype
+        assert_close(got.grad, want.grad, TOL[dtype], f"grad {name}")
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tf32_where_enabled(backend, monkeypatch):
+    """With TF32 matmuls allowed, the Triton kernel's dots and cuBLAS run in TF32: indices may
+    swap only on near-ties at TF32 precision, values stay within TF32's tolerance."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x, weight, bias = _inputs((33,), 256, 999)
+    acts, idx = topk_encode(x, weight, bias, 17, backend=backend)
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), 17)
+    pre = _pre(x, weight, bias)
+    assert_same_topk(idx, ref_idx, pre, TF32_TOL, "tf32 top_indices")
+    assert_close(acts, pre.gather(-1, idx).relu(), TF32_TOL, "tf32 top_acts")
 
 
 def test_float64_on_the_cpu_path():

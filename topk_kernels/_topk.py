@@ -13,24 +13,24 @@ Key layout (int64)::
                  (negative floats get their 31 magnitude bits flipped; -0.0 is folded into +0.0)
     bits 31..0 : 0xFFFFFFFF - latent_id   (unsigned; a lower id gives a larger key)
 
+Every NaN (either sign bit) is first replaced by the canonical +NaN 0x7FC00000, whose key is
+above +inf's: that is the package's one NaN order (documented in :mod:`topk_kernels._common`), and
+it keeps a sign-bit NaN such as ``+inf - inf`` on x86 from sinking below the ``-inf`` padding.
 Latent ids must lie in [0, 2**32 - 1). ``MIN_KEY`` (= -2**63) marks an empty slot: it is below
 every real key, including keys of real ``-inf`` values, so padding never wins over a real entry.
-NaN values are not supported (they sort by their bit pattern).
 
 Interface (stable; both encoders import it):
 
 Triton device functions (call them from ``@triton.jit`` kernels):
   - ``pack_keys(values, ids) -> keys``: fp32 tensor and integer ids of broadcastable shapes ->
     int64 keys.
-  - ``unpack_keys(keys) -> (values, ids)``: int64 keys -> (fp32 values, int64 ids). ``MIN_KEY``
-    unpacks to (NaN, 2**32 - 1): callers never select it when k <= n.
   - ``empty_keys(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64 filled with ``MIN_KEY``: the initial
     running candidates.
   - ``tile_topk_keys(pre, ids, K_PAD) -> [BLOCK_B, K_PAD]`` int64 keys, sorted descending.
     ``pre`` is the fp32 [BLOCK_B, BLOCK_N] tile with invalid entries already set to ``-inf``
     and ``ids`` its [BLOCK_N] global latent ids; padded columns must carry ids >= n (for
     example ``offs_n`` itself), so a padded ``-inf`` loses against a real ``-inf``. Needs
-    ``K_PAD <= BLOCK_N``, both powers of two. K_PAD = 1 takes a max + lowest-id argmin
+    ``K_PAD <= BLOCK_N``, both powers of two. K_PAD = 1 takes one int64 max of the keys
     instead of the bitonic network.
   - ``merge_topk_keys(running, new) -> [BLOCK_B, K_PAD]``: the K_PAD largest keys of the union of
     two [BLOCK_B, K_PAD] key tiles, each sorted descending; the result is sorted descending.
@@ -40,7 +40,9 @@ Triton device functions (call them from ``@triton.jit`` kernels):
     tile_topk_keys(pre, ids, K_PAD))``: the one call per tile of a fused encoder's inner loop.
 
 Host side (torch tensors on any device):
-  - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors.
+  - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors
+    (stage 2 unpacks on the host). ``MIN_KEY`` unpacks to (NaN, 2**32 - 1): callers never select
+    it when k <= n.
   - ``merge_candidates(keys, k, out_dtype=torch.float32) -> (top_acts, top_indices)``: stage 2.
     ``keys`` [B, C] int64 candidates (C >= k, at least k of them real per row, e.g. K_PAD per
     latent split); returns the k best per row sorted by descending pre-activation, ``top_acts``
@@ -52,25 +54,24 @@ Host side (torch tensors on any device):
     not ReLU'd) fp32 [B, k] sorted descending and indices int64 [B, k], ties to the lower latent
     id exactly as the kernels do. Extra memory O(B * (block + k)) beyond what ``pre_block_fn``
     allocates. ``exact_keys=True`` packs whole blocks into keys, which avoids the per-block host
-    sync of the tie check (for CUDA tensors). On CPU the small per-block merge ops run on one
-    thread (see ``_serial_on_cpu``); ``pre_block_fn`` and the block's ``torch.topk`` keep them all.
+    sync of the tie check (for CUDA tensors).
   - ``token_blocked_topk(pre_fn, B, n, k, block_n, block_b, *, exact_keys=False)``: the same,
     tiled over tokens too (``pre_fn(b0, b1, start, stop)`` -> [b1 - b0, stop - start]).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ._dispatch import HAS_TRITON
+from ._common import HAS_TRITON
 
 MIN_KEY_VALUE = -(2**63)
 _LOW_MASK = 0xFFFFFFFF  # low 32 bits of a key: 0xFFFFFFFF - latent id
 _MAGNITUDE = 0x7FFFFFFF  # the 31 non-sign bits of an fp32
+_CANONICAL_NAN = 0x7FC00000  # every NaN ranks as this +NaN: above +inf
 
 if HAS_TRITON:
     import triton
@@ -78,25 +79,17 @@ if HAS_TRITON:
 
     MIN_KEY: tl.constexpr = tl.constexpr(MIN_KEY_VALUE)
     LOW_MASK: tl.constexpr = tl.constexpr(_LOW_MASK)
+    CANONICAL_NAN: tl.constexpr = tl.constexpr(_CANONICAL_NAN)
 
     @triton.jit
     def pack_keys(values, ids):
         """fp32 values and integer latent ids (broadcastable) -> int64 keys, larger = better."""
         values = tl.where(values == 0.0, 0.0, values)  # -0.0 and +0.0 must tie, as in torch.topk
-        bits = values.to(tl.int32, bitcast=True)
+        bits = tl.where(values != values, CANONICAL_NAN, values.to(tl.int32, bitcast=True))
         # Negative floats order backwards as integers: flipping their magnitude bits fixes that.
         bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         low = LOW_MASK - ids.to(tl.int64)
         return (bits.to(tl.int64) << 32) | low
-
-    @triton.jit
-    def unpack_keys(keys):
-        """int64 keys -> (fp32 values, int64 latent ids)."""
-        high = (keys >> 32).to(tl.int32)
-        bits = high ^ ((high >> 31) & 0x7FFFFFFF)
-        values = bits.to(tl.float32, bitcast=True)
-        ids = LOW_MASK - (keys & LOW_MASK)
-        return values, ids
 
     @triton.jit
     def empty_keys(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
@@ -108,12 +101,10 @@ if HAS_TRITON:
         """pre [BLOCK_B, BLOCK_N] fp32 (invalid = -inf), ids [BLOCK_N] -> top K_PAD keys per row,
         sorted descending."""
         tl.static_assert(K_PAD <= pre.shape[1], "tile_topk_keys needs K_PAD <= BLOCK_N")
-        if K_PAD == 1:
-            # A max and an argmin in 32 bits: cheaper than a bitonic network or an int64 max.
-            best = tl.max(pre, axis=1)
-            best_id = tl.min(tl.where(pre == best[:, None], ids[None, :], 0x7FFFFFFF), axis=1)
-            return pack_keys(best, best_id)[:, None]
         keys = pack_keys(pre, ids[None, :])
+        if K_PAD == 1:
+            # The max of the keys: a float max + argmin would lose NaNs (NaN == NaN is false).
+            return tl.max(keys, axis=1)[:, None]
         return tl.topk(keys, K_PAD, dim=1)
 
     @triton.jit
@@ -141,13 +132,13 @@ def pack_keys_torch(values: Tensor, ids: Tensor) -> Tensor:
     """fp32 values and integer ids (broadcastable) -> int64 keys, identical to ``pack_keys``."""
     values = values.float()
     values = torch.where(values == 0, torch.zeros((), dtype=values.dtype, device=values.device), values)
-    bits = values.view(torch.int32)
+    bits = torch.where(values.isnan(), _CANONICAL_NAN, values.view(torch.int32))
     bits = bits ^ ((bits >> 31) & _MAGNITUDE)
     return (bits.long() << 32) | (_LOW_MASK - ids.long())
 
 
 def unpack_keys_torch(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """int64 keys -> (fp32 values, int64 ids), identical to ``unpack_keys``."""
+    """int64 keys -> (fp32 values, int64 ids): the inverse of ``pack_keys`` (NaN comes back as +NaN)."""
     high = (keys >> 32).int()
     bits = high ^ ((high >> 31) & _MAGNITUDE)
     return bits.view(torch.float32), _LOW_MASK - (keys & _LOW_MASK)
@@ -171,25 +162,6 @@ def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_keys_torch(top)
 
 
-@contextlib.contextmanager
-def _serial_on_cpu(device: torch.device):
-    """Run the small [B, ~2k] bookkeeping ops of the running top-k on one thread.
-
-    Each of them is ~0.1 ms of work, but a 2-thread OpenMP region stalls for a whole scheduler
-    slice whenever one of its threads is descheduled: on a busy 2-core machine a merge of ~20
-    such ops measured 200 ms instead of 2 ms. The big GEMM and topk calls keep every thread.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tuple[Tensor, Tensor]:
     """Candidates of one [R, w] block that contain its exact top-min(k, w) (ties to the lower id);
     returns fp32 values and int64 global ids (offset by ``start``)."""
@@ -205,12 +177,13 @@ def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tupl
     # torch.topk breaks ties arbitrarily. Its top-(k+1) holds the exact top-k unless the k-th and
     # the (k+1)-th value tie, and then the smallest kept value appears at least twice; only such
     # rare rows are redone with packed keys. Checking costs O(R * k), not O(R * w).
+    # A NaN among them (NaN == NaN is false) makes the row suspect too: torch.topk picks arbitrary
+    # NaNs, the NaN order wants the lowest ids.
     vals, idx = pre.topk(k + 1, dim=1, sorted=False)
-    with _serial_on_cpu(pre.device):
-        low = vals.min(dim=1, keepdim=True).values
-        tied = (vals == low).sum(dim=1) > 1
-        vals, idx = vals.float(), idx + start
-        any_tied = bool(tied.any())
+    low = vals.min(dim=1, keepdim=True).values  # NaN when any selected value is NaN
+    tied = ((vals == low).sum(dim=1) > 1) | low.squeeze(1).isnan()
+    vals, idx = vals.float(), idx + start
+    any_tied = bool(tied.any())
     if any_tied:
         rows = tied.nonzero().squeeze(1)
         rv, ri = _exact_topk(pre[rows], ids(len(rows)), k + 1)
@@ -238,10 +211,9 @@ def blocked_topk(
     for start in range(0, n, block):
         stop = min(n, start + block)
         vals, idx = _block_candidates(pre_block_fn(start, stop), start, k, exact_keys)
-        with _serial_on_cpu(vals.device):
-            if run_vals is not None:
-                vals, idx = torch.cat([run_vals, vals], 1), torch.cat([run_idx, idx], 1)
-            run_vals, run_idx = _exact_topk(vals, idx, min(k, vals.shape[1]))
+        if run_vals is not None:
+            vals, idx = torch.cat([run_vals, vals], 1), torch.cat([run_idx, idx], 1)
+        run_vals, run_idx = _exact_topk(vals, idx, min(k, vals.shape[1]))
     return run_vals, run_idx
 
 
@@ -270,11 +242,16 @@ def cpu_tile(B: int, n: int, tile_elems: int, max_block_n: int, min_block_b: int
     return max(1, block_b), block_n
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (tests/gpu_compile.py substitutes an A100's or H100's count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def latent_splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Latent splits per token block of a fused encoder grid: enough programs to fill the GPU,
     each with >= 1 tile of latents."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * multiprocessor_count(device)
     else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
         target = 4
     splits = max(1, min(n_tiles, -(-target // token_blocks)))

@@ -5,30 +5,35 @@ An Expander SAE's decoder atom j lives on only d of the m model coordinates, sto
 therefore touches k*d entries per token: every pass here costs O(B*k*d) (plus writing the dense
 [B, m] output), against O(B*k*m) for a dense sparse decode and O(B*n*m) for the dense GEMM.
 
-This file holds the whole op: the Triton kernels (forward; a backward that gathers the output
-gradient once for both the activation and the value gradients, with atomics; a deterministic
-segmented value gradient), the CPU path built on gather + ``scatter_add_`` / ``index_add_``, and
+This file holds the whole op: the Triton kernels (forward; the activation gradient alone; the
+value gradient, with the activation gradient from the same gathers, written once per atom by
+:mod:`topk_kernels._rowgrad`), the CPU path built on gather + ``scatter_add_`` / ``index_add_``, and
 the ``torch.library`` registration with fake and autograd rules.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
-from ._dispatch import (
+from . import _rowgrad, reference
+from ._common import (
     HAS_TRITON,
     check_bias,
+    check_decode_args,
+    check_expander,
+    check_expander_rows,
     check_indices,
-    check_matrix,
     check_same_device,
+    compute_dtype,
+    launch_options,
+    on_device,
+    pow2,
     resolve_backend,
+    unused_grad,
 )
-from .sparse_decode import _check_decode_args, _compute_dtype, _pow2
 
 if HAS_TRITON:
     import triton
@@ -37,7 +42,7 @@ if HAS_TRITON:
     @triton.jit
     def _expander_decode_fwd_kernel(
         acts_ptr, idx_ptr, values_ptr, rows_ptr, bias_ptr, acc_ptr, out_ptr,
-        B, M, K, D,
+        B, N, M, K, D,
         HAS_BIAS: tl.constexpr, CAST_OUT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
@@ -47,6 +52,7 @@ if HAS_TRITON:
         every token of the block (distinct addresses: distinct tokens, distinct rows within a
         latent) and a CTA barrier separates steps, so repeats across latents of a token add in a
         fixed order; the price is k dependent round trips per program instead of one atomic burst.
+        A latent id outside [0, N) or a row outside [0, M) contributes nothing (``_common``).
         """
         pid = tl.program_id(0)
         offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -65,12 +71,17 @@ if HAS_TRITON:
         entry = offs_b.to(tl.int64) * K
         for s in range(0, K):
             j = tl.load(idx_ptr + entry + s, mask=mask_b, other=0).to(tl.int64)
-            a = tl.load(acts_ptr + entry + s, mask=mask_b, other=0.0).to(tl.float32)
+            ok_j = mask_b & (j >= 0) & (j < N)
+            tl.device_assert(ok_j | ~mask_b, "top_indices: an index outside [0, n)")
+            a = tl.load(acts_ptr + entry + s, mask=ok_j, other=0.0).to(tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 od = d0 + offs_d
-                mask = mask_b[:, None] & (od < D)[None, :]
+                mask = ok_j[:, None] & (od < D)[None, :]
                 atom = j[:, None] * D + od[None, :]
                 r = tl.load(rows_ptr + atom, mask=mask, other=0)
+                ok_r = (r >= 0) & (r < M)
+                tl.device_assert(ok_r | ~mask, "rows: an index outside [0, m)")
+                mask = mask & ok_r
                 v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
                 ptrs = acc_ptr + out_row[:, None] + r
                 # .cg reads from L2, where this CTA's earlier stores landed (L1 is not coherent).
@@ -87,64 +98,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _expander_decode_bwd_kernel(
-        grad_ptr, acts_ptr, idx_ptr, values_ptr, rows_ptr, gacts_ptr, gvalues_ptr,
-        NNZ, M, K, D,
-        NEED_ACTS: tl.constexpr, NEED_VALUES: tl.constexpr,
+        grad_ptr, idx_ptr, values_ptr, rows_ptr, gacts_ptr,
+        NNZ, N, M, K, D,
         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per BLOCK_E (token, slot) entries; the d gradient entries under each active
-        atom are gathered once and serve both gradients:
-        gacts[b, s] = sum_t grad[b, rows[j, t]] * values[j, t];
-        gvalues[j, t] += grad[b, rows[j, t]] * acts[b, s] (fp32 atomics into a zeroed buffer)."""
+        """One program per BLOCK_E (token, slot) entries: the activation gradient alone,
+        gacts[b, s] = sum_t grad[b, rows[j, t]] * values[j, t] (the value gradient, and this one
+        with it, is :mod:`topk_kernels._rowgrad`'s). A latent id outside [0, N) gives 0; a row
+        outside [0, M) contributes nothing (``_common``)."""
         offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = offs_e < NNZ
         j = tl.load(idx_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+        ok_j = mask_e & (j >= 0) & (j < N)
+        tl.device_assert(ok_j | ~mask_e, "top_indices: an index outside [0, n)")
         grad_row = (offs_e // K) * M
-        if NEED_VALUES:
-            a = tl.load(acts_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         gacc = tl.zeros((BLOCK_E,), dtype=tl.float32)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
             od = d0 + offs_d
-            mask = mask_e[:, None] & (od < D)[None, :]
+            mask = ok_j[:, None] & (od < D)[None, :]
             atom = j[:, None] * D + od[None, :]
             r = tl.load(rows_ptr + atom, mask=mask, other=0)
+            ok_r = (r >= 0) & (r < M)
+            tl.device_assert(ok_r | ~mask, "rows: an index outside [0, m)")
+            mask = mask & ok_r
             g = tl.load(grad_ptr + grad_row[:, None] + r, mask=mask, other=0.0).to(tl.float32)
-            if NEED_ACTS:
-                v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
-                gacc += tl.sum(g * v, axis=1)
-            if NEED_VALUES:
-                tl.atomic_add(gvalues_ptr + atom, g * a[:, None], mask=mask)
-        if NEED_ACTS:
-            tl.store(gacts_ptr + offs_e, gacc.to(gacts_ptr.dtype.element_ty), mask=mask_e)
-
-    @triton.jit
-    def _expander_decode_bwd_values_segment_kernel(
-        grad_ptr, acts_ptr, rows_ptr, sorted_idx_ptr, order_ptr, gvalues_ptr,
-        NNZ, M, K, D,
-        BLOCK_D: tl.constexpr,
-    ):
-        """Deterministic value grad: entries sorted by latent; the program at the start of a
-        latent's segment sums the whole segment in order and writes its d values once."""
-        i = tl.program_id(0).to(tl.int64)
-        od = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = od < D
-        latent = tl.load(sorted_idx_ptr + i)
-        prev = tl.load(sorted_idx_ptr + i - 1, mask=i > 0, other=-1)
-        if latent != prev:
-            atom = latent.to(tl.int64) * D + od
-            r = tl.load(rows_ptr + atom, mask=mask_d, other=0)
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            e = i
-            cur = latent
-            while cur == latent:
-                flat = tl.load(order_ptr + e)
-                a = tl.load(acts_ptr + flat).to(tl.float32)
-                g = tl.load(grad_ptr + (flat // K) * M + r, mask=mask_d, other=0.0).to(tl.float32)
-                acc += a * g
-                e += 1
-                cur = tl.load(sorted_idx_ptr + e, mask=e < NNZ, other=-1)
-            tl.store(gvalues_ptr + atom, acc, mask=mask_d)
+            v = tl.load(values_ptr + atom, mask=mask, other=0.0).to(tl.float32)
+            gacc += tl.sum(g * v, axis=1)
+        tl.store(gacts_ptr + offs_e, gacc.to(gacts_ptr.dtype.element_ty), mask=mask_e)
 
 
 # Largest block shapes the launchers use (tests/gpu_compile.py compiles exactly these).
@@ -155,7 +136,7 @@ BLOCK_E = 64  # (token, slot) entries per backward program at d <= 8; fewer for 
 
 
 def _block_d(d: int) -> int:
-    return min(BLOCK_D, _pow2(d))
+    return min(BLOCK_D, pow2(d))
 
 
 def _block_e(block_d: int) -> int:
@@ -163,48 +144,46 @@ def _block_e(block_d: int) -> int:
     return min(BLOCK_E, 512 // block_d)
 
 
-def _triton_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
+def triton_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
+    """acts/idx [B, k], values/rows [n, d], bias [m] or None -> [B, m] out_dtype."""
     B, K = idx.shape
-    D = rows.shape[1]
+    N, D = rows.shape
     out = torch.empty(B, m, device=acts.device, dtype=out_dtype)
     if B == 0:
         return out
     cast = out_dtype != torch.float32
     acc = torch.empty(B, m, device=acts.device, dtype=torch.float32) if cast else out
     _expander_decode_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
-        acts, idx, values, rows, bias if bias is not None else acts, acc, out, B, m, K, D,
+        acts, idx, values, rows, bias if bias is not None else acts, acc, out, B, N, m, K, D,
         HAS_BIAS=bias is not None, CAST_OUT=cast,
-        BLOCK_B=BLOCK_B, BLOCK_D=_block_d(D), BLOCK_M=min(BLOCK_M, _pow2(m, lo=16)),
+        BLOCK_B=BLOCK_B, BLOCK_D=_block_d(D), BLOCK_M=min(BLOCK_M, pow2(m, lo=16)),
         num_stages=1,  # no software pipelining across the read-modify-write steps
+        **launch_options(),
     )
     return out
 
 
-def _triton_backward(grad, acts, idx, values, rows, need_acts, need_values):
+def triton_backward(grad, acts, idx, values, rows, need_acts, need_values):
+    """grad [B, m], acts/idx [B, k], values/rows [n, d] -> (gacts [B, k] or None, gvalues [n, d] or None)."""
     B, K = idx.shape
     n, D = rows.shape
     m = grad.shape[1]
-    gacts = torch.empty(B, K, device=grad.device, dtype=acts.dtype) if need_acts else None
-    gvalues = torch.zeros(n, D, device=grad.device, dtype=torch.float32) if need_values else None
-    nnz = B * K
-    if nnz == 0:
-        return gacts, gvalues
-    deterministic = need_values and torch.are_deterministic_algorithms_enabled()
-    if need_acts or (need_values and not deterministic):
-        block_e = _block_e(_block_d(D))
-        _expander_decode_bwd_kernel[(triton.cdiv(nnz, block_e),)](
-            grad, acts, idx, values, rows,
-            gacts if need_acts else grad, gvalues if need_values else grad,
-            nnz, m, K, D,
-            NEED_ACTS=need_acts, NEED_VALUES=need_values and not deterministic,
-            BLOCK_E=block_e, BLOCK_D=_block_d(D),
+    gacts = gvalues = None
+    if need_values:  # sorted by latent, each atom's d values written once; gacts from the same gathers
+        plan = _rowgrad.sort_by_latent(idx, n)
+        gvalues, gacts = _rowgrad.row_grad(
+            grad, acts, plan, values.dtype, D, cols=rows,
+            atom=values if need_acts else None, gscale_dtype=acts.dtype,
         )
-    if deterministic:
-        sorted_idx, order = torch.sort(idx.reshape(-1), stable=True)
-        block_d = _block_d(D)
-        _expander_decode_bwd_values_segment_kernel[(nnz, triton.cdiv(D, block_d))](
-            grad, acts, rows, sorted_idx, order, gvalues, nnz, m, K, D, BLOCK_D=block_d
-        )
+    if need_acts and gacts is None:
+        gacts = torch.empty(B, K, device=grad.device, dtype=acts.dtype)
+        if B * K:
+            block_d = _block_d(D)
+            block_e = _block_e(block_d)
+            _expander_decode_bwd_kernel[(triton.cdiv(B * K, block_e),)](
+                grad, idx, values, rows, gacts, B * K, n, m, K, D, BLOCK_E=block_e, BLOCK_D=block_d,
+                **launch_options(),
+            )
     return gacts, gvalues
 
 
@@ -222,10 +201,11 @@ def _token_chunks(B: int, K: int, D: int):
     return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
 
 
-def _torch_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
+def torch_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
+    """The PyTorch path of ``triton_forward`` (any device), same shapes."""
     B, K = idx.shape
     D = rows.shape[1]
-    cd = _compute_dtype(out_dtype)
+    cd = compute_dtype(out_dtype)
     if bias is not None:
         out = bias.to(cd).repeat(B, 1)  # one write pass; a fresh buffer, never a view of bias
     else:
@@ -239,10 +219,11 @@ def _torch_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
     return out.to(out_dtype)
 
 
-def _torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
+def torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
+    """The PyTorch path of ``triton_backward`` (any device), same shapes (fp32/fp64 results)."""
     B, K = idx.shape
     n, D = rows.shape
-    cd = _compute_dtype(grad.dtype)
+    cd = compute_dtype(grad.dtype)
     gacts = torch.empty(B, K, device=grad.device, dtype=cd) if need_acts else None
     gvalues = torch.zeros(n, D, device=grad.device, dtype=cd) if need_values else None
     vals = values.to(cd) if need_acts else None
@@ -264,22 +245,24 @@ def _torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
 @torch.library.custom_op("topk_kernels::expander_decode", mutates_args=())
 def _expander_decode_op(
     top_acts: Tensor, top_indices: Tensor, values: Tensor, rows: Tensor, m: int,
-    bias: Optional[Tensor], use_triton: bool,
+    bias: Optional[Tensor], use_triton: bool, check_rows: bool,
 ) -> Tensor:
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
     check_indices("top_indices", top_indices, values.shape[0], "n_latents")
-    check_indices("rows", rows, m, "m")
+    if check_rows:
+        check_expander_rows(rows, m)
     out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
     # The kernels index flat memory; a no-op for the public function, which passes contiguous inputs.
     top_acts, top_indices, values, rows = (t.contiguous() for t in (top_acts, top_indices, values, rows))
     bias = bias.contiguous() if bias is not None else None
     if use_triton:
-        return _triton_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
-    return _torch_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
+        with on_device(values.device):
+            return triton_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
+    return torch_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
 
 
 @_expander_decode_op.register_fake
-def _(top_acts, top_indices, values, rows, m, bias, use_triton):
+def _(top_acts, top_indices, values, rows, m, bias, use_triton, check_rows):
     out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
     return top_acts.new_empty(top_acts.shape[0], m, dtype=out_dtype)
 
@@ -292,23 +275,23 @@ def _expander_decode_backward_op(
     grad, top_acts, top_indices, values, rows = (
         t.contiguous() for t in (grad, top_acts, top_indices, values, rows)
     )
-    impl = _triton_backward if use_triton else _torch_backward
-    gacts, gvalues = impl(grad, top_acts, top_indices, values, rows, need_acts, need_values)
-    empty = grad.new_empty(0)
-    gacts = gacts.to(top_acts.dtype) if need_acts else empty
-    gvalues = gvalues.to(values.dtype) if need_values else empty
+    impl = triton_backward if use_triton else torch_backward
+    with on_device(values.device):
+        gacts, gvalues = impl(grad, top_acts, top_indices, values, rows, need_acts, need_values)
+    gacts = gacts.to(top_acts.dtype) if need_acts else unused_grad(grad)
+    gvalues = gvalues.to(values.dtype) if need_values else unused_grad(grad)
     return gacts, gvalues
 
 
 @_expander_decode_backward_op.register_fake
 def _(grad, top_acts, top_indices, values, rows, need_acts, need_values, use_triton):
-    gacts = torch.empty_like(top_acts) if need_acts else grad.new_empty(0)
-    gvalues = torch.empty_like(values) if need_values else grad.new_empty(0)
+    gacts = torch.empty_like(top_acts) if need_acts else unused_grad(grad)
+    gvalues = torch.empty_like(values) if need_values else unused_grad(grad)
     return gacts, gvalues
 
 
 def _setup_context(ctx, inputs, output):
-    top_acts, top_indices, values, rows, m, bias, use_triton = inputs
+    top_acts, top_indices, values, rows, m, bias, use_triton, _ = inputs
     ctx.save_for_backward(top_acts, top_indices, values, rows)
     ctx.use_triton = use_triton
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -316,36 +299,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     top_acts, top_indices, values, rows = ctx.saved_tensors
-    need_acts, _, need_values, _, _, need_bias, _ = ctx.needs_input_grad
+    need_acts, _, need_values, _, _, need_bias, _, _ = ctx.needs_input_grad
     gacts, gvalues = _expander_decode_backward_op(
         grad, top_acts, top_indices, values, rows, need_acts, need_values, ctx.use_triton
     )
     gbias = grad.sum(0).to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_bias) else None
-    return (gacts if need_acts else None), None, (gvalues if need_values else None), None, None, gbias, None
+    return (gacts if need_acts else None), None, (gvalues if need_values else None), None, None, gbias, None, None
 
 
 _expander_decode_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _check_expander(values: Tensor, rows: Tensor, m) -> int:
-    """values/rows shapes and dtypes, m; returns m as an int. Row values are checked in the op."""
-    check_matrix("values", values)
-    if not isinstance(rows, Tensor):
-        raise TypeError(f"rows: expected a torch.Tensor, got {type(rows).__name__}")
-    if rows.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"rows: expected an int64 (or int32) tensor, got dtype {rows.dtype}")
-    if rows.shape != values.shape:
-        raise ValueError(
-            f"rows: expected the shape of values {tuple(values.shape)} ([n, d]), got {tuple(rows.shape)}"
-        )
-    if not isinstance(m, numbers.Integral) or isinstance(m, bool):
-        raise TypeError(f"m: expected an int, got {type(m).__name__}")
-    if m < 1:
-        raise ValueError(f"m: expected m >= 1, got {m}")
-    d = values.shape[1]
-    if d > m:
-        raise ValueError(f"values, rows: expected degree d <= m={m} (rows distinct per latent), got d={d}")
-    return int(m)
 
 
 def expander_decode(
@@ -357,32 +319,41 @@ def expander_decode(
     bias: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
+    check_rows: bool = True,
 ) -> Tensor:
     """Decode k active latents per token through an expander (d-sparse) dictionary.
 
     Args:
         top_acts: [..., k] float activations of the active latents.
         top_indices: [..., k] int64 latent ids in [0, n); duplicates within a token add up.
+            Checked on CPU tensors; on CUDA an id outside [0, n) contributes nothing (and
+            ``TOPK_KERNELS_DEBUG=1`` makes the kernels assert), see ``topk_kernels._common``.
         values: [n, d] float atom values.
         rows: [n, d] int64 model coordinates in [0, m) of those values, distinct within each
-            latent (as ``sae.masks.expander_mask`` draws them; not checked: repeats are
-            undefined on the Triton path). An integer buffer: no gradient.
+            latent (as ``sae.masks.expander_mask`` draws them). An integer buffer: no gradient.
         m: model dimension (width of the output).
         bias: optional [m].
         backend: None (automatic), "triton", "torch" or "reference".
+        check_rows: check ``rows`` with ``topk_kernels.check_expander_rows`` (range and
+            distinctness; one host sync on CUDA) on every call. A caller whose ``rows`` are fixed
+            and were checked once (``sae.ExpanderSAE`` at construction and load) passes False.
 
     Returns:
         [..., m]: out[..., rows[j, t]] += top_acts[..., s] * values[j, t] for j = top_indices[..., s]
         (+ bias). Gradients flow to top_acts, values and bias.
+
+    Raises:
+        ValueError: a latent repeats a row (on every backend, when ``check_rows``).
     """
-    m = _check_expander(values, rows, m)
-    _check_decode_args(top_acts, top_indices)
+    m = check_expander(values, rows, m)
+    check_decode_args(top_acts, top_indices)
     check_bias("bias", bias, m, "m")
     check_same_device(top_acts=top_acts, top_indices=top_indices, values=values, rows=rows, bias=bias)
-    backend = resolve_backend(backend, values.device)
+    backend = resolve_backend(backend, values.device, torch.promote_types(top_acts.dtype, values.dtype))
     if backend == "reference":
         check_indices("top_indices", top_indices, values.shape[0], "n_latents")
-        check_indices("rows", rows, m, "m")
+        if check_rows:
+            check_expander_rows(rows, m)
         return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _expander_decode_op(
@@ -393,5 +364,6 @@ def expander_decode(
         m,
         bias.contiguous() if bias is not None else None,
         backend == "triton",
+        check_rows,
     )
     return out.reshape(*lead, m)

@@ -17,15 +17,14 @@ Backward (only through selected entries with positive pre-activation, as ReLU di
 masked gradient of ``top_acts``: ``grad x`` is exactly an expander decode of g, and ``grad values``
 (``+= g * x[b, rows[j, t]]``) is exactly the expander decoder's value gradient with x in the role
 of the output gradient, so both reuse :mod:`topk_kernels.expander_decode`'s kernels and CPU
-routines (atomics, or a deterministic segmented sum under
-``torch.are_deterministic_algorithms_enabled()``); ``grad bias`` is a scatter-add of g.
+routines (the value gradient sorted by latent and written once per atom, deterministic);
+``grad bias`` is a scatter-add of g.
 
 Kernel, CPU path and the ``torch.library`` registration (fake + autograd) all live here.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -33,24 +32,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._dispatch import (
+from ._common import (
     HAS_TRITON,
     check_bias,
+    check_expander,
+    check_expander_rows,
     check_float,
-    check_indices,
     check_k,
     check_same_device,
+    compute_dtype,
+    grad_bias,
+    launch_options,
+    on_device,
+    pow2,
     resolve_backend,
+    unused_grad,
 )
-from ._topk import _serial_on_cpu, cpu_tile, latent_splits, merge_candidates, token_blocked_topk
+from ._topk import cpu_tile, latent_splits, merge_candidates, token_blocked_topk
 from .expander_decode import (
-    _check_expander,
-    _torch_backward as _decode_torch_backward,
-    _torch_forward as _decode_torch_forward,
-    _triton_backward as _decode_triton_backward,
-    _triton_forward as _decode_triton_forward,
+    torch_backward as decode_torch_backward,
+    triton_backward as decode_triton_backward,
+    torch_forward as decode_torch_forward,
+    triton_forward as decode_triton_forward,
 )
-from .sparse_decode import _compute_dtype, _pow2
 
 if HAS_TRITON:
     import triton
@@ -87,9 +91,9 @@ if HAS_TRITON:
             for t in range(0, D):
                 r = tl.load(rows_ptr + atom + t, mask=mask_n, other=0)
                 v = tl.load(values_ptr + atom + t, mask=mask_n, other=0.0).to(tl.float32)
-                # Rows are validated on CPU only (a check would be a host sync on CUDA): masking
-                # an out-of-range row keeps a bad graph from reading outside x.
+                # The index contract (``_common``): a row outside [0, M) contributes nothing.
                 ok = mask_n & (r >= 0) & (r < M)
+                tl.device_assert(ok | ~mask_n, "rows: an index outside [0, m)")
                 xv = tl.load(x_blk + (x_rows[:, None] + r.to(tl.int32)[None, :]),
                              mask=mask_b[:, None] & ok[None, :], other=0.0)
                 acc += xv.to(tl.float32) * v[None, :]
@@ -133,22 +137,15 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
 
 
-
-
-
-
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
     """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
     B, M = x.shape
     N, D = rows.shape
-    k_pad = _pow2(k)
+    k_pad = pow2(k)
     if k_pad > MAX_FUSED_K_PAD:
         # Registers cannot hold that many candidates per token: blocked gathers + exact key
         # top-k, still without a [B, n] tensor and without host syncs.
         return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
-    if torch.float64 in (x.dtype, values.dtype):  # the kernel ranks fp32 keys
-        x, values = x.float(), values.float()
-        bias = bias.float() if bias is not None else None
     block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
@@ -159,6 +156,7 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
         x, values, rows, bias if bias is not None else values, cand,
         B, N, M, D, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
+        **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
 
@@ -185,7 +183,7 @@ def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = Fal
     Extra memory: two tile buffers plus O(B * k)."""
     B, M = x.shape
     N, D = rows.shape
-    cd = _compute_dtype(out_dtype)
+    cd = compute_dtype(out_dtype)
     vals = values.to(cd)
     bc = bias.to(cd) if bias is not None else None
     block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
@@ -212,57 +210,29 @@ def _torch_forward(x, values, rows, bias, k, out_dtype):
     return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=x.device.type != "cpu")
 
 
-def _grad_bias(g: Tensor, idx: Tensor, n: int, dtype) -> Tensor:
-    """[B, k] gradients at [B, k] latent ids -> [n]: a scatter-add, O(B*k)."""
-    gb = torch.zeros(n, device=g.device, dtype=_compute_dtype(g.dtype))
-    gb.index_add_(0, idx.reshape(-1), g.reshape(-1).to(gb.dtype))
-    return gb.to(dtype)
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    """NaN pre-activations have no place in the key order; checked on CPU tensors only (a host
-    sync on CUDA). One aminmax pass: NaN and +-inf all surface in the min or the max."""
-    if t.device.type != "cpu" or t.numel() == 0:
-        return
-    lo, hi = torch.aminmax(t)
-    lo, hi = float(lo), float(hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        found = "nan" if math.isnan(lo) or math.isnan(hi) else "inf"
-        raise ValueError(f"{name}: expected finite values, found {found}")
-
-
-def _check_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor]) -> None:
-    """rows in [0, m), finite x / values / bias. Each is a short pass; single-threaded, because a
-    2-thread OpenMP region stalls for a scheduler slice on a busy machine (measured: these checks
-    took 150 ms with 2 threads at B=1024, m=1024, n=16384 while the whole forward takes ~200)."""
-    with _serial_on_cpu(x.device):
-        check_indices("rows", rows, x.shape[1], "m = x.shape[-1]")
-        _check_finite("x", x)
-        _check_finite("values", values)
-        if bias is not None:
-            _check_finite("bias", bias)
-
-
 # ---------------------------------------------------------------------------------------------
 # torch.library registration: 2-D [B, m] inputs; the public function flattens leading dims.
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("topk_kernels::expander_encode", mutates_args=())
 def _expander_encode_op(
-    x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, use_triton: bool
+    x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, use_triton: bool,
+    check_rows: bool,
 ) -> tuple[Tensor, Tensor]:
-    # Value checks run here, inside the op, so they also run (eagerly) under torch.compile.
-    _check_values(x, values, rows, bias)
+    # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
+    if check_rows:
+        check_expander_rows(rows, x.shape[1], "m = x.shape[-1]")
     out_dtype = torch.promote_types(x.dtype, values.dtype)
     if x.shape[0] == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
     if use_triton:
-        return _triton_forward(x, values, rows, bias, k, out_dtype)
+        with on_device(x.device):
+            return _triton_forward(x, values, rows, bias, k, out_dtype)
     return _torch_forward(x, values, rows, bias, k, out_dtype)
 
 
 @_expander_encode_op.register_fake
-def _(x, values, rows, bias, k, use_triton):
+def _(x, values, rows, bias, k, use_triton, check_rows):
     out_dtype = torch.promote_types(x.dtype, values.dtype)
     return x.new_empty(x.shape[0], k, dtype=out_dtype), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
@@ -277,35 +247,36 @@ def _expander_encode_backward_op(
     # ReLU: only selected entries with positive pre-activation pass gradient.
     zero = torch.zeros((), dtype=grad_acts.dtype, device=grad_acts.device)
     g = torch.where(top_acts > 0, grad_acts, zero).contiguous()
-    gx, gv, gb = (grad_acts.new_empty(0) for _ in range(3))  # distinct: outputs may not alias
+    gx, gv, gb = (unused_grad(grad_acts) for _ in range(3))
     if use_triton:
-        if need_x:  # out[b, rows[j, t]] += g[b, s] * values[j, t]: the expander decoder itself
-            gx = _decode_triton_forward(g, top_indices, values, rows, m, None, x.dtype)
-        if need_values:  # += g[b, s] * x[b, rows[j, t]]: the decoder's value grad, x as its grad
-            gv = _decode_triton_backward(x, g, top_indices, values, rows, False, True)[1]
+        with on_device(x.device):
+            if need_x:  # out[b, rows[j, t]] += g[b, s] * values[j, t]: the expander decoder itself
+                gx = decode_triton_forward(g, top_indices, values, rows, m, None, x.dtype)
+            if need_values:  # += g[b, s] * x[b, rows[j, t]]: the decoder's value grad, x as its grad
+                gv = decode_triton_backward(x, g, top_indices, values, rows, False, True)[1]
     else:
         if need_x:
-            gx = _decode_torch_forward(g, top_indices, values, rows, m, None, x.dtype)
+            gx = decode_torch_forward(g, top_indices, values, rows, m, None, x.dtype)
         if need_values:
-            gv = _decode_torch_backward(x, g, top_indices, values, rows, False, True)[1]
+            gv = decode_torch_backward(x, g, top_indices, values, rows, False, True)[1]
     if need_values:
         gv = gv.to(values.dtype)
     if need_bias and bias_dtype is not None:
-        gb = _grad_bias(g, top_indices, n, bias_dtype)
+        gb = grad_bias(g, top_indices, n, bias_dtype)
     return gx, gv, gb
 
 
 @_expander_encode_backward_op.register_fake
 def _(grad_acts, top_acts, top_indices, x, values, rows, need_x, need_values, need_bias, bias_dtype, use_triton):
-    gx = torch.empty_like(x) if need_x else grad_acts.new_empty(0)
-    gv = torch.empty_like(values) if need_values else grad_acts.new_empty(0)
+    gx = torch.empty_like(x) if need_x else unused_grad(grad_acts)
+    gv = torch.empty_like(values) if need_values else unused_grad(grad_acts)
     gb = (values.new_empty(values.shape[0], dtype=bias_dtype) if (need_bias and bias_dtype is not None)
-          else grad_acts.new_empty(0))
+          else unused_grad(grad_acts))
     return gx, gv, gb
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, rows, bias, k, use_triton = inputs
+    x, values, rows, bias, k, use_triton, _ = inputs
     top_acts, top_indices = output
     ctx.save_for_backward(x, values, rows, top_acts, top_indices)
     ctx.use_triton = use_triton
@@ -315,7 +286,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_acts, grad_indices):
     x, values, rows, top_acts, top_indices = ctx.saved_tensors
-    need_x, need_values, _, need_bias, _, _ = ctx.needs_input_grad
+    need_x, need_values, _, need_bias, _, _, _ = ctx.needs_input_grad
     gx, gv, gb = _expander_encode_backward_op(
         grad_acts, top_acts, top_indices, x, values, rows,
         need_x, need_values, need_bias, ctx.bias_dtype, ctx.use_triton,
@@ -325,6 +296,7 @@ def _backward(ctx, grad_acts, grad_indices):
         gv if need_values else None,
         None,
         gb if (need_bias and ctx.bias_dtype is not None) else None,
+        None,
         None,
         None,
     )
@@ -341,6 +313,7 @@ def expander_encode(
     k: int,
     *,
     backend: Optional[str] = None,
+    check_rows: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Encode each token through an expander (d-sparse) dictionary to its k largest ReLU'd
     pre-activations, without forming [..., n].
@@ -353,22 +326,26 @@ def expander_encode(
         bias: optional [n] encoder bias.
         k: latents kept per token, 1 <= k <= n.
         backend: None (automatic), "triton", "torch" or "reference".
+        check_rows: check ``rows`` with ``topk_kernels.check_expander_rows`` on every call (one
+            host sync on CUDA); False for a caller that checked its fixed ``rows`` once.
 
     Returns:
         (top_acts [..., k] in the promoted dtype of x and values, top_indices [..., k] int64): the
         k largest of ``pre[..., j] = sum_t values[j, t] * x[..., rows[j, t]] + bias[j]`` per token,
-        sorted descending (equal values: lower latent id first), ``top_acts = relu(pre)`` there.
-        Gradients flow to x, values and bias through the selected, positive entries.
+        sorted descending (equal values: lower latent id first; NaN above +inf, see
+        ``topk_kernels._common``), ``top_acts = relu(pre)`` there. Gradients flow to x, values
+        and bias through the selected, positive entries.
     """
     check_float("x", x)
-    m = _check_expander(values, rows, x.shape[-1])
+    m = check_expander(values, rows, x.shape[-1])
     n = values.shape[0]
     check_bias("bias", bias, n, "n = values.shape[0]")
     check_k(k, n)
     check_same_device(x=x, values=values, rows=rows, bias=bias)
-    backend = resolve_backend(backend, values.device)
+    backend = resolve_backend(backend, values.device, torch.promote_types(x.dtype, values.dtype))
     if backend == "reference":
-        check_indices("rows", rows, m, "m = x.shape[-1]")
+        if check_rows:
+            check_expander_rows(rows, m, "m = x.shape[-1]")
         return reference.expander_encode(x, values, rows.long(), bias, k)
     lead = x.shape[:-1]
     top_acts, top_indices = _expander_encode_op(
@@ -378,5 +355,6 @@ def expander_encode(
         bias.contiguous() if bias is not None else None,
         k,
         backend == "triton",
+        check_rows,
     )
     return top_acts.reshape(*lead, k), top_indices.reshape(*lead, k)

@@ -23,9 +23,14 @@ def sparse_decode(top_acts, top_indices, weight, bias=None):
 
 
 def topk_relu(pre: torch.Tensor, k: int):
-    """Top-k of pre-activations [..., n] (descending), then ReLU on the selected values."""
-    values, indices = pre.topk(k, dim=-1, sorted=True)
-    return values.relu(), indices
+    """Top-k of pre-activations [..., n] (descending), then ReLU on the selected values.
+
+    The package's one order (``topk_kernels._common``): equal values go to the lower latent id,
+    every NaN ranks above +inf. A stable descending sort is exactly that; ``torch.topk`` is not
+    (its tie order is unspecified).
+    """
+    values, indices = torch.sort(pre, dim=-1, descending=True, stable=True)
+    return values[..., :k].relu(), indices[..., :k]
 
 
 def topk_encode(x, weight, bias, k):

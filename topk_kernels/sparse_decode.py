@@ -3,8 +3,9 @@
 Only the k active rows of ``weight [n, m]`` are read per token, and the backward touches only
 those rows, so every pass costs O(B*k*m) instead of the dense O(B*n*m). Never forms [..., n].
 
-This file holds the whole op family: the Triton kernels (forward, grad of the activations,
-grad of the weight with atomics or a deterministic segmented reduction), the CPU path built on
+This file holds the whole op family: the Triton kernels (forward, grad of the activations; the
+grad of the weight, fused with that of the activations when rows fit one program, is written once
+per row by :mod:`topk_kernels._rowgrad`), the CPU path built on
 ``F.embedding_bag``, and the ``torch.library`` registration with fake and autograd rules.
 """
 
@@ -16,15 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
-from ._dispatch import (
+from . import _rowgrad, reference
+from ._common import (
     HAS_TRITON,
     check_bias,
-    check_float,
+    check_decode_args,
     check_indices,
     check_matrix,
     check_same_device,
+    compute_dtype,
+    launch_options,
+    on_device,
+    pow2,
     resolve_backend,
+    unused_grad,
 )
 
 if HAS_TRITON:
@@ -34,10 +40,11 @@ if HAS_TRITON:
     @triton.jit
     def _decode_fwd_kernel(
         acts_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr,
-        B, M, K,
+        B, N, M, K,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """One program per (token block, column block): acc[b, :] += acts[b, s] * W[idx[b, s], :]."""
+        """One program per (token block, column block): acc[b, :] += acts[b, s] * W[idx[b, s], :].
+        An index outside [0, N) contributes nothing (the index contract of ``_common``)."""
         pid_b = tl.program_id(0)
         pid_m = tl.program_id(1)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -50,8 +57,10 @@ if HAS_TRITON:
         for s in range(0, K):
             # A vector of BLOCK_B indices per step; each active row segment is read once.
             idx = tl.load(idx_ptr + row + s, mask=mask_b, other=0).to(tl.int64)
-            a = tl.load(acts_ptr + row + s, mask=mask_b, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + idx[:, None] * M + offs_m[None, :], mask=mask, other=0.0)
+            ok = mask_b & (idx >= 0) & (idx < N)
+            tl.device_assert(ok | ~mask_b, "top_indices: an index outside [0, n)")
+            a = tl.load(acts_ptr + row + s, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + idx[:, None] * M + offs_m[None, :], mask=ok[:, None] & mask_m[None, :], other=0.0)
             acc += a[:, None] * w.to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
@@ -62,14 +71,17 @@ if HAS_TRITON:
     @triton.jit
     def _decode_bwd_acts_kernel(
         grad_ptr, idx_ptr, w_ptr, gacts_ptr,
-        M, K,
+        N, M, K,
         BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """One program per (token, block of k): gacts[b, s] = grad[b, :] . W[idx[b, s], :]."""
+        """One program per (token, block of k): gacts[b, s] = grad[b, :] . W[idx[b, s], :]
+        (0 for an index outside [0, N))."""
         b = tl.program_id(0).to(tl.int64)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+        ok = mask_k & (idx >= 0) & (idx < N)
+        tl.device_assert(ok | ~mask_k, "top_indices: an index outside [0, n)")
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -77,118 +89,63 @@ if HAS_TRITON:
             g = tl.load(grad_ptr + b * M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
             w = tl.load(
                 w_ptr + idx[:, None] * M + offs_m[None, :],
-                mask=mask_k[:, None] & mask_m[None, :], other=0.0,
+                mask=ok[:, None] & mask_m[None, :], other=0.0,
             ).to(tl.float32)
             acc += tl.sum(w * g[None, :], axis=1)
         tl.store(gacts_ptr + b * K + offs_k, acc.to(gacts_ptr.dtype.element_ty), mask=mask_k)
 
-    @triton.jit
-    def _decode_bwd_weight_atomic_kernel(
-        grad_ptr, acts_ptr, idx_ptr, gw_ptr,
-        B, M, K,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        """gw[idx[b, s], :] += acts[b, s] * grad[b, :], by fp32 atomics into a zeroed buffer."""
-        pid_b = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_b = offs_b < B
-        mask = mask_b[:, None] & (offs_m < M)[None, :]
-        row = offs_b.to(tl.int64) * K
-        g = tl.load(grad_ptr + offs_b.to(tl.int64)[:, None] * M + offs_m[None, :], mask=mask, other=0.0)
-        g = g.to(tl.float32)
-        for s in range(0, K):
-            idx = tl.load(idx_ptr + row + s, mask=mask_b, other=0).to(tl.int64)
-            a = tl.load(acts_ptr + row + s, mask=mask_b, other=0.0).to(tl.float32)
-            tl.atomic_add(gw_ptr + idx[:, None] * M + offs_m[None, :], a[:, None] * g, mask=mask)
-
-    @triton.jit
-    def _decode_bwd_weight_segment_kernel(
-        grad_ptr, acts_ptr, sorted_idx_ptr, order_ptr, gw_ptr,
-        NNZ, M, K,
-        BLOCK_M: tl.constexpr,
-    ):
-        """Deterministic weight grad: entries sorted by latent; the program that sits at the start
-        of a latent's segment sums the whole segment in order and writes the row once."""
-        i = tl.program_id(0).to(tl.int64)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        latent = tl.load(sorted_idx_ptr + i)
-        prev = tl.load(sorted_idx_ptr + i - 1, mask=i > 0, other=-1)
-        if latent != prev:
-            acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            j = i
-            cur = latent
-            while cur == latent:
-                flat = tl.load(order_ptr + j)
-                token = flat // K
-                a = tl.load(acts_ptr + flat).to(tl.float32)
-                g = tl.load(grad_ptr + token * M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-                acc += a * g
-                j += 1
-                cur = tl.load(sorted_idx_ptr + j, mask=j < NNZ, other=-1)
-            tl.store(gw_ptr + latent.to(tl.int64) * M + offs_m, acc, mask=mask_m)
-
-
-def _pow2(x: int, lo: int = 1, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, 1 << max(0, (x - 1).bit_length())))
-
 
 # Largest block shapes the launchers use (tests/gpu_compile.py compiles exactly these).
-BLOCK_B = 16  # tokens per program (forward, atomic weight grad)
+BLOCK_B = 16  # tokens per forward program
 BLOCK_M = 128  # model columns per program
 BLOCK_K_ACTS = 32  # active latents per program in the activation grad
 BLOCK_M_ACTS = 64  # its column chunk: BLOCK_K_ACTS x BLOCK_M_ACTS stays within registers
 
 
-def _triton_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype) -> Tensor:
+def triton_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype) -> Tensor:
+    """acts [B, k], idx [B, k] (int64), weight [n, m], bias [m] or None -> [B, m] out_dtype."""
     B, K = acts.shape
-    M = weight.shape[1]
+    N, M = weight.shape
     out = torch.empty(B, M, device=acts.device, dtype=out_dtype)
     if B == 0:
         return out
-    block_b, block_m = BLOCK_B, min(BLOCK_M, _pow2(M, lo=16))
+    block_b, block_m = BLOCK_B, min(BLOCK_M, pow2(M, lo=16))
     grid = (triton.cdiv(B, block_b), triton.cdiv(M, block_m))
     _decode_fwd_kernel[grid](
-        acts, idx, weight, bias if bias is not None else acts, out, B, M, K,
-        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_M=block_m,
+        acts, idx, weight, bias if bias is not None else acts, out, B, N, M, K,
+        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_M=block_m, **launch_options(),
     )
     return out
 
 
-def _triton_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> Tensor:
+def triton_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> Tensor:
+    """grad [B, m], idx [B, k], weight [n, m] -> gacts [B, k] = grad . weight[idx]."""
     B, K = idx.shape
-    M = weight.shape[1]
+    N, M = weight.shape
     gacts = torch.empty(B, K, device=grad.device, dtype=acts_dtype)
     if B == 0:
         return gacts
-    block_k = min(BLOCK_K_ACTS, _pow2(K))
-    block_m = min(BLOCK_M_ACTS, _pow2(M, lo=16))
+    block_k = min(BLOCK_K_ACTS, pow2(K))
+    block_m = min(BLOCK_M_ACTS, pow2(M, lo=16))
     _decode_bwd_acts_kernel[(B, triton.cdiv(K, block_k))](
-        grad, idx, weight, gacts, M, K, BLOCK_K=block_k, BLOCK_M=block_m
+        grad, idx, weight, gacts, N, M, K, BLOCK_K=block_k, BLOCK_M=block_m, **launch_options()
     )
     return gacts
 
 
-def _triton_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
-    B, K = idx.shape
-    M = grad.shape[1]
-    gw = torch.zeros(n, M, device=grad.device, dtype=torch.float32)  # the only O(n*m) step
-    if B == 0:
-        return gw.to(weight_dtype)
-    block_m = min(BLOCK_M, _pow2(M, lo=16))
-    if torch.are_deterministic_algorithms_enabled():
-        flat = idx.reshape(-1)
-        sorted_idx, order = torch.sort(flat, stable=True)
-        _decode_bwd_weight_segment_kernel[(flat.numel(), triton.cdiv(M, block_m))](
-            grad, acts, sorted_idx, order, gw, flat.numel(), M, K, BLOCK_M=block_m
-        )
-    else:
-        _decode_bwd_weight_atomic_kernel[(triton.cdiv(B, BLOCK_B), triton.cdiv(M, block_m))](
-            grad, acts, idx, gw, B, M, K, BLOCK_B=BLOCK_B, BLOCK_M=block_m
-        )
-    return gw if weight_dtype == torch.float32 else gw.to(weight_dtype)
+def triton_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
+    """gw[j] = sum over entries of latent j of acts * grad[token]: each row written once (_rowgrad)."""
+    plan = _rowgrad.sort_by_latent(idx, n)
+    return _rowgrad.row_grad(grad, acts, plan, weight_dtype, grad.shape[1])[0]
+
+
+def _triton_grad_acts_and_weight(grad: Tensor, acts: Tensor, idx: Tensor, weight: Tensor):
+    """Both gradients from one pass over the sorted entries when a program holds whole rows."""
+    plan = _rowgrad.sort_by_latent(idx, weight.shape[0])
+    gw, gacts = _rowgrad.row_grad(
+        grad, acts, plan, weight.dtype, weight.shape[1], atom=weight, gscale_dtype=acts.dtype
+    )
+    return (gacts if gacts is not None else triton_grad_acts(grad, idx, weight, acts.dtype)), gw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,21 +155,18 @@ def _triton_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_
 # table, so empty bags write the zero rows and no dense [B, n] or [B*k, m] tensor exists.
 # ---------------------------------------------------------------------------------------------
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _torch_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype) -> Tensor:
-    cd = _compute_dtype(out_dtype)
+def torch_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype) -> Tensor:
+    """The PyTorch path of ``triton_forward`` (any device), same shapes."""
+    cd = compute_dtype(out_dtype)
     out = F.embedding_bag(idx, weight.to(cd), per_sample_weights=acts.to(cd), mode="sum")
     if bias is not None:
         out = out + bias.to(cd)
     return out.to(out_dtype)
 
 
-def _torch_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> Tensor:
+def torch_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> Tensor:
     B, K = idx.shape
-    cd = _compute_dtype(grad.dtype)
+    cd = compute_dtype(grad.dtype)
     flat = idx.reshape(-1)
     positions = torch.arange(B * K, device=idx.device)
     gacts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
@@ -221,9 +175,10 @@ def _torch_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> T
     return gacts.reshape(B, K).to(acts_dtype)
 
 
-def _torch_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
+def torch_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
+    """The PyTorch path of ``triton_grad_weight`` (any device), same shapes."""
     B, K = idx.shape
-    cd = _compute_dtype(grad.dtype)
+    cd = compute_dtype(grad.dtype)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n)
@@ -249,8 +204,9 @@ def _sparse_decode_op(
     top_acts, top_indices, weight = top_acts.contiguous(), top_indices.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if use_triton:
-        return _triton_forward(top_acts, top_indices, weight, bias, out_dtype)
-    return _torch_forward(top_acts, top_indices, weight, bias, out_dtype)
+        with on_device(weight.device):
+            return triton_forward(top_acts, top_indices, weight, bias, out_dtype)
+    return torch_forward(top_acts, top_indices, weight, bias, out_dtype)
 
 
 @_sparse_decode_op.register_fake
@@ -265,17 +221,18 @@ def _sparse_decode_backward_op(
     need_acts: bool, need_weight: bool, use_triton: bool,
 ) -> tuple[Tensor, Tensor]:
     grad, top_acts, top_indices, weight = (t.contiguous() for t in (grad, top_acts, top_indices, weight))
-    def empty():  # a fresh tensor per unused output: outputs of a custom op must not alias
-        return grad.new_empty(0)
-
     if use_triton:
-        gacts = _triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty()
-        gw = (_triton_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
-              if need_weight else empty())
+        with on_device(weight.device):
+            if need_acts and need_weight:
+                gacts, gw = _triton_grad_acts_and_weight(grad, top_acts, top_indices, weight)
+            else:
+                gacts = triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else unused_grad(grad)
+                gw = (triton_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
+                      if need_weight else unused_grad(grad))
     else:
-        gacts = _torch_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else empty()
-        gw = (_torch_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
-              if need_weight else empty())
+        gacts = torch_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else unused_grad(grad)
+        gw = (torch_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
+              if need_weight else unused_grad(grad))
     return gacts, gw
 
 
@@ -306,16 +263,6 @@ def _backward(ctx, grad):
 _sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_decode_args(top_acts: Tensor, top_indices: Tensor) -> None:
-    """Shapes and dtypes; index values are checked inside the op, where they are concrete."""
-    check_float("top_acts", top_acts)
-    if not isinstance(top_indices, Tensor) or top_indices.shape != top_acts.shape:
-        got = tuple(top_indices.shape) if isinstance(top_indices, Tensor) else type(top_indices).__name__
-        raise ValueError(f"top_indices: expected the shape of top_acts {tuple(top_acts.shape)}, got {got}")
-    if top_indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"top_indices: expected an int64 (or int32) tensor, got dtype {top_indices.dtype}")
-
-
 def sparse_decode(
     top_acts: Tensor,
     top_indices: Tensor,
@@ -329,6 +276,8 @@ def sparse_decode(
     Args:
         top_acts: [..., k] float activations of the active latents.
         top_indices: [..., k] int64 latent ids in [0, n); duplicates within a token add up.
+            Checked on CPU tensors; on CUDA an id outside [0, n) contributes nothing (and
+            ``TOPK_KERNELS_DEBUG=1`` makes the kernels assert), see ``topk_kernels._common``.
         weight: [n, m] decoder dictionary, one row per latent.
         bias: optional [m].
         backend: None (automatic), "triton", "torch" or "reference".
@@ -338,10 +287,10 @@ def sparse_decode(
     """
     check_matrix("weight", weight)
     n, m = weight.shape
-    _check_decode_args(top_acts, top_indices)
+    check_decode_args(top_acts, top_indices)
     check_bias("bias", bias, m, "m = weight.shape[1]")
     check_same_device(top_acts=top_acts, top_indices=top_indices, weight=weight, bias=bias)
-    backend = resolve_backend(backend, weight.device)
+    backend = resolve_backend(backend, weight.device, torch.promote_types(top_acts.dtype, weight.dtype))
     if backend == "reference":
         check_indices("top_indices", top_indices, n, "n_latents")
         return reference.sparse_decode(top_acts, top_indices, weight, bias)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import (
+from ._common import (
     HAS_TRITON,
     INTERPRET,
     check_bias,
@@ -33,15 +33,20 @@ from ._dispatch import (
     check_k,
     check_matrix,
     check_same_device,
+    compute_dtype,
+    grad_bias,
+    launch_options,
+    on_device,
+    pow2,
     resolve_backend,
+    unused_grad,
 )
 from ._topk import cpu_tile, latent_splits, merge_candidates, token_blocked_topk
 from .sparse_decode import (
-    _pow2,
-    _torch_forward as _decode_torch_forward,
-    _torch_grad_weight as _decode_torch_grad_weight,
-    _triton_forward as _decode_triton_forward,
-    _triton_grad_weight as _decode_triton_grad_weight,
+    torch_grad_weight as decode_torch_grad_weight,
+    triton_grad_weight as decode_triton_grad_weight,
+    torch_forward as decode_torch_forward,
+    triton_forward as decode_triton_forward,
 )
 
 if HAS_TRITON:
@@ -96,7 +101,7 @@ if HAS_TRITON:
 # BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
 # tile and its bitonic network must stay in registers, so wider K_PAD takes fewer tokens. K_PAD
 # starts at 2: with one candidate, ptxas spilled a few bytes on sm_80 at every shape tried.
-# tests/gpu_compile.py compiles every entry for sm_80 / sm_90 (fp32 and bf16): no spills.
+# tests/gpu_compile.py compiles every entry as launched for sm_80 / sm_90 (fp32, TF32, bf16): no spills.
 ENCODE_CONFIGS = {
     2: (64, 64, 32, 8),
     4: (64, 64, 32, 8),
@@ -118,28 +123,18 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-
-
 def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    k_pad = _pow2(k, lo=min(ENCODE_CONFIGS))
+    k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
     if k_pad > MAX_FUSED_K_PAD:
         # Registers cannot hold that many candidates per token: blocked GEMM + exact key top-k,
         # still without a [B, n] tensor and without host syncs.
         return _blocked_forward(x, weight, bias, k, out_dtype, exact_keys=True)
-    if x.dtype == torch.float64 or weight.dtype == torch.float64:  # kernels rank fp32 keys
-        x, weight = x.float(), weight.float()
     block_b, block_n, block_m, num_warps = ENCODE_CONFIGS[k_pad]
-    block_m = min(block_m, _pow2(M, lo=16))
+    block_m = min(block_m, pow2(M, lo=16))
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
     splits = latent_splits(token_blocks, n_tiles, x.device)
@@ -147,12 +142,18 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
     precision = "tf32" if (fp32_dot and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    num_stages = 3  # Triton's default
+    if fp32_dot and precision == "ieee":
+        # An exact fp32 dot runs on FMA units at the same cost per column whatever the chunk:
+        # with 32-column chunks and Triton's default 3 stages ptxas spilled 8-28 bytes at
+        # K_PAD=4..128 (tests/gpu_compile.py); 16 columns and no pipelining spill none.
+        block_m, num_stages = min(block_m, 16), 1
     _encode_fwd_kernel[(token_blocks, splits)](
         x, weight, bias if bias is not None else x, cand,
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
         K_PAD=k_pad, CAST_FP32=INTERPRET or not (fp32_dot or x.dtype == weight.dtype),
-        INPUT_PRECISION=precision, num_warps=num_warps,
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
 
@@ -164,7 +165,7 @@ def _blocked_forward(
     running top-k. Extra memory: the buffer plus O(B * k)."""
     B, M = x.shape
     N = weight.shape[0]
-    cd = _compute_dtype(torch.promote_types(x.dtype, weight.dtype))
+    cd = compute_dtype(torch.promote_types(x.dtype, weight.dtype))
     xc = x.to(cd)
     bc = bias.to(cd) if bias is not None else None
     block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
@@ -203,13 +204,6 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
     return _blocked_forward(x, weight, bias, k, out_dtype, exact_keys=x.device.type != "cpu")
 
 
-def _grad_bias(g: Tensor, idx: Tensor, n: int, dtype) -> Tensor:
-    """[B, k] gradients at [B, k] latent ids -> [n]: scatter-add, O(B*k)."""
-    gb = torch.zeros(n, device=g.device, dtype=_compute_dtype(g.dtype))
-    gb.index_add_(0, idx.reshape(-1), g.reshape(-1).to(gb.dtype))
-    return gb.to(dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # torch.library registration: 2-D [B, m] inputs; the public function flattens leading dims.
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +214,8 @@ def _topk_encode_op(
 ) -> tuple[Tensor, Tensor]:
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     if use_triton:
-        return _triton_forward(x, weight, bias, k, out_dtype)
+        with on_device(x.device):
+            return _triton_forward(x, weight, bias, k, out_dtype)
     return _torch_forward(x, weight, bias, k, out_dtype)
 
 
@@ -239,25 +234,29 @@ def _topk_encode_backward_op(
     # ReLU: only selected entries with positive pre-activation pass gradient.
     g = torch.where(top_acts > 0, grad_acts, torch.zeros((), dtype=grad_acts.dtype, device=grad_acts.device))
     g = g.contiguous()
-    gx = gw = gb = None
+    gx, gw, gb = (unused_grad(grad_acts) for _ in range(3))
     if use_triton:
-        gx = _decode_triton_forward(g, top_indices, weight, None, x.dtype) if need_x else None
-        gw = _decode_triton_grad_weight(x, g, top_indices, n, weight.dtype) if need_weight else None
+        with on_device(x.device):
+            if need_x:
+                gx = decode_triton_forward(g, top_indices, weight, None, x.dtype)
+            if need_weight:
+                gw = decode_triton_grad_weight(x, g, top_indices, n, weight.dtype)
     else:
-        gx = _decode_torch_forward(g, top_indices, weight, None, x.dtype) if need_x else None
-        gw = _decode_torch_grad_weight(x, g, top_indices, n, weight.dtype) if need_weight else None
+        if need_x:
+            gx = decode_torch_forward(g, top_indices, weight, None, x.dtype)
+        if need_weight:
+            gw = decode_torch_grad_weight(x, g, top_indices, n, weight.dtype)
     if need_bias and bias_dtype is not None:
-        gb = _grad_bias(g, top_indices, n, bias_dtype)
-    # Outputs of a custom op must not alias each other: a fresh empty tensor for each one skipped.
-    return tuple(t if t is not None else grad_acts.new_empty(0) for t in (gx, gw, gb))
+        gb = grad_bias(g, top_indices, n, bias_dtype)
+    return gx, gw, gb
 
 
 @_topk_encode_backward_op.register_fake
 def _(grad_acts, top_acts, top_indices, x, weight, need_x, need_weight, need_bias, bias_dtype, use_triton):
-    gx = torch.empty_like(x) if need_x else grad_acts.new_empty(0)
-    gw = torch.empty_like(weight) if need_weight else grad_acts.new_empty(0)
+    gx = torch.empty_like(x) if need_x else unused_grad(grad_acts)
+    gw = torch.empty_like(weight) if need_weight else unused_grad(grad_acts)
     need_gb = need_bias and bias_dtype is not None
-    gb = weight.new_empty(weight.shape[0], dtype=bias_dtype) if need_gb else grad_acts.new_empty(0)
+    gb = weight.new_empty(weight.shape[0], dtype=bias_dtype) if need_gb else unused_grad(grad_acts)
     return gx, gw, gb
 
 
@@ -319,7 +318,7 @@ def topk_encode(
     check_bias("bias", bias, n, "n = weight.shape[0]")
     check_k(k, n)
     check_same_device(x=x, weight=weight, bias=bias)
-    backend = resolve_backend(backend, weight.device)
+    backend = resolve_backend(backend, weight.device, torch.promote_types(x.dtype, weight.dtype))
     if backend == "reference":
         return reference.topk_encode(x, weight, bias, k)
     lead = x.shape[:-1]

@@ -140,17 +140,10 @@ class ActivationBuffer:
     def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
-    def batches(self, batch_size: int, epochs: int = 1, *, seed: int = 0, start_step: int = 0,
-                drop_last: bool = True, dtype: torch.dtype = torch.float32,
-                device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
-        """Shuffled minibatches ``[batch_size, d_model]`` for ``epochs`` epochs.
-
-        Step ``s`` (counted from 0 over all epochs) is batch ``s % steps_per_epoch`` of epoch
-        ``s // steps_per_epoch``; epoch ``e`` visits the rows in a permutation fixed by
-        ``(seed, e)``. ``start_step`` skips the first steps without reading them, so a resumed
-        run sees exactly the batches an uninterrupted one would. With ``drop_last`` each epoch
-        leaves out its last ``N % batch_size`` permuted rows; otherwise the last batch is
-        smaller. Rows inside a batch come in ascending row order (cheaper reads from disk)."""
+    def batch_indices(self, batch_size: int, epochs: int = 1, *, seed: int = 0, start_step: int = 0,
+                      drop_last: bool = True) -> Iterator[np.ndarray]:
+        """The row indices (ascending int64 arrays) of the minibatches ``batches`` yields, with the
+        same arguments; a data-parallel rank reads only its slice of each."""
         spe = self.steps_per_epoch(batch_size, drop_last)
         if spe == 0:
             raise ValueError(f"batch_size: expected <= {len(self)} rows with drop_last, got {batch_size}")
@@ -162,7 +155,20 @@ class ActivationBuffer:
             epoch, s = divmod(step, spe)
             if epoch != perm_epoch:
                 perm, perm_epoch = self._permutation(len(self), seed, epoch), epoch
-            idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
+            yield np.sort(perm[s * batch_size:(s + 1) * batch_size])
+
+    def batches(self, batch_size: int, epochs: int = 1, *, seed: int = 0, start_step: int = 0,
+                drop_last: bool = True, dtype: torch.dtype = torch.float32,
+                device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Shuffled minibatches ``[batch_size, d_model]`` for ``epochs`` epochs.
+
+        Step ``s`` (counted from 0 over all epochs) is batch ``s % steps_per_epoch`` of epoch
+        ``s // steps_per_epoch``; epoch ``e`` visits the rows in a permutation fixed by
+        ``(seed, e)``. ``start_step`` skips the first steps without reading them, so a resumed
+        run sees exactly the batches an uninterrupted one would. With ``drop_last`` each epoch
+        leaves out its last ``N % batch_size`` permuted rows; otherwise the last batch is
+        smaller. Rows inside a batch come in ascending row order (cheaper reads from disk)."""
+        for idx in self.batch_indices(batch_size, epochs, seed=seed, start_step=start_step, drop_last=drop_last):
             out = self._rows(idx).to(dtype)
             yield out if device is None else out.to(device)
 

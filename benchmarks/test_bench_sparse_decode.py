@@ -1,7 +1,7 @@
 """Decoder benchmarks: sparse_decode (CPU path) against the dense baseline a user would write
 (scatter the k activations into [B, n], then a GEMM with the [n, m] dictionary).
 
-pytest benchmarks/test_bench_decode.py --benchmark-only
+pytest benchmarks/test_bench_sparse_decode.py --benchmark-only
 """
 
 import pytest

@@ -2,7 +2,7 @@
 baseline a user would write (the full [B, n] GEMM, then torch.topk: ``reference.topk_encode`` in
 fp32). Time and peak extra memory (RSS) of each, recorded by the ``record`` fixture.
 
-pytest benchmarks/test_bench_encode.py --benchmark-only
+pytest benchmarks/test_bench_topk_encode.py --benchmark-only
 
 The last config is the memory check of the design: at B=4096, m=256, n=65536, k=32 the dense
 pre-activations alone are 1 GiB; topk_encode must stay under 300 MiB of extra memory.

@@ -1,0 +1,282 @@
+"""Special values and bad indices, on every backend: the NaN order and the index contract of
+``topk_kernels._common``.
+
+- The top-k never returns an id outside [0, n) for inputs full of NaN (both sign bits), +-inf and
+  ties, at n not a multiple of any block, and the Triton kernels, the PyTorch path and the
+  reference return the same ids (one order: value descending, NaN above +inf, ties to the lower id).
+- An out-of-range or negative index handed straight to the Triton launchers (no API check in
+  front) contributes nothing and touches no memory outside its tensors; with
+  ``TOPK_KERNELS_DEBUG=1`` the kernels raise.
+- expander ops: repeated rows in a latent are a clear error on every backend; ``check_rows=False``
+  skips the check; bias-only gradients work; float64 is refused on the Triton path.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from helpers import BACKENDS, HAS_TRITON, assert_close, interpreter_only
+from topk_kernels import check_expander_rows, expander_decode, expander_encode, reference, sparse_decode, topk_encode
+
+pytestmark = pytest.mark.ops
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+RUNNABLE = ["torch", "reference"] + (["triton"] if HAS_TRITON else [])
+ALL_BACKENDS = [*BACKENDS, "reference"]
+NAN = float("nan")
+INF = float("inf")
+N = 77  # not a multiple of 64, 32, 16 or 8: every kernel tile has padded columns
+
+
+def _specials(shape, extra=()):
+    """Random entries from NaN of both signs, +-inf, signed zeros and a few small integers (ties)."""
+    choices = torch.tensor([NAN, -NAN, INF, -INF, 0.0, -0.0, 1.0, -2.0, 3.0, 1.0, *extra])
+    return choices[torch.randint(0, len(choices), shape)]
+
+
+def _assert_same_topk(results, n, k):
+    """Every backend's (acts, idx) pair: ids in [0, n), identical ids, identical acts (NaN == NaN)."""
+    (_, ref_idx), ref_acts = results["reference"], results["reference"][0]
+    for backend, (acts, idx) in results.items():
+        assert idx.dtype == torch.int64 and idx.shape[-1] == k
+        assert ((idx >= 0) & (idx < n)).all(), f"{backend}: an id outside [0, {n}): {idx.max()}"
+        assert torch.equal(idx, ref_idx), f"{backend} ids differ from the reference:\n{idx}\n{ref_idx}"
+        torch.testing.assert_close(acts.double(), ref_acts.double(), equal_nan=True, rtol=0, atol=0)
+
+
+def _spec_order(pre, k):
+    """The documented order, written out: value descending, NaN above +inf, ties to the lower id."""
+    def rank(row, j):
+        v = row[j].item()
+        return (0, 0.0, j) if v != v else (1, -v, j)
+    return torch.tensor([sorted(range(len(row)), key=lambda j: rank(row, j))[:k] for row in pre])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 17, N])
+def test_topk_encode_specials_every_backend_same_ids(k):
+    # Token rows 0..5: finite x, pre = small-integer dot + special bias (ties, NaN, inf).
+    # Token rows 6..9: x holds +inf in two columns, so pre mixes inf - inf (a sign-bit NaN on
+    # x86), 0 * inf = NaN and +-inf: all-NaN tokens included.
+    m = 6
+    x = torch.randint(-2, 3, (10, m)).float()
+    x[6:, :2] = INF
+    x[8, 2] = -INF
+    weight = torch.randint(-1, 2, (N, m)).float()
+    weight[::3] = 0.0
+    bias = _specials((N,))
+    results = {b: topk_encode(x, weight, bias, k, backend=b) for b in RUNNABLE}
+    _assert_same_topk(results, N, k)
+    pre = x.double() @ weight.double().T + bias.double()
+    assert torch.equal(results["reference"][1], _spec_order(pre, k))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 17, N])
+def test_expander_encode_specials_every_backend_same_ids(k):
+    # x finite (so the dense reference's zeros multiply no inf); specials enter through the values
+    # (+-inf, NaN: inf - inf, 0 * inf) and the bias.
+    m, d = 9, 3
+    x = torch.randint(-2, 3, (8, m)).float()
+    values = _specials((N, d))
+    rows = torch.rand(N, m).argsort(dim=1)[:, :d]
+    bias = _specials((N,))
+    results = {b: expander_encode(x, values, rows, bias, k, backend=b) for b in RUNNABLE}
+    _assert_same_topk(results, N, k)
+    pre = x.double() @ reference.expander_dense(values.double(), rows, m).T + bias.double()
+    assert torch.equal(results["reference"][1], _spec_order(pre, k))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_all_nan_tokens_return_the_lowest_ids(backend):
+    x = torch.full((3, 5), NAN)
+    x[1] = -NAN
+    acts, idx = topk_encode(x, torch.randn(N, 5), torch.randn(N), 4, backend=backend)
+    assert torch.equal(idx, torch.arange(4).expand(3, 4))
+    assert acts.isnan().all()
+
+
+# --- the index contract: Triton launchers given bad indices directly ------------------------
+
+sd = importlib.import_module("topk_kernels.sparse_decode")
+ed = importlib.import_module("topk_kernels.expander_decode")
+ee = importlib.import_module("topk_kernels.expander_encode")
+
+
+def _guarded(rows, cols, pad=3, fill=1e6):
+    """A [rows, cols] view in the middle of a buffer whose other entries are ``fill``: any read or
+    write through an out-of-range index lands in the guard band."""
+    big = torch.full((rows + 2 * pad, cols), fill)
+    return big, big[pad:pad + rows]
+
+
+def _bad_indices(B, k, n):
+    idx = torch.randint(0, n, (B, k))
+    idx[0, 0], idx[1, 1], idx[2, 0], idx[3, 2] = -1, n, -(2**40), n + 5
+    ok = (idx >= 0) & (idx < n)
+    return idx, ok
+
+
+@needs_triton
+def test_sparse_decode_kernels_ignore_out_of_range_indices():
+    B, k, n, m = 6, 3, 11, 20
+    big, weight = _guarded(n, m)
+    weight.copy_(torch.randn(n, m))
+    before = big.clone()
+    acts = torch.rand(B, k) + 0.5
+    idx, ok = _bad_indices(B, k, n)
+    out = sd.triton_forward(acts, idx, weight, None, torch.float32)
+    kept = torch.where(ok, acts, 0.0).double()
+    assert_close(out, reference.sparse_decode(kept, idx.clamp(0, n - 1), weight.double()), 1e-6, "forward")
+    grad = torch.randn(B, m)
+    gacts = sd.triton_grad_acts(grad, idx, weight, torch.float32)
+    want = torch.where(ok, (grad[:, None, :] * weight[idx.clamp(0, n - 1)]).sum(-1), 0.0)
+    assert_close(gacts, want, 1e-5, "grad of acts")
+    assert torch.equal(big, before)
+
+
+@needs_triton
+def test_expander_decode_forward_ignores_out_of_range_indices_and_rows():
+    B, k, n, m, d = 6, 3, 9, 10, 4
+    acts = torch.rand(B, k) + 0.5
+    idx, ok = _bad_indices(B, k, n)
+    values = torch.randn(n, d)
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+    rows[2, 1], rows[5, 0], rows[7, 3] = m, -1, m + 100  # bad rows write nowhere
+    row_ok = (rows >= 0) & (rows < m)
+    out = ed.triton_forward(acts, idx, values, rows, m, None, torch.float32)
+    kept_values = torch.where(row_ok, values, 0.0).double()
+    want = reference.expander_decode(
+        torch.where(ok, acts, 0.0).double(), idx.clamp(0, n - 1), kept_values, rows.clamp(0, m - 1), m
+    )
+    assert_close(out, want, 1e-6, "forward")
+
+
+@needs_triton
+def test_expander_encode_kernel_ignores_out_of_range_rows():
+    B, n, m, d, k = 5, 40, 10, 3, 4
+    x = torch.randn(B, m)
+    values = torch.randn(n, d)
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+    rows[0, 0], rows[3, 2], rows[39, 1] = -1, m, 2**33
+    row_ok = (rows >= 0) & (rows < m)
+    acts, idx = ee._triton_forward(x, values, rows, None, k, torch.float32)
+    pre = x.double() @ reference.expander_dense(torch.where(row_ok, values, 0.0).double(), rows.clamp(0, m - 1), m).T
+    want_acts, want_idx = reference.topk_relu(pre, k)
+    assert torch.equal(idx, want_idx)
+    assert_close(acts, want_acts, 1e-5, "top_acts")
+
+
+@needs_triton
+@interpreter_only  # on a GPU a failed device assert ends the CUDA context
+@pytest.mark.parametrize("launch", ["sparse_decode", "sparse_decode_grad_acts", "expander_decode", "expander_encode"])
+def test_debug_switch_makes_kernels_assert(monkeypatch, launch):
+    n, m, d = 9, 10, 3
+    idx = torch.tensor([[0, n], [1, 2]])
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+    bad_rows = rows.clone()
+    bad_rows[4, 1] = -3
+    calls = {
+        "sparse_decode": lambda: sd.triton_forward(torch.ones(2, 2), idx, torch.randn(n, m), None, torch.float32),
+        "sparse_decode_grad_acts": lambda: sd.triton_grad_acts(torch.ones(2, m), idx, torch.randn(n, m), torch.float32),
+        "expander_decode": lambda: ed.triton_forward(
+            torch.ones(2, 2), torch.tensor([[4, 0], [1, 2]]), torch.randn(n, d), bad_rows, m, None, torch.float32),
+        "expander_encode": lambda: ee._triton_forward(torch.randn(2, m), torch.randn(n, d), bad_rows, None, 2, torch.float32),
+    }
+    calls[launch]()  # debug off: masked, no error
+    monkeypatch.setenv("TOPK_KERNELS_DEBUG", "1")
+    from triton.runtime.errors import InterpreterError  # the interpreter wraps the AssertionError
+
+    with pytest.raises(InterpreterError, match=r"(top_indices|rows): an index outside"):
+        calls[launch]()
+    monkeypatch.delenv("TOPK_KERNELS_DEBUG")
+    calls[launch]()  # and off again
+
+
+# --- expander rows: checked once or on every call, an error on every backend -----------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_repeated_rows_are_an_error_on_every_backend(backend):
+    m, n, d = 12, 8, 3
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+    rows[5, 2] = rows[5, 0]
+    acts, idx = torch.rand(4, 2), torch.randint(0, n, (4, 2))
+    with pytest.raises(ValueError, match=r"rows: expected distinct rows within each latent, latent 5 repeats"):
+        expander_decode(acts, idx, torch.randn(n, d), rows, m, backend=backend)
+    with pytest.raises(ValueError, match=r"rows: expected distinct rows within each latent, latent 5 repeats"):
+        expander_encode(torch.randn(4, m), torch.randn(n, d), rows, None, 2, backend=backend)
+
+
+def test_check_expander_rows():
+    rows = torch.rand(20, 16).argsort(dim=1)[:, :5]
+    check_expander_rows(rows, 16)
+    with pytest.raises(IndexError, match=r"rows: expected every index in \[0, m=15\), found 15"):
+        check_expander_rows(torch.where(rows == 15, 15, rows), 15)
+    with pytest.raises(TypeError, match="rows: expected an int64"):
+        check_expander_rows(rows.float(), 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_rows_false_skips_the_check(backend, monkeypatch):
+    m, n, d = 12, 8, 3
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+    acts, idx, values = torch.rand(4, 2), torch.randint(0, n, (4, 2)), torch.randn(n, d)
+    calls = []
+    monkeypatch.setattr(ed, "check_expander_rows", lambda *a, **kw: calls.append(a))
+    out = expander_decode(acts, idx, values, rows, m, backend=backend, check_rows=False)
+    assert not calls
+    expander_decode(acts, idx, values, rows, m, backend=backend)
+    assert len(calls) == 1
+    assert_close(out, reference.expander_decode(acts.double(), idx, values.double(), rows, m), 1e-5, "forward")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("op", ["expander_decode", "sparse_decode"])
+def test_only_bias_requires_grad(backend, op):
+    m, n, d = 10, 7, 3
+    acts, idx = torch.rand(5, 2), torch.randint(0, n, (5, 2))
+    bias = torch.randn(m, requires_grad=True)
+    if op == "expander_decode":
+        rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+        out = expander_decode(acts, idx, torch.randn(n, d), rows, m, bias, backend=backend)
+    else:
+        out = sparse_decode(acts, idx, torch.randn(n, m), bias, backend=backend)
+    grad = torch.randn(5, m)
+    out.backward(grad)
+    assert_close(bias.grad, grad.sum(0), 1e-6, "grad bias")
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["topk_encode", "sparse_decode", "expander_encode", "expander_decode"])
+def test_float64_is_refused_on_the_triton_path(op):
+    n, m, d = 7, 5, 2
+    x, acts, idx = torch.randn(3, m).double(), torch.rand(3, 2).double(), torch.randint(0, n, (3, 2))
+    rows = torch.rand(n, m).argsort(dim=1)[:, :d].contiguous()
+    calls = {
+        "topk_encode": lambda b: topk_encode(x, torch.randn(n, m).double(), None, 2, backend=b),
+        "sparse_decode": lambda b: sparse_decode(acts, idx, torch.randn(n, m).double(), backend=b),
+        "expander_encode": lambda b: expander_encode(x, torch.randn(n, d).double(), rows, None, 2, backend=b),
+        "expander_decode": lambda b: expander_decode(acts, idx, torch.randn(n, d).double(), rows, m, backend=b),
+    }
+    with pytest.raises(TypeError, match=r"backend='triton': expected float32/bfloat16/float16 inputs, got float64"):
+        calls[op]("triton")
+    out = calls[op](None)  # the automatic choice computes float64 exactly on the PyTorch path
+    assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float64
+
+
+def test_float64_gradcheck_on_the_default_path():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: topk_encode(*a, 3)[0], (x, weight, bias))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tensors_on_a_second_gpu_run_there():
+    n, m = 50, 24
+    dev = torch.device("cuda:1")
+    with torch.cuda.device(0):
+        x, weight = torch.randn(8, m, device=dev), torch.randn(n, m, device=dev)
+        acts, idx = topk_encode(x, weight, None, 5, backend="triton")
+        out = sparse_decode(acts, idx, weight, backend="triton")
+    want_acts, want_idx = reference.topk_encode(x.double(), weight.double(), None, 5)
+    assert acts.device == dev and out.device == dev
+    assert_close(out, reference.sparse_decode(want_acts, want_idx, weight.double()), 1e-4, "decode on cuda:1")

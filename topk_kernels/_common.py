@@ -1,0 +1,288 @@
+"""What every op shares: backend choice, argument checks, launch options, small helpers.
+
+One place decides which implementation runs: CUDA tensors go to the Triton kernels, CPU tensors to
+the fast PyTorch path, and with ``TRITON_INTERPRET=1`` set before import, CPU tensors go to the
+Triton kernels running in the interpreter (that is how the kernels are proven without a GPU).
+Every op also accepts ``backend="triton" | "torch" | "reference"`` to force one. The names here
+are public inside the package (the op modules import them); only ``check_float`` and
+``check_expander_rows`` are re-exported by ``topk_kernels`` for modules built on the ops.
+
+Environment (read where noted; nothing here is a mutable switch):
+
+- ``TOPK_KERNELS_CPU_BACKEND`` (read at import): what ``backend=None`` picks for CPU tensors.
+  Default ``"triton"`` under the interpreter, ``"torch"`` otherwise. The test suite sets
+  ``"torch"`` so that only tests that force ``backend="triton"`` pay for the interpreter.
+- ``TOPK_KERNELS_DEBUG=1`` (read at every launch): the kernels ``tl.device_assert`` their
+  indices (see the index contract below), on CUDA and under the interpreter.
+
+Index contract (every kernel that reads or writes through an index obeys it)
+-----------------------------------------------------------------------------
+An index is a latent id from ``top_indices`` (valid range ``[0, n)``) or a model coordinate from
+``rows`` (valid range ``[0, m)``). The API checks index values on the host only where that costs no
+device sync (CPU tensors); on CUDA the kernels are the last line of defence, so:
+
+1. A kernel masks every load and store that goes through an index with ``0 <= index < bound``.
+   An entry with an index outside its range **contributes nothing**: it is never dereferenced, its
+   gathered row reads as zero, its scatter is dropped, and an output slot that only it would have
+   written (e.g. the gradient of its activation) is zero.
+2. With ``TOPK_KERNELS_DEBUG=1`` the same kernels ``tl.device_assert`` that every live index is in
+   range (a failed assertion is an error on CUDA and an ``AssertionError`` under the interpreter).
+   Launch with ``**launch_options()`` to honour the switch.
+
+NaN order (the one place it is defined; the Triton kernels, the PyTorch paths and
+``topk_kernels.reference`` all follow it): the top-k ranks pre-activations by value, descending,
+with **every NaN (either sign bit) above +inf**, and equal values (all NaNs equal each other, and
+-0.0 equals +0.0) go to the lower latent id. ``top_acts`` at a NaN is NaN (ReLU keeps it), so a
+broken input shows in the loss instead of being hidden. This is ``torch.sort(pre, descending=True,
+stable=True)``'s order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: macOS / Windows users get the PyTorch paths only.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BACKENDS = ("triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_DEFAULT_CPU_BACKEND = os.environ.get(
+    "TOPK_KERNELS_CPU_BACKEND", "triton" if (HAS_TRITON and INTERPRET) else "torch"
+)
+if _DEFAULT_CPU_BACKEND not in ("triton", "torch"):
+    raise ValueError(f"TOPK_KERNELS_CPU_BACKEND: expected 'triton' or 'torch', got {_DEFAULT_CPU_BACKEND!r}")
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Return the backend that runs for tensors on ``device`` whose compute dtype is ``dtype``.
+
+    ``None`` picks Triton on CUDA (or on CPU under the interpreter, unless
+    ``TOPK_KERNELS_CPU_BACKEND`` says otherwise) and the PyTorch path otherwise; float64 always
+    takes the PyTorch path, because the Triton kernels compute in fp32.
+    """
+    if backend is None:
+        if dtype == torch.float64:
+            return "torch"
+        if device.type == "cuda" and HAS_TRITON:
+            return "triton"
+        return _DEFAULT_CPU_BACKEND if (HAS_TRITON and INTERPRET) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton': triton is not installed")
+        if device.type != "cuda" and not INTERPRET:
+            raise RuntimeError(
+                f"backend='triton' on {device.type} tensors needs the Triton interpreter: "
+                "set TRITON_INTERPRET=1 before importing topk_kernels"
+            )
+        if dtype == torch.float64:
+            raise TypeError(
+                "backend='triton': expected float32/bfloat16/float16 inputs, got float64 (the kernels "
+                "compute in fp32); use backend='torch' (exact float64) or backend=None"
+            )
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: errors name the argument, what was expected and what came.
+# ---------------------------------------------------------------------------------------------
+
+def check_float(name: str, t: Tensor, min_dim: int = 1) -> None:
+    """``t`` is a float32/bfloat16/float16/float64 tensor with at least ``min_dim`` dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES and t.dtype != torch.float64:
+        raise TypeError(f"{name}: expected a float32/bfloat16/float16 tensor, got dtype {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_matrix(name: str, t: Tensor, dims: str = "[n, m]") -> None:
+    """A float 2-D tensor with no empty dimension (zero latents, model dimensions or degree have no
+    defined top-k or atom, so every backend refuses them the same way)."""
+    check_float(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor {dims}, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty {dims} matrix (every size >= 1), got shape {tuple(t.shape)}")
+
+
+def check_index_dtype(name: str, t: Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {t.dtype}")
+
+
+def check_indices(name: str, t: Tensor, upper: int, what: str = "n") -> None:
+    """Integer tensor with every entry in [0, upper), checked on CPU tensors only.
+
+    On CUDA a bounds check would be a host sync in the hot path; the kernels follow the index
+    contract instead (an out-of-range entry contributes nothing; ``TOPK_KERNELS_DEBUG=1`` asserts).
+    """
+    check_index_dtype(name, t)
+    if t.numel() == 0 or t.device.type != "cpu":
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name}: expected every index in [0, {what}={upper}), found {bad}")
+
+
+def check_expander_rows(rows: Tensor, m: int, what: str = "m") -> None:
+    """An expander graph's ``rows [n, d]``: integers in ``[0, m)``, distinct within each latent.
+
+    Checks values on every device (on CUDA this syncs once, so a model checks its fixed ``rows``
+    once, at construction or load, and then calls the ops with ``check_rows=False``). Repeated
+    rows inside one latent are refused because the Triton decoder writes a latent's d entries in
+    one step: a repeat would lose an update there.
+    """
+    check_index_dtype("rows", rows)
+    if rows.dim() != 2:
+        raise ValueError(f"rows: expected a 2-D tensor [n, d], got shape {tuple(rows.shape)}")
+    if rows.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(rows))
+    if lo < 0 or hi >= m:
+        raise IndexError(f"rows: expected every index in [0, {what}={m}), found {lo if lo < 0 else hi}")
+    d = rows.shape[1]
+    if d > 1:
+        if d <= 16:  # d(d-1)/2 column comparisons: ~10x faster than a sort along a short dim
+            cols = rows.T.contiguous()
+            repeats = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+            for t in range(1, d):
+                repeats |= (cols[t] == cols[:t]).any(dim=0)
+        else:
+            ordered = rows.sort(dim=1).values
+            repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if bool(repeats.any()):
+            j = int(repeats.nonzero()[0, 0])
+            raise ValueError(
+                f"rows: expected distinct rows within each latent, latent {j} repeats one: "
+                f"{rows[j].tolist()}"
+            )
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {desc}")
+
+
+def check_bias(name: str, bias: Optional[Tensor], length: int, what: str) -> None:
+    if bias is None:
+        return
+    check_float(name, bias)
+    if bias.shape != (length,):
+        raise ValueError(f"{name}: expected shape ({length},) = ({what},), got {tuple(bias.shape)}")
+
+
+def check_k(k: int, n: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if k < 1 or k > n:
+        raise ValueError(f"k: expected 1 <= k <= n_latents={n}, got {k}")
+
+
+def check_decode_args(top_acts: Tensor, top_indices: Tensor) -> None:
+    """Shapes and dtypes of a decoder's inputs; index values are checked inside the ops."""
+    check_float("top_acts", top_acts)
+    if not isinstance(top_indices, Tensor) or top_indices.shape != top_acts.shape:
+        got = tuple(top_indices.shape) if isinstance(top_indices, Tensor) else type(top_indices).__name__
+        raise ValueError(f"top_indices: expected the shape of top_acts {tuple(top_acts.shape)}, got {got}")
+    check_index_dtype("top_indices", top_indices)
+    if top_acts.shape[-1] == 0:
+        raise ValueError(f"top_acts: expected k >= 1 active latents in the last dimension, got shape "
+                         f"{tuple(top_acts.shape)}")
+
+
+def check_expander(values: Tensor, rows: Tensor, m) -> int:
+    """values/rows shapes and dtypes, and m; returns m as an int. Row values: ``check_expander_rows``."""
+    check_matrix("values", values, "[n, d]")
+    check_index_dtype("rows", rows)
+    if rows.shape != values.shape:
+        raise ValueError(
+            f"rows: expected the shape of values {tuple(values.shape)} ([n, d]), got {tuple(rows.shape)}"
+        )
+    if not isinstance(m, numbers.Integral) or isinstance(m, bool):
+        raise TypeError(f"m: expected an int, got {type(m).__name__}")
+    if m < 1:
+        raise ValueError(f"m: expected m >= 1, got {m}")
+    d = values.shape[1]
+    if d > m:
+        raise ValueError(f"values, rows: expected degree d <= m={m} (rows distinct per latent), got d={d}")
+    return int(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the op modules.
+# ---------------------------------------------------------------------------------------------
+
+def pow2(x: int, lo: int = 1, hi: int = 1 << 30) -> int:
+    """The next power of two >= x, clamped to [lo, hi]."""
+    return max(lo, min(hi, 1 << max(0, (x - 1).bit_length())))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the PyTorch paths: float64 stays exact, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_bias(g: Tensor, idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """An encoder's bias gradient: [B, k] gradients at [B, k] latent ids -> [n], a scatter-add."""
+    gb = torch.zeros(n, device=g.device, dtype=compute_dtype(g.dtype))
+    gb.index_add_(0, idx.reshape(-1), g.reshape(-1).to(gb.dtype))
+    return gb.to(dtype)
+
+
+def unused_grad(like: Tensor) -> Tensor:
+    """The placeholder a backward custom op returns for a gradient nobody asked for.
+
+    A fresh empty tensor per output: outputs of a ``torch.library`` custom op must never alias
+    each other (reusing one placeholder for two outputs is an error at backward time).
+    """
+    return like.new_empty(0)
+
+
+def on_device(device: torch.device):
+    """Context for kernel launches: ``torch.cuda.device(device)`` for CUDA tensors, so tensors on
+    ``cuda:1`` launch on GPU 1 whatever the current device is; a no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("TOPK_KERNELS_DEBUG", "0") == "1"
+
+
+def launch_options() -> dict:
+    """Keyword options for every kernel launch: ``debug=True`` under ``TOPK_KERNELS_DEBUG=1``,
+    which turns on the kernels' ``tl.device_assert`` index checks (and Triton's own overflow
+    checks). The interpreter ignores a launch's ``debug`` flag, so there the switch is applied to
+    its builder, which is what a launch with ``debug=True`` means on a GPU."""
+    debug = debug_enabled()
+    if INTERPRET and HAS_TRITON:
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        if builder.options.debug != debug:
+            builder.options = dataclasses.replace(builder.options, debug=debug)
+    return {"debug": debug}
