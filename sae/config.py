@@ -78,6 +78,10 @@ class SAEConfig:
     """Expander only: rescale `values` to unit norm per latent after every optimizer step, so their
     growth does not shrink the effective learning rate."""
 
+    b_dec_init: Literal["median", "mean", "zero"] = "median"
+    """Decoder bias: "median" / "mean" of a data sample (init_b_dec), trained from there; "zero":
+    fixed at 0 and never trained (the paper's b_dec = 0)."""
+
     normalize_activations: bool = False
     """Scale inputs by a constant so that E||x||^2 = d_model (set from a sample by init_b_dec);
     outputs are scaled back, so the spliced reconstruction is in the model's units."""
@@ -123,6 +127,8 @@ class SAEConfig:
             raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
         if self.auxk_norm not in ("variance", "residual"):
             raise ValueError(f"auxk_norm: expected 'variance' or 'residual', got {self.auxk_norm!r}")
+        if self.b_dec_init not in ("median", "mean", "zero"):
+            raise ValueError(f"b_dec_init: expected 'median', 'mean' or 'zero', got {self.b_dec_init!r}")
         if not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
             raise ValueError(f"auxk_coef: expected a finite number >= 0, got {self.auxk_coef}")
         if self.n_latents is not None and self.k > self.n_latents:
@@ -131,7 +137,8 @@ class SAEConfig:
 
 @dataclass
 class TrainConfig:
-    """How ``train()`` trains an SAE: Adam, warm-up and linear decay, clipping, checkpoints."""
+    """How ``train()`` trains an SAE: Adam, warm-up and a linear or cosine decay, clipping, dead-latent
+    resampling, checkpoints."""
 
     batch_size: int = 1024
     """Activations per optimizer step."""
@@ -158,7 +165,16 @@ class TrainConfig:
     """Steps of linear learning-rate warm-up."""
 
     decay_fraction: float = 0.2
-    """The last fraction of the steps decays the learning rate linearly to 0."""
+    """The last fraction of the steps decays the learning rate linearly to 0 (lr_schedule "linear")."""
+
+    lr_schedule: Literal["linear", "cosine"] = "linear"
+    """After warm-up: "linear" holds the rate, then decays it linearly to 0 over the last
+    decay_fraction of the steps; "cosine" decays it from the base rate to 0 along a half cosine
+    over all remaining steps (the paper's schedule)."""
+
+    resample_every: int = 0
+    """Every this many steps, re-initialise the latents dead at that step towards the current
+    batch's worst-reconstructed inputs and zero their Adam moments (the paper: 1000); 0: never."""
 
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this; 0: no clipping."""
@@ -204,13 +220,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "total_tokens", "checkpoint_every", "log_every")
-        for name in ("warmup_steps", "eval_every"):
+        for name in ("warmup_steps", "eval_every", "resample_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
         for name in ("lr", "topk_lr", "expander_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+        if self.lr_schedule not in ("linear", "cosine"):
+            raise ValueError(f"lr_schedule: expected 'linear' or 'cosine', got {self.lr_schedule!r}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps: expected a finite number > 0, got {self.eps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

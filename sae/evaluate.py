@@ -16,8 +16,9 @@ spliced in.
 CE conventions. The headline follows SAELens (``convention="saelens"``): for CE_zero the layer's
 output is zeroed at every position, BOS included; the SAE (and the mean ablation) is spliced at
 every non-BOS position, the BOS positions keep the model's own activation; CE and KL are averaged
-over the predictions made at non-BOS positions. In a bias-free Llama zeroing every position makes
-the logits uniform, so CE_zero = ln(vocabulary). The previous convention (``pos0_kept``, a
+over the predictions made at non-BOS positions. The paper's convention (``convention="paper"``)
+zeroes and splices every position, BOS included, and averages over every prediction. In a
+bias-free Llama zeroing every position makes the logits uniform, so CE_zero = ln(vocabulary). The previous convention (``pos0_kept``, a
 labelled secondary figure) zeroes and splices only the non-BOS positions and averages CE over
 every prediction; position 0 then keeps its value, later positions copy it, and CE_zero comes out
 worse than uniform (15.4 against 10.8 nats for SmolLM2 at layer 15), which inflates CE-loss
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from .data import ActivationBuffer, decoder_layer, layer_output_hook
 
 __all__ = [
+    "CONVENTIONS",
     "CEBaseline",
     "CEResult",
     "FiringDensity",
@@ -414,11 +416,13 @@ def _splice(reconstruct) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict, batch_size: int,
-            progress: bool, desc: str) -> dict:
+            progress: bool, desc: str, splice_all: bool = False) -> dict:
     """Per-context sums (float64 [n_ctx]) of next-token CE and KL(clean || spliced) for the clean
     model and for each splice ``name -> replace(h, mask)`` at ``layer``. Keys: ``count`` (non-BOS
     predictions), ``count_all`` (all predictions), ``count_kl`` (non-BOS positions); per name
-    ``{name}.ce`` (non-BOS predictions), ``{name}.ce_all`` and, for splices, ``{name}.kl``."""
+    ``{name}.ce`` (non-BOS predictions), ``{name}.ce_all`` and, for splices, ``{name}.kl`` and
+    ``{name}.kl_all`` (every position; ``count_all_pos`` of them). ``splice_all``: the splices
+    replace every position, BOS included (the paper's convention), not only the non-BOS ones."""
     device = next(model.parameters()).device
     sums: dict[str, list] = {}
     active: dict = {"replace": None, "mask": None}
@@ -439,9 +443,11 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
             add("count", pred_mask.sum(1))
             add("count_all", torch.full((len(ids),), targets.shape[1]))
             add("count_kl", mask.sum(1))
+            add("count_all_pos", torch.full((len(ids),), ids.shape[1]))
+            splice_mask = torch.ones_like(mask) if splice_all else mask
             clean_logp = clean_p = None
             for name, replace in [("clean", None), *splices.items()]:
-                active.update(replace=replace, mask=mask)
+                active.update(replace=replace, mask=splice_mask)
                 logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                 ce = -logp[:, :-1].gather(-1, targets)[..., 0]  # [b, T-1]
                 add(f"{name}.ce", (ce * pred_mask).sum(1))
@@ -452,6 +458,7 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
                     # p log(p / q), with 0 log 0 = 0 where the clean probability underflows
                     kl = torch.where(clean_p > 0, clean_p * (clean_logp - logp), 0.0).sum(-1)  # [b, T]
                     add(f"{name}.kl", (kl * mask).sum(1))
+                    add(f"{name}.kl_all", kl.sum(1))
                 del logp
             active.update(replace=None, mask=None)
     return {key: torch.cat(values) for key, values in sums.items()}
@@ -504,9 +511,12 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), torch.nan)
 
 
+CONVENTIONS = ("saelens", "paper")
+
+
 def ce_loss_recovered(model, sae, tokens: torch.Tensor, layer: int, *, baseline: CEBaseline | None = None,
                       bos_id: int | None = None, batch_size: int | None = None, n_bootstrap: int = 1000,
-                      seed: int = 0, level: float = 0.95, progress: bool = False):
+                      seed: int = 0, level: float = 0.95, progress: bool = False, convention: str = "saelens"):
     """Splices ``sae``'s reconstruction into the output of decoder layer ``layer`` at the non-BOS
     positions of ``tokens`` ``[n_ctx, T]`` and compares the model's loss with the clean and
     ablated baselines (SAELens convention; the previous one in ``pos0_kept``).
@@ -517,7 +527,14 @@ def ce_loss_recovered(model, sae, tokens: torch.Tensor, layer: int, *, baseline:
     model's. ``baseline``: a ``ce_baseline`` result on the same tokens and layer (computed here
     when None); ``batch_size`` defaults to the baseline's, as other batch shapes round
     differently. Intervals: ``n_bootstrap`` resamplings of the contexts from ``seed``, at
-    ``level``."""
+    ``level``.
+
+    ``convention="paper"``: the paper's convention instead, every position zeroed for CE_zero and
+    every position (BOS included) spliced, CE averaged over every prediction and KL over every
+    position; ``pos0_kept`` is then empty and there is no mean-ablation figure."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
+    paper = convention == "paper"
     many = isinstance(sae, Mapping)
     saes = dict(sae) if many else {"sae": sae}
     if not saes:
@@ -535,7 +552,7 @@ def ce_loss_recovered(model, sae, tokens: torch.Tensor, layer: int, *, baseline:
                          f"one for layer {baseline.layer}, BOS id {baseline.bos_id} on {same} tokens")
     splices = {f"s{i}": _splice(_reconstructor(s)) for i, s in enumerate(saes.values())}
     sums = _passes(model, tokens, layer, bos_id, splices, batch_size or baseline.batch_size, progress,
-                   "CE with SAE" if not many else f"CE with {len(saes)} SAEs")
+                   "CE with SAE" if not many else f"CE with {len(saes)} SAEs", splice_all=paper)
     drift = (sums["clean.ce"] - baseline.context_sums["clean.ce"]).abs().max().item() / max(baseline.n_tokens, 1)
     if drift > 1e-4:
         raise ValueError(f"baseline: its clean CE differs from this model's on these tokens by {drift:.2e} nats per "
@@ -544,16 +561,20 @@ def ce_loss_recovered(model, sae, tokens: torch.Tensor, layer: int, *, baseline:
     boot = dict(n=n_bootstrap, seed=seed, level=level)
     results = {}
     for name, key in zip(saes, splices):
-        s = {"clean": sums["clean.ce"], "zero": base["zero.ce"], "sae": sums[f"{key}.ce"], "count": sums["count"],
-             "kl": sums[f"{key}.kl"], "count_kl": sums["count_kl"]}
-        if "mean.ce" in base:
+        if paper:
+            s = {"clean": sums["clean.ce_all"], "zero": base["zero.ce_all"], "sae": sums[f"{key}.ce_all"],
+                 "count": sums["count_all"], "kl": sums[f"{key}.kl_all"], "count_kl": sums["count_all_pos"]}
+        else:
+            s = {"clean": sums["clean.ce"], "zero": base["zero.ce"], "sae": sums[f"{key}.ce"], "count": sums["count"],
+                 "kl": sums[f"{key}.kl"], "count_kl": sums["count_kl"]}
+        if "mean.ce" in base and not paper:
             s["mean"] = base["mean.ce"]
         recovered = _bootstrap(lambda t: _ratio(t["zero"] - t["sae"], t["zero"] - t["clean"]), s, n_bootstrap, seed, level)
         delta = _bootstrap(lambda t: (t["sae"] - t["clean"]) / t["count"], s, n_bootstrap, seed, level)
         kl = _bootstrap(lambda t: t["kl"] / t["count_kl"], s, n_bootstrap, seed, level)
         n = s["count"].sum().item()
         ce_clean, ce_zero, ce_sae = (s[k].sum().item() / n for k in ("clean", "zero", "sae"))
-        ce_mean = baseline.ce_mean_ablation
+        ce_mean = None if paper else baseline.ce_mean_ablation
         n_all = baseline.pos0_kept["n_tokens"]
         ce_sae_all = sums[f"{key}.ce_all"].sum().item() / n_all
         p0 = baseline.pos0_kept
@@ -561,11 +582,13 @@ def ce_loss_recovered(model, sae, tokens: torch.Tensor, layer: int, *, baseline:
                 "recovered": _ratio(torch.tensor(p0["ce_zero"] - ce_sae_all),
                                     torch.tensor(p0["ce_zero"] - p0["ce_clean"])).item(),
                 "n_tokens": n_all}
+        if paper:
+            pos0 = {}  # the SAE was spliced at position 0 too: the previous convention's figure does not apply
         results[name] = CEResult(
             ce_clean=ce_clean, ce_zero=ce_zero, ce_sae=ce_sae, recovered=recovered.value, n_tokens=int(n),
             recovered_ci=recovered, delta_ce=delta, kl=kl, n_kl_positions=int(s["count_kl"].sum().item()),
             ce_mean_ablation=ce_mean,
             recovered_vs_mean=None if ce_mean is None else _ratio(torch.tensor(ce_mean - ce_sae),
                                                                   torch.tensor(ce_mean - ce_clean)).item(),
-            pos0_kept=pos0, bos_id=bos_id, n_contexts=len(tokens), bootstrap=boot)
+            pos0_kept=pos0, bos_id=bos_id, n_contexts=len(tokens), bootstrap=boot, convention=convention)
     return results if many else results["sae"]

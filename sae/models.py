@@ -258,24 +258,57 @@ class _SparseCoder(nn.Module):
         return float((self.tokens_since_fired > t).float().mean())
 
     @torch.no_grad()
-    def init_b_dec(self, sample: Tensor, method: str = "median") -> None:
-        """Set b_dec from a data sample [N, m]: its coordinate-wise median or mean.
+    def init_b_dec(self, sample: Tensor, method: Optional[str] = None) -> None:
+        """Set b_dec from a data sample [N, m]: its coordinate-wise median or mean (``method``, by
+        default the ``b_dec_init`` option; "zero" leaves b_dec at 0).
 
         With ``normalize_activations`` it first sets ``act_scale`` so that E||x * act_scale||^2 = m.
         """
+        method = self.b_dec_init if method is None else method
         self._check_input(sample)
         flat = sample.reshape(-1, self.d_model).float()
         if self.normalize_activations:
             mean_sq = flat.pow(2).sum(-1).mean().clamp_min(torch.finfo(torch.float32).tiny)
             self.act_scale.fill_(math.sqrt(self.d_model / float(mean_sq)))
             flat = flat * self.act_scale
-        if method == "median":
+        if method == "zero":
+            value = torch.zeros(self.d_model)
+        elif method == "median":
             value = flat.median(0).values
         elif method == "mean":
             value = flat.mean(0)
         else:
-            raise ValueError(f"method: expected 'median' or 'mean', got {method!r}")
+            raise ValueError(f"method: expected 'median', 'mean' or 'zero', got {method!r}")
         self.b_dec.copy_(value.to(self.b_dec.dtype))
+
+    def _apply_b_dec_init(self) -> None:
+        """b_dec_init "zero": b_dec stays 0, outside the trained parameters."""
+        if self.b_dec_init == "zero":
+            self.b_dec.requires_grad_(False)
+
+    @torch.no_grad()
+    def resample_dead(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Re-initialise the latents dead now (not fired for ``dead_tokens_threshold`` tokens)
+        towards inputs of the batch ``x`` drawn with probability proportional to their squared
+        reconstruction error (Bricken et al.'s resampling, as the paper does): each gets the unit
+        direction of that input's residual as its atom, encoder bias 0 and a fresh dead counter.
+        Returns the latents' indices; the caller resets their optimizer state."""
+        dead = (self.tokens_since_fired > self._dead_threshold).nonzero().flatten()
+        if dead.numel() == 0:
+            return dead
+        xn = self._scale_in(x.reshape(-1, self.d_model))
+        err = (xn.float() - self._decode_norm(*self._encode_norm(xn)).float())
+        weight = err.pow(2).sum(-1).double().cpu()
+        if not bool(weight.sum() > 0):
+            return dead[:0]
+        pick = torch.multinomial(weight / weight.sum(), dead.numel(), replacement=True, generator=generator)
+        self._reinit_latents(dead, err[pick.to(err.device)])
+        self.b_enc[dead] = 0
+        self.tokens_since_fired[dead] = 0
+        return dead
+
+    def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
+        raise NotImplementedError
 
     # Decoder constraints the trainer calls; the TopK SAE overrides them, an Expander SAE's atoms
     # are normalised by construction.
@@ -320,6 +353,7 @@ class TopKSAE(_SparseCoder):
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.decoder = SparseDecoder(n_latents, d_model, device=device, dtype=dtype, backend=backend)
         self.reset_parameters()
+        self._apply_b_dec_init()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -368,6 +402,16 @@ class TopKSAE(_SparseCoder):
         grad[rows] = g - (g * w).sum(-1, keepdim=True) * w / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
+    def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
+        # Bricken et al.: decoder row = unit residual; encoder row = it times 0.2 * mean live encoder norm.
+        unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        live = torch.ones(self.n_latents, dtype=torch.bool, device=idx.device)
+        live[idx] = False
+        enc_norm = self.W_enc[live].norm(dim=1).mean() if bool(live.any()) else torch.ones((), device=unit.device)
+        self.W_dec[idx] = unit.to(self.W_dec.dtype)
+        self.W_enc[idx] = (unit * 0.2 * enc_norm.float()).to(self.W_enc.dtype)
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
 
@@ -402,6 +446,7 @@ class ExpanderSAE(_SparseCoder):
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
         self.reset_parameters()
+        self._apply_b_dec_init()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -449,6 +494,18 @@ class ExpanderSAE(_SparseCoder):
     def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, self.b_dec,
                                   backend=self.backend, check_rows=False)
+
+    @torch.no_grad()
+    def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
+        # The residual restricted to each latent's support; a support where it is 0 gets a random atom.
+        v = directions.gather(1, self.rows[idx].to(directions.device).long())
+        norm = v.norm(dim=1, keepdim=True)
+        fallback = torch.randn(v.shape, generator=self._generator()).to(v)
+        v = torch.where(norm > 0, v, fallback)
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.values[idx] = v.to(self.values.dtype)
+        if self.enc_values is not None:
+            self.enc_values[idx] = v.to(self.enc_values.dtype)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -1,9 +1,10 @@
 """One trainer for ``TopKSAE`` and ``ExpanderSAE`` on a stream of activations.
 
-Adam with linear warm-up and a linear decay at the end, gradient clipping, the decoder
-constraints (unit-norm rows, gradient parallel to each row removed), dead-latent tracking and
-AuxK (inside the models), periodic evaluation, tqdm progress in tokens/s, JSON metrics, and
-checkpoints that survive being killed at any moment:
+Adam with linear warm-up and a linear decay at the end (or a cosine decay), gradient clipping,
+the decoder constraints (unit-norm rows, gradient parallel to each row removed), dead-latent
+tracking and AuxK (inside the models), optional dead-latent resampling (their Adam moments
+zeroed), periodic evaluation, tqdm progress in tokens/s, JSON metrics, and checkpoints that
+survive being killed at any moment:
 
 - a checkpoint is one file in the format of ``sae.checkpoint`` (SAE tensors, Adam moments, and a
   ``train`` record with the step, tokens trained, TrainConfig and the metrics history), written to a
@@ -47,7 +48,8 @@ from .rundir import RunLock, write_json
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 # Settings whose change on resume makes the run a different run: refused unless allowed.
-_RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "seed")
+_RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "seed", "lr_schedule",
+                "resample_every")
 
 __all__ = ["CHECKPOINT", "METRICS", "CheckpointError", "NonFiniteError", "TrainingInterrupted", "TrainConfig",
            "TrainResult", "train", "save_checkpoint", "load_checkpoint"]
@@ -65,6 +67,9 @@ class TrainResult:
 def _lr_at(step: int, total: int, base: float, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
     decay_start = int(total * (1 - cfg.decay_fraction))
     if cfg.decay_fraction > 0 and step >= decay_start:
         return base * max(0.0, (total - step) / max(1, total - decay_start))
@@ -281,6 +286,21 @@ class _Ranks:
         return self.last_full
 
 
+@torch.no_grad()
+def _resample(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, seed: int) -> int:
+    """``sae.resample_dead`` on batch ``x``; zeroes the Adam moments of every per-latent row of the
+    resampled latents (parameters whose first dimension is n_latents). Returns how many."""
+    idx = sae.resample_dead(x, generator=torch.Generator().manual_seed(seed))
+    if idx.numel():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.dim() >= 1 and p.shape[0] == sae.n_latents:
+                    for value in optimizer.state.get(p, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                            value[idx.to(value.device)] = 0
+    return int(idx.numel())
+
+
 def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: str | os.PathLike = "runs/train", *,
           resume: bool = False, allow_config_change: bool = False,
           evaluate: Optional[Callable[[nn.Module], dict]] = None,
@@ -394,6 +414,9 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
             ranks.after_step(x)
             step += 1
             tokens += cfg.batch_size
+            resampled = None
+            if cfg.resample_every and step % cfg.resample_every == 0 and step != total:
+                resampled = _resample(model, optimizer, x, cfg.seed * 1_000_003 + step)
             watch.record(step, logged["loss"])
             if watch.sync_every_step:
                 watch.check(step, last_ckpt, params=False)
@@ -413,6 +436,8 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
                 # The bar shows the training batches' running FVU, not the held-out figure reported at the end.
                 bar.set_postfix(train_fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")
                 t0, fvu_sum, fvu_n = time.perf_counter(), torch.zeros((), device=device), 0
+            if resampled is not None:
+                log = dict(log or {"step": step, "tokens": tokens}, resampled=resampled)
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                 log = dict(log or {"step": step, "tokens": tokens}, eval=evaluated())
             if log is not None:

@@ -619,7 +619,7 @@ def test_torchrun_cli_writes_one_checkpoint_that_loads_in_one_process(tiny_lm, o
     assert done.stdout.count('"tokens_trained"') == 1  # rank 0 alone prints the row
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        CHECKPOINT, "metrics.json", "row.json", "sae.safetensors"]
+        CHECKPOINT, "firing_density.png", "metrics.json", "row.json", "sae.safetensors"]
     trained, checkpoint = load_sae(run / "sae.safetensors"), load_sae(run / CHECKPOINT)
     for name, value in checkpoint.state_dict().items():
         assert torch.equal(trained.state_dict()[name], value), name

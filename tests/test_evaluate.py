@@ -365,3 +365,28 @@ def test_smollm2_on_austen_splits_and_conventions():
     assert base.pos0_kept["ce_zero"] > base.ce_zero + 2, base
     ident = ce_loss_recovered(model, lambda x: x, held, 15, baseline=base)
     assert ident.recovered == 1.0 and ident.kl.value == 0.0
+
+
+def test_paper_convention_zeroes_and_splices_every_position(tiny_llama, tokens):
+    """convention="paper": CE_zero and the SAE splice at every position (BOS included), CE over
+    every prediction and KL over every position, against the recomputation by hand."""
+    model, layer = tiny_llama, 1
+    sae = _KeepFirst(32, 9)
+    base = ce_baseline(model, tokens, layer, batch_size=2, mean_activation=torch.randn(32))
+    res = ce_loss_recovered(model, sae, tokens, layer, baseline=base, convention="paper")
+    clean, clean_logp = _ce_by_hand(model, tokens, layer)
+    zero_all, _ = _ce_by_hand(model, tokens, layer, torch.zeros_like)
+    with_sae, sae_logp = _ce_by_hand(model, tokens, layer, lambda h: sae.decode(*sae.encode(h)))
+    ce = {name: v.mean().item() for name, v in (("clean", clean), ("zero", zero_all), ("sae", with_sae))}
+    assert res.convention == "paper" and res.n_tokens == 5 * 15
+    assert (res.ce_clean, res.ce_zero, res.ce_sae) == pytest.approx((ce["clean"], ce["zero"], ce["sae"]), rel=1e-5)
+    assert res.recovered == pytest.approx((ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]), rel=1e-4)
+    kl = (clean_logp.exp() * (clean_logp - sae_logp)).sum(-1)
+    assert res.kl.value == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert res.pos0_kept == {} and res.ce_mean_ablation is None
+    saelens = ce_loss_recovered(model, sae, tokens, layer, baseline=base)
+    assert saelens.ce_sae != pytest.approx(res.ce_sae, rel=1e-4)  # BOS spliced or not differs
+    row = res.as_dict()
+    assert row["ce_convention"] == "paper" and not any(k.startswith("pos0_kept") for k in row)
+    with pytest.raises(ValueError, match="convention: expected one of"):
+        ce_loss_recovered(model, sae, tokens, layer, baseline=base, convention="gao")

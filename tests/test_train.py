@@ -249,3 +249,114 @@ def test_expander_blames_the_parameter_that_broke(tmp_path):
         train(sae, ActivationBuffer(torch.randn(200, 8)), _cfg(lr=1e30, warmup_steps=0, grad_clip=0.0), tmp_path)
     if (tmp_path / CHECKPOINT).exists():
         assert _all_finite_on_disk(tmp_path)
+
+
+def test_cosine_schedule_follows_the_half_cosine_after_warm_up():
+    import math
+
+    cfg = TrainConfig(lr_schedule="cosine", warmup_steps=10)
+    total, base = 110, 3e-4
+    assert _lr_at(0, total, base, cfg) == pytest.approx(base / 10)
+    for step in (10, 35, 60, 85, 109):
+        want = base * 0.5 * (1 + math.cos(math.pi * (step - 10) / 100))
+        assert _lr_at(step, total, base, cfg) == pytest.approx(want)
+    assert _lr_at(60, total, base, cfg) == pytest.approx(base / 2)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step").validate()
+    with pytest.raises(ValueError, match="resample_every"):
+        TrainConfig(resample_every=-1).validate()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TopKSAE(16, 40, 2, dead_tokens_threshold=10**9),
+    lambda: ExpanderSAE(16, 40, 2, degree=5, tied=False, dead_tokens_threshold=10**9),
+], ids=["topk", "expander"])
+def test_resampling_reinitialises_dead_latents_and_their_adam_moments(tmp_path, make):
+    torch.manual_seed(0)
+    buffer = ActivationBuffer(torch.randn(640, 16) * 3 + 1)
+    sae = make()
+    steps_seen = {}
+
+    def on_step(step, log):
+        if step == 4:  # make latents 0..9 dead just before the step-5 resampling
+            sae.tokens_since_fired[:10] = 10**9 + 1
+            sae.tokens_since_fired[10:] = 0
+            with torch.no_grad():
+                sae.b_enc[:10] = -1e4  # so that they cannot fire at step 5 either
+            steps_seen["params"] = {n: p.detach().clone() for n, p in sae.named_parameters()}
+
+    cfg = TrainConfig(batch_size=64, total_tokens=64 * 7, lr=1e-3, warmup_steps=0, resample_every=5, log_every=1,
+                      progress=False)
+    result = train(sae, buffer, cfg, tmp_path, on_step=on_step)
+    logged = [h for h in result.history if "resampled" in h]
+    assert [(h["step"], h["resampled"]) for h in logged] == [(5, 10)]
+    # resampled latents got unit atoms, a zero encoder bias at step 5 (trained twice since, no
+    # longer -1e4) and their dead counters reset
+    assert int(sae.tokens_since_fired[:10].max()) <= 2 * 64 and float(sae.b_enc[:10].detach().abs().max()) < 1
+    if isinstance(sae, TopKSAE):
+        assert torch.allclose(sae.W_dec[:10].norm(dim=1), torch.ones(10), atol=1e-5)
+        # the encoder row started at 0.2 x the live rows' mean norm, far from its old value
+        before = steps_seen["params"]["W_enc"][:10]
+        assert not torch.allclose(sae.W_enc[:10], before, atol=1e-2)
+    else:
+        assert not torch.allclose(sae.values[:10], steps_seen["params"]["values"][:10], atol=1e-2)
+
+
+def test_resample_dead_points_atoms_at_the_worst_reconstructed_inputs():
+    sae = TopKSAE(8, 24, 2, dead_tokens_threshold=5)
+    x = torch.zeros(6, 8)
+    x[3] = torch.tensor([0.0, 0, 0, 5, 0, 0, 0, 0]) + 0.1  # the only input far from the decoder's reach
+    sae.tokens_since_fired[:] = 0
+    sae.tokens_since_fired[[2, 7]] = 6
+    with torch.no_grad():
+        err = x - sae.decode(*sae.encode(x))
+    weights = err.pow(2).sum(-1)
+    idx = sae.resample_dead(x, generator=torch.Generator().manual_seed(0))
+    assert idx.tolist() == [2, 7] and sae.tokens_since_fired[[2, 7]].tolist() == [0, 0]
+    # the picks are drawn in proportion to the squared errors: row 3 dominates here
+    assert weights[3] / weights.sum() > 0.9
+    want = err[3] / err[3].norm()
+    assert torch.allclose(sae.W_dec[2], want, atol=1e-5) or torch.allclose(sae.W_dec[7], want, atol=1e-5)
+    assert sae.b_enc[[2, 7]].tolist() == [0.0, 0.0]
+    sae.tokens_since_fired[:] = 0
+    assert sae.resample_dead(x).numel() == 0
+
+
+def test_b_dec_init_zero_keeps_b_dec_at_zero_and_untrained(tmp_path):
+    torch.manual_seed(0)
+    buffer = ActivationBuffer(torch.randn(300, 8) + 4)
+    for make in (lambda **o: TopKSAE(8, 20, 2, **o), lambda **o: ExpanderSAE(8, 20, 2, degree=3, **o)):
+        sae = make(b_dec_init="zero")
+        sae.init_b_dec(buffer[0:300])
+        assert not sae.b_dec.requires_grad and bool((sae.b_dec == 0).all())
+        train(sae, buffer, TrainConfig(batch_size=50, total_tokens=300, lr=1e-2, progress=False), tmp_path / "z")
+        assert bool((sae.b_dec == 0).all())
+        (tmp_path / "z" / CHECKPOINT).unlink()
+        median = make()
+        median.init_b_dec(buffer[0:300])
+        assert median.b_dec.requires_grad and torch.allclose(median.b_dec, buffer[0:300].median(0).values)
+
+
+def test_resample_zeroes_the_adam_moments_of_resampled_latents_only():
+    from sae.train import _resample
+
+    sae = ExpanderSAE(16, 30, 2, degree=4, tied=False, dead_tokens_threshold=5)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    x = torch.randn(50, 16)
+    sae(x).loss.backward()
+    opt.step()
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    sae.tokens_since_fired[:] = 0
+    sae.tokens_since_fired[[4, 11, 29]] = 6
+    assert _resample(sae, opt, x, seed=1) == 3
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            now, old = opt.state[p][key], before[id(p)][key]
+            if p.shape[0] == 30:  # per-latent rows: values, enc_values, b_enc
+                assert bool((now[[4, 11, 29]] == 0).all())
+                keep = torch.ones(30, dtype=torch.bool)
+                keep[[4, 11, 29]] = False
+                assert torch.equal(now[keep], old[keep])
+            else:  # b_dec
+                assert torch.equal(now, old)
