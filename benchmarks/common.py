@@ -63,3 +63,26 @@ def forward_backward(fn: Callable[..., torch.Tensor], *args) -> Callable[[], obj
         out.backward(torch.ones_like(out))
         return out
     return run
+
+
+def train_step(model, x: torch.Tensor, ours: bool) -> Callable[[], torch.Tensor]:
+    """A closure running one Adam training step: our SAEs (output object, decoder constraints) or a
+    dense baseline of ``sae.baselines`` (returns ``(x_hat, loss)``)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        if ours:
+            out = model(x)
+            loss = out.loss
+        else:
+            _, loss = model(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if ours:
+            model.remove_parallel_grads(out.top_indices)
+        opt.step()
+        if ours:
+            model.normalize_decoder()
+        return loss
+
+    return step

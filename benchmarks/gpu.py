@@ -44,12 +44,14 @@ if "--dry-run" in sys.argv:  # must precede the first import of topk_kernels
     os.environ.setdefault("TOPK_KERNELS_CPU_BACKEND", "torch")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import topk_kernels as tk  # noqa: E402
 from topk_kernels import reference  # noqa: E402
+from common import forward_backward as _fwd_bwd, train_step as _train_step  # noqa: E402
 
 # Spec-sheet peaks (dense, no sparsity): HBM bytes/s and tensor-core FLOP/s by dtype. The floor
 # of a case is max(bytes / bandwidth, flops / peak): no kernel can beat it.
@@ -275,35 +277,6 @@ class Case:
 
 def _elt(dt: torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
-
-
-def _fwd_bwd(fn, *args):
-    def run():
-        out = fn(*args)
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(torch.ones_like(out))
-        return out
-    return run
-
-
-def _train_step(model, x, ours: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def step():
-        if ours:
-            out = model(x)
-            loss = out.loss
-        else:
-            _, loss = model(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ours:
-            model.remove_parallel_grads(out.top_indices)
-        opt.step()
-        if ours:
-            model.normalize_decoder()
-        return loss
-    return step
 
 
 def topk_cases(size: dict, dtype: str, device) -> list[Case]:

@@ -16,26 +16,7 @@ from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.masks import expander_mask
 from sae.models import ExpanderSAE, TopKSAE
 
-
-def _step_fn(model, x, ours: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def step():
-        if ours:
-            out = model(x)
-            loss = out.loss
-        else:
-            _, loss = model(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ours:
-            model.remove_parallel_grads(out.top_indices)
-        opt.step()
-        if ours:
-            model.normalize_decoder()
-        return loss
-
-    return step
+from common import train_step
 
 
 TOPK_CONFIGS = [(4096, 768, 24576, 32)]
@@ -46,13 +27,13 @@ EXPANDER_CONFIGS = [(1024, 1024, 16384, 7, 32), (1024, 2048, 16384, 7, 64)]
 def test_topk_step_dense(record, B, m, n, k):
     x = torch.randn(B, m)
     record(f"TopK SAE train step B={B} m={m} n={n} k={k}", "dense PyTorch TopK SAE",
-           _step_fn(DenseTopKSAE(m, n, k), x, ours=False), rounds=2, baseline=True)
+           train_step(DenseTopKSAE(m, n, k), x, ours=False), rounds=2, baseline=True)
 
 
 @pytest.mark.parametrize("B,m,n,k", TOPK_CONFIGS, ids=str)
 def test_topk_step_ours(record, B, m, n, k):
     x = torch.randn(B, m)
-    record(f"TopK SAE train step B={B} m={m} n={n} k={k}", "TopKSAE", _step_fn(TopKSAE(m, n, k), x, ours=True),
+    record(f"TopK SAE train step B={B} m={m} n={n} k={k}", "TopKSAE", train_step(TopKSAE(m, n, k), x, ours=True),
            rounds=4)
 
 
@@ -61,21 +42,21 @@ def test_expander_step_dense_masked(record, B, m, n, d, k):
     x = torch.randn(B, m)
     model = DenseMaskedExpanderSAE(m, n, k, expander_mask(m, n, d))
     record(f"Expander SAE train step B={B} m={m} n={n} d={d} k={k}", "dense masked (paper's code)",
-           _step_fn(model, x, ours=False), rounds=2, baseline=True)
+           train_step(model, x, ours=False), rounds=2, baseline=True)
 
 
 @pytest.mark.parametrize("B,m,n,d,k", EXPANDER_CONFIGS, ids=str)
 def test_expander_step_dense_topk(record, B, m, n, d, k):
     x = torch.randn(B, m)
     record(f"Expander SAE train step B={B} m={m} n={n} d={d} k={k}", "dense TopK SAE (ours, TopKSAE)",
-           _step_fn(TopKSAE(m, n, k), x, ours=True), rounds=3)
+           train_step(TopKSAE(m, n, k), x, ours=True), rounds=3)
 
 
 @pytest.mark.parametrize("B,m,n,d,k", EXPANDER_CONFIGS, ids=str)
 def test_expander_step_ours(record, B, m, n, d, k):
     x = torch.randn(B, m)
     record(f"Expander SAE train step B={B} m={m} n={n} d={d} k={k}", "ExpanderSAE",
-           _step_fn(ExpanderSAE(m, n, k, degree=d), x, ours=True), rounds=5)
+           train_step(ExpanderSAE(m, n, k, degree=d), x, ours=True), rounds=5)
 
 
 _PEAK_SCRIPT = r"""

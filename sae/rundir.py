@@ -45,7 +45,8 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (a process of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +64,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in folder.iterdir():
         m = _TEMP.match(entry.name)
-        if m and entry.is_file() and not _alive(int(m.group(1))):
+        if m and entry.is_file() and not pid_alive(int(m.group(1))):
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

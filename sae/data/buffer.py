@@ -37,6 +37,7 @@ import torch
 from .harvest import harvest_activations
 from .layouts import decoder_layer
 from .texts import data_root
+from ..rundir import pid_alive
 
 __all__ = ["ActivationBuffer"]
 
@@ -362,23 +363,13 @@ def _resume_partial(partial: Path, expected: dict) -> tuple[int, np.memmap | Non
     return 0, None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(cache_dir: Path) -> None:
     """Removes what killed harvests left in ``cache_dir``: partial folders (and lock files) no
     live process holds, and the per-process temporary folders of older versions."""
     for p in cache_dir.iterdir():
         name = p.name
         old = _OLD_TMP.match(name)
-        if old and p.is_dir() and not _pid_alive(int(old["pid"])):
+        if old and p.is_dir() and not pid_alive(int(old["pid"])):
             shutil.rmtree(p, ignore_errors=True)
         elif name.startswith(".") and name.endswith(".lock"):
             key = name[1:-len(".lock")]
