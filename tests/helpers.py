@@ -49,3 +49,24 @@ def assert_same_topk(idx: torch.Tensor, ref_idx: torch.Tensor, ref_pre: torch.Te
     got, want = ref_pre.gather(-1, idx), ref_pre.gather(-1, ref_idx)
     bad = differ & ((got - want).abs() > tol * scale)
     assert not bad.any(), f"{what}: {int(bad.sum())} selected latents differ from the reference beyond ties"
+
+
+_WORDS = "the cat sat on a mat and saw many dogs run over hills while birds sang in old trees".split()
+
+
+def word_level_corpus(root, *, seed: int, paragraphs: int, words_per_paragraph: int):
+    """Writes ``root/corpus.txt`` (random paragraphs over a 20-word vocabulary) and returns a
+    word-level fast tokenizer trained on it, with ``<unk>`` = 0 and BOS ``<s>`` = 1: the CLI tests'
+    stand-in for a hub tokenizer."""
+    import random
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    text = "\n\n".join(" ".join(rng.choice(_WORDS) for _ in range(words_per_paragraph)) for _ in range(paragraphs))
+    (root / "corpus.txt").write_text(text)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")

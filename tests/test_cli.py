@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import word_level_corpus
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -22,19 +23,8 @@ def test_help_lists_the_commands():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A 2-layer Llama with d_model 32 and a word-level tokenizer, saved as a local folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("tiny")
-    words = "the cat sat on a mat and saw many dogs run over hills while birds sang in old trees".split()
-    import random
-
-    rng = random.Random(0)
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(400)) for _ in range(12))
-    (root / "corpus.txt").write_text(text)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    fast = word_level_corpus(root, seed=0, paragraphs=12, words_per_paragraph=400)
     config = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=128, bos_token_id=fast.bos_token_id)

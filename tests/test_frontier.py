@@ -6,12 +6,12 @@ of CE_zero (every position zeroed) and CE_sae (non-BOS splice) from a saved SAE 
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import word_level_corpus
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -33,17 +33,8 @@ ROW_FIELDS = {
 @pytest.fixture(scope="module")
 def tiny_folder(tiny_llama, tmp_path_factory):
     """tiny_llama saved as a model folder with a 20-word tokenizer whose BOS id is the model's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("tiny_frontier")
-    words = "the cat sat on a mat and saw many dogs run over hills while birds sang in old trees".split()
-    rng = random.Random(1)
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(500)) for _ in range(10))
-    (root / "corpus.txt").write_text(text)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    fast = word_level_corpus(root, seed=1, paragraphs=10, words_per_paragraph=500)
     assert fast.bos_token_id == tiny_llama.config.bos_token_id and fast.vocab_size <= tiny_llama.config.vocab_size
     tiny_llama.save_pretrained(root / "model")
     fast.save_pretrained(root / "model")
