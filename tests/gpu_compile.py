@@ -142,7 +142,7 @@ def _topk_encode_specs() -> list[Spec]:
     ENCODE_TC_TILES ("half": bf16, and fp32 x with bf16 weight; "tf32": fp32 with TF32 allowed)."""
     te = _mod("topk_encode")
     B, m, n = TOPK["B"], TOPK["m"], TOPK["n"]
-    tf32_k_pads = {kp for kind, kp in te.ENCODE_TC_TILES if kind == "tf32"} | {TOPK["k"]}
+    tf32_k_pads = {kp for kind, kp, _ in te.ENCODE_TC_TILES if kind == "tf32"} | {TOPK["k"]}
     specs = []
 
     def add(label, x_dt, w_dt, k, tf32=False):
@@ -241,6 +241,7 @@ def _recording(arch: int):
     launches: list[Launch] = []
     saved_run, saved_count = JITFunction.run, topk.multiprocessor_count
     saved_splits = {name: _mod(name).latent_splits for name in ("topk_encode", "expander_encode")}
+    saved_generation = _mod("topk_encode").tensor_core_generation
     fake_cuda = types.SimpleNamespace(type="cuda")
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -250,6 +251,7 @@ def _recording(arch: int):
     topk.multiprocessor_count = lambda device: SM_COUNT[arch]
     for name, fn in saved_splits.items():
         setattr(_mod(name), "latent_splits", lambda tb, nt, device, fn=fn: fn(tb, nt, fake_cuda))
+    _mod("topk_encode").tensor_core_generation = lambda device: arch // 10
     try:
         yield launches
     finally:
@@ -257,6 +259,7 @@ def _recording(arch: int):
         topk.multiprocessor_count = saved_count
         for name, fn in saved_splits.items():
             setattr(_mod(name), "latent_splits", fn)
+        _mod("topk_encode").tensor_core_generation = saved_generation
 
 
 def capture(spec: Spec, arch: int) -> list[Launch]:

@@ -16,36 +16,32 @@ Key layout (int64)::
 Every NaN (either sign bit) is first replaced by the canonical +NaN 0x7FC00000, whose key is
 above +inf's: that is the package's one NaN order (documented in :mod:`topk_kernels._common`), and
 it keeps a sign-bit NaN such as ``+inf - inf`` on x86 from sinking below the ``-inf`` padding.
-Latent ids must lie in [0, 2**32 - 1). ``MIN_KEY`` (= -2**63) marks an empty slot: it is below
-every real key, including keys of real ``-inf`` values, so padding never wins over a real entry.
+Latent ids must lie in [0, 2**31 - 1). ``MIN_KEY + slot`` (MIN_KEY = -2**63) marks an empty slot:
+it is below every real key, including keys of real ``-inf`` values, so padding never wins over a
+real entry.
 
 Interface (stable; both encoders import it):
 
 Triton device functions (call them from ``@triton.jit`` kernels):
+  - ``ordered_bits(values) -> int32``: fp32 -> the high half of a key (order-preserving bits).
   - ``pack_keys(values, ids) -> keys``: fp32 tensor and integer ids of broadcastable shapes ->
     int64 keys.
-  - ``empty_keys(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64 filled with ``MIN_KEY``: the initial
-    running candidates.
-  - ``tile_topk_keys(pre, ids, K_PAD) -> [BLOCK_B, K_PAD]`` int64 keys, sorted descending.
-    ``pre`` is the fp32 [BLOCK_B, BLOCK_N] tile with invalid entries already set to ``-inf``
-    and ``ids`` its [BLOCK_N] global latent ids; padded columns must carry ids >= n (for
-    example ``offs_n`` itself), so a padded ``-inf`` loses against a real ``-inf``. Needs
-    ``K_PAD <= BLOCK_N``, both powers of two. K_PAD = 1 takes one int64 max of the keys
-    instead of the bitonic network.
-  - ``merge_topk_keys(running, new) -> [BLOCK_B, K_PAD]``: the K_PAD largest keys of the union of
-    two [BLOCK_B, K_PAD] key tiles, each sorted descending; the result is sorted descending.
-    (Max against the reversed tile keeps the top half of a bitonic merge, then one bitonic merge
-    sorts it: log2(K_PAD) compare-and-swap rounds instead of a full sort of 2*K_PAD keys.)
-  - ``update_topk_keys(running, pre, ids, K_PAD)`` = ``merge_topk_keys(running,
-    tile_topk_keys(pre, ids, K_PAD))``: the one call per tile of a fused encoder's inner loop.
-  - ``tile_can_improve(running, pre) -> scalar bool``: False when no entry of a tile (whose ids
-    all exceed those already folded in) can enter the running candidates; an encoder skips
-    ``update_topk_keys`` then. Conservative (NaNs and empty slots always say True).
+  - ``empty_slots(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64: the initial running candidates,
+    the distinct keys ``MIN_KEY + slot`` (below every real key; stage 2 never selects them when
+    k <= n).
+  - ``fold_tile(running, pre, ids, valid) -> running``: the one call per tile of a fused
+    encoder's inner loop. ``running`` holds K_PAD distinct keys per row in no particular order;
+    ``pre`` is the fp32 [BLOCK_B, BLOCK_N] tile, ``ids`` its [BLOCK_N] latent ids, all above the
+    ids already folded in, ``valid`` False for padded columns. Entries that beat a row's worst
+    running key are inserted one per row per pass (best first, ties to the lower id); a tile
+    where nothing enters costs one compare per entry. No sort: the static code is a few hundred
+    instructions, and the run time follows the number of insertions, about
+    K_PAD * (1 + ln(latents per program / K_PAD)) per row in all.
 
 Host side (torch tensors on any device):
   - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors
-    (stage 2 unpacks on the host). ``MIN_KEY`` unpacks to (NaN, 2**32 - 1): callers never select
-    it when k <= n.
+    (stage 2 unpacks on the host). An empty slot unpacks to (NaN, about 2**32): callers never
+    select one when k <= n.
   - ``merge_candidates(keys, k, out_dtype=torch.float32) -> (top_acts, top_indices)``: stage 2.
     ``keys`` [B, C] int64 candidates (C >= k, at least k of them real per row, e.g. K_PAD per
     latent split); returns the k best per row sorted by descending pre-activation, ``top_acts``
@@ -83,64 +79,60 @@ if HAS_TRITON:
     MIN_KEY: tl.constexpr = tl.constexpr(MIN_KEY_VALUE)
     LOW_MASK: tl.constexpr = tl.constexpr(_LOW_MASK)
     CANONICAL_NAN: tl.constexpr = tl.constexpr(_CANONICAL_NAN)
+    # A tile entry out of the running: below every real value's ordered bits (-inf's is -2**31 + 2**23 - 1).
+    REMOVED: tl.constexpr = tl.constexpr(-(2**31))
+    MAX_ID: tl.constexpr = tl.constexpr(2**31 - 1)
+
+    @triton.jit
+    def ordered_bits(values):
+        """fp32 -> int32 whose signed order is the value order: -0.0 folded into +0.0 (they tie, as
+        in torch.topk), every NaN made the canonical +NaN (above +inf), negative floats' magnitude
+        bits flipped so that they order backwards as integers."""
+        values = tl.where(values == 0.0, 0.0, values)
+        bits = tl.where(values != values, CANONICAL_NAN, values.to(tl.int32, bitcast=True))
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
     def pack_keys(values, ids):
         """fp32 values and integer latent ids (broadcastable) -> int64 keys, larger = better."""
-        values = tl.where(values == 0.0, 0.0, values)  # -0.0 and +0.0 must tie, as in torch.topk
-        bits = tl.where(values != values, CANONICAL_NAN, values.to(tl.int32, bitcast=True))
-        # Negative floats order backwards as integers: flipping their magnitude bits fixes that.
-        bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        low = LOW_MASK - ids.to(tl.int64)
-        return (bits.to(tl.int64) << 32) | low
+        return (ordered_bits(values).to(tl.int64) << 32) | (LOW_MASK - ids.to(tl.int64))
 
     @triton.jit
-    def empty_keys(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
-        """[BLOCK_B, K_PAD] empty running candidates (every slot MIN_KEY)."""
-        return tl.full((BLOCK_B, K_PAD), MIN_KEY, tl.int64)
+    def empty_slots(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
+        """[BLOCK_B, K_PAD] running candidates with no entry yet: the distinct keys MIN_KEY + slot,
+        below every real key (their high half, INT32_MIN, is below the lowest real value's, -inf's)."""
+        return tl.full((BLOCK_B, K_PAD), MIN_KEY, tl.int64) + tl.arange(0, K_PAD).to(tl.int64)[None, :]
 
     @triton.jit
-    def tile_topk_keys(pre, ids, K_PAD: tl.constexpr):
-        """pre [BLOCK_B, BLOCK_N] fp32 (invalid = -inf), ids [BLOCK_N] -> top K_PAD keys per row,
-        sorted descending."""
-        tl.static_assert(K_PAD <= pre.shape[1], "tile_topk_keys needs K_PAD <= BLOCK_N")
-        keys = pack_keys(pre, ids[None, :])
-        if K_PAD == 1:
-            # The max of the keys: a float max + argmin would lose NaNs (NaN == NaN is false).
-            return tl.max(keys, axis=1)[:, None]
-        return tl.topk(keys, K_PAD, dim=1)
+    def fold_tile(running, pre, ids, valid):
+        """Fold one tile of pre-activations into the running candidates; returns the new ones.
 
-    @triton.jit
-    def merge_topk_keys(running, new):
-        """Two [BLOCK_B, K_PAD] key tiles sorted descending -> the K_PAD largest of their union,
-        sorted descending."""
-        # running[i] vs new[K_PAD-1-i]: the larger of each pair is exactly the top K_PAD of the
-        # union, and the sequence is bitonic, so one bitonic merge sorts it.
-        if running.shape[1] == 1:
-            return tl.maximum(running, new)
-        both = tl.maximum(running, tl.flip(new, 1))
-        return tl.bitonic_merge(both, 1, True)
+        running: [BLOCK_B, K_PAD] int64, each row K_PAD distinct keys in no particular order (from
+        ``empty_slots`` or an earlier call). pre: [BLOCK_B, BLOCK_N] fp32. ids: [BLOCK_N] int32
+        latent ids of the columns, all above every id already in ``running`` (tiles come in
+        increasing id order, so an equal value never displaces an entry: its id is higher).
+        valid: [BLOCK_N] bool, False for padded columns, which never enter.
 
-    @triton.jit
-    def update_topk_keys(running, pre, ids, K_PAD: tl.constexpr):
-        """Fold one pre-activation tile into the running candidates (see tile_topk_keys)."""
-        return merge_topk_keys(running, tile_topk_keys(pre, ids, K_PAD))
-
-    @triton.jit
-    def tile_can_improve(running, pre):
-        """Whether any entry of the tile ``pre`` [BLOCK_B, BLOCK_N] (fp32, invalid = -inf) can
-        enter the running candidates [BLOCK_B, K_PAD] (sorted descending), for a tile whose ids
-        are all above the ids already seen: a scalar, so the caller skips the sort otherwise.
-
-        Conservative: a row improves if its running set has an empty slot, or an entry beats the
-        running K_PAD-th value, or the tile holds a NaN (NaN ties are not resolved here). An equal
-        value never improves, since its id is higher. One compare per entry instead of a sort.
+        Selection by insertion: a tile entry can enter a row only if its value beats the row's
+        worst running key, and after the first tiles few do. While any row has such an entry, each
+        row moves its best one (ties to the lower id) into the slot of its worst key. So a tile
+        costs one compare per entry when nothing enters, and one pass over the tile per entry
+        inserted (at most BLOCK_N passes) otherwise: no sort, and little code.
         """
-        last = tl.min(running, axis=1)  # the K_PAD-th best key of each row
-        high = (last >> 32).to(tl.int32)
-        kth = (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-        better = (pre > kth[:, None]) | (pre != pre) | (last == MIN_KEY)[:, None]
-        return tl.max(tl.max(better.to(tl.int32), axis=1), axis=0) > 0
+        bits = tl.where(valid[None, :], ordered_bits(pre), REMOVED)
+        worst = tl.min(running, axis=1)
+        bits = tl.where(bits > (worst >> 32).to(tl.int32)[:, None], bits, REMOVED)
+        while tl.max(tl.max(bits, axis=1), axis=0) > REMOVED:
+            best = tl.max(bits, axis=1)
+            col = tl.min(tl.where(bits == best[:, None], ids[None, :], MAX_ID), axis=1)
+            enters = best > REMOVED
+            key = (best.to(tl.int64) << 32) | (LOW_MASK - col.to(tl.int64))
+            running = tl.where((running == worst[:, None]) & enters[:, None], key[:, None], running)
+            worst = tl.min(running, axis=1)
+            # Drop the entry just inserted and every one that no longer beats the new worst key.
+            keep = (bits > (worst >> 32).to(tl.int32)[:, None]) & (ids[None, :] != col[:, None])
+            bits = tl.where(keep, bits, REMOVED)
+        return running
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +256,12 @@ def cpu_tile(B: int, n: int, tile_elems: int, max_block_n: int, min_block_b: int
 def multiprocessor_count(device: torch.device) -> int:
     """SMs of a CUDA device (tests/gpu_compile.py substitutes an A100's or H100's count)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tensor_core_generation(device: torch.device) -> int:
+    """Compute capability major of a CUDA device (9: wgmma), 0 elsewhere (tests/gpu_compile.py
+    substitutes the target's)."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 def latent_splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:

@@ -60,7 +60,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import empty_keys, update_topk_keys
+    from ._topk import empty_slots, fold_tile
 
     @triton.jit
     def _expander_encode_fwd_kernel(
@@ -81,7 +81,7 @@ if HAS_TRITON:
         # [BLOCK_B, BLOCK_N] gather addresses then cost one register each, not two.
         x_blk = x_ptr + (pid_b * BLOCK_B).to(tl.int64) * M
         x_rows = tl.arange(0, BLOCK_B) * M
-        running = empty_keys(BLOCK_B, K_PAD)
+        running = empty_slots(BLOCK_B, K_PAD)
         n_first = split * TILES_PER_SPLIT * BLOCK_N
         for tile in range(0, TILES_PER_SPLIT):
             offs_n = n_first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,9 +99,7 @@ if HAS_TRITON:
                 acc += xv.to(tl.float32) * v[None, :]
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            # Padded latents become -inf with ids >= N: they lose even against a real -inf.
-            acc = tl.where(mask_n[None, :], acc, float("-inf"))
-            running = update_topk_keys(running, acc, offs_n, K_PAD)
+            running = fold_tile(running, acc, offs_n, mask_n)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
         tl.store(out, running, mask=mask_b[:, None])
 

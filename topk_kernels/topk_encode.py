@@ -49,7 +49,7 @@ from ._common import (
     resolve_backend,
     unused_grad,
 )
-from ._topk import cpu_tile, latent_splits, merge_candidates, token_blocked_topk
+from ._topk import cpu_tile, latent_splits, merge_candidates, tensor_core_generation, token_blocked_topk
 from .sparse_decode import (
     torch_grad_weight as decode_torch_grad_weight,
     triton_grad_weight as decode_triton_grad_weight,
@@ -61,7 +61,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import empty_keys, tile_can_improve, update_topk_keys
+    from ._topk import empty_slots, fold_tile
 
     @triton.jit
     def _encode_fwd_kernel(
@@ -69,7 +69,6 @@ if HAS_TRITON:
         B, N, M, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         K_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        SKIP_SORT: tl.constexpr,
     ):
         """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split]."""
         pid_b = tl.program_id(0)
@@ -77,7 +76,7 @@ if HAS_TRITON:
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
         x_rows = offs_b.to(tl.int64) * M
-        running = empty_keys(BLOCK_B, K_PAD)
+        running = empty_slots(BLOCK_B, K_PAD)
         n_first = split * TILES_PER_SPLIT * BLOCK_N
         for t in range(0, TILES_PER_SPLIT):
             offs_n = n_first + t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,15 +104,7 @@ if HAS_TRITON:
                 acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            # Padded latents become -inf with ids >= N: they lose even against a real -inf.
-            acc = tl.where(mask_n[None, :], acc, float("-inf"))
-            # Tiles arrive in increasing latent ids, so most cannot beat any row's running K_PAD-th
-            # value once the first few are in: one compare per entry instead of the sort.
-            if SKIP_SORT:
-                if tile_can_improve(running, acc):
-                    running = update_topk_keys(running, acc, offs_n, K_PAD)
-            else:
-                running = update_topk_keys(running, acc, offs_n, K_PAD)
+            running = fold_tile(running, acc, offs_n, mask_n)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
         tl.store(out, running, mask=mask_b[:, None])
 
@@ -135,25 +126,26 @@ ENCODE_CONFIGS = {
 }
 MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 
-# Tensor-core tiles, by (kind, K_PAD) -> (BLOCK_B, BLOCK_N, BLOCK_M, num_warps); 3 stages. "half":
-# bf16/fp16 inputs; "mixed": fp32 with one of them (multiplied in the half type); "tf32": fp32
-# when torch.get_float32_matmul_precision() allows TF32. 128 x 64 output tiles feed sm_90's wgmma
-# at n = 64 with 64-deep (16-bit) or 32-deep (fp32) k-steps, twice the tokens per weight tile of
-# ENCODE_CONFIGS; the k-step is clamped to next_pow2(m). 128 x 128 x 64 compiled at 255 registers
-# with 0 spills on sm_90 but spilled 576 bytes on sm_80 at K_PAD=64. Other K_PAD and the exact-fp32
-# path use ENCODE_CONFIGS. tests/gpu_compile.py compiles every entry as launched for sm_80 /
-# sm_90 with 0 spills (benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch").
+# Tensor-core tiles, by (kind, K_PAD, tensor-core generation) -> (BLOCK_B, BLOCK_N, BLOCK_M,
+# num_warps); 3 stages. kind: "half" (bf16/fp16 inputs), "mixed" (fp32 with one of them, multiplied
+# in the half type), "tf32" (fp32 when torch.get_float32_matmul_precision() allows TF32).
+# Generation 90 is sm_90's wgmma, which reads both operands from shared memory; 80 is mma.sync
+# (sm_80 to sm_89), whose operand fragments take registers, so it gets half the k-step. 128 x 128
+# output tiles halve the x traffic of 128 x 64 (x is re-read once per latent tile) and feed wgmma
+# at n = 128; the fp32 accumulator becomes ordered int32 bits in place for ``_topk.fold_tile``,
+# so no int64 key tile competes for registers. Measured in ptxas: 128 x 128 x 64 on sm_80 spilled
+# 24 bytes (255 registers), 128 x 128 x 32 needs 248 and none; the fp32 operands (tf32, mixed)
+# spill at 32-deep k-steps on sm_80 and not at 16. The k-step is clamped to next_pow2(m).
+# tests/gpu_compile.py compiles every entry as launched for sm_80 / sm_90 with 0 spills
+# (benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch"). Other K_PAD and the exact-fp32
+# path use ENCODE_CONFIGS.
+_TC_K_PADS = (2, 4, 8, 16, 32, 64)
 ENCODE_TC_TILES = {
-    **{("half", kp): (128, 64, 64, 8) for kp in (2, 4, 8, 16, 32, 64)},
-    **{("tf32", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
-    # fp32 x with a half weight (or the reverse): the fp32 operand's tile is twice as wide in
-    # shared memory, and 64-deep k-steps spilled 8 bytes on sm_80.
-    **{("mixed", kp): (128, 64, 32, 8) for kp in (2, 4, 8, 16, 32, 64)},
+    **{("half", kp, 90): (128, 128, 64, 8) for kp in _TC_K_PADS},
+    **{("half", kp, 80): (128, 128, 32, 8) for kp in _TC_K_PADS},
+    **{(kind, kp, 90): (128, 128, 32, 8) for kind in ("tf32", "mixed") for kp in _TC_K_PADS},
+    **{(kind, kp, 80): (128, 128, 16, 8) for kind in ("tf32", "mixed") for kp in _TC_K_PADS},
 }
-# The sort-skip test (``_topk.tile_can_improve``) costs registers: at K_PAD=128 the exact-fp32
-# build spilled 8-20 bytes with it, so wider candidate sets sort every tile as before.
-SKIP_SORT_MAX_K_PAD = 64
-
 # CPU path tiles: at most CPU_TILE_ELEMS fp32 pre-activations (128 MiB) exist at a time, which
 # bounds the extra memory. Tiles are wide in latents and short in tokens because torch.topk costs
 # less per element on long rows (measured here: 2.5 ns/element at 65536 wide, 4.3 at 8192, 15 at
@@ -223,8 +215,8 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
     B, M = x.shape
     N = weight.shape[0]
     k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
-    tile_kind = _tile_kind(x.dtype, weight.dtype)
-    block_b, block_n, block_m, num_warps = ENCODE_TC_TILES.get((tile_kind, k_pad), ENCODE_CONFIGS[k_pad])
+    tile_key = (_tile_kind(x.dtype, weight.dtype), k_pad, 90 if tensor_core_generation(x.device) >= 9 else 80)
+    block_b, block_n, block_m, num_warps = ENCODE_TC_TILES.get(tile_key, ENCODE_CONFIGS[k_pad])
     block_m = min(block_m, pow2(M, lo=16))
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
@@ -252,7 +244,7 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         B, N, M, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
         K_PAD=k_pad, DOT_DTYPE=dot_dtype, CAST_FP32=INTERPRET or (dot_dtype == "" and not same_dtype),
-        INPUT_PRECISION=precision, SKIP_SORT=k_pad <= SKIP_SORT_MAX_K_PAD,
+        INPUT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages, **launch_options(),
     )
     return merge_candidates(cand, k, out_dtype)
