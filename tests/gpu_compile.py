@@ -47,13 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ARCHS = (80, 90)
 SM_COUNT = {80: 108, 90: 132}  # A100 SXM, H100 SXM
 # Per-SM limits of compute capability 8.0 and 9.0 (CUDA occupancy calculator): registers,
-# shared memory at the largest carveout, resident threads, resident CTAs; 1 KiB of shared memory
-# is reserved per CTA.
+# shared memory at the largest carveout, resident threads, resident CTAs (1 KiB of shared memory
+# is reserved per CTA: ``_topk.SMEM_RESERVED_PER_CTA``).
 SM_LIMITS = {
     80: dict(regs=65536, smem=167936, threads=2048, ctas=32),
     90: dict(regs=65536, smem=233472, threads=2048, ctas=32),
 }
-SMEM_RESERVED_PER_CTA = 1024
 
 # The sizes the launches are captured at: the issue's benchmark shapes.
 TOPK = dict(B=8192, m=2048, n=131072, k=64)
@@ -242,16 +241,21 @@ def _recording(arch: int):
     saved_run, saved_count = JITFunction.run, topk.multiprocessor_count
     saved_splits = {name: _mod(name).latent_splits for name in ("topk_encode", "expander_encode")}
     saved_generation = _mod("topk_encode").tensor_core_generation
+    saved_resident = _mod("topk_encode").resident_ctas
     fake_cuda = types.SimpleNamespace(type="cuda")
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs))
+        if not warmup:  # a launcher's warmup (to read the compiled occupancy) is not a launch
+            launches.append(Launch(self, args, kwargs))
 
     JITFunction.run = record
     topk.multiprocessor_count = lambda device: SM_COUNT[arch]
     for name, fn in saved_splits.items():
         setattr(_mod(name), "latent_splits", lambda tb, nt, device, fn=fn: fn(tb, nt, fake_cuda))
     _mod("topk_encode").tensor_core_generation = lambda device: arch // 10
+    # The grid is sized for one resident CTA per SM (what the 128 x 128 tiles compile to); the
+    # split count only changes the TILES_PER_SPLIT argument, not the compiled code.
+    _mod("topk_encode").resident_ctas = lambda kernel, device, args, kwargs: 1
     try:
         yield launches
     finally:
@@ -260,6 +264,7 @@ def _recording(arch: int):
         for name, fn in saved_splits.items():
             setattr(_mod(name), "latent_splits", fn)
         _mod("topk_encode").tensor_core_generation = saved_generation
+        _mod("topk_encode").resident_ctas = saved_resident
 
 
 def capture(spec: Spec, arch: int) -> list[Launch]:
@@ -331,14 +336,8 @@ def _jsonable(v):
 
 
 def ctas_per_sm(arch: int, regs: int, shared: int, num_warps: int) -> int:
-    """Resident CTAs per SM, limited by registers (allocated per warp in units of 256), shared
-    memory (plus the 1 KiB reserved per CTA), threads and the CTA cap."""
-    lim = SM_LIMITS[arch]
-    regs_per_warp = -(-regs * 32 // 256) * 256
-    by_regs = (lim["regs"] // regs_per_warp) // num_warps if regs_per_warp else lim["ctas"]
-    by_smem = lim["smem"] // (shared + SMEM_RESERVED_PER_CTA)
-    by_threads = lim["threads"] // (32 * num_warps)
-    return min(by_regs, by_smem, by_threads, lim["ctas"])
+    """Resident CTAs per SM on ``arch``: the launchers' own rule (``_topk.ctas_per_sm``)."""
+    return _mod("_topk").ctas_per_sm(regs, shared, num_warps, SM_LIMITS[arch])
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -367,8 +366,9 @@ def sass_atomics(instructions: list[str]) -> tuple[int, list[str]]:
 
 
 def sass_stats(cubin: bytes) -> dict:
-    """Total instructions, main-loop instructions, MEMBAR fences and atomics (all, and those
-    behind a GPU-wide fence) of the kernel's SASS."""
+    """Total instructions, main-loop instructions (the largest innermost loop), every innermost
+    loop's size, the tensor-core loop's size, MEMBAR fences and atomics (all, and those behind a
+    GPU-wide fence) of the kernel's SASS."""
     from triton import knobs
 
     nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
@@ -392,10 +392,15 @@ def sass_stats(cubin: bytes) -> dict:
     loops = [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
     innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
     main = max((e - s + 1 for s, e in innermost), default=0)
+    # The tensor-core loop: the innermost loop holding an MMA (HGMMA on sm_90, HMMA on sm_80).
+    mma = max((e - s + 1 for s, e in innermost if any(re.match(r"(HGMMA|HMMA)\b", i) for i in instrs[s:e + 1])),
+              default=0)
     atomics, fenced = sass_atomics(instrs)
     return {
         "sass_instructions": len(instrs),
         "main_loop_instructions": main,
+        "innermost_loops": sorted((e - s + 1 for s, e in innermost), reverse=True),
+        "mma_loop_instructions": mma,
         "membar": sum(1 for i in instrs if "MEMBAR" in i),
         "atomics": atomics,
         "fenced_atomics": fenced,

@@ -11,7 +11,10 @@ from helpers import BACKENDS, TF32_TOL, TOL, assert_close, assert_same_topk, cud
 from topk_kernels import reference, topk_encode
 from topk_kernels._topk import (
     MIN_KEY_VALUE,
+    SM_LIMITS_DEFAULT,
     blocked_topk,
+    ctas_per_sm,
+    latent_splits,
     merge_candidates,
     pack_keys_torch,
     unpack_keys_torch,
@@ -228,7 +231,7 @@ def test_merge_candidates_ignores_padding_and_relus():
     values = torch.randn(5, 12)
     ids = torch.randint(0, 10**6, (5, 12))
     keys = pack_keys_torch(values, ids)
-    keys[:, ::3] = MIN_KEY_VALUE  # padding slots
+    keys[:, ::3] = MIN_KEY_VALUE + torch.arange(4)  # empty slots, as _topk.empty_slots makes them
     acts, idx = merge_candidates(keys, 4, torch.bfloat16)
     real = torch.ones(12, dtype=torch.bool)
     real[::3] = False
@@ -385,3 +388,54 @@ def test_mixed_dtypes_multiply_in_the_narrower_type(strategy, x_dtype, w_dtype, 
     assert acts.dtype == torch.float32
     assert_same_topk(idx, ref_idx, _pre(rx, rw, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+
+
+@pytest.mark.parametrize("pattern", ["rising", "hot", "equal", "falling"])
+def test_fused_insertion_worst_cases(pattern, monkeypatch):
+    """``_topk.fold_tile`` on the inputs that stress insertion: values rising with the latent id
+    (every tile's entries displace the running ones), one latent on top for every token, all
+    values equal (ties to the lowest ids), and falling (nothing enters after the first tile).
+    pre = bias exactly (zero weight), so the expected ids are known without rounding."""
+    monkeypatch.setattr(te, "latent_splits", lambda *args, **kwargs: 3)
+    B, m, n, k = 21, 16, 331, 19
+    x = torch.randn(B, m)
+    weight = torch.zeros(n, m)
+    bias = {"rising": torch.arange(n, dtype=torch.float32), "falling": -torch.arange(n, dtype=torch.float32),
+            "equal": torch.zeros(n), "hot": torch.randn(n)}[pattern]
+    if pattern == "hot":
+        bias[n - 2] = 100.0
+    acts, idx = topk_encode(x, weight, bias, k, backend="triton")
+    expected = sorted(range(n), key=lambda j: (-bias[j].item(), j))[:k]
+    assert idx.tolist() == [expected] * B
+    assert torch.equal(acts, bias[expected].relu().expand(B, k))
+
+
+def test_latent_splits_finish_in_the_fewest_waves(monkeypatch):
+    """The split count from the compiled occupancy minimises waves x (tiles per program + the
+    fixed fill cost) over every possible split count (brute force), then the fewest splits."""
+    import topk_kernels._topk as topk_mod
+
+    monkeypatch.setattr(topk_mod, "multiprocessor_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    for token_blocks, n_tiles, ctas, fill in [(64, 1024, 1, 16.0), (1, 1024, 1, 16.0), (8, 1000, 2, 4.0),
+                                              (3, 7, 1, 0.0), (200, 333, 1, 30.0)]:
+        chosen = latent_splits(token_blocks, n_tiles, cuda, ctas, fill)
+
+        def span(splits):
+            per = -(-n_tiles // splits)
+            return -(-token_blocks * splits // (132 * ctas)) * (per + fill)
+
+        assert 1 <= chosen <= n_tiles
+        best = min(span(s) for s in range(1, n_tiles + 1))
+        assert span(chosen) == best
+        assert all(span(s) > best for s in range(1, chosen))
+    assert latent_splits(64, 1024, cuda, 1, 16.0) == 2  # 128 programs: one wave on 132 SMs
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    """CTAs per SM as the CUDA occupancy calculator gives them (registers per warp rounded up to
+    256, 1 KiB reserved per CTA); the cases of the encoder's compiled builds."""
+    assert ctas_per_sm(255, 98304, 8, SM_LIMITS_DEFAULT) == 1  # 128 x 128 tile: registers
+    assert ctas_per_sm(128, 32768, 8, SM_LIMITS_DEFAULT) == 2  # 64 x 64 exact fp32: registers
+    assert ctas_per_sm(32, 120 * 1024, 4, SM_LIMITS_DEFAULT) == 1  # shared memory
+    assert ctas_per_sm(16, 0, 4, SM_LIMITS_DEFAULT) == 16  # threads: 2048 / 128

@@ -60,6 +60,7 @@ Host side (torch tensors on any device):
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -264,13 +265,72 @@ def tensor_core_generation(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
-def latent_splits(token_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """Latent splits per token block of a fused encoder grid: enough programs to fill the GPU,
-    each with >= 1 tile of latents."""
-    if device.type == "cuda":
-        target = 4 * multiprocessor_count(device)
-    else:  # the interpreter runs programs one by one: a few splits still exercise stage 2
-        target = 4
+# Per-SM limits when the device does not report them (H100's): registers, shared memory at the
+# largest carveout, resident threads, resident CTAs; and the 1 KiB of shared memory reserved per CTA.
+SM_LIMITS_DEFAULT = dict(regs=65536, smem=233472, threads=2048, ctas=32)
+SMEM_RESERVED_PER_CTA = 1024
+
+
+def ctas_per_sm(regs: int, shared: int, num_warps: int, limits: dict) -> int:
+    """Resident CTAs per SM of a compiled kernel, limited by registers (allocated per warp in
+    units of 256), shared memory (plus the reserve per CTA), threads and the CTA cap."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (limits["regs"] // regs_per_warp) // num_warps if regs_per_warp else limits["ctas"]
+    by_smem = limits["smem"] // (shared + SMEM_RESERVED_PER_CTA)
+    by_threads = limits["threads"] // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, limits["ctas"]))
+
+
+_RESIDENT: dict = {}
+
+
+def resident_ctas(kernel, device: torch.device, args: tuple, kwargs: dict) -> int | None:
+    """CTAs per SM of ``kernel`` compiled for this launch (``kernel.warmup`` compiles without
+    running; the real launch then hits Triton's cache), cached per device and launch options.
+    None off CUDA, or when no compiled kernel comes back (tests/gpu_compile.py's recorder)."""
+    if device.type != "cuda":
+        return None
+    key = (kernel, device.index, tuple(sorted(kwargs.items())), tuple(getattr(a, "dtype", None) for a in args))
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        if compiled is None or not hasattr(compiled, "n_regs"):
+            return None
+        props = torch.cuda.get_device_properties(device)
+        limits = dict(
+            regs=getattr(props, "regs_per_multiprocessor", SM_LIMITS_DEFAULT["regs"]),
+            smem=getattr(props, "shared_memory_per_multiprocessor", SM_LIMITS_DEFAULT["smem"]),
+            threads=getattr(props, "max_threads_per_multi_processor", SM_LIMITS_DEFAULT["threads"]),
+            ctas=SM_LIMITS_DEFAULT["ctas"],
+        )
+        _RESIDENT[key] = ctas_per_sm(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, limits)
+    return _RESIDENT[key]
+
+
+@functools.lru_cache(maxsize=1024)
+def _fewest_waves_splits(token_blocks: int, n_tiles: int, slots: int, overhead_tiles: float) -> int:
+    best = None
+    for per in sorted({-(-n_tiles // s) for s in range(1, n_tiles + 1)}):
+        splits = -(-n_tiles // per)
+        span = -(-token_blocks * splits // slots) * (per + overhead_tiles)
+        if best is None or (span, splits) < best:
+            best = (span, splits)
+    return best[1]
+
+
+def latent_splits(token_blocks: int, n_tiles: int, device: torch.device, ctas: int | None = None,
+                  overhead_tiles: float = 0.0) -> int:
+    """Latent splits per token block of a fused encoder grid.
+
+    With the compiled kernel's resident CTAs per SM (``resident_ctas``), the split count is the
+    one whose programs (token_blocks x splits, each ceil(n_tiles / splits) tiles plus a fixed
+    ``overhead_tiles``: filling the empty candidate slots, in units of one tile's work) finish
+    soonest on SMs x ctas slots, then the fewest splits (less for stage 2 to merge): the last
+    wave is not mostly empty, and the grid does not pay the fixed cost more often than it must.
+    Without it: enough programs to fill the GPU (4 per SM), each with >= 1 tile of latents. The
+    interpreter runs programs one by one: a few splits still exercise stage 2."""
+    if device.type == "cuda" and ctas is not None:
+        return _fewest_waves_splits(token_blocks, n_tiles, multiprocessor_count(device) * ctas, overhead_tiles)
+    target = 4 * multiprocessor_count(device) if device.type == "cuda" else 4
     splits = max(1, min(n_tiles, -(-target // token_blocks)))
     per_split = -(-n_tiles // splits)
     return -(-n_tiles // per_split)

@@ -49,7 +49,14 @@ from ._common import (
     resolve_backend,
     unused_grad,
 )
-from ._topk import cpu_tile, latent_splits, merge_candidates, tensor_core_generation, token_blocked_topk
+from ._topk import (
+    cpu_tile,
+    latent_splits,
+    merge_candidates,
+    resident_ctas,
+    tensor_core_generation,
+    token_blocked_topk,
+)
 from .sparse_decode import (
     torch_grad_weight as decode_torch_grad_weight,
     triton_grad_weight as decode_triton_grad_weight,
@@ -218,11 +225,6 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
     tile_key = (_tile_kind(x.dtype, weight.dtype), k_pad, 90 if tensor_core_generation(x.device) >= 9 else 80)
     block_b, block_n, block_m, num_warps = ENCODE_TC_TILES.get(tile_key, ENCODE_CONFIGS[k_pad])
     block_m = min(block_m, pow2(M, lo=16))
-    n_tiles = triton.cdiv(N, block_n)
-    token_blocks = triton.cdiv(B, block_b)
-    splits = latent_splits(token_blocks, n_tiles, x.device)
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     fp32_dot = x.dtype == torch.float32 and weight.dtype == torch.float32
     same_dtype = x.dtype == weight.dtype
     dot_dtype = _narrower_dot_dtype(x.dtype, weight.dtype)
@@ -239,15 +241,30 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         # with 32-column chunks and Triton's default 3 stages ptxas spilled 8-28 bytes at
         # K_PAD=4..128 (tests/gpu_compile.py); 16 columns and no pipelining spill none.
         block_m, num_stages = min(block_m, 16), 1
-    _encode_fwd_kernel[(token_blocks, splits)](
-        x, weight, bias if bias is not None else x, cand,
-        B, N, M, tiles_per_split, splits * k_pad,
+    options = dict(
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_M=block_m,
         K_PAD=k_pad, DOT_DTYPE=dot_dtype, CAST_FP32=INTERPRET or (dot_dtype == "" and not same_dtype),
-        INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(),
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **launch_options(),
+    )
+    n_tiles = triton.cdiv(N, block_n)
+    token_blocks = triton.cdiv(B, block_b)
+    bias_arg = bias if bias is not None else x
+    ctas = resident_ctas(_encode_fwd_kernel, x.device,
+                         (x, weight, bias_arg, x.new_empty(0, dtype=torch.int64), B, N, M, n_tiles, k_pad), options)
+    splits = latent_splits(token_blocks, n_tiles, x.device, ctas, _fill_cost_tiles(M, block_m, k_pad))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
+    _encode_fwd_kernel[(token_blocks, splits)](
+        x, weight, bias_arg, cand, B, N, M, tiles_per_split, splits * k_pad, **options,
     )
     return merge_candidates(cand, k, out_dtype)
+
+
+def _fill_cost_tiles(m: int, block_m: int, k_pad: int) -> float:
+    """A program's fixed cost in tiles: its first tiles insert K_PAD entries per row into empty
+    slots, one ``fold_tile`` pass each. In the sm_90 SASS (bf16, K_PAD=64, 128 x 128 x 64) a
+    pass is ~950 instructions per warp, a tensor-core k-step ~100 and a tile's other code ~700."""
+    return k_pad * 950 / (100 * -(-m // block_m) + 700)
 
 
 def _tile_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
