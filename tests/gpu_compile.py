@@ -251,7 +251,7 @@ def _recording(arch: int):
     JITFunction.run = record
     topk.multiprocessor_count = lambda device: SM_COUNT[arch]
     for name, fn in saved_splits.items():
-        setattr(_mod(name), "latent_splits", lambda tb, nt, device, fn=fn: fn(tb, nt, fake_cuda))
+        setattr(_mod(name), "latent_splits", lambda tb, nt, device, *rest, fn=fn: fn(tb, nt, fake_cuda, *rest))
     _mod("topk_encode").tensor_core_generation = lambda device: arch // 10
     # The grid is sized for one resident CTA per SM (what the 128 x 128 tiles compile to); the
     # split count only changes the TILES_PER_SPLIT argument, not the compiled code.
@@ -401,6 +401,7 @@ def sass_stats(cubin: bytes) -> dict:
         "main_loop_instructions": main,
         "innermost_loops": sorted((e - s + 1 for s, e in innermost), reverse=True),
         "mma_loop_instructions": mma,
+        "mma_opcodes": sorted({m.group(0) for i in instrs for m in [re.match(r"(HGMMA|HMMA)\.[\w.]+", i)] if m}),
         "membar": sum(1 for i in instrs if "MEMBAR" in i),
         "atomics": atomics,
         "fenced_atomics": fenced,

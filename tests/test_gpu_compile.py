@@ -101,3 +101,21 @@ def test_decoder_row_gradients_use_no_atomics(report):
                if r["kernel"].startswith("_rowgrad_")}
     assert {k for k, _, _ in rowgrad} == {"_rowgrad_chunk_kernel", "_rowgrad_finish_kernel"}, rowgrad
     assert not any(rowgrad.values()), rowgrad
+
+
+@pytest.mark.gpu_compile
+def test_encoder_tiles_feed_the_tensor_cores(report):
+    """Issue 9: at K_PAD=64, bf16, m=2048 the fused encoder's static SASS per pre-activation
+    element (instructions x warps / tile elements) is at most half of the sort-per-tile kernel's
+    (7.52: 3848 x 8 warps / (64 x 64), commit 7cab2eb, benchmarks/RESULTS.md), without spills, and
+    sm_90 runs wgmma (HGMMA) with n >= 64."""
+    rows = {r["arch"]: r for r in report["rows"]
+            if r["kernel"] == "_encode_fwd_kernel" and r["label"] == "bf16,K_PAD=64"}
+    assert set(rows) == {"sm_80", "sm_90"}
+    for r in rows.values():
+        ce = r["constexprs"]
+        per_element = r["sass_instructions"] * r["num_warps"] / (ce["BLOCK_B"] * ce["BLOCK_N"])
+        assert per_element <= 7.52 / 2, (r["arch"], per_element)
+        assert r["spill_stores"] == r["spill_loads"] == 0
+    hgmma = [int(op.split(".")[1].split("x")[1]) for op in rows["sm_90"]["mma_opcodes"] if op.startswith("HGMMA")]
+    assert hgmma and min(hgmma) >= 64, rows["sm_90"]["mma_opcodes"]

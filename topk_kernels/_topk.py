@@ -278,7 +278,7 @@ def ctas_per_sm(regs: int, shared: int, num_warps: int, limits: dict) -> int:
     by_regs = (limits["regs"] // regs_per_warp) // num_warps if regs_per_warp else limits["ctas"]
     by_smem = limits["smem"] // (shared + SMEM_RESERVED_PER_CTA)
     by_threads = limits["threads"] // (32 * num_warps)
-    return max(1, min(by_regs, by_smem, by_threads, limits["ctas"]))
+    return min(by_regs, by_smem, by_threads, limits["ctas"])
 
 
 _RESIDENT: dict = {}
@@ -302,7 +302,9 @@ def resident_ctas(kernel, device: torch.device, args: tuple, kwargs: dict) -> in
             threads=getattr(props, "max_threads_per_multi_processor", SM_LIMITS_DEFAULT["threads"]),
             ctas=SM_LIMITS_DEFAULT["ctas"],
         )
-        _RESIDENT[key] = ctas_per_sm(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, limits)
+        # 0 would mean the kernel cannot launch at all, which Triton's launch reports by itself.
+        _RESIDENT[key] = max(1, ctas_per_sm(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                                            limits))
     return _RESIDENT[key]
 
 
