@@ -157,6 +157,10 @@ def _topk_encode_specs() -> list[Spec]:
             if dt == "fp32" and k_pad in tf32_k_pads:
                 add(f"{dt},K_PAD={k_pad},tf32", dt, dt, k_pad, tf32=True)
     add(f"fp32 x bf16 weight,K_PAD={TOPK['k']}", "fp32", "bf16", TOPK["k"])
+    # The chunked strategy's selection kernel (its GEMMs are cuBLAS): every K_PAD it serves.
+    for k_pad in te.SELECT_CONFIGS:
+        specs.append(Spec("topk_encode", f"chunked,bf16,K_PAD={k_pad}", lambda k=k_pad: te._chunked_forward(
+            _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
     return specs
 
 

@@ -312,12 +312,13 @@ def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
     assert torch.equal(acts, bias[expected].relu().expand(21, k))
 
 
-def test_chunked_strategy_extra_memory_is_bounded(monkeypatch):
+@pytest.mark.parametrize("k", [9, 300])  # the selection kernel; packed keys + torch.topk past its K_PAD
+def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""
     monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 24 * 50)
     monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 24)
     sizes = []
-    blocked = te.token_blocked_topk
+    blocked, kernel = te.token_blocked_topk, te._select_kernel
 
     def spy(pre_fn, *args, **kwargs):
         def recorded(*bounds):
@@ -326,11 +327,21 @@ def test_chunked_strategy_extra_memory_is_bounded(monkeypatch):
             return pre
         return blocked(recorded, *args, **kwargs)
 
+    class KernelSpy:
+        def __getitem__(self, grid):
+            def launch(pre, *args, **kwargs):
+                sizes.append(pre.numel())
+                return kernel[grid](pre, *args, **kwargs)
+            return launch
+
     monkeypatch.setattr(te, "token_blocked_topk", spy)
+    monkeypatch.setattr(te, "_select_kernel", KernelSpy())
+    monkeypatch.setattr(te, "resident_ctas", lambda *args: None)
     x, weight, bias = _inputs((70,), 20, 333)
-    acts, idx = te._chunked_forward(x, weight, bias, 9, torch.float32)
-    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), 9)
+    acts, idx = te._chunked_forward(x, weight, bias, k, torch.float32)
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
     assert len(sizes) > 3 and max(sizes) <= 24 * 50 < 70 * 333
 
 

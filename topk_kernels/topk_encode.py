@@ -3,8 +3,9 @@
 The [B, n] pre-activations are never written to memory. The Triton kernel runs one program per
 (token block, latent split): it computes [BLOCK_B, BLOCK_N] tiles of ``pre`` with ``tl.dot`` over
 m (fp32 accumulation), keeps the best K_PAD = next_pow2(k) candidates per token as packed int64
-keys (``_topk``), and writes them; a second stage merges the candidates of all splits into the
-final k. The CPU path computes ``pre`` a block of latents at a time with one GEMM per block into a
+keys (``_topk.fold_tile``: insertion, no sort), and writes them; a second stage merges the
+candidates of all splits into the final k. The grid follows the compiled kernel's occupancy
+(``_topk.latent_splits``). The CPU path computes ``pre`` a block of latents at a time with one GEMM per block into a
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
 Ties go to the lower latent id on every backend.
 
@@ -50,6 +51,7 @@ from ._common import (
     unused_grad,
 )
 from ._topk import (
+    MIN_KEY_VALUE,
     cpu_tile,
     latent_splits,
     merge_candidates,
@@ -116,10 +118,37 @@ if HAS_TRITON:
         tl.store(out, running, mask=mask_b[:, None])
 
 
-# Launch configurations of the fused kernel, by K_PAD: (BLOCK_B, BLOCK_N, BLOCK_M, num_warps).
-# BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
-# tile and its bitonic network must stay in registers, so wider K_PAD takes fewer tokens. K_PAD
-# starts at 2: with one candidate, ptxas spilled a few bytes on sm_80 at every shape tried.
+    @triton.jit
+    def _select_kernel(
+        pre_ptr, bias_ptr, run_ptr,
+        B, NC, ID0, TILES_PER_SPLIT, SPLITS, C,
+        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+    ):
+        """Chunked strategy, program (token block, split): fold the split's tiles of one chunk of
+        fp32 pre-activations [B, NC] (latent ids ID0 + column) into its running candidates, kept
+        in ``run[:, split * K_PAD:]`` between chunks. A split takes tiles split, split + SPLITS, ...
+        of every chunk, so its ids only grow, as ``fold_tile`` needs."""
+        pid_b = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        slots = run_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
+        running = tl.load(slots, mask=mask_b[:, None], other=0)
+        rows = pre_ptr + offs_b.to(tl.int64)[:, None] * NC
+        for t in range(0, TILES_PER_SPLIT):
+            offs_n = (split + t * SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < NC
+            pre = tl.load(rows + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            running = fold_tile(running, pre, ID0 + offs_n, mask_n)
+        tl.store(slots, running, mask=mask_b[:, None])
+
+
+# Launch configurations of the fused kernel, by K_PAD: (BLOCK_B, BLOCK_N, BLOCK_M, num_warps);
+# the exact-fp32 path (FMA units) and K_PAD above the tensor-core table. The [BLOCK_B, K_PAD] int64
+# running candidates stay in registers, so a wider K_PAD takes fewer tokens. K_PAD starts at 2:
+# with one candidate, ptxas spilled a few bytes on sm_80 at every shape tried (sort-based kernel).
 # tests/gpu_compile.py compiles every entry as launched for sm_80 / sm_90 (fp32, TF32, bf16): no spills.
 ENCODE_CONFIGS = {
     2: (64, 64, 32, 8),
@@ -167,17 +196,23 @@ CPU_MIN_BLOCK_B = 256
 # CHUNK_MAX_BLOCK_B tokens each (a GEMM of 8192 x 1024 x m still fills an H100).
 CHUNK_TILE_ELEMS = 8 * 2**20
 CHUNK_MAX_BLOCK_B = 8192
+# The chunked strategy's selection kernel (``_select_kernel``): (BLOCK_B, BLOCK_N, num_warps) by
+# K_PAD. Loaded tiles take a blocked layout, not the MMA one, and at 128 x 128 the row reductions'
+# layout conversions spilled 4-452 bytes (sm_80 and sm_90, K_PAD 4-64); 64 x 128 needs <= 192
+# registers and none. Above SELECT_MAX_K_PAD the chunks go through packed keys and torch.topk.
+SELECT_CONFIGS = {kp: (64, 128, 8) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (32, 256, 8)}
+SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/test_bench_topk_encode.py): (device name, dtype of x, dtype of
 # weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes here; none exists yet.
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {}
 # Predicted (no GPU has measured), by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
-# n=131072 (benchmarks/RESULTS.md, "Encoder on CUDA ... (PREDICTIONS)"). Tensor cores: fused
-# ~19 ms (L2-bound: 103 GB of tile streaming; issue-bound 10.9 ms from the sm_90 SASS) against
-# chunked ~50 ms (GEMM 6.3 ms + ~136 B of eager elementwise traffic per pre-activation for the
-# fp32 tile, bias and key packing, 44 ms). Exact fp32: fused ~97 ms (84 FMA-loop
-# warp-instructions per element) against chunked ~126 ms (SGEMM 82 ms + the same 44 ms).
+# n=131072 (benchmarks/RESULTS.md, "Encoder on CUDA ... (PREDICTIONS)"; benchmarks/
+# encoder_roofline.py). Tensor cores: fused 6.4-12.5 ms (GEMM then insertion passes 6.4 ms; L2
+# streaming of 68.7 GB at an assumed 5.5-10 TB/s) against chunked ~50 ms (GEMM 6.3 ms + ~136 B
+# of eager elementwise traffic per pre-activation for the fp32 tile, bias and key packing, 44 ms).
+# Exact fp32: fused ~97 ms (FMA loop) against chunked ~126 ms (SGEMM 82 ms + the same 44 ms).
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
     (kind, kp): "fused" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
 }
@@ -315,12 +350,18 @@ def _blocked_forward(
 
 def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     """cuBLAS GEMM of a tile of tokens x a chunk of latents at a time, in fp32 (the fused kernel's
-    accumulation), then packed keys + ``torch.topk`` merged into a running top-k: no [B, n] tensor,
-    no host sync, extra memory a few fp32/int64 tensors of CHUNK_TILE_ELEMS + O(B * k)."""
+    accumulation), then one pass of ``_select_kernel`` per chunk: bias, key packing and the
+    insertion top-k (``_topk.fold_tile``) into running candidates that persist across chunks;
+    stage 2 merges the splits. No [B, n] tensor, no host sync, extra memory one fp32 chunk of at
+    most CHUNK_TILE_ELEMS + O(B * K_PAD * splits). Off the Triton backend, or above
+    SELECT_MAX_K_PAD, each chunk goes through packed keys and ``torch.topk`` instead."""
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    k_pad = pow2(k, lo=min(SELECT_CONFIGS))
+    # CPU tensors take the selection kernel only under the interpreter (which proves it).
+    select = HAS_TRITON and (x.device.type != "cpu" or INTERPRET) and k_pad <= SELECT_MAX_K_PAD
     # Like the fused kernel, mixed fp32 / half inputs multiply in the half type (gemm_dtype).
     # Half inputs on CUDA: cuBLAS reads them as they are and writes fp32. Otherwise (fp32, bf16 with
     # fp16, CPU) operands are widened to fp32, whose GEMMs are exact or TF32 as
@@ -329,7 +370,7 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
     native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
     xc = x.to(gemm_dtype) if native else x.to(gemm_dtype).float()
-    bc = bias.float() if bias is not None else None
+    gemm_bias = bias.float() if bias is not None and not select else None  # else the kernel adds it
     block_b = min(B, CHUNK_MAX_BLOCK_B)
     block_n = min(N, max(1, CHUNK_TILE_ELEMS // block_b))
 
@@ -339,14 +380,44 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
             w = w.to(gemm_dtype)  # one chunk at a time: no copy of the whole weight
         if native:
             pre = torch.mm(xc[b0:b1], w.T, out_dtype=torch.float32)
-            return pre if bc is None else pre.add_(bc[start:stop])
+            return pre if gemm_bias is None else pre.add_(gemm_bias[start:stop])
         w = w.float()  # a copy only when weight is not fp32
-        if bc is None:
+        if gemm_bias is None:
             return torch.mm(xc[b0:b1], w.T)
-        return torch.addmm(bc[start:stop], xc[b0:b1], w.T)
+        return torch.addmm(gemm_bias[start:stop], xc[b0:b1], w.T)
 
-    values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=True)
-    return values.relu().to(out_dtype), indices
+    if not select:
+        values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=True)
+        return values.relu().to(out_dtype), indices
+    sel_b, sel_n, sel_warps = SELECT_CONFIGS[k_pad]
+    options = dict(HAS_BIAS=bias is not None, BLOCK_B=sel_b, BLOCK_N=sel_n, K_PAD=k_pad, num_warps=sel_warps,
+                   **launch_options())
+    token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
+    bias_arg = bias if bias is not None else xc
+    ctas = resident_ctas(_select_kernel, x.device, (xc, bias_arg, xc.new_empty(0, dtype=torch.int64),
+                                                    block_b, block_n, 0, chunk_tiles, 1, k_pad), options)
+    splits = latent_splits(token_blocks, chunk_tiles, x.device, ctas)
+    keys = []
+    for b0 in range(0, B, block_b):
+        b1 = min(B, b0 + block_b)
+        run = _empty_candidates(b1 - b0, splits, k_pad, x.device)
+        for start in range(0, N, block_n):
+            stop = min(N, start + block_n)
+            pre = pre_tile(b0, b1, start, stop).contiguous()
+            _select_kernel[(triton.cdiv(b1 - b0, sel_b), splits)](
+                pre, bias_arg[start:] if bias is not None else bias_arg, run,
+                b1 - b0, stop - start, start, triton.cdiv(triton.cdiv(stop - start, sel_n), splits), splits,
+                splits * k_pad, **options,
+            )
+        keys.append(run)
+    return merge_candidates(torch.cat(keys), k, out_dtype)
+
+
+def _empty_candidates(rows: int, splits: int, k_pad: int, device: torch.device) -> Tensor:
+    """[rows, splits * K_PAD] int64 running candidates with no entry yet: per split the distinct
+    keys MIN_KEY + slot, as ``_topk.empty_slots`` makes them in registers."""
+    slots = torch.arange(k_pad, device=device, dtype=torch.int64).repeat(splits) + MIN_KEY_VALUE
+    return slots.expand(rows, splits * k_pad).contiguous()
 
 
 def _exact_values(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor) -> Tensor:
