@@ -3,6 +3,8 @@
     python benchmarks/encoder_roofline.py                      # B=8192, m=2048, n=131072, k=64, bf16
     python benchmarks/encoder_roofline.py --B 4096 --m 768 --n 24576 --k 32
 
+It predicts both CUDA strategies of ``topk_encode``: the fused kernel and the chunked one.
+
 It compiles the kernel exactly as ``topk_encode``'s launcher launches it for sm_90
 (tests/gpu_compile.py: registers, shared memory, CTAs per SM, the SASS loop sizes), takes the grid
 from the launcher's own occupancy rule (``_topk.latent_splits``), and counts the insertion passes
@@ -104,6 +106,50 @@ def predict(B: int, m: int, n: int, k: int) -> dict:
     }
 
 
+def predict_chunked(B: int, m: int, n: int, k: int, gemm_efficiency=(0.7, 0.8)) -> dict:
+    """The chunked strategy: cuBLAS bf16 GEMMs per chunk (at ``gemm_efficiency`` of the dense
+    peak: an assumption about cuBLAS, not a measurement) and one ``_select_kernel`` pass per
+    chunk, the two in sequence on one stream."""
+    import gpu_compile as gc
+    import torch
+
+    te = gc._mod("topk_encode")
+    topk = gc._mod("_topk")
+    spec = gc.Spec("topk_encode", "chunked", lambda: te._chunked_forward(
+        gc._t(B, m, dtype="bf16"), gc._t(n, m, dtype="bf16"), gc._t(n, dtype="bf16"), k, torch.bfloat16))
+    launches = gc.capture(spec, 90)
+    row = gc.compile_launch(launches[0], 90)
+    ce = row["constexprs"]
+    block_b, block_n, k_pad = ce["BLOCK_B"], ce["BLOCK_N"], ce["K_PAD"]
+    warps, ctas = row["num_warps"], row["ctas_per_sm"]
+    chunk_b = min(B, te.CHUNK_MAX_BLOCK_B)
+    chunk_n = min(n, max(1, te.CHUNK_TILE_ELEMS // chunk_b))
+    token_blocks, chunk_tiles = -(-chunk_b // block_b), -(-chunk_n // block_n)
+    splits = topk._fewest_waves_splits(token_blocks, chunk_tiles, H100["sms"] * ctas, 0.0)
+    tiles = -(-n // block_n) // splits  # per program, over every chunk
+    waves = -(-token_blocks * splits // (H100["sms"] * ctas)) * -(-B // chunk_b)
+    passes = insertion_passes(min(block_b, B), tiles, block_n, k_pad)
+    fold_loop = row["main_loop_instructions"]
+    other = row["sass_instructions"] - fold_loop
+    per_sm_clock = H100["issue"] * H100["clock"]
+    t_select_issue = waves * ctas * warps * (tiles * other + passes * fold_loop) / per_sm_clock
+    t_select_bytes = (4 * B * n + 8 * B * splits * k_pad) / H100["hbm"]
+    t_gemm = [2 * B * n * m / (H100["bf16_flops"] * e) for e in gemm_efficiency]
+    t_select = max(t_select_issue, t_select_bytes)
+    return {
+        "select": f"{block_b}x{block_n}, {warps} warps, {row['registers']} registers, {row['spill_stores']} spilled, "
+                  f"grid {token_blocks} x {splits} per chunk, {len(launches)} chunks, {tiles} tiles per program",
+        "insertion_passes": passes,
+        "ms": {
+            f"cuBLAS GEMM at {gemm_efficiency[0]:.0%}-{gemm_efficiency[1]:.0%} of peak (assumed)":
+                (1e3 * t_gemm[1], 1e3 * t_gemm[0]),
+            "selection passes, instruction issue": 1e3 * t_select_issue,
+            f"selection passes, HBM {4 * B * n / 1e9:.1f} GB of fp32 pre-activations": 1e3 * t_select_bytes,
+            "in sequence": (1e3 * (t_gemm[1] + t_select), 1e3 * (t_gemm[0] + t_select)),
+        },
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--B", type=int, default=8192)
@@ -119,6 +165,10 @@ def main(argv=None) -> int:
     print(f"  static SASS per pre-activation element: {r['static_per_element']:.2f} warp-instructions")
     for name, ms in r["ms"].items():
         print(f"  {name}: {ms:.2f} ms")
+    c = predict_chunked(args.B, args.m, args.n, args.k)
+    print(f"PREDICTION (no GPU), chunked strategy: {c['select']}; insertion passes {c['insertion_passes']}")
+    for name, ms in c["ms"].items():
+        print(f"  {name}: " + (f"{ms[0]:.2f}-{ms[1]:.2f} ms" if isinstance(ms, tuple) else f"{ms:.2f} ms"))
     return 0
 
 

@@ -27,6 +27,7 @@ roofline (its numbers mean nothing and are labelled so).
 from __future__ import annotations
 
 import argparse
+import importlib
 import functools
 import os
 import platform
@@ -314,6 +315,14 @@ def topk_cases(size: dict, dtype: str, device) -> list[Case]:
         x, w, b = enc_inputs()
         return lambda: tk.topk_encode(x, w, b, k)
 
+    def strategy(name):  # one of topk_encode's two CUDA strategies, whatever the dispatcher picks
+        def make():
+            te = importlib.import_module("topk_kernels.topk_encode")
+            run = {"fused": te._fused_forward, "chunked": te._chunked_forward}[name]
+            x, w, b = enc_inputs()
+            return lambda: run(x, w, b, k, dt)
+        return make
+
     def dense_enc_fb():
         return _fwd_bwd(lambda x, w, b: reference.topk_encode(x, w, b, k), *enc_inputs(True))
 
@@ -360,6 +369,9 @@ def topk_cases(size: dict, dtype: str, device) -> list[Case]:
         Case(f"topk_encode fwd {grp}", "cuBLAS x @ W.T alone", cublas, enc_flops, enc_bytes, prec, True),
         Case(f"topk_encode fwd {grp}", "cuBLAS + torch.topk", cublas_topk, enc_flops, enc_bytes, prec),
         Case(f"topk_encode fwd {grp}", "topk_encode (ours)", ours_enc, enc_flops, enc_bytes, prec),
+        # These two rows decide topk_encode.ENCODE_MEASURED for this GPU, dtype, m and K_PAD.
+        Case(f"topk_encode fwd {grp}", "ours, fused strategy", strategy("fused"), enc_flops, enc_bytes, prec),
+        Case(f"topk_encode fwd {grp}", "ours, chunked strategy", strategy("chunked"), enc_flops, enc_bytes, prec),
         Case(f"topk_encode fwd+bwd {grp}", "dense reference in working dtype", dense_enc_fb, 3 * enc_flops,
              2 * enc_bytes, prec, True),
         Case(f"topk_encode fwd+bwd {grp}", "topk_encode (ours)", ours_enc_fb, enc_flops + 2 * dec_flops,
