@@ -64,23 +64,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _expander_encode_fwd_kernel(
-        x_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
-        B, N, M, D, TILES_PER_SPLIT, C,
+        xt_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
+        B, N, M, D, LD, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
     ):
         """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split].
 
-        pre[b, j] = sum_t values[j, t] * x[b, rows[j, t]] is built one t at a time as a
-        [BLOCK_B, BLOCK_N] gather, so registers hold one tile, never a [.., .., d] cube.
+        xt is x transposed, [M, LD] with LD a multiple of BLOCK_B (padded tokens are zeros), so
+        pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b] gathers, one t at a time, BLOCK_B
+        consecutive tokens of one model coordinate per latent: contiguous, aligned, vectorisable
+        loads instead of one 32-byte sector per value. Registers hold one tile, never a cube.
         """
         pid_b = tl.program_id(0)
         split = tl.program_id(1)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        # int64 base of the token block, int32 offsets inside it (BLOCK_B * M < 2**31): the
-        # [BLOCK_B, BLOCK_N] gather addresses then cost one register each, not two.
-        x_blk = x_ptr + (pid_b * BLOCK_B).to(tl.int64) * M
-        x_rows = tl.arange(0, BLOCK_B) * M
+        # Tokens of this block: no mask (LD is padded), and along dim 0, the contiguous one.
+        xt_blk = xt_ptr + (pid_b * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
         running = empty_slots(BLOCK_B, K_PAD)
         n_first = split * TILES_PER_SPLIT * BLOCK_N
         for tile in range(0, TILES_PER_SPLIT):
@@ -94,14 +93,13 @@ if HAS_TRITON:
                 # The index contract (``_common``): a row outside [0, M) contributes nothing.
                 ok = mask_n & (r >= 0) & (r < M)
                 tl.device_assert(ok | ~mask_n, "rows: an index outside [0, m)")
-                xv = tl.load(x_blk + (x_rows[:, None] + r.to(tl.int32)[None, :]),
-                             mask=mask_b[:, None] & ok[None, :], other=0.0)
+                xv = tl.load(xt_blk + (r * LD)[None, :], mask=ok[None, :], other=0.0)
                 acc += xv.to(tl.float32) * v[None, :]
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             running = fold_tile(running, acc, offs_n, mask_n)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
-        tl.store(out, running, mask=mask_b[:, None])
+        tl.store(out, running, mask=(offs_b < B)[:, None])
 
 
 # Launch configurations of the fused kernel, by K_PAD = next_pow2(k): (BLOCK_B, BLOCK_N, num_warps).
@@ -135,6 +133,17 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
 
 
+def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
+    """x [B, m] -> x.T as [m, LD], LD = B rounded up to a multiple of block_b, padded tokens zero:
+    the fused kernel's gather reads block_b consecutive tokens of one coordinate, aligned, unmasked."""
+    B, M = x.shape
+    ld = triton.cdiv(B, block_b) * block_b
+    xt = x.new_empty(M, ld)
+    xt[:, :B].copy_(x.T)
+    xt[:, B:].zero_()
+    return xt
+
+
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
     """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
     B, M = x.shape
@@ -151,8 +160,8 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     _expander_encode_fwd_kernel[(token_blocks, splits)](
-        x, values, rows, bias if bias is not None else values, cand,
-        B, N, M, D, tiles_per_split, splits * k_pad,
+        transposed_tokens(x, block_b), values, rows, bias if bias is not None else values, cand,
+        B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
         **launch_options(),
     )
