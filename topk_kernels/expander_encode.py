@@ -103,20 +103,23 @@ if HAS_TRITON:
 
 
 # Launch configurations of the fused kernel, by K_PAD = next_pow2(k): (BLOCK_B, BLOCK_N, num_warps).
-# BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
-# tile and its bitonic network must stay in registers, so a wider K_PAD takes fewer tokens. The
-# [64, 64] tiles take 8 warps: with 4, the gather addresses push ptxas to the 255-register cap
-# (and to spills at K_PAD=8 on sm_90); with 8 they need <= 170.
-# tests/gpu_compile.py compiles every entry for sm_80 / sm_90 and checks for spills.
+# BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns). The gather puts tokens along lanes
+# (16-byte vectors, then lanes along latents, warps along latents), so a tile's cost per
+# pre-activation falls with BLOCK_N (rows/values loads and fold_tile's reductions are per column
+# or per row), while fold_tile's insertion passes per tile grow with BLOCK_B (the slowest row sets
+# the count). Chosen on sm_90 by static SASS per pre-activation at B=4096, m=2048, n=2**20, d=7
+# with simulated insertion passes (benchmarks/RESULTS.md, "coalesced gathers"); K_PAD=256 takes 16
+# tokens and 8 warps for 2 CTAs per SM. tests/gpu_compile.py compiles every entry for sm_80 /
+# sm_90 and checks for spills.
 EXPANDER_ENCODE_CONFIGS = {
-    1: (64, 64, 8),
-    2: (64, 64, 8),
-    4: (64, 64, 8),
-    8: (64, 64, 8),
-    16: (64, 64, 8),
-    32: (64, 64, 8),
-    64: (32, 64, 4),
-    128: (16, 128, 4),
+    1: (32, 128, 4),
+    2: (32, 128, 4),
+    4: (32, 128, 4),
+    8: (32, 128, 4),
+    16: (32, 128, 4),
+    32: (32, 128, 4),
+    64: (32, 128, 4),
+    128: (32, 128, 4),
     256: (16, 256, 8),
 }
 MAX_FUSED_K_PAD = max(EXPANDER_ENCODE_CONFIGS)
