@@ -8,7 +8,10 @@ O(B*n*m); the cost that remains is choosing the top k of n per token.
 The Triton kernel runs one program per (token block, latent split): per [BLOCK_B, BLOCK_N] tile it
 gathers ``x[b, rows[j, t]]`` one t at a time (fp32 accumulation), adds the bias and folds the tile
 into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2 merges
-the splits. The [B, n] pre-activations are never written. The CPU path computes pre-activations a
+the splits. It gathers from x transposed (``transposed_tokens``, one B x m copy per call), so that
+the lanes reading one latent read consecutive tokens of one model coordinate: 16-byte vector loads
+and 1/16 (bf16) or 1/8 (fp32) of a 32-byte sector per value, where x row-major costs a sector per
+value (benchmarks/RESULTS.md, "coalesced gathers"). The [B, n] pre-activations are never written. The CPU path computes pre-activations a
 (token tile x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a
 latent is a bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
 ``_topk.token_blocked_topk``, so extra memory stays O(tile) instead of O(B*n).
@@ -107,10 +110,10 @@ if HAS_TRITON:
 # (16-byte vectors, then lanes along latents, warps along latents), so a tile's cost per
 # pre-activation falls with BLOCK_N (rows/values loads and fold_tile's reductions are per column
 # or per row), while fold_tile's insertion passes per tile grow with BLOCK_B (the slowest row sets
-# the count). Chosen on sm_90 by static SASS per pre-activation at B=4096, m=2048, n=2**20, d=7
-# with simulated insertion passes (benchmarks/RESULTS.md, "coalesced gathers"); K_PAD=256 takes 16
-# tokens and 8 warps for 2 CTAs per SM. tests/gpu_compile.py compiles every entry for sm_80 /
-# sm_90 and checks for spills.
+# the count). Chosen on sm_90 by warp instructions per pre-activation (from the SASS, with simulated
+# insertion passes) at B=4096, m=2048, n=2**20, d=7 (benchmarks/RESULTS.md, "coalesced
+# gathers"); K_PAD=256 takes 16 tokens and 8 warps for 2 CTAs per SM. tests/gpu_compile.py
+# compiles every entry for sm_80 / sm_90 and checks for spills.
 EXPANDER_ENCODE_CONFIGS = {
     1: (32, 128, 4),
     2: (32, 128, 4),
