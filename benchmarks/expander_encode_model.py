@@ -13,7 +13,8 @@ and the compiled SASS:
   simulated with iid normal pre-activations (tile after tile, a pass per entry that enters the
   running top-K_PAD of the slowest row);
 - a predicted time: the largest of L2 bytes / 5.5 TB/s (an assumption), HBM bytes / 3.35 TB/s and
-  warp instructions / (132 SMs x 4 per clock x 1.755 GHz).
+  warp instructions / (132 SMs x 4 per clock x 1.755 GHz), for work spread evenly over the GPU;
+  ``waves`` (programs / resident CTAs) tells how far a partly filled last wave can stretch it.
 
     python benchmarks/expander_encode_model.py                  # this checkout
     python benchmarks/expander_encode_model.py --tree /tmp/old  # another checkout's package
@@ -127,6 +128,7 @@ def predict(label: str, launch, insertion: bool) -> dict:
         "loops": f"{loops['gather']} / {straight} / {loops['fold']}", "passes": passes,
         "dynamic_per_pre": per_tile / (bb * bn), "t_l2_ms": 1e3 * t_l2, "t_hbm_ms": 1e3 * t_hbm,
         "t_issue_ms": 1e3 * t_issue, "predicted_ms": 1e3 * max(t_l2, t_hbm, t_issue),
+        "waves": programs / (stats["ctas_per_sm"] * H100["sms"]),
     }
 
 
@@ -149,8 +151,8 @@ def main(argv: list[str]) -> int:
     name = opts.name or str(opts.tree)
     print(f"| build | dtype | tile | regs | spills | CTAs/SM | sectors / gathered value | gather L2 GB "
           f"| L2 GB | HBM MB | SASS | static / pre-act | loops gather / tile / insertion | passes / tile "
-          f"| dynamic / pre-act | L2 ms | HBM ms | issue ms | PREDICTED ms |")
-    print("|" + "---|" * 19)
+          f"| dynamic / pre-act | L2 ms | HBM ms | issue ms | PREDICTED ms | waves |")
+    print("|" + "---|" * 20)
     for spec in gc._expander_encode_specs():
         if not spec.label.endswith(f",K_PAD={gc.EXPANDER['k']}"):
             continue
@@ -160,7 +162,7 @@ def main(argv: list[str]) -> int:
               f"| {r['ctas_per_sm']} | {r['sectors_per_value']:.4g} | {r['gather_gb']:.0f} | {r['l2_gb']:.0f} "
               f"| {r['hbm_mb']:.0f} | {r['sass']} | {r['static_per_pre']:.2f} | {r['loops']} | {r['passes']:.2f} "
               f"| {r['dynamic_per_pre']:.2f} | {r['t_l2_ms']:.1f} | {r['t_hbm_ms']:.2f} | {r['t_issue_ms']:.1f} "
-              f"| {r['predicted_ms']:.1f} |", flush=True)
+              f"| {r['predicted_ms']:.1f} | {r['waves']:.2f} |", flush=True)
     return 0
 
 
