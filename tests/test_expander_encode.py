@@ -191,6 +191,20 @@ def test_transposed_tokens_pads_with_zeros():
     assert torch.equal(xt[:, :37], x.T) and not xt[:, 37:].any()
 
 
+@needs_triton
+def test_kernel_transposes_large_batches_in_chunks(monkeypatch):
+    """Tokens beyond XT_CHUNK_BYTES of x.T go to further launches (here 3 of 16, 16 and 5 tokens)."""
+    monkeypatch.setattr(ee, "XT_CHUNK_BYTES", 45 * 4 * 16)
+    monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 8, (16, 16, 4))
+    launches = []
+    fused = ee._fused_forward
+    monkeypatch.setattr(ee, "_fused_forward", lambda x, *a: launches.append(x.shape[0]) or fused(x, *a))
+    x, values, rows, bias = _inputs((37,), 45, 50, 4)
+    acts, idx = ee._triton_forward(x, values, rows.contiguous(), bias, 7, torch.float32)  # as the op passes it
+    assert launches == [16, 16, 5]
+    _assert_topk_matches(acts, idx, _reference_pre(x, values, rows, bias), 7, TOL[torch.float32], "chunked")
+
+
 def _recorded_launch(monkeypatch, *args) -> dict:
     """The fused kernel's launch arguments by name, from ``_triton_forward(*args)`` (nothing runs)."""
     names = list(inspect.signature(ee._expander_encode_fwd_kernel.fn).parameters)

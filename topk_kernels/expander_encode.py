@@ -8,12 +8,13 @@ O(B*n*m); the cost that remains is choosing the top k of n per token.
 The Triton kernel runs one program per (token block, latent split): per [BLOCK_B, BLOCK_N] tile it
 gathers ``x[b, rows[j, t]]`` one t at a time (fp32 accumulation), adds the bias and folds the tile
 into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2 merges
-the splits. It gathers from x transposed (``transposed_tokens``, one B x m copy per call), so that
-the lanes reading one latent read consecutive tokens of one model coordinate: 16-byte vector loads
-and 1/16 (bf16) or 1/8 (fp32) of a 32-byte sector per value, where x row-major costs a sector per
-value (benchmarks/RESULTS.md, "coalesced gathers"). The [B, n] pre-activations are never written. The CPU path computes pre-activations a
-(token tile x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a
-latent is a bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
+the splits. The [B, n] pre-activations are never written. It gathers from x transposed
+(``transposed_tokens``, a copy of at most XT_CHUNK_BYTES of tokens per launch), so that the lanes
+reading one latent read consecutive tokens of one model coordinate: 16-byte vector loads and 1/16
+(bf16) or 1/8 (fp32) of a 32-byte sector per value, where x row-major costs a sector per value
+(benchmarks/RESULTS.md, "coalesced gathers"). The CPU path computes pre-activations a (token tile
+x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a latent is a
+bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
 ``_topk.token_blocked_topk``, so extra memory stays O(tile) instead of O(B*n).
 
 Backward (only through selected entries with positive pre-activation, as ReLU dictates), with g the
@@ -139,6 +140,12 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
 
 
+# The kernel gathers from x transposed; that copy is made for XT_CHUNK_BYTES of tokens at a time
+# (one launch each), which bounds the extra memory on large batches: 64 MiB is 8192 tokens at
+# m=2048 in fp32, so training batches take one launch.
+XT_CHUNK_BYTES = 64 * 2**20
+
+
 def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
     """x [B, m] -> x.T as [m, LD], LD = B rounded up to a multiple of block_b, padded tokens zero:
     the fused kernel's gather reads block_b consecutive tokens of one coordinate, aligned, unmasked."""
@@ -153,12 +160,24 @@ def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
     """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
     B, M = x.shape
-    N, D = rows.shape
     k_pad = pow2(k)
     if k_pad > MAX_FUSED_K_PAD:
         # Registers cannot hold that many candidates per token: blocked gathers + exact key
         # top-k, still without a [B, n] tensor and without host syncs.
         return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
+    block_b = EXPANDER_ENCODE_CONFIGS[k_pad][0]
+    chunk = max(1, XT_CHUNK_BYTES // (M * x.element_size() * block_b)) * block_b
+    parts = [_fused_forward(x[b0:b0 + chunk], values, rows, bias, k, out_dtype) for b0 in range(0, B, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
+    """One launch of the fused kernel over the tokens of x (and stage 2)."""
+    B, M = x.shape
+    N, D = rows.shape
+    k_pad = pow2(k)
     block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
