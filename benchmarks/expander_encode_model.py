@@ -25,13 +25,9 @@ Runs without TRITON_INTERPRET (it compiles with the ptxas in Triton's wheel).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,24 +36,6 @@ import gpu_compile as gc  # noqa: E402  (the machinery; the package is imported 
 
 H100 = dict(hbm=3.35e12, l2=5.5e12, sms=132, clock=1.755e9, issue=4)
 ARCH = 90
-
-
-def _sass(launch) -> list[str]:
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, constexprs, attrs, options = gc.specialise(launch, ARCH)
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    triton.knobs.compilation.always_compile = True
-    with contextlib.redirect_stdout(io.StringIO()):  # ptxas's report (gpu_compile turned it on)
-        compiled = triton.compile(src, target=GPUTarget("cuda", ARCH, 32), options=options.__dict__)
-    nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def loop_sizes(sass: str) -> dict:
@@ -108,7 +86,7 @@ def predict(label: str, launch, insertion: bool) -> dict:
     args = gc.launch_arguments(launch)
     plan = gc.expander_encode_plan(args)
     stats = gc.compile_launch(launch, ARCH)
-    loops = loop_sizes(_sass(launch))
+    loops = loop_sizes(gc.disassemble(gc.compile_quietly(launch, ARCH).asm["cubin"]))
     bb, bn, k_pad, d = args["BLOCK_B"], args["BLOCK_N"], args["K_PAD"], args["D"]
     warps, tiles = stats["num_warps"], args["TILES_PER_SPLIT"]
     passes = passes_per_tile(bb, bn, k_pad, tiles) if insertion else 0.0

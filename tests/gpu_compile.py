@@ -235,11 +235,8 @@ _BLOCKED = re.compile(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\],
                       r"warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]\}>", re.M)
 
 
-def expander_gather_layout(launch: Launch, arch: int) -> dict:
-    """Compile an expander_encode launch; return the register layout Triton gave its gather (the
-    kernel's one 2-D load, [BLOCK_B tokens, BLOCK_N latents]) from the TTGIR, the tokens of one
-    latent that one warp-wide load reads (elements per thread x lanes, along tokens), and the
-    global-load opcodes of the SASS with their counts."""
+def compile_quietly(launch: Launch, arch: int):
+    """The compiled kernel of a launch for ``arch`` (ptxas's report, if on, is swallowed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -248,25 +245,36 @@ def expander_gather_layout(launch: Launch, arch: int) -> dict:
     src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     triton.knobs.compilation.always_compile = True
     with contextlib.redirect_stdout(io.StringIO()):
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+
+
+def disassemble(cubin: bytes) -> str:
+    """nvdisasm's listing of a cubin (the nvdisasm in Triton's wheel)."""
+    from triton import knobs
+
+    nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def expander_gather_layout(launch: Launch, arch: int) -> dict:
+    """Compile an expander_encode launch; return the register layout Triton gave its gather (the
+    kernel's one 2-D load, [BLOCK_B tokens, BLOCK_N latents]) from the TTGIR, the tokens of one
+    latent that one warp-wide load reads (elements per thread x lanes, along tokens), and the
+    global-load opcodes of the SASS with their counts."""
+    compiled = compile_quietly(launch, arch)
     ttgir = compiled.asm["ttgir"]
     layouts = {name: [[int(v) for v in group.split(",")] for group in groups]
                for name, *groups in _BLOCKED.findall(ttgir)}
     gathers = _GATHER_LOAD.findall(ttgir)
     if len(gathers) != 1:
         raise RuntimeError(f"{launch.kernel.__name__}: expected one 2-D load, found {gathers}")
-    _, _, name = gathers[0]
-    spt, tpw, wpc, order = layouts[name]
+    spt, tpw, wpc, order = layouts[gathers[0][2]]
     loads: dict = {}
-    from triton import knobs
-
-    nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    for ins in _SASS_LINE.findall(sass):
-        op = re.search(r"\bLDG\S*", ins[1])
+    for _, ins in _SASS_LINE.findall(disassemble(compiled.asm["cubin"])):
+        op = re.search(r"\bLDG\S*", ins)
         if op:
             loads[op.group(0)] = loads.get(op.group(0), 0) + 1
     return {"size_per_thread": spt, "threads_per_warp": tpw, "warps_per_cta": wpc, "order": order,
