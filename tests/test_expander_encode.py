@@ -167,8 +167,9 @@ def test_kernel_gathers_over_token_blocks_and_tiles(monkeypatch, dtype):
 
 @needs_triton
 def test_kernel_ignores_out_of_range_rows_in_padded_blocks(monkeypatch):
-    """The index contract through the transposed gather: rows outside [0, m), including ones whose
-    offset r * LD would wrap in int32 or land in the padding, contribute nothing."""
+    """The index contract through the transposed gather (B=21: two token blocks, the last padded):
+    rows outside [0, m) contribute nothing: m and m + 1 (just past x.T), negative ones, and one
+    whose offset r * LD would wrap in int32."""
     monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 8, (16, 16, 4))
     B, n, m, d, k = 21, 60, 13, 3, 5
     x = torch.randn(B, m)
