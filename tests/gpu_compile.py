@@ -177,6 +177,118 @@ def _expander_encode_specs() -> list[Spec]:
     return specs
 
 
+SECTOR_BYTES = 32  # the unit of L1/L2 traffic on sm_80 / sm_90
+VECTOR_BYTES = 16  # the widest per-thread load (LDG.128), which Triton's coalescing aims for
+
+
+def gather_sectors_per_value(token_stride: int, run: int, elt_bytes: int, aligned: bool) -> float:
+    """Predicted 32-byte sectors per gathered value of a warp-wide gather in which the lanes that
+    share a latent read ``run`` tokens of one model coordinate, ``token_stride`` elements apart:
+    contiguous (stride 1), the run spans ceil(run * elt / 32) sectors (one more unless it starts on
+    a sector); 32 bytes apart or more, every value takes a sector of its own. The warp's other
+    latents read other coordinates, far apart, which share no sector with these."""
+    if token_stride * elt_bytes >= SECTOR_BYTES:
+        return 1.0
+    if token_stride != 1:
+        raise ValueError(f"token_stride: expected 1 or >= {SECTOR_BYTES} bytes, got {token_stride} elements")
+    return (-(-run * elt_bytes // SECTOR_BYTES) + (0 if aligned else 1)) / run
+
+
+def expander_encode_plan(args: dict) -> dict:
+    """Memory traffic of one ``_expander_encode_fwd_kernel`` launch, from its arguments by name
+    (tensors may be meta): sectors per gathered value, and bytes per launch at L2 (what the
+    programs request, in sectors) and at HBM (each tensor once, a lower bound). Understands the
+    gather from x row-major (``x_ptr`` [B, m]: tokens m apart, one lane per token) and from x
+    transposed (``xt_ptr`` [m, LD]: BLOCK_B contiguous tokens per latent, spread over lanes in
+    16-byte vectors, each token block starting at a multiple of BLOCK_B)."""
+    B, N, D, bb, k_pad = args["B"], args["N"], args["D"], args["BLOCK_B"], args["K_PAD"]
+    values, rows, cand = args["values_ptr"], args["rows_ptr"], args["cand_ptr"]
+    token_blocks = -(-B // bb)
+    if "xt_ptr" in args:
+        src = args["xt_ptr"]
+        elt = src.element_size()
+        vec = min(VECTOR_BYTES // elt, bb)
+        run = min(bb, 32 * vec)
+        aligned = (src.stride(0) * elt) % SECTOR_BYTES == 0 and (bb * elt) % SECTOR_BYTES == 0
+        spv = gather_sectors_per_value(src.stride(1), run, elt, aligned)
+        gathered = src.shape[1] * N * D  # padded tokens are gathered too
+        transpose = (B * src.shape[0] + src.numel()) * elt  # the launcher's x.T copy: read + write
+        x_bytes = src.numel() * elt
+    else:
+        src = args["x_ptr"]
+        elt = src.element_size()
+        spv = gather_sectors_per_value(src.stride(0), 1, elt, True)
+        gathered = B * N * D
+        transpose = 0
+        x_bytes = src.numel() * elt
+    atoms = N * D * (rows.element_size() + values.element_size()) + (N * values.element_size() if args["HAS_BIAS"] else 0)
+    cand_bytes = cand.numel() * cand.element_size()
+    return {
+        "elt_bytes": elt, "sectors_per_value": spv, "gathered_values": gathered,
+        "gather_bytes_l2": gathered * spv * SECTOR_BYTES,
+        "atom_bytes_l2": token_blocks * atoms,  # every token block reads its splits' rows, values, bias
+        "cand_bytes": cand_bytes, "transpose_bytes": transpose,
+        "hbm_bytes": x_bytes + atoms + cand_bytes + transpose,
+        "token_blocks": token_blocks, "splits": cand.shape[1] // k_pad,
+    }
+
+
+_GATHER_LOAD = re.compile(r"tt\.load .*:\s*tensor<(\d+)x(\d+)x!tt\.ptr<\w+>, #(\w+)>")
+_BLOCKED = re.compile(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+                      r"warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]\}>", re.M)
+
+
+def compile_quietly(launch: Launch, arch: int):
+    """The compiled kernel of a launch for ``arch`` (ptxas's report, if on, is swallowed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = specialise(launch, arch)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    triton.knobs.compilation.always_compile = True
+    with contextlib.redirect_stdout(io.StringIO()):
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+
+
+def disassemble(cubin: bytes) -> str:
+    """nvdisasm's listing of a cubin (the nvdisasm in Triton's wheel)."""
+    from triton import knobs
+
+    nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def expander_gather_layout(launch: Launch, arch: int) -> dict:
+    """Compile an expander_encode launch; return the register layout Triton gave its gather (the
+    kernel's one 2-D load, [BLOCK_B tokens, BLOCK_N latents]) from the TTGIR, the tokens of one
+    latent that one warp-wide load reads (elements per thread x lanes, along tokens), and the
+    global-load opcodes of the SASS with their counts."""
+    compiled = compile_quietly(launch, arch)
+    ttgir = compiled.asm["ttgir"]
+    layouts = {name: [[int(v) for v in group.split(",")] for group in groups]
+               for name, *groups in _BLOCKED.findall(ttgir)}
+    gathers = _GATHER_LOAD.findall(ttgir)
+    if len(gathers) != 1:
+        raise RuntimeError(f"{launch.kernel.__name__}: expected one 2-D load, found {gathers}")
+    spt, tpw, wpc, order = layouts[gathers[0][2]]
+    loads: dict = {}
+    for _, ins in _SASS_LINE.findall(disassemble(compiled.asm["cubin"])):
+        op = re.search(r"\bLDG\S*", ins)
+        if op:
+            loads[op.group(0)] = loads.get(op.group(0), 0) + 1
+    return {"size_per_thread": spt, "threads_per_warp": tpw, "warps_per_cta": wpc, "order": order,
+            "tokens_per_warp_load": spt[0] * tpw[0], "global_loads": loads}
+
+
+def launch_arguments(launch: Launch) -> dict:
+    """A captured launch's arguments by parameter name (constexprs included)."""
+    return {**dict(zip(signature_names(launch.kernel), launch.args)), **launch.kwargs}
+
+
 # --- expander_decode: forward -----------------------------------------------------------------
 
 def _expander_decode_specs() -> list[Spec]:

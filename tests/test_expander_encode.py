@@ -1,13 +1,23 @@
 """expander_encode: selected latents, their activations and the gradients of x, values and bias
 against the fp64 dense reference, on the CPU path and on the Triton kernel under the interpreter;
-tie order; blocked CPU tiles; errors; torch.library and torch.compile."""
+tie order; blocked CPU tiles; the kernel's transposed gather (padded token blocks, every
+coordinate, out-of-range rows) and its predicted sector traffic; errors; torch.library and
+torch.compile."""
 
 import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import gpu_compile
 from helpers import BACKENDS, TOL, assert_close
+from topk_kernels._common import HAS_TRITON
 from topk_kernels import expander_encode, reference
 from topk_kernels._topk import cpu_tile
 
@@ -135,6 +145,133 @@ def test_ties_go_to_lower_latent_id(backend):
     for b in range(x.shape[0]):
         order = sorted(range(len(copies)), key=lambda j: (-pre[b, j].item(), j))[:7]
         assert idx[b].tolist() == order
+
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gathers_over_token_blocks_and_tiles(monkeypatch, dtype):
+    """Small tiles, so that B=37 spans three token blocks (the last padded), n=70 several latent
+    tiles and splits; m=45 is not a power of two and most latents use coordinates 0 and m - 1 (the
+    first and last row of x.T)."""
+    monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 16, (16, 16, 4))
+    x, values, _, bias = _inputs((37,), 45, 70, 5, dtype)
+    order = torch.rand(70, 45)
+    order[::2, 44], order[::3, 0] = -2.0, -1.0  # drawn first: distinct rows that include them
+    rows = order.argsort(dim=1)[:, :5]
+    assert (rows == 44).any(1)[::2].all() and (rows == 0).any(1)[::3].all()
+    _check_against_reference(x, values, rows, bias, 9, "triton", TOL[dtype])
+
+
+@needs_triton
+def test_kernel_ignores_out_of_range_rows_in_padded_blocks(monkeypatch):
+    """The index contract through the transposed gather (B=21: two token blocks, the last padded):
+    rows outside [0, m) contribute nothing: m and m + 1 (just past x.T), negative ones, and one
+    whose offset r * LD would wrap in int32."""
+    monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 8, (16, 16, 4))
+    B, n, m, d, k = 21, 60, 13, 3, 5
+    x = torch.randn(B, m)
+    values = torch.randn(n, d)
+    rows = _rows(n, m, d).contiguous()
+    rows[0, 0], rows[7, 2], rows[31, 1], rows[59, 0], rows[44, 2] = -1, m, 2**31 // B, -(2**40), m + 1
+    row_ok = (rows >= 0) & (rows < m)
+    acts, idx = ee._triton_forward(x, values, rows, None, k, torch.float32)
+    pre = x.double() @ reference.expander_dense(torch.where(row_ok, values, 0.0).double(), rows.clamp(0, m - 1), m).T
+    want_acts, want_idx = reference.topk_relu(pre, k)
+    assert torch.equal(idx, want_idx)
+    assert_close(acts, want_acts, 1e-5, "top_acts")
+
+
+@needs_triton
+def test_transposed_tokens_pads_with_zeros():
+    x = torch.randn(37, 45)
+    xt = ee.transposed_tokens(x, 16)
+    assert xt.shape == (45, 48) and xt.stride() == (48, 1)
+    assert torch.equal(xt[:, :37], x.T) and not xt[:, 37:].any()
+
+
+@needs_triton
+def test_kernel_transposes_large_batches_in_chunks(monkeypatch):
+    """Tokens beyond XT_CHUNK_BYTES of x.T go to further launches (here 3 of 16, 16 and 5 tokens)."""
+    monkeypatch.setattr(ee, "XT_CHUNK_BYTES", 45 * 4 * 16)
+    monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 8, (16, 16, 4))
+    launches = []
+    fused = ee._fused_forward
+    monkeypatch.setattr(ee, "_fused_forward", lambda x, *a: launches.append(x.shape[0]) or fused(x, *a))
+    x, values, rows, bias = _inputs((37,), 45, 50, 4)
+    acts, idx = ee._triton_forward(x, values, rows.contiguous(), bias, 7, torch.float32)  # as the op passes it
+    assert launches == [16, 16, 5]
+    _assert_topk_matches(acts, idx, _reference_pre(x, values, rows, bias), 7, TOL[torch.float32], "chunked")
+
+
+def _recorded_launch(monkeypatch, *args) -> dict:
+    """The fused kernel's launch arguments by name, from ``_triton_forward(*args)`` (nothing runs)."""
+    names = list(inspect.signature(ee._expander_encode_fwd_kernel.fn).parameters)
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append({**dict(zip(names, a)), **kw})
+
+    monkeypatch.setattr(ee, "_expander_encode_fwd_kernel", Recorder())
+    ee._triton_forward(*args)
+    assert len(calls) == 1
+    return calls[0]
+
+
+@needs_triton
+@pytest.mark.parametrize("dt", gpu_compile.DTYPES)
+def test_gather_sector_traffic_is_at_most_a_quarter_of_a_row_major_gather(monkeypatch, dt):
+    """Issue 9's must-show, from the real launch at the benchmark size (meta tensors): the kernel
+    gathers from x.T, BLOCK_B aligned contiguous tokens per latent, and the model of
+    ``gpu_compile.expander_encode_plan`` predicts at most 1/4 of the sectors per gathered value of
+    the gather from x row-major (one 32-byte sector per value) that the kernel used to do."""
+    B, m, n, d, k = (gpu_compile.EXPANDER[key] for key in ("B", "m", "n", "d", "k"))
+    x = gpu_compile._t(B, m, dtype=dt)
+    args = _recorded_launch(monkeypatch, x, gpu_compile._t(n, d, dtype=dt), gpu_compile._t(n, d, dtype="i64"),
+                            gpu_compile._t(n, dtype=dt), k, x.dtype)
+    xt, block_b = args["xt_ptr"], args["BLOCK_B"]
+    assert xt.shape[0] == m and xt.shape[1] % block_b == 0 and xt.stride(1) == 1
+    plan = gpu_compile.expander_encode_plan(args)
+    row_major = gpu_compile.gather_sectors_per_value(x.stride(0), 1, x.element_size(), aligned=True)
+    assert row_major == 1.0
+    assert plan["sectors_per_value"] <= row_major / 4, plan
+    assert plan["gather_bytes_l2"] <= B * n * d * gpu_compile.SECTOR_BYTES / 4
+
+
+@needs_triton
+@pytest.mark.gpu_compile
+def test_compiled_gather_puts_tokens_along_lanes_in_vector_loads():
+    """Compiled for sm_90 exactly as launched: the gather's layout holds contiguous tokens per
+    latent (order fastest along tokens, >= 16 tokens per warp-wide load), its SASS loads are
+    16-byte vectors, and the sectors per value from that layout are at most 1/4 of a row-major
+    gather's."""
+    code = (
+        "import json, gpu_compile as gc\n"
+        "out = {}\n"
+        "for spec in gc._expander_encode_specs():\n"
+        "    if spec.label.endswith(',K_PAD=64'):\n"
+        "        launch = gc.capture(spec, 90)[0]\n"
+        "        out[spec.label] = gc.expander_gather_layout(launch, 90)\n"
+        "        out[spec.label]['plan'] = gc.expander_encode_plan(gc.launch_arguments(launch))\n"
+        "print(json.dumps(out))\n"
+    )
+    tests = Path(__file__).parent
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == {f"{dt},K_PAD=64" for dt in gpu_compile.DTYPES}
+    for label, r in report.items():
+        elt = r["plan"]["elt_bytes"]
+        assert r["order"][0] == 0 and r["size_per_thread"][0] * elt == gpu_compile.VECTOR_BYTES, (label, r)
+        assert r["tokens_per_warp_load"] >= 16, (label, r)
+        assert r["global_loads"].get("LDG.E.128", 0) >= 1, (label, r)
+        compiled = gpu_compile.gather_sectors_per_value(1, r["tokens_per_warp_load"], elt, aligned=True)
+        assert compiled == r["plan"]["sectors_per_value"] <= 1 / 4, (label, r)
 
 
 def test_triton_values_grad_bit_identical_across_runs():

@@ -8,9 +8,13 @@ O(B*n*m); the cost that remains is choosing the top k of n per token.
 The Triton kernel runs one program per (token block, latent split): per [BLOCK_B, BLOCK_N] tile it
 gathers ``x[b, rows[j, t]]`` one t at a time (fp32 accumulation), adds the bias and folds the tile
 into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2 merges
-the splits. The [B, n] pre-activations are never written. The CPU path computes pre-activations a
-(token tile x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a
-latent is a bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
+the splits. The [B, n] pre-activations are never written. It gathers from x transposed
+(``transposed_tokens``, a copy of at most XT_CHUNK_BYTES of tokens per launch), so that the lanes
+reading one latent read consecutive tokens of one model coordinate: 16-byte vector loads and 1/16
+(bf16) or 1/8 (fp32) of a 32-byte sector per value, where x row-major costs a sector per value
+(benchmarks/RESULTS.md, "coalesced gathers"). The CPU path computes pre-activations a (token tile
+x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a latent is a
+bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
 ``_topk.token_blocked_topk``, so extra memory stays O(tile) instead of O(B*n).
 
 Backward (only through selected entries with positive pre-activation, as ReLU dictates), with g the
@@ -64,23 +68,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _expander_encode_fwd_kernel(
-        x_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
-        B, N, M, D, TILES_PER_SPLIT, C,
+        xt_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
+        B, N, M, D, LD, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
     ):
         """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split].
 
-        pre[b, j] = sum_t values[j, t] * x[b, rows[j, t]] is built one t at a time as a
-        [BLOCK_B, BLOCK_N] gather, so registers hold one tile, never a [.., .., d] cube.
+        xt is x transposed, [M, LD] with LD a multiple of BLOCK_B (padded tokens are zeros), so
+        pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b] gathers, one t at a time, BLOCK_B
+        consecutive tokens of one model coordinate per latent: contiguous, aligned, vectorisable
+        loads instead of one 32-byte sector per value. Registers hold one tile, never a cube.
         """
         pid_b = tl.program_id(0)
         split = tl.program_id(1)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        # int64 base of the token block, int32 offsets inside it (BLOCK_B * M < 2**31): the
-        # [BLOCK_B, BLOCK_N] gather addresses then cost one register each, not two.
-        x_blk = x_ptr + (pid_b * BLOCK_B).to(tl.int64) * M
-        x_rows = tl.arange(0, BLOCK_B) * M
+        # Tokens of this block: no mask (LD is padded), and along dim 0, the contiguous one.
+        xt_blk = xt_ptr + (pid_b * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
         running = empty_slots(BLOCK_B, K_PAD)
         n_first = split * TILES_PER_SPLIT * BLOCK_N
         for tile in range(0, TILES_PER_SPLIT):
@@ -94,31 +97,33 @@ if HAS_TRITON:
                 # The index contract (``_common``): a row outside [0, M) contributes nothing.
                 ok = mask_n & (r >= 0) & (r < M)
                 tl.device_assert(ok | ~mask_n, "rows: an index outside [0, m)")
-                xv = tl.load(x_blk + (x_rows[:, None] + r.to(tl.int32)[None, :]),
-                             mask=mask_b[:, None] & ok[None, :], other=0.0)
+                xv = tl.load(xt_blk + (r * LD)[None, :], mask=ok[None, :], other=0.0)
                 acc += xv.to(tl.float32) * v[None, :]
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             running = fold_tile(running, acc, offs_n, mask_n)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
-        tl.store(out, running, mask=mask_b[:, None])
+        tl.store(out, running, mask=(offs_b < B)[:, None])
 
 
 # Launch configurations of the fused kernel, by K_PAD = next_pow2(k): (BLOCK_B, BLOCK_N, num_warps).
-# BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns); the [BLOCK_B, BLOCK_N] int64 key
-# tile and its bitonic network must stay in registers, so a wider K_PAD takes fewer tokens. The
-# [64, 64] tiles take 8 warps: with 4, the gather addresses push ptxas to the 255-register cap
-# (and to spills at K_PAD=8 on sm_90); with 8 they need <= 170.
-# tests/gpu_compile.py compiles every entry for sm_80 / sm_90 and checks for spills.
+# BLOCK_N >= K_PAD (a tile's top-K_PAD needs that many columns). The gather puts tokens along lanes
+# (16-byte vectors, then lanes along latents, warps along latents), so a tile's cost per
+# pre-activation falls with BLOCK_N (rows/values loads and fold_tile's reductions are per column
+# or per row), while fold_tile's insertion passes per tile grow with BLOCK_B (the slowest row sets
+# the count). Chosen on sm_90 by warp instructions per pre-activation (from the SASS, with simulated
+# insertion passes) at B=4096, m=2048, n=2**20, d=7 (benchmarks/RESULTS.md, "coalesced
+# gathers"); K_PAD=256 takes 16 tokens and 8 warps for 2 CTAs per SM. tests/gpu_compile.py
+# compiles every entry for sm_80 / sm_90 and checks for spills.
 EXPANDER_ENCODE_CONFIGS = {
-    1: (64, 64, 8),
-    2: (64, 64, 8),
-    4: (64, 64, 8),
-    8: (64, 64, 8),
-    16: (64, 64, 8),
-    32: (64, 64, 8),
-    64: (32, 64, 4),
-    128: (16, 128, 4),
+    1: (32, 128, 4),
+    2: (32, 128, 4),
+    4: (32, 128, 4),
+    8: (32, 128, 4),
+    16: (32, 128, 4),
+    32: (32, 128, 4),
+    64: (32, 128, 4),
+    128: (32, 128, 4),
     256: (16, 256, 8),
 }
 MAX_FUSED_K_PAD = max(EXPANDER_ENCODE_CONFIGS)
@@ -135,15 +140,44 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
 
 
+# The kernel gathers from x transposed; that copy is made for XT_CHUNK_BYTES of tokens at a time
+# (one launch each), which bounds the extra memory on large batches: 64 MiB is 8192 tokens at
+# m=2048 in fp32, so training batches take one launch.
+XT_CHUNK_BYTES = 64 * 2**20
+
+
+def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
+    """x [B, m] -> x.T as [m, LD], LD = B rounded up to a multiple of block_b, padded tokens zero:
+    the fused kernel's gather reads block_b consecutive tokens of one coordinate, aligned, unmasked."""
+    B, M = x.shape
+    ld = triton.cdiv(B, block_b) * block_b
+    xt = x.new_empty(M, ld)
+    xt[:, :B].copy_(x.T)
+    xt[:, B:].zero_()
+    return xt
+
+
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
     """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
     B, M = x.shape
-    N, D = rows.shape
     k_pad = pow2(k)
     if k_pad > MAX_FUSED_K_PAD:
         # Registers cannot hold that many candidates per token: blocked gathers + exact key
         # top-k, still without a [B, n] tensor and without host syncs.
         return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
+    block_b = EXPANDER_ENCODE_CONFIGS[k_pad][0]
+    chunk = max(1, XT_CHUNK_BYTES // (M * x.element_size() * block_b)) * block_b
+    parts = [_fused_forward(x[b0:b0 + chunk], values, rows, bias, k, out_dtype) for b0 in range(0, B, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
+    """One launch of the fused kernel over the tokens of x (and stage 2)."""
+    B, M = x.shape
+    N, D = rows.shape
+    k_pad = pow2(k)
     block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
@@ -151,8 +185,8 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     _expander_encode_fwd_kernel[(token_blocks, splits)](
-        x, values, rows, bias if bias is not None else values, cand,
-        B, N, M, D, tiles_per_split, splits * k_pad,
+        transposed_tokens(x, block_b), values, rows, bias if bias is not None else values, cand,
+        B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad,
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
         **launch_options(),
     )

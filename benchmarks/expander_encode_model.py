@@ -1,0 +1,148 @@
+"""PREDICTIONS for the fused expander encoder on an H100 without a GPU (issue 9, items 4 and 5).
+
+For each build of ``_expander_encode_fwd_kernel`` at the benchmark size of tests/gpu_compile.py
+(B=4096, m=2048, n=2**20, d=7, k=64; fp32 and bf16; sm_90, H100 SXM grid), from the launch plan
+and the compiled SASS:
+
+- sectors per gathered value and bytes per launch (``gpu_compile.expander_encode_plan``): L2
+  traffic in 32-byte sectors (gathers, and the rows / values / bias every token block reads) and
+  HBM bytes (each tensor once: a lower bound, as everything but rows/values fits in the 50 MB L2);
+- static SASS: instructions, and instructions x warps / tile elements (per pre-activation);
+- dynamic warp instructions per pre-activation: per tile, d trips of the gather loop, the tile's
+  straight-line code, and (insertion top-k) the insertion loop times its passes per tile, which are
+  simulated with iid normal pre-activations (tile after tile, a pass per entry that enters the
+  running top-K_PAD of the slowest row);
+- a predicted time: the largest of L2 bytes / 5.5 TB/s (an assumption), HBM bytes / 3.35 TB/s and
+  warp instructions / (132 SMs x 4 per clock x 1.755 GHz), for work spread evenly over the GPU;
+  ``waves`` (programs / resident CTAs) tells how far a partly filled last wave can stretch it.
+
+    python benchmarks/expander_encode_model.py                  # this checkout
+    python benchmarks/expander_encode_model.py --tree /tmp/old  # another checkout's package
+
+Runs without TRITON_INTERPRET (it compiles with the ptxas in Triton's wheel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import gpu_compile as gc  # noqa: E402  (the machinery; the package is imported from --tree)
+
+H100 = dict(hbm=3.35e12, l2=5.5e12, sms=132, clock=1.755e9, issue=4)
+ARCH = 90
+
+
+def loop_sizes(sass: str) -> dict:
+    """Instructions of the gather loop (the innermost loop with a global load), of the tile loop
+    (the smallest loop around it) and of the insertion loop (the largest innermost loop without a
+    global load, 0 when there is none), and in all."""
+    instrs, labels, branches = [], {}, []
+    for line in sass.splitlines():
+        lab = gc._LABEL.match(line)
+        if lab:
+            labels[lab.group(1).lstrip(".")] = len(instrs)
+            continue
+        ins = gc._SASS_LINE.search(line)
+        if ins:
+            body = ins.group(2).strip()
+            br = gc._BRANCH.search(body)
+            if br:
+                branches.append((len(instrs), br.group(1).lstrip(".")))
+            instrs.append(body)
+    loops = sorted({(labels[t], at) for at, t in branches if t in labels and labels[t] < at})
+    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    has_load = {(s, e): any("LDG" in i for i in instrs[s:e + 1]) for s, e in inner}
+    gather = max((lp for lp in inner if has_load[lp]), key=lambda lp: lp[1] - lp[0])
+    tile = min((lp for lp in loops if lp[0] <= gather[0] and gather[1] <= lp[1] and lp != gather),
+               key=lambda lp: lp[1] - lp[0])
+    fold = [lp for lp in inner if not has_load[lp] and tile[0] <= lp[0] and lp[1] <= tile[1]]
+    size = lambda lp: lp[1] - lp[0] + 1  # noqa: E731
+    return {"total": len(instrs), "gather": size(gather), "tile": size(tile),
+            "fold": max((size(lp) for lp in fold), default=0)}
+
+
+def passes_per_tile(block_b: int, block_n: int, k_pad: int, tiles: int, seed: int = 0) -> float:
+    """Mean insertion passes per tile of ``_topk.fold_tile`` over one program's tiles: per tile, the
+    most entries that enter the running top-k_pad of any of its rows (iid normal values)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    running = torch.full((block_b, k_pad), -float("inf"))
+    total = 0
+    for _ in range(tiles):
+        top = torch.cat([running, torch.randn(block_b, block_n, generator=gen)], 1).topk(k_pad, dim=1)
+        total += int((top.indices >= k_pad).sum(1).max())
+        running = top.values
+    return total / tiles
+
+
+def predict(label: str, launch, insertion: bool) -> dict:
+    args = gc.launch_arguments(launch)
+    plan = gc.expander_encode_plan(args)
+    stats = gc.compile_launch(launch, ARCH)
+    loops = loop_sizes(gc.disassemble(gc.compile_quietly(launch, ARCH).asm["cubin"]))
+    bb, bn, k_pad, d = args["BLOCK_B"], args["BLOCK_N"], args["K_PAD"], args["D"]
+    warps, tiles = stats["num_warps"], args["TILES_PER_SPLIT"]
+    passes = passes_per_tile(bb, bn, k_pad, tiles) if insertion else 0.0
+    straight = loops["tile"] - loops["gather"] - loops["fold"]
+    per_tile = warps * (d * loops["gather"] + straight + passes * loops["fold"])
+    programs = plan["token_blocks"] * plan["splits"]
+    instr = programs * tiles * per_tile
+    l2 = plan["gather_bytes_l2"] + plan["atom_bytes_l2"] + plan["cand_bytes"]
+    t_l2, t_hbm = l2 / H100["l2"], plan["hbm_bytes"] / H100["hbm"]
+    t_issue = instr / (H100["sms"] * H100["issue"] * H100["clock"])
+    return {
+        "label": label, "tile": f"{bb}x{bn}, {warps} warps", "registers": stats["registers"],
+        "spills": stats["spill_stores"] + stats["spill_loads"], "ctas_per_sm": stats["ctas_per_sm"],
+        "sectors_per_value": plan["sectors_per_value"], "gather_gb": plan["gather_bytes_l2"] / 1e9,
+        "l2_gb": l2 / 1e9, "hbm_mb": plan["hbm_bytes"] / 1e6,
+        "sass": loops["total"], "static_per_pre": loops["total"] * warps / (bb * bn),
+        "loops": f"{loops['gather']} / {straight} / {loops['fold']}", "passes": passes,
+        "dynamic_per_pre": per_tile / (bb * bn), "t_l2_ms": 1e3 * t_l2, "t_hbm_ms": 1e3 * t_hbm,
+        "t_issue_ms": 1e3 * t_issue, "predicted_ms": 1e3 * max(t_l2, t_hbm, t_issue),
+        "waves": programs / (stats["ctas_per_sm"] * H100["sms"]),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose topk_kernels to model")
+    parser.add_argument("--name", default=None, help="build name for the table")
+    opts = parser.parse_args(argv)
+    sys.path.insert(0, str(opts.tree.resolve()))
+    for mod in [m for m in sys.modules if m.startswith("topk_kernels")]:
+        del sys.modules[mod]
+    pkg = importlib.import_module("topk_kernels")
+    if not Path(pkg.__file__).resolve().is_relative_to(opts.tree.resolve()):
+        raise SystemExit(f"--tree: topk_kernels came from {pkg.__file__}, not {opts.tree}")
+    te = importlib.import_module("topk_kernels.topk_encode")
+    if not hasattr(te, "tensor_core_generation"):  # builds before it: gpu_compile patches it
+        te.tensor_core_generation = lambda device: 0
+    ee = importlib.import_module("topk_kernels.expander_encode")
+    insertion = "fold_tile" in Path(ee.__file__).read_text()
+    name = opts.name or str(opts.tree)
+    print(f"| build | dtype | tile | regs | spills | CTAs/SM | sectors / gathered value | gather L2 GB "
+          f"| L2 GB | HBM MB | SASS | static / pre-act | loops gather / tile / insertion | passes / tile "
+          f"| dynamic / pre-act | L2 ms | HBM ms | issue ms | PREDICTED ms | waves |")
+    print("|" + "---|" * 20)
+    for spec in gc._expander_encode_specs():
+        if not spec.label.endswith(f",K_PAD={gc.EXPANDER['k']}"):
+            continue
+        (launch,) = gc.capture(spec, ARCH)
+        r = predict(spec.label, launch, insertion)
+        print(f"| {name} | {spec.label.split(',')[0]} | {r['tile']} | {r['registers']} | {r['spills']} "
+              f"| {r['ctas_per_sm']} | {r['sectors_per_value']:.4g} | {r['gather_gb']:.0f} | {r['l2_gb']:.0f} "
+              f"| {r['hbm_mb']:.0f} | {r['sass']} | {r['static_per_pre']:.2f} | {r['loops']} | {r['passes']:.2f} "
+              f"| {r['dynamic_per_pre']:.2f} | {r['t_l2_ms']:.1f} | {r['t_hbm_ms']:.2f} | {r['t_issue_ms']:.1f} "
+              f"| {r['predicted_ms']:.1f} | {r['waves']:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
