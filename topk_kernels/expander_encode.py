@@ -52,7 +52,7 @@ from ._common import (
     resolve_backend,
     unused_grad,
 )
-from ._topk import cpu_tile, latent_splits, merge_candidates, token_blocked_topk
+from ._topk import cpu_tile, latent_splits, merge_candidates, resident_ctas, token_blocked_topk
 from .expander_decode import (
     torch_backward as decode_torch_backward,
     triton_backward as decode_triton_backward,
@@ -181,16 +181,27 @@ def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tenso
     block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
-    splits = latent_splits(token_blocks, n_tiles, x.device)
+    xt = transposed_tokens(x, block_b)
+    bias_arg = bias if bias is not None else values
+    options = dict(HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
+                   **launch_options())
+    ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, values, rows, bias_arg, values.new_empty(
+        0, dtype=torch.int64), B, N, M, D, token_blocks * block_b, n_tiles, k_pad), options)
+    splits = latent_splits(token_blocks, n_tiles, x.device, ctas, _fill_cost_tiles(D, k_pad))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     _expander_encode_fwd_kernel[(token_blocks, splits)](
-        transposed_tokens(x, block_b), values, rows, bias if bias is not None else values, cand,
-        B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad,
-        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
-        **launch_options(),
+        xt, values, rows, bias_arg, cand,
+        B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad, **options,
     )
     return merge_candidates(cand, k, out_dtype)
+
+
+def _fill_cost_tiles(d: int, k_pad: int) -> float:
+    """A program's fixed cost in tiles: its first tiles insert K_PAD entries per row into empty
+    slots, one ``fold_tile`` pass each. In the sm_90 SASS (bf16, K_PAD=64, 32 x 128 tiles) a pass
+    is ~850 instructions per warp, one degree's gather ~155 and a tile's other code ~950."""
+    return k_pad * 850 / (155 * d + 950)
 
 
 # ---------------------------------------------------------------------------------------------
