@@ -238,8 +238,9 @@ _BLOCKED = re.compile(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\],
                       r"warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]\}>", re.M)
 
 
-def compile_quietly(launch: Launch, arch: int):
-    """The compiled kernel of a launch for ``arch`` (ptxas's report, if on, is swallowed)."""
+def compile_quietly(launch: Launch, arch: int, log: io.StringIO | None = None):
+    """The compiled kernel of a launch for ``arch``, always compiled afresh (a cache hit would skip
+    ptxas and its report); what the compiler prints (ptxas's report, if on) goes to ``log``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -247,7 +248,7 @@ def compile_quietly(launch: Launch, arch: int):
     signature, constexprs, attrs, options = specialise(launch, arch)
     src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     triton.knobs.compilation.always_compile = True
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(log if log is not None else io.StringIO()):
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
 
 
@@ -432,15 +433,10 @@ def compile_launch(launch: Launch, arch: int) -> dict:
 
 def _compile(launch: Launch, arch: int, signature, constexprs, attrs, options) -> dict:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    compiled = compile_quietly(launch, arch, log)
     text = log.getvalue()
     used, spill = _USED.findall(text), _SPILL.findall(text)
     if not used or not spill:
@@ -500,13 +496,7 @@ def sass_stats(cubin: bytes) -> dict:
     """Total instructions, main-loop instructions (the largest innermost loop), every innermost
     loop's size, the tensor-core loop's size, MEMBAR fences and atomics (all, and those behind a
     GPU-wide fence) of the kernel's SASS."""
-    from triton import knobs
-
-    nvdisasm = Path(knobs.nvidia.cuobjdump.path).with_name("nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    text = disassemble(cubin)
     instrs, labels, branches = [], {}, []
     for line in text.splitlines():
         lab = _LABEL.match(line)

@@ -13,8 +13,9 @@ On CUDA the Triton backend runs one of two strategies per shape, picked by ``enc
 from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
 roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
 ``"fused"`` (the kernel above) or ``"chunked"`` (``_chunked_forward``: cuBLAS
-``x @ W[chunk].T + b[chunk]`` in fp32, packed keys + ``torch.topk``, merged into a running top-k,
-extra memory bounded by ``CHUNK_TILE_ELEMS``). Both follow the package's one NaN order and
+``x @ W[chunk].T`` in fp32, then one ``_select_kernel`` pass per chunk that adds the bias, packs
+keys and folds them into running candidates kept across chunks; extra memory bounded by
+``CHUNK_TILE_ELEMS``). Both follow the package's one NaN order and
 lowest-id tie rule, so the choice changes speed only.
 
 Backward (only through the selected entries with positive pre-activation, as ReLU dictates):
@@ -204,17 +205,20 @@ SELECT_CONFIGS = {kp: (64, 128, 8) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256:
 SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
-# Measured on a GPU (benchmarks/test_bench_topk_encode.py): (device name, dtype of x, dtype of
+# Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows): (device name, dtype of x, dtype of
 # weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes here; none exists yet.
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {}
 # Predicted (no GPU has measured), by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
 # n=131072 (benchmarks/RESULTS.md, "Encoder on CUDA ... (PREDICTIONS)"; benchmarks/
-# encoder_roofline.py). Tensor cores: fused 6.4-12.5 ms (GEMM then insertion passes 6.4 ms; L2
-# streaming of 68.7 GB at an assumed 5.5-10 TB/s) against chunked ~50 ms (GEMM 6.3 ms + ~136 B
-# of eager elementwise traffic per pre-activation for the fp32 tile, bias and key packing, 44 ms).
-# Exact fp32: fused ~97 ms (FMA loop) against chunked ~126 ms (SGEMM 82 ms + the same 44 ms).
+# encoder_roofline.py prints both). Tensor cores: chunked 8.7-9.5 ms (cuBLAS GEMM at an assumed
+# 70-80% of peak, then the selection passes: 3.2 ms of instruction issue) against fused 6.4-12.5
+# ms (GEMM then insertion passes 6.4 ms, but 68.7 GB of L2 streaming at an unknown 5.5-10 TB/s).
+# The chunked figure rests on cuBLAS's known efficiency and is the dense baseline's own GEMM, so
+# it is the prediction that cannot lose much to the dense baseline; a measurement replaces it.
+# Exact fp32: chunked ~85 ms (SGEMM at 80% of 67 TFLOP/s + the same selection) against fused
+# ~97 ms (FMA loop).
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
-    (kind, kp): "fused" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
+    (kind, kp): "chunked" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
 }
 
 
