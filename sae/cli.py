@@ -235,17 +235,46 @@ class _Workspace:
         return self._mean
 
     def baseline(self):
-        from .evaluate import ce_baseline
+        """The CE baselines on the test split: computed once (four model passes) and kept in the
+        data cache under a key of everything they depend on, so a later sitting of the same
+        frontier reads them back (``ce_loss_recovered`` still checks the clean CE against its own
+        clean pass)."""
+        from .evaluate import CEBaseline, ce_baseline
 
         if self._baseline is None:
             t0 = time.perf_counter()
-            self._baseline = ce_baseline(self.model, self.test_tokens, self.layer, bos_id=self.splits.bos_id,
-                                         mean_activation=self.mean_activation(), progress=True)
+            mean = self.mean_activation()
+            path = self._baseline_path(mean)
+            cached = path is not None and path.exists()
+            if cached:
+                self._baseline = CEBaseline.load(path)
+            else:
+                self._baseline = ce_baseline(self.model, self.test_tokens, self.layer, bos_id=self.splits.bos_id,
+                                             mean_activation=mean, progress=getattr(self.args, "progress", True))
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._baseline.save(path)
             b = self._baseline
             print(f"[sae] CE on {b.n_tokens:,} test predictions (SAELens convention): clean {b.ce_clean:.4f}, "
                   f"zero-ablated {b.ce_zero:.4f}, mean-ablated {b.ce_mean_ablation:.4f} nats "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"({'read from ' + str(path) if cached else f'{time.perf_counter() - t0:.0f} s'})", flush=True)
         return self._baseline
+
+    def _baseline_path(self, mean) -> Optional[Path]:
+        """Where the baselines of this model file, layer, dtype, test split and mean activation are
+        cached; None for a model without files to hash (nothing would prove a cache its own)."""
+        import hashlib
+
+        from .data.texts import data_root
+        from .evaluate import _tokens_hash
+
+        if not self.provenance["model_sha256"]:
+            return None
+        ident = json.dumps({k: self.provenance[k] for k in ("model_sha256", "layer", "model_dtype", "bos_id")}
+                           | {"tokens": _tokens_hash(self.test_tokens),
+                              "mean": hashlib.sha256(mean.float().contiguous().numpy().tobytes()).hexdigest()},
+                           sort_keys=True)
+        return data_root() / "ce_baselines" / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.safetensors"
 
     def evaluate(self, sae, conventions=("saelens",)) -> dict:
         """Metrics of one SAE on the test split (``evaluate_many`` of one)."""

@@ -329,6 +329,31 @@ class CEBaseline:
     batch_size: int
     context_sums: dict = field(repr=False)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to ``path`` (safetensors: the per-context sums as tensors, the rest as metadata),
+        atomically, so that a later sitting of a long evaluation need not recompute it."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from .rundir import atomic_write
+
+        meta = {k: v for k, v in asdict(self).items() if k != "context_sums"}
+        tensors = {k: v.contiguous() for k, v in self.context_sums.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ce_baseline": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CEBaseline":
+        """Read what ``save`` wrote."""
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["ce_baseline"])
+            sums = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(**meta, context_sums=sums)
+
 
 @dataclass(frozen=True)
 class CEResult:

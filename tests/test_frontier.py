@@ -159,6 +159,21 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done earlier") == len(grid) and "lr sweep" not in proc.stdout
 
+    # The CE baselines were cached once; a later sitting that evaluates again reads them back.
+    from sae.evaluate import CEBaseline
+
+    (cached,) = (tmp_path / "data" / "ce_baselines").glob("*.safetensors")
+    baseline = CEBaseline.load(cached)
+    assert baseline.ce_zero == pytest.approx(row["ce_zero"], abs=1e-9)
+    assert baseline.ce_clean == pytest.approx(row["ce_clean"], abs=1e-9)
+    (runs / _name(row) / "row.json").unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"read from {cached}" in proc.stdout
+    again = next(r for r in json.loads((out / "frontier.json").read_text())["rows"]
+                 if r["arch"] == "expander" and r["seed"] == 1 and r["control"] is None)
+    assert again["ce_sae"] == row["ce_sae"] and again["ce_recovered"] == row["ce_recovered"]
+
 
 def _name(r) -> str:
     from sae.cli import _point_name
