@@ -7,16 +7,22 @@ the real SmolLM2-135M-Instruct on Austen's test split."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import math
+import warnings
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 
-from sae.data import ActivationBuffer
-from sae.evaluate import (CEBaseline, Interval, activation_mean, ce_baseline, ce_loss_recovered, firing_density,
-                          plot_firing_density, reconstruction_metrics, training_dead_fraction)
+from sae import evaluate
+from sae.data import ActivationBuffer, decoder_layers
+from sae.data.layouts import layer_replay
+from sae.evaluate import (CEBaseline, Interval, _passes, _reconstructor, _splice, activation_mean, ce_baseline,
+                          ce_loss_recovered, firing_density, plot_firing_density, reconstruction_metrics,
+                          training_dead_fraction)
 
 
 class _KeepFirst(torch.nn.Module):
@@ -332,6 +338,141 @@ def test_ce_with_tuple_outputs():
     assert set(model.extras) == {"extra"}  # the tuple's tail is passed through
     assert ce_loss_recovered(model, _KeepFirst(16, 16), tokens, 1, baseline=base).recovered == 1.0
     assert ce_loss_recovered(model, _Zero(16, 16), tokens, 1, baseline=base).pos0_kept["recovered"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Replayed spliced passes (only the layers after the splice run) against full passes
+# --------------------------------------------------------------------------------------------
+
+def _run_passes(model, tokens, layer, splices, replay, splice_all=False, bos_id=BOS):
+    """``_passes`` with the full reference (``replay=False``) or the replay; counts how often the
+    MLP of layer 0 ran (a replay skips it on spliced passes) and fails on any warning."""
+    calls = []
+    handle = decoder_layers(model)[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sums = _passes(model, tokens, layer, bos_id, splices, 2, False, "test", splice_all=splice_all,
+                           replay=replay)
+    finally:
+        handle.remove()
+    return sums, len(calls)
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                     bos_token_id=BOS, eos_token_id=BOS)
+    return transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("convention", ["saelens", "paper"])
+def test_replayed_passes_are_bitwise_the_full_passes(tiny_llama, tokens, convention):
+    """Three SAEs and the baselines' splices, at the first, a middle and the last layer: every
+    per-context CE and KL sum of the replay equals the full passes' bit for bit, and layer 0's MLP
+    ran only on the clean passes."""
+    m = 32
+    splices = {f"s{i}": _splice(_reconstructor(sae))
+               for i, sae in enumerate((_KeepFirst(m, 11), _TopKLinear(m, 67, 5), _Zero(m, m)))}
+    mean = torch.randn(m)
+    splices["zero"] = lambda h, mask: torch.zeros_like(h)
+    splices["mean"] = lambda h, mask: torch.where(mask[..., None], mean.to(h), h)
+    n_batches = -(-len(tokens) // 2)
+    for layer in (0, 2, 3):
+        full, full_calls = _run_passes(tiny_llama, tokens, layer, splices, False, convention == "paper")
+        fast, fast_calls = _run_passes(tiny_llama, tokens, layer, splices, True, convention == "paper")
+        assert full.keys() == fast.keys() and {"s0.ce", "s2.kl_all", "mean.kl"} <= fast.keys()
+        for key in full:
+            assert torch.equal(full[key], fast[key]), (layer, key)
+        assert full["s1.kl"].min() > 0 and full["s1.ce"].ne(full["clean.ce"]).all()  # the splices matter
+        assert full_calls == n_batches * (1 + len(splices)) and fast_calls == n_batches
+
+
+def test_replay_on_gpt2_and_through_the_public_api(tiny_llama, tokens):
+    """GPT-2 (learned position embeddings, tuple-free blocks) replays bitwise too; the public
+    functions give the same results either way."""
+    model = _tiny_gpt2()
+    splices = {"a": _splice(_reconstructor(_KeepFirst(32, 7))), "b": _splice(_reconstructor(_TopKLinear(32, 45, 4)))}
+    full, _ = _run_passes(model, tokens, 1, splices, False, True)
+    fast, fast_calls = _run_passes(model, tokens, 1, splices, True, True)
+    assert all(torch.equal(full[k], fast[k]) for k in full) and fast_calls == 3
+    mean = torch.randn(32)
+    base = ce_baseline(tiny_llama, tokens, 1, batch_size=2, mean_activation=mean)
+    saes = {"a": _KeepFirst(32, 10), "b": _TopKLinear(32, 40, 6)}
+    fast_res = ce_loss_recovered(tiny_llama, saes, tokens, 1, baseline=base)
+    with mock.patch.object(evaluate, "_passes", functools.partial(evaluate._passes, replay=False)):
+        full_base = ce_baseline(tiny_llama, tokens, 1, batch_size=2, mean_activation=mean)
+        assert ce_loss_recovered(tiny_llama, saes, tokens, 1, baseline=full_base) == fast_res
+    assert {k: torch.equal(v, base.context_sums[k]) for k, v in full_base.context_sums.items()} == \
+        dict.fromkeys(base.context_sums, True)
+
+
+class _SideChannelLM(_TupleLM):
+    """Layer 0's output also reaches the head directly: a replay from a later layer cannot know it."""
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.model.embed(input_ids)
+        first = None
+        for layer in self.model.layers:
+            h, _ = layer(h)
+            first = h if first is None else first
+        return SimpleNamespace(logits=self.head(h + first))
+
+
+def test_replay_falls_back_to_full_passes_when_it_cannot_reproduce_the_clean_pass():
+    torch.manual_seed(1)
+    model = _SideChannelLM().eval().requires_grad_(False)
+    tokens = torch.randint(1, 50, (4, 10))
+    tokens[:, 0] = 0
+    splices = {"s": _splice(_reconstructor(_KeepFirst(16, 5)))}
+    full = _passes(model, tokens, 1, 0, splices, 2, False, "test", replay=False)
+    with pytest.warns(UserWarning, match="full forward passes"):
+        fast = _passes(model, tokens, 1, 0, splices, 2, False, "test")
+    assert all(torch.equal(full[k], fast[k]) for k in full)
+    # tuple outputs (hidden, extra) replay bitwise when nothing bypasses the hidden states
+    plain = _TupleLM().eval().requires_grad_(False)
+    full = _passes(plain, tokens, 1, 0, splices, 2, False, "test", replay=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = _passes(plain, tokens, 1, 0, splices, 2, False, "test")
+    assert all(torch.equal(full[k], fast[k]) for k in full)
+
+
+def test_replay_restores_the_layers_after_an_error(tiny_llama, tokens):
+    """An SAE that fails inside a replayed pass: every layer's forward and hooks are as before,
+    and the model computes what it computed before."""
+    layers = decoder_layers(tiny_llama)
+    hooks = [(dict(l._forward_hooks), dict(l._forward_pre_hooks)) for l in layers]
+    with torch.no_grad():
+        before = tiny_llama(tokens).logits
+    calls = []
+
+    def failing(x):
+        calls.append(1)
+        if len(calls) == 2:  # the first batch's second splice: inside a replay
+            raise ArithmeticError("boom")
+        return x
+
+    with pytest.raises(ArithmeticError, match="boom"):
+        _passes(tiny_llama, tokens, 2, BOS, {"ok": _splice(lambda x: x), "bad": _splice(failing)}, 2, False, "t")
+    assert len(calls) == 2
+    assert all("forward" not in vars(l) for l in layers)
+    assert [(dict(l._forward_hooks), dict(l._forward_pre_hooks)) for l in layers] == hooks
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(tokens).logits, before)
+    # a replay on inputs other than the recorded ones, or before any recording, is refused
+    with layer_replay(tiny_llama, 1) as replay, torch.no_grad():
+        with pytest.raises(RuntimeError, match="recorded pass"):
+            with replay.replaying():
+                tiny_llama(tokens)
+        with replay.recording():
+            tiny_llama(tokens[:2])
+        with pytest.raises(RuntimeError, match="inputs of the recorded pass"):
+            with replay.replaying():
+                tiny_llama(tokens[2:4])
+        with replay.replaying():
+            assert torch.equal(tiny_llama(tokens[:2]).logits, before[:2])
+    assert all("forward" not in vars(l) for l in layers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,8 +102,8 @@ def _hidden_arg(args, kwargs) -> torch.Tensor:
     """The hidden states a decoder layer was called with (first positional or ``hidden_states=``)."""
     h = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(h, torch.Tensor):
-        raise TypeError("layer_replay: expected decoder layers to get their hidden states first or as "
-                        f"hidden_states=, got positional {[type(a).__name__ for a in args]} and keywords {sorted(kwargs)}")
+        raise TypeError("layer_replay: expected decoder layers to get their hidden states first or as hidden_states=, "
+                        f"got positional {[type(a).__name__ for a in args]} and keywords {sorted(kwargs)}")
     return h
 
 
