@@ -442,41 +442,50 @@ def _splice(reconstruct) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return replace
 
 
-def _replay_matches(model, ids, replay, clean_logits) -> bool:
-    """Whether a replay from the recorded layer (no splice) reproduces the clean logits bitwise;
-    a model whose later layers need more than the hidden states (or a layout the replay does not
-    know) fails here and is evaluated with full passes."""
-    import warnings
-
+def _replay_matches(model, ids, replay) -> bool:
+    """Whether a replay from the recorded layer (no splice) reproduces a full pass's logits on
+    ``ids`` bitwise; a model whose later layers need more than the hidden states (or a layout the
+    replay does not know) fails here and is evaluated with full passes."""
+    with replay.recording():
+        clean = model(input_ids=ids, use_cache=False).logits
     try:
         with replay.replaying():
             logits = model(input_ids=ids, use_cache=False).logits
     except TypeError as e:
         reason = str(e)
     else:
-        if torch.equal(logits, clean_logits):
+        if torch.equal(logits, clean):
             return True
-        reason = "a replay from the spliced layer did not reproduce the clean logits bitwise"
+        reason = "a replay from the spliced layer did not reproduce the full pass's logits bitwise"
     warnings.warn(f"CE evaluation of {type(model).__name__}: full forward passes for every splice ({reason})",
                   stacklevel=3)
     return False
 
 
+def _kl(clean_logp: torch.Tensor, clean_p: torch.Tensor, clean_zero: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(clean || spliced) per position, ``sum_v p (log p - log q)`` with 0 log 0 = 0 where the
+    clean probability underflows (``clean_zero``: ``not clean_p > 0``). Overwrites ``logp``: in
+    place, without four vocabulary-sized temporaries, and bitwise
+    ``where(p > 0, p * (log p - log q), 0).sum(-1)`` (each element rounds once either way)."""
+    return torch.sub(clean_logp, logp, out=logp).mul_(clean_p).masked_fill_(clean_zero, 0.0).sum(-1)
+
+
 @torch.no_grad()
 def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict, batch_size: int,
-            progress: bool, desc: str, splice_all: bool = False, replay: bool = True) -> dict:
+            progress: bool, desc: str, splice_all: bool = False, replay: bool = True, kl: bool = True) -> dict:
     """Per-context sums (float64 [n_ctx]) of next-token CE and KL(clean || spliced) for the clean
     model and for each splice ``name -> replace(h, mask)`` at ``layer``. Keys: ``count`` (non-BOS
     predictions), ``count_all`` (all predictions), ``count_kl`` (non-BOS positions); per name
     ``{name}.ce`` (non-BOS predictions), ``{name}.ce_all`` and, for splices, ``{name}.kl`` and
     ``{name}.kl_all`` (every position; ``count_all_pos`` of them). ``splice_all``: the splices
     replace every position, BOS included (the paper's convention), not only the non-BOS ones.
+    ``kl=False``: no KL sums (the baselines need none).
 
     ``replay``: each spliced pass reruns only what the splice changes (the layers after ``layer``,
     the final norm and the head) from the clean pass's output of ``layer`` (``layer_replay``); the
-    sums are bitwise those of full passes. Checked on the first batch (a replay without a splice
-    must give the clean logits bitwise); when it does not, full passes with a warning. ``False``:
-    full passes (the reference the tests compare with)."""
+    sums are bitwise those of full passes. Checked first on the start of the first context (a replay
+    without a splice must give a full pass's logits bitwise); when it does not, full passes with a
+    warning. ``False``: full passes (the reference the tests compare with)."""
     device = next(model.parameters()).device
     sums: dict[str, list] = {}
     active: dict = {"replace": None, "mask": None}
@@ -488,8 +497,9 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
         sums.setdefault(key, []).append(value.double().cpu())
 
     batches = tokens.split(batch_size)
-    checked = not (replay and splices)  # the first batch checks the replay
     with layer_output_hook(model, layer, hook), layer_replay(model, layer) as cache:
+        if replay and splices:  # a short check: 64 tokens of one context
+            replay = _replay_matches(model, tokens[:1, :64].to(device), cache)
         for ids in _progress(batches, progress, len(batches), desc):
             ids = ids.to(device)
             mask = ids != bos_id  # positions spliced, and whose predictions are averaged
@@ -500,25 +510,23 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
             add("count_kl", mask.sum(1))
             add("count_all_pos", torch.full((len(ids),), ids.shape[1]))
             splice_mask = torch.ones_like(mask) if splice_all else mask
-            clean_logp = clean_p = None
             for name, replace in [("clean", None), *splices.items()]:
                 active.update(replace=replace, mask=splice_mask)
                 with cache.recording() if replace is None else cache.replaying() if replay else nullcontext():
                     logits = model(input_ids=ids, use_cache=False).logits
-                if not checked:
-                    checked, replay = True, _replay_matches(model, ids, cache, logits)
                 logp = F.log_softmax(logits.float(), dim=-1)
                 del logits
                 ce = -logp[:, :-1].gather(-1, targets)[..., 0]  # [b, T-1]
                 add(f"{name}.ce", (ce * pred_mask).sum(1))
                 add(f"{name}.ce_all", ce.sum(1))
-                if clean_logp is None:
-                    clean_logp, clean_p = logp, logp.exp()
-                else:
-                    # p log(p / q), with 0 log 0 = 0 where the clean probability underflows
-                    kl = torch.where(clean_p > 0, clean_p * (clean_logp - logp), 0.0).sum(-1)  # [b, T]
-                    add(f"{name}.kl", (kl * mask).sum(1))
-                    add(f"{name}.kl_all", kl.sum(1))
+                if replace is None:
+                    if kl:
+                        clean_logp, clean_p = logp, logp.exp()
+                        clean_zero = (clean_p > 0).logical_not_()
+                elif kl:
+                    div = _kl(clean_logp, clean_p, clean_zero, logp)  # [b, T]
+                    add(f"{name}.kl", (div * mask).sum(1))
+                    add(f"{name}.kl_all", div.sum(1))
                 del logp
             active.update(replace=None, mask=None)
     return {key: torch.cat(values) for key, values in sums.items()}
@@ -541,7 +549,7 @@ def ce_baseline(model, tokens: torch.Tensor, layer: int, *, bos_id: int | None =
         if mean_activation.dim() != 1:
             raise ValueError(f"mean_activation: expected a [d_model] vector, got shape {tuple(mean_activation.shape)}")
         splices["mean"] = lambda h, mask: torch.where(mask[..., None], mean_activation.to(h), h)
-    sums = _passes(model, tokens, layer, bos_id, splices, batch_size, progress, "CE baseline")
+    sums = _passes(model, tokens, layer, bos_id, splices, batch_size, progress, "CE baseline", kl=False)
     n, n_all = sums["count"].sum().item(), sums["count_all"].sum().item()
 
     def mean(key, count):

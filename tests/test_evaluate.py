@@ -385,7 +385,7 @@ def test_replayed_passes_are_bitwise_the_full_passes(tiny_llama, tokens, convent
         for key in full:
             assert torch.equal(full[key], fast[key]), (layer, key)
         assert full["s1.kl"].min() > 0 and full["s1.ce"].ne(full["clean.ce"]).all()  # the splices matter
-        assert full_calls == n_batches * (1 + len(splices)) and fast_calls == n_batches
+        assert full_calls == n_batches * (1 + len(splices)) and fast_calls == n_batches + 1  # + the check
 
 
 def test_replay_on_gpt2_and_through_the_public_api(tiny_llama, tokens):
@@ -395,7 +395,7 @@ def test_replay_on_gpt2_and_through_the_public_api(tiny_llama, tokens):
     splices = {"a": _splice(_reconstructor(_KeepFirst(32, 7))), "b": _splice(_reconstructor(_TopKLinear(32, 45, 4)))}
     full, _ = _run_passes(model, tokens, 1, splices, False, True)
     fast, fast_calls = _run_passes(model, tokens, 1, splices, True, True)
-    assert all(torch.equal(full[k], fast[k]) for k in full) and fast_calls == 3
+    assert all(torch.equal(full[k], fast[k]) for k in full) and fast_calls == 3 + 1
     mean = torch.randn(32)
     base = ce_baseline(tiny_llama, tokens, 1, batch_size=2, mean_activation=mean)
     saes = {"a": _KeepFirst(32, 10), "b": _TopKLinear(32, 40, 6)}
@@ -436,6 +436,23 @@ def test_replay_falls_back_to_full_passes_when_it_cannot_reproduce_the_clean_pas
         warnings.simplefilter("error")
         fast = _passes(plain, tokens, 1, 0, splices, 2, False, "test")
     assert all(torch.equal(full[k], fast[k]) for k in full)
+
+
+def test_kl_in_place_is_bitwise_the_expression():
+    """KL(clean || spliced) computed in place equals where(p > 0, p * (log p - log q), 0).sum(-1)
+    bit for bit, with underflowing clean probabilities and a -inf spliced log-probability."""
+    clean = torch.randn(3, 7, 1001, dtype=torch.float32) * 6
+    clean[1, 2, :40] = -1e4  # exp underflows to 0 there
+    clean_logp = torch.log_softmax(clean, -1)
+    logp = torch.log_softmax(clean + torch.randn_like(clean), -1)
+    logp[2, 3, 5] = -math.inf
+    logp[1, 2, 7] = -math.inf  # where the clean probability is 0: 0 log 0 = 0, not nan
+    clean_p = clean_logp.exp()
+    assert (clean_p == 0).sum() >= 40
+    want = torch.where(clean_p > 0, clean_p * (clean_logp - logp), 0.0).sum(-1)
+    got = evaluate._kl(clean_logp, clean_p, (clean_p > 0).logical_not_(), logp.clone())
+    assert torch.equal(got, want) and got[2, 3] == math.inf and torch.isfinite(got[1, 2])
+    assert got[0].min() > 0
 
 
 def test_replay_restores_the_layers_after_an_error(tiny_llama, tokens):
