@@ -25,6 +25,12 @@ worse than uniform (15.4 against 10.8 nats for SmolLM2 at layer 15), which infla
 recovered. Every context must start with the BOS token (``sae.data.token_splits`` makes them so);
 its id is recorded in every result.
 
+Cost. Per batch of contexts the clean model runs once in full; each splice (SAE or ablation)
+then reruns only the layers after the spliced one, the final norm and the head, from the clean
+pass's output of that layer (``sae.data.layouts.layer_replay``). The later layers see bitwise the
+inputs of a full pass, so every sum is bitwise that of full passes (checked per model, with a
+fallback to full passes).
+
 An SAE here is anything with ``encode(x) -> (top_acts, top_indices)``,
 ``decode(top_acts, top_indices) -> x_hat`` and ``n_latents``; for the CE splice a plain callable
 ``x -> x_hat`` works too.
