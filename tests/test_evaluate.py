@@ -366,6 +366,13 @@ def _tiny_gpt2():
     return transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
 
 
+def _tiny_neox():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64)
+    return transformers.GPTNeoXForCausalLM(config).eval().requires_grad_(False)
+
+
 @pytest.mark.parametrize("convention", ["saelens", "paper"])
 def test_replayed_passes_are_bitwise_the_full_passes(tiny_llama, tokens, convention):
     """Three SAEs and the baselines' splices, at the first, a middle and the last layer: every
@@ -388,14 +395,21 @@ def test_replayed_passes_are_bitwise_the_full_passes(tiny_llama, tokens, convent
         assert full_calls == n_batches * (1 + len(splices)) and fast_calls == n_batches + 1  # + the check
 
 
-def test_replay_on_gpt2_and_through_the_public_api(tiny_llama, tokens):
-    """GPT-2 (learned position embeddings, tuple-free blocks) replays bitwise too; the public
-    functions give the same results either way."""
-    model = _tiny_gpt2()
+@pytest.mark.parametrize("make", [_tiny_gpt2, _tiny_neox])
+def test_replay_on_gpt2_and_neox(tokens, make):
+    """GPT-2 (learned position embeddings) and GPT-NeoX (parallel residual, rotary) replay
+    bitwise too."""
+    model = make()
     splices = {"a": _splice(_reconstructor(_KeepFirst(32, 7))), "b": _splice(_reconstructor(_TopKLinear(32, 45, 4)))}
-    full, _ = _run_passes(model, tokens, 1, splices, False, True)
-    fast, fast_calls = _run_passes(model, tokens, 1, splices, True, True)
-    assert all(torch.equal(full[k], fast[k]) for k in full) and fast_calls == 3 + 1
+    for layer in (0, 1):
+        full, _ = _run_passes(model, tokens, layer, splices, False, True)
+        fast, fast_calls = _run_passes(model, tokens, layer, splices, True, True)
+        assert all(torch.equal(full[k], fast[k]) for k in full) and fast_calls == 3 + 1
+        assert full["a.kl_all"].min() > 0
+
+
+def test_replay_through_the_public_api(tiny_llama, tokens):
+    """ce_baseline and ce_loss_recovered give the same results with full passes."""
     mean = torch.randn(32)
     base = ce_baseline(tiny_llama, tokens, 1, batch_size=2, mean_activation=mean)
     saes = {"a": _KeepFirst(32, 10), "b": _TopKLinear(32, 40, 6)}
@@ -405,6 +419,7 @@ def test_replay_on_gpt2_and_through_the_public_api(tiny_llama, tokens):
         assert ce_loss_recovered(tiny_llama, saes, tokens, 1, baseline=full_base) == fast_res
     assert {k: torch.equal(v, base.context_sums[k]) for k, v in full_base.context_sums.items()} == \
         dict.fromkeys(base.context_sums, True)
+    assert fast_res["a"].kl.value > 0 and fast_res["b"].ce_sae > base.ce_clean
 
 
 class _SideChannelLM(_TupleLM):
