@@ -1,8 +1,9 @@
 """Tests of sae.evaluate: reconstruction metrics, firing density and the training-time dead
 fraction on hand-checkable SAEs; CE loss recovered with the reconstruction spliced into a tiny
 random Llama, every convention (SAELens headline, the previous pos0_kept, mean ablation, KL,
-bootstrap intervals) checked against a recomputation written out in this file. One slow test runs
-the real SmolLM2-135M-Instruct on Austen's test split."""
+bootstrap intervals) checked against a recomputation written out in this file; the replayed
+spliced passes (only the layers after the splice run) against full passes, bit for bit. One slow
+test runs the real SmolLM2-135M-Instruct on Austen's test split."""
 
 from __future__ import annotations
 
