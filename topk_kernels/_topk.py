@@ -24,8 +24,6 @@ Interface (stable; both encoders import it):
 
 Triton device functions (call them from ``@triton.jit`` kernels):
   - ``ordered_bits(values) -> int32``: fp32 -> the high half of a key (order-preserving bits).
-  - ``pack_keys(values, ids) -> keys``: fp32 tensor and integer ids of broadcastable shapes ->
-    int64 keys.
   - ``empty_slots(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64: the initial running candidates,
     the distinct keys ``MIN_KEY + slot`` (below every real key; stage 2 never selects them when
     k <= n).
@@ -94,11 +92,6 @@ if HAS_TRITON:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
-    def pack_keys(values, ids):
-        """fp32 values and integer latent ids (broadcastable) -> int64 keys, larger = better."""
-        return (ordered_bits(values).to(tl.int64) << 32) | (LOW_MASK - ids.to(tl.int64))
-
-    @triton.jit
     def empty_slots(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
         """[BLOCK_B, K_PAD] running candidates with no entry yet: the distinct keys MIN_KEY + slot,
         below every real key (their high half, INT32_MIN, is below the lowest real value's, -inf's)."""
@@ -141,7 +134,8 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------
 
 def pack_keys_torch(values: Tensor, ids: Tensor) -> Tensor:
-    """fp32 values and integer ids (broadcastable) -> int64 keys, identical to ``pack_keys``."""
+    """fp32 values and integer ids (broadcastable) -> int64 keys: ``ordered_bits`` in the high half,
+    0xFFFFFFFF - id in the low half, as ``fold_tile`` builds them."""
     values = values.float()
     values = torch.where(values == 0, torch.zeros((), dtype=values.dtype, device=values.device), values)
     bits = torch.where(values.isnan(), _CANONICAL_NAN, values.view(torch.int32))
@@ -150,7 +144,7 @@ def pack_keys_torch(values: Tensor, ids: Tensor) -> Tensor:
 
 
 def unpack_keys_torch(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """int64 keys -> (fp32 values, int64 ids): the inverse of ``pack_keys`` (NaN comes back as +NaN)."""
+    """int64 keys -> (fp32 values, int64 ids): the inverse of ``pack_keys_torch`` (NaN comes back as +NaN)."""
     high = (keys >> 32).int()
     bits = high ^ ((high >> 31) & _MAGNITUDE)
     return bits.view(torch.float32), _LOW_MASK - (keys & _LOW_MASK)
