@@ -450,3 +450,37 @@ def test_occupancy_from_registers_and_shared_memory():
     assert ctas_per_sm(128, 32768, 8, SM_LIMITS_DEFAULT) == 2  # 64 x 64 exact fp32: registers
     assert ctas_per_sm(32, 120 * 1024, 4, SM_LIMITS_DEFAULT) == 1  # shared memory
     assert ctas_per_sm(16, 0, 4, SM_LIMITS_DEFAULT) == 16  # threads: 2048 / 128
+
+
+def test_resident_ctas_reads_the_compiled_kernel(monkeypatch):
+    """``_topk.resident_ctas`` on CUDA: compiles through ``warmup`` (no launch), loads the binary
+    (Triton learns the register count lazily) and applies the occupancy rule; cached per launch."""
+    import types
+
+    import topk_kernels._topk as topk_mod
+
+    def kernel(regs, shared, warps, calls):
+        class Compiled:
+            metadata = types.SimpleNamespace(shared=shared, num_warps=warps)
+
+            def _init_handles(self):
+                self.n_regs = regs
+
+        class Kernel:
+            def warmup(self, *args, grid, **kwargs):
+                calls.append(kwargs)
+                return Compiled()
+
+        return Kernel()
+
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                                  max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda, calls = torch.device("cuda", 0), []
+    big = kernel(255, 98304, 8, calls)  # the 128 x 128 encoder tile: registers allow one CTA
+    assert topk_mod.resident_ctas(big, cuda, (1, 2), {"BLOCK": 128, "num_warps": 8}) == 1
+    assert topk_mod.resident_ctas(big, cuda, (1, 2), {"BLOCK": 128, "num_warps": 8}) == 1
+    assert len(calls) == 1  # cached
+    small = kernel(64, 32768, 4, calls)  # shared memory allows 233472 // (32768 + 1024) = 6
+    assert topk_mod.resident_ctas(small, cuda, (1, 2), {"BLOCK": 64, "num_warps": 4}) == 6
+    assert topk_mod.resident_ctas(small, torch.device("cpu"), (1, 2), {"BLOCK": 64}) is None

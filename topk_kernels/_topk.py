@@ -287,7 +287,11 @@ def resident_ctas(kernel, device: torch.device, args: tuple, kwargs: dict) -> in
     key = (kernel, device.index, tuple(sorted(kwargs.items())), tuple(getattr(a, "dtype", None) for a in args))
     if key not in _RESIDENT:
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        if compiled is None or not hasattr(compiled, "n_regs"):
+        if compiled is None:
+            return None
+        # Triton loads the binary (and learns its register count from the driver) lazily.
+        getattr(compiled, "_init_handles", lambda: None)()
+        if getattr(compiled, "n_regs", None) is None:
             return None
         props = torch.cuda.get_device_properties(device)
         limits = dict(
