@@ -93,17 +93,19 @@ def _check_data_args(args) -> None:
             raise _UsageError(f"--model: {args.model} is a folder; expected a .gguf file")
         if not os.path.exists(model) and looks_like_path:
             raise _UsageError(f"--model: path {args.model} does not exist")
-    if args.text is not None:
-        if not args.text:
-            raise _UsageError("--text: expected at least one text file or folder")
-        for item in args.text:
+    for flag, items in (("--text", args.text), ("--density-text", getattr(args, "density_text", None))):
+        if items is None:
+            continue
+        if not items:
+            raise _UsageError(f"{flag}: expected at least one text file or folder")
+        for item in items:
             p = Path(item)
             if not p.exists():
-                raise _UsageError(f"--text: {item} does not exist")
+                raise _UsageError(f"{flag}: {item} does not exist")
             if p.is_dir() and not any(p.glob("*.txt")):
-                raise _UsageError(f"--text: folder {item} holds no *.txt files")
+                raise _UsageError(f"{flag}: folder {item} holds no *.txt files")
             if p.is_file() and p.stat().st_size == 0:
-                raise _UsageError(f"--text: {item} is empty")
+                raise _UsageError(f"{flag}: {item} is empty")
 
 
 def _configs(args, **sae_overrides):
@@ -162,6 +164,7 @@ class _Workspace:
         torch.manual_seed(getattr(args, "seed", 0))  # anything left on the global RNG is seeded too
         try:
             self.model, tokenizer = load_model(args.model, dtype=getattr(torch, args.model_dtype))
+            self.tokenizer = tokenizer
             source = model_source(args.model)
         except (OSError, ValueError) as exc:
             where = args.model or "the embedded default"
@@ -316,19 +319,37 @@ class _Workspace:
         sae.train(was_training)
         return {"val_fvu": rec.fvu, "val_rel_err": rec.rel_error, "val_tokens": rec.n_tokens}
 
+    def density_extra(self, needed: int):
+        """Activations of the --density-text files (in memory, harvested once): enough contexts
+        for ``needed`` activations, or every context when ``needed`` is None. None without the flag."""
+        from .data import ActivationBuffer, load_texts, token_splits
+
+        paths = getattr(self.args, "density_text", None)
+        if not paths or needed == 0:
+            return None
+        if "density" not in self._acts:
+            tokens = token_splits(load_texts(paths), self.tokenizer, ctx_len=self.args.ctx_len,
+                                  validation_fraction=0.0, test_fraction=0.0).train
+            if needed is not None:  # position 0 of each context is left out of the activations
+                tokens = tokens[: -(-needed // (tokens.shape[1] - 1))]
+            buf = ActivationBuffer.harvest(self.model, tokens, self.layer, batch_size=8)
+            self._acts["density"] = buf[0:len(buf)]
+        return self._acts["density"]
+
     def firing_density(self, sae, path: Path) -> dict:
-        """Firing density over up to --density-tokens activations (training split, then test),
-        plotted to ``path``."""
+        """Firing density over up to --density-tokens activations (training split, then test, then
+        the --density-text files), plotted to ``path``."""
         from .evaluate import firing_density, plot_firing_density
 
         limit = self.args.density_tokens
         buf, test = self.buffer(), self.acts("test")
+        extra = self.density_extra(max(0, limit - len(buf) - len(test)))
+        parts = [buf, test] + ([extra] if extra is not None else [])
 
         def batches(size=8192):
-            for start in range(0, len(buf), size):
-                yield buf[start:min(start + size, len(buf))]
-            for start in range(0, len(test), size):
-                yield test[start:start + size]
+            for part in parts:
+                for start in range(0, len(part), size):
+                    yield part[start:min(start + size, len(part))]
 
         was_training = sae.training
         sae.eval()
@@ -336,8 +357,9 @@ class _Workspace:
         sae.train(was_training)
         plot_firing_density(density, path, title=f"{sae.arch} n={sae.n_latents} k={sae.k}: firing density over "
                             f"{density.n_tokens:,} tokens")
+        sources = ["train split", "test split"] + (["--density-text"] if extra is not None else [])
         return {"firing_density_plot": path.name, "firing_density_tokens": density.n_tokens,
-                "never_fired": density.never_fired()}
+                "firing_density_sources": " + ".join(sources), "never_fired": density.never_fired()}
 
 
 def _flag_error_from(exc: ValueError, flags: dict) -> _UsageError:
@@ -872,8 +894,11 @@ def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None
                    f"this (default: {min_test_tokens})")
     p.add_argument("--eval-contexts", type=int, default=None, help="evaluate on only the first this many test "
                    "contexts (default: the whole test split)")
-    p.add_argument("--density-tokens", type=int, default=1_000_000, help="activations (training split, then test) "
-                   "each SAE's firing-density histogram counts (default: 1000000)")
+    p.add_argument("--density-tokens", type=int, default=1_000_000, help="activations (training split, then test, "
+                   "then --density-text) each SAE's firing-density histogram counts (default: 1000000)")
+    p.add_argument("--density-text", nargs="*", default=None, help="plain-text files or folders of *.txt whose "
+                   "activations the firing densities count after the training and test splits, when those two hold "
+                   "fewer than --density-tokens (the default corpus holds ~930K tokens in all)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, sae_skip=()) -> None:

@@ -106,3 +106,27 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert "interrupted at step" in last and "resume with: python -m sae train" in last, last
+
+
+def test_firing_density_counts_the_density_text_after_the_splits(tiny_model, tmp_path):
+    """--density-text adds held-out activations after the training and test splits, up to
+    --density-tokens (the embedded corpus alone is short of the 1M the frontier asks for)."""
+    import transformers
+
+    from sae.data import load_texts, token_splits
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model / "model")
+    splits = token_splits(load_texts([tiny_model / "corpus.txt"]), tok, 32)
+    base = splits.train.shape[0] * 31 + 2 * 31  # position 0 of each context is left out; --eval-contexts 2
+    extra = tmp_path / "extra.txt"
+    extra.write_text(" ".join(reversed((tiny_model / "corpus.txt").read_text().split())))
+    proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "run", "--density-tokens", str(base + 40),
+                                     "--density-text", str(extra)), capture_output=True, text=True, timeout=600,
+                          env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "run" / "row.json").read_text())
+    assert row["firing_density_tokens"] == base + 40
+    assert row["firing_density_sources"] == "train split + test split + --density-text"
+    proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "bad", "--density-text", str(tmp_path / "none.txt")),
+                          capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert proc.returncode == 2 and "--density-text:" in proc.stderr and "does not exist" in proc.stderr
