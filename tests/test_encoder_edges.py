@@ -69,22 +69,34 @@ def _table(pattern: str, B: int, n: int) -> torch.Tensor:
         return ids.expand(B, n) + torch.arange(B)[:, None]
     if pattern == "falling":  # nothing enters after the first tile
         return -ids.expand(B, n) - torch.arange(B)[:, None]
-    if pattern == "few_values":  # many ties straddling every boundary, -0.0 and +0.0 among them
-        choices = torch.tensor([-1.0, -0.0, 0.0, 2.0, 3.5])
-        return choices[torch.randint(0, 5, (B, n))]
-    if pattern == "huge":  # around fp32 max, both signs, with exact ties
-        choices = torch.tensor([FP32_MAX, -FP32_MAX, FP32_MAX / 2, -FP32_MAX / 2, 3e38])
-        return choices[torch.randint(0, 5, (B, n))]
+    if pattern == "few_values":  # ties straddling every boundary: -0.0 == +0.0, and near fp32 max
+        choices = torch.tensor([-FP32_MAX, -1.0, -0.0, 0.0, 2.0, FP32_MAX / 2, FP32_MAX])
+        return choices[torch.randint(0, len(choices), (B, n))]
     raise ValueError(pattern)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("pattern", ["equal", "rising", "falling", "few_values", "huge"])
-@pytest.mark.parametrize("B,n,k", [(9, 200, 33), (3, 70, 70), (2, 1, 1)])
+@pytest.mark.parametrize("pattern,B,n,k", [
+    *[(pattern, 9, 200, 33) for pattern in ("equal", "rising", "falling", "few_values")],
+    ("rising", 3, 70, 70), ("few_values", 3, 70, 70),  # k = n, with K_PAD - n empty slots left
+    ("equal", 2, 1, 1),  # n = 1
+])
 def test_exact_patterns(strategy, pattern, B, n, k, monkeypatch):
     table = _table(pattern, B, n)
     acts, idx = _encode(strategy, monkeypatch, *_identity_inputs(table), k)
     _assert_exact(acts, idx, table, k, f"{strategy} {pattern}")
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("pattern", ["rising", "few_values"])
+def test_exact_patterns_bf16(strategy, pattern, monkeypatch):
+    """bf16 inputs: the fused kernel's 128 x 128 tensor-core tiles (ENCODE_TC_TILES), 260 latents
+    in three tiles (the last partial), 9 tokens of 128; rising ids above 256 round to bf16 ties."""
+    table = _table(pattern, 9, 260).clamp(-3e38, 3e38).bfloat16()  # fp32 max rounds to bf16 inf
+    x, weight, _ = _identity_inputs(table)
+    acts, idx = _encode(strategy, monkeypatch, x.bfloat16(), weight, None, 40)
+    assert acts.dtype == torch.bfloat16
+    _assert_exact(acts, idx, table.float(), 40, f"{strategy} bf16 {pattern}")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -98,10 +110,10 @@ def test_all_neg_inf(strategy, n, k, monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 63, 65, 128, 129, 255, 257])
+@pytest.mark.parametrize("k", [1, 2, 3, 63, 65, 129, 257])
 def test_every_k_pad_boundary(strategy, k, monkeypatch):
-    """Random distinct values plus runs of ties, at every K_PAD boundary (k = 257 leaves the fused
-    kernel's and the selection kernel's K_PAD for the blocked fallback)."""
+    """Random distinct values plus runs of ties, on both sides of K_PAD boundaries (k = 129 takes
+    K_PAD = 256; k = 257 leaves the fused and selection kernels for the blocked fallback)."""
     B, n = 3, 260
     table = torch.randn(B, n)
     table[:, 40:90] = 0.5  # a run of ties across tiles
@@ -111,7 +123,7 @@ def test_every_k_pad_boundary(strategy, k, monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("k", [1, 3, 40])
+@pytest.mark.parametrize("k", [1, 40])
 def test_nan_and_inf_columns(strategy, k, monkeypatch):
     """NaN of either sign ranks above +inf, +inf above every finite value, equal ranks to the lower
     id; -inf is still a real entry. The specials come in through the bias (column-wise)."""
@@ -140,15 +152,18 @@ def test_rows_of_nan_and_inf(strategy, monkeypatch):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_bf16_inputs_whose_fp32_accumulation_overflows(strategy, monkeypatch):
-    """bf16 reaches past fp32's range in products: every backend accumulates in fp32, so the
-    overflowed entries rank as +inf / -inf / NaN (inf - inf), not as the fp64 values."""
+    """bf16 reaches past fp32's range: every backend accumulates in fp32, so sums beyond it rank
+    as +inf / -inf (ties to the lower id), not as the fp64 values. Each latent's two weights share
+    a sign and bf16 products are exact in fp32, so the fp32 sum is the same in any order (with or
+    without FMA); a sum of mixed signs (inf - inf or not) would depend on the order."""
     n, k = 150, 9
-    x = torch.tensor([[3e38, 3e38], [3e38, -3e38], [1.0, 1.0]]).bfloat16()
-    weight = torch.randn(n, 2).bfloat16()
-    weight[10] = torch.tensor([4.0, -4.0])  # inf - inf = NaN on token 0, +inf on token 1
-    weight[77] = torch.tensor([4.0, 4.0])
+    x = torch.tensor([[2e38, 2e38], [-2e38, -1e38], [1.0, 1.0]]).bfloat16()
+    weight = torch.randn(n, 2).abs() * torch.randn(n, 1).sign()
+    weight = weight.bfloat16()
     acts, idx = _encode(strategy, monkeypatch, x, weight, None, k)
-    pre = x.float()[:, None, 0] * weight.float()[None, :, 0] + x.float()[:, None, 1] * weight.float()[None, :, 1]
+    xf, wf = x.float(), weight.float()
+    pre = (xf[:, None, 0] * wf[None, :, 0]) + (xf[:, None, 1] * wf[None, :, 1])
+    assert pre[:2].isinf().sum() > 2 * k  # ties among +inf beyond k, and -inf
     _assert_exact(acts, idx, pre, k, f"{strategy} overflow")
     assert acts.dtype == torch.bfloat16
 
@@ -168,9 +183,9 @@ def test_more_splits_than_tiles(strategy, monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("lead,m,n,k", [
     ((1,), 7, 1, 1),  # n = 1, B = 1
-    ((19,), 19, 65, 65),  # k = n, n one past a tile, B spans token chunks
-    ((2, 3, 5), 33, 257, 5),  # leading batch dims
-    ((21,), 24, 200, 64),  # B not a multiple of any block, two GEMM chunks
+    ((11,), 19, 65, 65),  # k = n, n one past a tile, B spans token chunks
+    ((2, 3, 2), 33, 257, 5),  # leading batch dims
+    ((21,), 24, 200, 9),  # B not a multiple of any block, two GEMM chunks
 ])
 def test_random_shapes_with_gradients(strategy, lead, m, n, k, monkeypatch):
     x = torch.randn(*lead, m)
@@ -192,11 +207,11 @@ def test_random_shapes_with_gradients(strategy, lead, m, n, k, monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("bias_dtype", [None, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16])
 def test_noncontiguous_inputs_and_bias_dtypes(strategy, bias_dtype, monkeypatch):
     x = torch.randn(12, 2, 21)[:, 1, :]  # strided rows
-    weight = torch.randn(21, 150).T  # transposed: non-contiguous [n, m]
-    bias = None if bias_dtype is None else (0.1 * torch.randn(300)[::2]).to(bias_dtype)
+    weight = torch.randn(21, 140).T  # transposed: non-contiguous [n, m]
+    bias = None if bias_dtype is None else (0.1 * torch.randn(280)[::2]).to(bias_dtype)
     acts, idx = _encode(strategy, monkeypatch, x, weight, bias, 33)
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), None if bias is None else bias.double(), 33)
     pre = x.double() @ weight.double().T + (0 if bias is None else bias.double())
@@ -215,11 +230,12 @@ def _expander(backend, monkeypatch, x, values, rows, bias, k):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("k", [1, 2, 3, 65, 129, 257])
+@pytest.mark.parametrize("k", [1, 2, 3, 129])
 def test_expander_one_hot_atoms_exact(backend, k, monkeypatch):
-    """d = 1, values = 1: pre[b, j] = x[b, rows[j]] exactly; 260 latents on 20 coordinates tie
-    in groups across tiles and splits, and B = 40 spans two transposed chunks (the last partial)."""
-    B, m, n = 40, 20, 260
+    """d = 1, values = 1: pre[b, j] = x[b, rows[j]] exactly; 200 latents on 20 coordinates tie
+    in groups across tiles and splits, and B = 40 spans two or three transposed chunks (the last
+    partial)."""
+    B, m, n = 40, 20, 200
     x = torch.randn(B, m)
     x[3] = 0.0
     x[4, ::2] = -0.0  # -0.0 ties +0.0
@@ -245,7 +261,7 @@ def test_expander_nan_inf_bias_and_rising(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("lead,m,n,d,k", [((1,), 5, 1, 2, 1), ((3, 13), 40, 333, 6, 17), ((40,), 9, 70, 9, 70)])
+@pytest.mark.parametrize("lead,m,n,d,k", [((1,), 5, 1, 2, 1), ((3, 13), 40, 200, 4, 17), ((20,), 9, 40, 3, 40)])
 def test_expander_random_with_gradients(backend, lead, m, n, d, k, monkeypatch):
     x = torch.randn(*lead, m)
     rows = torch.stack([torch.randperm(m)[:d] for _ in range(n)])
