@@ -25,18 +25,18 @@ STRATEGIES = ["torch", "fused", "chunked"]
 
 
 def _encode(strategy, monkeypatch, x, weight, bias, k):
-    """topk_encode on one strategy. "chunked" takes 8-token GEMM chunks of 130 latents and
-    32-wide selection tiles: five per chunk, in three interleaved splits of two tiles (0, 3 / 1, 4
-    / 2); 150 latents span two chunks (the second leaves two splits without a tile) and B > 8
-    several token chunks (B = 11 and 21 below). "fused" past its K_PAD limit goes to the chunked
-    path, as the dispatcher says."""
+    """topk_encode on one strategy. "chunked" takes GEMM chunks of 4 tokens x 130 latents (more
+    latents when B < 4) and 32-wide selection tiles: five per chunk, in three interleaved splits
+    of two tiles (0, 3 / 1, 4 / 2); 150 latents span two chunks (the second leaves two splits
+    without a tile) and B > 4 several token chunks. "fused" past its K_PAD limit goes to the
+    chunked path, as the dispatcher says."""
     if strategy == "torch":
         return topk_encode(x, weight, bias, k, backend="torch")
     if strategy == "chunked":
         monkeypatch.setattr(te, "encode_strategy", lambda *args: "chunked")
-        monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 8 * 130)
-        monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 8)
-        monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: (8, 32, 4) for kp in te.SELECT_CONFIGS})
+        monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 4 * 130)
+        monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 4)
+        monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: (4, 32, 4) for kp in te.SELECT_CONFIGS})
     return topk_encode(x, weight, bias, k, backend="triton")  # on CPU the dispatcher picks "fused"
 
 
