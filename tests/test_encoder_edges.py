@@ -24,19 +24,19 @@ FP32_MAX = torch.finfo(torch.float32).max
 STRATEGIES = ["torch", "fused", "chunked"]
 
 
-def _encode(strategy, monkeypatch, x, weight, bias, k):
-    """topk_encode on one strategy. "chunked" takes GEMM chunks of 4 tokens x 130 latents (more
-    latents when B < 4) and 32-wide selection tiles: five per chunk, in three interleaved splits
-    of two tiles (0, 3 / 1, 4 / 2); 150 latents span two chunks (the second leaves two splits
-    without a tile) and B > 4 several token chunks. "fused" past its K_PAD limit goes to the
-    chunked path, as the dispatcher says."""
+def _encode(strategy, monkeypatch, x, weight, bias, k, chunk_b=4):
+    """topk_encode on one strategy. "chunked" takes GEMM chunks of chunk_b tokens x 130 latents
+    (more latents when B < chunk_b) and 32-wide selection tiles: five per chunk, in three
+    interleaved splits of two tiles (0, 3 / 1, 4 / 2); 150 latents span two chunks (the second
+    leaves two splits without a tile) and B > chunk_b several token chunks. "fused" past its K_PAD
+    limit goes to the chunked path, as the dispatcher says."""
     if strategy == "torch":
         return topk_encode(x, weight, bias, k, backend="torch")
     if strategy == "chunked":
         monkeypatch.setattr(te, "encode_strategy", lambda *args: "chunked")
-        monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 4 * 130)
-        monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 4)
-        monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: (4, 32, 4) for kp in te.SELECT_CONFIGS})
+        monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", chunk_b * 130)
+        monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", chunk_b)
+        monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: (chunk_b, 32, 4) for kp in te.SELECT_CONFIGS})
     return topk_encode(x, weight, bias, k, backend="triton")  # on CPU the dispatcher picks "fused"
 
 
@@ -208,7 +208,7 @@ def test_random_shapes_with_gradients(strategy, lead, m, n, k, monkeypatch):
     weight = torch.randn(n, m) / m**0.5
     bias = 0.1 * torch.randn(n)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    acts, idx = _encode(strategy, monkeypatch, *leaves, k)
+    acts, idx = _encode(strategy, monkeypatch, *leaves, k, chunk_b=16)
     ref = [t.double().requires_grad_() for t in (x, weight, bias)]
     ref_acts, ref_idx = reference.topk_encode(*ref, k)
     pre = x.double() @ weight.double().T + bias.double()
@@ -228,7 +228,7 @@ def test_noncontiguous_inputs_and_bias_dtypes(strategy, bias_dtype, monkeypatch)
     x = torch.randn(12, 2, 21)[:, 1, :]  # strided rows
     weight = torch.randn(21, 140).T  # transposed: non-contiguous [n, m]
     bias = None if bias_dtype is None else (0.1 * torch.randn(280)[::2]).to(bias_dtype)
-    acts, idx = _encode(strategy, monkeypatch, x, weight, bias, 33)
+    acts, idx = _encode(strategy, monkeypatch, x, weight, bias, 33, chunk_b=16)
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), None if bias is None else bias.double(), 33)
     pre = x.double() @ weight.double().T + (0 if bias is None else bias.double())
     assert acts.dtype == torch.float32
