@@ -40,14 +40,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 def assert_same_topk(idx: torch.Tensor, ref_idx: torch.Tensor, ref_pre: torch.Tensor, tol: float, what: str = "") -> None:
     """The selected latents equal the reference's, except where the reference's own values tie
     within ``tol`` (relative to the scale of ``ref_pre``): there the working precision cannot
-    order them and a swap is accepted. ``ref_pre`` is the fp64 [..., n] pre-activations."""
+    order them and a swap is accepted; never where either value is NaN or infinite. ``ref_pre`` is
+    the fp64 [..., n] pre-activations."""
     assert idx.shape == ref_idx.shape, f"{what}: shape {tuple(idx.shape)} != {tuple(ref_idx.shape)}"
     differ = idx != ref_idx
     if not differ.any():
         return
-    scale = max(1.0, ref_pre.abs().max().item())
+    # Scale from the finite values: one inf would otherwise accept any swap. A NaN or an infinite
+    # value is never "within tol" of anything, so where one is involved the ids must match exactly.
+    finite = ref_pre[ref_pre.isfinite()]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     got, want = ref_pre.gather(-1, idx), ref_pre.gather(-1, ref_idx)
-    bad = differ & ((got - want).abs() > tol * scale)
+    bad = differ & ~((got - want).abs() <= tol * scale)
     assert not bad.any(), f"{what}: {int(bad.sum())} selected latents differ from the reference beyond ties"
 
 
