@@ -898,7 +898,7 @@ def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None
                    "then --density-text) each SAE's firing-density histogram counts (default: 1000000)")
     p.add_argument("--density-text", nargs="*", default=None, help="plain-text files or folders of *.txt whose "
                    "activations the firing densities count after the training and test splits, when those two hold "
-                   "fewer than --density-tokens (the default corpus holds ~930K tokens in all)")
+                   "fewer than --density-tokens; the default corpus holds ~930K tokens in all (default: none)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, sae_skip=()) -> None:
