@@ -55,6 +55,36 @@ def assert_same_topk(idx: torch.Tensor, ref_idx: torch.Tensor, ref_pre: torch.Te
     assert not bad.any(), f"{what}: {int(bad.sum())} selected latents differ from the reference beyond ties"
 
 
+def assert_grads_match(acts: torch.Tensor, ref_acts: torch.Tensor, leaves, ref_leaves, names, tol: float) -> None:
+    """Back-propagates one random gradient through ``acts`` and through the fp64 ``ref_acts``; each
+    leaf's gradient (None leaves skipped) keeps the leaf's dtype and matches the reference's
+    within ``tol`` (``assert_close``)."""
+    grad = torch.randn_like(ref_acts)
+    acts.backward(grad.to(acts.dtype))
+    ref_acts.backward(grad)
+    for name, got, want in zip(names, leaves, ref_leaves):
+        if got is None:
+            continue
+        assert got.grad.dtype == got.dtype, f"grad {name}: dtype {got.grad.dtype} != {got.dtype}"
+        assert_close(got.grad, want.grad, tol, f"grad {name}")
+
+
+def tiny_gpt2(bos_id: int = 0):
+    """A random 3-layer GPT-2 (vocabulary 101, width 32) for layout and evaluation tests."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                     bos_token_id=bos_id, eos_token_id=bos_id)
+    return transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+def tiny_neox():
+    """A random 3-layer GPT-NeoX (vocabulary 101, width 32) for layout and evaluation tests."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64)
+    return transformers.GPTNeoXForCausalLM(config).eval().requires_grad_(False)
+
+
 _WORDS = "the cat sat on a mat and saw many dogs run over hills while birds sang in old trees".split()
 
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from helpers import tiny_gpt2, tiny_neox
 from sae import data as sdata
 from sae.data import harvest_activations
 
@@ -65,21 +66,7 @@ def test_harvest_bf16_and_bad_layer(tiny_llama, tokens):
         next(harvest_activations(model, tokens, 4))
 
 
-def _tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
-
-
-def _tiny_neox():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                        intermediate_size=64, max_position_embeddings=64)
-    return transformers.GPTNeoXForCausalLM(config).eval().requires_grad_(False)
-
-
-@pytest.mark.parametrize("make, where", [(_tiny_gpt2, "transformer.h"), (_tiny_neox, "gpt_neox.layers")])
+@pytest.mark.parametrize("make, where", [(tiny_gpt2, "transformer.h"), (tiny_neox, "gpt_neox.layers")])
 def test_layouts_gpt2_and_neox(make, where, tokens):
     model = make()
     layers = sdata.decoder_layers(model)

@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import HAS_TRITON, TOL, assert_close, assert_same_topk
+from helpers import HAS_TRITON, TOL, assert_close, assert_grads_match, assert_same_topk
 from topk_kernels import expander_encode, reference, topk_encode
 
 te = importlib.import_module("topk_kernels.topk_encode")
@@ -215,11 +215,7 @@ def test_random_shapes_with_gradients(strategy, lead, m, n, k, monkeypatch):
     assert idx.shape == (*lead, k)
     assert_same_topk(idx, ref_idx, pre, TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
-    grad = torch.randn_like(ref_acts)
-    acts.backward(grad.float())
-    ref_acts.backward(grad)
-    for name, got, want in zip(("x", "weight", "bias"), leaves, ref):
-        assert_close(got.grad, want.grad, 1e-4, f"grad {name}")
+    assert_grads_match(acts, ref_acts, leaves, ref, ("x", "weight", "bias"), 1e-4)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -291,8 +287,4 @@ def test_expander_random_with_gradients(backend, lead, m, n, d, k, monkeypatch):
     pre = x.double() @ pre.T + bias.double()
     assert_same_topk(idx, ref_idx, pre, TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
-    grad = torch.randn_like(ref_acts)
-    acts.backward(grad.float())
-    ref_acts.backward(grad)
-    for name, got, want in zip(("x", "values", "bias"), leaves, ref):
-        assert_close(got.grad, want.grad, 1e-4, f"grad {name}")
+    assert_grads_match(acts, ref_acts, leaves, ref, ("x", "values", "bias"), 1e-4)

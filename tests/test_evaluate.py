@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import torch
 
+from helpers import tiny_gpt2, tiny_neox
 from sae import evaluate
 from sae.data import ActivationBuffer, decoder_layers
 from sae.data.layouts import layer_replay
@@ -360,20 +361,6 @@ def _run_passes(model, tokens, layer, splices, replay, splice_all=False, bos_id=
     return sums, len(calls)
 
 
-def _tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                     bos_token_id=BOS, eos_token_id=BOS)
-    return transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
-
-
-def _tiny_neox():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                        intermediate_size=64, max_position_embeddings=64)
-    return transformers.GPTNeoXForCausalLM(config).eval().requires_grad_(False)
-
-
 @pytest.mark.parametrize("convention", ["saelens", "paper"])
 def test_replayed_passes_are_bitwise_the_full_passes(tiny_llama, tokens, convention):
     """Three SAEs and the baselines' splices, at the first, a middle and the last layer: every
@@ -396,7 +383,7 @@ def test_replayed_passes_are_bitwise_the_full_passes(tiny_llama, tokens, convent
         assert full_calls == n_batches * (1 + len(splices)) and fast_calls == n_batches + 1  # + the check
 
 
-@pytest.mark.parametrize("make", [_tiny_gpt2, _tiny_neox])
+@pytest.mark.parametrize("make", [functools.partial(tiny_gpt2, BOS), tiny_neox])
 def test_replay_on_gpt2_and_neox(tokens, make):
     """GPT-2 (learned position embeddings) and GPT-NeoX (parallel residual, rotary) replay
     bitwise too."""

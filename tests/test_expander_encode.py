@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import gpu_compile
-from helpers import BACKENDS, TOL, assert_close
+from helpers import BACKENDS, TOL, assert_close, assert_grads_match
 from topk_kernels._common import HAS_TRITON
 from topk_kernels import expander_encode, reference
 from topk_kernels._topk import cpu_tile
@@ -82,14 +82,7 @@ def _check_against_reference(x, values, rows, bias, k, backend, tol):
     # Gradients of the fp64 reference at the same selection: a ReLU'd gather of pre.
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, values, bias)]
     ref_acts = _reference_pre(ref_leaves[0], ref_leaves[1], rows, ref_leaves[2]).gather(-1, idx).relu()
-    grad = torch.randn_like(ref_acts)
-    acts.backward(grad.to(acts.dtype))
-    ref_acts.backward(grad)
-    for name, got, want in zip(("x", "values", "bias"), leaves, ref_leaves):
-        if got is None:
-            continue
-        assert got.grad.dtype == got.dtype
-        assert_close(got.grad, want.grad, tol, f"grad {name}")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "values", "bias"), tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,14 +161,15 @@ def test_kernel_gathers_over_token_blocks_and_tiles(monkeypatch, dtype):
 @needs_triton
 def test_kernel_ignores_out_of_range_rows_in_padded_blocks(monkeypatch):
     """The index contract through the transposed gather (B=21: two token blocks, the last padded):
-    rows outside [0, m) contribute nothing: m and m + 1 (just past x.T), negative ones, and one
-    whose offset r * LD would wrap in int32."""
+    rows outside [0, m) contribute nothing: m and m + 1 (just past x.T), negative ones, one whose
+    offset r * LD would wrap in int32, and int64 rows that would wrap into range as int32."""
     monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 8, (16, 16, 4))
     B, n, m, d, k = 21, 60, 13, 3, 5
     x = torch.randn(B, m)
     values = torch.randn(n, d)
     rows = _rows(n, m, d).contiguous()
     rows[0, 0], rows[7, 2], rows[31, 1], rows[59, 0], rows[44, 2] = -1, m, 2**31 // B, -(2**40), m + 1
+    rows[20, 1] = 2**33  # wraps to coordinate 0 if cast to int32 before the range check
     row_ok = (rows >= 0) & (rows < m)
     acts, idx = ee._triton_forward(x, values, rows, None, k, torch.float32)
     pre = x.double() @ reference.expander_dense(torch.where(row_ok, values, 0.0).double(), rows.clamp(0, m - 1), m).T

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import BACKENDS, TF32_TOL, TOL, assert_close, assert_same_topk, cuda_only
+from helpers import BACKENDS, TF32_TOL, TOL, assert_close, assert_grads_match, assert_same_topk, cuda_only
 from topk_kernels import reference, topk_encode
 from topk_kernels._topk import (
     MIN_KEY_VALUE,
@@ -75,12 +75,7 @@ def test_matches_dense_reference(backend, lead, m, n, k):
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
     assert (acts[..., :-1] >= acts[..., 1:]).all(), "not sorted descending"
 
-    grad = torch.randn_like(ref_acts)
-    acts.backward(grad.float())
-    ref_acts.backward(grad)
-    for name, got, want in zip(("x", "weight", "bias"), leaves, ref_leaves):
-        assert got.grad.dtype == got.dtype
-        assert_close(got.grad, want.grad, 1e-4, f"grad {name}")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,12 +98,7 @@ def test_half_precision(backend, dtype):
     # fp32 accumulation ranks like fp64 except on near-ties
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[dtype], "top_acts")
-    grad = torch.randn_like(ref_acts)
-    acts.backward(grad.to(dtype))
-    ref_acts.backward(grad)
-    for name, got, want in zip(("x", "weight", "bias"), leaves, ref_leaves):
-        assert got.grad.dtype == dtype
-        assert_close(got.grad, want.grad, TOL[dtype], f"grad {name}")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), TOL[dtype])
 
 
 @cuda_only
@@ -281,12 +271,7 @@ def test_chunked_strategy_matches_dense_reference(lead, m, n, k, dtype):
     assert acts.dtype == dtype and idx.dtype == torch.int64 and idx.shape == (*lead, k)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[dtype], "top_acts")
-    grad = torch.randn_like(ref_acts)
-    acts.backward(grad.to(dtype))
-    ref_acts.backward(grad)
-    for name, got, want in zip(("x", "weight", "bias"), leaves, ref_leaves):
-        assert got.grad.dtype == dtype
-        assert_close(got.grad, want.grad, max(TOL[dtype], 1e-4), f"grad {name}")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), max(TOL[dtype], 1e-4))
 
 
 @pytest.mark.usefixtures("chunked")
