@@ -192,9 +192,10 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
-# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (32 MiB; the eager key
-# packing of ``_topk.pack_keys_torch`` holds a few more tensors of that size while it runs), up to
-# CHUNK_MAX_BLOCK_B tokens each (a GEMM of 8192 x 1024 x m still fills an H100).
+# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (32 MiB, which the
+# selection kernel reads once; on the packed-keys path above SELECT_MAX_K_PAD, ``pack_keys_torch``
+# holds a few more tensors of that size while it runs), up to CHUNK_MAX_BLOCK_B tokens each (a
+# GEMM of 8192 x 1024 x m still fills an H100).
 CHUNK_TILE_ELEMS = 8 * 2**20
 CHUNK_MAX_BLOCK_B = 8192
 # The chunked strategy's selection kernel (``_select_kernel``): (BLOCK_B, BLOCK_N, num_warps) by
