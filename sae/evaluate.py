@@ -575,7 +575,7 @@ def _bootstrap(stat: Callable[[dict], torch.Tensor], sums: dict, n_bootstrap: in
     resamplings of the contexts (the same resamplings for every statistic of one seed)."""
     value = float(stat({k: v.sum() for k, v in sums.items()}))
     n_ctx = len(next(iter(sums.values())))
-    idx = torch.randint(n_ctx, (n_bootstrap, n_ctx), generator=torch.Generator().manual_seed(seed))
+    idx = torch.randint(n_ctx, (n_bootstrap, n_ctx), generator=torch.Generator().manual_seed(seed), device="cpu")
     boot = stat({k: v[idx].sum(1) for k, v in sums.items()})
     low, high = torch.nanquantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=boot.dtype))
     return Interval(value, float(low), float(high))

@@ -24,6 +24,7 @@ within each latent (ascending rows give the kernels a little memory locality).
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -31,6 +32,16 @@ import torch
 # Candidate swap partners tried per repeated entry per repair round.
 _CANDIDATES = 16
 _MAX_ROUNDS = 10_000
+
+
+def _on_cpu(fn):
+    """Run ``fn`` with CPU as the default device: its seeded draws come from a CPU generator, so
+    they are the same on every machine, also when called under ``with torch.device("cuda")``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _check_int(name: str, value, lo: int) -> int:
@@ -41,6 +52,7 @@ def _check_int(name: str, value, lo: int) -> int:
     return int(value)
 
 
+@_on_cpu
 def expander_mask(m: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
     """Draw the support rows of a random left-d-regular bipartite graph.
 
@@ -142,6 +154,7 @@ def _repair_duplicates(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     )
 
 
+@_on_cpu
 def mask_diagnostics(
     rows: torch.Tensor, m: int, k: int = 32, n_sets: int = 256, seed: int = 0,
     n_pairs: int = 200_000, exact_overlap_up_to: int = 4096,

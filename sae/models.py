@@ -144,6 +144,8 @@ class _SparseCoder(nn.Module):
         return {**self._size_config(), **opts}
 
     def _generator(self) -> torch.Generator:
+        # A CPU generator (its draws are the same on every device); draws name device="cpu", so
+        # that a model built under `with torch.device("cuda")` draws the same numbers.
         return torch.Generator().manual_seed(self.seed)
 
     # -- shared ---------------------------------------------------------------------------------
@@ -357,7 +359,7 @@ class TopKSAE(_SparseCoder):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        w = torch.randn(self.n_latents, self.d_model, generator=self._generator())
+        w = torch.randn(self.n_latents, self.d_model, generator=self._generator(), device="cpu")
         w /= w.norm(dim=1, keepdim=True)
         self.decoder.weight.copy_(w)
         self.W_enc.copy_(w)
@@ -383,7 +385,7 @@ class TopKSAE(_SparseCoder):
         return tk.topk_encode(x_centered, self.W_enc, bias, k, backend=self.backend)
 
     def _decode_atoms(self, top_acts, top_indices):
-        return tk.sparse_decode(top_acts, top_indices, self.W_dec, backend=self.backend)
+        return tk.sparse_decode(top_acts, top_indices, self.W_dec, backend=self.backend, check_indices=False)
 
     def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return self.decoder(top_acts, top_indices)
@@ -450,7 +452,7 @@ class ExpanderSAE(_SparseCoder):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        v = torch.randn(self.n_latents, self.degree, generator=self._generator())
+        v = torch.randn(self.n_latents, self.degree, generator=self._generator(), device="cpu")
         v /= v.norm(dim=1, keepdim=True)
         self.values.copy_(v)
         if self.enc_values is not None:
@@ -489,18 +491,18 @@ class ExpanderSAE(_SparseCoder):
 
     def _decode_atoms(self, top_acts, top_indices):
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend,
-                                  check_rows=False)
+                                  check_rows=False, check_indices=False)
 
     def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, self.b_dec,
-                                  backend=self.backend, check_rows=False)
+                                  backend=self.backend, check_rows=False, check_indices=False)
 
     @torch.no_grad()
     def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
         # The residual restricted to each latent's support; a support where it is 0 gets a random atom.
         v = directions.gather(1, self.rows[idx].to(directions.device).long())
         norm = v.norm(dim=1, keepdim=True)
-        fallback = torch.randn(v.shape, generator=self._generator()).to(v)
+        fallback = torch.randn(v.shape, generator=self._generator(), device="cpu").to(v)
         v = torch.where(norm > 0, v, fallback)
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.values[idx] = v.to(self.values.dtype)

@@ -104,3 +104,16 @@ def word_level_corpus(root, *, seed: int, paragraphs: int, words_per_paragraph: 
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+def force_fused(monkeypatch) -> None:
+    """Make ``topk_encode(backend="triton")`` take the fused kernel wherever its K_PAD allows (on
+    CUDA the dispatcher would pick the chunked strategy, so the fused kernel would go untested)."""
+    import importlib
+
+    te = importlib.import_module("topk_kernels.topk_encode")
+
+    def fused_where_it_fits(B, m, n, k, *rest):
+        return "fused" if te.pow2(k, lo=min(te.ENCODE_CONFIGS)) <= te.MAX_FUSED_K_PAD else "chunked"
+
+    monkeypatch.setattr(te, "encode_strategy", fused_where_it_fits)

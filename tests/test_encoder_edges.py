@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import HAS_TRITON, TOL, assert_close, assert_grads_match, assert_same_topk
+from helpers import HAS_TRITON, TOL, assert_close, assert_grads_match, assert_same_topk, force_fused
 from topk_kernels import expander_encode, reference, topk_encode
 
 te = importlib.import_module("topk_kernels.topk_encode")
@@ -37,7 +37,9 @@ def _encode(strategy, monkeypatch, x, weight, bias, k, chunk_b=4):
         monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", chunk_b * 130)
         monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", chunk_b)
         monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: (chunk_b, 32, 4) for kp in te.SELECT_CONFIGS})
-    return topk_encode(x, weight, bias, k, backend="triton")  # on CPU the dispatcher picks "fused"
+    else:
+        force_fused(monkeypatch)
+    return topk_encode(x, weight, bias, k, backend="triton")
 
 
 def _expected(pre: torch.Tensor, k: int):

@@ -4,7 +4,7 @@ dead latents and AuxK, BatchTopK, checkpoints, and learning a planted sparse dic
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.data import ActivationBuffer
 from sae.models import ExpanderSAE, TopKSAE
@@ -344,3 +344,19 @@ def test_expander_rows_checked_once_at_load_not_per_call(monkeypatch):
     with pytest.raises(ValueError, match="rows"):
         sae.load_state_dict(state)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("cls,kwargs", [(TopKSAE, {}), (ExpanderSAE, {"degree": 3})])
+def test_built_under_a_default_device_draws_the_same_weights(cls, kwargs):
+    """``with torch.device(...)`` (how benchmarks/gpu.py and users build on CUDA) must not meet
+    the CPU seed generator: the draws happen on CPU and land on that device, equal to a CPU
+    build's. Without a GPU, "meta" stands in (the same error before the fix: "Expected a 'meta'
+    device type for generator but found 'cpu'"); with --device cuda the values are compared."""
+    device = "cuda" if DEVICE.type == "cuda" else "meta"
+    on_cpu = cls(16, 48, 4, seed=3, **kwargs)
+    with torch.device(device):
+        built = cls(16, 48, 4, seed=3, **kwargs)
+    for (name, a), (_, b) in zip(on_cpu.state_dict().items(), built.state_dict().items()):
+        assert b.shape == a.shape, name
+        if device == "cuda" or b.device.type == "cpu":
+            assert torch.equal(a, b.cpu()), name

@@ -4,7 +4,7 @@ and on the Triton kernels under the interpreter; errors; torch.library and torch
 import pytest
 import torch
 
-from helpers import BACKENDS, TOL, assert_close
+from helpers import BACKENDS, DEVICE, TOL, assert_close
 from topk_kernels import reference, sparse_decode
 
 pytestmark = pytest.mark.ops
@@ -99,6 +99,28 @@ def test_bad_input_raises_naming_the_argument(mutate, match):
     args = mutate(*_inputs((37,), 100, 1000, 17, torch.float32))
     with pytest.raises((ValueError, IndexError, TypeError), match=match):
         sparse_decode(*args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_check_indices_false_only_drops_the_device_sync(backend):
+    """Default: an out-of-range id is an IndexError on every device. ``check_indices=False`` skips
+    the check's host sync on CUDA, where the id then contributes nothing to the Triton kernels (the
+    index contract);
+    CPU ids are checked either way (it costs no sync)."""
+    acts, idx, weight, bias = _inputs((9,), 12, 40, 4, torch.float32)
+    idx[2, 1] = 40 + 7
+    with pytest.raises(IndexError, match=r"top_indices: expected every index in \[0, n_latents=40\), found 47"):
+        sparse_decode(acts, idx, weight, bias, backend=backend)
+    if DEVICE.type == "cpu":
+        with pytest.raises(IndexError, match="top_indices"):
+            sparse_decode(acts, idx, weight, bias, backend=backend, check_indices=False)
+        return
+    if backend == "torch":
+        return  # unchecked on CUDA, the PyTorch path is embedding_bag's (a device-side assert)
+    out = sparse_decode(acts, idx, weight, bias, backend=backend, check_indices=False)
+    kept = torch.where(idx < 40, acts, 0.0).double()
+    want = reference.sparse_decode(kept, idx.clamp(max=39), weight.double(), bias.double())
+    assert_close(out, want, TOL[torch.float32], "out-of-range id dropped")
 
 
 def test_unknown_backend_raises():

@@ -7,7 +7,9 @@ import importlib
 import pytest
 import torch
 
-from helpers import BACKENDS, TF32_TOL, TOL, assert_close, assert_grads_match, assert_same_topk, cuda_only
+from helpers import (
+    BACKENDS, TF32_TOL, TOL, assert_close, assert_grads_match, assert_same_topk, cuda_only, force_fused,
+)
 from topk_kernels import reference, topk_encode
 from topk_kernels._topk import (
     MIN_KEY_VALUE,
@@ -35,7 +37,9 @@ SHAPES = [  # (leading shape, m, n, k)
 
 @pytest.fixture
 def small_cpu_blocks(monkeypatch):
-    """Make the CPU path tile even these small problems (several token and latent blocks)."""
+    """Make the CPU path tile even these small problems (several token and latent blocks), and
+    the Triton backend take the fused kernel on CUDA too (the chunked strategy has its own tests)."""
+    force_fused(monkeypatch)
     monkeypatch.setattr(te, "CPU_TILE_ELEMS", 16 * 64)
     monkeypatch.setattr(te, "CPU_MAX_BLOCK_N", 64)
     monkeypatch.setattr(te, "CPU_MIN_BLOCK_B", 16)
@@ -357,6 +361,9 @@ def test_fp32_precision_follows_matmul_precision(monkeypatch):
                 seen.append(kwargs["INPUT_PRECISION"])
                 return kernel[grid](*args, **{**kwargs, "INPUT_PRECISION": "ieee"})  # interpreter: exact
             return launch
+
+        def warmup(self, *args, **kwargs):  # the launcher's occupancy query (CUDA)
+            return kernel.warmup(*args, **kwargs)
 
     monkeypatch.setattr(te, "_encode_fwd_kernel", Spy())
     x, weight, bias = _inputs((5,), 16, 70)

@@ -18,8 +18,11 @@ Environment (read where noted; nothing here is a mutable switch):
 Index contract (every kernel that reads or writes through an index obeys it)
 -----------------------------------------------------------------------------
 An index is a latent id from ``top_indices`` (valid range ``[0, n)``) or a model coordinate from
-``rows`` (valid range ``[0, m)``). The API checks index values on the host only where that costs no
-device sync (CPU tensors); on CUDA the kernels are the last line of defence, so:
+``rows`` (valid range ``[0, m)``). The public ops check index values by default on every device
+(on CUDA one host sync per call; ``check_indices=False`` / ``check_rows=False`` turn that off where
+the ids come from a checked source, as in ``sae``'s models; while torch.compile traces, the CUDA
+check is skipped, since a sync would break the graph). Unchecked on CUDA, the kernels are the last
+line of defence, so:
 
 1. A kernel masks every load and store that goes through an index with ``0 <= index < bound``.
    An entry with an index outside its range **contributes nothing**: it is never dereferenced, its
@@ -130,16 +133,19 @@ def check_index_dtype(name: str, t: Tensor) -> None:
         raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {t.dtype}")
 
 
-def check_indices(name: str, t: Tensor, upper: int, what: str = "n") -> None:
-    """Integer tensor with every entry in [0, upper), checked on CPU tensors only.
+def check_indices(name: str, t: Tensor, upper: int, what: str = "n", every_device: bool = False) -> None:
+    """Integer tensor with every entry in [0, upper).
 
-    On CUDA a bounds check would be a host sync in the hot path; the kernels follow the index
-    contract instead (an out-of-range entry contributes nothing; ``TOPK_KERNELS_DEBUG=1`` asserts).
+    Values are checked on CPU tensors always, and on other devices only with ``every_device``
+    (one ``aminmax`` and one host sync): the public decode ops do that by default, and callers
+    whose ids come from their own encoder (``sae``'s models) pass ``check_indices=False`` to keep
+    the sync out of the hot path. Unchecked, the kernels follow the index contract (an
+    out-of-range entry contributes nothing; ``TOPK_KERNELS_DEBUG=1`` asserts).
     """
     check_index_dtype(name, t)
-    if t.numel() == 0 or t.device.type != "cpu":
+    if t.numel() == 0 or (t.device.type != "cpu" and not every_device):
         return
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise IndexError(f"{name}: expected every index in [0, {what}={upper}), found {bad}")

@@ -25,7 +25,7 @@ from ._common import (
     check_decode_args,
     check_expander,
     check_expander_rows,
-    check_indices,
+    check_indices as check_index_values,
     check_same_device,
     compute_dtype,
     launch_options,
@@ -248,7 +248,7 @@ def _expander_decode_op(
     bias: Optional[Tensor], use_triton: bool, check_rows: bool,
 ) -> Tensor:
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
-    check_indices("top_indices", top_indices, values.shape[0], "n_latents")
+    check_index_values("top_indices", top_indices, values.shape[0], "n_latents")
     if check_rows:
         check_expander_rows(rows, m)
     out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
@@ -320,14 +320,16 @@ def expander_decode(
     *,
     backend: Optional[str] = None,
     check_rows: bool = True,
+    check_indices: bool = True,
 ) -> Tensor:
     """Decode k active latents per token through an expander (d-sparse) dictionary.
 
     Args:
         top_acts: [..., k] float activations of the active latents.
         top_indices: [..., k] int64 latent ids in [0, n); duplicates within a token add up.
-            Checked on CPU tensors; on CUDA an id outside [0, n) contributes nothing (and
-            ``TOPK_KERNELS_DEBUG=1`` makes the kernels assert), see ``topk_kernels._common``.
+            Checked on every device unless ``check_indices=False``; unchecked on CUDA, an id
+            outside [0, n) contributes nothing to the Triton kernels (``TOPK_KERNELS_DEBUG=1``
+            makes them assert), see ``topk_kernels._common``.
         values: [n, d] float atom values.
         rows: [n, d] int64 model coordinates in [0, m) of those values, distinct within each
             latent (as ``sae.masks.expander_mask`` draws them). An integer buffer: no gradient.
@@ -337,6 +339,8 @@ def expander_decode(
         check_rows: check ``rows`` with ``topk_kernels.check_expander_rows`` (range and
             distinctness; one host sync on CUDA) on every call. A caller whose ``rows`` are fixed
             and were checked once (``sae.ExpanderSAE`` at construction and load) passes False.
+        check_indices: check every id of ``top_indices`` is in [0, n) (one host sync on CUDA).
+            A caller whose ids come from its own encoder (``sae``'s models) passes False.
 
     Returns:
         [..., m]: out[..., rows[j, t]] += top_acts[..., s] * values[j, t] for j = top_indices[..., s]
@@ -350,8 +354,12 @@ def expander_decode(
     check_bias("bias", bias, m, "m")
     check_same_device(top_acts=top_acts, top_indices=top_indices, values=values, rows=rows, bias=bias)
     backend = resolve_backend(backend, values.device, torch.promote_types(top_acts.dtype, values.dtype))
+    # CPU ids are checked inside the op (which runs eagerly even under torch.compile); elsewhere the
+    # check is a host sync, so it is skipped while compiling (the kernels' index contract holds).
+    on_host = top_indices.device.type == "cpu"
+    if backend == "reference" or (check_indices and not on_host and not torch.compiler.is_compiling()):
+        check_index_values("top_indices", top_indices, values.shape[0], "n_latents", every_device=True)
     if backend == "reference":
-        check_indices("top_indices", top_indices, values.shape[0], "n_latents")
         if check_rows:
             check_expander_rows(rows, m)
         return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias)

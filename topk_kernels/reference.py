@@ -27,8 +27,10 @@ def topk_relu(pre: torch.Tensor, k: int):
 
     The package's one order (``topk_kernels._common``): equal values go to the lower latent id,
     every NaN ranks above +inf. A stable descending sort is exactly that; ``torch.topk`` is not
-    (its tie order is unspecified).
+    (its tie order is unspecified). NaNs are made the canonical +NaN first: CUDA's sort orders a
+    NaN with its sign bit set below -inf.
     """
+    pre = torch.where(pre.isnan(), torch.full_like(pre, float("nan")), pre)
     values, indices = torch.sort(pre, dim=-1, descending=True, stable=True)
     return values[..., :k].relu(), indices[..., :k]
 

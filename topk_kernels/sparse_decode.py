@@ -22,7 +22,7 @@ from ._common import (
     HAS_TRITON,
     check_bias,
     check_decode_args,
-    check_indices,
+    check_indices as check_index_values,
     check_matrix,
     check_same_device,
     compute_dtype,
@@ -199,7 +199,7 @@ def _sparse_decode_op(
     top_acts: Tensor, top_indices: Tensor, weight: Tensor, bias: Optional[Tensor], use_triton: bool
 ) -> Tensor:
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
-    check_indices("top_indices", top_indices, weight.shape[0], "n_latents")
+    check_index_values("top_indices", top_indices, weight.shape[0], "n_latents")
     out_dtype = torch.promote_types(top_acts.dtype, weight.dtype)
     top_acts, top_indices, weight = top_acts.contiguous(), top_indices.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -270,17 +270,21 @@ def sparse_decode(
     bias: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
+    check_indices: bool = True,
 ) -> Tensor:
     """Decode k active latents per token.
 
     Args:
         top_acts: [..., k] float activations of the active latents.
         top_indices: [..., k] int64 latent ids in [0, n); duplicates within a token add up.
-            Checked on CPU tensors; on CUDA an id outside [0, n) contributes nothing (and
-            ``TOPK_KERNELS_DEBUG=1`` makes the kernels assert), see ``topk_kernels._common``.
+            Checked on every device unless ``check_indices=False``; unchecked on CUDA, an id
+            outside [0, n) contributes nothing to the Triton kernels (``TOPK_KERNELS_DEBUG=1``
+            makes them assert), see ``topk_kernels._common``.
         weight: [n, m] decoder dictionary, one row per latent.
         bias: optional [m].
         backend: None (automatic), "triton", "torch" or "reference".
+        check_indices: check every id of ``top_indices`` is in [0, n) (one host sync on CUDA).
+            A caller whose ids come from its own encoder (``sae``'s models) passes False.
 
     Returns:
         [..., m] = sum_s top_acts[..., s] * weight[top_indices[..., s]] (+ bias).
@@ -291,8 +295,12 @@ def sparse_decode(
     check_bias("bias", bias, m, "m = weight.shape[1]")
     check_same_device(top_acts=top_acts, top_indices=top_indices, weight=weight, bias=bias)
     backend = resolve_backend(backend, weight.device, torch.promote_types(top_acts.dtype, weight.dtype))
+    # CPU ids are checked inside the op (which runs eagerly even under torch.compile); elsewhere the
+    # check is a host sync, so it is skipped while compiling (the kernels' index contract holds).
+    on_host = top_indices.device.type == "cpu"
+    if backend == "reference" or (check_indices and not on_host and not torch.compiler.is_compiling()):
+        check_index_values("top_indices", top_indices, n, "n_latents", every_device=True)
     if backend == "reference":
-        check_indices("top_indices", top_indices, n, "n_latents")
         return reference.sparse_decode(top_acts, top_indices, weight, bias)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _sparse_decode_op(
