@@ -192,32 +192,42 @@ CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
 
 
-# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (32 MiB, which the
+# Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (128 MiB, which the
 # selection kernel reads once; on the packed-keys path above SELECT_MAX_K_PAD, ``pack_keys_torch``
-# holds a few more tensors of that size while it runs), up to CHUNK_MAX_BLOCK_B tokens each (a
-# GEMM of 8192 x 1024 x m still fills an H100).
-CHUNK_TILE_ELEMS = 8 * 2**20
+# holds a few more tensors of that size while it runs), up to CHUNK_MAX_BLOCK_B tokens each.
+# Measured on an H100 (benchmarks/encode_sweep.py, bf16 B=8192 m=2048 n=131072 k=64, RESULTS.md):
+# chunks of 8192 x 4096 latents ran 10.8 ms, 8192 x 2048 11.0, 8192 x 1024 (the old 32 MiB) 11.9
+# with the same selection tile; the GEMMs alone take 7.0-7.2 ms at every size.
+CHUNK_TILE_ELEMS = 32 * 2**20
 CHUNK_MAX_BLOCK_B = 8192
 # The chunked strategy's selection kernel (``_select_kernel``): (BLOCK_B, BLOCK_N, num_warps) by
-# K_PAD. Loaded tiles take a blocked layout, not the MMA one, and at 128 x 128 the row reductions'
-# layout conversions spilled 4-452 bytes (sm_80 and sm_90, K_PAD 4-64); 64 x 128 needs <= 192
-# registers and none. Above SELECT_MAX_K_PAD the chunks go through packed keys and torch.topk.
-SELECT_CONFIGS = {kp: (64, 128, 8) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (32, 256, 8)}
+# K_PAD. Measured on an H100 (same sweep): 8 tokens x 128 latents, 4 warps was the fastest tile at
+# k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for the old 64 x 128,
+# 8 warps): fold_tile's insertion loop runs until the slowest row of the block is done, so fewer
+# rows per block waste fewer rounds, and more, smaller programs fill the GPU. Above
+# SELECT_MAX_K_PAD the chunks go through packed keys and torch.topk.
+SELECT_CONFIGS = {kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (8, 256, 4)}
 SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
-# Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows): (device name, dtype of x, dtype of
-# weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes here; none exists yet.
-ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {}
-# Predicted (no GPU has measured), by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
-# n=131072 (benchmarks/RESULTS.md, "Encoder on CUDA ... (PREDICTIONS)"; benchmarks/
-# encoder_roofline.py prints both). Tensor cores: chunked 8.7-9.5 ms (cuBLAS GEMM at an assumed
-# 70-80% of peak, then the selection passes: 3.2 ms of instruction issue) against fused 6.4-12.5
-# ms (GEMM then insertion passes 6.4 ms, but 68.7 GB of L2 streaming at an unknown 5.5-10 TB/s).
-# The chunked figure rests on cuBLAS's known efficiency and is the dense baseline's own GEMM, so
-# it is the prediction that cannot lose much to the dense baseline; a measurement replaces it.
-# Exact fp32: chunked ~85 ms (SGEMM at 80% of 67 TFLOP/s + the same selection) against fused
-# ~97 ms (FMA loop).
+# Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
+# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes
+# here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Encoder on an H100"): bf16
+# chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at k=64, 12.0 / 39.5 at
+# k=128; fp32 (exact) 91 / 631 ms at k=64.
+_H100 = "NVIDIA H100 80GB HBM3"
+ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 8): "chunked",
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 32): "chunked",
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 64): "chunked",
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 128): "chunked",
+    (_H100, torch.float32, torch.float32, 2048, 64): "chunked",
+}
+# Predicted before any GPU measured, by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
+# n=131072 (benchmarks/encoder_roofline.py): chunked 8.7-9.5 ms against fused 6.4-12.5 ms on tensor
+# cores, chunked ~85 ms against fused ~97 ms in exact fp32. Measured (above) chunked won everywhere,
+# by more than predicted: the fused kernel's insertion and L2 streaming cost more than modelled, and
+# the first selection tile (64 x 128) made the selection 2.2x slower than the 8 x 128 now used.
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
     (kind, kp): "chunked" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
 }
@@ -399,8 +409,9 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
                    **launch_options())
     token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
     bias_arg = bias if bias is not None else xc
-    ctas = resident_ctas(_select_kernel, x.device, (xc, bias_arg, xc.new_empty(0, dtype=torch.int64),
-                                                    block_b, block_n, 0, chunk_tiles, 1, k_pad), options)
+    probe = (x.new_empty(0, dtype=torch.float32), bias_arg, x.new_empty(0, dtype=torch.int64),
+             block_b, block_n, 0, chunk_tiles, 1, k_pad)  # the launch's argument types: fp32 chunks
+    ctas = resident_ctas(_select_kernel, x.device, probe, options)
     splits = latent_splits(token_blocks, chunk_tiles, x.device, ctas)
     keys = []
     for b0 in range(0, B, block_b):

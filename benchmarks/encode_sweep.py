@@ -1,0 +1,150 @@
+"""Tuning sweep of topk_encode's chunked strategy on one CUDA GPU: where its time goes.
+
+    python benchmarks/encode_sweep.py [--B 8192 --m 2048 --n 131072 --k 64 --dtype bf16]
+
+Times (median of ``triton.testing.do_bench``), at one shape:
+- the dense baseline: cuBLAS ``x @ W.T`` (output in the input dtype), alone and + ``torch.topk``;
+- the chunked strategy's GEMMs alone (fp32 output, one chunk at a time, as it launches them) for
+  each chunk size, so that (strategy - its GEMMs) is the selection's share;
+- the whole chunked strategy for each chunk size x selection tile (BLOCK_B, BLOCK_N, warps), each
+  checked to return the same ids as the package's defaults;
+- the fused strategy at its defaults;
+- with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
+  above SELECT_MAX_K_PAD, or off Triton) beside the selection kernel;
+- with ``--expander``, ``expander_encode`` instead, for each (BLOCK_B, BLOCK_N, warps) given in
+  ``--tiles`` (defaults: the package's tile and seven others), at B=4096 n=2**20 d=7 unless told.
+Prints a markdown table; benchmarks/RESULTS.md keeps the runs that chose the defaults.
+
+    python benchmarks/encode_sweep.py --k 256 --packed-fallback --tiles 8x256x4
+    python benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --d 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+te = importlib.import_module("topk_kernels.topk_encode")
+
+CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
+SELECT_TILES = [(64, 128, 8), (32, 128, 4), (64, 64, 4), (32, 256, 8), (128, 64, 8), (16, 128, 4)]
+
+
+def main(argv=None) -> int:
+    from triton.testing import do_bench
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--B", type=int, default=8192)
+    p.add_argument("--m", type=int, default=2048)
+    p.add_argument("--n", type=int, default=131072)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")],
+                   help="fp32 elements per GEMM chunk, comma-separated (default: 8Mi,32Mi,64Mi)")
+    p.add_argument("--tiles", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
+                   help="selection tiles BxNxWARPS, comma-separated (default: six shapes)")
+    p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
+    p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
+    p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")
+    p.add_argument("--d", type=int, default=7, help="expander degree (with --expander)")
+    args = p.parse_args(argv)
+    if args.expander:
+        return expander_sweep(args)
+    if not torch.cuda.is_available():
+        print("encode_sweep.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    B, m, n, k = args.B, args.m, args.n, args.k
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, m, device="cuda", generator=g).to(dt)
+    w = (torch.randn(n, m, device="cuda", generator=g) / m**0.5).to(dt)
+    b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(dt)
+    rows = []
+
+    def bench(name, fn, note=""):
+        fn()
+        torch.cuda.synchronize()
+        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+        rows.append((name, ms, note))
+        print(f"{name}: {ms:.3f} ms {note}", file=sys.stderr, flush=True)
+        return ms
+
+    bench("cuBLAS x @ W.T", lambda: x @ w.T)
+    bench("cuBLAS + torch.topk", lambda: torch.topk(torch.addmm(b, x, w.T), k, dim=1))
+    want = te._chunked_forward(x, w, b, k, dt)[1]
+    defaults = (te.CHUNK_TILE_ELEMS, dict(te.SELECT_CONFIGS))
+    kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
+    for elems in args.chunks or CHUNK_ELEMS:
+        block_b = min(B, te.CHUNK_MAX_BLOCK_B)
+        block_n = min(n, max(1, elems // block_b))
+
+        def gemms():
+            for b0 in range(0, B, block_b):
+                for s in range(0, n, block_n):
+                    if dt == torch.float32:
+                        torch.mm(x[b0:b0 + block_b], w[s:s + block_n].T)
+                    else:
+                        torch.mm(x[b0:b0 + block_b], w[s:s + block_n].T, out_dtype=torch.float32)
+
+        gemm_ms = bench(f"chunk GEMMs alone, {block_b}x{block_n}", gemms)
+        for tile in args.tiles or SELECT_TILES:
+            te.CHUNK_TILE_ELEMS = elems
+            te.SELECT_CONFIGS = {**defaults[1], kp: tile}
+            got = te._chunked_forward(x, w, b, k, dt)[1]
+            same = bool(torch.equal(got, want))
+            ms = bench(f"chunked {block_b}x{block_n}, select {tile}", lambda: te._chunked_forward(x, w, b, k, dt))
+            rows[-1] = (rows[-1][0], ms, f"selection ~{ms - gemm_ms:.3f} ms; ids same as defaults: {same}")
+    te.CHUNK_TILE_ELEMS, te.SELECT_CONFIGS = defaults
+    if args.packed_fallback:
+        te.SELECT_MAX_K_PAD = 0  # every K_PAD takes the packed-keys path
+        same = bool(torch.equal(te._chunked_forward(x, w, b, k, dt)[1], want))
+        bench("chunked, packed keys + torch.topk per chunk", lambda: te._chunked_forward(x, w, b, k, dt))
+        rows[-1] = (*rows[-1][:2], f"ids same as defaults: {same}")
+        te.SELECT_MAX_K_PAD = max(te.SELECT_CONFIGS)
+    if not args.no_fused:
+        bench("fused strategy (defaults)", lambda: te._fused_forward(x, w, b, k, dt))
+    print(f"\n### encode sweep: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} k={k}\n")
+    print("| what | median ms | note |\n|---|---|---|")
+    for name, ms, note in rows:
+        print(f"| {name} | {ms:.3f} | {note} |")
+    return 0
+
+
+def expander_sweep(args) -> int:
+    from triton.testing import do_bench
+
+    from sae.masks import expander_mask
+
+    ee = importlib.import_module("topk_kernels.expander_encode")
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    B, m, n, d, k = args.B, args.m, args.n, args.d, args.k
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, m, device="cuda", generator=g).to(dt)
+    rows = expander_mask(m, n, d, seed=0).cuda()
+    values = (torch.randn(n, d, device="cuda", generator=g) / d**0.5).to(dt)
+    bias = (0.1 * torch.randn(n, device="cuda", generator=g)).to(dt)
+    kp = ee.pow2(k)
+    default = ee.EXPANDER_ENCODE_CONFIGS[kp]
+    tiles = args.tiles or [default, (8, 128, 4), (16, 128, 4), (64, 128, 4), (32, 64, 4), (32, 256, 8),
+                           (16, 256, 8), (64, 64, 4)]
+    want = ee.expander_encode(x, values, rows, bias, k, check_rows=False)[1]
+    print(f"\n### expander_encode tiles: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} d={d} "
+          f"k={k}\n\n| (BLOCK_B, BLOCK_N, warps) | median ms | ids same as defaults |\n|---|---|---|")
+    for tile in tiles:
+        ee.EXPANDER_ENCODE_CONFIGS[kp] = tuple(tile)
+        fn = lambda: ee.expander_encode(x, values, rows, bias, k, check_rows=False)  # noqa: E731
+        same = bool(torch.equal(fn()[1], want))
+        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+        print(f"| {tuple(tile)}{' (default)' if tuple(tile) == default else ''} | {ms:.3f} | {same} |", flush=True)
+    ee.EXPANDER_ENCODE_CONFIGS[kp] = default
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
