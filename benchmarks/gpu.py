@@ -17,7 +17,12 @@ Prints (and with ``--out`` writes) a markdown report with
     training steps against the dense SAEs of ``sae.baselines``; and, when ``sparsify``
     (eai-sparsify) is importable, its Triton decoder and its ``SparseCoder`` training step;
     at B=8192, m=2048, n=131072, k=64 (bf16 and fp32) and B=4096, m=2048, n=2^20, d=7, k=64;
-(c) the GPU's name and SM clock.
+(c) ``sae.train.train`` end to end on the device: a TopKSAE and an ExpanderSAE (bf16 and fp32)
+    trained on planted sparse activations with dead-latent resampling; a repeat of the run and a
+    run killed after its midway checkpoint and resumed must end on the same weights bit for bit
+    (training is deterministic), and ``load_sae`` must reproduce the trained SAE's outputs; FVU
+    before and after;
+(d) the GPU's name and SM clock.
 
 A case that runs out of memory is reported as OOM, not dropped. ``--dry-run`` proves the script on
 CPU: the same code paths at tiny sizes, with a wall-clock timer instead of ``do_bench`` and no
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import functools
+import math
 import os
 import platform
 import subprocess
@@ -567,7 +573,99 @@ def _speed_line(r: dict) -> str:
     return f"{r['group']} | {r['name']} | {r['ms']:.3f} ms"
 
 
-def report(mach: Machine, checks: list[dict], timings: list[dict], dry_run: bool, seconds: float) -> str:
+def _planted_acts(m: int, n: int, k: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """x = sum of k random unit atoms of a planted dictionary [n, m], positive coefficients (CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n, m, generator=g)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    idx = torch.randint(0, n, (tokens, k), generator=g)  # a repeat adds its coefficients
+    coef = torch.rand(tokens, k, generator=g) + 0.5
+    return reference.sparse_decode(coef, idx, dictionary)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _max_rel_diff(a, b) -> float:
+    """Largest |a - b| / max|a| over two models' floating-point state tensors."""
+    return max(float((x.float() - y.float()).abs().max() / x.float().abs().max().clamp_min(1e-30))
+               for x, y in zip(a.state_dict().values(), b.state_dict().values()) if x.is_floating_point())
+
+
+def training_check(mach: Machine, dry_run: bool) -> list[dict]:
+    """(c): sae.train.train on the device, with resampling, a kill and a resume, and a reload."""
+    import tempfile
+
+    from sae.checkpoint import load_sae
+    from sae.data import ActivationBuffer
+    from sae.models import ExpanderSAE, TopKSAE
+    from sae.train import TrainConfig, train
+
+    m, n, k, tokens, batch = (24, 96, 4, 4096, 256) if dry_run else (512, 8192, 32, 262144, 4096)
+    steps = tokens // batch
+    buffer = ActivationBuffer(_planted_acts(m, n // 4, k, tokens))
+    x_eval = buffer[torch.arange(min(len(buffer), 4096))].to(mach.device)
+    cfg = TrainConfig(batch_size=batch, total_tokens=tokens, warmup_steps=steps // 8, checkpoint_every=steps // 2,
+                      resample_every=steps // 4, log_every=10**9, progress=False, seed=0)
+    rows = []
+    for name, build in (("TopKSAE", lambda: TopKSAE(m, n, k, seed=0)),
+                        ("ExpanderSAE d=7", lambda: ExpanderSAE(m, n, k, 7, seed=0))):
+        for dt in (torch.bfloat16, torch.float32):
+            row = {"model": name, "dtype": str(dt).replace("torch.", ""), "size": f"m={m} n={n} k={k}",
+                   "steps": steps}
+
+            def run(row=row, build=build, dt=dt):
+                def fvu(model):  # in eval mode: a training-mode forward counts firings (dead latents)
+                    model.eval()
+                    with torch.no_grad():
+                        err = (model(x_eval.to(dt)).x_hat.float() - x_eval.float()).pow(2).sum()
+                    model.train()
+                    return float(err / (x_eval.float() - x_eval.float().mean(0)).pow(2).sum())
+
+                def kill(step, log):
+                    if step == steps // 2 + 3:  # after the midway checkpoint
+                        raise _Stop
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    sae = build().to(mach.device, dt)
+                    row["fvu_before"] = fvu(sae)
+                    t0 = time.perf_counter()
+                    train(sae, buffer, cfg, f"{tmp}/whole")
+                    if mach.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    row["ms_per_step"] = 1e3 * (time.perf_counter() - t0) / steps
+                    row["fvu_after"] = fvu(sae)
+                    repeat = build().to(mach.device, dt)
+                    train(repeat, buffer, cfg, f"{tmp}/repeat")
+                    row["repeat_diff"] = _max_rel_diff(sae, repeat)
+                    try:
+                        train(build().to(mach.device, dt), buffer, cfg, f"{tmp}/killed", on_step=kill)
+                    except _Stop:
+                        pass
+                    resumed = build().to(mach.device, dt)
+                    train(resumed, buffer, cfg, f"{tmp}/killed", resume=True)
+                    row["resume_diff"] = _max_rel_diff(sae, resumed)
+                    sae.save(f"{tmp}/sae.safetensors")
+                    again = load_sae(f"{tmp}/sae.safetensors", device=mach.device, dtype=dt).eval()
+                    with torch.no_grad():
+                        row["reload_same"] = bool(torch.equal(again(x_eval.to(dt)).x_hat, sae.eval()(x_eval.to(dt)).x_hat))
+                # Deterministic training: a repeat and a kill + resume end on the same weights, bit
+                # for bit. The planted dictionary is dense, so an expander SAE only fits it in part.
+                learned = 0.5 if name == "TopKSAE" else 0.8
+                ok = (math.isfinite(row["fvu_after"]) and row["fvu_after"] < learned * row["fvu_before"]
+                      and row["repeat_diff"] == 0 and row["resume_diff"] == 0 and row["reload_same"])
+                row["verdict"] = "PASS" if ok else "FAIL"
+                return row
+
+            rows.append(_guard(run, row))
+            print(f"train {name} {row['dtype']}: {rows[-1].get('error') or rows[-1]['verdict']}", file=sys.stderr,
+                  flush=True)
+    return rows
+
+
+def report(mach: Machine, checks: list[dict], timings: list[dict], dry_run: bool, seconds: float,
+           trains: Optional[list[dict]] = None) -> str:
     out = [f"## GPU verdict: {mach.name}", ""]
     out.append(f"- SM clock: {mach.sm_clock}; torch {torch.__version__}; triton "
                f"{__import__('triton').__version__ if _has_triton() else 'absent'}; "
@@ -604,6 +702,18 @@ def report(mach: Machine, checks: list[dict], timings: list[dict], dry_run: bool
         out.append(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {speedup} | {_fmt(r.get('tflops'), '.1f')} "
                    f"| {_fmt(r.get('gbs'), '.0f')} | {_fmt(r.get('floor_ms'), '.3f')} | {frac} "
                    f"| {_fmt(r.get('mib'), '.0f')} |")
+    if trains:
+        out += ["", "### (c) Training on the device (sae.train.train: resampling, kill + resume, reload)", "",
+                "| model | dtype | size | steps | ms/step | FVU before | FVU after | repeat max rel. diff "
+                "| resume max rel. diff | reload same | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in trains:
+            if "error" in r:
+                out.append(f"| {r['model']} | {r['dtype']} | {r['size']} | {r['steps']} | {r['error']} | | | | | | "
+                           f"{r['verdict']} |")
+            else:
+                out.append(f"| {r['model']} | {r['dtype']} | {r['size']} | {r['steps']} | {r['ms_per_step']:.1f} "
+                           f"| {r['fvu_before']:.3f} | {r['fvu_after']:.3f} | {r['repeat_diff']:.1e} | {r['resume_diff']:.1e} "
+                           f"| {r['reload_same']} | {r['verdict']} |")
     return "\n".join(out) + "\n"
 
 
@@ -628,11 +738,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     checks = correctness(mach, args.dry_run)
     timings = [] if args.skip_speed else speed(mach, args.dry_run)
-    text = report(mach, checks, timings, args.dry_run, time.perf_counter() - t0)
+    trains = training_check(mach, args.dry_run)
+    text = report(mach, checks, timings, args.dry_run, time.perf_counter() - t0, trains)
     print(text)
     if args.out:
         args.out.write_text(text)
-    failed = [r for r in checks if r.get("verdict") != "PASS"]
+    failed = [r for r in checks + trains if r.get("verdict") != "PASS"]
     return 1 if failed else 0
 
 

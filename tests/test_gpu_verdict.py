@@ -30,3 +30,6 @@ def test_dry_run_reports_every_op_and_step(tmp_path):
     for group in GROUPS:
         rows = [line for line in report.splitlines() if line.startswith(f"| {group}")]
         assert len(rows) >= 2 and not any("Error" in r or "OOM" in r for r in rows), (group, rows)
+    trained = report.split("### (c) Training on the device", 1)[1].splitlines()
+    trained = [line for line in trained if line.startswith(("| TopKSAE |", "| ExpanderSAE"))]
+    assert len(trained) == 4 and all(line.rstrip().endswith("| PASS |") for line in trained), trained

@@ -284,3 +284,19 @@ def test_tensors_on_a_second_gpu_run_there():
     want_acts, want_idx = reference.topk_encode(x.double(), weight.double(), None, 5)
     assert acts.device == dev and out.device == dev
     assert_close(out, reference.sparse_decode(want_acts, want_idx, weight.double()), 1e-4, "decode on cuda:1")
+
+
+def test_sorted_bias_gradient_equals_the_scatter_add():
+    """grad_bias on CUDA sums without atomics (sorted segments, fp64 prefix sums); the same
+    function on CPU tensors against index_add_ in fp64, with repeated and absent ids."""
+    from topk_kernels._common import grad_bias_sorted
+
+    n = 37
+    idx = torch.randint(0, n - 5, (50, 6))  # ids n-5..n-1 never occur: their gradient is 0
+    idx[:, 0] = 3  # one id in every row
+    g = torch.randn(50, 6)
+    want = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), g.reshape(-1).double())
+    got = grad_bias_sorted(g, idx, n)
+    assert got.dtype == torch.float64 and got.shape == (n,)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert torch.equal(got, grad_bias_sorted(g, idx, n))
