@@ -287,16 +287,22 @@ def test_tensors_on_a_second_gpu_run_there():
 
 
 def test_sorted_bias_gradient_equals_the_scatter_add():
-    """grad_bias on CUDA sums without atomics (sorted segments, fp64 prefix sums); the same
-    function on CPU tensors against index_add_ in fp64, with repeated and absent ids."""
-    from topk_kernels._common import grad_bias_sorted
+    """grad_bias on CUDA sums without atomics (``_rowgrad.segment_sums``: sorted segments, fp64
+    prefix sums); the same function on CPU tensors against index_add_ in fp64, with repeated,
+    absent and out-of-range ids (left out, as the index contract says)."""
+    from topk_kernels._rowgrad import segment_sums, sort_by_latent
 
     n = 37
     idx = torch.randint(0, n - 5, (50, 6))  # ids n-5..n-1 never occur: their gradient is 0
     idx[:, 0] = 3  # one id in every row
     g = torch.randn(50, 6)
     want = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), g.reshape(-1).double())
-    got = grad_bias_sorted(g, idx, n)
+    got = segment_sums(g, sort_by_latent(idx, n))
     assert got.dtype == torch.float64 and got.shape == (n,)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
-    assert torch.equal(got, grad_bias_sorted(g, idx, n))
+    assert torch.equal(got, segment_sums(g, sort_by_latent(idx.clone(), n)))
+    bad = idx.clone()
+    bad[0, 1], bad[1, 2] = -4, n + 9
+    keep = (bad >= 0) & (bad < n)
+    want = torch.zeros(n, dtype=torch.float64).index_add_(0, bad[keep], g[keep].double())
+    assert torch.allclose(segment_sums(g, sort_by_latent(bad, n)), want, rtol=0, atol=1e-12)

@@ -258,24 +258,15 @@ def grad_bias(g: Tensor, idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     so the sums' order, and their last bits, change from run to run, and a training run drifts
     from its own repeat (seen on an H100 before this: a killed-and-resumed run of 64 steps ended
     with weights up to 2% (TopKSAE fp32) and 98% (ExpanderSAE bf16, relative max difference)
-    away from the uninterrupted one; with ``grad_bias_sorted``, bit-identical, benchmarks/gpu.py
-    (c)). ``grad_bias_sorted`` is deterministic by construction."""
+    away from the uninterrupted one; now bit-identical, benchmarks/gpu.py (c)). There the sum is
+    ``_rowgrad.segment_sums``: deterministic by construction, on the weight gradient's own sort."""
     if g.device.type != "cpu":
-        return grad_bias_sorted(g, idx, n).to(dtype)
+        from ._rowgrad import segment_sums, sort_by_latent
+
+        return segment_sums(g, sort_by_latent(idx, n)).to(dtype)
     gb = torch.zeros(n, device=g.device, dtype=compute_dtype(g.dtype))
     gb.index_add_(0, idx.reshape(-1), g.reshape(-1).to(gb.dtype))
     return gb.to(dtype)
-
-
-def grad_bias_sorted(g: Tensor, idx: Tensor, n: int) -> Tensor:
-    """The same sum without atomics: entries sorted by id (stable), one fp64 prefix sum, and each
-    id's total as the difference of the prefix sum at its segment's ends. fp64 ([n] result)."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    prefix = torch.cumsum(g.reshape(-1)[order].double(), 0)
-    prefix = torch.cat([prefix.new_zeros(1), prefix])
-    ends = torch.cumsum(torch.bincount(flat, minlength=n)[:n], 0)
-    return prefix[ends].diff(prepend=prefix.new_zeros(1))
 
 
 def unused_grad(like: Tensor) -> Tensor:

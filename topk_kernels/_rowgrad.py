@@ -189,6 +189,16 @@ def sort_by_latent(indices: Tensor, n: int) -> LatentSort:
     return result
 
 
+def segment_sums(values: Tensor, plan: LatentSort) -> Tensor:
+    """``out[j] = sum of values[b, s] over the entries of latent j`` ([n], fp64), without atomics:
+    one fp64 prefix sum over the entries in ``plan``'s sorted order, differenced at each latent's
+    bounds (so deterministic, and exact to fp64 rounding). Entries outside [0, n) are left out.
+    The encoders' bias gradient on CUDA, sharing the sort of the weight gradient (``row_grad``)."""
+    prefix = torch.cumsum(values.reshape(-1)[plan.order].double(), 0)
+    prefix = torch.cat([prefix.new_zeros(1), prefix])
+    return prefix[plan.bounds[1:]] - prefix[plan.bounds[:-1]]
+
+
 def row_grad(
     src: Tensor,
     scale: Tensor,
