@@ -225,8 +225,8 @@ class _SparseCoder(nn.Module):
         dead_mask = auxk_loss = auxk_indices = None
         if self.training:
             dead_mask = self.tokens_since_fired > self._dead_threshold
-            num_dead = int(dead_mask.sum())
-            if self.auxk and num_dead > 0:
+            num_dead = int(dead_mask.sum()) if self.auxk else 0  # AuxK's top-k size: one sync
+            if num_dead > 0:
                 auxk_loss, auxk_indices = self._auxk_loss(xn, error.detach(), dead_mask, num_dead, total_variance)
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
         return SAEOutput(self._scale_out(xn_hat), top_acts, top_indices, fvu, auxk_loss, dead_mask, auxk_indices,
