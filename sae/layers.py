@@ -21,11 +21,14 @@ class SparseDecoder(nn.Module):
     """
 
     def __init__(self, n_latents: int, d_model: int, bias: bool = True, device=None, dtype=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, check_indices: bool = True):
+        """``check_indices``: check every id of ``top_indices`` on each call (on CUDA one host sync;
+        pass False when the ids come from a trusted encoder, as ``sparse_decode`` says)."""
         super().__init__()
         if n_latents < 1 or d_model < 1:
             raise ValueError(f"n_latents, d_model: expected positive sizes, got {n_latents}, {d_model}")
         self.n_latents, self.d_model, self.backend = n_latents, d_model, backend
+        self.check_indices = check_indices
         self.weight = nn.Parameter(torch.empty(n_latents, d_model, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(d_model, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
@@ -39,7 +42,8 @@ class SparseDecoder(nn.Module):
 
     def forward(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """top_acts, top_indices [..., k] -> [..., d_model]."""
-        return sparse_decode(top_acts, top_indices, self.weight, self.bias, backend=self.backend)
+        return sparse_decode(top_acts, top_indices, self.weight, self.bias, backend=self.backend,
+                             check_indices=self.check_indices)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "SparseDecoder":

@@ -60,3 +60,23 @@ def test_without_bias():
     acts, idx = _sparse_code((4,), 20, 3)
     assert decoder.bias is None and "bias" not in decoder.state_dict()
     assert_close(decoder(acts, idx), reference.sparse_decode(acts, idx, decoder.weight), 1e-6, "no bias")
+
+
+def test_check_indices_is_passed_to_the_op(monkeypatch):
+    """The layer checks ids by default and passes ``check_indices=False`` through when asked."""
+    import sae.layers as layers
+
+    seen = []
+    real = layers.sparse_decode
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["check_indices"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "sparse_decode", spy)
+    acts, idx = torch.rand(4, 3), torch.randint(0, 10, (4, 3))
+    SparseDecoder(10, 6)(acts, idx)
+    SparseDecoder(10, 6, check_indices=False)(acts, idx)
+    assert seen == [True, False]
+    with pytest.raises(IndexError, match="top_indices"):
+        SparseDecoder(10, 6)(acts, idx + 10)
