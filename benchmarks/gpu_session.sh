@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One call's worth of GPU checks (about 4-5 minutes on an H100), for a machine lent for a short
+# while: the op tests on CUDA, the GPU verdict, and the encoder sweep at the benchmark shape.
+#
+#   bash benchmarks/gpu_session.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu-session
+#
+# Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
+# summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
+# Each step has its own time limit, so one hang cannot eat the others' time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu-session}}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+workers=$(( $(nproc) > 12 ? 12 : $(nproc) ))
+xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n $workers" || echo "")
+
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+timeout 240 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests \
+    --junitxml="$out/junit.xml" > "$out/tests.log" 2>&1
+tests_rc=$?
+timeout 100 "$py" -m pytest --device cuda -q -p no:cacheprovider tests/test_models.py tests/test_layers.py \
+    >> "$out/tests.log" 2>&1
+models_rc=$?
+timeout 330 "$py" benchmarks/gpu.py --out "$out/gpu.md" > "$out/gpu.log" 2>&1
+gpu_rc=$?
+timeout 150 "$py" benchmarks/encode_sweep.py --chunks 33554432 --tiles 8x128x4,16x128x4,64x128x8 \
+    > "$out/sweep.md" 2> "$out/sweep.log"
+sweep_rc=$?
+
+echo
+echo "== op tests on CUDA (rc $tests_rc), models/layers on CUDA (rc $models_rc)"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -20
+echo "== gpu.py (rc $gpu_rc: 0 = every correctness and training check PASS)"
+grep -E "FAIL|ERROR|OOM" "$out/gpu.md" | head -20
+grep -E "train step|topk_encode fwd bf16" "$out/gpu.md"
+echo "== encoder sweep (rc $sweep_rc)"
+cat "$out/sweep.md"
