@@ -33,7 +33,7 @@ import torch  # noqa: E402
 te = importlib.import_module("topk_kernels.topk_encode")
 
 CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
-SELECT_TILES = [(64, 128, 8), (32, 128, 4), (64, 64, 4), (32, 256, 8), (128, 64, 8), (16, 128, 4)]
+SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2)]
 
 
 def main(argv=None) -> int:
@@ -54,11 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")
     p.add_argument("--d", type=int, default=7, help="expander degree (with --expander)")
     args = p.parse_args(argv)
-    if args.expander:
-        return expander_sweep(args)
     if not torch.cuda.is_available():
         print("encode_sweep.py: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.expander:
+        return expander_sweep(args)
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     B, m, n, k = args.B, args.m, args.n, args.k
     g = torch.Generator(device="cuda").manual_seed(0)

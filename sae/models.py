@@ -353,7 +353,9 @@ class TopKSAE(_SparseCoder):
         super().__init__(d_model, n_latents, k, backend=backend, **options)
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
-        self.decoder = SparseDecoder(n_latents, d_model, device=device, dtype=dtype, backend=backend)
+        # Its ids come from this SAE's own encoder: no per-call check (a host sync on CUDA).
+        self.decoder = SparseDecoder(n_latents, d_model, device=device, dtype=dtype, backend=backend,
+                                     check_indices=False)
         self.reset_parameters()
         self._apply_b_dec_init()
 
@@ -438,10 +440,12 @@ class ExpanderSAE(_SparseCoder):
                  device=None, dtype=None, backend: Optional[str] = None, **options):
         super().__init__(d_model, n_latents, k, backend=backend, seed=seed, **options)
         self.degree, self.tied = degree, tied
-        self.register_buffer("rows", expander_mask(d_model, n_latents, degree, seed=seed).to(device))
-        # rows are checked here and after every state-dict load, so the ops can skip the per-call check
-        # (on CUDA that check would be a host sync per call).
-        tk.check_expander_rows(self.rows, d_model)
+        # expander_mask draws on CPU; rows are checked there (and after every state-dict load), so
+        # the ops can skip the per-call check (on CUDA a host sync per call), then go where the
+        # parameters go (the default device if none is named).
+        rows = expander_mask(d_model, n_latents, degree, seed=seed)
+        tk.check_expander_rows(rows, d_model)
+        self.register_buffer("rows", rows.to(device if device is not None else torch.get_default_device()))
         self.register_load_state_dict_post_hook(_check_loaded_rows)
         self.values = nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))
         self.enc_values = None if tied else nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))

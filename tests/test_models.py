@@ -357,6 +357,6 @@ def test_built_under_a_default_device_draws_the_same_weights(cls, kwargs):
     with torch.device(device):
         built = cls(16, 48, 4, seed=3, **kwargs)
     for (name, a), (_, b) in zip(on_cpu.state_dict().items(), built.state_dict().items()):
-        assert b.shape == a.shape, name
+        assert b.shape == a.shape and b.device.type == device, (name, b.device)
         if device == "cuda" or b.device.type == "cpu":
             assert torch.equal(a, b.cpu()), name

@@ -101,7 +101,7 @@ def test_bad_input_raises_naming_the_argument(mutate, match):
         sparse_decode(*args)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_check_indices_false_only_drops_the_device_sync(backend):
     """Default: an out-of-range id is an IndexError on every device. ``check_indices=False`` skips
     the check's host sync on CUDA, where the id then contributes nothing to the Triton kernels (the

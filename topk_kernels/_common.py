@@ -145,7 +145,7 @@ def check_indices(name: str, t: Tensor, upper: int, what: str = "n", every_devic
     check_index_dtype(name, t)
     if t.numel() == 0 or (t.device.type != "cpu" and not every_device):
         return
-    lo, hi = (int(v) for v in torch.aminmax(t))
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device-to-host copy
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise IndexError(f"{name}: expected every index in [0, {what}={upper}), found {bad}")

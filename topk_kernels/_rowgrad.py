@@ -171,7 +171,10 @@ def sort_by_latent(indices: Tensor, n: int) -> LatentSort:
     unmodified index tensor (the encoder's and the decoder's backward of one training step).
 
     The cache holds a reference to ``indices``, so its storage (and address) cannot be reused
-    while cached, and an in-place write bumps ``_version``: a hit is always the same data.
+    while cached, and an in-place write through torch bumps ``_version``. Writes that bypass the
+    version counter (through ``.data``, a NumPy or DLPack alias, a kernel) are not seen: an index
+    tensor must not be changed that way between the encoder's forward and its backward (the
+    weight and bias gradients of one backward would then both use the old ids).
     """
     global _last_sort
     capturing = indices.device.type == "cuda" and torch.cuda.is_current_stream_capturing()

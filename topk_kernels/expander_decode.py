@@ -339,8 +339,10 @@ def expander_decode(
         check_rows: check ``rows`` with ``topk_kernels.check_expander_rows`` (range and
             distinctness; one host sync on CUDA) on every call. A caller whose ``rows`` are fixed
             and were checked once (``sae.ExpanderSAE`` at construction and load) passes False.
-        check_indices: check every id of ``top_indices`` is in [0, n) (one host sync on CUDA).
-            A caller whose ids come from its own encoder (``sae``'s models) passes False.
+        check_indices: check every id of ``top_indices`` is in [0, n) (one host sync on CUDA,
+            skipped while torch.compile traces). A caller whose ids come from its own encoder
+            (``sae``'s models) passes False. CPU ids are checked either way (no sync), and so
+            are the ids given to ``backend="reference"`` (which would fail on them).
 
     Returns:
         [..., m]: out[..., rows[j, t]] += top_acts[..., s] * values[j, t] for j = top_indices[..., s]

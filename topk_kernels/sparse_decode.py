@@ -283,8 +283,10 @@ def sparse_decode(
         weight: [n, m] decoder dictionary, one row per latent.
         bias: optional [m].
         backend: None (automatic), "triton", "torch" or "reference".
-        check_indices: check every id of ``top_indices`` is in [0, n) (one host sync on CUDA).
-            A caller whose ids come from its own encoder (``sae``'s models) passes False.
+        check_indices: check every id of ``top_indices`` is in [0, n) (one host sync on CUDA,
+            skipped while torch.compile traces). A caller whose ids come from its own encoder
+            (``sae``'s models) passes False. CPU ids are checked either way (no sync), and so
+            are the ids given to ``backend="reference"`` (which would fail on them).
 
     Returns:
         [..., m] = sum_s top_acts[..., s] * weight[top_indices[..., s]] (+ bias).
