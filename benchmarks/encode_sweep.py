@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 te = importlib.import_module("topk_kernels.topk_encode")
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
 SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2)]
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, default=2048)
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")],
                    help="fp32 elements per GEMM chunk, comma-separated (default: 8Mi,32Mi,64Mi)")
     p.add_argument("--tiles", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         return 2
     if args.expander:
         return expander_sweep(args)
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dt = DTYPES[args.dtype]
     B, m, n, k = args.B, args.m, args.n, args.k
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, m, device="cuda", generator=g).to(dt)
@@ -102,11 +103,11 @@ def main(argv=None) -> int:
             rows[-1] = (rows[-1][0], ms, f"selection ~{ms - gemm_ms:.3f} ms; ids same as defaults: {same}")
     te.CHUNK_TILE_ELEMS, te.SELECT_CONFIGS = defaults
     if args.packed_fallback:
-        te.SELECT_MAX_K_PAD = 0  # every K_PAD takes the packed-keys path
+        limit, te.SELECT_MAX_K_PAD = te.SELECT_MAX_K_PAD, 0  # every K_PAD takes the packed-keys path
         same = bool(torch.equal(te._chunked_forward(x, w, b, k, dt)[1], want))
         bench("chunked, packed keys + torch.topk per chunk", lambda: te._chunked_forward(x, w, b, k, dt))
         rows[-1] = (*rows[-1][:2], f"ids same as defaults: {same}")
-        te.SELECT_MAX_K_PAD = max(te.SELECT_CONFIGS)
+        te.SELECT_MAX_K_PAD = limit
     if not args.no_fused:
         bench("fused strategy (defaults)", lambda: te._fused_forward(x, w, b, k, dt))
     print(f"\n### encode sweep: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} k={k}\n")
@@ -122,7 +123,7 @@ def expander_sweep(args) -> int:
     from sae.masks import expander_mask
 
     ee = importlib.import_module("topk_kernels.expander_encode")
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dt = DTYPES[args.dtype]
     B, m, n, d, k = args.B, args.m, args.n, args.d, args.k
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, m, device="cuda", generator=g).to(dt)

@@ -105,8 +105,7 @@ def test_bad_input_raises_naming_the_argument(mutate, match):
 def test_check_indices_false_only_drops_the_device_sync(backend):
     """Default: an out-of-range id is an IndexError on every device. ``check_indices=False`` skips
     the check's host sync on CUDA, where the id then contributes nothing to the Triton kernels (the
-    index contract);
-    CPU ids are checked either way (it costs no sync)."""
+    index contract); CPU ids are checked either way (it costs no sync)."""
     acts, idx, weight, bias = _inputs((9,), 12, 40, 4, torch.float32)
     idx[2, 1] = 40 + 7
     with pytest.raises(IndexError, match=r"top_indices: expected every index in \[0, n_latents=40\), found 47"):

@@ -151,6 +151,16 @@ def check_indices(name: str, t: Tensor, upper: int, what: str = "n", every_devic
         raise IndexError(f"{name}: expected every index in [0, {what}={upper}), found {bad}")
 
 
+def check_decode_ids(top_indices: Tensor, n: int, backend: str, check: bool) -> None:
+    """The decode ops' id check before their op (``check``: the ops' ``check_indices``). CPU ids
+    are checked inside the op, which runs eagerly even under torch.compile. Elsewhere the check is
+    a host sync: it runs when asked and not while torch.compile traces (the kernels' index contract
+    then holds). Ids for ``backend="reference"``, which would fail on a bad one, are always checked."""
+    on_host = top_indices.device.type == "cpu"
+    if backend == "reference" or (check and not on_host and not torch.compiler.is_compiling()):
+        check_indices("top_indices", top_indices, n, "n_latents", every_device=True)
+
+
 def check_expander_rows(rows: Tensor, m: int, what: str = "m") -> None:
     """An expander graph's ``rows [n, d]``: integers in ``[0, m)``, distinct within each latent.
 

@@ -25,7 +25,8 @@ from ._common import (
     check_decode_args,
     check_expander,
     check_expander_rows,
-    check_indices as check_index_values,
+    check_decode_ids,
+    check_indices,
     check_same_device,
     compute_dtype,
     launch_options,
@@ -248,7 +249,7 @@ def _expander_decode_op(
     bias: Optional[Tensor], use_triton: bool, check_rows: bool,
 ) -> Tensor:
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
-    check_index_values("top_indices", top_indices, values.shape[0], "n_latents")
+    check_indices("top_indices", top_indices, values.shape[0], "n_latents")
     if check_rows:
         check_expander_rows(rows, m)
     out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
@@ -356,11 +357,7 @@ def expander_decode(
     check_bias("bias", bias, m, "m")
     check_same_device(top_acts=top_acts, top_indices=top_indices, values=values, rows=rows, bias=bias)
     backend = resolve_backend(backend, values.device, torch.promote_types(top_acts.dtype, values.dtype))
-    # CPU ids are checked inside the op (which runs eagerly even under torch.compile); elsewhere the
-    # check is a host sync, so it is skipped while compiling (the kernels' index contract holds).
-    on_host = top_indices.device.type == "cpu"
-    if backend == "reference" or (check_indices and not on_host and not torch.compiler.is_compiling()):
-        check_index_values("top_indices", top_indices, values.shape[0], "n_latents", every_device=True)
+    check_decode_ids(top_indices, values.shape[0], backend, check_indices)
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m)

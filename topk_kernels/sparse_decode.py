@@ -22,7 +22,8 @@ from ._common import (
     HAS_TRITON,
     check_bias,
     check_decode_args,
-    check_indices as check_index_values,
+    check_decode_ids,
+    check_indices,
     check_matrix,
     check_same_device,
     compute_dtype,
@@ -199,7 +200,7 @@ def _sparse_decode_op(
     top_acts: Tensor, top_indices: Tensor, weight: Tensor, bias: Optional[Tensor], use_triton: bool
 ) -> Tensor:
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
-    check_index_values("top_indices", top_indices, weight.shape[0], "n_latents")
+    check_indices("top_indices", top_indices, weight.shape[0], "n_latents")
     out_dtype = torch.promote_types(top_acts.dtype, weight.dtype)
     top_acts, top_indices, weight = top_acts.contiguous(), top_indices.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -297,11 +298,7 @@ def sparse_decode(
     check_bias("bias", bias, m, "m = weight.shape[1]")
     check_same_device(top_acts=top_acts, top_indices=top_indices, weight=weight, bias=bias)
     backend = resolve_backend(backend, weight.device, torch.promote_types(top_acts.dtype, weight.dtype))
-    # CPU ids are checked inside the op (which runs eagerly even under torch.compile); elsewhere the
-    # check is a host sync, so it is skipped while compiling (the kernels' index contract holds).
-    on_host = top_indices.device.type == "cpu"
-    if backend == "reference" or (check_indices and not on_host and not torch.compiler.is_compiling()):
-        check_index_values("top_indices", top_indices, n, "n_latents", every_device=True)
+    check_decode_ids(top_indices, n, backend, check_indices)
     if backend == "reference":
         return reference.sparse_decode(top_acts, top_indices, weight, bias)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]

@@ -212,7 +212,7 @@ SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
 # (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes
-# here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Encoder on an H100"): bf16
+# here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an NVIDIA H100"): bf16
 # chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at k=64, 12.0 / 39.5 at
 # k=128; fp32 (exact) 91 / 631 ms at k=64.
 _H100 = "NVIDIA H100 80GB HBM3"
