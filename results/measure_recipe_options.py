@@ -32,6 +32,9 @@ COMMON = [
     ("defaults", {}, {}, 1.0),
     ("auxk_norm=residual", {"auxk_norm": "residual"}, {}, 1.0),
     ("normalize_activations", {"normalize_activations": True}, {}, 1.0),
+    # Normalised inputs change the scale the swept lr was chosen at: bracket it.
+    ("normalize_activations, lr/2", {"normalize_activations": True}, {}, 0.5),
+    ("normalize_activations, lr*2", {"normalize_activations": True}, {}, 2.0),
     ("dead_fraction=0.0625", {}, {"dead_fraction": 0.0625}, 1.0),
 ]
 EXPANDER_ONLY = [
@@ -61,7 +64,8 @@ def main() -> int:
             for name, sae_over, train_over, lr_factor in variants:
                 p = dict(point, seed=seed)
                 lr = sweeps[(p["arch"], p["n"], p["degree"])] * lr_factor
-                slug = name.replace(" ", "").replace(",", "_").replace("(", "").replace(")", "").replace("/", "div")
+                slug = (name.replace(" ", "").replace(",", "_").replace("(", "").replace(")", "").replace("/", "div")
+                        .replace("*", "x"))
                 run_dir = runs / f"{_point_name(p['arch'], K, p['n'], p['degree'], seed)}_{slug}"
                 done = run_dir / "row.json"
                 if done.exists():
