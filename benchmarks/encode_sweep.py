@@ -34,7 +34,8 @@ te = importlib.import_module("topk_kernels.topk_encode")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
-SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2)]
+SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2),
+                (1, 128, 1), (2, 128, 1), (1, 256, 1), (2, 256, 1)]
 
 
 def main(argv=None) -> int:
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")],
                    help="fp32 elements per GEMM chunk, comma-separated (default: 8Mi,32Mi,64Mi)")
     p.add_argument("--tiles", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
-                   help="selection tiles BxNxWARPS, comma-separated (default: six shapes)")
+                   help="selection tiles BxNxWARPS, comma-separated (default: ten shapes)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")

@@ -27,9 +27,14 @@ timeout 100 "$py" -m pytest --device cuda -q -p no:cacheprovider tests/test_mode
 models_rc=$?
 timeout 330 "$py" benchmarks/gpu.py --out "$out/gpu.md" > "$out/gpu.log" 2>&1
 gpu_rc=$?
-timeout 150 "$py" benchmarks/encode_sweep.py --chunks 33554432 --tiles 8x128x4,16x128x4,64x128x8 \
+# The measured tiles beside the 1-warp tiles the SASS predicts faster (RESULTS.md, "Selection
+# tiles of one warp"), at k = 64 and at k = 256 (where the chunked strategy lost to cuBLAS + topk).
+timeout 120 "$py" benchmarks/encode_sweep.py --chunks 33554432 --tiles 8x128x4,1x128x1,2x128x1,1x256x1,2x256x1 \
     > "$out/sweep.md" 2> "$out/sweep.log"
 sweep_rc=$?
+timeout 90 "$py" benchmarks/encode_sweep.py --k 256 --no-fused --chunks 33554432 \
+    --tiles 8x256x4,1x256x1,2x256x1,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
+sweep_rc=$(( sweep_rc | $? ))
 
 echo
 echo "== op tests on CUDA (rc $tests_rc), models/layers on CUDA (rc $models_rc)"

@@ -301,6 +301,23 @@ def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
     assert torch.equal(acts, bias[expected].relu().expand(21, k))
 
 
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("tile", ["default", (2, 128, 1), (2, 256, 1)])
+@pytest.mark.parametrize("k", [3, 150])  # K_PAD 4 and 256
+def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
+    """The selection kernel's tiles the GPU sweep compares, 1-warp ones included (K_PAD=256's
+    default is one): every row of a block inserts on its own, a tile narrower than K_PAD fills the
+    slots over several tiles, and candidates persist across chunks of 40 latents."""
+    kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
+    if tile != "default":
+        monkeypatch.setitem(te.SELECT_CONFIGS, kp, tile)
+    x, weight, bias = _inputs((5,), 18, 187 if k < 150 else 307)  # more latents than K_PAD slots
+    acts, idx = topk_encode(x, weight, bias, k, backend="triton")
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+
+
 @pytest.mark.parametrize("k", [9, 300])  # the selection kernel; packed keys + torch.topk past its K_PAD
 def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""

@@ -206,7 +206,15 @@ CHUNK_MAX_BLOCK_B = 8192
 # 8 warps): fold_tile's insertion loop runs until the slowest row of the block is done, so fewer
 # rows per block waste fewer rounds, and more, smaller programs fill the GPU. Above
 # SELECT_MAX_K_PAD the chunks go through packed keys and torch.topk.
-SELECT_CONFIGS = {kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (8, 256, 4)}
+# K_PAD = 256 is a PREDICTION, not a measurement: the best measured tile there (8 x 256, 4 warps)
+# made the chunked strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms; selection
+# 12.5 ms). The sm_90 SASS (benchmarks/RESULTS.md, "Selection tiles of one warp") shows why: each
+# insertion pass of a 4-warp tile holds 3 BAR.SYNC (the block-wide loop condition), costs 491
+# instructions a warp for its 2 rows, and every row waits for the slowest of the block's 8; one
+# row per 1-warp program needs no barrier, 156 instructions a pass, passes only for its own
+# insertions, and 32 CTAs fit an SM (55 registers) instead of 4. Predicted selection ~5 ms, the
+# strategy ~12 ms against 13.8 (RESULTS.md has the arithmetic); gpu_session.sh measures it.
+SELECT_CONFIGS = {kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (1, 256, 1)}
 SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
@@ -412,7 +420,12 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     probe = (x.new_empty(0, dtype=torch.float32), bias_arg, x.new_empty(0, dtype=torch.int64),
              block_b, block_n, 0, chunk_tiles, 1, k_pad)  # the launch's argument types: fp32 chunks
     ctas = resident_ctas(_select_kernel, x.device, probe, options)
-    splits = latent_splits(token_blocks, chunk_tiles, x.device, ctas)
+    # Each split keeps its own K_PAD candidates per row for the whole run, so every extra split
+    # repeats the fill: K_PAD insertion passes or more per row, each about 0.8 of a tile's other
+    # work in the sm_90 SASS (RESULTS.md, "Selection tiles of one warp"), spread over the run's
+    # chunks. Without it 1-row programs took 32 splits of one tile (63 waves against 64).
+    fill_tiles = 0.8 * k_pad * block_n / N
+    splits = latent_splits(token_blocks, chunk_tiles, x.device, ctas, fill_tiles)
     keys = []
     for b0 in range(0, B, block_b):
         b1 = min(B, b0 + block_b)
