@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from sae.cli import dense_sizes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
+from recompute_ce import recompute_ce  # noqa: E402  (the script run on the committed SAE files)
 
 VOCAB = 101  # tiny_llama's vocabulary
 
@@ -50,43 +54,6 @@ def test_dense_sizes_match_storage_and_cap_at_k():
     assert [s["n"] for s in dense_sizes(4608, 576, 32, [7, 30, 100])][:1] == [56]
     between = [s["n"] for s in sizes if s["matched_degree"] is None and s["n"] != 4608]
     assert between == [round(math.sqrt(800 * 4608))]
-
-
-def _recompute_ce(model, tokens, layer, sae, bos_id):
-    """CE_zero (layer output zeroed at every position) and CE_sae (SAE at non-BOS positions), both
-    averaged over the predictions made at non-BOS positions, with a plain forward hook."""
-    state = {"mode": None}
-
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        if state["mode"] == "zero":
-            h = torch.zeros_like(h)
-        elif state["mode"] == "sae":
-            mask = (tokens_batch["ids"] != bos_id)
-            flat = h[mask].float()
-            h = h.clone()
-            h[mask] = sae.decode(*sae.encode(flat)).to(h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    tokens_batch = {}
-    handle = model.model.layers[layer].register_forward_hook(hook)
-    sums = {"zero": 0.0, "sae": 0.0}
-    count = 0
-    try:
-        with torch.no_grad():
-            for ids in tokens.split(4):
-                tokens_batch["ids"] = ids
-                keep = (ids != bos_id)[:, :-1]
-                for mode in sums:
-                    state["mode"] = mode
-                    logits = model(input_ids=ids).logits.float()
-                    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                           ids[:, 1:].reshape(-1), reduction="none")
-                    sums[mode] += float((ce.view(ids.shape[0], -1) * keep).sum())
-                count += int(keep.sum())
-    finally:
-        handle.remove()
-    return sums["zero"] / count, sums["sae"] / count
 
 
 def test_frontier_end_to_end(tiny_folder, tmp_path):
@@ -151,7 +118,7 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_folder / "model")
     test = token_splits(load_texts([tiny_folder / "corpus.txt"]), tok, 24).test
     assert test.numel() == row["test_tokens"]
-    ce_zero, ce_sae = _recompute_ce(model, test, row["layer"], sae, row["bos_id"])
+    ce_zero, ce_sae = recompute_ce(model, test, row["layer"], sae, row["bos_id"])
     assert abs(ce_zero - row["ce_zero"]) < 0.01 and abs(ce_sae - row["ce_sae"]) < 0.01, (ce_zero, ce_sae, row)
 
     # A second run finds every SAE and sweep done.
