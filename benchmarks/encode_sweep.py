@@ -11,8 +11,9 @@ Times (median of ``triton.testing.do_bench``), at one shape:
 - the fused strategy at its defaults;
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
   above SELECT_MAX_K_PAD, or off Triton) beside the selection kernel;
-- with ``--expander``, ``expander_encode`` instead, for each (BLOCK_B, BLOCK_N, warps) given in
-  ``--tiles`` (defaults: the package's tile and seven others), at B=4096 n=2**20 d=7 unless told.
+- with ``--expander``, ``expander_encode`` instead: the fused strategy for each (BLOCK_B, BLOCK_N,
+  warps) given in ``--tiles`` (defaults: the package's tile and seven others), then the chunked
+  strategy for each ``--chunks`` size, at B=4096 n=2**20 d=7 unless told.
 Prints a markdown table; benchmarks/RESULTS.md keeps the runs that chose the defaults.
 
     python benchmarks/encode_sweep.py --k 256 --packed-fallback --tiles 8x256x4
@@ -135,16 +136,32 @@ def expander_sweep(args) -> int:
     default = ee.EXPANDER_ENCODE_CONFIGS[kp]
     tiles = args.tiles or [default, (8, 128, 4), (16, 128, 4), (64, 128, 4), (32, 64, 4), (32, 256, 8),
                            (16, 256, 8), (64, 64, 4)]
-    want = ee.expander_encode(x, values, rows, bias, k, check_rows=False)[1]
-    print(f"\n### expander_encode tiles: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} d={d} "
-          f"k={k}\n\n| (BLOCK_B, BLOCK_N, warps) | median ms | ids same as defaults |\n|---|---|---|")
-    for tile in tiles:
-        ee.EXPANDER_ENCODE_CONFIGS[kp] = tuple(tile)
-        fn = lambda: ee.expander_encode(x, values, rows, bias, k, check_rows=False)  # noqa: E731
-        same = bool(torch.equal(fn()[1], want))
-        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-        print(f"| {tuple(tile)}{' (default)' if tuple(tile) == default else ''} | {ms:.3f} | {same} |", flush=True)
-    ee.EXPANDER_ENCODE_CONFIGS[kp] = default
+    dispatcher = ee.expander_strategy
+    print(f"\n### expander_encode: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} d={d} "
+          f"k={k} (the dispatcher picks {dispatcher(k, dt, x.device)!r})\n\n"
+          f"| strategy, tile or chunk | median ms | ids same as the fused default |\n|---|---|---|")
+    fn = lambda: ee.expander_encode(x, values, rows, bias, k, check_rows=False)  # noqa: E731
+    try:
+        ee.expander_strategy = lambda *a: "fused"
+        want = fn()[1]
+        for tile in tiles:
+            ee.EXPANDER_ENCODE_CONFIGS[kp] = tuple(tile)
+            same = bool(torch.equal(fn()[1], want))
+            ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+            print(f"| fused {tuple(tile)}{' (default)' if tuple(tile) == default else ''} | {ms:.3f} | {same} |",
+                  flush=True)
+        ee.EXPANDER_ENCODE_CONFIGS[kp] = default
+        ee.expander_strategy = lambda *a: "chunked"
+        chunk_default = ee.EXPANDER_CHUNK_ELEMS
+        for elems in args.chunks or [8 * 2**20, chunk_default]:
+            ee.EXPANDER_CHUNK_ELEMS = elems
+            same = bool(torch.equal(fn()[1], want))
+            ms = do_bench(fn, warmup=20, rep=200, return_mode="median")
+            print(f"| chunked, {elems // 2**20} Mi pre-activations a chunk | {ms:.3f} | {same} |", flush=True)
+        ee.EXPANDER_CHUNK_ELEMS = chunk_default
+    finally:
+        ee.expander_strategy = dispatcher
+        ee.EXPANDER_ENCODE_CONFIGS[kp] = default
     return 0
 
 

@@ -174,6 +174,10 @@ def _expander_encode_specs() -> list[Spec]:
         for k_pad in ee.EXPANDER_ENCODE_CONFIGS:
             specs.append(Spec("expander_encode", f"{dt},K_PAD={k_pad}", lambda dt=dt, k=k_pad: ee._triton_forward(
                 _t(B, m, dtype=dt), _t(n, d, dtype=dt), _t(n, d, dtype="i64"), _t(n, dtype=dt), k, _torch_dtype(dt))))
+        # The chunked strategy: its gather kernel (and the selection kernel it shares with topk_encode).
+        specs.append(Spec("expander_encode", f"chunked,{dt},K_PAD={EXPANDER['k']}", lambda dt=dt: ee._chunked_forward(
+            _t(B, m, dtype=dt), _t(n, d, dtype=dt), _t(n, d, dtype="i64"), _t(n, dtype=dt), EXPANDER["k"],
+            _torch_dtype(dt))))
     return specs
 
 

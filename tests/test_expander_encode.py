@@ -34,6 +34,13 @@ SHAPES = [  # (leading shape, m, n, d, k)
 ]
 
 
+@pytest.fixture(autouse=True)
+def fused_strategy(monkeypatch):
+    """The Triton backend takes the fused kernel in these tests, on CUDA too (where the dispatcher
+    picks the chunked strategy); the chunked strategy has its own tests below."""
+    monkeypatch.setattr(ee, "expander_strategy", lambda *args: "fused")
+
+
 def _rows(n, m, d):
     """d distinct model coordinates per latent, uniformly at random."""
     return torch.rand(n, m).argsort(dim=1)[:, :d]
@@ -143,6 +150,69 @@ def test_ties_go_to_lower_latent_id(backend):
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 
 
+# --- the chunked strategy (gather kernel into fp32 chunks + topk_encode's selection kernel) ----
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """The Triton backend runs the chunked strategy, with chunks small enough that these problems
+    span several token tiles and latent chunks, and a gather tile of 16 tokens x 32 latents."""
+    monkeypatch.setattr(ee, "expander_strategy", lambda *args: "chunked")
+    monkeypatch.setattr(ee, "EXPANDER_CHUNK_ELEMS", 16 * 40)
+    monkeypatch.setattr(ee, "EXPANDER_CHUNK_MAX_BLOCK_B", 16)
+    monkeypatch.setattr(ee, "EXPANDER_GATHER_TILE", (16, 32, 4))
+
+
+@needs_triton
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("lead,m,n,d,k", [
+    ((33,), 100, 301, 7, 17),  # odd sizes: three token tiles (the last padded), eight chunks
+    ((3, 5), 24, 130, 3, 9),  # a leading shape
+    ((9,), 20, 37, 4, 37),  # k = n
+    ((5,), 30, 307, 3, 150),  # K_PAD 256: the 1-row selection tile, more latents than slots
+])
+def test_chunked_strategy_matches_dense_reference(lead, m, n, d, k):
+    _check_against_reference(*_inputs(lead, m, n, d), k, "triton", TOL[torch.float32])
+
+
+@needs_triton
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_strategy_dtypes_and_no_bias(dtype):
+    x, values, rows, _ = _inputs((21,), 50, 170, 5, dtype)
+    _check_against_reference(x, values, rows, None, 11, "triton", TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.usefixtures("chunked")
+def test_chunked_strategy_ties_and_out_of_range_rows():
+    """Ties go to the lower latent id across chunks, and rows outside [0, m) contribute nothing,
+    as in the fused kernel."""
+    x, values, rows, _ = _inputs((6,), 16, 8, 2)
+    copies = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 1, 3, 0] * 5)  # identical latents in every chunk
+    values, rows = values[copies].contiguous(), rows[copies].contiguous()
+    acts, idx = expander_encode(x, values, rows, None, 7, backend="triton")
+    pre = _reference_pre(x, values, rows, None).float()
+    for b in range(x.shape[0]):
+        assert idx[b].tolist() == sorted(range(len(copies)), key=lambda j: (-pre[b, j].item(), j))[:7]
+    rows = rows.clone()
+    rows[3, 0], rows[40, 1] = -1, 16
+    row_ok = (rows >= 0) & (rows < 16)
+    acts, idx = ee._triton_forward(x, values, rows, None, 7, torch.float32)  # past the public id check
+    pre = x.double() @ reference.expander_dense(torch.where(row_ok, values, 0.0).double(), rows.clamp(0, 15), 16).T
+    want_acts, want_idx = reference.topk_relu(pre, 7)
+    assert torch.equal(idx, want_idx)
+    assert_close(acts, want_acts, 1e-5, "top_acts")
+
+
+def test_expander_strategy_table(monkeypatch):
+    monkeypatch.undo()  # the real dispatcher, not this file's fused default
+    cpu = torch.device("cpu")
+    assert ee.expander_strategy(64, torch.float32, cpu) == "fused"  # the interpreter proves the fused kernel
+    monkeypatch.setitem(ee.EXPANDER_MEASURED, ("cpu", torch.float32, 64), "chunked")
+    assert ee.expander_strategy(50, torch.float32, cpu) == "chunked"
+    assert ee.EXPANDER_PREDICTED in ("fused", "chunked")
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_gathers_over_token_blocks_and_tiles(monkeypatch, dtype):
@@ -247,9 +317,10 @@ def test_compiled_gather_puts_tokens_along_lanes_in_vector_loads():
         "out = {}\n"
         "for spec in gc._expander_encode_specs():\n"
         "    if spec.label.endswith(',K_PAD=64'):\n"
-        "        launch = gc.capture(spec, 90)[0]\n"
+        "        launch = gc.capture(spec, 90)[0]  # the chunked strategy's first launch: its gather kernel\n"
         "        out[spec.label] = gc.expander_gather_layout(launch, 90)\n"
-        "        out[spec.label]['plan'] = gc.expander_encode_plan(gc.launch_arguments(launch))\n"
+        "        if not spec.label.startswith('chunked'):\n"
+        "            out[spec.label]['plan'] = gc.expander_encode_plan(gc.launch_arguments(launch))\n"
         "print(json.dumps(out))\n"
     )
     tests = Path(__file__).parent
@@ -258,14 +329,16 @@ def test_compiled_gather_puts_tokens_along_lanes_in_vector_loads():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(report) == {f"{dt},K_PAD=64" for dt in gpu_compile.DTYPES}
-    for label, r in report.items():
-        elt = r["plan"]["elt_bytes"]
+    assert set(report) == {f"{s}{dt},K_PAD=64" for dt in gpu_compile.DTYPES for s in ("", "chunked,")}
+    for label, r in report.items():  # the fused kernel and the chunked strategy's gather kernel
+        elt = {"fp32": 4, "bf16": 2}[label.split(",")[-2]]
         assert r["order"][0] == 0 and r["size_per_thread"][0] * elt == gpu_compile.VECTOR_BYTES, (label, r)
         assert r["tokens_per_warp_load"] >= 16, (label, r)
         assert r["global_loads"].get("LDG.E.128", 0) >= 1, (label, r)
         compiled = gpu_compile.gather_sectors_per_value(1, r["tokens_per_warp_load"], elt, aligned=True)
-        assert compiled == r["plan"]["sectors_per_value"] <= 1 / 4, (label, r)
+        assert compiled <= 1 / 4, (label, r)
+        if "plan" in r:
+            assert r["plan"]["elt_bytes"] == elt and compiled == r["plan"]["sectors_per_value"], (label, r)
 
 
 def test_triton_values_grad_bit_identical_across_runs():

@@ -8,7 +8,9 @@ O(B*n*m); the cost that remains is choosing the top k of n per token.
 The Triton kernel runs one program per (token block, latent split): per [BLOCK_B, BLOCK_N] tile it
 gathers ``x[b, rows[j, t]]`` one t at a time (fp32 accumulation), adds the bias and folds the tile
 into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2 merges
-the splits. The [B, n] pre-activations are never written. It gathers from x transposed
+the splits. The [B, n] pre-activations are never written. On CUDA a second strategy,
+"chunked", writes the gathered pre-activations one bounded chunk at a time and selects with
+topk_encode's selection kernel (``expander_strategy`` picks; see the tables there). It gathers from x transposed
 (``transposed_tokens``, a copy of at most XT_CHUNK_BYTES of tokens per launch), so that the lanes
 reading one latent read consecutive tokens of one model coordinate: 16-byte vector loads and 1/16
 (bf16) or 1/8 (fp32) of a 32-byte sector per value, where x row-major costs a sector per value
@@ -67,18 +69,34 @@ if HAS_TRITON:
     from ._topk import empty_slots, fold_tile
 
     @triton.jit
+    def _gather_tile(xt_blk, values_ptr, rows_ptr, offs_n, mask_n, M, D, LD,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+        """fp32 [BLOCK_B, BLOCK_N] pre-activations (no bias) of one token block x latent tile:
+        pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b], one t at a time. xt_blk points at the
+        block's first token of coordinate 0 of x transposed ([M, LD]); the lanes reading one latent
+        read consecutive tokens of one coordinate: contiguous, aligned, vectorisable loads instead
+        of one 32-byte sector per value. Registers hold one tile, never a cube."""
+        atom = offs_n.to(tl.int64) * D
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for t in range(0, D):
+            r = tl.load(rows_ptr + atom + t, mask=mask_n, other=0)
+            v = tl.load(values_ptr + atom + t, mask=mask_n, other=0.0).to(tl.float32)
+            # The index contract (``_common``): a row outside [0, M) contributes nothing.
+            ok = mask_n & (r >= 0) & (r < M)
+            tl.device_assert(ok | ~mask_n, "rows: an index outside [0, m)")
+            xv = tl.load(xt_blk + (r * LD)[None, :], mask=ok[None, :], other=0.0)
+            acc += xv.to(tl.float32) * v[None, :]
+        return acc
+
+    @triton.jit
     def _expander_encode_fwd_kernel(
         xt_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
         B, N, M, D, LD, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
     ):
-        """Program (token block, latent split): the split's top K_PAD keys per token -> cand[:, split].
-
-        xt is x transposed, [M, LD] with LD a multiple of BLOCK_B (padded tokens are zeros), so
-        pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b] gathers, one t at a time, BLOCK_B
-        consecutive tokens of one model coordinate per latent: contiguous, aligned, vectorisable
-        loads instead of one 32-byte sector per value. Registers hold one tile, never a cube.
-        """
+        """Fused strategy, program (token block, latent split): the split's top K_PAD keys per
+        token -> cand[:, split]. xt is x transposed, [M, LD] with LD a multiple of BLOCK_B (padded
+        tokens are zeros), gathered by ``_gather_tile``."""
         pid_b = tl.program_id(0)
         split = tl.program_id(1)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -89,21 +107,29 @@ if HAS_TRITON:
         for tile in range(0, TILES_PER_SPLIT):
             offs_n = n_first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            atom = offs_n.to(tl.int64) * D
-            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            for t in range(0, D):
-                r = tl.load(rows_ptr + atom + t, mask=mask_n, other=0)
-                v = tl.load(values_ptr + atom + t, mask=mask_n, other=0.0).to(tl.float32)
-                # The index contract (``_common``): a row outside [0, M) contributes nothing.
-                ok = mask_n & (r >= 0) & (r < M)
-                tl.device_assert(ok | ~mask_n, "rows: an index outside [0, m)")
-                xv = tl.load(xt_blk + (r * LD)[None, :], mask=ok[None, :], other=0.0)
-                acc += xv.to(tl.float32) * v[None, :]
+            acc = _gather_tile(xt_blk, values_ptr, rows_ptr, offs_n, mask_n, M, D, LD, BLOCK_B, BLOCK_N)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             running = fold_tile(running, acc, offs_n, mask_n)
         out = cand_ptr + offs_b.to(tl.int64)[:, None] * C + split * K_PAD + tl.arange(0, K_PAD)[None, :]
         tl.store(out, running, mask=(offs_b < B)[:, None])
+
+    @triton.jit
+    def _expander_pre_kernel(
+        xt_ptr, values_ptr, rows_ptr, pre_ptr,
+        B, NC, N0, M, D, LD,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Chunked strategy, program (token block, latent tile): the fp32 pre-activations (no
+        bias) of latents N0 + [0, NC) -> pre [B, NC], row-major, for ``_select_kernel``."""
+        pid_b = tl.program_id(0)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        xt_blk = xt_ptr + offs_b[:, None]
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = cols < NC
+        acc = _gather_tile(xt_blk, values_ptr, rows_ptr, N0 + cols, mask_n, M, D, LD, BLOCK_B, BLOCK_N)
+        out = pre_ptr + offs_b.to(tl.int64)[:, None] * NC + cols[None, :]
+        tl.store(out, acc, mask=(offs_b < B)[:, None] & mask_n[None, :])
 
 
 # Launch configurations of the fused kernel, by K_PAD = next_pow2(k): (BLOCK_B, BLOCK_N, num_warps).
@@ -157,6 +183,39 @@ def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
     return xt
 
 
+# --- which strategy runs on CUDA -----------------------------------------------------------------
+# "fused" (``_expander_encode_fwd_kernel``: gather and fold_tile in one kernel, 32-token tiles) or
+# "chunked" (``_chunked_forward``: ``_expander_pre_kernel`` writes a chunk of fp32 pre-activations,
+# then topk_encode's ``select_chunks`` folds it with its selection kernel). Measured on a GPU,
+# (device name, dtype of x, K_PAD) -> strategy: only a measurement goes here; the H100 measured the
+# fused strategy alone (25.5 ms at B=4096, m=2048, n=2**20, d=7, k=64, bf16: RESULTS.md).
+EXPANDER_MEASURED: dict[tuple[str, torch.dtype, int], str] = {}
+# PREDICTED for CUDA, not measured (benchmarks/RESULTS.md, "Expander encoder, chunked"): the fused
+# kernel's insertion pass holds 12 BAR.SYNC and 852 instructions a warp in the sm_90 SASS, and a
+# block of 32 tokens makes as many passes as its busiest token; the chunked strategy pays HBM
+# traffic for the pre-activations (~35 GB at that shape, ~10 ms) but selects with the selection
+# kernel's small tiles (8 rows, 3 barriers a pass at K_PAD=64: ~4 ms of issue, most of it the
+# per-tile compare): ~11-15 ms predicted against the fused kernel's 25.5.
+EXPANDER_PREDICTED = "chunked"
+# Chunked strategy tiles: at most EXPANDER_CHUNK_ELEMS fp32 pre-activations at a time (128 MiB:
+# fewer, larger chunks keep the two launches per chunk ahead of the GPU), up to
+# EXPANDER_CHUNK_MAX_BLOCK_B tokens; the gather runs the fused kernel's tile without the fold.
+EXPANDER_CHUNK_ELEMS = 32 * 2**20
+EXPANDER_CHUNK_MAX_BLOCK_B = 8192
+EXPANDER_GATHER_TILE = (32, 128, 4)
+
+
+def expander_strategy(k: int, x_dtype: torch.dtype, device: torch.device) -> str:
+    """"fused" or "chunked" for the Triton backend: a GPU measurement if there is one, else the
+    prediction on CUDA; the interpreter runs the fused kernel (proving it is the point; the tests
+    force the chunked one too). Past the fused kernel's K_PAD both take the blocked path."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    measured = EXPANDER_MEASURED.get((name, x_dtype, pow2(k)))
+    if measured is not None:
+        return measured
+    return EXPANDER_PREDICTED if device.type == "cuda" else "fused"
+
+
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
     """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
     B, M = x.shape
@@ -165,6 +224,8 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
         # Registers cannot hold that many candidates per token: blocked gathers + exact key
         # top-k, still without a [B, n] tensor and without host syncs.
         return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
+    if B > 0 and expander_strategy(k, x.dtype, x.device) == "chunked":
+        return _chunked_forward(x, values, rows, bias, k, out_dtype)
     block_b = EXPANDER_ENCODE_CONFIGS[k_pad][0]
     chunk = max(1, XT_CHUNK_BYTES // (M * x.element_size() * block_b)) * block_b
     parts = [_fused_forward(x[b0:b0 + chunk], values, rows, bias, k, out_dtype) for b0 in range(0, B, chunk)]
@@ -195,6 +256,35 @@ def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tenso
         B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad, **options,
     )
     return merge_candidates(cand, k, out_dtype)
+
+
+def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
+    """Chunks of at most EXPANDER_CHUNK_ELEMS pre-activations: ``_expander_pre_kernel`` gathers a
+    (token tile x latent chunk) into an fp32 buffer, topk_encode's ``select_chunks`` folds it into
+    running candidates with its selection kernel. Extra memory: x transposed for one token tile,
+    one chunk, O(B * K_PAD * splits). No host sync."""
+    from .topk_encode import select_chunks
+
+    B, M = x.shape
+    N, D = rows.shape
+    g_b, g_n, g_warps = EXPANDER_GATHER_TILE
+    block_b = min(B, EXPANDER_CHUNK_MAX_BLOCK_B)
+    block_n = min(N, max(1, EXPANDER_CHUNK_ELEMS // block_b))
+    tile: dict = {}  # the current token tile, transposed
+
+    def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
+        if tile.get("b0") != b0:
+            tile.clear()
+            tile["b0"], tile["xt"] = b0, transposed_tokens(x[b0:b1], g_b)
+        xt = tile["xt"]
+        pre = torch.empty(b1 - b0, stop - start, device=x.device, dtype=torch.float32)
+        _expander_pre_kernel[(triton.cdiv(b1 - b0, g_b), triton.cdiv(stop - start, g_n))](
+            xt, values, rows, pre, b1 - b0, stop - start, start, M, D, xt.shape[1],
+            BLOCK_B=g_b, BLOCK_N=g_n, num_warps=g_warps, **launch_options(),
+        )
+        return pre
+
+    return select_chunks(pre_tile, B, N, k, block_b, block_n, bias, x.device, out_dtype)
 
 
 def _fill_cost_tiles(d: int, k_pad: int) -> float:

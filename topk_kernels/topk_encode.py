@@ -382,9 +382,6 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    k_pad = pow2(k, lo=min(SELECT_CONFIGS))
-    # CPU tensors take the selection kernel only under the interpreter (which proves it).
-    select = HAS_TRITON and (x.device.type != "cpu" or INTERPRET) and k_pad <= SELECT_MAX_K_PAD
     # Like the fused kernel, mixed fp32 / half inputs multiply in the half type (gemm_dtype).
     # Half inputs on CUDA: cuBLAS reads them as they are and writes fp32. Otherwise (fp32, bf16 with
     # fp16, CPU) operands are widened to fp32, whose GEMMs are exact or TF32 as
@@ -393,7 +390,6 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
     native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
     xc = x.to(gemm_dtype) if native else x.to(gemm_dtype).float()
-    gemm_bias = bias.float() if bias is not None and not select else None  # else the kernel adds it
     block_b = min(B, CHUNK_MAX_BLOCK_B)
     block_n = min(N, max(1, CHUNK_TILE_ELEMS // block_b))
 
@@ -402,34 +398,50 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
         if narrow:
             w = w.to(gemm_dtype)  # one chunk at a time: no copy of the whole weight
         if native:
-            pre = torch.mm(xc[b0:b1], w.T, out_dtype=torch.float32)
-            return pre if gemm_bias is None else pre.add_(gemm_bias[start:stop])
-        w = w.float()  # a copy only when weight is not fp32
-        if gemm_bias is None:
-            return torch.mm(xc[b0:b1], w.T)
-        return torch.addmm(gemm_bias[start:stop], xc[b0:b1], w.T)
+            return torch.mm(xc[b0:b1], w.T, out_dtype=torch.float32)
+        return torch.mm(xc[b0:b1], w.T.float())  # a copy only when weight is not fp32
 
-    if not select:
-        values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=True)
+    return select_chunks(pre_tile, B, N, k, block_b, block_n, bias, x.device, out_dtype)
+
+
+def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, bias: Optional[Tensor],
+                  device: torch.device, out_dtype) -> tuple[Tensor, Tensor]:
+    """The chunked strategies' running top-k (this module's and ``expander_encode``'s).
+
+    ``pre_tile(b0, b1, start, stop)`` returns the fp32 pre-activations [b1 - b0, stop - start] of
+    tokens [b0, b1) and latents [start, stop), without the bias; tiles are ``block_b`` tokens x
+    ``block_n`` latents. One ``_select_kernel`` pass per tile adds the bias, packs keys and folds
+    them into running candidates that persist across a token tile's chunks; stage 2 merges the
+    splits. Off the Triton backend (CPU without the interpreter) or above SELECT_MAX_K_PAD, each
+    tile goes through packed keys and ``torch.topk`` instead. No host sync."""
+    k_pad = pow2(k, lo=min(SELECT_CONFIGS))
+    # CPU tensors take the selection kernel only under the interpreter (which proves it).
+    if not (HAS_TRITON and (device.type != "cpu" or INTERPRET) and k_pad <= SELECT_MAX_K_PAD):
+        def with_bias(b0: int, b1: int, start: int, stop: int) -> Tensor:
+            pre = pre_tile(b0, b1, start, stop)
+            return pre if bias is None else pre.add_(bias[start:stop].float())
+
+        values, indices = token_blocked_topk(with_bias, B, N, k, block_n, block_b, exact_keys=True)
         return values.relu().to(out_dtype), indices
     sel_b, sel_n, sel_warps = SELECT_CONFIGS[k_pad]
     options = dict(HAS_BIAS=bias is not None, BLOCK_B=sel_b, BLOCK_N=sel_n, K_PAD=k_pad, num_warps=sel_warps,
                    **launch_options())
     token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
-    bias_arg = bias if bias is not None else xc
-    probe = (x.new_empty(0, dtype=torch.float32), bias_arg, x.new_empty(0, dtype=torch.int64),
+    scratch = torch.empty(0, device=device, dtype=torch.float32)
+    bias_arg = bias if bias is not None else scratch
+    probe = (scratch, bias_arg, scratch.new_empty(0, dtype=torch.int64),
              block_b, block_n, 0, chunk_tiles, 1, k_pad)  # the launch's argument types: fp32 chunks
-    ctas = resident_ctas(_select_kernel, x.device, probe, options)
+    ctas = resident_ctas(_select_kernel, device, probe, options)
     # Each split keeps its own K_PAD candidates per row for the whole run, so every extra split
     # repeats the fill: K_PAD insertion passes or more per row, each about 0.8 of a tile's other
     # work in the sm_90 SASS (RESULTS.md, "Selection tiles of one warp"), spread over the run's
     # chunks. Without it 1-row programs took 32 splits of one tile (63 waves against 64).
     fill_tiles = 0.8 * k_pad * block_n / N
-    splits = latent_splits(token_blocks, chunk_tiles, x.device, ctas, fill_tiles)
+    splits = latent_splits(token_blocks, chunk_tiles, device, ctas, fill_tiles)
     keys = []
     for b0 in range(0, B, block_b):
         b1 = min(B, b0 + block_b)
-        run = _empty_candidates(b1 - b0, splits, k_pad, x.device)
+        run = _empty_candidates(b1 - b0, splits, k_pad, device)
         for start in range(0, N, block_n):
             stop = min(N, start + block_n)
             pre = pre_tile(b0, b1, start, stop).contiguous()
