@@ -42,20 +42,8 @@ def loop_sizes(sass: str) -> dict:
     """Instructions of the gather loop (the innermost loop with a global load), of the tile loop
     (the smallest loop around it) and of the insertion loop (the largest innermost loop without a
     global load, 0 when there is none), and in all."""
-    instrs, labels, branches = [], {}, []
-    for line in sass.splitlines():
-        lab = gc._LABEL.match(line)
-        if lab:
-            labels[lab.group(1).lstrip(".")] = len(instrs)
-            continue
-        ins = gc._SASS_LINE.search(line)
-        if ins:
-            body = ins.group(2).strip()
-            br = gc._BRANCH.search(body)
-            if br:
-                branches.append((len(instrs), br.group(1).lstrip(".")))
-            instrs.append(body)
-    loops = sorted({(labels[t], at) for at, t in branches if t in labels and labels[t] < at})
+    instrs, all_loops = gc.sass_loops(sass)
+    loops = sorted({(s, e) for s, e in all_loops if s < e})
     inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
     has_load = {(s, e): any("LDG" in i for i in instrs[s:e + 1]) for s, e in inner}
     gather = max((lp for lp in inner if has_load[lp]), key=lambda lp: lp[1] - lp[0])

@@ -70,23 +70,10 @@ def sass_loops(k_pad: int, tile: tuple[int, int, int]) -> dict:
     finally:
         te.SELECT_CONFIGS.clear()
         te.SELECT_CONFIGS.update(saved)
-    instrs, labels, branches = [], {}, []
-    for line in text.splitlines():
-        label = gc._LABEL.match(line)
-        if label:
-            labels[label.group(1).lstrip(".")] = len(instrs)
-            continue
-        ins = gc._SASS_LINE.search(line)
-        if ins:
-            body = ins.group(2).strip()
-            br = gc._BRANCH.search(body)
-            if br:
-                branches.append((len(instrs), br.group(1).lstrip(".")))
-            instrs.append(body)
+    instrs, all_loops = gc.sass_loops(text)
     # Real loops only (not the trailing self-branch): the insertion pass is the smallest, the
     # tile loop around it the largest.
-    loops = sorted({(labels[t], at) for at, t in branches if t in labels and at - labels[t] > 2},
-                   key=lambda se: se[1] - se[0])
+    loops = sorted({(s, e) for s, e in all_loops if e - s > 2}, key=lambda se: se[1] - se[0])
     (p0, p1), (t0, t1) = loops[0], loops[-1]
     return {"registers": report["registers"], "spills": report["spill_stores"] + report["spill_loads"],
             "ctas_per_sm": report["ctas_per_sm"], "pass": p1 - p0 + 1,

@@ -496,11 +496,10 @@ def sass_atomics(instructions: list[str]) -> tuple[int, list[str]]:
     return count, fenced
 
 
-def sass_stats(cubin: bytes) -> dict:
-    """Total instructions, main-loop instructions (the largest innermost loop), every innermost
-    loop's size, the tensor-core loop's size, MEMBAR fences and atomics (all, and those behind a
-    GPU-wide fence) of the kernel's SASS."""
-    text = disassemble(cubin)
+def sass_loops(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """A kernel's disassembled SASS -> (its instructions in program order, every loop as the
+    (first, last) instruction index of a backward branch and its target, in branch order; a
+    branch to itself, such as the trailing ``BRA`` after ``EXIT``, is a loop of one)."""
     instrs, labels, branches = [], {}, []
     for line in text.splitlines():
         lab = _LABEL.match(line)
@@ -514,7 +513,14 @@ def sass_stats(cubin: bytes) -> dict:
             if br:
                 branches.append((len(instrs), br.group(1).lstrip(".")))
             instrs.append(body)
-    loops = [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
+    return instrs, [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Total instructions, main-loop instructions (the largest innermost loop), every innermost
+    loop's size, the tensor-core loop's size, MEMBAR fences and atomics (all, and those behind a
+    GPU-wide fence) of the kernel's SASS."""
+    instrs, loops = sass_loops(disassemble(cubin))
     innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
     main = max((e - s + 1 for s, e in innermost), default=0)
     # The tensor-core loop: the innermost loop holding an MMA (HGMMA on sm_90, HMMA on sm_80).
