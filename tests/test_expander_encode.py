@@ -204,6 +204,23 @@ def test_chunked_strategy_ties_and_out_of_range_rows():
     assert_close(acts, want_acts, 1e-5, "top_acts")
 
 
+@needs_triton
+@pytest.mark.usefixtures("chunked")
+def test_chunked_strategy_transposes_within_xt_chunk_bytes(monkeypatch):
+    """The chunked strategy's token tiles keep their transposed copy within XT_CHUNK_BYTES, as the
+    fused strategy's launches do (here tiles of 16, 16 and 5 tokens; EXPANDER_CHUNK_MAX_BLOCK_B
+    alone would allow 32)."""
+    monkeypatch.setattr(ee, "XT_CHUNK_BYTES", 45 * 4 * 16)
+    monkeypatch.setattr(ee, "EXPANDER_CHUNK_MAX_BLOCK_B", 32)
+    copies = []
+    transpose = ee.transposed_tokens
+    monkeypatch.setattr(ee, "transposed_tokens", lambda x, b: copies.append(x.shape[0]) or transpose(x, b))
+    x, values, rows, bias = _inputs((37,), 45, 50, 4)
+    acts, idx = ee._triton_forward(x, values, rows.contiguous(), bias, 7, torch.float32)
+    assert copies == [16, 16, 5]
+    _assert_topk_matches(acts, idx, _reference_pre(x, values, rows, bias), 7, TOL[torch.float32], "chunked")
+
+
 def test_expander_strategy_table(monkeypatch):
     monkeypatch.undo()  # the real dispatcher, not this file's fused default
     cpu = torch.device("cpu")

@@ -216,9 +216,14 @@ def expander_strategy(k: int, x_dtype: torch.dtype, device: torch.device) -> str
     return EXPANDER_PREDICTED if device.type == "cuda" else "fused"
 
 
+def _xt_tokens(x: Tensor, block_b: int) -> int:
+    """Tokens of x per transposed copy: a multiple of block_b whose copy fits XT_CHUNK_BYTES."""
+    return max(1, XT_CHUNK_BYTES // (x.shape[1] * x.element_size() * block_b)) * block_b
+
+
 def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
     """x [B, m], values/rows [n, d], bias [n] or None -> (top_acts [B, k], top_indices [B, k])."""
-    B, M = x.shape
+    B = x.shape[0]
     k_pad = pow2(k)
     if k_pad > MAX_FUSED_K_PAD:
         # Registers cannot hold that many candidates per token: blocked gathers + exact key
@@ -226,8 +231,7 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
         return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
     if B > 0 and expander_strategy(k, x.dtype, x.device) == "chunked":
         return _chunked_forward(x, values, rows, bias, k, out_dtype)
-    block_b = EXPANDER_ENCODE_CONFIGS[k_pad][0]
-    chunk = max(1, XT_CHUNK_BYTES // (M * x.element_size() * block_b)) * block_b
+    chunk = _xt_tokens(x, EXPANDER_ENCODE_CONFIGS[k_pad][0])
     parts = [_fused_forward(x[b0:b0 + chunk], values, rows, bias, k, out_dtype) for b0 in range(0, B, chunk)]
     if len(parts) == 1:
         return parts[0]
@@ -268,7 +272,8 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
     B, M = x.shape
     N, D = rows.shape
     g_b, g_n, g_warps = EXPANDER_GATHER_TILE
-    block_b = min(B, EXPANDER_CHUNK_MAX_BLOCK_B)
+    # Token tiles: their transposed copy within XT_CHUNK_BYTES, as in the fused strategy.
+    block_b = min(B, EXPANDER_CHUNK_MAX_BLOCK_B, _xt_tokens(x, g_b))
     block_n = min(N, max(1, EXPANDER_CHUNK_ELEMS // block_b))
     tile: dict = {}  # the current token tile, transposed
 
