@@ -21,6 +21,7 @@ from sae.cli import dense_sizes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
 from recompute_ce import recompute_ce  # noqa: E402  (the script run on the committed SAE files)
+from tables import render  # noqa: E402  (prints results/README.md's tables from frontier.json)
 
 VOCAB = 101  # tiny_llama's vocabulary
 
@@ -107,6 +108,15 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
         assert r["lr"] == sweep["lr"]
     assert {s["n_latents"] for s in published["summary"]} >= {12, 34, 96}
     assert (out / "frontier.png").stat().st_size > 5000
+
+    # results/tables.py: one line per point, then the Expander against its storage match, then the control
+    text = render(published)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| 5 |")]
+    assert len(lines) == 4 + 1, text
+    exp = [r["ce_recovered"] for r in grid if r["arch"] == "expander"]
+    matched = [r["ce_recovered"] for r in grid if r["arch"] == "topk" and r["n_latents"] == 12]
+    assert lines[-1].startswith("| 5 | 4 |") and f"| {sum(exp) / 2 - sum(matched) / 2:+.4f} |" in lines[-1]
+    assert f"{control['ce_recovered']:.4f}" in text and f"{control['paper_ce_recovered']:.4f}" in text
 
     # An independent recomputation for a saved SAE file agrees with its row within 0.01 nats.
     from sae.checkpoint import load_sae
