@@ -221,6 +221,28 @@ def test_chunked_strategy_transposes_within_xt_chunk_bytes(monkeypatch):
     _assert_topk_matches(acts, idx, _reference_pre(x, values, rows, bias), 7, TOL[torch.float32], "chunked")
 
 
+@needs_triton
+@pytest.mark.usefixtures("chunked")
+def test_chunked_strategy_keeps_latent_tiles_within_grid_axis_1(monkeypatch):
+    """Latent tiles run on grid axis 1, which CUDA caps at 65,535: a few tokens must not make one
+    chunk span more (B=1, n=2^24 would be 131,072 tiles). Here the cap is 2 tiles of 32 latents,
+    so 2 tokens and 301 latents take five chunks instead of one."""
+    monkeypatch.setattr(ee, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(ee, "EXPANDER_CHUNK_ELEMS", 2 * 4096)
+    grids = []
+    kernel = ee._expander_pre_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ee, "_expander_pre_kernel", Spy())
+    x, values, rows, bias = _inputs((2,), 40, 301, 5)
+    _check_against_reference(x, values, rows, bias, 9, "triton", TOL[torch.float32])
+    assert len(grids) == 5 and max(g[1] for g in grids) == 2, grids
+
+
 def test_expander_strategy_table(monkeypatch):
     monkeypatch.undo()  # the real dispatcher, not this file's fused default
     cpu = torch.device("cpu")

@@ -60,6 +60,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2^31 - 1)
 
 BACKENDS = ("triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

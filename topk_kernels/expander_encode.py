@@ -40,6 +40,7 @@ from torch import Tensor
 from . import reference
 from ._common import (
     HAS_TRITON,
+    MAX_GRID_Y,
     check_bias,
     check_expander,
     check_expander_rows,
@@ -274,7 +275,9 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
     g_b, g_n, g_warps = EXPANDER_GATHER_TILE
     # Token tiles: their transposed copy within XT_CHUNK_BYTES, as in the fused strategy.
     block_b = min(B, EXPANDER_CHUNK_MAX_BLOCK_B, _xt_tokens(x, g_b))
-    block_n = min(N, max(1, EXPANDER_CHUNK_ELEMS // block_b))
+    # Latent tiles run on grid axis 1, which CUDA caps at 65,535: with few tokens a chunk of
+    # EXPANDER_CHUNK_ELEMS would otherwise span more (B=1, n=2^24: 131,072 tiles).
+    block_n = min(N, max(1, EXPANDER_CHUNK_ELEMS // block_b), MAX_GRID_Y * g_n)
     tile: dict = {}  # the current token tile, transposed
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
