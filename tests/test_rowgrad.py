@@ -101,6 +101,30 @@ def test_hot_latent_bit_identical_and_matches_reference(monkeypatch, chunk, dtyp
     assert inactive.any() and torch.equal(first[1][inactive], torch.zeros_like(first[1][inactive]))
 
 
+def test_scratch_bound_grows_the_chunks(monkeypatch):
+    """The partial-row scratch stays within PART_BYTES: chunks double until it fits, and the result
+    still matches the reference (and stays bit-identical) with a hot latent cut many times."""
+    assert _rowgrad.chunk_size(2**19, 2048) == _rowgrad.CHUNK  # the benchmark shape: 64 MiB of scratch
+    assert _rowgrad.chunk_size(2**26, 8192) == 2**14  # 32 GiB at CHUNK = 128, 256 MiB at 2^14
+    monkeypatch.setattr(_rowgrad, "CHUNK", 4)
+    monkeypatch.setattr(_rowgrad, "PART_BYTES", 2 * 10 * 40 * 4)  # 10 chunks' partial rows of m = 40
+    B, m, n, k = 61, 40, 97, 6
+    nnz = B * k
+    assert _rowgrad.chunk_size(nnz, m) == 64 and -(-nnz // 64) <= 10  # 4 -> 64: 6 chunks
+    acts, idx, weight = _decode_inputs(B, m, n, k, torch.float32, hot=13)
+    grad_out = torch.randn(B, m)
+    spy = AllocationSpy()
+    with spy:
+        first = _decode_grads(acts, idx, weight, grad_out)
+    assert ((2 * 6, m), torch.float32) in spy.outputs  # two partial rows per chunk: 1,920 bytes
+    assert ((2 * -(-nnz // 4), m), torch.float32) not in spy.outputs, spy.outputs  # CHUNK's 29,440
+    second = _decode_grads(acts, idx.clone(), weight, grad_out)
+    assert torch.equal(first[1], second[1])
+    ref_acts, ref_w = _decode_reference(acts, idx, weight, grad_out)
+    assert_close(first[1], ref_w, TOL[torch.float32], "grad weight")
+    assert_close(first[0], ref_acts, TOL[torch.float32], "grad acts")
+
+
 def test_rows_wider_than_one_program(monkeypatch):
     """Column blocks: the weight grad without the fused activation grad (its own kernel)."""
     monkeypatch.setattr(_rowgrad, "MAX_BLOCK_C", 16)

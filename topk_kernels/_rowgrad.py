@@ -20,7 +20,8 @@ in the output's dtype:
    does: zeros for inactive latents, and for each cut latent the sum of its partial rows in chunk
    order (deterministic by construction).
 
-No atomics, no [n, m] fp32 intermediate (scratch is [2 * ceil(nnz / CHUNK), C]), bit-identical
+No atomics, no [n, m] fp32 intermediate (scratch is [2 * ceil(nnz / chunk), C] fp32, where
+``chunk_size`` doubles CHUNK until it fits PART_BYTES), bit-identical
 results across runs. The index contract of :mod:`topk_kernels._common` holds: entries whose latent
 lies outside [0, n) sort outside ``[bounds[0], bounds[n])`` and are never touched (their
 activation gradient is 0); gathered rows outside [0, m) are masked; with ``TOPK_KERNELS_DEBUG=1``
@@ -124,9 +125,20 @@ if HAS_TRITON:
 
 # Launch parameters (tests/gpu_compile.py compiles exactly these).
 CHUNK = 128  # sorted entries per chunk program: 4096 programs (~4 waves on an H100) at B*k = 2^19
+PART_BYTES = 256 * 2**20  # scratch bound: at B*k = 2^26, m = 8192 chunks grow to 16,384 entries
 MAX_BLOCK_C = 4096  # widest row one program holds (fp32 acc + atom + loaded row in registers)
 FINISH_ROWS = 16  # latents per finish program: most rows are written by the chunk kernel
 FINISH_BLOCK_C = 1024
+
+
+def chunk_size(nnz: int, width: int) -> int:
+    """Sorted entries per chunk program: CHUNK, doubled while the two fp32 partial rows per chunk
+    would exceed PART_BYTES (without it the scratch is nnz * width / 64 floats: 32 GiB at
+    B*k = 2^26, m = 8192, more than the fp32 [n, m] buffer this module avoids)."""
+    chunk = CHUNK
+    while chunk < nnz and 2 * -(-nnz // chunk) * width * 4 > PART_BYTES:
+        chunk *= 2
+    return chunk
 
 
 def block_c(C: int) -> int:
@@ -236,7 +248,8 @@ def row_grad(
     if n == 0 or width == 0:
         return out, gscale
     options = launch_options()
-    chunks = triton.cdiv(nnz, CHUNK)
+    chunk = chunk_size(nnz, width)
+    chunks = triton.cdiv(nnz, chunk)
     part = torch.empty(2 * chunks, width, device=src.device, dtype=torch.float32)
     with on_device(src.device):
         if nnz:
@@ -244,13 +257,13 @@ def row_grad(
                 src, scale, plan.sorted_latents, plan.order, plan.bounds,
                 atom if fuse else src, cols if cols is not None else plan.order,
                 out, part, gscale if fuse else scale,
-                n, M, width, K, CHUNK,
+                n, M, width, K, chunk,
                 GATHER=cols is not None, FUSE_ACTS=fuse, BLOCK_C=block,
                 num_warps=chunk_warps(block), **options,
             )
         finish_block = min(FINISH_BLOCK_C, block)
         _rowgrad_finish_kernel[(triton.cdiv(n, FINISH_ROWS), triton.cdiv(width, finish_block))](
-            plan.bounds, part, out, n, width, nnz, CHUNK,
+            plan.bounds, part, out, n, width, nnz, chunk,
             ROWS=FINISH_ROWS, BLOCK_C=finish_block, **options,
         )
     return out, gscale
