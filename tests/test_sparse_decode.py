@@ -1,6 +1,8 @@
 """sparse_decode: forward and all three gradients against the fp64 dense reference, on the CPU path
 and on the Triton kernels under the interpreter; errors; torch.library and torch.compile."""
 
+import sys
+
 import pytest
 import torch
 
@@ -51,6 +53,47 @@ def test_duplicate_indices_add_up(backend):
     acts, idx, weight, bias = _inputs((9,), 20, 6, 8, torch.float32)  # k > n forces repeats
     idx[:, 1] = idx[:, 0]
     _check_against_reference(acts, idx, weight, bias, backend, TOL[torch.float32])
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's conversion of used rows only")
+@pytest.mark.parametrize("tokens_per_chunk", [13, 4])
+def test_cpu_half_weight_converts_only_the_rows_used(monkeypatch, tokens_per_chunk):
+    """A bf16 weight on the CPU path: only the rows the ids use are widened to fp32 (forward and
+    grad of the activations), never the whole [n, m] weight, a token chunk at a time (13 tokens: one
+    chunk; 4: four, the last of one token); duplicates within a token add up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import topk_kernels.sparse_decode  # noqa: F401  (the module, not the function of that name)
+
+    sd_module = sys.modules["topk_kernels.sparse_decode"]
+
+    class Widened(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and (args[0].dtype, out.dtype) == (torch.bfloat16,
+                                                                                         torch.float32):
+                self.sizes.append(out.numel())
+            return out
+
+    n, m = 500, 24
+    monkeypatch.setattr(sd_module, "WIDEN_ELEMS", tokens_per_chunk * 6 * m)
+    acts, idx, weight, bias = _inputs((13,), m, n, 6, torch.bfloat16)
+    idx[:, 1] = idx[:, 0]
+    grad = torch.randn(13, m).to(torch.bfloat16)
+    spy = Widened()
+    with spy:  # the CPU routines themselves: the custom op is opaque to a dispatch mode
+        out = sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
+        gacts = sd_module.torch_grad_acts(grad, idx, weight, torch.bfloat16)
+    assert spy.sizes and max(spy.sizes) <= tokens_per_chunk * 6 * m, spy.sizes
+    a, w = acts.double().requires_grad_(), weight.double()
+    ref = reference.sparse_decode(a, idx, w, bias.double())
+    ref.backward(grad.double())
+    assert_close(out, ref, TOL[torch.bfloat16], "forward")
+    assert_close(gacts, a.grad, TOL[torch.bfloat16], "grad top_acts")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

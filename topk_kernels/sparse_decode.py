@@ -156,24 +156,50 @@ def _triton_grad_acts_and_weight(grad: Tensor, acts: Tensor, idx: Tensor, weight
 # table, so empty bags write the zero rows and no dense [B, n] or [B*k, m] tensor exists.
 # ---------------------------------------------------------------------------------------------
 
+# Widened rows per token chunk on the CPU path, in fp32 elements (4 MiB): small enough for the
+# allocator to reuse. One [B * k, m] buffer per call cost more in page faults than the math.
+WIDEN_ELEMS = 2**20
+
+
+def _widened(weight: Tensor, idx: Tensor, cd: torch.dtype):
+    """Yields (b0, b1, table, ids): for tokens [b0, b1), a dictionary in the accumulation dtype
+    ``cd`` and their ids into it. A weight already in ``cd`` is used as it is, in one piece. Otherwise
+    on CPU only the rows a token chunk uses are widened, O(B * k * m) in all instead of O(n * m) a
+    call: widening a whole bf16 [65536, 2048] weight made a B=256, k=32 decode 733 ms against 13
+    in fp32 (benchmarks/RESULTS.md). Elsewhere (the CUDA fallback) the whole weight is widened:
+    ``torch.unique`` would cost a host sync."""
+    B, K = idx.shape
+    if weight.dtype == cd or weight.device.type != "cpu" or B == 0:
+        yield 0, B, weight.to(cd) if B else weight[:0].to(cd), idx
+        return
+    step = max(1, WIDEN_ELEMS // max(1, K * weight.shape[1]))
+    for b0 in range(0, B, step):
+        used, local = torch.unique(idx[b0:b0 + step], return_inverse=True)
+        yield b0, min(B, b0 + step), weight.index_select(0, used).to(cd), local
+
+
 def torch_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype) -> Tensor:
     """The PyTorch path of ``triton_forward`` (any device), same shapes."""
     cd = compute_dtype(out_dtype)
-    out = F.embedding_bag(idx, weight.to(cd), per_sample_weights=acts.to(cd), mode="sum")
+    parts = [F.embedding_bag(ids, table, per_sample_weights=acts[b0:b1].to(cd), mode="sum")
+             for b0, b1, table, ids in _widened(weight, idx, cd)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     if bias is not None:
         out = out + bias.to(cd)
     return out.to(out_dtype)
 
 
 def torch_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> Tensor:
-    B, K = idx.shape
+    K = idx.shape[1]
     cd = compute_dtype(grad.dtype)
-    flat = idx.reshape(-1)
-    positions = torch.arange(B * K, device=idx.device)
-    gacts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad.to(cd), weight.to(cd), flat, positions[::K] if K else positions[:0], positions // K, 0, -1
-    )
-    return gacts.reshape(B, K).to(acts_dtype)
+    parts = []
+    for b0, b1, table, ids in _widened(weight, idx, cd):
+        positions = torch.arange((b1 - b0) * K, device=idx.device)
+        parts.append(torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad[b0:b1].to(cd), table, ids.reshape(-1), positions[::K] if K else positions[:0], positions // K, 0, -1
+        ))
+    gacts = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return gacts.reshape(idx.shape).to(acts_dtype)
 
 
 def torch_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
