@@ -579,17 +579,21 @@ def _point_name(arch: str, k: int, n: int, degree, seed: int) -> str:
     return f"{arch}_k{k}_n{n}" + (f"_d{degree}" if arch == "expander" else "") + f"_s{seed}"
 
 
+PARTS = ("dense", "expander", "control")  # the parts of the grid --only picks from
+
+
 def _frontier_plan(args, m: int) -> tuple[list, dict]:
-    """(points, sweeps): every SAE of the grid, and for each (arch, n, degree) the k its learning
-    rate is swept at (the largest k of the grid that fits)."""
+    """(points, sweeps): every SAE of the grid (of its --only parts), and for each (arch, n,
+    degree) the k its learning rate is swept at (the largest k of the grid that fits)."""
     n = args.n_latents or args.expansion * m
+    only = set(getattr(args, "only", None) or PARTS)
     points = []
     for k in args.ks:
-        for size in dense_sizes(n, m, k, args.degrees, args.dense_between):
+        for size in (dense_sizes(n, m, k, args.degrees, args.dense_between) if "dense" in only else []):
             for seed in args.seeds:
                 points.append(dict(arch="topk", k=k, n=size["n"], degree=None, seed=seed,
                                    matched_degree=size["matched_degree"], storage_ratio=size["storage_ratio"]))
-        for d in args.degrees:
+        for d in (args.degrees if "expander" in only else []):
             for seed in args.seeds:
                 points.append(dict(arch="expander", k=k, n=n, degree=d, seed=seed, matched_degree=None,
                                    storage_ratio=None))
@@ -633,6 +637,11 @@ def cmd_frontier(args) -> int:
         dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
         for k in args.ks:
             _configs(args, arch=arch, k=k, degree=degree, n_latents=None, **dense_only)
+    if args.only and set(args.only) == {"control"} and not args.control:
+        raise _UsageError("--only: 'control' with --no-control leaves nothing to train")
+    if args.only and (args.out or args.publish):
+        raise _UsageError("--only: a part of the grid is never published; run it without --only (every SAE the "
+                          "parts trained is reused) to write and publish the complete grid")
     runs = Path(args.runs)
     out = Path("results") if args.publish and args.out is None else (Path(args.out) if args.out else None)
     from .rundir import RunLock
@@ -704,7 +713,8 @@ def _frontier(args, runs: Path, out) -> None:
         else:
             selected[(arch, n, degree)] = _sweep(ws, args, runs, arch, n, degree, k)
         write_json(runs / "sweeps.json", list(selected.values()))
-    total = len(points) + bool(args.control)
+    control = args.control and "control" in (args.only or PARTS)
+    total = len(points) + bool(control)
     groups: dict = {}
     for p in points:  # the seeds of one point train one after the other, then are evaluated together
         groups.setdefault((p["arch"], p["k"], p["n"], p["degree"]), []).append(p)
@@ -738,7 +748,7 @@ def _frontier(args, runs: Path, out) -> None:
                 _report(name, row)
             trained += len(jobs)
         _write_frontier(runs, rows, selected, complete=False)
-    if args.control:
+    if control:
         d = min(args.degrees)
         p = dict(arch="expander", k=max(args.ks), n=args.n_latents or args.expansion * ws.d_model, degree=d, seed=0)
         name = "control_paper_" + _point_name(p["arch"], p["k"], p["n"], d, 0)
@@ -754,7 +764,7 @@ def _frontier(args, runs: Path, out) -> None:
             row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, conventions=("saelens", "paper"), extra=extra)
         rows.append(row)
         _report(name, row)
-    _write_frontier(runs, rows, selected, complete=True)
+    _write_frontier(runs, rows, selected, complete=not args.only)
     print(f"[sae] wrote {runs / 'frontier.json'} and {runs / 'frontier.png'}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -954,6 +964,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the paper-faithful control: Expander at the smallest degree and largest k, signed codes, "
                    "resampling, Adam 3e-4 with cosine decay, b_dec = 0, evaluated in the paper's CE convention too "
                    "(default: on)")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=None,
+                   help="train only these parts of the grid (dense sizes, Expander degrees, the control), e.g. one "
+                   "part per process or machine, each with its own --runs; copy their finished run folders into "
+                   "one --runs and run once more without --only to write and publish the whole grid (default: all)")
     p.add_argument("--control-lr", type=float, default=3e-4, help="the control's learning rate (default: 3e-4)")
     p.add_argument("--control-resample", type=int, default=1000, help="the control resamples dead latents every "
                    "this many steps (default: 1000)")

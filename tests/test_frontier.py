@@ -57,6 +57,28 @@ def test_dense_sizes_match_storage_and_cap_at_k():
     assert between == [round(math.sqrt(800 * 4608))]
 
 
+def test_only_plans_a_part_of_the_grid():
+    """--only splits the grid between processes: each part plans exactly its own points, named as
+    the whole grid names them, and the parts together are the whole."""
+    from argparse import Namespace
+
+    from sae.cli import _frontier_plan, _point_name
+
+    def plan(only):
+        args = Namespace(n_latents=None, expansion=8, ks=[32, 64], degrees=[7, 30, 100], seeds=[0, 1, 2],
+                         dense_between=1, only=only)
+        points, sweeps = _frontier_plan(args, 576)
+        return [_point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"]) for p in points], set(sweeps)
+
+    whole, whole_sweeps = plan(None)
+    dense, dense_sweeps = plan(["dense"])
+    expander, expander_sweeps = plan(["expander"])
+    assert len(whole) == 48 and sorted(dense + expander) == sorted(whole)
+    assert all(name.startswith("topk_") for name in dense) and all(n.startswith("expander_") for n in expander)
+    assert dense_sweeps | expander_sweeps == whole_sweeps and not dense_sweeps & expander_sweeps
+    assert plan(["control"]) == ([], set())  # the control is one row outside the plan
+
+
 def test_frontier_end_to_end(tiny_folder, tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     cmd = [sys.executable, "-m", "sae", "frontier", "--model", str(tiny_folder / "model"),
@@ -67,8 +89,16 @@ def test_frontier_end_to_end(tiny_folder, tmp_path):
            "--runs", str(runs), "--out", str(out)]
     env = dict(os.environ, TOPK_SAE_DATA=str(tmp_path / "data"))
     env.pop("TRITON_INTERPRET", None)
+    # One part first (as a second process would train it), unpublished; the whole run reuses it.
+    part = [a for a in cmd[:cmd.index("--out")]] + ["--only", "expander"]
+    proc = subprocess.run(part, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    partial = json.loads((runs / "frontier.json").read_text())
+    assert not partial["complete"] and {r["arch"] for r in partial["rows"]} == {"expander"} and not out.exists()
+    assert {r["control"] for r in partial["rows"]} == {None} and len(partial["rows"]) == 2
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("done earlier") == 2 and "lr sweep expander" not in proc.stdout
     published = json.loads((out / "frontier.json").read_text())
     assert published["complete"] and "SAELens" in published["conventions"]
     rows = published["rows"]
@@ -169,7 +199,10 @@ def test_frontier_refuses_a_small_test_split_and_bad_grid_flags(tiny_folder, tmp
     # checked once the tokenizer has split the text: after the model loads, one line, no traceback
     assert "Traceback" not in proc.stderr and "--test-fraction:" in proc.stderr.strip().splitlines()[-1]
     for flags, named in ((["--seeds", "-1"], "--seeds"), (["--sweep-factors", "0"], "--sweep-factors"),
-                         (["--dense-between", "-2"], "--dense-between")):
+                         (["--dense-between", "-2"], "--dense-between"),
+                         (["--only", "expander", "--out", str(tmp_path / "out")], "--only"),
+                         (["--only", "dense", "--publish"], "--only"),
+                         (["--only", "control", "--no-control"], "--only")):
         proc = subprocess.run(base + flags, capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 2 and f"error: {named}:" in proc.stderr, proc.stderr
     assert not [p for p in (tmp_path / "runs").glob("*") if p.is_dir()]  # no SAE was started
