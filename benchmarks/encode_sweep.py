@@ -141,6 +141,7 @@ def expander_sweep(args) -> int:
           f"k={k} (the dispatcher picks {dispatcher(k, dt, x.device)!r})\n\n"
           f"| strategy, tile or chunk | median ms | ids same as the fused default |\n|---|---|---|")
     fn = lambda: ee.expander_encode(x, values, rows, bias, k, check_rows=False)  # noqa: E731
+    chunk_default = ee.EXPANDER_CHUNK_ELEMS
     try:
         ee.expander_strategy = lambda *a: "fused"
         want = fn()[1]
@@ -152,16 +153,15 @@ def expander_sweep(args) -> int:
                   flush=True)
         ee.EXPANDER_ENCODE_CONFIGS[kp] = default
         ee.expander_strategy = lambda *a: "chunked"
-        chunk_default = ee.EXPANDER_CHUNK_ELEMS
         for elems in args.chunks or [8 * 2**20, chunk_default]:
             ee.EXPANDER_CHUNK_ELEMS = elems
             same = bool(torch.equal(fn()[1], want))
             ms = do_bench(fn, warmup=20, rep=200, return_mode="median")
             print(f"| chunked, {elems // 2**20} Mi pre-activations a chunk | {ms:.3f} | {same} |", flush=True)
-        ee.EXPANDER_CHUNK_ELEMS = chunk_default
     finally:
         ee.expander_strategy = dispatcher
         ee.EXPANDER_ENCODE_CONFIGS[kp] = default
+        ee.EXPANDER_CHUNK_ELEMS = chunk_default
     return 0
 
 

@@ -582,11 +582,16 @@ def _point_name(arch: str, k: int, n: int, degree, seed: int) -> str:
 PARTS = ("dense", "expander", "control")  # the parts of the grid --only picks from
 
 
+def _parts(args) -> set:
+    """The parts of the grid this run trains: --only's, or all."""
+    return set(args.only or PARTS)
+
+
 def _frontier_plan(args, m: int) -> tuple[list, dict]:
     """(points, sweeps): every SAE of the grid (of its --only parts), and for each (arch, n,
     degree) the k its learning rate is swept at (the largest k of the grid that fits)."""
     n = args.n_latents or args.expansion * m
-    only = set(getattr(args, "only", None) or PARTS)
+    only = _parts(args)
     points = []
     for k in args.ks:
         for size in (dense_sizes(n, m, k, args.degrees, args.dense_between) if "dense" in only else []):
@@ -713,7 +718,7 @@ def _frontier(args, runs: Path, out) -> None:
         else:
             selected[(arch, n, degree)] = _sweep(ws, args, runs, arch, n, degree, k)
         write_json(runs / "sweeps.json", list(selected.values()))
-    control = args.control and "control" in (args.only or PARTS)
+    control = args.control and "control" in _parts(args)
     total = len(points) + bool(control)
     groups: dict = {}
     for p in points:  # the seeds of one point train one after the other, then are evaluated together
