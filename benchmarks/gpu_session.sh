@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call's worth of GPU checks (about 4-5 minutes on an H100), for a machine lent for a short
+# One call's worth of GPU checks (about 5-6 minutes on an H100), for a machine lent for a short
 # while: the op tests on CUDA, the GPU verdict, and the encoder sweep at the benchmark shape.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu-session
@@ -35,6 +35,13 @@ sweep_rc=$?
 timeout 90 "$py" benchmarks/encode_sweep.py --k 256 --no-fused --chunks 33554432 \
     --tiles 8x256x4,1x256x1,2x256x1,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
+# Past K_PAD 256 (predicted, RESULTS.md "Selection tiles past K_PAD 256"): 1-warp tiles against
+# cuBLAS + torch.topk and against the packed-keys path every k > 256 took before.
+for kk in 512 1024; do
+    timeout 90 "$py" benchmarks/encode_sweep.py --k $kk --no-fused --packed-fallback --chunks 33554432 \
+        --tiles 1x128x1,1x256x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
+    sweep_rc=$(( sweep_rc | $? ))
+done
 # expander_encode: the fused kernel (measured 25.5 ms) against the chunked strategy (predicted 11-15).
 timeout 90 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \
     >> "$out/sweep.md" 2>> "$out/sweep.log"

@@ -302,23 +302,24 @@ def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
 
 
 @pytest.mark.usefixtures("chunked")
-@pytest.mark.parametrize("tile", ["default", (2, 128, 1), (2, 256, 1)])
-@pytest.mark.parametrize("k", [3, 150])  # K_PAD 4 and 256
+@pytest.mark.parametrize("tile,k", [(tile, k) for k in (3, 150) for tile in ("default", (2, 128, 1), (2, 256, 1))]
+                         + [("default", 400), ("default", 700)])  # K_PAD 4, 256, 512, 1024
 def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
-    """The selection kernel's tiles the GPU sweep compares, 1-warp ones included (K_PAD=256's
-    default is one): every row of a block inserts on its own, a tile narrower than K_PAD fills the
-    slots over several tiles, and candidates persist across chunks of 40 latents."""
+    """The selection kernel's tiles the GPU sweep compares, 1-warp ones included (the defaults
+    from K_PAD=256 up are): every row of a block inserts on its own, a tile narrower than K_PAD
+    fills the slots over several tiles, and candidates persist across chunks of 40 latents."""
     kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
     if tile != "default":
         monkeypatch.setitem(te.SELECT_CONFIGS, kp, tile)
-    x, weight, bias = _inputs((5,), 18, 187 if k < 150 else 307)  # more latents than K_PAD slots
+    n = {4: 187, 256: 307, 512: 601, 1024: 1153}[kp]  # more latents than K_PAD slots
+    x, weight, bias = _inputs((5,), 18, n)
     acts, idx = topk_encode(x, weight, bias, k, backend="triton")
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
 
 
-@pytest.mark.parametrize("k", [9, 300])  # the selection kernel; packed keys + torch.topk past its K_PAD
+@pytest.mark.parametrize("k", [9, 1100])  # the selection kernel (K_PAD 16); packed keys + torch.topk past its K_PAD
 def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""
     monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 24 * 50)
@@ -343,12 +344,13 @@ def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     monkeypatch.setattr(te, "token_blocked_topk", spy)
     monkeypatch.setattr(te, "_select_kernel", KernelSpy())
     monkeypatch.setattr(te, "resident_ctas", lambda *args: None)
-    x, weight, bias = _inputs((70,), 20, 333)
+    n = 333 if k < 1100 else 1201
+    x, weight, bias = _inputs((70,), 20, n)
     acts, idx = te._chunked_forward(x, weight, bias, k, torch.float32)
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
-    assert len(sizes) > 3 and max(sizes) <= 24 * 50 < 70 * 333
+    assert len(sizes) > 3 and max(sizes) <= 24 * 50 < 70 * n
 
 
 def test_encode_strategy_table(monkeypatch):

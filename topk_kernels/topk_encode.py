@@ -214,7 +214,14 @@ CHUNK_MAX_BLOCK_B = 8192
 # row per 1-warp program needs no barrier, 156 instructions a pass, passes only for its own
 # insertions, and 32 CTAs fit an SM (55 registers) instead of 4. Predicted selection ~5 ms, the
 # strategy ~12 ms against 13.8 (RESULTS.md has the arithmetic); gpu_session.sh measures it.
-SELECT_CONFIGS = {kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (1, 256, 1)}
+# K_PAD = 512 and 1024 are PREDICTIONS too. Before them every k > 256 took packed keys + torch.topk
+# per chunk, measured at 139.5 ms at k = 256 (10x cuBLAS + torch.topk). One row per 1-warp
+# program compiles at 59 / 96 registers, 0 spills, 32 / 21 CTAs an SM. By the sm_90 model
+# (benchmarks/select_tile_model.py, RESULTS.md "Selection tiles past K_PAD 256") the selection
+# costs 820K / 2150K warp instructions a row, predicted ~13 / ~34 ms beside the GEMMs' 7. Still
+# slower than cuBLAS + torch.topk, if that stays near 14 ms, but 7x / 3-4x faster than before.
+SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (1, 256, 1)}
+                  | {512: (1, 128, 1), 1024: (1, 128, 1)})
 SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
