@@ -14,6 +14,9 @@ Three tables:
 2. **The paper's claim**: each Expander point beside the dense SAE of matched decoder storage, the
    difference of seed means, and whether the pooled intervals overlap.
 3. **The control**: the paper-faithful row in both CE conventions.
+4. **The paper's convention** (when ``paper_convention.json`` lies beside the frontier file): the
+   committed seed-0 SAE files, re-evaluated by ``python -m sae evaluate`` in both conventions, and
+   the share of the full dense SAE's CE-loss recovered that the Expander SAE keeps.
 
 A partial grid prints too (with a warning on stderr), so the script can be tried while the grid
 runs; only a file with ``complete: true`` belongs in results/.
@@ -113,7 +116,33 @@ def control_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def render(frontier: dict) -> str:
+def paper_table(evals: dict) -> str:
+    """``paper_convention.json``'s rows: CE-loss recovered in both conventions with their 95%
+    bootstrap intervals, then each Expander row's share of the full dense SAE's (the largest
+    dense row), the figure the paper quotes."""
+    def ci(r: dict, prefix: str) -> str:
+        return (f"{r[prefix + 'ce_recovered']:.4f} [{r[prefix + 'ce_recovered_low']:.4f}, "
+                f"{r[prefix + 'ce_recovered_high']:.4f}]")
+
+    rows = evals["rows"]
+    lines = ["| SAE (seed 0) | decoder values | CE-loss recovered, SAELens [95% CI] | CE-loss recovered, "
+             "paper convention [95% CI] | dCE, paper convention (nats) | FVU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['decoder_values']:,} | {ci(r, '')} | {ci(r, 'paper_')} "
+                     f"| {r['paper_delta_ce']:.3f} | {r['fvu']:.4f} |")
+    dense = max((r for r in rows if r["arch"] == "TopKSAE"), key=lambda r: r["decoder_values"], default=None)
+    if dense is not None:
+        for r in rows:
+            if r["arch"] == "ExpanderSAE":
+                lines.append("")
+                lines.append(f"{r['name']} keeps {r['ce_recovered'] / dense['ce_recovered']:.2%} (SAELens) and "
+                             f"{r['paper_ce_recovered'] / dense['paper_ce_recovered']:.2%} (paper convention) of "
+                             f"{dense['name']}'s CE-loss recovered, with {dense['decoder_values'] / r['decoder_values']:.0f}x "
+                             f"fewer decoder values.")
+    return "\n".join(lines)
+
+
+def render(frontier: dict, evals: dict | None = None) -> str:
     rows = frontier["rows"]
     r0 = rows[0]
     head = (f"{r0['model']} (`{r0['model_file']}`, SHA-256 {r0['model_sha256'][:12]}...), layer {r0['layer']}, "
@@ -124,6 +153,8 @@ def render(frontier: dict) -> str:
     parts = [head, "", frontier_table(rows), "", claim_table(rows)]
     if any(r.get("control") for r in rows):
         parts += ["", control_table(rows)]
+    if evals is not None:
+        parts += ["", paper_table(evals)]
     return "\n".join(parts)
 
 
@@ -134,7 +165,8 @@ def main(argv=None) -> int:
     frontier = json.loads(Path(args.frontier).read_text())
     if not frontier.get("complete"):
         print(f"warning: {args.frontier} is a partial grid (complete: false)", file=sys.stderr)
-    print(render(frontier))
+    paper = Path(args.frontier).with_name("paper_convention.json")
+    print(render(frontier, json.loads(paper.read_text()) if paper.exists() else None))
     return 0
 
 

@@ -206,3 +206,29 @@ def test_frontier_refuses_a_small_test_split_and_bad_grid_flags(tiny_folder, tmp
         proc = subprocess.run(base + flags, capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 2 and f"error: {named}:" in proc.stderr, proc.stderr
     assert not [p for p in (tmp_path / "runs").glob("*") if p.is_dir()]  # no SAE was started
+
+
+def test_paper_convention_table_reads_the_committed_re_evaluations():
+    """results/paper_convention.json (``sae evaluate --conventions saelens paper`` on the committed
+    seed-0 files) re-evaluates SAEs of the committed frontier: its SAELens numbers must be those
+    rows' own (same split, same code), and the table's share is computed from the file."""
+    from tables import paper_table
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    evals = json.loads((results / "paper_convention.json").read_text())
+    rows = {f"{r['arch']}_k{r['k']}_n{r['n_latents']}" + (f"_d{r['degree']}" if r["arch"] == "expander" else "")
+            + f"_s{r['seed']}": r for r in json.loads((results / "frontier.json").read_text())["rows"]
+            if not r.get("control")}
+    assert len(evals["rows"]) >= 2
+    for e in evals["rows"]:
+        row = rows[e["name"]]
+        assert e["decoder_values"] == row["decoder_values"] and e["test_tokens"] == row["test_tokens"]
+        for key in ("ce_clean", "ce_zero", "ce_sae", "ce_recovered", "fvu"):
+            assert math.isclose(e[key], row[key], rel_tol=1e-4), (e["name"], key, e[key], row[key])
+        assert e["paper_ce_convention"] == "paper" and 0 < e["paper_ce_recovered"] <= 1
+    text = paper_table(evals)
+    dense = max((e for e in evals["rows"] if e["arch"] == "TopKSAE"), key=lambda e: e["decoder_values"])
+    for e in evals["rows"]:
+        assert f"{e['paper_ce_recovered']:.4f} [{e['paper_ce_recovered_low']:.4f}" in text
+        if e["arch"] == "ExpanderSAE":
+            assert f"{e['paper_ce_recovered'] / dense['paper_ce_recovered']:.2%} (paper convention)" in text
