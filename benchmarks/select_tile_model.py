@@ -1,7 +1,7 @@
 """A prediction, without a GPU, of the chunked encoder's selection kernel per tile: how many
 instructions each row costs, from the sm_90 SASS and a simulated count of insertion passes.
 
-    python benchmarks/select_tile_model.py [--k-pads 64,128,256] [--tiles 8x128x4,1x128x1,...]
+    python benchmarks/select_tile_model.py [--k-pads 64,128,256,512,1024] [--tiles 8x128x4,1x128x1,...]
 
 For each K_PAD and tile (BLOCK_B rows x BLOCK_N latents, warps), ``_chunked_forward`` is launched
 on meta tensors at the benchmark shape (B=8192, m=2048, n=131072, bf16) through
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", default=None, help="BxNxWARPS,... (default: the measured tile and 1-warp tiles)")
     args = ap.parse_args(argv)
     default_tiles = {64: "8x128x4,1x128x1,2x128x1,2x256x1", 128: "8x128x4,1x128x1,2x128x1",
-                     256: "8x256x4,1x256x1,2x256x1,1x128x1"}
+                     256: "8x256x4,1x256x1,2x256x1,1x128x1", 512: "1x128x1,1x256x1,1x512x1,1x256x2",
+                     1024: "1x128x1,1x256x1,1x64x1"}
     print("| K_PAD | tile (rows x latents, warps) | registers | spills | CTAs/SM | instrs per insertion pass "
           "(warp) | BAR.SYNC per pass | other instrs per tile (warp) | passes per program (simulated) "
           "| warp instructions per row |")
