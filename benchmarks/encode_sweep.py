@@ -10,7 +10,7 @@ Times (median of ``triton.testing.do_bench``), at one shape:
   checked to return the same ids as the package's defaults;
 - the fused strategy at its defaults;
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
-  above SELECT_MAX_K_PAD, or off Triton) beside the selection kernel;
+  at a K_PAD without a selection tile, or off Triton) beside the selection kernel;
 - with ``--expander``, ``expander_encode`` instead: the fused strategy for each (BLOCK_B, BLOCK_N,
   warps) given in ``--tiles`` (defaults: the package's tile and seven others), then the chunked
   strategy for each ``--chunks`` size, at B=4096 n=2**20 d=7 unless told.
@@ -105,11 +105,12 @@ def main(argv=None) -> int:
             rows[-1] = (rows[-1][0], ms, f"selection ~{ms - gemm_ms:.3f} ms; ids same as defaults: {same}")
     te.CHUNK_TILE_ELEMS, te.SELECT_CONFIGS = defaults
     if args.packed_fallback:
-        limit, te.SELECT_MAX_K_PAD = te.SELECT_MAX_K_PAD, 0  # every K_PAD takes the packed-keys path
+        # Without a selection tile for this K_PAD the chunks take the packed-keys path.
+        te.SELECT_CONFIGS = {p: tile for p, tile in defaults[1].items() if p != kp}
         same = bool(torch.equal(te._chunked_forward(x, w, b, k, dt)[1], want))
         bench("chunked, packed keys + torch.topk per chunk", lambda: te._chunked_forward(x, w, b, k, dt))
         rows[-1] = (*rows[-1][:2], f"ids same as defaults: {same}")
-        te.SELECT_MAX_K_PAD = limit
+        te.SELECT_CONFIGS = defaults[1]
     if not args.no_fused:
         bench("fused strategy (defaults)", lambda: te._fused_forward(x, w, b, k, dt))
     print(f"\n### encode sweep: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} k={k}\n")

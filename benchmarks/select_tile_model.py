@@ -57,9 +57,8 @@ def sass_loops(k_pad: int, tile: tuple[int, int, int]) -> dict:
     import gpu_compile as gc
 
     te = gc._mod("topk_encode")
-    saved, saved_max = dict(te.SELECT_CONFIGS), te.SELECT_MAX_K_PAD
+    saved = dict(te.SELECT_CONFIGS)
     te.SELECT_CONFIGS[k_pad] = tile
-    te.SELECT_MAX_K_PAD = max(saved_max, k_pad)
     try:
         spec = gc.Spec("topk_encode", "model", lambda: te._chunked_forward(
             gc._t(SHAPE["B"], SHAPE["m"], dtype="bf16"), gc._t(SHAPE["n"], SHAPE["m"], dtype="bf16"),
@@ -71,7 +70,6 @@ def sass_loops(k_pad: int, tile: tuple[int, int, int]) -> dict:
     finally:
         te.SELECT_CONFIGS.clear()
         te.SELECT_CONFIGS.update(saved)
-        te.SELECT_MAX_K_PAD = saved_max
     instrs, all_loops = gc.sass_loops(text)
     # Real loops only (not the trailing self-branch): the insertion pass is the smallest, the
     # tile loop around it the largest.

@@ -214,11 +214,12 @@ def test_paper_convention_table_reads_the_committed_re_evaluations():
     rows' own (same split, same code), and the table's share is computed from the file."""
     from tables import paper_table
 
+    from sae.cli import _point_name
+
     results = Path(__file__).resolve().parents[1] / "results"
     evals = json.loads((results / "paper_convention.json").read_text())
-    rows = {f"{r['arch']}_k{r['k']}_n{r['n_latents']}" + (f"_d{r['degree']}" if r["arch"] == "expander" else "")
-            + f"_s{r['seed']}": r for r in json.loads((results / "frontier.json").read_text())["rows"]
-            if not r.get("control")}
+    rows = {_point_name(r["arch"], r["k"], r["n_latents"], r["degree"], r["seed"]): r
+            for r in json.loads((results / "frontier.json").read_text())["rows"] if not r.get("control")}
     assert len(evals["rows"]) >= 2
     for e in evals["rows"]:
         row = rows[e["name"]]

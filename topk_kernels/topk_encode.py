@@ -193,7 +193,7 @@ CPU_MIN_BLOCK_B = 256
 
 
 # Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (128 MiB, which the
-# selection kernel reads once; on the packed-keys path above SELECT_MAX_K_PAD, ``pack_keys_torch``
+# selection kernel reads once; on the packed-keys path (a K_PAD without a selection tile), ``pack_keys_torch``
 # holds a few more tensors of that size while it runs), up to CHUNK_MAX_BLOCK_B tokens each.
 # Measured on an H100 (benchmarks/encode_sweep.py, bf16 B=8192 m=2048 n=131072 k=64, RESULTS.md):
 # chunks of 8192 x 4096 latents ran 10.8 ms, 8192 x 2048 11.0, 8192 x 1024 (the old 32 MiB) 11.9
@@ -204,8 +204,8 @@ CHUNK_MAX_BLOCK_B = 8192
 # K_PAD. Measured on an H100 (same sweep): 8 tokens x 128 latents, 4 warps was the fastest tile at
 # k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for the old 64 x 128,
 # 8 warps): fold_tile's insertion loop runs until the slowest row of the block is done, so fewer
-# rows per block waste fewer rounds, and more, smaller programs fill the GPU. Above
-# SELECT_MAX_K_PAD the chunks go through packed keys and torch.topk.
+# rows per block waste fewer rounds, and more, smaller programs fill the GPU. A K_PAD without a
+# tile here (2048 and up) goes through packed keys and torch.topk.
 # K_PAD = 256 is a PREDICTION, not a measurement: the best measured tile there (8 x 256, 4 warps)
 # made the chunked strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms; selection
 # 12.5 ms). The sm_90 SASS (benchmarks/RESULTS.md, "Selection tiles of one warp") shows why: each
@@ -222,7 +222,6 @@ CHUNK_MAX_BLOCK_B = 8192
 # slower than cuBLAS + torch.topk, if that stays near 14 ms, but 7x / 3-4x faster than before.
 SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (1, 256, 1)}
                   | {512: (1, 128, 1), 1024: (1, 128, 1)})
-SELECT_MAX_K_PAD = max(SELECT_CONFIGS)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
@@ -384,7 +383,8 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     insertion top-k (``_topk.fold_tile``) into running candidates that persist across chunks;
     stage 2 merges the splits. No [B, n] tensor, no host sync, extra memory one fp32 chunk of at
     most CHUNK_TILE_ELEMS + O(B * K_PAD * splits). Off the Triton backend, or above
-    SELECT_MAX_K_PAD, each chunk goes through packed keys and ``torch.topk`` instead."""
+    at a K_PAD without a SELECT_CONFIGS tile, each chunk goes through packed keys and ``torch.topk``
+    instead."""
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
@@ -419,11 +419,11 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     tokens [b0, b1) and latents [start, stop), without the bias; tiles are ``block_b`` tokens x
     ``block_n`` latents. One ``_select_kernel`` pass per tile adds the bias, packs keys and folds
     them into running candidates that persist across a token tile's chunks; stage 2 merges the
-    splits. Off the Triton backend (CPU without the interpreter) or above SELECT_MAX_K_PAD, each
-    tile goes through packed keys and ``torch.topk`` instead. No host sync."""
+    splits. Off the Triton backend (CPU without the interpreter) or at a K_PAD without a
+    SELECT_CONFIGS tile, each tile goes through packed keys and ``torch.topk`` instead. No host sync."""
     k_pad = pow2(k, lo=min(SELECT_CONFIGS))
     # CPU tensors take the selection kernel only under the interpreter (which proves it).
-    if not (HAS_TRITON and (device.type != "cpu" or INTERPRET) and k_pad <= SELECT_MAX_K_PAD):
+    if not (HAS_TRITON and (device.type != "cpu" or INTERPRET) and k_pad in SELECT_CONFIGS):
         def with_bias(b0: int, b1: int, start: int, stop: int) -> Tensor:
             pre = pre_tile(b0, b1, start, stop)
             return pre if bias is None else pre.add_(bias[start:stop].float())
