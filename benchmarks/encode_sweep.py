@@ -7,7 +7,8 @@ Times (median of ``triton.testing.do_bench``), at one shape:
 - the chunked strategy's GEMMs alone (fp32 output, one chunk at a time, as it launches them) for
   each chunk size, so that (strategy - its GEMMs) is the selection's share;
 - the whole chunked strategy for each chunk size x selection tile (BLOCK_B, BLOCK_N, warps), each
-  checked to return the same ids as the package's defaults;
+  checked to return the same ids as the package's defaults; a tile written ``1x128x1b`` runs the
+  threshold-and-sort kernel (``_select_buffer_kernel``), the others insertion;
 - the fused strategy at its defaults;
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
   at a K_PAD without a selection tile, or off Triton) beside the selection kernel;
@@ -36,7 +37,13 @@ te = importlib.import_module("topk_kernels.topk_encode")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
 SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2),
-                (1, 128, 1), (2, 128, 1), (1, 256, 1), (2, 256, 1)]
+                (1, 128, 1), (2, 128, 1), (1, 256, 1), (2, 256, 1), (1, 64, 1, "buffer"), (1, 128, 1, "buffer")]
+
+
+def parse_tile(text: str) -> tuple:
+    """"8x128x4" -> (8, 128, 4), an insertion tile; "1x128x1b" -> (1, 128, 1, "buffer")."""
+    tile = tuple(int(v) for v in text.rstrip("b").split("x"))
+    return (*tile, "buffer") if text.endswith("b") else tile
 
 
 def main(argv=None) -> int:
@@ -50,8 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")],
                    help="fp32 elements per GEMM chunk, comma-separated (default: 8Mi,32Mi,64Mi)")
-    p.add_argument("--tiles", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
-                   help="selection tiles BxNxWARPS, comma-separated (default: ten shapes)")
+    p.add_argument("--tiles", type=lambda s: [parse_tile(t) for t in s.split(",")],
+                   help="selection tiles BxNxWARPS (insertion) or 1xNxWARPSb (threshold and sort), "
+                        "comma-separated (default: twelve shapes)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")

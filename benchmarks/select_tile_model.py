@@ -17,6 +17,13 @@ Warp instructions per row = (tiles x rest-of-tile + passes x pass) x warps / row
 faster when the kernel is issue-bound; barriers and occupancy decide when it is latency-bound
 (both favour 1-warp tiles). benchmarks/RESULTS.md ("Selection tiles of one warp") keeps the table
 and what it predicts; a GPU measures it with benchmarks/encode_sweep.py.
+
+Tiles ending in ``b`` (``1x128x1b``) are ``_select_buffer_kernel``'s threshold-and-sort scheme.
+From its SASS: the fast path of a tile (nothing beats the threshold), the extra cost of a tile
+that appends, and a flush (the sort of 2 * K_PAD keys), taken from the loop's two forward
+branches (``if n_new > 0`` and ``if count + n_new > 2 * K_PAD``). The simulation counts, per row,
+the tiles that append and the flushes. Warp instructions per row = (tiles x fast path + appending
+tiles x append + flushes x flush) x warps. RESULTS.md, "Selection by threshold and sort".
 """
 
 from __future__ import annotations
@@ -50,7 +57,29 @@ def simulated_insertions(k_pad: int, block_n: int, rows: int = 64, n: int = SHAP
     return counts
 
 
-def sass_loops(k_pad: int, tile: tuple[int, int, int]) -> dict:
+def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n"], seed: int = 0) -> dict:
+    """Mean per row of ``_select_buffer_kernel``'s work on the same pre-activations: tiles that
+    append (some entry beats the threshold) and flushes (sorts of the 2 * K_PAD buffer)."""
+    rng = np.random.default_rng(seed)
+    pre = rng.standard_normal((rows, n)).astype(np.float32) + 0.1 * rng.standard_normal(n).astype(np.float32)
+    appending = flushes = 0
+    for r in range(rows):
+        held, threshold = [], -np.inf
+        for t in range(n // block_n):
+            tile = pre[r, t * block_n:(t + 1) * block_n]
+            new = tile[tile > threshold]
+            if new.size == 0:
+                continue
+            if len(held) + new.size > 2 * k_pad:
+                held = sorted(held, reverse=True)[:k_pad]
+                threshold, flushes = held[-1], flushes + 1
+                new = tile[tile > threshold]
+            held.extend(new.tolist())
+            appending += 1
+    return {"appending": appending / rows, "flushes": flushes / rows}
+
+
+def sass_loops(k_pad: int, tile: tuple) -> dict:
     """Compile the selection kernel as ``_chunked_forward`` launches it with this tile (sm_90)."""
     import torch
 
@@ -64,48 +93,125 @@ def sass_loops(k_pad: int, tile: tuple[int, int, int]) -> dict:
             gc._t(SHAPE["B"], SHAPE["m"], dtype="bf16"), gc._t(SHAPE["n"], SHAPE["m"], dtype="bf16"),
             gc._t(SHAPE["n"], dtype="bf16"), k_pad, torch.bfloat16))
         with contextlib.redirect_stderr(io.StringIO()):
-            launch = next(lc for lc in gc.capture(spec, 90) if lc.kernel.__name__ == "_select_kernel")
+            launch = next(lc for lc in gc.capture(spec, 90)
+                          if lc.kernel.__name__ in ("_select_kernel", "_select_buffer_kernel"))
             report = gc.compile_launch(launch, 90)
             text = gc.disassemble(gc.compile_quietly(launch, 90).asm["cubin"])
     finally:
         te.SELECT_CONFIGS.clear()
         te.SELECT_CONFIGS.update(saved)
     instrs, all_loops = gc.sass_loops(text)
+    common = {"registers": report["registers"], "spills": report["spill_stores"] + report["spill_loads"],
+              "ctas_per_sm": report["ctas_per_sm"]}
+    if len(tile) == 4:
+        return common | buffer_paths(text)
     # Real loops only (not the trailing self-branch): the insertion pass is the smallest, the
     # tile loop around it the largest.
     loops = sorted({(s, e) for s, e in all_loops if e - s > 2}, key=lambda se: se[1] - se[0])
     (p0, p1), (t0, t1) = loops[0], loops[-1]
-    return {"registers": report["registers"], "spills": report["spill_stores"] + report["spill_loads"],
-            "ctas_per_sm": report["ctas_per_sm"], "pass": p1 - p0 + 1,
+    return common | {"pass": p1 - p0 + 1,
             "pass_barriers": sum("BAR.SYNC" in i for i in instrs[p0:p1 + 1]),
-            "rest_of_tile": (t1 - t0 + 1) - (p1 - p0 + 1) if (t0, t1) != (p0, p1) else 0}
+            "rest_of_tile": (t1 - t0 + 1) - (p1 - p0 + 1) if (t0, t1) != (p0, p1) else 0,
+            "pass_shfl": _shfl(instrs[p0:p1 + 1]),
+            "rest_shfl": _shfl(instrs[t0:t1 + 1]) - _shfl(instrs[p0:p1 + 1]) if (t0, t1) != (p0, p1) else 0}
+
+
+def _shfl(instrs: list[str]) -> int:
+    """Warp shuffles among SASS instructions: sm_90 issues one a clock per SM, against four of
+    the integer and select instructions, so a shuffle-heavy path runs below the issue rate."""
+    return sum("SHFL" in i for i in instrs)
+
+
+def buffer_paths(text: str) -> dict:
+    """Instructions (per warp) of ``_select_buffer_kernel``'s tile loop by path, from its SASS: the
+    first conditional forward branch in the loop skips a tile where nothing enters, the second
+    skips the flush. fast = the loop without both regions; append = the first region without
+    the flush; flush = the second region."""
+    import gpu_compile as gc
+
+    instrs, labels = [], {}
+    forward = []  # (index, target label) of conditional forward branches
+    for line in text.splitlines():
+        lab = gc._LABEL.match(line)
+        if lab:
+            labels[lab.group(1).lstrip(".")] = len(instrs)
+            continue
+        ins = gc._SASS_LINE.search(line)
+        if ins:
+            body = ins.group(2).strip()
+            br = gc._BRANCH.search(body)
+            if br and body.startswith("@"):
+                forward.append((len(instrs), br.group(1).lstrip(".")))
+            instrs.append(body)
+    _, loops = gc.sass_loops(text)
+    s, e = max(((a, b) for a, b in loops if b - a > 2), key=lambda ab: ab[1] - ab[0])
+    inner = [(at, labels[t]) for at, t in forward if s < at < e and at < labels.get(t, -1) <= e]
+    (a, skip_all), (b, skip_flush) = inner[0], inner[1]
+    flush = skip_flush - b - 1
+    if not (a < b < skip_flush <= skip_all) or not any("BAR.SYNC" in i for i in instrs[b:skip_flush]):
+        raise RuntimeError("the buffer kernel's SASS does not have the expected shape")
+    fast, append = instrs[s:a + 1] + instrs[skip_all:e + 1], instrs[a + 1:b + 1] + instrs[skip_flush:skip_all]
+    return {"fast": len(fast), "append": len(append), "flush": flush,
+            "fast_barriers": sum("BAR.SYNC" in i for i in fast),
+            "fast_shfl": _shfl(fast), "append_shfl": _shfl(append), "flush_shfl": _shfl(instrs[b + 1:skip_flush])}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k-pads", default="64,128,256")
-    ap.add_argument("--tiles", default=None, help="BxNxWARPS,... (default: the measured tile and 1-warp tiles)")
+    ap.add_argument("--tiles", default=None,
+                    help="BxNxWARPS (insertion) or 1xNxWARPSb (threshold and sort), comma-separated "
+                         "(default: the measured tile, 1-warp tiles and the buffer tiles)")
     args = ap.parse_args(argv)
-    default_tiles = {64: "8x128x4,1x128x1,2x128x1,2x256x1", 128: "8x128x4,1x128x1,2x128x1",
-                     256: "8x256x4,1x256x1,2x256x1,1x128x1", 512: "1x128x1,1x256x1,1x512x1,1x256x2",
-                     1024: "1x128x1,1x256x1,1x64x1"}
-    print("| K_PAD | tile (rows x latents, warps) | registers | spills | CTAs/SM | instrs per insertion pass "
-          "(warp) | BAR.SYNC per pass | other instrs per tile (warp) | passes per program (simulated) "
-          "| warp instructions per row |")
-    print("|" + "---|" * 10)
+    default_tiles = {64: "8x128x4,1x128x1,2x128x1,2x256x1,1x64x1b,1x128x1b",
+                     128: "8x128x4,1x128x1,2x128x1,1x128x1b",
+                     256: "8x256x4,1x256x1,2x256x1,1x128x1,1x128x1b,1x256x1b",
+                     512: "1x128x1,1x256x1,1x512x1,1x256x2,1x128x1b,1x256x1b,1x128x2b",
+                     1024: "1x128x1,1x256x1,1x64x1,1x128x2b,1x128x4b,1x256x2b"}
+    insertion, buffer = [], []
     for k_pad in (int(v) for v in args.k_pads.split(",")):
         sims = {}
         for spec in (args.tiles or default_tiles.get(k_pad, "8x128x4,1x128x1")).split(","):
-            rows, block_n, warps = (int(v) for v in spec.split("x"))
+            buffered = spec.endswith("b")
+            rows, block_n, warps = (int(v) for v in spec.rstrip("b").split("x"))
+            if buffered:
+                sim = simulated_buffer(k_pad, block_n)
+                s = sass_loops(k_pad, (rows, block_n, warps, "buffer"))
+                tiles = SHAPE["n"] // block_n
+                per_row = (tiles * s["fast"] + sim["appending"] * s["append"] + sim["flushes"] * s["flush"]) * warps
+                shfl = (tiles * s["fast_shfl"] + sim["appending"] * s["append_shfl"]
+                        + sim["flushes"] * s["flush_shfl"]) * warps
+                buffer.append(f"| {k_pad} | 1 x {block_n}, {warps} | {s['registers']} | {s['spills']} "
+                              f"| {s['ctas_per_sm']} | {s['fast']} | {s['fast_barriers']} | {s['append']} "
+                              f"| {s['flush']} | {sim['appending']:.0f} | {sim['flushes']:.1f} | {per_row / 1e3:.0f}K "
+                              f"| {shfl / 1e3:.0f}K |")
+                print(buffer[-1], file=sys.stderr, flush=True)
+                continue
             if block_n not in sims:
                 sims[block_n] = simulated_insertions(k_pad, block_n)
             counts = sims[block_n]
             passes = counts.reshape(-1, rows, counts.shape[1]).max(axis=1).sum(axis=1).mean()
             s = sass_loops(k_pad, (rows, block_n, warps))
             per_row = (counts.shape[1] * s["rest_of_tile"] + passes * s["pass"]) * warps / rows
-            print(f"| {k_pad} | {rows} x {block_n}, {warps} | {s['registers']} | {s['spills']} | {s['ctas_per_sm']} "
-                  f"| {s['pass']} | {s['pass_barriers']} | {s['rest_of_tile']} | {passes:.0f} | {per_row / 1e3:.0f}K |",
-                  flush=True)
+            shfl = (counts.shape[1] * s["rest_shfl"] + passes * s["pass_shfl"]) * warps / rows
+            insertion.append(f"| {k_pad} | {rows} x {block_n}, {warps} | {s['registers']} | {s['spills']} "
+                             f"| {s['ctas_per_sm']} | {s['pass']} | {s['pass_barriers']} | {s['rest_of_tile']} "
+                             f"| {passes:.0f} | {per_row / 1e3:.0f}K | {shfl / 1e3:.0f}K |")
+            print(insertion[-1], file=sys.stderr, flush=True)
+    if insertion:
+        print("Insertion (`_select_kernel`)\n")
+        print("| K_PAD | tile (rows x latents, warps) | registers | spills | CTAs/SM | instrs per insertion pass "
+              "(warp) | BAR.SYNC per pass | other instrs per tile (warp) | passes per program (simulated) "
+              "| warp instructions per row | of them SHFL |")
+        print("|" + "---|" * 11)
+        print("\n".join(insertion) + "\n")
+    if buffer:
+        print("Threshold and sort (`_select_buffer_kernel`)\n")
+        print("| K_PAD | tile (rows x latents, warps) | registers | spills | CTAs/SM | fast path per tile (warp) "
+              "| BAR.SYNC in it | append, extra (warp) | flush (warp) | appending tiles per row (simulated) "
+              "| flushes per row (simulated) | warp instructions per row | of them SHFL |")
+        print("|" + "---|" * 13)
+        print("\n".join(buffer))
     return 0
 
 

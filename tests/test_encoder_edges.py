@@ -1,7 +1,8 @@
-"""Edge cases of the encoders' insertion top-k (``_topk.fold_tile``) on every strategy: the fused
-TopK kernel, the chunked strategy (GEMM chunks + ``_select_kernel`` with candidates persisted across
-chunks and interleaved splits), the Expander kernel (gathers from ``transposed_tokens`` chunks) and
-the PyTorch paths. Exact cases build pre-activations that every backend computes without rounding
+"""Edge cases of the encoders' top-k selections on every strategy: the fused TopK kernel
+(insertion, ``_topk.fold_tile``), the chunked strategy (GEMM chunks + ``_select_kernel``'s
+insertion with candidates persisted across chunks and interleaved splits, or
+``_select_buffer_kernel``'s threshold, append and sort), the Expander kernel (gathers from
+``transposed_tokens`` chunks) and the PyTorch paths. Exact cases build pre-activations that every backend computes without rounding
 (an identity x, a zero weight, one-hot atoms), so the expected ids follow from a stable sort: NaN
 above +inf, equal values (and -0.0 / +0.0) to the lower id. Random cases go against the fp64
 reference. Sizes are small: the kernels run in the Triton interpreter."""
@@ -21,22 +22,25 @@ pytestmark = [pytest.mark.ops, pytest.mark.skipif(not HAS_TRITON, reason="no tri
 
 NAN, INF = float("nan"), float("inf")
 FP32_MAX = torch.finfo(torch.float32).max
-STRATEGIES = ["torch", "fused", "chunked"]
+STRATEGIES = ["torch", "fused", "chunked", "chunked-buffer"]
 
 
 def _encode(strategy, monkeypatch, x, weight, bias, k, chunk_b=4):
     """topk_encode on one strategy. "chunked" takes GEMM chunks of chunk_b tokens x 130 latents
     (more latents when B < chunk_b) and 32-wide selection tiles: five per chunk, in three
     interleaved splits of two tiles (0, 3 / 1, 4 / 2); 150 latents span two chunks (the second
-    leaves two splits without a tile) and B > chunk_b several token chunks. "fused" past its K_PAD
+    leaves two splits without a tile) and B > chunk_b several token chunks. "chunked-buffer" takes
+    the threshold-and-sort selection with 1-row tiles of 8 latents (wider than K_PAD 2 and 4): its
+    buffer of 2 * max(K_PAD, 8) keys fills and is sorted many times in these rows. "fused" past its K_PAD
     limit goes to the chunked path, as the dispatcher says."""
     if strategy == "torch":
         return topk_encode(x, weight, bias, k, backend="torch")
-    if strategy == "chunked":
+    if strategy.startswith("chunked"):
         monkeypatch.setattr(te, "encode_strategy", lambda *args: "chunked")
         monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", chunk_b * 130)
         monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", chunk_b)
-        monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: (chunk_b, 32, 4) for kp in te.SELECT_CONFIGS})
+        tile = {"chunked": lambda kp: (chunk_b, 32, 4), "chunked-buffer": lambda kp: (1, 8, 1, "buffer")}
+        monkeypatch.setattr(te, "SELECT_CONFIGS", {kp: tile[strategy](kp) for kp in te.SELECT_CONFIGS})
     else:
         force_fused(monkeypatch)
     return topk_encode(x, weight, bias, k, backend="triton")
@@ -186,7 +190,7 @@ def test_bf16_inputs_whose_fp32_accumulation_overflows(strategy, monkeypatch):
     assert acts.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("strategy", ["fused", "chunked", "chunked-buffer"])
 def test_more_splits_than_tiles(strategy, monkeypatch):
     """Splits beyond the last tile hold only empty slots; stage 2 must never pick one."""
     monkeypatch.setattr(te, "latent_splits", lambda *args, **kwargs: 7)

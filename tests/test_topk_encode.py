@@ -303,15 +303,22 @@ def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
 
 @pytest.mark.usefixtures("chunked")
 @pytest.mark.parametrize("tile,k", [(tile, k) for k in (3, 150) for tile in ("default", (2, 128, 1), (2, 256, 1))]
-                         + [("default", 400), ("default", 700)])  # K_PAD 4, 256, 512, 1024
+                         + [((1, 4, 1, "buffer"), 3), ((1, 2, 1, "buffer"), 3), ((1, 256, 1), 150),
+                            ((1, 256, 1, "buffer"), 150), ("default", 400), ("default", 700)])
+# K_PAD 4, 256, 512, 1024
 def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
-    """The selection kernel's tiles the GPU sweep compares, 1-warp ones included (the defaults
-    from K_PAD=256 up are): every row of a block inserts on its own, a tile narrower than K_PAD
-    fills the slots over several tiles, and candidates persist across chunks of 40 latents."""
+    """The selection kernels' tiles the GPU sweep compares. Insertion (3-tuples): every row of a
+    block inserts on its own, a tile narrower than K_PAD fills the slots over several tiles.
+    Threshold and sort ("buffer", the defaults from K_PAD 256 up): more than 2 * K_PAD latents a
+    row, so the buffer is sorted and cut at least once (at K_PAD 4, dozens of times). Candidates
+    persist across chunks of 40 latents."""
     kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
     if tile != "default":
         monkeypatch.setitem(te.SELECT_CONFIGS, kp, tile)
-    n = {4: 187, 256: 307, 512: 601, 1024: 1153}[kp]  # more latents than K_PAD slots
+    if te.select_tile(kp)[3] == "buffer":
+        n = {4: 187, 256: 1100, 512: 1500, 1024: 2500}[kp]  # more latents than 2 * K_PAD
+    else:
+        n = {4: 187, 256: 307}[kp]  # more latents than K_PAD slots
     x, weight, bias = _inputs((5,), 18, n)
     acts, idx = topk_encode(x, weight, bias, k, backend="triton")
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
@@ -319,13 +326,13 @@ def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
 
 
-@pytest.mark.parametrize("k", [9, 1100])  # the selection kernel (K_PAD 16); packed keys + torch.topk past its K_PAD
+@pytest.mark.parametrize("k", [9, 300, 1100])  # insertion (K_PAD 16), threshold and sort (512), packed keys (2048)
 def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""
     monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 24 * 50)
     monkeypatch.setattr(te, "CHUNK_MAX_BLOCK_B", 24)
     sizes = []
-    blocked, kernel = te.token_blocked_topk, te._select_kernel
+    blocked = te.token_blocked_topk
 
     def spy(pre_fn, *args, **kwargs):
         def recorded(*bounds):
@@ -335,14 +342,18 @@ def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
         return blocked(recorded, *args, **kwargs)
 
     class KernelSpy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             def launch(pre, *args, **kwargs):
                 sizes.append(pre.numel())
-                return kernel[grid](pre, *args, **kwargs)
+                return self.kernel[grid](pre, *args, **kwargs)
             return launch
 
     monkeypatch.setattr(te, "token_blocked_topk", spy)
-    monkeypatch.setattr(te, "_select_kernel", KernelSpy())
+    for name in ("_select_kernel", "_select_buffer_kernel"):
+        monkeypatch.setattr(te, name, KernelSpy(getattr(te, name)))
     monkeypatch.setattr(te, "resident_ctas", lambda *args: None)
     n = 333 if k < 1100 else 1201
     x, weight, bias = _inputs((70,), 20, n)
@@ -351,6 +362,17 @@ def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
     assert len(sizes) > 3 and max(sizes) <= 24 * 50 < 70 * n
+
+
+def test_select_tile_rejects_a_malformed_entry(monkeypatch):
+    """SELECT_CONFIGS entries name their scheme; a buffer tile takes one row per program."""
+    monkeypatch.setitem(te.SELECT_CONFIGS, 512, (2, 128, 1, "buffer"))
+    with pytest.raises(ValueError, match=r"SELECT_CONFIGS\[512\].*1 row, got 2"):
+        te.select_tile(512)
+    monkeypatch.setitem(te.SELECT_CONFIGS, 512, (1, 128, 1, "heap"))
+    with pytest.raises(ValueError, match="scheme 'insert' or 'buffer', got 'heap'"):
+        te.select_tile(512)
+    assert te.select_tile(64)[3] == "insert" and te.select_tile(256)[3] == "buffer"
 
 
 def test_encode_strategy_table(monkeypatch):

@@ -122,7 +122,7 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Chunked strategy, program (token block, latent tile): the fp32 pre-activations (no
-        bias) of latents N0 + [0, NC) -> pre [B, NC], row-major, for ``_select_kernel``."""
+        bias) of latents N0 + [0, NC) -> pre [B, NC], row-major, for the selection kernels."""
         pid_b = tl.program_id(0)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         xt_blk = xt_ptr + offs_b[:, None]

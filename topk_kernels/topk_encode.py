@@ -13,8 +13,9 @@ On CUDA the Triton backend runs one of two strategies per shape, picked by ``enc
 from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
 roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
 ``"fused"`` (the kernel above) or ``"chunked"`` (``_chunked_forward``: cuBLAS
-``x @ W[chunk].T`` in fp32, then one ``_select_kernel`` pass per chunk that adds the bias, packs
-keys and folds them into running candidates kept across chunks; extra memory bounded by
+``x @ W[chunk].T`` in fp32, then one selection pass per chunk that adds the bias, packs keys and
+folds them into running candidates kept across chunks, by insertion (``_select_kernel``) or, at
+large K_PAD, by threshold, append and sort (``_select_buffer_kernel``); extra memory bounded by
 ``CHUNK_TILE_ELEMS``). Both follow the package's one NaN order and
 lowest-id tie rule, so the choice changes speed only.
 
@@ -71,7 +72,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import empty_slots, fold_tile
+    from ._topk import LOW_MASK, MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits
 
     @triton.jit
     def _encode_fwd_kernel(
@@ -146,6 +147,66 @@ if HAS_TRITON:
         tl.store(slots, running, mask=mask_b[:, None])
 
 
+    @triton.jit
+    def _select_buffer_kernel(
+        pre_ptr, bias_ptr, cand_ptr, state_ptr,
+        NC, ID0, TILES_PER_SPLIT, SPLITS,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, CAP: tl.constexpr,
+    ):
+        """Chunked strategy at large K_PAD, program (token, split): threshold, append, sort.
+
+        Per (token, split), a buffer of CAP = 2 * max(K_PAD, BLOCK_N) int64 keys in ``cand`` and
+        two int32 in ``state`` persist across chunks: the number of keys held, and the threshold
+        (the ordered bits of the K_PAD-th best key at the last flush, INT32_MIN before any). A tile's entries
+        whose value beats the threshold are appended (a prefix sum gives their slots; a tile where
+        nothing enters costs one compare per entry and no store). When a tile would overflow the
+        buffer, the buffer is sorted (``tl.sort``, bitonic), its best K_PAD keys kept and the
+        threshold raised to the worst of them. An entry dropped by the threshold is beaten by
+        K_PAD keys already held: a lower value, or an equal value with a higher id (tiles come in
+        increasing id order). So the buffer always holds the split's exact top K_PAD, and stage 2
+        merges buffers. Cost per row: about 7-10 sorts of the buffer over a whole row of
+        131072 latents, where insertion (``_select_kernel``) makes K_PAD * (1 + ln(n / K_PAD))
+        passes of O(K_PAD) each. A flush leaves CAP - K_PAD >= BLOCK_N free slots, room for a tile.
+        """
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        slot = row.to(tl.int64) * SPLITS + split
+        buf = cand_ptr + slot * CAP
+        count = tl.load(state_ptr + slot * 2)
+        threshold = tl.load(state_ptr + slot * 2 + 1)
+        pre_row = pre_ptr + row.to(tl.int64) * NC
+        for t in range(0, TILES_PER_SPLIT):
+            offs_n = (split + t * SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < NC
+            pre = tl.load(pre_row + offs_n, mask=mask_n, other=0.0)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            bits = tl.where(mask_n, ordered_bits(pre), REMOVED)
+            enters = bits > threshold
+            n_new = tl.sum(enters.to(tl.int32), axis=0)
+            if n_new > 0:
+                if count + n_new > CAP:
+                    # Flush. The barriers order this program's global stores between its lanes:
+                    # appends before the load, the rewrite before later appends.
+                    tl.debug_barrier()
+                    slots = tl.arange(0, CAP)
+                    keys = tl.sort(tl.load(buf + slots, mask=slots < count, other=MIN_KEY), descending=True)
+                    keys = tl.where(slots < K_PAD, keys, MIN_KEY)
+                    tl.store(buf + slots, keys)
+                    tl.debug_barrier()
+                    count = K_PAD
+                    worst = tl.min(tl.where(slots < K_PAD, keys, -MIN_KEY - 1), axis=0)
+                    threshold = (worst >> 32).to(tl.int32)
+                    enters = bits > threshold
+                    n_new = tl.sum(enters.to(tl.int32), axis=0)
+                at = count + tl.cumsum(enters.to(tl.int32), axis=0) - 1
+                keys_new = (bits.to(tl.int64) << 32) | (LOW_MASK - (ID0 + offs_n).to(tl.int64))
+                tl.store(buf + at, keys_new, mask=enters)
+                count += n_new
+        tl.store(state_ptr + slot * 2, count)
+        tl.store(state_ptr + slot * 2 + 1, threshold)
+
+
 # Launch configurations of the fused kernel, by K_PAD: (BLOCK_B, BLOCK_N, BLOCK_M, num_warps);
 # the exact-fp32 path (FMA units) and K_PAD above the tensor-core table. The [BLOCK_B, K_PAD] int64
 # running candidates stay in registers, so a wider K_PAD takes fewer tokens. K_PAD starts at 2:
@@ -200,28 +261,28 @@ CPU_MIN_BLOCK_B = 256
 # with the same selection tile; the GEMMs alone take 7.0-7.2 ms at every size.
 CHUNK_TILE_ELEMS = 32 * 2**20
 CHUNK_MAX_BLOCK_B = 8192
-# The chunked strategy's selection kernel (``_select_kernel``): (BLOCK_B, BLOCK_N, num_warps) by
-# K_PAD. Measured on an H100 (same sweep): 8 tokens x 128 latents, 4 warps was the fastest tile at
-# k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for the old 64 x 128,
-# 8 warps): fold_tile's insertion loop runs until the slowest row of the block is done, so fewer
-# rows per block waste fewer rounds, and more, smaller programs fill the GPU. A K_PAD without a
-# tile here (2048 and up) goes through packed keys and torch.topk.
-# K_PAD = 256 is a PREDICTION, not a measurement: the best measured tile there (8 x 256, 4 warps)
-# made the chunked strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms; selection
-# 12.5 ms). The sm_90 SASS (benchmarks/RESULTS.md, "Selection tiles of one warp") shows why: each
-# insertion pass of a 4-warp tile holds 3 BAR.SYNC (the block-wide loop condition), costs 491
-# instructions a warp for its 2 rows, and every row waits for the slowest of the block's 8; one
-# row per 1-warp program needs no barrier, 156 instructions a pass, passes only for its own
-# insertions, and 32 CTAs fit an SM (55 registers) instead of 4. Predicted selection ~5 ms, the
-# strategy ~12 ms against 13.8 (RESULTS.md has the arithmetic); gpu_session.sh measures it.
-# K_PAD = 512 and 1024 are PREDICTIONS too. Before them every k > 256 took packed keys + torch.topk
-# per chunk, measured at 139.5 ms at k = 256 (10x cuBLAS + torch.topk). One row per 1-warp
-# program compiles at 59 / 96 registers, 0 spills, 32 / 21 CTAs an SM. By the sm_90 model
-# (benchmarks/select_tile_model.py, RESULTS.md "Selection tiles past K_PAD 256") the selection
-# costs 820K / 2150K warp instructions a row, predicted ~13 / ~34 ms beside the GEMMs' 7. Still
-# slower than cuBLAS + torch.topk, if that stays near 14 ms, but 7x / 3-4x faster than before.
-SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)} | {256: (1, 256, 1)}
-                  | {512: (1, 128, 1), 1024: (1, 128, 1)})
+# The chunked strategy's selection, by K_PAD: (BLOCK_B, BLOCK_N, num_warps) for insertion
+# (``_select_kernel``), or (1, BLOCK_N, num_warps, "buffer") for threshold-append-sort
+# (``_select_buffer_kernel``); ``select_tile`` reads an entry. A K_PAD without an entry (2048 and
+# up) goes through packed keys and torch.topk per chunk.
+# K_PAD <= 128, MEASURED on an H100 (same sweep): 8 tokens x 128 latents, 4 warps was the fastest
+# insertion tile at k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for
+# the old 64 x 128, 8 warps): fold_tile's insertion loop runs until the slowest row of the block is
+# done, so fewer rows per block waste fewer rounds. (The buffer tiles are predicted faster here
+# too, 129K / 162K warp instructions a row against 236K / 333K, but the measured tile stays until
+# a GPU compares them: gpu_session.sh does.)
+# K_PAD 256 to 1024 are PREDICTIONS. Insertion lost there: at k = 256 the best measured tile
+# (8 x 256, 4 warps) made the strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms),
+# and it costs K_PAD * (1 + ln(n / K_PAD)) passes of O(K_PAD) a row, O(K_PAD^2) in all. The buffer
+# scheme sorts its 2 * K_PAD keys ~7-9 times a row and otherwise pays one compare an entry plus a
+# prefix sum on tiles where something enters. By the sm_90 model (benchmarks/select_tile_model.py,
+# RESULTS.md "Selection by threshold and sort"): 215K / 285K / 465K warp instructions a row at
+# K_PAD 256 / 512 / 1024, against 376K / 820K / 2150K for the best insertion tiles; 0 spills, 25 /
+# 12 / 6 CTAs an SM. At the rate the three measured tiles ran (15.5 ms per million a row), the
+# strategy is predicted ~10.3 / ~11.4 / ~14.2 ms against ~14 for cuBLAS + torch.topk (13.75
+# measured at k = 256): a win at 256 and 512, parity at 1024. gpu_session.sh measures them.
+SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)}
+                  | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 2, "buffer")})
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
@@ -379,12 +440,11 @@ def _blocked_forward(
 
 def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     """cuBLAS GEMM of a tile of tokens x a chunk of latents at a time, in fp32 (the fused kernel's
-    accumulation), then one pass of ``_select_kernel`` per chunk: bias, key packing and the
-    insertion top-k (``_topk.fold_tile``) into running candidates that persist across chunks;
-    stage 2 merges the splits. No [B, n] tensor, no host sync, extra memory one fp32 chunk of at
-    most CHUNK_TILE_ELEMS + O(B * K_PAD * splits). Off the Triton backend, or above
-    at a K_PAD without a SELECT_CONFIGS tile, each chunk goes through packed keys and ``torch.topk``
-    instead."""
+    accumulation), then one selection pass per chunk (``select_chunks``): bias, key packing and
+    a running top-k that persists across chunks; stage 2 merges the splits. No [B, n] tensor, no
+    host sync, extra memory one fp32 chunk of at most CHUNK_TILE_ELEMS + O(B * K_PAD * splits).
+    Off the Triton backend, or at a K_PAD without a SELECT_CONFIGS tile, each chunk goes through
+    packed keys and ``torch.topk`` instead."""
     B, M = x.shape
     N = weight.shape[0]
     if B == 0:
@@ -417,12 +477,14 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
 
     ``pre_tile(b0, b1, start, stop)`` returns the fp32 pre-activations [b1 - b0, stop - start] of
     tokens [b0, b1) and latents [start, stop), without the bias; tiles are ``block_b`` tokens x
-    ``block_n`` latents. One ``_select_kernel`` pass per tile adds the bias, packs keys and folds
-    them into running candidates that persist across a token tile's chunks; stage 2 merges the
-    splits. Off the Triton backend (CPU without the interpreter) or at a K_PAD without a
-    SELECT_CONFIGS tile, each tile goes through packed keys and ``torch.topk`` instead. No host sync."""
+    ``block_n`` latents. One selection pass per tile adds the bias, packs keys and folds them into
+    running candidates that persist across a token tile's chunks: ``_select_kernel`` (insertion)
+    or ``_select_buffer_kernel`` (threshold, append, sort), as the K_PAD's SELECT_CONFIGS tile
+    says; stage 2 merges the splits. Off the Triton backend (CPU without the interpreter) or at a
+    K_PAD without a SELECT_CONFIGS tile, each tile goes through packed keys and ``torch.topk``
+    instead. No host sync."""
     k_pad = pow2(k, lo=min(SELECT_CONFIGS))
-    # CPU tensors take the selection kernel only under the interpreter (which proves it).
+    # CPU tensors take the selection kernels only under the interpreter (which proves them).
     if not (HAS_TRITON and (device.type != "cpu" or INTERPRET) and k_pad in SELECT_CONFIGS):
         def with_bias(b0: int, b1: int, start: int, stop: int) -> Tensor:
             pre = pre_tile(b0, b1, start, stop)
@@ -430,35 +492,66 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
 
         values, indices = token_blocked_topk(with_bias, B, N, k, block_n, block_b, exact_keys=True)
         return values.relu().to(out_dtype), indices
-    sel_b, sel_n, sel_warps = SELECT_CONFIGS[k_pad]
-    options = dict(HAS_BIAS=bias is not None, BLOCK_B=sel_b, BLOCK_N=sel_n, K_PAD=k_pad, num_warps=sel_warps,
-                   **launch_options())
+    sel_b, sel_n, sel_warps, scheme = select_tile(k_pad)
+    buffered = scheme == "buffer"
+    kernel = _select_buffer_kernel if buffered else _select_kernel
+    options = dict(HAS_BIAS=bias is not None, BLOCK_N=sel_n, K_PAD=k_pad, num_warps=sel_warps, **launch_options())
+    cap = 2 * max(k_pad, sel_n)  # the buffer kernel's keys per (token, split)
+    if buffered:
+        options["CAP"] = cap
+    else:
+        options["BLOCK_B"] = sel_b
     token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
     scratch = torch.empty(0, device=device, dtype=torch.float32)
     bias_arg = bias if bias is not None else scratch
-    probe = (scratch, bias_arg, scratch.new_empty(0, dtype=torch.int64),
-             block_b, block_n, 0, chunk_tiles, 1, k_pad)  # the launch's argument types: fp32 chunks
-    ctas = resident_ctas(_select_kernel, device, probe, options)
-    # Each split keeps its own K_PAD candidates per row for the whole run, so every extra split
-    # repeats the fill: K_PAD insertion passes or more per row, each about 0.8 of a tile's other
-    # work in the sm_90 SASS (RESULTS.md, "Selection tiles of one warp"), spread over the run's
-    # chunks. Without it 1-row programs took 32 splits of one tile (63 waves against 64).
-    fill_tiles = 0.8 * k_pad * block_n / N
+    ints = scratch.new_empty(0, dtype=torch.int64)
+    # The launch's argument types (fp32 chunks) and small integers, for the occupancy query.
+    probe = ((scratch, bias_arg, ints, scratch.new_empty(0, dtype=torch.int32), block_n, 0, chunk_tiles, 1)
+             if buffered else (scratch, bias_arg, ints, block_b, block_n, 0, chunk_tiles, 1, k_pad))
+    ctas = resident_ctas(kernel, device, probe, options)
+    # Each split keeps its own candidates per row for the whole run, so every extra split repeats
+    # the fill, spread over the run's chunks. Insertion: K_PAD passes or more per row, each about
+    # 0.8 of a tile's other work in the sm_90 SASS (RESULTS.md, "Selection tiles of one warp");
+    # without this charge 1-row programs took 32 splits of one tile (63 waves against 64). Buffer:
+    # about one more sort of the CAP-key buffer, ~0.15 * CAP tiles' work in the sm_90 SASS
+    # (RESULTS.md, "Selection by threshold and sort").
+    fill_tiles = (0.15 * cap if buffered else 0.8 * k_pad) * block_n / N
     splits = latent_splits(token_blocks, chunk_tiles, device, ctas, fill_tiles)
     keys = []
     for b0 in range(0, B, block_b):
         b1 = min(B, b0 + block_b)
-        run = _empty_candidates(b1 - b0, splits, k_pad, device)
+        rows = b1 - b0
+        if buffered:
+            run = _empty_candidates(rows, splits * cap // k_pad, k_pad, device)
+            state = torch.tensor([0, -(2**31)], device=device, dtype=torch.int32).repeat(rows * splits)
+        else:
+            run = _empty_candidates(rows, splits, k_pad, device)
         for start in range(0, N, block_n):
             stop = min(N, start + block_n)
             pre = pre_tile(b0, b1, start, stop).contiguous()
-            _select_kernel[(triton.cdiv(b1 - b0, sel_b), splits)](
-                pre, bias_arg[start:] if bias is not None else bias_arg, run,
-                b1 - b0, stop - start, start, triton.cdiv(triton.cdiv(stop - start, sel_n), splits), splits,
-                splits * k_pad, **options,
-            )
+            tiles_per_split = triton.cdiv(triton.cdiv(stop - start, sel_n), splits)
+            bias_at = bias_arg[start:] if bias is not None else bias_arg
+            if buffered:
+                kernel[(rows, splits)](pre, bias_at, run, state, stop - start, start, tiles_per_split, splits,
+                                       **options)
+            else:
+                kernel[(triton.cdiv(rows, sel_b), splits)](pre, bias_at, run, rows, stop - start, start,
+                                                           tiles_per_split, splits, splits * k_pad, **options)
         keys.append(run)
     return merge_candidates(torch.cat(keys), k, out_dtype)
+
+
+def select_tile(k_pad: int) -> tuple[int, int, int, str]:
+    """SELECT_CONFIGS[k_pad] as (BLOCK_B, BLOCK_N, num_warps, scheme): scheme "insert"
+    (``_select_kernel``, the default of a 3-tuple) or "buffer" (``_select_buffer_kernel``, one
+    row per program)."""
+    tile = SELECT_CONFIGS[k_pad]
+    rows, latents, warps, scheme = (*tile, "insert") if len(tile) == 3 else tile
+    if scheme not in ("insert", "buffer"):
+        raise ValueError(f"SELECT_CONFIGS[{k_pad}]: expected scheme 'insert' or 'buffer', got {scheme!r}")
+    if scheme == "buffer" and rows != 1:
+        raise ValueError(f"SELECT_CONFIGS[{k_pad}]: a 'buffer' tile takes 1 row, got {rows}")
+    return rows, latents, warps, scheme
 
 
 def _empty_candidates(rows: int, splits: int, k_pad: int, device: torch.device) -> Tensor:
