@@ -20,8 +20,8 @@ and what it predicts; a GPU measures it with benchmarks/encode_sweep.py.
 
 Tiles ending in ``b`` (``1x128x1b``) are ``_select_buffer_kernel``'s threshold-and-sort scheme.
 From its SASS: the fast path of a tile (nothing beats the threshold), the extra cost of a tile
-that appends, and a flush (the sort of 2 * K_PAD keys), taken from the loop's two forward
-branches (``if n_new > 0`` and ``if count + n_new > 2 * K_PAD``). The simulation counts, per row,
+that appends, and a flush (the sort of CAP = 2 * max(K_PAD, BLOCK_N) keys), taken from the
+loop's two forward branches (``if n_new > 0`` and ``if count + n_new > CAP``). The simulation counts, per row,
 the tiles that append and the flushes. Warp instructions per row = (tiles x fast path + appending
 tiles x append + flushes x flush) x warps. RESULTS.md, "Selection by threshold and sort".
 """
@@ -59,7 +59,9 @@ def simulated_insertions(k_pad: int, block_n: int, rows: int = 64, n: int = SHAP
 
 def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n"], seed: int = 0) -> dict:
     """Mean per row of ``_select_buffer_kernel``'s work on the same pre-activations: tiles that
-    append (some entry beats the threshold) and flushes (sorts of the 2 * K_PAD buffer)."""
+    append (some entry beats the threshold) and flushes (sorts of the buffer of CAP = 2 *
+    max(K_PAD, BLOCK_N) keys, as the launcher sizes it)."""
+    cap = 2 * max(k_pad, block_n)
     rng = np.random.default_rng(seed)
     pre = rng.standard_normal((rows, n)).astype(np.float32) + 0.1 * rng.standard_normal(n).astype(np.float32)
     appending = flushes = 0
@@ -70,7 +72,7 @@ def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n
             new = tile[tile > threshold]
             if new.size == 0:
                 continue
-            if len(held) + new.size > 2 * k_pad:
+            if len(held) + new.size > cap:
                 held = sorted(held, reverse=True)[:k_pad]
                 threshold, flushes = held[-1], flushes + 1
                 new = tile[tile > threshold]
@@ -129,23 +131,12 @@ def buffer_paths(text: str) -> dict:
     the flush; flush = the second region."""
     import gpu_compile as gc
 
-    instrs, labels = [], {}
-    forward = []  # (index, target label) of conditional forward branches
-    for line in text.splitlines():
-        lab = gc._LABEL.match(line)
-        if lab:
-            labels[lab.group(1).lstrip(".")] = len(instrs)
-            continue
-        ins = gc._SASS_LINE.search(line)
-        if ins:
-            body = ins.group(2).strip()
-            br = gc._BRANCH.search(body)
-            if br and body.startswith("@"):
-                forward.append((len(instrs), br.group(1).lstrip(".")))
-            instrs.append(body)
+    instrs, labels, branches = gc.sass_listing(text)
     _, loops = gc.sass_loops(text)
     s, e = max(((a, b) for a, b in loops if b - a > 2), key=lambda ab: ab[1] - ab[0])
-    inner = [(at, labels[t]) for at, t in forward if s < at < e and at < labels.get(t, -1) <= e]
+    # Conditional forward branches inside the tile loop, as (index, target index).
+    inner = [(at, labels[t]) for at, t in branches
+             if instrs[at].startswith("@") and s < at < e and at < labels.get(t, -1) <= e]
     (a, skip_all), (b, skip_flush) = inner[0], inner[1]
     flush = skip_flush - b - 1
     if not (a < b < skip_flush <= skip_all) or not any("BAR.SYNC" in i for i in instrs[b:skip_flush]):

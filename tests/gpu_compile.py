@@ -496,10 +496,9 @@ def sass_atomics(instructions: list[str]) -> tuple[int, list[str]]:
     return count, fenced
 
 
-def sass_loops(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """A kernel's disassembled SASS -> (its instructions in program order, every loop as the
-    (first, last) instruction index of a backward branch and its target, in branch order; a
-    branch to itself, such as the trailing ``BRA`` after ``EXIT``, is a loop of one)."""
+def sass_listing(text: str) -> tuple[list[str], dict[str, int], list[tuple[int, str]]]:
+    """A kernel's disassembled SASS -> (its instructions in program order, each label's
+    instruction index, every branch as (its index, its target label) in program order)."""
     instrs, labels, branches = [], {}, []
     for line in text.splitlines():
         lab = _LABEL.match(line)
@@ -513,6 +512,14 @@ def sass_loops(text: str) -> tuple[list[str], list[tuple[int, int]]]:
             if br:
                 branches.append((len(instrs), br.group(1).lstrip(".")))
             instrs.append(body)
+    return instrs, labels, branches
+
+
+def sass_loops(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """A kernel's disassembled SASS -> (its instructions in program order, every loop as the
+    (first, last) instruction index of a backward branch and its target, in branch order; a
+    branch to itself, such as the trailing ``BRA`` after ``EXIT``, is a loop of one)."""
+    instrs, labels, branches = sass_listing(text)
     return instrs, [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
 
 

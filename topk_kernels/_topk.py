@@ -24,6 +24,7 @@ Interface (stable; both encoders import it):
 
 Triton device functions (call them from ``@triton.jit`` kernels):
   - ``ordered_bits(values) -> int32``: fp32 -> the high half of a key (order-preserving bits).
+  - ``pack_key(bits, ids) -> int64``: ``ordered_bits`` and latent ids (broadcastable) -> keys.
   - ``empty_slots(BLOCK_B, K_PAD) -> [BLOCK_B, K_PAD]`` int64: the initial running candidates,
     the distinct keys ``MIN_KEY + slot`` (below every real key; stage 2 never selects them when
     k <= n).
@@ -92,6 +93,11 @@ if HAS_TRITON:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
+    def pack_key(bits, ids):
+        """Keys from ``ordered_bits`` (high half) and latent ids (low half: 0xFFFFFFFF - id)."""
+        return (bits.to(tl.int64) << 32) | (LOW_MASK - ids.to(tl.int64))
+
+    @triton.jit
     def empty_slots(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
         """[BLOCK_B, K_PAD] running candidates with no entry yet: the distinct keys MIN_KEY + slot,
         below every real key (their high half, INT32_MIN, is below the lowest real value's, -inf's)."""
@@ -120,7 +126,7 @@ if HAS_TRITON:
             best = tl.max(bits, axis=1)
             col = tl.min(tl.where(bits == best[:, None], ids[None, :], MAX_ID), axis=1)
             enters = best > REMOVED
-            key = (best.to(tl.int64) << 32) | (LOW_MASK - col.to(tl.int64))
+            key = pack_key(best, col)
             running = tl.where((running == worst[:, None]) & enters[:, None], key[:, None], running)
             worst = tl.min(running, axis=1)
             # Drop the entry just inserted and every one that no longer beats the new worst key.

@@ -72,7 +72,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import LOW_MASK, MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits
+    from ._topk import MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits, pack_key
 
     @triton.jit
     def _encode_fwd_kernel(
@@ -157,9 +157,9 @@ if HAS_TRITON:
 
         Per (token, split), a buffer of CAP = 2 * max(K_PAD, BLOCK_N) int64 keys in ``cand`` and
         two int32 in ``state`` persist across chunks: the number of keys held, and the threshold
-        (the ordered bits of the K_PAD-th best key at the last flush, INT32_MIN before any). A tile's entries
-        whose value beats the threshold are appended (a prefix sum gives their slots; a tile where
-        nothing enters costs one compare per entry and no store). When a tile would overflow the
+        (the ordered bits of the K_PAD-th best key at the last flush, INT32_MIN before any). A
+        tile's entries whose value beats the threshold are appended (a prefix sum gives their
+        slots; a tile where nothing enters costs one compare per entry and no store). When a tile would overflow the
         buffer, the buffer is sorted (``tl.sort``, bitonic), its best K_PAD keys kept and the
         threshold raised to the worst of them. An entry dropped by the threshold is beaten by
         K_PAD keys already held: a lower value, or an equal value with a higher id (tiles come in
@@ -200,8 +200,7 @@ if HAS_TRITON:
                     enters = bits > threshold
                     n_new = tl.sum(enters.to(tl.int32), axis=0)
                 at = count + tl.cumsum(enters.to(tl.int32), axis=0) - 1
-                keys_new = (bits.to(tl.int64) << 32) | (LOW_MASK - (ID0 + offs_n).to(tl.int64))
-                tl.store(buf + at, keys_new, mask=enters)
+                tl.store(buf + at, pack_key(bits, ID0 + offs_n), mask=enters)
                 count += n_new
         tl.store(state_ptr + slot * 2, count)
         tl.store(state_ptr + slot * 2 + 1, threshold)
