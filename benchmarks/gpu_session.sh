@@ -27,8 +27,8 @@ timeout 100 "$py" -m pytest --device cuda -q -p no:cacheprovider tests/test_mode
 models_rc=$?
 timeout 330 "$py" benchmarks/gpu.py --out "$out/gpu.md" > "$out/gpu.log" 2>&1
 gpu_rc=$?
-# Selection tiles (RESULTS.md, "Selection tiles of one warp" and "Selection by threshold and
-# sort"): the measured insertion tile beside the 1-warp insertion tiles and the threshold-and-sort
+# Selection tiles (RESULTS.md, "Selection tiles of one warp" and "Selection by threshold,
+# append and merge"): the measured insertion tile beside the 1-warp insertion tiles and the threshold-and-sort
 # tiles (suffix b) the SASS predicts faster, at k = 64; at k = 256, where insertion lost to cuBLAS
 # + topk; past K_PAD 256, also against the packed-keys path every k > 256 once took.
 timeout 120 "$py" benchmarks/encode_sweep.py --chunks 33554432 --tiles 8x128x4,1x128x1,2x128x1,1x64x1b,1x128x1b \
@@ -41,7 +41,7 @@ timeout 90 "$py" benchmarks/encode_sweep.py --k 512 --no-fused --packed-fallback
     --tiles 1x128x1b,1x256x1b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
 timeout 90 "$py" benchmarks/encode_sweep.py --k 1024 --no-fused --packed-fallback --chunks 33554432 \
-    --tiles 1x256x2b,1x128x2b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
+    --tiles 1x256x1b,1x128x1b,1x256x2b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
 # expander_encode: the fused kernel (measured 25.5 ms) against the chunked strategy (predicted 11-15).
 timeout 90 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \

@@ -20,10 +20,12 @@ and what it predicts; a GPU measures it with benchmarks/encode_sweep.py.
 
 Tiles ending in ``b`` (``1x128x1b``) are ``_select_buffer_kernel``'s threshold-and-sort scheme.
 From its SASS: the fast path of a tile (nothing beats the threshold), the extra cost of a tile
-that appends, and a flush (the sort of CAP = 2 * max(K_PAD, BLOCK_N) keys), taken from the
+that appends, and a flush (sort the max(K_PAD, BLOCK_N) spare slots, merge the best K_PAD of
+them into the K_PAD held keys), taken from the
 loop's two forward branches (``if n_new > 0`` and ``if count + n_new > CAP``). The simulation counts, per row,
 the tiles that append and the flushes. Warp instructions per row = (tiles x fast path + appending
-tiles x append + flushes x flush) x warps. RESULTS.md, "Selection by threshold and sort".
+tiles x append + flushes x flush) x warps. RESULTS.md, "Selection by threshold,
+append and merge".
 """
 
 from __future__ import annotations
@@ -59,14 +61,14 @@ def simulated_insertions(k_pad: int, block_n: int, rows: int = 64, n: int = SHAP
 
 def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n"], seed: int = 0) -> dict:
     """Mean per row of ``_select_buffer_kernel``'s work on the same pre-activations: tiles that
-    append (some entry beats the threshold) and flushes (sorts of the buffer of CAP = 2 *
-    max(K_PAD, BLOCK_N) keys, as the launcher sizes it)."""
-    cap = 2 * max(k_pad, block_n)
+    append (some entry beats the threshold) and flushes (the buffer of K_PAD held keys, empty at
+    the start, and max(K_PAD, BLOCK_N) spare slots overflows), as the launcher sizes it."""
+    cap = k_pad + max(k_pad, block_n)
     rng = np.random.default_rng(seed)
     pre = rng.standard_normal((rows, n)).astype(np.float32) + 0.1 * rng.standard_normal(n).astype(np.float32)
     appending = flushes = 0
     for r in range(rows):
-        held, threshold = [], -np.inf
+        held, threshold = [-np.inf] * k_pad, -np.inf
         for t in range(n // block_n):
             tile = pre[r, t * block_n:(t + 1) * block_n]
             new = tile[tile > threshold]
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
                      128: "8x128x4,1x128x1,2x128x1,1x128x1b",
                      256: "8x256x4,1x256x1,2x256x1,1x128x1,1x128x1b,1x256x1b",
                      512: "1x128x1,1x256x1,1x512x1,1x256x2,1x128x1b,1x256x1b,1x128x2b",
-                     1024: "1x128x1,1x256x1,1x64x1,1x128x2b,1x128x4b,1x256x2b"}
+                     1024: "1x128x1,1x256x1,1x64x1,1x128x1b,1x256x1b,1x128x2b,1x256x2b"}
     insertion, buffer = [], []
     for k_pad in (int(v) for v in args.k_pads.split(",")):
         sims = {}

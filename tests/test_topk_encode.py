@@ -303,15 +303,17 @@ def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
 
 @pytest.mark.usefixtures("chunked")
 @pytest.mark.parametrize("tile,k", [(tile, k) for k in (3, 150) for tile in ("default", (2, 128, 1), (2, 256, 1))]
-                         + [((1, 4, 1, "buffer"), 3), ((1, 2, 1, "buffer"), 3), ((1, 256, 1), 150),
+                         + [((1, 4, 1, "buffer"), 3), ((1, 2, 1, "buffer"), 3), ((1, 16, 1, "buffer"), 3),
+                            ((1, 256, 1), 150),
                             ((1, 256, 1, "buffer"), 150), ("default", 400), ("default", 700)])
 # K_PAD 4, 256, 512, 1024
 def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
     """The selection kernels' tiles the GPU sweep compares. Insertion (3-tuples): every row of a
     block inserts on its own, a tile narrower than K_PAD fills the slots over several tiles.
     Threshold and sort ("buffer", the defaults from K_PAD 256 up): more than 2 * K_PAD latents a
-    row, so the buffer is sorted and cut at least once (at K_PAD 4, dozens of times). Candidates
-    persist across chunks of 40 latents."""
+    row, so the buffer is flushed (appended keys sorted, merged with the held ones) at least once,
+    at K_PAD 4 dozens of times, with 4 to 16 spare slots (a 16-latent tile keeps the best 4 of
+    16 sorted appends). Candidates persist across chunks of 40 latents."""
     kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
     if tile != "default":
         monkeypatch.setitem(te.SELECT_CONFIGS, kp, tile)

@@ -148,30 +148,62 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _half_clean(x, LOG_N: tl.constexpr, J: tl.constexpr):
+        """One compare-exchange stage of a bitonic merge on the int64 vector x of 2**LOG_N keys:
+        x[i] and x[i + 2**J] (bit J of i clear) swap so that the smaller comes first. The pair
+        is axis 1 of a [2**(LOG_N-1-J), 2, 2**J] view; XOR of the pair with either gives the
+        other."""
+        y = tl.reshape(x, [2 ** (LOG_N - 1 - J), 2, 2 ** J])
+        other = tl.xor_sum(y, axis=1, keep_dims=True) ^ y
+        second = (tl.arange(0, 2) == 1)[None, :, None]
+        y = tl.where(second, tl.maximum(y, other), tl.minimum(y, other))
+        return tl.reshape(y, [2 ** LOG_N])
+
+
+    @triton.jit
+    def _merge_bitonic(x, LOG_N: tl.constexpr):
+        """Sort ascending the int64 vector x of 2**LOG_N keys, which must be bitonic (falling
+        then rising, or the reverse): LOG_N half-cleaners, against LOG_N * (LOG_N + 1) / 2
+        stages for a full sort."""
+        for j in tl.static_range(LOG_N):
+            x = _half_clean(x, LOG_N, LOG_N - 1 - j)
+        return x
+
+
+    @triton.jit
     def _select_buffer_kernel(
         pre_ptr, bias_ptr, cand_ptr, state_ptr,
         NC, ID0, TILES_PER_SPLIT, SPLITS,
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, CAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, SPARE: tl.constexpr,
     ):
-        """Chunked strategy at large K_PAD, program (token, split): threshold, append, sort.
+        """Chunked strategy at large K_PAD, program (token, split): threshold, append, merge.
 
-        Per (token, split), a buffer of CAP = 2 * max(K_PAD, BLOCK_N) int64 keys in ``cand`` and
-        two int32 in ``state`` persist across chunks: the number of keys held, and the threshold
-        (the ordered bits of the K_PAD-th best key at the last flush, INT32_MIN before any). A
-        tile's entries whose value beats the threshold are appended (a prefix sum gives their
-        slots; a tile where nothing enters costs one compare per entry and no store). When a tile would overflow the
-        buffer, the buffer is sorted (``tl.sort``, bitonic), its best K_PAD keys kept and the
-        threshold raised to the worst of them. An entry dropped by the threshold is beaten by
-        K_PAD keys already held: a lower value, or an equal value with a higher id (tiles come in
-        increasing id order). So the buffer always holds the split's exact top K_PAD, and stage 2
-        merges buffers. Cost per row: about 7-10 sorts of the buffer over a whole row of
-        131072 latents, where insertion (``_select_kernel``) makes K_PAD * (1 + ln(n / K_PAD))
-        passes of O(K_PAD) each. A flush leaves CAP - K_PAD >= BLOCK_N free slots, room for a tile.
+        Per (token, split), a buffer of K_PAD + SPARE int64 keys in ``cand`` (SPARE =
+        max(K_PAD, BLOCK_N)) and two int32 in ``state`` persist across chunks: the number of keys
+        held, and the threshold (the ordered bits of the K_PAD-th best key at the last flush,
+        INT32_MIN before any). Slots [0, K_PAD) hold the best K_PAD keys of the last flush sorted
+        ascending (at the start, the empty keys MIN_KEY + slot, and count = K_PAD); slots from
+        K_PAD on collect appends. A tile's entries whose value beats the threshold are appended (a
+        prefix sum gives their slots; a tile where nothing enters costs one compare per entry and
+        no store). When a tile would overflow the buffer, only the appended keys are sorted
+        (descending; past K_PAD of them only their best K_PAD matter), the elementwise maximum
+        with the held keys is the best K_PAD of both (the i-th worst held against the i-th best
+        appended) as a bitonic sequence, and LOG2(K_PAD) half-cleaners sort it: about half the
+        compare-exchanges of sorting all K_PAD + SPARE keys. The threshold rises to the worst
+        kept key and the appended slots are emptied, so stage 2 never sees a key twice.
+
+        An entry dropped by the threshold is beaten by K_PAD keys already held: a lower value,
+        or an equal value with a higher id (tiles come in increasing id order). So the buffer
+        always holds the split's exact top K_PAD, and stage 2 merges buffers. Cost per row: about
+        7-10 flushes over a whole row of 131072 latents, where insertion (``_select_kernel``)
+        makes K_PAD * (1 + ln(n / K_PAD)) passes of O(K_PAD) each. A flush leaves SPARE >= BLOCK_N
+        free slots, room for a tile.
         """
+        LOG_K: tl.constexpr = K_PAD.bit_length() - 1
         row = tl.program_id(0)
         split = tl.program_id(1)
         slot = row.to(tl.int64) * SPLITS + split
-        buf = cand_ptr + slot * CAP
+        buf = cand_ptr + slot * (K_PAD + SPARE)
         count = tl.load(state_ptr + slot * 2)
         threshold = tl.load(state_ptr + slot * 2 + 1)
         pre_row = pre_ptr + row.to(tl.int64) * NC
@@ -185,18 +217,22 @@ if HAS_TRITON:
             enters = bits > threshold
             n_new = tl.sum(enters.to(tl.int32), axis=0)
             if n_new > 0:
-                if count + n_new > CAP:
+                if count + n_new > K_PAD + SPARE:
                     # Flush. The barriers order this program's global stores between its lanes:
-                    # appends before the load, the rewrite before later appends.
+                    # appends before the loads, the rewrite before later appends.
                     tl.debug_barrier()
-                    slots = tl.arange(0, CAP)
-                    keys = tl.sort(tl.load(buf + slots, mask=slots < count, other=MIN_KEY), descending=True)
-                    keys = tl.where(slots < K_PAD, keys, MIN_KEY)
-                    tl.store(buf + slots, keys)
+                    held_at = tl.arange(0, K_PAD)
+                    spare_at = K_PAD + tl.arange(0, SPARE)
+                    held = tl.load(buf + held_at)
+                    best = tl.sort(tl.load(buf + spare_at, mask=spare_at < count, other=MIN_KEY), descending=True)
+                    if SPARE > K_PAD:  # sorted descending: each column's maximum is its top row
+                        best = tl.max(tl.reshape(best, [SPARE // K_PAD, K_PAD]), axis=0)
+                    held = _merge_bitonic(tl.maximum(held, best), LOG_K)
+                    tl.store(buf + held_at, held)
+                    tl.store(buf + spare_at, tl.full([SPARE], MIN_KEY, tl.int64))
                     tl.debug_barrier()
                     count = K_PAD
-                    worst = tl.min(tl.where(slots < K_PAD, keys, -MIN_KEY - 1), axis=0)
-                    threshold = (worst >> 32).to(tl.int32)
+                    threshold = (tl.min(held, axis=0) >> 32).to(tl.int32)
                     enters = bits > threshold
                     n_new = tl.sum(enters.to(tl.int32), axis=0)
                 at = count + tl.cumsum(enters.to(tl.int32), axis=0) - 1
@@ -268,20 +304,22 @@ CHUNK_MAX_BLOCK_B = 8192
 # insertion tile at k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for
 # the old 64 x 128, 8 warps): fold_tile's insertion loop runs until the slowest row of the block is
 # done, so fewer rows per block waste fewer rounds. (The buffer tiles are predicted faster here
-# too, 129K / 162K warp instructions a row against 236K / 333K, but the measured tile stays until
+# too, 125K / 145K warp instructions a row against 236K / 333K, but the measured tile stays until
 # a GPU compares them: gpu_session.sh does.)
 # K_PAD 256 to 1024 are PREDICTIONS. Insertion lost there: at k = 256 the best measured tile
 # (8 x 256, 4 warps) made the strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms),
 # and it costs K_PAD * (1 + ln(n / K_PAD)) passes of O(K_PAD) a row, O(K_PAD^2) in all. The buffer
-# scheme sorts its 2 * K_PAD keys ~7-9 times a row and otherwise pays one compare an entry plus a
-# prefix sum on tiles where something enters. By the sm_90 model (benchmarks/select_tile_model.py,
-# RESULTS.md "Selection by threshold and sort"): 215K / 285K / 465K warp instructions a row at
-# K_PAD 256 / 512 / 1024, against 376K / 820K / 2150K for the best insertion tiles; 0 spills, 25 /
-# 12 / 6 CTAs an SM. At the rate the three measured tiles ran (15.5 ms per million a row), the
-# strategy is predicted ~10.3 / ~11.4 / ~14.2 ms against ~14 for cuBLAS + torch.topk (13.75
-# measured at k = 256): a win at 256 and 512, parity at 1024. gpu_session.sh measures them.
+# scheme flushes ~8-10 times a row (sorts its spare slots, merges them into the K_PAD held keys)
+# and otherwise pays one compare an entry plus a prefix sum on tiles where something enters. By
+# the sm_90 model (benchmarks/select_tile_model.py, RESULTS.md "Selection by threshold,
+# append and merge"):
+# 212K / 269K / 333K warp instructions a row at K_PAD 256 / 512 / 1024, against 376K / 820K /
+# 2150K for the best insertion tiles; 0 spills, 28 / 12 / 16 CTAs (warps) an SM. At the rate the
+# three measured tiles ran (15.5 ms per million a row), the strategy is predicted ~10.3 / ~11.2 /
+# ~12.2 ms against ~14 for cuBLAS + torch.topk (13.75 measured at k = 256): a win at all three.
+# gpu_session.sh measures them.
 SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)}
-                  | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 2, "buffer")})
+                  | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 1, "buffer")})
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
@@ -495,9 +533,9 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     buffered = scheme == "buffer"
     kernel = _select_buffer_kernel if buffered else _select_kernel
     options = dict(HAS_BIAS=bias is not None, BLOCK_N=sel_n, K_PAD=k_pad, num_warps=sel_warps, **launch_options())
-    cap = 2 * max(k_pad, sel_n)  # the buffer kernel's keys per (token, split)
+    cap = k_pad + max(k_pad, sel_n)  # the buffer kernel's keys per (token, split)
     if buffered:
-        options["CAP"] = cap
+        options["SPARE"] = cap - k_pad
     else:
         options["BLOCK_B"] = sel_b
     token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
@@ -512,9 +550,9 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     # the fill, spread over the run's chunks. Insertion: K_PAD passes or more per row, each about
     # 0.8 of a tile's other work in the sm_90 SASS (RESULTS.md, "Selection tiles of one warp");
     # without this charge 1-row programs took 32 splits of one tile (63 waves against 64). Buffer:
-    # about one more sort of the CAP-key buffer, ~0.15 * CAP tiles' work in the sm_90 SASS
-    # (RESULTS.md, "Selection by threshold and sort").
-    fill_tiles = (0.15 * cap if buffered else 0.8 * k_pad) * block_n / N
+    # about one more flush, 0.05-0.075 * CAP tiles' work in the sm_90 SASS (RESULTS.md, "Selection
+    # by threshold, append and merge"), plus the appends that refill a split's held keys.
+    fill_tiles = (0.1 * cap if buffered else 0.8 * k_pad) * block_n / N
     splits = latent_splits(token_blocks, chunk_tiles, device, ctas, fill_tiles)
     keys = []
     for b0 in range(0, B, block_b):
@@ -522,7 +560,7 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
         rows = b1 - b0
         if buffered:
             run = _empty_candidates(rows, splits * cap // k_pad, k_pad, device)
-            state = torch.tensor([0, -(2**31)], device=device, dtype=torch.int32).repeat(rows * splits)
+            state = torch.tensor([k_pad, -(2**31)], device=device, dtype=torch.int32).repeat(rows * splits)
         else:
             run = _empty_candidates(rows, splits, k_pad, device)
         for start in range(0, N, block_n):
