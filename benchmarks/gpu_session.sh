@@ -35,7 +35,7 @@ timeout 120 "$py" benchmarks/encode_sweep.py --chunks 33554432 --tiles 8x128x4,1
     > "$out/sweep.md" 2> "$out/sweep.log"
 sweep_rc=$?
 timeout 90 "$py" benchmarks/encode_sweep.py --k 256 --no-fused --chunks 33554432 \
-    --tiles 1x128x1b,1x256x1b,8x256x4,1x256x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
+    --tiles 1x128x1b,1x64x1b,1x256x1b,8x256x4,1x256x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
 timeout 90 "$py" benchmarks/encode_sweep.py --k 512 --no-fused --packed-fallback --chunks 33554432 \
     --tiles 1x128x1b,1x256x1b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"

@@ -18,14 +18,15 @@ faster when the kernel is issue-bound; barriers and occupancy decide when it is 
 (both favour 1-warp tiles). benchmarks/RESULTS.md ("Selection tiles of one warp") keeps the table
 and what it predicts; a GPU measures it with benchmarks/encode_sweep.py.
 
-Tiles ending in ``b`` (``1x128x1b``) are ``_select_buffer_kernel``'s threshold-and-sort scheme.
-From its SASS: the fast path of a tile (nothing beats the threshold), the extra cost of a tile
-that appends, and a flush (sort the max(K_PAD, BLOCK_N) spare slots, merge the best K_PAD of
-them into the K_PAD held keys), taken from the
-loop's two forward branches (``if n_new > 0`` and ``if count + n_new > CAP``). The simulation counts, per row,
-the tiles that append and the flushes. Warp instructions per row = (tiles x fast path + appending
-tiles x append + flushes x flush) x warps. RESULTS.md, "Selection by threshold,
-append and merge".
+Tiles ending in ``b`` (``1x128x1b``) are ``_select_buffer_kernel``'s threshold-append-merge
+scheme. From its SASS: the fast path of a tile (nothing beats the threshold), the extra cost of a
+tile that appends, and a flush (sort the max(K_PAD, BLOCK_N) spare slots, merge their best K_PAD
+into the K_PAD held keys), taken from the loop's two forward branches (``if n_new > 0`` and ``if
+count + n_new > CAP``). The simulation counts, per row, the tiles that append and the flushes
+(with the last chunk's final one). Warp instructions per row = (tiles x fast path + appending
+tiles x append + flushes x flush) x warps. A last table repeats it with each row cut into 2 and 4
+latent splits, as the launcher cuts rows when they alone leave SMs idle: what a split costs.
+RESULTS.md, "Selection by threshold, append and merge".
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def simulated_insertions(k_pad: int, block_n: int, rows: int = 64, n: int = SHAP
 
 
 def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n"], seed: int = 0) -> dict:
-    """Mean per row of ``_select_buffer_kernel``'s work on the same pre-activations: tiles that
-    append (some entry beats the threshold) and flushes (the buffer of K_PAD held keys, empty at
-    the start, and max(K_PAD, BLOCK_N) spare slots overflows), as the launcher sizes it."""
+    """Mean per row of ``_select_buffer_kernel``'s work on the same pre-activations (one latent
+    split): tiles that append (some entry beats the threshold) and flushes (the buffer of K_PAD
+    held keys, empty at the start, and max(K_PAD, BLOCK_N) spare slots overflows, as the launcher
+    sizes it; and the final flush)."""
     cap = k_pad + max(k_pad, block_n)
     rng = np.random.default_rng(seed)
     pre = rng.standard_normal((rows, n)).astype(np.float32) + 0.1 * rng.standard_normal(n).astype(np.float32)
@@ -80,7 +82,21 @@ def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n
                 new = tile[tile > threshold]
             held.extend(new.tolist())
             appending += 1
+        flushes += len(held) > k_pad  # the last chunk's final flush
     return {"appending": appending / rows, "flushes": flushes / rows}
+
+
+def split_costs(k_pad: int, block_n: int, s: dict, warps: int, splits=(1, 2, 4)) -> dict:
+    """Warp instructions per row of the buffer kernel when the launcher cuts each row into
+    ``splits`` latent splits: every split fills its own K_PAD held keys, so it appends and
+    flushes more. {splits: per row}."""
+    tiles = SHAPE["n"] // block_n
+    out = {}
+    for n_splits in splits:
+        sim = simulated_buffer(k_pad, block_n, n=SHAPE["n"] // n_splits)
+        out[n_splits] = (tiles * s["fast"] + n_splits * (sim["appending"] * s["append"]
+                                                        + sim["flushes"] * s["flush"])) * warps
+    return out
 
 
 def sass_loops(k_pad: int, tile: tuple) -> dict:
@@ -161,7 +177,7 @@ def main(argv=None) -> int:
                      256: "8x256x4,1x256x1,2x256x1,1x128x1,1x128x1b,1x256x1b",
                      512: "1x128x1,1x256x1,1x512x1,1x256x2,1x128x1b,1x256x1b,1x128x2b",
                      1024: "1x128x1,1x256x1,1x64x1,1x128x1b,1x256x1b,1x128x2b,1x256x2b"}
-    insertion, buffer = [], []
+    insertion, buffer, splitting = [], [], []
     for k_pad in (int(v) for v in args.k_pads.split(",")):
         sims = {}
         for spec in (args.tiles or default_tiles.get(k_pad, "8x128x4,1x128x1")).split(","):
@@ -179,6 +195,11 @@ def main(argv=None) -> int:
                               f"| {s['flush']} | {sim['appending']:.0f} | {sim['flushes']:.1f} | {per_row / 1e3:.0f}K "
                               f"| {shfl / 1e3:.0f}K |")
                 print(buffer[-1], file=sys.stderr, flush=True)
+                costs = split_costs(k_pad, block_n, s, warps)
+                extra = (costs[2] - costs[1]) / (s["fast"] * warps)
+                splitting.append(f"| {k_pad} | 1 x {block_n}, {warps} | "
+                                 + " | ".join(f"{v / 1e3:.0f}K" for v in costs.values())
+                                 + f" | {extra:.0f} | {extra / (2 * k_pad):.2f} |")
                 continue
             if block_n not in sims:
                 sims[block_n] = simulated_insertions(k_pad, block_n)
@@ -204,7 +225,12 @@ def main(argv=None) -> int:
               "| BAR.SYNC in it | append, extra (warp) | flush (warp) | appending tiles per row (simulated) "
               "| flushes per row (simulated) | warp instructions per row | of them SHFL |")
         print("|" + "---|" * 13)
-        print("\n".join(buffer))
+        print("\n".join(buffer) + "\n")
+        print("Latent splits (`_select_buffer_kernel`): every split of a row fills its own K_PAD keys\n")
+        print("| K_PAD | tile (rows x latents, warps) | warp instructions per row, 1 split | 2 splits "
+              "| 4 splits | a second split, in fast-path tiles | the same, x 2 x K_PAD |")
+        print("|" + "---|" * 7)
+        print("\n".join(splitting))
     return 0
 
 

@@ -41,10 +41,11 @@ Host side (torch tensors on any device):
   - ``pack_keys_torch(values, ids)``, ``unpack_keys_torch(keys)``: the same packing on tensors
     (stage 2 unpacks on the host). An empty slot unpacks to (NaN, about 2**32): callers never
     select one when k <= n.
-  - ``merge_candidates(keys, k, out_dtype=torch.float32) -> (top_acts, top_indices)``: stage 2.
-    ``keys`` [B, C] int64 candidates (C >= k, at least k of them real per row, e.g. K_PAD per
-    latent split); returns the k best per row sorted by descending pre-activation, ``top_acts``
-    = relu(value) as ``out_dtype`` [B, k], ``top_indices`` int64 [B, k].
+  - ``merge_candidates(keys, k, out_dtype=torch.float32, *, ascending=False) -> (top_acts,
+    top_indices)``: stage 2. ``keys`` [B, C] int64 candidates (C >= k, at least k of them real
+    per row, e.g. K_PAD per latent split); returns the k best per row sorted by descending
+    pre-activation, ``top_acts`` = relu(value) as ``out_dtype`` [B, k], ``top_indices`` int64
+    [B, k]. ``ascending=True``: rows already sorted ascending, so the last k keys are taken.
     No host sync.
   - ``blocked_topk(pre_block_fn, n, k, block, *, exact_keys=False) -> (values, indices)``: the
     CPU path's running top-k. ``pre_block_fn(start, stop)`` returns the pre-activations
@@ -156,15 +157,19 @@ def unpack_keys_torch(keys: Tensor) -> tuple[Tensor, Tensor]:
     return bits.view(torch.float32), _LOW_MASK - (keys & _LOW_MASK)
 
 
-def merge_candidates(keys: Tensor, k: int, out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def merge_candidates(keys: Tensor, k: int, out_dtype: torch.dtype = torch.float32, *,
+                     ascending: bool = False) -> tuple[Tensor, Tensor]:
     """Stage 2: candidate keys [B, C] int64 -> (top_acts [B, k] out_dtype, top_indices [B, k] int64).
 
     Keys are unique per row (one per latent) except for ``MIN_KEY`` padding, so ``torch.topk``'s
     unspecified tie order never matters. Sorted by descending pre-activation; acts are ReLU'd.
+    ``ascending=True`` says each row is already sorted ascending: its last k keys are taken, no
+    ``torch.topk``.
     """
     if keys.shape[1] < k:
         raise ValueError(f"keys: expected at least k={k} candidates per row, got {keys.shape[1]}")
-    values, ids = unpack_keys_torch(keys.topk(k, dim=1, sorted=True).values)
+    top = keys[:, keys.shape[1] - k:].flip(1) if ascending else keys.topk(k, dim=1, sorted=True).values
+    values, ids = unpack_keys_torch(top)
     return values.relu().to(out_dtype), ids
 
 

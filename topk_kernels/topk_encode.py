@@ -171,10 +171,31 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _flush(buf, count, K_PAD: tl.constexpr, SPARE: tl.constexpr):
+        """``_select_buffer_kernel``'s flush of one buffer (see there): merge the best K_PAD of the
+        ``count - K_PAD`` appended keys into the K_PAD held ones, store them sorted ascending,
+        empty the spare slots; returns the held keys. The barriers order this program's global
+        stores between its lanes: appends before the loads, the rewrite before later appends."""
+        tl.debug_barrier()
+        held_at = tl.arange(0, K_PAD)
+        spare_at = K_PAD + tl.arange(0, SPARE)
+        held = tl.load(buf + held_at)
+        best = tl.sort(tl.load(buf + spare_at, mask=spare_at < count, other=MIN_KEY), descending=True)
+        if SPARE > K_PAD:  # sorted descending: each column's maximum is its top row
+            best = tl.max(tl.reshape(best, [SPARE // K_PAD, K_PAD]), axis=0)
+        held = _merge_bitonic(tl.maximum(held, best), K_PAD.bit_length() - 1)
+        tl.store(buf + held_at, held)
+        tl.store(buf + spare_at, tl.full([SPARE], MIN_KEY, tl.int64))
+        tl.debug_barrier()
+        return held
+
+
+    @triton.jit
     def _select_buffer_kernel(
         pre_ptr, bias_ptr, cand_ptr, state_ptr,
         NC, ID0, TILES_PER_SPLIT, SPLITS,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, SPARE: tl.constexpr,
+        FINAL: tl.constexpr,
     ):
         """Chunked strategy at large K_PAD, program (token, split): threshold, append, merge.
 
@@ -195,11 +216,12 @@ if HAS_TRITON:
         An entry dropped by the threshold is beaten by K_PAD keys already held: a lower value,
         or an equal value with a higher id (tiles come in increasing id order). So the buffer
         always holds the split's exact top K_PAD, and stage 2 merges buffers. Cost per row: about
-        7-10 flushes over a whole row of 131072 latents, where insertion (``_select_kernel``)
+        9-11 flushes over a whole row of 131072 latents, where insertion (``_select_kernel``)
         makes K_PAD * (1 + ln(n / K_PAD)) passes of O(K_PAD) each. A flush leaves SPARE >= BLOCK_N
-        free slots, room for a tile.
+        free slots, room for a tile. FINAL (the launcher's last launch, with no tiles) flushes what is
+        left: the split's exact top K_PAD in slots [0, K_PAD), sorted ascending, and nothing in
+        the spare slots.
         """
-        LOG_K: tl.constexpr = K_PAD.bit_length() - 1
         row = tl.program_id(0)
         split = tl.program_id(1)
         slot = row.to(tl.int64) * SPLITS + split
@@ -218,19 +240,7 @@ if HAS_TRITON:
             n_new = tl.sum(enters.to(tl.int32), axis=0)
             if n_new > 0:
                 if count + n_new > K_PAD + SPARE:
-                    # Flush. The barriers order this program's global stores between its lanes:
-                    # appends before the loads, the rewrite before later appends.
-                    tl.debug_barrier()
-                    held_at = tl.arange(0, K_PAD)
-                    spare_at = K_PAD + tl.arange(0, SPARE)
-                    held = tl.load(buf + held_at)
-                    best = tl.sort(tl.load(buf + spare_at, mask=spare_at < count, other=MIN_KEY), descending=True)
-                    if SPARE > K_PAD:  # sorted descending: each column's maximum is its top row
-                        best = tl.max(tl.reshape(best, [SPARE // K_PAD, K_PAD]), axis=0)
-                    held = _merge_bitonic(tl.maximum(held, best), LOG_K)
-                    tl.store(buf + held_at, held)
-                    tl.store(buf + spare_at, tl.full([SPARE], MIN_KEY, tl.int64))
-                    tl.debug_barrier()
+                    held = _flush(buf, count, K_PAD, SPARE)
                     count = K_PAD
                     threshold = (tl.min(held, axis=0) >> 32).to(tl.int32)
                     enters = bits > threshold
@@ -238,6 +248,10 @@ if HAS_TRITON:
                 at = count + tl.cumsum(enters.to(tl.int32), axis=0) - 1
                 tl.store(buf + at, pack_key(bits, ID0 + offs_n), mask=enters)
                 count += n_new
+        if FINAL:
+            if count > K_PAD:
+                _flush(buf, count, K_PAD, SPARE)
+                count = K_PAD
         tl.store(state_ptr + slot * 2, count)
         tl.store(state_ptr + slot * 2 + 1, threshold)
 
@@ -304,20 +318,19 @@ CHUNK_MAX_BLOCK_B = 8192
 # insertion tile at k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for
 # the old 64 x 128, 8 warps): fold_tile's insertion loop runs until the slowest row of the block is
 # done, so fewer rows per block waste fewer rounds. (The buffer tiles are predicted faster here
-# too, 125K / 145K warp instructions a row against 236K / 333K, but the measured tile stays until
+# too, 125K / 146K warp instructions a row against 236K / 333K, but the measured tile stays until
 # a GPU compares them: gpu_session.sh does.)
 # K_PAD 256 to 1024 are PREDICTIONS. Insertion lost there: at k = 256 the best measured tile
 # (8 x 256, 4 warps) made the strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms),
 # and it costs K_PAD * (1 + ln(n / K_PAD)) passes of O(K_PAD) a row, O(K_PAD^2) in all. The buffer
-# scheme flushes ~8-10 times a row (sorts its spare slots, merges them into the K_PAD held keys)
+# scheme flushes ~9-11 times a row (sorts its spare slots, merges them into the K_PAD held keys)
 # and otherwise pays one compare an entry plus a prefix sum on tiles where something enters. By
-# the sm_90 model (benchmarks/select_tile_model.py, RESULTS.md "Selection by threshold,
-# append and merge"):
-# 212K / 269K / 333K warp instructions a row at K_PAD 256 / 512 / 1024, against 376K / 820K /
-# 2150K for the best insertion tiles; 0 spills, 28 / 12 / 16 CTAs (warps) an SM. At the rate the
-# three measured tiles ran (15.5 ms per million a row), the strategy is predicted ~10.3 / ~11.2 /
-# ~12.2 ms against ~14 for cuBLAS + torch.topk (13.75 measured at k = 256): a win at all three.
-# gpu_session.sh measures them.
+# the sm_90 model (benchmarks/select_tile_model.py, RESULTS.md "Selection by threshold, append
+# and merge"): 211K / 275K / 347K warp instructions a row at K_PAD 256 / 512 / 1024 (one latent
+# split, as launched at B = 8192), against 376K / 820K / 2150K for the best insertion tiles; 0
+# spills, 28 / 12 / 16 CTAs (warps) an SM. At the rate the three measured tiles ran (15.5 ms per
+# million a row), the strategy is predicted ~10.3 / ~11.3 / ~12.4 ms against ~14 for cuBLAS +
+# torch.topk (13.75 measured at k = 256): a win at all three. gpu_session.sh measures them.
 SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)}
                   | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 1, "buffer")})
 
@@ -516,10 +529,10 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     tokens [b0, b1) and latents [start, stop), without the bias; tiles are ``block_b`` tokens x
     ``block_n`` latents. One selection pass per tile adds the bias, packs keys and folds them into
     running candidates that persist across a token tile's chunks: ``_select_kernel`` (insertion)
-    or ``_select_buffer_kernel`` (threshold, append, sort), as the K_PAD's SELECT_CONFIGS tile
-    says; stage 2 merges the splits. Off the Triton backend (CPU without the interpreter) or at a
-    K_PAD without a SELECT_CONFIGS tile, each tile goes through packed keys and ``torch.topk``
-    instead. No host sync."""
+    or ``_select_buffer_kernel`` (threshold, append, merge), as the K_PAD's SELECT_CONFIGS tile
+    says; stage 2 merges the splits (a single buffer split is already sorted). Off the Triton
+    backend (CPU without the interpreter) or at a K_PAD without a SELECT_CONFIGS tile, each tile
+    goes through packed keys and ``torch.topk`` instead. No host sync."""
     k_pad = pow2(k, lo=min(SELECT_CONFIGS))
     # CPU tensors take the selection kernels only under the interpreter (which proves them).
     if not (HAS_TRITON and (device.type != "cpu" or INTERPRET) and k_pad in SELECT_CONFIGS):
@@ -536,6 +549,7 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     cap = k_pad + max(k_pad, sel_n)  # the buffer kernel's keys per (token, split)
     if buffered:
         options["SPARE"] = cap - k_pad
+        options["FINAL"] = False
     else:
         options["BLOCK_B"] = sel_b
     token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
@@ -550,9 +564,12 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     # the fill, spread over the run's chunks. Insertion: K_PAD passes or more per row, each about
     # 0.8 of a tile's other work in the sm_90 SASS (RESULTS.md, "Selection tiles of one warp");
     # without this charge 1-row programs took 32 splits of one tile (63 waves against 64). Buffer:
-    # about one more flush, 0.05-0.075 * CAP tiles' work in the sm_90 SASS (RESULTS.md, "Selection
-    # by threshold, append and merge"), plus the appends that refill a split's held keys.
-    fill_tiles = (0.1 * cap if buffered else 0.8 * k_pad) * block_n / N
+    # a split fills its own K_PAD held keys, appending and flushing more: a second split costs a
+    # row 708 / 932 / 729 fast-path tiles with the default tiles at K_PAD 256 / 512 / 1024 in the
+    # sm_90 model (RESULTS.md, "Selection by threshold, append and merge"). The former charge,
+    # 0.15 x CAP (one flush, without the appends), took 4 splits at k = 256, B = 8192: 333K warp
+    # instructions a row against 211K with one.
+    fill_tiles = (800 if buffered else 0.8 * k_pad) * block_n / N
     splits = latent_splits(token_blocks, chunk_tiles, device, ctas, fill_tiles)
     keys = []
     for b0 in range(0, B, block_b):
@@ -574,8 +591,15 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
             else:
                 kernel[(triton.cdiv(rows, sel_b), splits)](pre, bias_at, run, rows, stop - start, start,
                                                            tiles_per_split, splits, splits * k_pad, **options)
+        if buffered:
+            # The final flush, a launch of its own without tiles (folded into the last chunk's, it
+            # raised the loop's registers: 96 against 72 at K_PAD 256 on sm_90). It leaves each
+            # split's exact top K_PAD, ascending, in its first K_PAD slots.
+            kernel[(rows, splits)](scratch, bias_arg, run, state, 0, N, 0, splits, **options | {"FINAL": True})
+            run = run.view(rows, splits, cap)[:, :, :k_pad].reshape(rows, splits * k_pad)
         keys.append(run)
-    return merge_candidates(torch.cat(keys), k, out_dtype)
+    # One buffer split per row is already the row's top K_PAD in order: stage 2 only slices it.
+    return merge_candidates(torch.cat(keys), k, out_dtype, ascending=buffered and splits == 1)
 
 
 def select_tile(k_pad: int) -> tuple[int, int, int, str]:
