@@ -32,6 +32,7 @@ RESULTS.md, "Selection by threshold, append and merge".
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import io
 import sys
@@ -60,6 +61,7 @@ def simulated_insertions(k_pad: int, block_n: int, rows: int = 64, n: int = SHAP
     return counts
 
 
+@functools.lru_cache(maxsize=None)  # tiles of one width share it (and split_costs' one split)
 def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n"], seed: int = 0) -> dict:
     """Mean per row of ``_select_buffer_kernel``'s work on the same pre-activations (one latent
     split): tiles that append (some entry beats the threshold) and flushes (the buffer of K_PAD
@@ -86,17 +88,28 @@ def simulated_buffer(k_pad: int, block_n: int, rows: int = 16, n: int = SHAPE["n
     return {"appending": appending / rows, "flushes": flushes / rows}
 
 
+def buffer_row_cost(s: dict, sim: dict, block_n: int, warps: int, n_splits: int = 1, of: str = "") -> float:
+    """Warp instructions per row of the buffer kernel: (tiles x fast path + splits x (appending
+    tiles x append + flushes x flush)) x warps, from ``buffer_paths`` counts ``s`` and a
+    ``simulated_buffer`` of one split ``sim``. ``of="_shfl"`` counts the shuffles among them."""
+    tiles = SHAPE["n"] // block_n
+    return (tiles * s["fast" + of]
+            + n_splits * (sim["appending"] * s["append" + of] + sim["flushes"] * s["flush" + of])) * warps
+
+
 def split_costs(k_pad: int, block_n: int, s: dict, warps: int, splits=(1, 2, 4)) -> dict:
     """Warp instructions per row of the buffer kernel when the launcher cuts each row into
     ``splits`` latent splits: every split fills its own K_PAD held keys, so it appends and
     flushes more. {splits: per row}."""
-    tiles = SHAPE["n"] // block_n
-    out = {}
-    for n_splits in splits:
-        sim = simulated_buffer(k_pad, block_n, n=SHAPE["n"] // n_splits)
-        out[n_splits] = (tiles * s["fast"] + n_splits * (sim["appending"] * s["append"]
-                                                        + sim["flushes"] * s["flush"])) * warps
-    return out
+    return {n_splits: buffer_row_cost(s, simulated_buffer(k_pad, block_n, n=SHAPE["n"] // n_splits), block_n,
+                                      warps, n_splits) for n_splits in splits}
+
+
+def print_table(title: str, header: list[str], rows: list[str]) -> None:
+    print(f"{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    print("\n".join(rows) + "\n")
 
 
 def sass_loops(k_pad: int, tile: tuple) -> dict:
@@ -186,10 +199,8 @@ def main(argv=None) -> int:
             if buffered:
                 sim = simulated_buffer(k_pad, block_n)
                 s = sass_loops(k_pad, (rows, block_n, warps, "buffer"))
-                tiles = SHAPE["n"] // block_n
-                per_row = (tiles * s["fast"] + sim["appending"] * s["append"] + sim["flushes"] * s["flush"]) * warps
-                shfl = (tiles * s["fast_shfl"] + sim["appending"] * s["append_shfl"]
-                        + sim["flushes"] * s["flush_shfl"]) * warps
+                per_row = buffer_row_cost(s, sim, block_n, warps)
+                shfl = buffer_row_cost(s, sim, block_n, warps, of="_shfl")
                 buffer.append(f"| {k_pad} | 1 x {block_n}, {warps} | {s['registers']} | {s['spills']} "
                               f"| {s['ctas_per_sm']} | {s['fast']} | {s['fast_barriers']} | {s['append']} "
                               f"| {s['flush']} | {sim['appending']:.0f} | {sim['flushes']:.1f} | {per_row / 1e3:.0f}K "
@@ -212,25 +223,20 @@ def main(argv=None) -> int:
                              f"| {s['ctas_per_sm']} | {s['pass']} | {s['pass_barriers']} | {s['rest_of_tile']} "
                              f"| {passes:.0f} | {per_row / 1e3:.0f}K | {shfl / 1e3:.0f}K |")
             print(insertion[-1], file=sys.stderr, flush=True)
+    tile = ["K_PAD", "tile (rows x latents, warps)"]
     if insertion:
-        print("Insertion (`_select_kernel`)\n")
-        print("| K_PAD | tile (rows x latents, warps) | registers | spills | CTAs/SM | instrs per insertion pass "
-              "(warp) | BAR.SYNC per pass | other instrs per tile (warp) | passes per program (simulated) "
-              "| warp instructions per row | of them SHFL |")
-        print("|" + "---|" * 11)
-        print("\n".join(insertion) + "\n")
+        print_table("Insertion (`_select_kernel`)", tile + [
+            "registers", "spills", "CTAs/SM", "instrs per insertion pass (warp)", "BAR.SYNC per pass",
+            "other instrs per tile (warp)", "passes per program (simulated)", "warp instructions per row",
+            "of them SHFL"], insertion)
     if buffer:
-        print("Threshold and sort (`_select_buffer_kernel`)\n")
-        print("| K_PAD | tile (rows x latents, warps) | registers | spills | CTAs/SM | fast path per tile (warp) "
-              "| BAR.SYNC in it | append, extra (warp) | flush (warp) | appending tiles per row (simulated) "
-              "| flushes per row (simulated) | warp instructions per row | of them SHFL |")
-        print("|" + "---|" * 13)
-        print("\n".join(buffer) + "\n")
-        print("Latent splits (`_select_buffer_kernel`): every split of a row fills its own K_PAD keys\n")
-        print("| K_PAD | tile (rows x latents, warps) | warp instructions per row, 1 split | 2 splits "
-              "| 4 splits | a second split, in fast-path tiles | the same, x 2 x K_PAD |")
-        print("|" + "---|" * 7)
-        print("\n".join(splitting))
+        print_table("Threshold, append and merge (`_select_buffer_kernel`)", tile + [
+            "registers", "spills", "CTAs/SM", "fast path per tile (warp)", "BAR.SYNC in it", "append, extra (warp)",
+            "flush (warp)", "appending tiles per row (simulated)", "flushes per row (simulated)",
+            "warp instructions per row", "of them SHFL"], buffer)
+        print_table("Latent splits (`_select_buffer_kernel`): every split of a row fills its own K_PAD keys", tile + [
+            "warp instructions per row, 1 split", "2 splits", "4 splits", "a second split, in fast-path tiles",
+            "the same, x 2 x K_PAD"], splitting)
     return 0
 
 
