@@ -55,6 +55,19 @@ def summary(times: list[float]) -> str:
     return f"{statistics.median(times):9.2f} ({min(times):.2f}-{max(times):.2f})"
 
 
+def dense_topk_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
+    """The dense baseline a user writes: the full [B, n] GEMM, ``+ bias``, ``torch.topk``, ReLU.
+
+    Not ``reference.topk_encode``: that is the tests' exact oracle (a stable full sort, for the
+    package's tie and NaN order), several times slower than ``torch.topk`` on long rows, so timing
+    against it would flatter us."""
+    pre = x @ weight.T
+    if bias is not None:
+        pre = pre + bias
+    values, indices = pre.topk(k, dim=-1)
+    return values.relu(), indices
+
+
 def forward_backward(fn: Callable[..., torch.Tensor], *args) -> Callable[[], object]:
     """A closure running fn(*args) then backward with a ones gradient (grads accumulate; harmless)."""
     def run():

@@ -58,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import topk_kernels as tk  # noqa: E402
 from topk_kernels import reference  # noqa: E402
-from common import forward_backward as _fwd_bwd, train_step as _train_step  # noqa: E402
+from common import dense_topk_encode, forward_backward as _fwd_bwd, train_step as _train_step  # noqa: E402
 
 # Spec-sheet peaks (dense, no sparsity): HBM bytes/s and tensor-core FLOP/s by dtype. The floor
 # of a case is max(bytes / bandwidth, flops / peak): no kernel can beat it.
@@ -330,7 +330,7 @@ def topk_cases(size: dict, dtype: str, device) -> list[Case]:
         return make
 
     def dense_enc_fb():
-        return _fwd_bwd(lambda x, w, b: reference.topk_encode(x, w, b, k), *enc_inputs(True))
+        return _fwd_bwd(lambda x, w, b: dense_topk_encode(x, w, b, k), *enc_inputs(True))
 
     def ours_enc_fb():
         return _fwd_bwd(lambda x, w, b: tk.topk_encode(x, w, b, k), *enc_inputs(True))
@@ -378,7 +378,7 @@ def topk_cases(size: dict, dtype: str, device) -> list[Case]:
         # These two rows decide topk_encode.ENCODE_MEASURED for this GPU, dtype, m and K_PAD.
         Case(f"topk_encode fwd {grp}", "ours, fused strategy", strategy("fused"), enc_flops, enc_bytes, prec),
         Case(f"topk_encode fwd {grp}", "ours, chunked strategy", strategy("chunked"), enc_flops, enc_bytes, prec),
-        Case(f"topk_encode fwd+bwd {grp}", "dense reference in working dtype", dense_enc_fb, 3 * enc_flops,
+        Case(f"topk_encode fwd+bwd {grp}", "dense GEMM + torch.topk", dense_enc_fb, 3 * enc_flops,
              2 * enc_bytes, prec, True),
         Case(f"topk_encode fwd+bwd {grp}", "topk_encode (ours)", ours_enc_fb, enc_flops + 2 * dec_flops,
              enc_bytes + 2 * dec_bytes, prec),
@@ -459,14 +459,15 @@ def expander_cases(size: dict, dtype: str, device) -> list[Case]:
     def dense_enc():
         x, v, b = enc_inputs()
         w = reference.expander_dense(v, rows, m)
-        return lambda: reference.topk_encode(x, w, b, k)
+        return lambda: dense_topk_encode(x, w, b, k)
 
     def ours_enc():
         x, v, b = enc_inputs()
         return lambda: tk.expander_encode(x, v, rows, b, k, check_rows=False)
 
     def dense_enc_fb():
-        return _fwd_bwd(lambda x, v, b: reference.expander_encode(x, v, rows, b, k), *enc_inputs(True))
+        return _fwd_bwd(lambda x, v, b: dense_topk_encode(x, reference.expander_dense(v, rows, m), b, k),
+                       *enc_inputs(True))
 
     def ours_enc_fb():
         return _fwd_bwd(lambda x, v, b: tk.expander_encode(x, v, rows, b, k, check_rows=False), *enc_inputs(True))
@@ -500,7 +501,7 @@ def expander_cases(size: dict, dtype: str, device) -> list[Case]:
         return make
 
     return [
-        Case(f"expander_encode fwd {grp}", "dense masked (x @ W.T + topk)", dense_enc, 2 * B * n * m,
+        Case(f"expander_encode fwd {grp}", "dense masked (x @ W.T + torch.topk)", dense_enc, 2 * B * n * m,
              (B * m + n * m) * e, dtype if dt != torch.float32 else "fp32", True),
         Case(f"expander_encode fwd {grp}", "expander_encode (ours)", ours_enc, enc_flops, enc_bytes, "fp32"),
         Case(f"expander_encode fwd+bwd {grp}", "dense masked", dense_enc_fb, 6 * B * n * m, 3 * (B * m + n * m) * e,

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import topk_kernels as tk  # noqa: E402
-from common import H100_BANDWIDTH, forward_backward, peak_extra_mib, summary, time_ms  # noqa: E402
+from common import H100_BANDWIDTH, dense_topk_encode, forward_backward, peak_extra_mib, summary, time_ms  # noqa: E402
 from topk_kernels import reference  # noqa: E402
 
 
@@ -66,9 +66,9 @@ def _encode_cases(B, m, n, k, backward):
         bytes_moved += B * k * f + 2 * B * k * m * f + n * m * f + B * m * f
         return Case(name, f"B={B} m={m} n={n} k={k}",
                     forward_backward(tk.topk_encode, x, weight, bias, k),
-                    forward_backward(reference.topk_encode, x, weight, bias, k), bytes_moved)
+                    forward_backward(dense_topk_encode, x, weight, bias, k), bytes_moved)
     return Case(name, f"B={B} m={m} n={n} k={k}", lambda: tk.topk_encode(x, weight, bias, k),
-                lambda: reference.topk_encode(x, weight, bias, k), bytes_moved)
+                lambda: dense_topk_encode(x, weight, bias, k), bytes_moved)
 
 
 def _expander_inputs(B, m, n, d, k, backward):
@@ -88,7 +88,7 @@ def _expander_encode_cases(B, m, n, d, k, backward):
     bytes_moved = B * m * f + n * d * (f + 8) + n * f + B * k * (f + 8)
 
     def dense(x, values, bias):
-        return reference.topk_encode(x, reference.expander_dense(values, rows, m), bias, k)
+        return dense_topk_encode(x, reference.expander_dense(values, rows, m), bias, k)
 
     def ours(x, values, bias):
         return tk.expander_encode(x, values, rows, bias, k)

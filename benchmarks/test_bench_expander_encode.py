@@ -1,7 +1,7 @@
 """Expander encoder benchmarks: expander_encode (CPU path: embedding-bag gathers over token tiles +
 running top-k) against
 (a) the dense masked formulation a user would write: build the dense [n, m] dictionary from
-    values on rows, then the [B, n] GEMM and torch.topk (``reference.topk_encode`` in fp32; the
+    values on rows, then the [B, n] GEMM and torch.topk (``common.dense_topk_encode`` in fp32; the
     baseline), and
 (b) topk_encode with a dense [n, m] encoder: a TopK SAE of the same size, which pays the
     O(B*n*m) GEMM where the expander gathers O(B*n*d).
@@ -15,7 +15,7 @@ pre-activations alone are 1 GiB; expander_encode must stay under 300 MiB of extr
 import pytest
 import torch
 
-from common import forward_backward
+from common import dense_topk_encode, forward_backward
 from sae.masks import expander_mask
 from topk_kernels import expander_encode, reference, topk_encode
 
@@ -44,7 +44,7 @@ def _dense_weight_inputs(B, m, n, d, grad):
 
 def _dense_masked(k):
     def run(x, values, rows, bias):
-        return reference.topk_encode(x, reference.expander_dense(values, rows, x.shape[-1]), bias, k)
+        return dense_topk_encode(x, reference.expander_dense(values, rows, x.shape[-1]), bias, k)
     return run
 
 

@@ -1,6 +1,6 @@
 """Encoder benchmarks: topk_encode (CPU path: blocked GEMM + running top-k) against the dense
-baseline a user would write (the full [B, n] GEMM, then torch.topk: ``reference.topk_encode`` in
-fp32). Time and peak extra memory (RSS) of each, recorded by the ``record`` fixture.
+baseline a user would write (the full [B, n] GEMM, then torch.topk: ``common.dense_topk_encode``
+in fp32). Time and peak extra memory (RSS) of each, recorded by the ``record`` fixture.
 
 pytest benchmarks/test_bench_topk_encode.py --benchmark-only
 
@@ -11,8 +11,8 @@ pre-activations alone are 1 GiB; topk_encode must stay under 300 MiB of extra me
 import pytest
 import torch
 
-from common import forward_backward
-from topk_kernels import reference, topk_encode
+from common import dense_topk_encode, forward_backward
+from topk_kernels import topk_encode
 
 CONFIGS = [  # (B, m, n, k, rounds)
     (1024, 256, 8192, 32, 3),
@@ -45,7 +45,7 @@ def _group(kind, B, m, n, k):
 def test_forward(record, impl, B, m, n, k, rounds):
     x, weight, bias = _inputs(B, m, n)
     if impl == "dense":
-        record(_group("fwd", B, m, n, k), "dense GEMM + topk", lambda: reference.topk_encode(x, weight, bias, k),
+        record(_group("fwd", B, m, n, k), "dense GEMM + topk", lambda: dense_topk_encode(x, weight, bias, k),
                rounds=rounds, baseline=True)
     else:
         record(_group("fwd", B, m, n, k), "topk_encode", lambda: _ours(x, weight, bias, k), rounds=rounds)
@@ -56,7 +56,7 @@ def test_forward_backward(record, impl):
     B, m, n, k = 4096, 768, 24576, 32
     args = _inputs(B, m, n, grad=True)
     if impl == "dense":
-        fn = forward_backward(lambda x, w, b: reference.topk_encode(x, w, b, k), *args)
+        fn = forward_backward(lambda x, w, b: dense_topk_encode(x, w, b, k), *args)
         record(_group("fwd+bwd", B, m, n, k), "dense GEMM + topk", fn, rounds=3, baseline=True)
     else:
         fn = forward_backward(lambda x, w, b: _ours(x, w, b, k), *args)
@@ -68,7 +68,7 @@ def test_memory_bound(record, benchmark, impl):
     B, m, n, k = MEMORY_CONFIG
     x, weight, bias = _inputs(B, m, n)
     if impl == "dense":
-        record(_group("fwd", B, m, n, k), "dense GEMM + topk", lambda: reference.topk_encode(x, weight, bias, k),
+        record(_group("fwd", B, m, n, k), "dense GEMM + topk", lambda: dense_topk_encode(x, weight, bias, k),
                rounds=3, baseline=True)
         return
     record(_group("fwd", B, m, n, k), "topk_encode", lambda: _ours(x, weight, bias, k), rounds=3)
