@@ -76,14 +76,14 @@ def _mod(name: str):
 def _t(*shape, dtype="fp32"):
     import torch
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "i64": torch.int64}[dtype]
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i64": torch.int64}[dtype]
     return torch.empty(*shape, dtype=dt, device="meta")
 
 
 def _torch_dtype(dt: str):
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
 
 
 @contextlib.contextmanager
@@ -138,7 +138,8 @@ def _sparse_decode_weight_grad_specs() -> list[Spec]:
 def _topk_encode_specs() -> list[Spec]:
     """The fused kernel (``_fused_forward``, whatever the dispatcher would pick) for every row of
     both tile tables: ENCODE_CONFIGS (exact fp32, and bf16 where no tensor-core tile is listed),
-    ENCODE_TC_TILES ("half": bf16, and fp32 x with bf16 weight; "tf32": fp32 with TF32 allowed)."""
+    ENCODE_TC_TILES ("half": bf16 at every K_PAD, fp16 at the benchmark's; "mixed": fp32 x with a
+    bf16 weight; "tf32": fp32 with TF32 allowed), each kind at every K_PAD of the table."""
     te = _mod("topk_encode")
     B, m, n = TOPK["B"], TOPK["m"], TOPK["n"]
     tf32_k_pads = {kp for kind, kp, _ in te.ENCODE_TC_TILES if kind == "tf32"} | {TOPK["k"]}
@@ -156,7 +157,11 @@ def _topk_encode_specs() -> list[Spec]:
             add(f"{dt},K_PAD={k_pad}", dt, dt, k_pad)
             if dt == "fp32" and k_pad in tf32_k_pads:
                 add(f"{dt},K_PAD={k_pad},tf32", dt, dt, k_pad, tf32=True)
-    add(f"fp32 x bf16 weight,K_PAD={TOPK['k']}", "fp32", "bf16", TOPK["k"])
+    # Every other row of ENCODE_TC_TILES: "mixed" (fp32 x with a bf16 weight) at each K_PAD, and
+    # "half" in fp16 at the benchmark K_PAD (the bf16 build with F16 operands: same tile, same code).
+    for k_pad in sorted({kp for kind, kp, _ in te.ENCODE_TC_TILES if kind == "mixed"}):
+        add(f"fp32 x bf16 weight,K_PAD={k_pad}", "fp32", "bf16", k_pad)
+    add(f"fp16,K_PAD={TOPK['k']}", "fp16", "fp16", TOPK["k"])
     # The chunked strategy's selection kernel (its GEMMs are cuBLAS): every K_PAD it serves.
     for k_pad in te.SELECT_CONFIGS:
         specs.append(Spec("topk_encode", f"chunked,bf16,K_PAD={k_pad}", lambda k=k_pad: te._chunked_forward(

@@ -282,9 +282,12 @@ MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 # at n = 128; the fp32 accumulator becomes ordered int32 bits in place for ``_topk.fold_tile``,
 # so no int64 key tile competes for registers. Measured in ptxas: 128 x 128 x 64 on sm_80 spilled
 # 24 bytes (255 registers), 128 x 128 x 32 needs 248 and none; the fp32 operands (tf32, mixed)
-# spill at 32-deep k-steps on sm_80 and not at 16. The k-step is clamped to next_pow2(m).
-# tests/gpu_compile.py compiles every entry as launched for sm_80 / sm_90 with 0 spills
-# (benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch"). Other K_PAD and the exact-fp32
+# spill at 32-deep k-steps on sm_80 and not at 16; on sm_90 their 32-deep step is 128 bytes of a
+# row per stage, as the half kinds' 64-deep one (and 3 stages of 128 x 64 fp32 operands would take
+# 192 KiB of shared memory). The k-step is clamped to next_pow2(m). tests/gpu_compile.py compiles
+# every entry as launched for sm_80 / sm_90 with 0 spills ("half" in bf16 at every K_PAD and in
+# fp16 at 64; test_every_tensor_core_tile_of_the_table_is_compiled checks that no row is missed;
+# benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch"). Other K_PAD and the exact-fp32
 # path use ENCODE_CONFIGS.
 _TC_K_PADS = (2, 4, 8, 16, 32, 64)
 ENCODE_TC_TILES = {
