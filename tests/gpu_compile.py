@@ -553,9 +553,11 @@ def sass_stats(cubin: bytes) -> dict:
 
 # --- the report -------------------------------------------------------------------------------
 
-def compile_all() -> tuple[list[dict], list[dict]]:
+def compile_all(shard: int = 0, shards: int = 1) -> tuple[list[dict], list[dict]]:
+    """Every spec's launches on both archs; with ``shards`` > 1 only specs ``shard``, ``shard +
+    shards``, ... (tests/test_gpu_compile.py runs the shards in parallel processes)."""
     rows, failures, seen = [], [], set()
-    for spec in all_specs():
+    for spec in all_specs()[shard::shards]:
         for arch in ARCHS:
             try:
                 launches = capture(spec, arch)
@@ -597,7 +599,10 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("gpu_compile: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
         return 2
-    rows, failures = compile_all()
+    shard, shards = 0, 1
+    if "--shard" in argv:  # --shard I/N
+        shard, shards = (int(v) for v in argv[argv.index("--shard") + 1].split("/"))
+    rows, failures = compile_all(shard, shards)
     if "--markdown" in argv:
         print(markdown(rows, failures))
     else:
