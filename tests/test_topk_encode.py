@@ -305,8 +305,8 @@ def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
 @pytest.mark.parametrize("tile,k", [(tile, k) for k in (3, 150) for tile in ("default", (2, 128, 1), (2, 256, 1))]
                          + [((1, 4, 1, "buffer"), 3), ((1, 2, 1, "buffer"), 3), ((1, 16, 1, "buffer"), 3),
                             ((1, 256, 1), 150),
-                            ((1, 256, 1, "buffer"), 150), ("default", 400), ("default", 700)])
-# K_PAD 4, 256, 512, 1024
+                            ((1, 256, 1, "buffer"), 150), ("default", 400), ("default", 700), ("default", 1100)])
+# K_PAD 4, 256, 512, 1024, 2048
 def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
     """The selection kernels' tiles the GPU sweep compares. Insertion (3-tuples): every row of a
     block inserts on its own, a tile narrower than K_PAD fills the slots over several tiles.
@@ -318,7 +318,7 @@ def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
     if tile != "default":
         monkeypatch.setitem(te.SELECT_CONFIGS, kp, tile)
     if te.select_tile(kp)[3] == "buffer":
-        n = {4: 187, 256: 1100, 512: 1500, 1024: 2500}[kp]  # more latents than 2 * K_PAD
+        n = {4: 187, 256: 1100, 512: 1500, 1024: 2500, 2048: 4300}[kp]  # more latents than 2 * K_PAD
     else:
         n = {4: 187, 256: 307}[kp]  # more latents than K_PAD slots
     x, weight, bias = _inputs((5,), 18, n)
@@ -328,7 +328,7 @@ def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
 
 
-@pytest.mark.parametrize("k", [9, 300, 1100])  # insertion (K_PAD 16), threshold and sort (512), packed keys (2048)
+@pytest.mark.parametrize("k", [9, 300, 2100])  # insertion (K_PAD 16), threshold and sort (512), packed keys (4096)
 def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""
     monkeypatch.setattr(te, "CHUNK_TILE_ELEMS", 24 * 50)
@@ -357,7 +357,7 @@ def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     for name in ("_select_kernel", "_select_buffer_kernel"):
         monkeypatch.setattr(te, name, KernelSpy(getattr(te, name)))
     monkeypatch.setattr(te, "resident_ctas", lambda *args: None)
-    n = 333 if k < 1100 else 1201
+    n = 333 if k < 2100 else 2201
     x, weight, bias = _inputs((70,), 20, n)
     acts, idx = te._chunked_forward(x, weight, bias, k, torch.float32)
     ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)

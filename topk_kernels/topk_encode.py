@@ -315,7 +315,7 @@ CHUNK_TILE_ELEMS = 32 * 2**20
 CHUNK_MAX_BLOCK_B = 8192
 # The chunked strategy's selection, by K_PAD: (BLOCK_B, BLOCK_N, num_warps) for insertion
 # (``_select_kernel``), or (1, BLOCK_N, num_warps, "buffer") for threshold-append-sort
-# (``_select_buffer_kernel``); ``select_tile`` reads an entry. A K_PAD without an entry (2048 and
+# (``_select_buffer_kernel``); ``select_tile`` reads an entry. A K_PAD without an entry (4096 and
 # up) goes through packed keys and torch.topk per chunk.
 # K_PAD <= 128, MEASURED on an H100 (same sweep): 8 tokens x 128 latents, 4 warps was the fastest
 # insertion tile at k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for
@@ -334,8 +334,15 @@ CHUNK_MAX_BLOCK_B = 8192
 # spills, 28 / 12 / 16 CTAs (warps) an SM. At the rate the three measured tiles ran (15.5 ms per
 # million a row), the strategy is predicted ~10.3 / ~11.3 / ~12.4 ms against ~14 for cuBLAS +
 # torch.topk (13.75 measured at k = 256): a win at all three. gpu_session.sh measures them.
+# K_PAD 2048 (k = 1025..2048), a PREDICTION too: 1 x 256 with 2 warps, 228 registers, 0 spills,
+# 4 CTAs (8 warps) an SM, 563K warp instructions a row (one warp spills: its flush holds 2 x 2048
+# keys), so ~8.7 ms of selection + ~7 ms of GEMMs = ~15.7 ms against ~15 for cuBLAS + torch.topk
+# (not measured at this k): about parity, and the low occupancy is a risk. Without it these k
+# took the packed-keys path, measured at 139.5 ms at k = 256 (10x the dense baseline). K_PAD 4096
+# and up still do (a known loss; k > 2048 of n is rare for a TopK SAE).
 SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)}
-                  | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 1, "buffer")})
+                  | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 1, "buffer"),
+                     2048: (1, 256, 2, "buffer")})
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
