@@ -1,5 +1,5 @@
-"""A prediction, without a GPU, of the decoders' gather kernels on an H100 SXM at issue 9's sizes:
-static SASS per element, bytes moved per launch, and the roofline time.
+"""A prediction, without a GPU, of the decoders' kernels on an H100 SXM at issue 9's sizes: static
+SASS per element, bytes moved per launch, and the roofline time.
 
     python benchmarks/decoder_roofline.py [--dtypes bf16,fp32]
 
@@ -10,17 +10,18 @@ the kernel's work loop (its largest loop, any inner loop included: one active (t
 entry per trip), whose instructions x warps / the elements one trip handles give the static
 warp instructions per element. An element is one gathered weight value times one activation
 (decoder forward: W[idx, col] * act; its activation gradient: W[idx, col] * grad[col]; the
-expander's: one atom entry, padded to the power of two the kernel steps by).
+expander's: one atom entry, padded to the power of two the kernel steps by; ``_rowgrad``'s chunk
+kernel: one sorted entry times one column of its row; its finish kernel: one latent's row).
 
 Bytes per launch come from the launch plan (the recorded arguments and grid), counted as DRAM
 traffic with no reuse of gathered rows across tokens (the upper bound: W is 512 MiB in bf16
 against a 50 MB L2, and with uniform indices a row is used ~4 times in B*k = 524K draws), plus
 each small operand read once and each output written once. The prediction is the larger of the
 memory time (bytes at 3.35 TB/s) and the issue time (warp instructions at 9.3e11/s: 132 SMs x 4
-schedulers x 1.755 GHz); neither counts latency, so it is a floor. These kernels were not
-redesigned by issue 9 (only the gradients of the weights / values, ``_rowgrad``, were: RESULTS.md
-"Decoder weight and value gradients, written once"), so there is no old kernel beside them.
-RESULTS.md, "Decoder gather kernels: per element, bytes, roofline".
+schedulers x 1.755 GHz); neither counts latency, so it is a floor. Of these kernels issue 9
+redesigned only the weight / value gradients (``_rowgrad``; their predecessors are compared in
+RESULTS.md, "Decoder weight and value gradients, written once"). RESULTS.md, "Decoder kernels:
+per element, bytes, roofline".
 """
 
 from __future__ import annotations
@@ -71,6 +72,28 @@ def plan(kernel: str, a: dict, s: int) -> dict:
         d_pad = min(a["BLOCK_D"], pow2(D)) * -(-D // a["BLOCK_D"])
         return {"per_trip": a["BLOCK_E"] * min(a["BLOCK_D"], pow2(D)), "elements": nnz * d_pad,
                 "bytes": nnz * (8 + s) + nnz * D * (s + 8 + s) + (nnz // K) * M * s}
+    if kernel == "_rowgrad_chunk_kernel":
+        # Sorted entries (B*k) each gather one row of ``src`` (the output gradient, or x for an
+        # encoder) and, per latent segment, the latent's atom row (FUSE_ACTS) and columns
+        # (GATHER); rows of at most min(n, B*k) active latents are written once.
+        nnz, N, C = a["order_ptr"].shape[0], a["N"], a["C"]
+        active = min(N, nnz)
+        isz = {name: a[name].element_size() for name in ("src_ptr", "scale_ptr", "sorted_ptr", "order_ptr",
+                                                          "out_ptr", "atom_ptr", "cols_ptr", "gscale_ptr")}
+        per_entry = C * isz["src_ptr"] + isz["scale_ptr"] + isz["sorted_ptr"] + isz["order_ptr"]
+        per_latent = C * isz["out_ptr"]
+        if a["FUSE_ACTS"]:
+            per_entry += isz["gscale_ptr"]
+            per_latent += C * isz["atom_ptr"]
+        if a["GATHER"]:
+            per_latent += C * isz["cols_ptr"]
+        return {"per_trip": a["BLOCK_C"], "elements": nnz * C, "bytes": nnz * per_entry + active * per_latent}
+    if kernel == "_rowgrad_finish_kernel":
+        # One trip a latent row: zeros for an inactive latent, the sum of a cut one's partial
+        # rows (counted as if every row were written here: an upper bound).
+        N, C = a["N"], a["C"]
+        return {"per_trip": a["BLOCK_C"], "elements": N * C,
+                "bytes": N * C * a["out_ptr"].element_size() + (N + 1) * a["bounds_ptr"].element_size()}
     raise KeyError(kernel)
 
 
@@ -78,12 +101,13 @@ def rows(dtypes: list[str]) -> list[str]:
     import gpu_compile as gc
 
     wanted = {"_decode_fwd_kernel", "_decode_bwd_acts_kernel", "_expander_decode_fwd_kernel",
-              "_expander_decode_bwd_kernel"}
-    # The launches that run these kernels: the forwards, and the activation gradients alone.
+              "_expander_decode_bwd_kernel", "_rowgrad_chunk_kernel", "_rowgrad_finish_kernel"}
+    # The launches that run these kernels: the forwards, the activation gradients alone, and the
+    # weight / value gradients (``_rowgrad``: with the activation gradient fused, and alone).
+    firsts = ("forward,", "grad acts,", "grad acts+weight,", "grad weight", "backward,", "grad values")
     specs = [sp for sp in gc.all_specs()
-             if sp.op in ("sparse_decode", "expander_decode")
-             and any(sp.label.startswith(w) for w in ("forward,", "grad acts,"))
-             and sp.label.split(",")[1] in dtypes and "d=45" not in sp.label]
+             if sp.op in ("sparse_decode", "expander_decode") and sp.label.startswith(firsts)
+             and sp.label.split(",")[1] in dtypes and "d=45" not in sp.label and "m=4096" not in sp.label]
     out = []
     for sp in specs:
         with contextlib.redirect_stderr(io.StringIO()):

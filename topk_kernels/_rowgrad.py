@@ -264,6 +264,9 @@ def row_grad(
         finish_block = min(FINISH_BLOCK_C, block)
         _rowgrad_finish_kernel[(triton.cdiv(n, FINISH_ROWS), triton.cdiv(width, finish_block))](
             plan.bounds, part, out, n, width, nnz, chunk,
-            ROWS=FINISH_ROWS, BLOCK_C=finish_block, **options,
+            ROWS=FINISH_ROWS, BLOCK_C=finish_block,
+            # Warps sized to the row, as the chunk kernel's: Triton's default 4 warps ran 128
+            # threads on a 16-wide expander row, 4x the instructions (benchmarks/decoder_roofline.py).
+            num_warps=chunk_warps(finish_block), **options,
         )
     return out, gscale
