@@ -1,7 +1,7 @@
 """A prediction, without a GPU, of the chunked encoder's selection kernel per tile: how many
 instructions each row costs, from the sm_90 SASS and a simulated count of insertion passes.
 
-    python benchmarks/select_tile_model.py [--k-pads 64,128,256,512,1024] [--tiles 8x128x4,1x128x1,...]
+    python benchmarks/select_tile_model.py [--k-pads 64,128,256,512,1024,2048] [--tiles 8x128x4,1x128x1,...]
 
 For each K_PAD and tile (BLOCK_B rows x BLOCK_N latents, warps), ``_chunked_forward`` is launched
 on meta tensors at the benchmark shape (B=8192, m=2048, n=131072, bf16) through
@@ -189,7 +189,8 @@ def main(argv=None) -> int:
                      128: "8x128x4,1x128x1,2x128x1,1x128x1b",
                      256: "8x256x4,1x256x1,2x256x1,1x128x1,1x128x1b,1x256x1b",
                      512: "1x128x1,1x256x1,1x512x1,1x256x2,1x128x1b,1x256x1b,1x128x2b",
-                     1024: "1x128x1,1x256x1,1x64x1,1x128x1b,1x256x1b,1x128x2b,1x256x2b"}
+                     1024: "1x128x1,1x256x1,1x64x1,1x128x1b,1x256x1b,1x128x2b,1x256x2b",
+                     2048: "1x256x2b,1x256x4b,1x512x4b,1x256x8b"}
     insertion, buffer, splitting = [], [], []
     for k_pad in (int(v) for v in args.k_pads.split(",")):
         sims = {}
