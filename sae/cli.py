@@ -498,6 +498,9 @@ def _torchrun(train_cfg):
     try:
         on_gpu = dist.get_backend() == "nccl" and train_cfg.parallel == "data"
         yield rank, (torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
+        # After a normal run no rank tears the group down while a peer still uses it (a rank
+        # that exits early closes its sockets under the other's gloo threads).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

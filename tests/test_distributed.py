@@ -275,6 +275,7 @@ def _entry(rank, world, port, out):
                                          world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         _scenarios(rank, world, out)
+        torch.distributed.barrier()  # as sae.cli does: neither rank leaves while the other still works
     finally:
         torch.distributed.destroy_process_group()
 
