@@ -335,8 +335,10 @@ CHUNK_MAX_BLOCK_B = 8192
 # million a row), the strategy is predicted ~10.3 / ~11.3 / ~12.4 ms against ~14 for cuBLAS +
 # torch.topk (13.75 measured at k = 256): a win at all three. gpu_session.sh measures them.
 # K_PAD 2048 (k = 1025..2048), a PREDICTION too: 1 x 256 with 2 warps, 228 registers, 0 spills,
-# 4 CTAs (8 warps) an SM, 563K warp instructions a row (one warp spills: its flush holds 2 x 2048
-# keys), so ~8.7 ms of selection + ~7 ms of GEMMs = ~15.7 ms against ~15 for cuBLAS + torch.topk
+# 4 CTAs (8 warps) an SM, 563K warp instructions a row (one warp: 474K and 0 spills on sm_90, but
+# ptxas ran over 6 minutes and 3 GB on its sm_80 build, unfinished, so the compile proof and users
+# on A100s could not take it), so ~8.7 ms of selection + ~7 ms of GEMMs = ~15.7 ms against ~15 for
+# cuBLAS + torch.topk
 # (not measured at this k): about parity, and the low occupancy is a risk. Without it these k
 # took the packed-keys path, measured at 139.5 ms at k = 256 (10x the dense baseline). K_PAD 4096
 # and up still do (a known loss; k > 2048 of n is rare for a TopK SAE).
