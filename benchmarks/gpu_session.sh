@@ -44,7 +44,7 @@ timeout 90 "$py" benchmarks/encode_sweep.py --k 1024 --no-fused --packed-fallbac
     --tiles 1x256x1b,1x128x1b,1x256x2b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
 timeout 90 "$py" benchmarks/encode_sweep.py --k 2048 --no-fused --packed-fallback --chunks 33554432 \
-    --tiles 1x256x2b,1x512x4b >> "$out/sweep.md" 2>> "$out/sweep.log"
+    --tiles 1x256x2b,1x256x1b,1x512x4b >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
 # expander_encode: the fused kernel (measured 25.5 ms) against the chunked strategy (predicted 11-15).
 timeout 90 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \
