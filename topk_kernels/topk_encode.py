@@ -288,7 +288,8 @@ MAX_FUSED_K_PAD = max(ENCODE_CONFIGS)
 # every entry as launched for sm_80 / sm_90 with 0 spills ("half" in bf16 at every K_PAD and in
 # fp16 at 64; test_every_tensor_core_tile_of_the_table_is_compiled checks that no row is missed;
 # benchmarks/RESULTS.md, "Encoder: tensor-core tiles, dispatch"). Other K_PAD and the exact-fp32
-# path use ENCODE_CONFIGS.
+# path use ENCODE_CONFIGS. m is not a key: it is the GEMM loop's runtime trip count, and only
+# clamps the k-step for m < 64 (a smaller tile, never more registers or shared memory).
 _TC_K_PADS = (2, 4, 8, 16, 32, 64)
 ENCODE_TC_TILES = {
     **{("half", kp, 90): (128, 128, 64, 8) for kp in _TC_K_PADS},
