@@ -22,28 +22,51 @@ import topk_kernels as tk  # noqa: E402
 assert tk.__file__.startswith(root), f"imported {tk.__file__}, not the tree {root}"
 g = torch.Generator().manual_seed(0)
 res = {}
+
+
 def bench(name, f, n=7):
     f()
     ts = []
     for _ in range(n):
-        s = time.perf_counter(); f(); ts.append((time.perf_counter() - s) * 1e3)
+        start = time.perf_counter()
+        f()
+        ts.append((time.perf_counter() - start) * 1e3)
     res[name] = round(statistics.median(ts), 2)
-x = torch.randn(1024, 256, generator=g); w = torch.randn(8192, 256, generator=g); b = torch.randn(8192, generator=g)
+
+
+x = torch.randn(1024, 256, generator=g)
+w = torch.randn(8192, 256, generator=g)
+b = torch.randn(8192, generator=g)
 bench("topk_encode fwd B=1024 m=256 n=8192 k=32", lambda: tk.topk_encode(x, w, b, 32, backend="torch"))
 xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+
+
 def enc_fb():
-    a, i = tk.topk_encode(xg, wg, bg, 32, backend="torch"); a.backward(torch.ones_like(a))
+    acts, _ = tk.topk_encode(xg, wg, bg, 32, backend="torch")
+    acts.backward(torch.ones_like(acts))
+
+
 bench("topk_encode fwd+bwd same", enc_fb)
-a = torch.rand(2048, 32, generator=g); idx = torch.randint(0, 16384, (2048, 32), generator=g); W = torch.randn(16384, 512, generator=g)
+a = torch.rand(2048, 32, generator=g)
+idx = torch.randint(0, 16384, (2048, 32), generator=g)
+W = torch.randn(16384, 512, generator=g)
 bench("sparse_decode fwd B=2048 m=512 n=16384 k=32", lambda: tk.sparse_decode(a, idx, W, backend="torch"), 21)
 ag, Wg = a.clone().requires_grad_(), W.clone().requires_grad_()
+
+
 def dec_fb():
-    out = tk.sparse_decode(ag, idx, Wg, backend="torch"); out.backward(torch.ones_like(out))
+    out = tk.sparse_decode(ag, idx, Wg, backend="torch")
+    out.backward(torch.ones_like(out))
+
+
 bench("sparse_decode fwd+bwd same", dec_fb)
 m, n, d, k = 1024, 16384, 7, 32
 rows = torch.stack([torch.randperm(m, generator=g)[:d] for _ in range(n)])
-vals = torch.randn(n, d, generator=g); xe = torch.randn(1024, m, generator=g); be = torch.randn(n, generator=g)
+vals = torch.randn(n, d, generator=g)
+xe = torch.randn(1024, m, generator=g)
+be = torch.randn(n, generator=g)
 bench("expander_encode fwd B=1024 m=1024 n=16384 d=7 k=32", lambda: tk.expander_encode(xe, vals, rows, be, k, backend="torch"))
-ae = torch.rand(1024, k, generator=g); ie = torch.randint(0, n, (1024, k), generator=g)
+ae = torch.rand(1024, k, generator=g)
+ie = torch.randint(0, n, (1024, k), generator=g)
 bench("expander_decode fwd same", lambda: tk.expander_decode(ae, ie, vals, rows, m, backend="torch"), 21)
 print(root, res)

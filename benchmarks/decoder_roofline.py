@@ -41,10 +41,6 @@ WARP_INSTR_PER_S = 132 * 4 * 1.755e9  # one warp instruction per scheduler per c
 ELEM_BYTES = {"fp32": 4, "bf16": 2}
 
 
-def pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
-
-
 def plan(kernel: str, a: dict, s: int) -> dict:
     """Per kernel, from its launch arguments ``a`` and element size ``s``: elements one trip of
     the work loop handles per program, the launch's elements, and its bytes (no reuse of gathered
@@ -60,17 +56,17 @@ def plan(kernel: str, a: dict, s: int) -> dict:
                 "bytes": B * K * (8 + s) + B * K * M * s + B * M * s}
     if kernel == "_expander_decode_fwd_kernel":
         B, M, K, D = a["B"], a["M"], a["K"], a["D"]
-        d_pad = min(a["BLOCK_D"], pow2(D)) * -(-D // a["BLOCK_D"])
+        d_pad = a["BLOCK_D"] * -(-D // a["BLOCK_D"])  # BLOCK_D: the launcher's step, pow2(d) up to 32
         # The fp32 output rows are initialised, read-modified-written per entry (d entries of
         # a token's row, within the program's 16 rows: counted as L2 hits) and, for a half
         # output, read once more and cast into the output.
         out = 2 * B * M * 4 + B * M * s if a["CAST_OUT"] else B * M * 4
-        return {"per_trip": a["BLOCK_B"] * min(a["BLOCK_D"], pow2(D)), "elements": B * K * d_pad,
+        return {"per_trip": a["BLOCK_B"] * a["BLOCK_D"], "elements": B * K * d_pad,
                 "bytes": B * K * (8 + s) + B * K * D * (s + 8) + out}
     if kernel == "_expander_decode_bwd_kernel":
         nnz, M, K, D = a["NNZ"], a["M"], a["K"], a["D"]
-        d_pad = min(a["BLOCK_D"], pow2(D)) * -(-D // a["BLOCK_D"])
-        return {"per_trip": a["BLOCK_E"] * min(a["BLOCK_D"], pow2(D)), "elements": nnz * d_pad,
+        d_pad = a["BLOCK_D"] * -(-D // a["BLOCK_D"])
+        return {"per_trip": a["BLOCK_E"] * a["BLOCK_D"], "elements": nnz * d_pad,
                 "bytes": nnz * (8 + s) + nnz * D * (s + 8 + s) + (nnz // K) * M * s}
     if kernel == "_rowgrad_chunk_kernel":
         # Sorted entries (B*k) each gather one row of ``src`` (the output gradient, or x for an

@@ -31,8 +31,8 @@ def _encode(strategy, monkeypatch, x, weight, bias, k, chunk_b=4):
     interleaved splits of two tiles (0, 3 / 1, 4 / 2); 150 latents span two chunks (the second
     leaves two splits without a tile) and B > chunk_b several token chunks. "chunked-buffer" takes
     the threshold-and-sort selection with 1-row tiles of 8 latents (wider than K_PAD 2 and 4): its
-    max(K_PAD, 8) spare slots fill and are flushed into the held K_PAD many times in these rows. "fused" past its K_PAD
-    limit goes to the chunked path, as the dispatcher says."""
+    max(K_PAD, 8) spare slots fill and are flushed into the held K_PAD many times in these rows.
+    "fused" past its K_PAD limit goes to the chunked path, as the dispatcher says."""
     if strategy == "torch":
         return topk_encode(x, weight, bias, k, backend="torch")
     if strategy.startswith("chunked"):

@@ -339,10 +339,9 @@ CHUNK_MAX_BLOCK_B = 8192
 # 4 CTAs (8 warps) an SM, 563K warp instructions a row (one warp: 474K and 0 spills on sm_90, but
 # ptxas ran over 6 minutes and 3 GB on its sm_80 build, unfinished, so the compile proof and users
 # on A100s could not take it), so ~8.7 ms of selection + ~7 ms of GEMMs = ~15.7 ms against ~15 for
-# cuBLAS + torch.topk
-# (not measured at this k): about parity, and the low occupancy is a risk. Without it these k
-# took the packed-keys path, measured at 139.5 ms at k = 256 (10x the dense baseline). K_PAD 4096
-# and up still do (a known loss; k > 2048 of n is rare for a TopK SAE).
+# cuBLAS + torch.topk (not measured at this k): about parity, and the low occupancy is a risk.
+# Without it these k took the packed-keys path, measured at 139.5 ms at k = 256 (10x the dense
+# baseline). K_PAD 4096 and up still do (a known loss; k > 2048 of n is rare for a TopK SAE).
 SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)}
                   | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 1, "buffer"),
                      2048: (1, 256, 2, "buffer")})
