@@ -10,6 +10,10 @@ Times (median of ``triton.testing.do_bench``), at one shape:
   checked to return the same ids as the package's defaults; a tile written ``1x128x1b`` runs the
   threshold-and-sort kernel (``_select_buffer_kernel``), the others insertion;
 - the fused strategy at its defaults;
+- with ``--dense``, the dense strategy (whole rows: GEMM, torch.topk, tie check) for each block
+  size in ``DENSE_ELEMS``, with the share of its ids equal to the chunked strategy's (cuBLAS may
+  round whole rows differently from chunks, so a near-tie can differ); ``--no-chunked`` skips the
+  chunked rows (then the dense strategy's default block is the id reference);
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
   at a K_PAD without a selection tile, or off Triton) beside the selection kernel;
 - with ``--expander``, ``expander_encode`` instead: the fused strategy for each (BLOCK_B, BLOCK_N,
@@ -36,6 +40,7 @@ te = importlib.import_module("topk_kernels.topk_encode")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
+DENSE_ELEMS = [16 * 2**20, 32 * 2**20, 64 * 2**20]
 SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2),
                 (1, 128, 1), (2, 128, 1), (1, 256, 1), (2, 256, 1), (1, 64, 1, "buffer"), (1, 128, 1, "buffer")]
 
@@ -62,6 +67,8 @@ def main(argv=None) -> int:
                         "comma-separated (default: twelve shapes)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
+    p.add_argument("--dense", action="store_true", help="also time the dense strategy (whole rows + torch.topk)")
+    p.add_argument("--no-chunked", action="store_true", help="skip the chunked strategy's rows")
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")
     p.add_argument("--d", type=int, default=7, help="expander degree (with --expander)")
     args = p.parse_args(argv)
@@ -88,10 +95,10 @@ def main(argv=None) -> int:
 
     bench("cuBLAS x @ W.T", lambda: x @ w.T)
     bench("cuBLAS + torch.topk", lambda: torch.topk(torch.addmm(b, x, w.T), k, dim=1))
-    want = te._chunked_forward(x, w, b, k, dt)[1]
+    want = (te._dense_forward if args.no_chunked else te._chunked_forward)(x, w, b, k, dt)[1]
     defaults = (te.CHUNK_TILE_ELEMS, dict(te.SELECT_CONFIGS))
     kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
-    for elems in args.chunks or CHUNK_ELEMS:
+    for elems in [] if args.no_chunked else args.chunks or CHUNK_ELEMS:
         block_b = min(B, te.CHUNK_MAX_BLOCK_B)
         block_n = min(n, max(1, elems // block_b))
 
@@ -119,6 +126,16 @@ def main(argv=None) -> int:
         bench("chunked, packed keys + torch.topk per chunk", lambda: te._chunked_forward(x, w, b, k, dt))
         rows[-1] = (*rows[-1][:2], f"ids same as defaults: {same}")
         te.SELECT_CONFIGS = defaults[1]
+    if args.dense:
+        dense_default = te.DENSE_TILE_ELEMS
+        try:
+            for elems in DENSE_ELEMS:
+                te.DENSE_TILE_ELEMS = elems
+                same = (te._dense_forward(x, w, b, k, dt)[1] == want).double().mean().item()
+                bench(f"dense, {max(1, elems // n)} tokens a block", lambda: te._dense_forward(x, w, b, k, dt),
+                      f"ids equal to the reference run's: {same:.6f}")
+        finally:
+            te.DENSE_TILE_ELEMS = dense_default
     if not args.no_fused:
         bench("fused strategy (defaults)", lambda: te._fused_forward(x, w, b, k, dt))
     print(f"\n### encode sweep: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} k={k}\n")

@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu-session
 #   PART=a bash benchmarks/gpu_session.sh $OUT    # tests and gpu.py only (under 10 minutes)
 #   PART=b bash benchmarks/gpu_session.sh $OUT    # the encoder sweeps only (under 10 minutes)
+#   PART=c bash benchmarks/gpu_session.sh $OUT    # encoder op tests, buffer tiles at k = 8/32/128, dense
+#                                                 # strategy against chunked at k = 256..4096 (~6 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -57,6 +59,35 @@ sweep_rc=$(( sweep_rc | $? ))
 timeout 80 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \
     >> "$out/sweep.md" 2>> "$out/sweep.log"
 sweep_rc=$(( sweep_rc | $? ))
+fi
+if [[ $part == *c* ]]; then
+timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests/test_topk_encode.py \
+    tests/test_specials.py tests/test_expander_encode.py > "$out/tests_c.log" 2>&1
+tests_rc=$?
+tail -3 "$out/tests_c.log"
+sweep_rc=0
+for kt in 8:8x128x4,1x128x1b 32:8x128x4,1x128x1b,1x64x1b 128:8x128x4,1x128x1b,1x256x1b; do
+    timeout 60 "$py" benchmarks/encode_sweep.py --k "${kt%%:*}" --no-fused --chunks 33554432 \
+        --tiles "${kt#*:}" >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
+    sweep_rc=$(( sweep_rc | $? ))
+done
+for kt in 256:1x256x1b 512:1x256x1b 1024:1x128x1b; do
+    timeout 60 "$py" benchmarks/encode_sweep.py --k "${kt%%:*}" --no-fused --chunks 33554432 --dense \
+        --tiles "${kt#*:}" >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
+    sweep_rc=$(( sweep_rc | $? ))
+done
+for k in 2048 4096; do
+    timeout 50 "$py" benchmarks/encode_sweep.py --k $k --no-fused --no-chunked --dense \
+        >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
+    sweep_rc=$(( sweep_rc | $? ))
+done
+timeout 70 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \
+    >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
+sweep_rc=$(( sweep_rc | $? ))
+timeout 60 "$py" benchmarks/encode_sweep.py --dtype fp32 --k 1024 --no-fused --chunks 33554432 --dense \
+    --tiles 1x128x1b >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
+sweep_rc=$(( sweep_rc | $? ))
+cat "$out/sweep_c.md"
 fi
 
 echo

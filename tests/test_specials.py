@@ -4,7 +4,8 @@
 - The top-k never returns an id outside [0, n) for inputs full of NaN (both sign bits), +-inf and
   ties, at n not a multiple of any block, and the Triton kernels, the PyTorch path and the
   reference return the same ids (one order: value descending, NaN above +inf, ties to the lower id);
-  so does topk_encode's chunked strategy (GEMM per chunk + running top-k).
+  so do topk_encode's chunked strategy (GEMM per chunk + running top-k) and its dense strategy
+  (whole rows, torch.topk and a tie check).
 - An out-of-range or negative index handed straight to the Triton launchers (no API check in
   front) contributes nothing and touches no memory outside its tensors; with
   ``TOPK_KERNELS_DEBUG=1`` the kernels raise. (The expander encoder's out-of-range rows are
@@ -69,6 +70,7 @@ def test_topk_encode_specials_every_backend_same_ids(k, monkeypatch):
     results = {b: topk_encode(x, weight, bias, k, backend=b) for b in RUNNABLE}
     if HAS_TRITON:
         results["triton, chunked"] = _chunked_topk_encode(monkeypatch, x, weight, bias, k)
+    results["dense strategy"] = _dense_topk_encode(monkeypatch, x, weight, bias, k)
     _assert_same_topk(results, N, k)
     pre = x.double() @ weight.double().T + bias.double()
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
@@ -83,6 +85,15 @@ def _chunked_topk_encode(monkeypatch, x, weight, bias, k):
         patch.setattr(te, "CHUNK_TILE_ELEMS", 4 * 20)
         patch.setattr(te, "CHUNK_MAX_BLOCK_B", 4)
         return topk_encode(x, weight, bias, k, backend="triton")
+
+
+def _dense_topk_encode(monkeypatch, x, weight, bias, k):
+    """topk_encode's dense strategy (whole rows, torch.topk, tie check), three tokens a block.
+    Plain torch, so it needs no Triton."""
+    te = importlib.import_module("topk_kernels.topk_encode")
+    with monkeypatch.context() as patch:
+        patch.setattr(te, "DENSE_TILE_ELEMS", 3 * weight.shape[0])
+        return te._dense_forward(x, weight, bias, k, torch.float32)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 17, N])
@@ -100,13 +111,15 @@ def test_expander_encode_specials_every_backend_same_ids(k):
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
 
 
-@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton)])
+@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton), "dense"])
 def test_all_nan_tokens_return_the_lowest_ids(backend, monkeypatch):
     x = torch.full((3, 5), NAN)
     x[1] = -NAN
     weight, bias = torch.randn(N, 5), torch.randn(N)
     if backend == "chunked":
         acts, idx = _chunked_topk_encode(monkeypatch, x, weight, bias, 4)
+    elif backend == "dense":
+        acts, idx = _dense_topk_encode(monkeypatch, x, weight, bias, 4)
     else:
         acts, idx = topk_encode(x, weight, bias, 4, backend=backend)
     assert torch.equal(idx, torch.arange(4).expand(3, 4))

@@ -366,6 +366,85 @@ def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     assert len(sizes) > 3 and max(sizes) <= 24 * 50 < 70 * n
 
 
+# --- the dense strategy (whole rows: cuBLAS-style GEMM + torch.topk + tie check) ---------------
+
+@pytest.fixture
+def dense(monkeypatch):
+    """Make the Triton backend run the dense strategy, with blocks of a few tokens."""
+    monkeypatch.setattr(te, "encode_strategy", lambda *args: "dense")
+    monkeypatch.setattr(te, "DENSE_TILE_ELEMS", 7 * 1000)
+
+
+def _spy_gemm_rows(monkeypatch):
+    """Record the rows argument and the size of every pre-activation block the dense strategy forms."""
+    seen = []
+    real = te._gemm_rows
+
+    def spy(x, weight, whole=False):
+        gemm = real(x, weight, whole)
+
+        def pre(rows, start, stop):
+            out = gemm(rows, start, stop)
+            seen.append((rows, out.numel()))
+            return out
+        return pre
+
+    monkeypatch.setattr(te, "_gemm_rows", spy)
+    return seen
+
+
+@pytest.mark.usefixtures("dense")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,m,n,k", SHAPES)
+def test_dense_strategy_matches_dense_reference(lead, m, n, k, dtype):
+    x, weight, bias = _inputs(lead, m, n, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    acts, idx = topk_encode(*leaves, k, backend="triton")
+    ref_leaves, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert acts.dtype == dtype and idx.dtype == torch.int64 and idx.shape == (*lead, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[dtype], "top_acts")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), max(TOL[dtype], 1e-4))
+
+
+@pytest.mark.usefixtures("dense")
+@pytest.mark.parametrize("k", [5, 40, 299, 300])
+def test_dense_strategy_ties_go_to_the_lower_latent_id(k):
+    """Every token ties (x @ 0 + bias from five values, signed zeros among them): every row's
+    torch.topk set is suspect and is ranked again by packed keys, over several blocks."""
+    n = 300
+    weight = torch.zeros(n, 12)
+    choices = torch.tensor([-1.0, -0.0, 0.0, 2.0, 3.5])
+    bias = choices[torch.randint(0, len(choices), (n,))]
+    expected = torch.sort(-bias, stable=True).indices[:k]
+    acts, idx = topk_encode(torch.randn(61, 12), weight, bias, k, backend="triton")
+    assert torch.equal(idx, expected.expand(61, k))
+    assert torch.equal(acts, bias[expected].relu().expand(61, k))
+
+
+@pytest.mark.usefixtures("dense")
+def test_dense_strategy_redoes_only_the_tied_rows_and_bounds_its_blocks(monkeypatch):
+    """Token 5 is zero, so its pre-activations are the bias, whose k-th and (k+1)-th largest values
+    are made equal: only that token is computed again (by index), and it gets the lower id. No
+    block holds more than DENSE_TILE_ELEMS pre-activations, so never a [B, n] tensor."""
+    seen = _spy_gemm_rows(monkeypatch)
+    B, m, n, k = 40, 16, 1000, 33
+    x, weight, bias = _inputs((B,), m, n)
+    x[5] = 0.0
+    order = torch.sort(-bias, stable=True).indices
+    bias[order[k]] = bias[order[k - 1]]
+    acts, idx = topk_encode(x, weight, bias, k, backend="triton")
+    redone = [rows for rows, _ in seen if isinstance(rows, torch.Tensor)]
+    assert len(redone) == 1 and redone[0].tolist() == [5]
+    tied = sorted(order[k - 1:k + 1].tolist())
+    assert idx[5, k - 1] == tied[0]
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
+    assert torch.equal(idx[5], ref_idx[5])
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+    assert len(seen) == 1 + -(-B // 7) and max(size for _, size in seen) <= 7 * n < B * n
+
+
 def test_select_tile_rejects_a_malformed_entry(monkeypatch):
     """SELECT_CONFIGS entries name their scheme; a buffer tile takes one row per program."""
     monkeypatch.setitem(te.SELECT_CONFIGS, 512, (2, 128, 1, "buffer"))
@@ -374,22 +453,38 @@ def test_select_tile_rejects_a_malformed_entry(monkeypatch):
     monkeypatch.setitem(te.SELECT_CONFIGS, 512, (1, 128, 1, "heap"))
     with pytest.raises(ValueError, match="scheme 'insert' or 'buffer', got 'heap'"):
         te.select_tile(512)
-    assert te.select_tile(64)[3] == "insert" and te.select_tile(256)[3] == "buffer"
+    assert te.select_tile(32)[3] == "insert" and te.select_tile(256)[3] == "buffer"
 
 
 def test_encode_strategy_table(monkeypatch):
     cpu = torch.device("cpu")
     # The interpreter proves the fused kernel unless a measurement says otherwise.
     assert te.encode_strategy(64, 40, 999, 17, torch.float32, torch.float32, cpu) == "fused"
-    # Past the fused kernel's K_PAD limit the chunked path always runs.
+    # Past the fused kernel's K_PAD limit the chunked path runs there.
     k_big = 2 * te.MAX_FUSED_K_PAD
     assert te.encode_strategy(64, 40, 999, k_big, torch.float32, torch.float32, cpu) == "chunked"
     monkeypatch.setitem(te.ENCODE_MEASURED, ("cpu", torch.bfloat16, torch.bfloat16, 40, 32), "chunked")
     assert te.encode_strategy(64, 40, 999, 17, torch.bfloat16, torch.bfloat16, cpu) == "chunked"
     assert te.encode_strategy(64, 40, 999, 17, torch.float32, torch.float32, cpu) == "fused"
-    # Every fused K_PAD has a predicted choice for both kinds of math.
-    assert {(kind, kp) for kind in ("tensor", "fp32") for kp in te.ENCODE_CONFIGS} <= set(te.ENCODE_PREDICTED)
-    assert set(te.ENCODE_PREDICTED.values()) <= {"fused", "chunked"}
+    # Every selection K_PAD has a predicted choice for both kinds of math.
+    assert {(kind, kp) for kind in ("tensor", "fp32") for kp in te.SELECT_CONFIGS} <= set(te.ENCODE_PREDICTED)
+    assert set(te.ENCODE_PREDICTED.values()) <= {"fused", "chunked", "dense"}
+
+
+def test_encode_strategy_on_cuda_follows_the_tables(monkeypatch):
+    """A CUDA device (its name faked, so this runs anywhere): the prediction table by K_PAD, dense
+    past it, and a measurement over both; a measured "fused" past the kernel's limit is ignored."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    bf16 = (torch.bfloat16, torch.bfloat16, cuda)
+    for k in (5, 64, 300, 1500, 2048, 5000):
+        kp = te.pow2(k, lo=min(te.ENCODE_CONFIGS))
+        assert te.encode_strategy(8, 40, 9999, k, *bf16) == te.ENCODE_PREDICTED.get(("tensor", kp), "dense")
+    assert te.encode_strategy(8, 40, 9999, 5000, *bf16) == "dense"
+    monkeypatch.setitem(te.ENCODE_MEASURED, ("a GPU", torch.bfloat16, torch.bfloat16, 40, 64), "fused")
+    monkeypatch.setitem(te.ENCODE_MEASURED, ("a GPU", torch.bfloat16, torch.bfloat16, 40, 8192), "fused")
+    assert te.encode_strategy(8, 40, 9999, 64, *bf16) == "fused"
+    assert te.encode_strategy(8, 40, 9999, 5000, *bf16) == "dense"
 
 
 def test_fp32_precision_follows_matmul_precision(monkeypatch):
@@ -419,7 +514,7 @@ def test_fp32_precision_follows_matmul_precision(monkeypatch):
         assert_close(acts, ref_acts, TOL[torch.float32], precision)
 
 
-@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("strategy", ["fused", "chunked", "dense"])
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
 def test_mixed_dtypes_multiply_in_the_narrower_type(strategy, x_dtype, w_dtype, monkeypatch):
     """fp32 with a half type: both strategies round the fp32 operand to the half type and

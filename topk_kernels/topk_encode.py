@@ -9,14 +9,16 @@ candidates of all splits into the final k. The grid follows the compiled kernel'
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
 Ties go to the lower latent id on every backend.
 
-On CUDA the Triton backend runs one of two strategies per shape, picked by ``encode_strategy``
+On CUDA the Triton backend runs one of three strategies per shape, picked by ``encode_strategy``
 from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
 roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
-``"fused"`` (the kernel above) or ``"chunked"`` (``_chunked_forward``: cuBLAS
+``"fused"`` (the kernel above), ``"chunked"`` (``_chunked_forward``: cuBLAS
 ``x @ W[chunk].T`` in fp32, then one selection pass per chunk that adds the bias, packs keys and
-folds them into running candidates kept across chunks, by insertion (``_select_kernel``) or, at
-large K_PAD, by threshold, append and sort (``_select_buffer_kernel``); extra memory bounded by
-``CHUNK_TILE_ELEMS``). Both follow the package's one NaN order and
+folds them into running candidates kept across chunks, by insertion (``_select_kernel``) or by
+threshold, append and sort (``_select_buffer_kernel``); extra memory bounded by
+``CHUNK_TILE_ELEMS``) or, at K_PAD >= 1024 where ``torch.topk`` beats the selection kernels,
+``"dense"`` (``_dense_forward``: cuBLAS on whole rows, a block of tokens at a time, then
+``torch.topk`` and a tie check with one host sync). All follow the package's one NaN order and
 lowest-id tie rule, so the choice changes speed only.
 
 Backward (only through the selected entries with positive pre-activation, as ReLU dictates):
@@ -58,6 +60,7 @@ from ._topk import (
     latent_splits,
     merge_candidates,
     resident_ctas,
+    rows_topk,
     tensor_core_generation,
     token_blocked_topk,
 )
@@ -317,56 +320,54 @@ CHUNK_MAX_BLOCK_B = 8192
 # The chunked strategy's selection, by K_PAD: (BLOCK_B, BLOCK_N, num_warps) for insertion
 # (``_select_kernel``), or (1, BLOCK_N, num_warps, "buffer") for threshold-append-sort
 # (``_select_buffer_kernel``); ``select_tile`` reads an entry. A K_PAD without an entry (4096 and
-# up) goes through packed keys and torch.topk per chunk.
-# K_PAD <= 128, MEASURED on an H100 (same sweep): 8 tokens x 128 latents, 4 warps was the fastest
-# insertion tile at k = 32, 64 and 128 (selection 2.8 / 3.7 / 5.1 ms beside 4.9 / 6.7 / 6.9 for
-# the old 64 x 128, 8 warps): fold_tile's insertion loop runs until the slowest row of the block is
-# done, so fewer rows per block waste fewer rounds. (The buffer tiles are predicted faster here
-# too, 125K / 146K warp instructions a row against 236K / 333K, but the measured tile stays until
-# a GPU compares them: gpu_session.sh does.)
-# K_PAD 256 to 1024 are PREDICTIONS. Insertion lost there: at k = 256 the best measured tile
-# (8 x 256, 4 warps) made the strategy 1.41x slower than cuBLAS + torch.topk (19.4 vs 13.8 ms),
-# and it costs K_PAD * (1 + ln(n / K_PAD)) passes of O(K_PAD) a row, O(K_PAD^2) in all. The buffer
-# scheme flushes ~9-11 times a row (sorts its spare slots, merges them into the K_PAD held keys)
-# and otherwise pays one compare an entry plus a prefix sum on tiles where something enters. By
-# the sm_90 model (benchmarks/select_tile_model.py, RESULTS.md "Selection by threshold, append
-# and merge"): 211K / 275K / 347K warp instructions a row at K_PAD 256 / 512 / 1024 (one latent
-# split, as launched at B = 8192), against 376K / 820K / 2150K for the best insertion tiles; 0
-# spills, 28 / 12 / 16 CTAs (warps) an SM. At the rate the three measured tiles ran (15.5 ms per
-# million a row), the strategy is predicted ~10.3 / ~11.3 / ~12.4 ms against ~14 for cuBLAS +
-# torch.topk (13.75 measured at k = 256): a win at all three. gpu_session.sh measures them.
-# K_PAD 2048 (k = 1025..2048), a PREDICTION too: 1 x 256 with 2 warps, 228 registers, 0 spills,
-# 4 CTAs (8 warps) an SM, 563K warp instructions a row (one warp: 474K and 0 spills on sm_90, but
-# ptxas ran over 6 minutes and 3 GB on its sm_80 build, unfinished, so the compile proof and users
-# on A100s could not take it), so ~8.7 ms of selection + ~7 ms of GEMMs = ~15.7 ms against ~15 for
-# cuBLAS + torch.topk (not measured at this k): about parity, and the low occupancy is a risk.
-# Without it these k took the packed-keys path, measured at 139.5 ms at k = 256 (10x the dense
-# baseline). K_PAD 4096 and up still do (a known loss; k > 2048 of n is rare for a TopK SAE).
-SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 64, 128)}
-                  | {256: (1, 128, 1, "buffer"), 512: (1, 128, 1, "buffer"), 1024: (1, 256, 1, "buffer"),
-                     2048: (1, 256, 2, "buffer")})
+# up) goes through packed keys and torch.topk per chunk (on CUDA the dispatcher sends those K_PAD
+# to the dense strategy instead).
+# MEASURED on an H100 (benchmarks/encode_sweep.py, bf16 B=8192 m=2048 n=131072, chunks of 8192 x
+# 4096; whole strategy in ms, cuBLAS + torch.topk beside it; RESULTS.md, "Selection tiles, k = 64
+# to 2048"):
+#   k=64:   1x128x1 buffer 9.63, 1x64x1 buffer 9.65, 1x128x1 insertion 9.67, 8x128x4 insertion 10.91
+#           (the default until then); dense 13.51.
+#   k=256:  1x256x1 buffer 10.56, 1x128x1 buffer 10.73, 1x256x1 insertion 12.98, 8x256x4 19.38; dense 13.67.
+#   k=512:  1x256x1 buffer 13.63, 1x128x1 buffer 14.20, 1x128x1 insertion 20.17, packed keys 157.2;
+#           dense 13.70 (parity).
+#   k=1024: 1x128x1 buffer 18.34, 1x256x1 buffer 18.71, 1x256x2 buffer 21.49; dense 13.76 (a loss).
+#   k=2048: 1x256x2 buffer 32.48, 1x512x4 buffer 32.73, packed keys 272.8; dense 13.98 (a loss:
+#           the sm_90 model had predicted ~15.7, off by 2x at this occupancy).
+# K_PAD 2 to 32 and 128 keep 8 x 128, 4 warps, the best insertion tile measured at k = 32 and 128
+# (no buffer tile was measured there). At K_PAD 1024 and 2048 the entries serve forced runs and
+# the expander's chunked strategy; topk_encode on CUDA takes the dense strategy there.
+SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 128)}
+                  | {64: (1, 128, 1, "buffer"), 256: (1, 256, 1, "buffer"), 512: (1, 256, 1, "buffer"),
+                     1024: (1, 128, 1, "buffer"), 2048: (1, 256, 2, "buffer")})
+# Dense strategy blocks: whole rows, at most DENSE_TILE_ELEMS fp32 pre-activations (128 MiB) a block.
+DENSE_TILE_ELEMS = 32 * 2**20
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
-# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked". Only a measurement goes
-# here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an NVIDIA H100"): bf16
-# chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at k=64, 12.0 / 39.5 at
-# k=128; fp32 (exact) 91 / 631 ms at k=64.
+# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked" | "dense". Only a
+# measurement goes here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an
+# NVIDIA H100"): bf16 chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at
+# k=64, 12.0 / 39.5 at k=128; fp32 (exact) 91 / 631 ms at k=64. k = 256 and 512: chunked 10.56 and
+# 13.63 ms against 13.67 and 13.70 for cuBLAS + torch.topk (the fused kernel stops at K_PAD 128).
 _H100 = "NVIDIA H100 80GB HBM3"
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
     (_H100, torch.bfloat16, torch.bfloat16, 2048, 8): "chunked",
     (_H100, torch.bfloat16, torch.bfloat16, 2048, 32): "chunked",
     (_H100, torch.bfloat16, torch.bfloat16, 2048, 64): "chunked",
     (_H100, torch.bfloat16, torch.bfloat16, 2048, 128): "chunked",
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 256): "chunked",
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 512): "chunked",
     (_H100, torch.float32, torch.float32, 2048, 64): "chunked",
 }
-# Predicted before any GPU measured, by math kind and K_PAD, for an H100 SXM at B=8192, m=2048,
-# n=131072 (benchmarks/encoder_roofline.py): chunked 8.7-9.5 ms against fused 6.4-12.5 ms on tensor
-# cores, chunked ~85 ms against fused ~97 ms in exact fp32. Measured (above) chunked won everywhere,
-# by more than predicted: the fused kernel's insertion and L2 streaming cost more than modelled, and
-# the first selection tile (64 x 128) made the selection 2.2x slower than the 8 x 128 now used.
+# Predicted for CUDA, by math kind and K_PAD. Up to 512, chunked: before any GPU measured, the H100
+# roofline (benchmarks/encoder_roofline.py) had it at 8.7-9.5 ms against fused 6.4-12.5 ms on tensor
+# cores, ~85 against ~97 ms in exact fp32, and measured (above) it won everywhere, by more than
+# predicted. From 1024 up, dense: the chunked strategy's selection measured 1.33x and 2.3x slower
+# than cuBLAS + torch.topk at k = 1024 and 2048, and the dense strategy is that, plus an O(B * k)
+# tie check. A K_PAD past the table is dense too.
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
-    (kind, kp): "chunked" for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256)
+    (kind, kp): "chunked" if kp <= 512 else "dense"
+    for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 }
 
 
@@ -379,19 +380,18 @@ def _math_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
 
 def encode_strategy(B: int, m: int, n: int, k: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
                     device: torch.device) -> str:
-    """"fused" or "chunked" for the Triton backend: a GPU measurement of this shape if there is
-    one, else the prediction for CUDA tensors; K_PAD above the fused kernel's limit is always
-    chunked. Elsewhere (the interpreter) the fused kernel runs, since proving it is the point."""
+    """"fused", "chunked" or "dense" for the Triton backend: a GPU measurement of this shape if
+    there is one, else the prediction for CUDA tensors (dense past the table). Elsewhere (the
+    interpreter) the fused kernel runs, since proving it is the point, and the chunked strategy
+    past the fused kernel's K_PAD limit (registers cannot hold more candidates per token)."""
     k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
-    if k_pad > MAX_FUSED_K_PAD:
-        return "chunked"  # registers cannot hold that many candidates per token
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     measured = ENCODE_MEASURED.get((name, x_dtype, w_dtype, m, k_pad))
-    if measured is not None:
+    if measured is not None and not (measured == "fused" and k_pad > MAX_FUSED_K_PAD):
         return measured
     if device.type == "cuda":
-        return ENCODE_PREDICTED[(_math_kind(x_dtype, w_dtype), k_pad)]
-    return "fused"
+        return ENCODE_PREDICTED.get((_math_kind(x_dtype, w_dtype), k_pad), "dense")
+    return "fused" if k_pad <= MAX_FUSED_K_PAD else "chunked"
 
 
 def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
@@ -399,7 +399,10 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    if encode_strategy(B, M, N, k, x.dtype, weight.dtype, x.device) == "chunked":
+    strategy = encode_strategy(B, M, N, k, x.dtype, weight.dtype, x.device)
+    if strategy == "dense":
+        return _dense_forward(x, weight, bias, k, out_dtype)
+    if strategy == "chunked":
         return _chunked_forward(x, weight, bias, k, out_dtype)
     return _fused_forward(x, weight, bias, k, out_dtype)
 
@@ -500,6 +503,32 @@ def _blocked_forward(
     return values.relu().to(out_dtype), indices
 
 
+def _gemm_rows(x: Tensor, weight: Tensor, whole: bool = False):
+    """``pre(rows, start, stop)``: the fp32 ``x[rows] @ weight[start:stop].T`` (no bias) of the
+    chunked and dense strategies, ``rows`` a slice or an index tensor. Like the fused kernel, mixed
+    fp32 / half inputs multiply in the half type. Half inputs on CUDA: cuBLAS reads them as they
+    are and writes fp32. Otherwise (fp32, bf16 with fp16, CPU) operands are widened to fp32, whose
+    GEMMs are exact or TF32 as torch.get_float32_matmul_precision() says. A mixed-dtype weight is
+    converted a chunk at a time, or once when ``whole`` (the dense strategy reads all of it per
+    block)."""
+    narrow = _narrower_dot_dtype(x.dtype, weight.dtype)
+    gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
+    native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
+    xc = x.to(gemm_dtype) if native else x.to(gemm_dtype).float()
+    if narrow and whole:
+        weight, narrow = weight.to(gemm_dtype), ""
+
+    def pre(rows, start: int, stop: int) -> Tensor:
+        w = weight[start:stop]
+        if narrow:
+            w = w.to(gemm_dtype)  # one chunk at a time: no copy of the whole weight
+        if native:
+            return torch.mm(xc[rows], w.T, out_dtype=torch.float32)
+        return torch.mm(xc[rows], w.T.float())  # a copy only when weight is not fp32
+
+    return pre
+
+
 def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
     """cuBLAS GEMM of a tile of tokens x a chunk of latents at a time, in fp32 (the fused kernel's
     accumulation), then one selection pass per chunk (``select_chunks``): bias, key packing and
@@ -511,26 +540,37 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    # Like the fused kernel, mixed fp32 / half inputs multiply in the half type (gemm_dtype).
-    # Half inputs on CUDA: cuBLAS reads them as they are and writes fp32. Otherwise (fp32, bf16 with
-    # fp16, CPU) operands are widened to fp32, whose GEMMs are exact or TF32 as
-    # torch.get_float32_matmul_precision() says.
-    narrow = _narrower_dot_dtype(x.dtype, weight.dtype)
-    gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
-    native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
-    xc = x.to(gemm_dtype) if native else x.to(gemm_dtype).float()
     block_b = min(B, CHUNK_MAX_BLOCK_B)
     block_n = min(N, max(1, CHUNK_TILE_ELEMS // block_b))
+    gemm = _gemm_rows(x, weight)
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
-        w = weight[start:stop]
-        if narrow:
-            w = w.to(gemm_dtype)  # one chunk at a time: no copy of the whole weight
-        if native:
-            return torch.mm(xc[b0:b1], w.T, out_dtype=torch.float32)
-        return torch.mm(xc[b0:b1], w.T.float())  # a copy only when weight is not fp32
+        return gemm(slice(b0, b1), start, stop)
 
     return select_chunks(pre_tile, B, N, k, block_b, block_n, bias, x.device, out_dtype)
+
+
+def _dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
+    """Whole rows: a cuBLAS GEMM of DENSE_TILE_ELEMS // n tokens x all n latents in fp32, the
+    bias, and ``torch.topk(k + 1)`` per block (``_topk.rows_topk``); the rare rows whose kept set
+    ends in a tie or holds a NaN are computed again and ranked by packed keys, after one host
+    sync. What a user would write, at the same cost, with the package's tie and NaN rules; for
+    the K_PAD where the selection kernels lose to ``torch.topk`` (SELECT_CONFIGS). Extra memory:
+    one fp32 block of at most max(DENSE_TILE_ELEMS, n) + O(B * k), and a copy of weight in the
+    half type when x and weight are of mixed dtypes."""
+    B = x.shape[0]
+    N = weight.shape[0]
+    if B == 0:
+        return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    gemm = _gemm_rows(x, weight, whole=True)
+    bias32 = bias.float() if bias is not None else None
+
+    def pre_rows(rows) -> Tensor:
+        pre = gemm(rows, 0, N)
+        return pre if bias32 is None else pre.add_(bias32)
+
+    values, indices = rows_topk(pre_rows, B, N, k, max(1, DENSE_TILE_ELEMS // N))
+    return values.relu().to(out_dtype), indices
 
 
 def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, bias: Optional[Tensor],
