@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
     p.add_argument("--dense", action="store_true", help="also time the dense strategy (whole rows + torch.topk)")
     p.add_argument("--no-chunked", action="store_true", help="skip the chunked strategy's rows")
+    p.add_argument("--dense-elems", type=lambda s: [int(v) for v in s.split(",")],
+                   help="fp32 elements per dense block, comma-separated (default: 16Mi,32Mi,64Mi)")
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")
     p.add_argument("--d", type=int, default=7, help="expander degree (with --expander)")
     args = p.parse_args(argv)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     if args.dense:
         dense_default = te.DENSE_TILE_ELEMS
         try:
-            for elems in DENSE_ELEMS:
+            for elems in args.dense_elems or DENSE_ELEMS:
                 te.DENSE_TILE_ELEMS = elems
                 same = (te._dense_forward(x, w, b, k, dt)[1] == want).double().mean().item()
                 bench(f"dense, {max(1, elems // n)} tokens a block", lambda: te._dense_forward(x, w, b, k, dt),

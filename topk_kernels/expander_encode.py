@@ -188,16 +188,20 @@ def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
 # "fused" (``_expander_encode_fwd_kernel``: gather and fold_tile in one kernel, 32-token tiles) or
 # "chunked" (``_chunked_forward``: ``_expander_pre_kernel`` writes a chunk of fp32 pre-activations,
 # then topk_encode's ``select_chunks`` folds it with its selection kernel). Measured on a GPU,
-# (device name, dtype of x, K_PAD) -> strategy: only a measurement goes here; the H100 measured the
-# fused strategy alone (25.5 ms at B=4096, m=2048, n=2**20, d=7, k=64, bf16: RESULTS.md).
-EXPANDER_MEASURED: dict[tuple[str, torch.dtype, int], str] = {}
-# PREDICTED for CUDA, not measured (benchmarks/RESULTS.md, "Expander encoder, chunked"): the fused
-# kernel's insertion pass holds 12 BAR.SYNC and 852 instructions a warp in the sm_90 SASS, and a
-# block of 32 tokens makes as many passes as its busiest token; the chunked strategy pays HBM
-# traffic for the pre-activations (~35 GB at that shape, ~10 ms) but selects with the selection
-# kernel's small tiles (8 rows, 3 barriers a pass at K_PAD=64: ~4 ms of issue, most of it the
-# per-tile compare): ~11-15 ms predicted against the fused kernel's 25.5.
-EXPANDER_PREDICTED = "chunked"
+# (device name, dtype of x, K_PAD) -> strategy: only a measurement goes here. H100, bf16 B=4096,
+# m=2048, n=2**20, d=7, k=64 (benchmarks/encode_sweep.py --expander; RESULTS.md, "Expander encoder,
+# fused against chunked, measured"): fused 25.74 / 25.55 ms in two runs; chunked 29.35 with the
+# 8 x 128 insertion selection tile and 28.54 with the 1 x 128 buffer tile (32 Mi pre-activations a
+# chunk; 8 Mi: 33.68 / 46.73).
+EXPANDER_MEASURED: dict[tuple[str, torch.dtype, int], str] = {
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 64): "fused",
+}
+# PREDICTED for CUDA where nothing was measured: fused. The earlier prediction (chunked, ~11-15 ms
+# against the fused kernel's 25.5: the fused kernel's insertion pass holds 12 BAR.SYNC and 852
+# instructions a warp in the sm_90 SASS; the chunked strategy pays ~10 ms of HBM traffic for its
+# pre-activations and selects with small tiles) was off by 2x: the measured chunked strategy's
+# gather kernel writing fp32 pre-activations and the selection took 28.5 ms, not 11-15.
+EXPANDER_PREDICTED = "fused"
 # Chunked strategy tiles: at most EXPANDER_CHUNK_ELEMS fp32 pre-activations at a time (128 MiB:
 # fewer, larger chunks keep the two launches per chunk ahead of the GPU), up to
 # EXPANDER_CHUNK_MAX_BLOCK_B tokens; the gather runs the fused kernel's tile without the fold.

@@ -16,7 +16,7 @@ roofline and the compiled kernel's SASS predict, with the prediction written nex
 ``x @ W[chunk].T`` in fp32, then one selection pass per chunk that adds the bias, packs keys and
 folds them into running candidates kept across chunks, by insertion (``_select_kernel``) or by
 threshold, append and sort (``_select_buffer_kernel``); extra memory bounded by
-``CHUNK_TILE_ELEMS``) or, at K_PAD >= 1024 where ``torch.topk`` beats the selection kernels,
+``CHUNK_TILE_ELEMS``) or, at K_PAD >= 2048 where ``torch.topk`` beats the selection kernels,
 ``"dense"`` (``_dense_forward``: cuBLAS on whole rows, a block of tokens at a time, then
 ``torch.topk`` and a tie check with one host sync). All follow the package's one NaN order and
 lowest-id tie rule, so the choice changes speed only.
@@ -323,50 +323,57 @@ CHUNK_MAX_BLOCK_B = 8192
 # up) goes through packed keys and torch.topk per chunk (on CUDA the dispatcher sends those K_PAD
 # to the dense strategy instead).
 # MEASURED on an H100 (benchmarks/encode_sweep.py, bf16 B=8192 m=2048 n=131072, chunks of 8192 x
-# 4096; whole strategy in ms, cuBLAS + torch.topk beside it; RESULTS.md, "Selection tiles, k = 64
-# to 2048"):
+# 4096; whole strategy in ms, "dense" = cuBLAS + torch.topk beside it; RESULTS.md, "Selection tiles
+# and strategies, k = 8 to 4096"):
+#   k=8:    8x128x4 insertion 9.23, 1x128x1 buffer 9.32; dense 13.52.
+#   k=32:   1x64x1 buffer 9.63, 1x128x1 buffer 9.68, 8x128x4 insertion 9.88; dense 13.52.
 #   k=64:   1x128x1 buffer 9.63, 1x64x1 buffer 9.65, 1x128x1 insertion 9.67, 8x128x4 insertion 10.91
 #           (the default until then); dense 13.51.
-#   k=256:  1x256x1 buffer 10.56, 1x128x1 buffer 10.73, 1x256x1 insertion 12.98, 8x256x4 19.38; dense 13.67.
-#   k=512:  1x256x1 buffer 13.63, 1x128x1 buffer 14.20, 1x128x1 insertion 20.17, packed keys 157.2;
-#           dense 13.70 (parity).
-#   k=1024: 1x128x1 buffer 18.34, 1x256x1 buffer 18.71, 1x256x2 buffer 21.49; dense 13.76 (a loss).
-#   k=2048: 1x256x2 buffer 32.48, 1x512x4 buffer 32.73, packed keys 272.8; dense 13.98 (a loss:
-#           the sm_90 model had predicted ~15.7, off by 2x at this occupancy).
-# K_PAD 2 to 32 and 128 keep 8 x 128, 4 warps, the best insertion tile measured at k = 32 and 128
-# (no buffer tile was measured there). At K_PAD 1024 and 2048 the entries serve forced runs and
-# the expander's chunked strategy; topk_encode on CUDA takes the dense strategy there.
-SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16, 32, 128)}
-                  | {64: (1, 128, 1, "buffer"), 256: (1, 256, 1, "buffer"), 512: (1, 256, 1, "buffer"),
-                     1024: (1, 128, 1, "buffer"), 2048: (1, 256, 2, "buffer")})
-# Dense strategy blocks: whole rows, at most DENSE_TILE_ELEMS fp32 pre-activations (128 MiB) a block.
-DENSE_TILE_ELEMS = 32 * 2**20
+#   k=128:  1x128x1 buffer 9.68, 1x256x1 buffer 10.42, 8x128x4 insertion 12.09; dense 13.55.
+#   k=256:  1x256x1 buffer 10.56-10.66, 1x128x1 buffer 10.73, 1x256x1 insertion 12.98, 8x256x4 19.38;
+#           dense 13.66.
+#   k=512:  1x256x1 buffer 13.63-13.75, 1x128x1 buffer 14.20, 1x128x1 insertion 20.17, packed keys
+#           157.2; dense 13.70 (parity).
+#   k=1024: 1x128x1 buffer 18.19-18.34, 1x256x1 buffer 18.71, 1x256x2 buffer 21.49; dense 13.78 (a loss).
+#   k=2048: 1x256x2 buffer 32.48, 1x512x4 buffer 32.73, packed keys 272.8; dense 13.99 (a loss: the
+#           sm_90 model had predicted ~15.7, off by 2x at this occupancy).
+# So buffer tiles from K_PAD 32 up, insertion (8 x 128, 4 warps) at 2 to 16. At K_PAD 2048 the entry
+# serves forced runs and the expander's chunked strategy; topk_encode on CUDA takes the dense
+# strategy there (below).
+SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
+                  | {32: (1, 128, 1, "buffer"), 64: (1, 128, 1, "buffer"), 128: (1, 128, 1, "buffer"),
+                     256: (1, 256, 1, "buffer"), 512: (1, 256, 1, "buffer"), 1024: (1, 128, 1, "buffer"),
+                     2048: (1, 256, 2, "buffer")})
+# Dense strategy blocks: whole rows, at most DENSE_TILE_ELEMS fp32 pre-activations (256 MiB) a block.
+# MEASURED on the H100 (same shape), 128 / 256 / 512 tokens a block: 43.1 / 33.2 / 29.8 ms at
+# k = 2048, 47.2 / 36.8 / 33.6 at k = 4096: torch.topk over the fp32 rows of a block costs ~3x what
+# it costs over the user's one bf16 [B, n] tensor, so the strategy stays 2.1-2.3x slower than
+# cuBLAS + torch.topk there; it is 8x faster than the packed keys it replaces past K_PAD 2048.
+DENSE_TILE_ELEMS = 64 * 2**20
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
 # (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked" | "dense". Only a
 # measurement goes here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an
 # NVIDIA H100"): bf16 chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at
-# k=64, 12.0 / 39.5 at k=128; fp32 (exact) 91 / 631 ms at k=64. k = 256 and 512: chunked 10.56 and
-# 13.63 ms against 13.67 and 13.70 for cuBLAS + torch.topk (the fused kernel stops at K_PAD 128).
+# k=64, 12.0 / 39.5 at k=128; fp32 (exact) 91 / 631 ms at k=64. Past the fused kernel's K_PAD (128),
+# chunked / dense strategy (512 tokens a block): bf16 10.66 / 26.49 ms at k=256, 13.75 / 26.93 at
+# k=512, 18.19 / 28.39 at k=1024, 32.48 / 29.84 at k=2048, packed keys 272.8 (measured at k=2048:
+# the chunked path without a selection tile) / 33.57 at k=4096; fp32 99.38 / 109.08 at k=1024.
 _H100 = "NVIDIA H100 80GB HBM3"
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 8): "chunked",
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 32): "chunked",
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 64): "chunked",
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 128): "chunked",
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 256): "chunked",
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 512): "chunked",
+    **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "chunked" for kp in (8, 32, 64, 128, 256, 512, 1024)},
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 2048): "dense",
+    (_H100, torch.bfloat16, torch.bfloat16, 2048, 4096): "dense",
     (_H100, torch.float32, torch.float32, 2048, 64): "chunked",
+    (_H100, torch.float32, torch.float32, 2048, 1024): "chunked",
 }
-# Predicted for CUDA, by math kind and K_PAD. Up to 512, chunked: before any GPU measured, the H100
-# roofline (benchmarks/encoder_roofline.py) had it at 8.7-9.5 ms against fused 6.4-12.5 ms on tensor
-# cores, ~85 against ~97 ms in exact fp32, and measured (above) it won everywhere, by more than
-# predicted. From 1024 up, dense: the chunked strategy's selection measured 1.33x and 2.3x slower
-# than cuBLAS + torch.topk at k = 1024 and 2048, and the dense strategy is that, plus an O(B * k)
-# tie check. A K_PAD past the table is dense too.
+# Predicted for CUDA, by math kind and K_PAD: chunked up to 1024, dense past it (and past the
+# table). Before any GPU measured, the H100 roofline (benchmarks/encoder_roofline.py) had chunked at
+# 8.7-9.5 ms against fused 6.4-12.5 ms on tensor cores, ~85 against ~97 ms in exact fp32; measured
+# (above) it won everywhere up to K_PAD 1024, and lost to the dense strategy from 2048 up.
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
-    (kind, kp): "chunked" if kp <= 512 else "dense"
+    (kind, kp): "chunked" if kp <= 1024 else "dense"
     for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 }
 
