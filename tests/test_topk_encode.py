@@ -453,7 +453,7 @@ def test_select_tile_rejects_a_malformed_entry(monkeypatch):
     monkeypatch.setitem(te.SELECT_CONFIGS, 512, (1, 128, 1, "heap"))
     with pytest.raises(ValueError, match="scheme 'insert' or 'buffer', got 'heap'"):
         te.select_tile(512)
-    assert te.select_tile(32)[3] == "insert" and te.select_tile(256)[3] == "buffer"
+    assert te.select_tile(16)[3] == "insert" and te.select_tile(256)[3] == "buffer"
 
 
 def test_encode_strategy_table(monkeypatch):
