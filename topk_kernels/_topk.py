@@ -179,6 +179,19 @@ def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_keys_torch(top)
 
 
+def _topk_plus_one(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.topk(k + 1)`` of [R, w] rows (w > k + 1) and which rows to rank again: fp32 values,
+    int64 ids within the rows, and a bool [R] mask. torch.topk breaks ties arbitrarily. Its
+    top-(k+1) holds the exact top-k (ties to the lower id) unless the k-th and the (k+1)-th value
+    tie, and then the smallest kept value appears at least twice: only such rare rows need packed
+    keys. A NaN among them (NaN == NaN is false) makes the row suspect too: torch.topk picks
+    arbitrary NaNs, the NaN order wants the lowest ids. Checking costs O(R * k), not O(R * w)."""
+    vals, idx = pre.topk(k + 1, dim=1, sorted=False)
+    low = vals.min(dim=1, keepdim=True).values  # NaN when any selected value is NaN
+    suspect = ((vals == low).sum(dim=1) > 1) | low.squeeze(1).isnan()
+    return vals.float(), idx, suspect
+
+
 def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tuple[Tensor, Tensor]:
     """Candidates of one [R, w] block that contain its exact top-min(k, w) (ties to the lower id);
     returns fp32 values and int64 global ids (offset by ``start``)."""
@@ -191,17 +204,9 @@ def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tupl
         return _exact_topk(pre, ids(pre.shape[0]), min(k, w))
     if w <= k + 1:
         return pre.float(), ids(pre.shape[0])
-    # torch.topk breaks ties arbitrarily. Its top-(k+1) holds the exact top-k unless the k-th and
-    # the (k+1)-th value tie, and then the smallest kept value appears at least twice; only such
-    # rare rows are redone with packed keys. Checking costs O(R * k), not O(R * w).
-    # A NaN among them (NaN == NaN is false) makes the row suspect too: torch.topk picks arbitrary
-    # NaNs, the NaN order wants the lowest ids.
-    vals, idx = pre.topk(k + 1, dim=1, sorted=False)
-    low = vals.min(dim=1, keepdim=True).values  # NaN when any selected value is NaN
-    tied = ((vals == low).sum(dim=1) > 1) | low.squeeze(1).isnan()
-    vals, idx = vals.float(), idx + start
-    any_tied = bool(tied.any())
-    if any_tied:
+    vals, idx, tied = _topk_plus_one(pre, k)
+    idx = idx + start
+    if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         rv, ri = _exact_topk(pre[rows], ids(len(rows)), k + 1)
         vals[rows], idx[rows] = rv, ri
@@ -258,7 +263,7 @@ def rows_topk(pre_rows: Callable[[slice | Tensor], Tensor], B: int, n: int, k: i
     ``pre_rows(rows)`` returns the fp32 pre-activations [r, n] of the tokens ``rows`` (a slice or
     an int64 index tensor). Each block keeps ``torch.topk(k + 1)`` of its values: that set holds
     the exact top-k (ties to the lower id) unless its smallest value appears twice in it, or is
-    NaN (``_block_candidates`` argues it). After every block is queued, one ``nonzero`` finds such
+    NaN (``_topk_plus_one`` argues it). After every block is queued, one ``nonzero`` finds such
     rows, and only they are computed again and ranked by packed keys. Returns values fp32 [B, k]
     (raw, descending) and indices int64 [B, k]. Extra memory: one block of [block_b, n] plus
     O(B * k)."""
@@ -270,15 +275,9 @@ def rows_topk(pre_rows: Callable[[slice | Tensor], Tensor], B: int, n: int, k: i
     if n <= k + 1:  # nothing to drop but one column: packed keys on the whole row
         parts = [exact(rows, k) for rows in blocks]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    vals, idx, suspect = [], [], []
-    for rows in blocks:
-        v, i = pre_rows(rows).topk(k + 1, dim=1, sorted=False)
-        low = v.min(dim=1, keepdim=True).values  # NaN when any kept value is NaN
-        suspect.append(((v == low).sum(dim=1) > 1) | low.squeeze(1).isnan())
-        vals.append(v.float())
-        idx.append(i)
-    vals, idx = torch.cat(vals), torch.cat(idx)
-    redo = torch.cat(suspect).nonzero().squeeze(1)  # the host sync
+    parts = [_topk_plus_one(pre_rows(rows), k) for rows in blocks]
+    vals, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    redo = torch.cat([p[2] for p in parts]).nonzero().squeeze(1)  # the host sync
     for r0 in range(0, len(redo), block_b):
         rows = redo[r0:r0 + block_b]
         vals[rows], idx[rows] = exact(rows, k + 1)
