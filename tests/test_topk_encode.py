@@ -265,20 +265,6 @@ def chunked(monkeypatch):
 
 
 @pytest.mark.usefixtures("chunked")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lead,m,n,k", SHAPES)
-def test_chunked_strategy_matches_dense_reference(lead, m, n, k, dtype):
-    x, weight, bias = _inputs(lead, m, n, dtype)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    acts, idx = topk_encode(*leaves, k, backend="triton")
-    ref_leaves, ref_acts, ref_idx = _reference(x, weight, bias, k)
-    assert acts.dtype == dtype and idx.dtype == torch.int64 and idx.shape == (*lead, k)
-    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
-    assert_close(acts, ref_acts, TOL[dtype], "top_acts")
-    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), max(TOL[dtype], 1e-4))
-
-
-@pytest.mark.usefixtures("chunked")
 def test_chunked_strategy_without_bias():
     x, weight, _ = _inputs((29,), 36, 210)
     acts, idx = topk_encode(x, weight, None, 13, backend="triton")
@@ -286,19 +272,6 @@ def test_chunked_strategy_without_bias():
     assert acts.dtype == torch.float32
     assert_same_topk(idx, ref_idx, _pre(x, weight, None), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
-
-
-@pytest.mark.usefixtures("chunked")
-@pytest.mark.parametrize("k", [5, 40, 300])
-def test_chunked_strategy_ties_go_to_the_lower_latent_id(k):
-    n = 300
-    weight = torch.zeros(n, 12)
-    choices = torch.tensor([-1.0, -0.0, 0.0, 2.0, 3.5])
-    bias = choices[torch.randint(0, len(choices), (n,))]
-    expected = torch.sort(-bias, stable=True).indices[:k]
-    acts, idx = topk_encode(torch.randn(21, 12), weight, bias, k, backend="triton")
-    assert torch.equal(idx, expected.expand(21, k))
-    assert torch.equal(acts, bias[expected].relu().expand(21, k))
 
 
 @pytest.mark.usefixtures("chunked")
@@ -393,10 +366,16 @@ def _spy_gemm_rows(monkeypatch):
     return seen
 
 
-@pytest.mark.usefixtures("dense")
+@pytest.fixture(params=["chunked", "dense"])
+def forced_strategy(request):
+    """Each of the two strategies beside the fused kernel, through its fixture above."""
+    request.getfixturevalue(request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,m,n,k", SHAPES)
-def test_dense_strategy_matches_dense_reference(lead, m, n, k, dtype):
+def test_strategy_matches_dense_reference(forced_strategy, lead, m, n, k, dtype):
     x, weight, bias = _inputs(lead, m, n, dtype)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     acts, idx = topk_encode(*leaves, k, backend="triton")
@@ -407,19 +386,20 @@ def test_dense_strategy_matches_dense_reference(lead, m, n, k, dtype):
     assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), max(TOL[dtype], 1e-4))
 
 
-@pytest.mark.usefixtures("dense")
-@pytest.mark.parametrize("k", [5, 40, 299, 300])
-def test_dense_strategy_ties_go_to_the_lower_latent_id(k):
-    """Every token ties (x @ 0 + bias from five values, signed zeros among them): every row's
-    torch.topk set is suspect and is ranked again by packed keys, over several blocks."""
+@pytest.mark.parametrize("forced_strategy,k,tokens", [("chunked", k, 21) for k in (5, 40, 300)]
+                         + [("dense", k, 61) for k in (5, 40, 299, 300)], indirect=["forced_strategy"])
+def test_strategy_ties_go_to_the_lower_latent_id(forced_strategy, k, tokens):
+    """Every token ties (x @ 0 + bias from five values, signed zeros among them). The dense
+    strategy's torch.topk set is suspect in every row and is ranked again by packed keys, over
+    several blocks of 7 tokens."""
     n = 300
     weight = torch.zeros(n, 12)
     choices = torch.tensor([-1.0, -0.0, 0.0, 2.0, 3.5])
     bias = choices[torch.randint(0, len(choices), (n,))]
     expected = torch.sort(-bias, stable=True).indices[:k]
-    acts, idx = topk_encode(torch.randn(61, 12), weight, bias, k, backend="triton")
-    assert torch.equal(idx, expected.expand(61, k))
-    assert torch.equal(acts, bias[expected].relu().expand(61, k))
+    acts, idx = topk_encode(torch.randn(tokens, 12), weight, bias, k, backend="triton")
+    assert torch.equal(idx, expected.expand(tokens, k))
+    assert torch.equal(acts, bias[expected].relu().expand(tokens, k))
 
 
 @pytest.mark.usefixtures("dense")
