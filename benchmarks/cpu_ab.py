@@ -10,7 +10,6 @@ moves absolute times by 1.5-2x here, so only rounds run back to back compare.
 import os
 import statistics
 import sys
-import time
 
 root = os.path.abspath(sys.argv[1])
 sys.path.insert(0, root)
@@ -18,6 +17,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 import topk_kernels as tk  # noqa: E402
+from common import time_ms  # noqa: E402  (benchmarks/ of this script's tree: stdlib and torch only)
 
 assert tk.__file__.startswith(root), f"imported {tk.__file__}, not the tree {root}"
 g = torch.Generator().manual_seed(0)
@@ -25,13 +25,7 @@ res = {}
 
 
 def bench(name, f, n=7):
-    f()
-    ts = []
-    for _ in range(n):
-        start = time.perf_counter()
-        f()
-        ts.append((time.perf_counter() - start) * 1e3)
-    res[name] = round(statistics.median(ts), 2)
+    res[name] = round(statistics.median(time_ms(f, repeat=n)), 2)
 
 
 x = torch.randn(1024, 256, generator=g)
