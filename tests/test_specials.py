@@ -71,6 +71,8 @@ def test_topk_encode_specials_every_backend_same_ids(k, monkeypatch):
     if HAS_TRITON:
         results["triton, chunked"] = _chunked_topk_encode(monkeypatch, x, weight, bias, k)
     results["dense strategy"] = _dense_topk_encode(monkeypatch, x, weight, bias, k)
+    if HAS_TRITON:
+        results["threshold strategy"] = _threshold_topk_encode(monkeypatch, x, weight, bias, k)
     _assert_same_topk(results, N, k)
     pre = x.double() @ weight.double().T + bias.double()
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
@@ -96,6 +98,16 @@ def _dense_topk_encode(monkeypatch, x, weight, bias, k):
         return te._dense_forward(x, weight, bias, k, torch.float32)
 
 
+def _threshold_topk_encode(monkeypatch, x, weight, bias, k):
+    """topk_encode's threshold strategy (whole rows, the threshold kernel), three tokens a block,
+    with a sample and tiles small enough for these rows to take the buffer."""
+    te = importlib.import_module("topk_kernels.topk_encode")
+    with monkeypatch.context() as patch:
+        patch.setattr(te, "DENSE_TILE_ELEMS", 3 * weight.shape[0])
+        patch.setattr(te, "THRESHOLD_TILE", dict(BLOCK=8, SAMPLE=8, PROBES=8, CAP=4, num_warps=1))
+        return te._threshold_forward(x, weight, bias, k, torch.float32)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 17, N])
 def test_expander_encode_specials_every_backend_same_ids(k):
     # x finite (so the dense reference's zeros multiply no inf); specials enter through the values
@@ -111,7 +123,8 @@ def test_expander_encode_specials_every_backend_same_ids(k):
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
 
 
-@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton), "dense"])
+@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton), "dense",
+                                     pytest.param("threshold", marks=needs_triton)])
 def test_all_nan_tokens_return_the_lowest_ids(backend, monkeypatch):
     x = torch.full((3, 5), NAN)
     x[1] = -NAN
@@ -120,6 +133,8 @@ def test_all_nan_tokens_return_the_lowest_ids(backend, monkeypatch):
         acts, idx = _chunked_topk_encode(monkeypatch, x, weight, bias, 4)
     elif backend == "dense":
         acts, idx = _dense_topk_encode(monkeypatch, x, weight, bias, 4)
+    elif backend == "threshold":
+        acts, idx = _threshold_topk_encode(monkeypatch, x, weight, bias, 4)
     else:
         acts, idx = topk_encode(x, weight, bias, 4, backend=backend)
     assert torch.equal(idx, torch.arange(4).expand(3, 4))

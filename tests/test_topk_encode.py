@@ -366,9 +366,22 @@ def _spy_gemm_rows(monkeypatch):
     return seen
 
 
-@pytest.fixture(params=["chunked", "dense"])
+# Small threshold-kernel tiles: a 32-entry sample, 32-entry tiles and at most 8 candidates, so
+# that rows of a few hundred latents take the buffer, extra counting passes and the compaction.
+SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, PROBES=8, CAP=8, num_warps=1)
+
+
+@pytest.fixture
+def threshold(monkeypatch):
+    """Make the Triton backend run the threshold strategy, with small tiles and blocks of 7 tokens."""
+    monkeypatch.setattr(te, "encode_strategy", lambda *args: "threshold")
+    monkeypatch.setattr(te, "DENSE_TILE_ELEMS", 7 * 1000)
+    monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE)
+
+
+@pytest.fixture(params=["chunked", "dense", "threshold"])
 def forced_strategy(request):
-    """Each of the two strategies beside the fused kernel, through its fixture above."""
+    """Each of the three strategies beside the fused kernel, through its fixture above."""
     request.getfixturevalue(request.param)
     return request.param
 
@@ -387,11 +400,13 @@ def test_strategy_matches_dense_reference(forced_strategy, lead, m, n, k, dtype)
 
 
 @pytest.mark.parametrize("forced_strategy,k,tokens", [("chunked", k, 21) for k in (5, 40, 300)]
-                         + [("dense", k, 61) for k in (5, 40, 299, 300)], indirect=["forced_strategy"])
+                         + [("dense", k, 61) for k in (5, 40, 299, 300)]
+                         + [("threshold", k, 9) for k in (5, 40, 299, 300)], indirect=["forced_strategy"])
 def test_strategy_ties_go_to_the_lower_latent_id(forced_strategy, k, tokens):
     """Every token ties (x @ 0 + bias from five values, signed zeros among them). The dense
     strategy's torch.topk set is suspect in every row and is ranked again by packed keys, over
-    several blocks of 7 tokens."""
+    several blocks of 7 tokens. The threshold kernel's bracket ends on one value tied far more
+    than CAP times, so it takes that value's entries from the row in index order."""
     n = 300
     weight = torch.zeros(n, 12)
     choices = torch.tensor([-1.0, -0.0, 0.0, 2.0, 3.5])
@@ -425,6 +440,45 @@ def test_dense_strategy_redoes_only_the_tied_rows_and_bounds_its_blocks(monkeypa
     assert len(seen) == 1 + -(-B // 7) and max(size for _, size in seen) <= 7 * n < B * n
 
 
+@pytest.mark.usefixtures("threshold")
+@pytest.mark.parametrize("case", ["buffer", "buffer, one candidate slot", "overflow", "misled sample", "no bias"])
+def test_threshold_strategy_every_path(case, monkeypatch):
+    """The threshold kernel's paths against the fp64 reference: the usual one (the row read once
+    into the buffer, then counting passes and the compaction over the buffer), with CAP = 1 (many
+    counting passes), with a buffer of one slot (every row overflows: counting passes and the
+    compaction over the row), and a sample that misleads (latents sorted by bias, x small: the
+    first SAMPLE latents are the row's best, so the floor is above the k-th value and the row is
+    the source). Rows are 470 latents, k = 45 (the sample's floor is 15 * 470 / 32 ~ 220 entries down)."""
+    B, m, n, k = 13, 10, 470, 45
+    x, weight, bias = _inputs((B,), m, n)
+    if case == "buffer, one candidate slot":
+        monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE | dict(CAP=1))
+    if case == "overflow":
+        monkeypatch.setattr(te, "_threshold_sizes", lambda n, k, tile: (32, 1))
+    if case == "misled sample":
+        x, bias = 1e-3 * x, torch.linspace(3.0, -3.0, n)
+    if case == "no bias":
+        bias = None
+    acts, idx = topk_encode(x, weight, bias, k, backend="triton")
+    zero = torch.zeros(n)
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), (zero if bias is None else bias).double(), k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, zero if bias is None else bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+
+
+def test_threshold_sizes_reach_the_outermost_probe():
+    """SAMPLE_TOP covers the outermost probe's rank (mu - 1 + 4 * (sqrt(mu) + 1) at PROBES = 8) and
+    is a power of two within the sample; BUF has room for the entries down to it, with margin."""
+    tile = te.THRESHOLD_TILE
+    for n, k in [(131072, 1024), (131072, 64), (131072, 4096), (2**20, 32), (500, 499), (300, 1)]:
+        top, buf = te._threshold_sizes(n, k, tile)
+        sample = min(n, tile["SAMPLE"])
+        mu = k * sample / n
+        rank = min(sample - 1, mu - 1 + 4 * (mu ** 0.5 + 1))
+        assert top & (top - 1) == 0 and rank < top <= te.pow2(sample)
+        assert min(n, 1.4 * (rank + 1) * n / sample) <= buf <= n
+
+
 def test_select_tile_rejects_a_malformed_entry(monkeypatch):
     """SELECT_CONFIGS entries name their scheme; a buffer tile takes one row per program."""
     monkeypatch.setitem(te.SELECT_CONFIGS, 512, (2, 128, 1, "buffer"))
@@ -448,23 +502,26 @@ def test_encode_strategy_table(monkeypatch):
     assert te.encode_strategy(64, 40, 999, 17, torch.float32, torch.float32, cpu) == "fused"
     # Every selection K_PAD has a predicted choice for both kinds of math.
     assert {(kind, kp) for kind in ("tensor", "fp32") for kp in te.SELECT_CONFIGS} <= set(te.ENCODE_PREDICTED)
-    assert set(te.ENCODE_PREDICTED.values()) <= {"fused", "chunked", "dense"}
+    assert set(te.ENCODE_PREDICTED.values()) <= {"fused", "chunked", "dense", "threshold"}
 
 
 def test_encode_strategy_on_cuda_follows_the_tables(monkeypatch):
-    """A CUDA device (its name faked, so this runs anywhere): the prediction table by K_PAD, dense
-    past it, and a measurement over both; a measured "fused" past the kernel's limit is ignored."""
+    """A CUDA device (its name faked, so this runs anywhere): the prediction table by K_PAD, the
+    threshold strategy past it, and a measurement over both; a measured "fused" past the kernel's
+    limit is ignored."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     bf16 = (torch.bfloat16, torch.bfloat16, cuda)
     for k in (5, 64, 300, 1500, 2048, 5000):
         kp = te.pow2(k, lo=min(te.ENCODE_CONFIGS))
-        assert te.encode_strategy(8, 40, 9999, k, *bf16) == te.ENCODE_PREDICTED.get(("tensor", kp), "dense")
-    assert te.encode_strategy(8, 40, 9999, 5000, *bf16) == "dense"
+        assert te.encode_strategy(8, 40, 9999, k, *bf16) == te.ENCODE_PREDICTED.get(("tensor", kp), "threshold")
+    assert te.encode_strategy(8, 40, 9999, 5000, *bf16) == "threshold"
     monkeypatch.setitem(te.ENCODE_MEASURED, ("a GPU", torch.bfloat16, torch.bfloat16, 40, 64), "fused")
     monkeypatch.setitem(te.ENCODE_MEASURED, ("a GPU", torch.bfloat16, torch.bfloat16, 40, 8192), "fused")
+    monkeypatch.setitem(te.ENCODE_MEASURED, ("a GPU", torch.bfloat16, torch.bfloat16, 40, 2048), "dense")
     assert te.encode_strategy(8, 40, 9999, 64, *bf16) == "fused"
-    assert te.encode_strategy(8, 40, 9999, 5000, *bf16) == "dense"
+    assert te.encode_strategy(8, 40, 9999, 5000, *bf16) == "threshold"
+    assert te.encode_strategy(8, 40, 9999, 2048, *bf16) == "dense"
 
 
 def test_fp32_precision_follows_matmul_precision(monkeypatch):
@@ -494,7 +551,7 @@ def test_fp32_precision_follows_matmul_precision(monkeypatch):
         assert_close(acts, ref_acts, TOL[torch.float32], precision)
 
 
-@pytest.mark.parametrize("strategy", ["fused", "chunked", "dense"])
+@pytest.mark.parametrize("strategy", ["fused", "chunked", "dense", "threshold"])
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
 def test_mixed_dtypes_multiply_in_the_narrower_type(strategy, x_dtype, w_dtype, monkeypatch):
     """fp32 with a half type: both strategies round the fp32 operand to the half type and

@@ -9,17 +9,19 @@ candidates of all splits into the final k. The grid follows the compiled kernel'
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
 Ties go to the lower latent id on every backend.
 
-On CUDA the Triton backend runs one of three strategies per shape, picked by ``encode_strategy``
+On CUDA the Triton backend runs one of four strategies per shape, picked by ``encode_strategy``
 from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
 roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
 ``"fused"`` (the kernel above), ``"chunked"`` (``_chunked_forward``: cuBLAS
 ``x @ W[chunk].T`` in fp32, then one selection pass per chunk that adds the bias, packs keys and
 folds them into running candidates kept across chunks, by insertion (``_select_kernel``) or by
 threshold, append and sort (``_select_buffer_kernel``); extra memory bounded by
-``CHUNK_TILE_ELEMS``) or, at K_PAD >= 2048 where ``torch.topk`` beats the selection kernels,
-``"dense"`` (``_dense_forward``: cuBLAS on whole rows, a block of tokens at a time, then
-``torch.topk`` and a tie check with one host sync). All follow the package's one NaN order and
-lowest-id tie rule, so the choice changes speed only.
+``CHUNK_TILE_ELEMS``), ``"dense"`` (``_dense_forward``: cuBLAS on whole rows, a block of tokens at
+a time, then ``torch.topk`` and a tie check with one host sync) or, for large k, ``"threshold"``
+(``_threshold_forward``: the same whole-row GEMM blocks, then ``_threshold_select_kernel``: a
+sample of each row gives a floor below its k-th value, one read of the row appends what is above
+the floor to a small buffer, and exact counts over that buffer find the k-th value). All follow
+the package's one NaN order and lowest-id tie rule, so the choice changes speed only.
 
 Backward (only through the selected entries with positive pre-activation, as ReLU dictates):
 ``grad x`` is a sparse decode of the masked gradient against ``weight``, ``grad weight`` touches
@@ -75,7 +77,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._topk import MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits, pack_key
+    from ._topk import CANONICAL_NAN, MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits, pack_key
 
     @triton.jit
     def _encode_fwd_kernel(
@@ -259,6 +261,216 @@ if HAS_TRITON:
         tl.store(state_ptr + slot * 2 + 1, threshold)
 
 
+    @triton.jit
+    def _row_bits(pre_row, bias_ptr, offs, valid, HAS_BIAS: tl.constexpr):
+        """Ordered bits (``_topk.ordered_bits``) of one row's pre-activations plus the bias at
+        ``offs``; REMOVED (below every real value) where not ``valid``; ``valid=None``: all are."""
+        if valid is None:
+            pre = tl.load(pre_row + offs)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + offs).to(tl.float32)
+            return ordered_bits(pre)
+        else:
+            pre = tl.load(pre_row + offs, mask=valid, other=0.0)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            return tl.where(valid, ordered_bits(pre), REMOVED)
+
+
+    @triton.jit
+    def _pick(values, j, i: tl.constexpr):
+        """values[i] of a small vector (j = its arange) as a scalar."""
+        return tl.sum(tl.where(j == i, values, 0), axis=0)
+
+
+    @triton.jit
+    def _append(bits, offs, floor, counter, buf_row, BUF):
+        """Append the keys of the entries at or above ``floor`` to ``buf_row`` (at most BUF),
+        slots from the row's counter."""
+        keep = bits >= floor
+        slot = tl.atomic_add(counter + offs * 0, 1, mask=keep, sem="relaxed")
+        tl.store(buf_row + slot, pack_key(bits, offs), mask=keep & (slot < BUF))
+
+
+    @triton.jit
+    def _threshold_select_kernel(
+        pre_ptr, bias_ptr, out_ptr, scratch_ptr, buf_ptr, count_ptr,
+        N, k, BUF,
+        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr, SAMPLE_TOP: tl.constexpr,
+        PROBES: tl.constexpr, CAP: tl.constexpr,
+    ):
+        """Threshold strategy, one program per token: the row's exact top k of its N fp32
+        pre-activations (plus bias) -> ``out[row, :k]`` as packed keys, in no particular order.
+
+        Everything is decided on ordered bits, so the NaN order and the tie rule are the package's.
+          1. Sample: the best SAMPLE_TOP of the first SAMPLE entries, sorted. About
+             mu = k * SAMPLE / N of them lie at or above the k-th best value T. Probes: PROBES - 1
+             sample entries at ranks mu - 1 + (0, +-1, +-2, +-4, ...) * (sqrt(mu) + 1), and the
+             central one's bits + 1 (a row where that value ties many times then brackets at
+             once). The lowest probe, the floor, is below T unless the sample misleads by over
+             4 of its standard deviations.
+          2. One read of the row appends every entry at or above the floor to ``buf`` as a key
+             (slots from a relaxed atomic counter per row, in no particular order; its final
+             value is how many).
+          3. If that holds at least k and at most BUF entries, it holds T and everything above:
+             the rest runs on ``buf`` (a few thousand keys, in L2), not on the row. Else (rare:
+             a misleading sample, or many ties at the floor) the row is the source. The k-th best
+             value lies in a bracket [lo, hi) of bits with exact counts c(lo) = #(bits >= lo) >= k
+             > c(hi) (from [floor, above +NaN) with c = the entries buffered and 0, or
+             [INT32_MIN, above +NaN) with N and 0). While more than CAP entries lie in it and
+             it holds more than one value, a counting pass over the source counts the entries at
+             or above each of PROBES probes (the sample's first, then lo + 1 and evenly spaced
+             bits in the bracket: about PROBES times narrower each pass) and keeps the tightest
+             bracket.
+          4. Compaction over the source: entries at or above hi fill ``out[row, :c(hi)]``; the
+             bracket's (at most CAP) go to ``scratch``, which is sorted as keys, and its best
+             k - c(hi) follow. A bracket of one value and more than CAP ties is taken from the
+             row in index order instead: its first k - c(hi) entries (ties to the lower id).
+        So the usual row is read once (plus its sample); no host sync. The result does not depend
+        on the atomics' order: the slots hold a set, ranked by keys. One scan per compaction tile
+        ranks both kinds of entry (in its low and high 16 bits: BLOCK <= 2**15). BLOCK should be
+        32 * num_warps: one entry per lane keeps loads, atomics and scattered stores in one layout.
+        """
+        tl.static_assert(PROBES == 8, "the counting pass keeps eight accumulators")
+        row = tl.program_id(0)
+        pre_row = pre_ptr + row.to(tl.int64) * N
+        out_row = out_ptr + row.to(tl.int64) * k
+        cand_row = scratch_ptr + row.to(tl.int64) * CAP
+        buf_row = buf_ptr + row.to(tl.int64) * BUF
+        # 1. Sample.
+        at = tl.arange(0, SAMPLE)
+        sample = tl.topk(_row_bits(pre_row, bias_ptr, at, at < N, HAS_BIAS), SAMPLE_TOP)
+        mu = k.to(tl.float32) * tl.minimum(N, SAMPLE).to(tl.float32) / N.to(tl.float32)
+        j = tl.arange(0, PROBES)
+        d = (j - PROBES // 2).to(tl.float32)
+        step = tl.where(d > 0, 1.0, -1.0) * tl.exp2(tl.abs(d) - 1.0)
+        step = tl.where((d == 0) | (j == 0), 0.0, step)
+        rank = mu - 0.5 + step * (tl.sqrt(mu) + 1.0)  # round(mu - 1 + step * spread)
+        last = (tl.minimum(N, SAMPLE_TOP) - 1).to(tl.float32)
+        rank = tl.minimum(tl.maximum(rank, 0.0), last).to(tl.int32)
+        top_at = tl.arange(0, SAMPLE_TOP)
+        first = tl.sum(tl.where(top_at[None, :] == rank[:, None], sample[None, :], 0), axis=1)
+        first = tl.where(j == 0, first + 1, first)
+        floor = tl.min(first, axis=0)
+        # 2. The read: every entry at or above the floor, appended to buf.
+        # Whole steps of eight tiles, loaded without masks before the first append: each append
+        # waits for its atomic, and ptxas serialises masked loads (a zeroed register, then a
+        # predicated load into it). Then the rest a tile at a time.
+        counter = count_ptr + row
+        lane = tl.arange(0, BLOCK)
+        whole = N // (8 * BLOCK) * (8 * BLOCK)
+        for start in range(0, whole, 8 * BLOCK):
+            o0, o1, o2, o3 = start + lane, start + BLOCK + lane, start + 2 * BLOCK + lane, start + 3 * BLOCK + lane
+            o4, o5, o6, o7 = o0 + 4 * BLOCK, o1 + 4 * BLOCK, o2 + 4 * BLOCK, o3 + 4 * BLOCK
+            v0, v1, v2, v3 = tl.load(pre_row + o0), tl.load(pre_row + o1), tl.load(pre_row + o2), tl.load(pre_row + o3)
+            v4, v5, v6, v7 = tl.load(pre_row + o4), tl.load(pre_row + o5), tl.load(pre_row + o6), tl.load(pre_row + o7)
+            if HAS_BIAS:
+                c0, c1, c2, c3 = tl.load(bias_ptr + o0), tl.load(bias_ptr + o1), tl.load(bias_ptr + o2), tl.load(bias_ptr + o3)
+                c4, c5, c6, c7 = tl.load(bias_ptr + o4), tl.load(bias_ptr + o5), tl.load(bias_ptr + o6), tl.load(bias_ptr + o7)
+                v0, v1, v2, v3 = v0 + c0.to(tl.float32), v1 + c1.to(tl.float32), v2 + c2.to(tl.float32), v3 + c3.to(tl.float32)
+                v4, v5, v6, v7 = v4 + c4.to(tl.float32), v5 + c5.to(tl.float32), v6 + c6.to(tl.float32), v7 + c7.to(tl.float32)
+            b0, b1, b2, b3 = ordered_bits(v0), ordered_bits(v1), ordered_bits(v2), ordered_bits(v3)
+            b4, b5, b6, b7 = ordered_bits(v4), ordered_bits(v5), ordered_bits(v6), ordered_bits(v7)
+            _append(b0, o0, floor, counter, buf_row, BUF)
+            _append(b1, o1, floor, counter, buf_row, BUF)
+            _append(b2, o2, floor, counter, buf_row, BUF)
+            _append(b3, o3, floor, counter, buf_row, BUF)
+            _append(b4, o4, floor, counter, buf_row, BUF)
+            _append(b5, o5, floor, counter, buf_row, BUF)
+            _append(b6, o6, floor, counter, buf_row, BUF)
+            _append(b7, o7, floor, counter, buf_row, BUF)
+        for start in range(whole, N, BLOCK):
+            offs = start + lane
+            _append(_row_bits(pre_row, bias_ptr, offs, offs < N, HAS_BIAS), offs, floor, counter, buf_row, BUF)
+        tl.debug_barrier()  # every lane's appends (and their stores) before the count is read
+        buffered = tl.atomic_add(counter, 0, sem="relaxed")
+        from_buf = (buffered >= k) & (buffered <= BUF)
+        size = tl.where(from_buf, buffered, N)
+        # 3. Counting passes over the source.
+        lo = tl.where(from_buf, floor, -(2**31))
+        hi = tl.full([], CANONICAL_NAN + 1, tl.int32)
+        c_lo = size
+        c_hi = N * 0
+        passes = N * 0
+        while (c_lo - c_hi > CAP) & (hi > lo + 1):
+            lo64 = lo.to(tl.int64)
+            even = (lo64 + (hi.to(tl.int64) - lo64) * j // PROBES).to(tl.int32)
+            probes = tl.where(passes == 0, first, tl.where(j == 0, lo + 1, even))
+            # One accumulator per probe, in the loads' own layout.
+            p0, p1, p2, p3 = _pick(probes, j, 0), _pick(probes, j, 1), _pick(probes, j, 2), _pick(probes, j, 3)
+            p4, p5, p6, p7 = _pick(probes, j, 4), _pick(probes, j, 5), _pick(probes, j, 6), _pick(probes, j, 7)
+            a0 = tl.zeros((BLOCK,), tl.int32)
+            a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+            for start in range(0, size, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                if from_buf:
+                    bits = (tl.load(buf_row + offs, mask=offs < size, other=MIN_KEY) >> 32).to(tl.int32)
+                else:
+                    bits = _row_bits(pre_row, bias_ptr, offs, offs < N, HAS_BIAS)
+                a0 += (bits >= p0).to(tl.int32)
+                a1 += (bits >= p1).to(tl.int32)
+                a2 += (bits >= p2).to(tl.int32)
+                a3 += (bits >= p3).to(tl.int32)
+                a4 += (bits >= p4).to(tl.int32)
+                a5 += (bits >= p5).to(tl.int32)
+                a6 += (bits >= p6).to(tl.int32)
+                a7 += (bits >= p7).to(tl.int32)
+            counts = tl.where(j == 0, tl.sum(a0, axis=0), tl.where(j == 1, tl.sum(a1, axis=0), tl.where(
+                j == 2, tl.sum(a2, axis=0), tl.where(j == 3, tl.sum(a3, axis=0), tl.where(
+                    j == 4, tl.sum(a4, axis=0), tl.where(j == 5, tl.sum(a5, axis=0), tl.where(
+                        j == 6, tl.sum(a6, axis=0), tl.sum(a7, axis=0))))))))
+            enough = counts >= k
+            up = tl.max(tl.where(enough, probes, lo), axis=0)
+            c_lo = tl.where(up > lo, tl.min(tl.where(enough & (probes == up), counts, N), axis=0), c_lo)
+            lo = up
+            down = tl.min(tl.where(enough, hi, probes), axis=0)
+            c_hi = tl.where(down < hi, tl.max(tl.where(~enough & (probes == down), counts, 0), axis=0), c_hi)
+            hi = down
+            passes += 1
+        # 4. Compaction: entries at or above hi fill slots [0, c_hi), the bracket's best the rest.
+        need = k - c_hi
+        ties_in_order = c_lo - c_hi > CAP  # then the bracket is one value
+        n_above = N * 0  # entries at or above hi so far
+        n_in = N * 0  # entries in the bracket so far
+        if from_buf & ~ties_in_order:
+            for start in range(0, size, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < size
+                keys = tl.load(buf_row + offs, mask=valid, other=MIN_KEY)
+                bits = (keys >> 32).to(tl.int32)
+                above = valid & (bits >= hi)
+                inside = valid & (bits >= lo) & ~above
+                flags = above.to(tl.int32) + (inside.to(tl.int32) << 16)
+                ranks = tl.cumsum(flags, axis=0)  # 1-based ranks among this tile's own kind
+                tl.store(out_row + n_above + (ranks & 0xFFFF) - 1, keys, mask=above)
+                tl.store(cand_row + n_in + (ranks >> 16) - 1, keys, mask=inside)
+                tile = tl.sum(flags, axis=0)
+                n_above += tile & 0xFFFF
+                n_in += tile >> 16
+        else:
+            for start in range(0, N, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < N
+                bits = _row_bits(pre_row, bias_ptr, offs, valid, HAS_BIAS)
+                above = bits >= hi
+                inside = valid & (bits >= lo) & ~above
+                flags = above.to(tl.int32) + (inside.to(tl.int32) << 16)
+                ranks = tl.cumsum(flags, axis=0)
+                inside_at = n_in + (ranks >> 16) - 1
+                keys = pack_key(bits, offs)
+                tl.store(out_row + n_above + (ranks & 0xFFFF) - 1, keys, mask=above)
+                tl.store(out_row + c_hi + inside_at, keys, mask=inside & ties_in_order & (inside_at < need))
+                tl.store(cand_row + inside_at, keys, mask=inside & ~ties_in_order)
+                tile = tl.sum(flags, axis=0)
+                n_above += tile & 0xFFFF
+                n_in += tile >> 16
+        if not ties_in_order:
+            tl.debug_barrier()  # the other lanes' candidate stores before the loads
+            slot = tl.arange(0, CAP)
+            best = tl.sort(tl.load(cand_row + slot, mask=slot < c_lo - c_hi, other=MIN_KEY), descending=True)
+            tl.store(out_row + c_hi + slot, best, mask=slot < need)
+
+
 # Launch configurations of the fused kernel, by K_PAD: (BLOCK_B, BLOCK_N, BLOCK_M, num_warps);
 # the exact-fp32 path (FMA units) and K_PAD above the tensor-core table. The [BLOCK_B, K_PAD] int64
 # running candidates stay in registers, so a wider K_PAD takes fewer tokens. K_PAD starts at 2:
@@ -351,29 +563,44 @@ SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
 # cuBLAS + torch.topk there; it is 8x faster than the packed keys it replaces past K_PAD 2048.
 DENSE_TILE_ELEMS = 64 * 2**20
 
+# The threshold strategy's selection kernel (``_threshold_select_kernel``), one program per token:
+# BLOCK = 32 * num_warps entries a tile (one per lane), the first SAMPLE entries as the sample,
+# PROBES thresholds counted per pass, at most CAP candidates sorted at the end. Chosen in ptxas for
+# sm_90 (tests/gpu_compile.py; RESULTS.md, "Threshold strategy"): SAMPLE 4096 took 107-115
+# registers (the sample's tl.topk), CAP 512 or more made ptxas serialise the read loop's eight
+# loads; SAMPLE 2048 and CAP 256 take 61 registers (4 CTAs / 32 warps an SM) with all 16 loads of
+# a step issued before the first append. The sample's bracket then often holds more than CAP
+# entries, which costs a counting pass over the buffer (a few thousand keys), not over the row.
+THRESHOLD_TILE = dict(BLOCK=256, SAMPLE=2048, PROBES=8, CAP=256, num_warps=8)
+
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
-# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked" | "dense". Only a
-# measurement goes here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an
+# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked" | "dense" |
+# "threshold". Only a measurement goes here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an
 # NVIDIA H100"): bf16 chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at
 # k=64, 12.0 / 39.5 at k=128; fp32 (exact) 91 / 631 ms at k=64. Past the fused kernel's K_PAD (128),
 # chunked / dense strategy (512 tokens a block): bf16 10.66 / 26.49 ms at k=256, 13.75 / 26.93 at
 # k=512, 18.19 / 28.39 at k=1024, 32.48 / 29.84 at k=2048, packed keys 272.8 (measured at k=2048:
 # the chunked path without a selection tile) / 33.57 at k=4096; fp32 99.38 / 109.08 at k=1024.
+# bf16 K_PAD 1024, 2048 and 4096 are not listed: their winners (chunked 18.19, dense 29.84 and
+# 33.57 ms) lost to cuBLAS + torch.topk (13.78-14.45 ms), and the threshold strategy, built after
+# that run, is predicted below them (ENCODE_PREDICTED); the next GPU run measures it there.
 _H100 = "NVIDIA H100 80GB HBM3"
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
-    **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "chunked" for kp in (8, 32, 64, 128, 256, 512, 1024)},
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 2048): "dense",
-    (_H100, torch.bfloat16, torch.bfloat16, 2048, 4096): "dense",
+    **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "chunked" for kp in (8, 32, 64, 128, 256, 512)},
     (_H100, torch.float32, torch.float32, 2048, 64): "chunked",
     (_H100, torch.float32, torch.float32, 2048, 1024): "chunked",
 }
-# Predicted for CUDA, by math kind and K_PAD: chunked up to 1024, dense past it (and past the
+# Predicted for CUDA, by math kind and K_PAD: chunked up to 512, threshold from 1024 (and past the
 # table). Before any GPU measured, the H100 roofline (benchmarks/encoder_roofline.py) had chunked at
 # 8.7-9.5 ms against fused 6.4-12.5 ms on tensor cores, ~85 against ~97 ms in exact fp32; measured
-# (above) it won everywhere up to K_PAD 1024, and lost to the dense strategy from 2048 up.
+# (above) it won everywhere up to K_PAD 512. The threshold strategy: the dense strategy's GEMM
+# blocks (~7.5 ms) plus one read of the fp32 rows (4 GiB, ~1.4 ms at 3 TB/s) and small work per
+# token, ~9.5-10.5 ms at K_PAD 1024-4096 (benchmarks/threshold_model.py; RESULTS.md, "Threshold
+# strategy"), against measured chunked 18.2 ms at 1024, dense 29.8 / 33.6 ms at 2048 / 4096, and
+# cuBLAS + torch.topk 13.8-14.5 ms. A PREDICTION: no GPU has run it.
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
-    (kind, kp): "chunked" if kp <= 1024 else "dense"
+    (kind, kp): "chunked" if kp <= 512 else "threshold"
     for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 }
 
@@ -387,8 +614,9 @@ def _math_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
 
 def encode_strategy(B: int, m: int, n: int, k: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
                     device: torch.device) -> str:
-    """"fused", "chunked" or "dense" for the Triton backend: a GPU measurement of this shape if
-    there is one, else the prediction for CUDA tensors (dense past the table). Elsewhere (the
+    """"fused", "chunked", "dense" or "threshold" for the Triton backend: a GPU measurement of
+    this shape if there is one, else the prediction for CUDA tensors (threshold past the table).
+    Elsewhere (the
     interpreter) the fused kernel runs, since proving it is the point, and the chunked strategy
     past the fused kernel's K_PAD limit (registers cannot hold more candidates per token)."""
     k_pad = pow2(k, lo=min(ENCODE_CONFIGS))
@@ -397,7 +625,7 @@ def encode_strategy(B: int, m: int, n: int, k: int, x_dtype: torch.dtype, w_dtyp
     if measured is not None and not (measured == "fused" and k_pad > MAX_FUSED_K_PAD):
         return measured
     if device.type == "cuda":
-        return ENCODE_PREDICTED.get((_math_kind(x_dtype, w_dtype), k_pad), "dense")
+        return ENCODE_PREDICTED.get((_math_kind(x_dtype, w_dtype), k_pad), "threshold")
     return "fused" if k_pad <= MAX_FUSED_K_PAD else "chunked"
 
 
@@ -409,6 +637,8 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     strategy = encode_strategy(B, M, N, k, x.dtype, weight.dtype, x.device)
     if strategy == "dense":
         return _dense_forward(x, weight, bias, k, out_dtype)
+    if strategy == "threshold":
+        return _threshold_forward(x, weight, bias, k, out_dtype)
     if strategy == "chunked":
         return _chunked_forward(x, weight, bias, k, out_dtype)
     return _fused_forward(x, weight, bias, k, out_dtype)
@@ -579,6 +809,48 @@ def _dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
 
     values, indices = rows_topk(pre_rows, B, N, k, max(1, DENSE_TILE_ELEMS // N))
     return values.relu().to(out_dtype), indices
+
+
+def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype
+                       ) -> tuple[Tensor, Tensor]:
+    """Whole rows, as the dense strategy forms them (a cuBLAS GEMM of DENSE_TILE_ELEMS // n
+    tokens x all n latents in fp32), ranked by ``_threshold_select_kernel``: one program per
+    token finds its exact top k, usually in one read of its row, with the bias added on the fly
+    and the package's tie and NaN rules; then one sort of the [B, k] keys orders them. No host
+    sync. Extra memory: one fp32 block of at most max(DENSE_TILE_ELEMS, n), the block's buffer
+    and candidate scratch (``_threshold_sizes``) and the [B, k] int64 keys."""
+    B = x.shape[0]
+    N = weight.shape[0]
+    if B == 0:
+        return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
+    gemm = _gemm_rows(x, weight, whole=True)
+    block_b = min(B, max(1, DENSE_TILE_ELEMS // N))
+    tile = dict(THRESHOLD_TILE)
+    tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
+    keys = torch.empty(B, k, device=x.device, dtype=torch.int64)
+    scratch = torch.empty(block_b, tile["CAP"], device=x.device, dtype=torch.int64)
+    buf = torch.empty(block_b, buf_len, device=x.device, dtype=torch.int64)
+    counters = torch.zeros(B, device=x.device, dtype=torch.int32)
+    bias_arg = bias if bias is not None else scratch
+    for b0 in range(0, B, block_b):
+        b1 = min(B, b0 + block_b)
+        pre = gemm(slice(b0, b1), 0, N).contiguous()
+        _threshold_select_kernel[(b1 - b0,)](pre, bias_arg, keys[b0:b1], scratch, buf, counters[b0:b1], N, k,
+                                             buf_len, HAS_BIAS=bias is not None, **tile, **launch_options())
+    return merge_candidates(keys.sort(dim=1).values, k, out_dtype, ascending=True)
+
+
+def _threshold_sizes(n: int, k: int, tile: dict) -> tuple[int, int]:
+    """(SAMPLE_TOP, BUF) of a threshold-kernel launch. SAMPLE_TOP: how many of the sorted sample
+    the probes can reach (next_pow2 of the outermost probe's rank, mu - 1 + 2**(PROBES // 2 - 2)
+    * (sqrt(mu) + 1) with mu = k * SAMPLE / n; the kernel clamps ranks to it). BUF: room for the
+    entries at or above the lowest probe, about (rank + 1) * n / SAMPLE of them, with a margin of
+    half that plus a tile (a row that overflows reads its row a second time)."""
+    sample = min(n, tile["SAMPLE"])
+    mu = k * sample / n
+    rank = max(0.0, min(sample - 1, mu - 1 + 2 ** (tile["PROBES"] // 2 - 2) * (mu ** 0.5 + 1)))
+    top = min(pow2(sample), pow2(int(rank) + 1))
+    return top, min(n, int(1.5 * (int(rank) + 2) * n / sample) + tile["BLOCK"])
 
 
 def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, bias: Optional[Tensor],
