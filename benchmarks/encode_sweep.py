@@ -14,6 +14,9 @@ Times (median of ``triton.testing.do_bench``), at one shape:
   size in ``DENSE_ELEMS``, with the share of its ids equal to the chunked strategy's (cuBLAS may
   round whole rows differently from chunks, so a near-tie can differ); ``--no-chunked`` skips the
   chunked rows (then the dense strategy's default block is the id reference);
+- with ``--threshold``, the threshold strategy (whole rows: GEMM, ``_threshold_select_kernel``)
+  at its defaults, with the share of its ids equal to the reference run's, and its GEMM blocks
+  alone (so that the difference is the selection's share);
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
   at a K_PAD without a selection tile, or off Triton) beside the selection kernel;
 - with ``--expander``, ``expander_encode`` instead: the fused strategy for each (BLOCK_B, BLOCK_N,
@@ -68,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
     p.add_argument("--dense", action="store_true", help="also time the dense strategy (whole rows + torch.topk)")
+    p.add_argument("--threshold", action="store_true", help="also time the threshold strategy (whole rows + "
+                   "the threshold kernel) and its GEMM blocks alone")
     p.add_argument("--no-chunked", action="store_true", help="skip the chunked strategy's rows")
     p.add_argument("--dense-elems", type=lambda s: [int(v) for v in s.split(",")],
                    help="fp32 elements per dense block, comma-separated (default: 16Mi,32Mi,64Mi)")
@@ -138,6 +143,18 @@ def main(argv=None) -> int:
                       f"ids equal to the reference run's: {same:.6f}")
         finally:
             te.DENSE_TILE_ELEMS = dense_default
+    if args.threshold:
+        block = max(1, te.DENSE_TILE_ELEMS // n)
+
+        def row_gemms():
+            gemm = te._gemm_rows(x, w, whole=True)
+            for b0 in range(0, B, block):
+                gemm(slice(b0, min(B, b0 + block)), 0, n)
+
+        gemm_ms = bench(f"whole-row GEMMs alone, {block} tokens a block", row_gemms)
+        same = (te._threshold_forward(x, w, b, k, dt)[1] == want).double().mean().item()
+        ms = bench("threshold strategy (defaults)", lambda: te._threshold_forward(x, w, b, k, dt))
+        rows[-1] = (rows[-1][0], ms, f"selection ~{ms - gemm_ms:.3f} ms; ids equal to the reference run's: {same:.6f}")
     if not args.no_fused:
         bench("fused strategy (defaults)", lambda: te._fused_forward(x, w, b, k, dt))
     print(f"\n### encode sweep: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} k={k}\n")

@@ -7,6 +7,8 @@
 #   PART=b bash benchmarks/gpu_session.sh $OUT    # the encoder sweeps only (under 10 minutes)
 #   PART=c bash benchmarks/gpu_session.sh $OUT    # encoder op tests, buffer tiles at k = 8/32/128, dense
 #                                                 # strategy against chunked at k = 256..4096 (~6 minutes)
+#   PART=d bash benchmarks/gpu_session.sh $OUT    # the threshold strategy: its tests on CUDA, then against
+#                                                 # chunked / dense / cuBLAS + torch.topk at k = 256..4096
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -88,6 +90,29 @@ timeout 60 "$py" benchmarks/encode_sweep.py --dtype fp32 --k 1024 --no-fused --c
     --tiles 1x128x1b >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
 sweep_rc=$(( sweep_rc | $? ))
 cat "$out/sweep_c.md"
+fi
+if [[ $part == *d* ]]; then
+# The threshold strategy (built without a GPU): its tests on CUDA, then against the chunked /
+# dense strategies and cuBLAS + torch.topk at k = 256 to 4096, bf16 and fp32 at 1024.
+timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests/test_topk_encode.py \
+    tests/test_specials.py > "$out/tests_d.log" 2>&1
+tests_rc=$?
+tail -3 "$out/tests_d.log"
+sweep_rc=0
+for kt in 256:1x256x1b 512:1x256x1b 1024:1x128x1b; do
+    timeout 70 "$py" benchmarks/encode_sweep.py --k "${kt%%:*}" --no-fused --chunks 33554432 --threshold \
+        --tiles "${kt#*:}" >> "$out/sweep_d.md" 2>> "$out/sweep_d.log"
+    sweep_rc=$(( sweep_rc | $? ))
+done
+for k in 2048 4096; do
+    timeout 60 "$py" benchmarks/encode_sweep.py --k $k --no-fused --no-chunked --dense --dense-elems 67108864 \
+        --threshold >> "$out/sweep_d.md" 2>> "$out/sweep_d.log"
+    sweep_rc=$(( sweep_rc | $? ))
+done
+timeout 90 "$py" benchmarks/encode_sweep.py --dtype fp32 --k 1024 --no-fused --chunks 33554432 --threshold \
+    --tiles 1x128x1b >> "$out/sweep_d.md" 2>> "$out/sweep_d.log"
+sweep_rc=$(( sweep_rc | $? ))
+cat "$out/sweep_d.md"
 fi
 
 echo

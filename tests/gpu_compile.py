@@ -166,6 +166,11 @@ def _topk_encode_specs() -> list[Spec]:
     for k_pad in te.SELECT_CONFIGS:
         specs.append(Spec("topk_encode", f"chunked,bf16,K_PAD={k_pad}", lambda k=k_pad: te._chunked_forward(
             _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
+    # The threshold strategy's selection kernel (its GEMMs are cuBLAS), at the k it is dispatched for
+    # (SAMPLE_TOP, its one k-dependent constexpr, is 32 / 64 / 128 there).
+    for k in (1024, 2048, 4096):
+        specs.append(Spec("topk_encode", f"threshold,bf16,k={k}", lambda k=k: te._threshold_forward(
+            _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
     return specs
 
 

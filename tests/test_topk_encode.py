@@ -368,7 +368,7 @@ def _spy_gemm_rows(monkeypatch):
 
 # Small threshold-kernel tiles: a 32-entry sample, 32-entry tiles and at most 8 candidates, so
 # that rows of a few hundred latents take the buffer, extra counting passes and the compaction.
-SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, PROBES=8, CAP=8, num_warps=1)
+SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, SAMPLE_TOP=16, PROBES=8, CAP=8, num_warps=1)
 
 
 @pytest.fixture
@@ -454,7 +454,7 @@ def test_threshold_strategy_every_path(case, monkeypatch):
     if case == "buffer, one candidate slot":
         monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE | dict(CAP=1))
     if case == "overflow":
-        monkeypatch.setattr(te, "_threshold_sizes", lambda n, k, tile: (32, 1))
+        monkeypatch.setattr(te, "_threshold_sizes", lambda n, k, tile: (32, 32, 1))
     if case == "misled sample":
         x, bias = 1e-3 * x, torch.linspace(3.0, -3.0, n)
     if case == "no bias":
@@ -467,16 +467,19 @@ def test_threshold_strategy_every_path(case, monkeypatch):
 
 
 def test_threshold_sizes_reach_the_outermost_probe():
-    """SAMPLE_TOP covers the outermost probe's rank (mu - 1 + 4 * (sqrt(mu) + 1) at PROBES = 8) and
-    is a power of two within the sample; BUF has room for the entries down to it, with margin."""
+    """The sample's sorted top covers the outermost probe's rank (mu - 1 + 4 * (sqrt(mu) + 1) at
+    PROBES = 8), is a power of two within the sample and at least the tile's; BUF has room for the
+    entries down to that rank, with margin."""
     tile = te.THRESHOLD_TILE
-    for n, k in [(131072, 1024), (131072, 64), (131072, 4096), (2**20, 32), (500, 499), (300, 1)]:
-        top, buf = te._threshold_sizes(n, k, tile)
-        sample = min(n, tile["SAMPLE"])
-        mu = k * sample / n
-        rank = min(sample - 1, mu - 1 + 4 * (mu ** 0.5 + 1))
-        assert top & (top - 1) == 0 and rank < top <= te.pow2(sample)
-        assert min(n, 1.4 * (rank + 1) * n / sample) <= buf <= n
+    for n, k in [(131072, 1024), (131072, 64), (131072, 4096), (131072, 30000), (2**20, 32), (500, 499), (300, 1)]:
+        sample, top, buf = te._threshold_sizes(n, k, tile)
+        reach = min(n, sample)
+        mu = k * reach / n
+        rank = min(reach - 1, mu - 1 + 4 * (mu ** 0.5 + 1))
+        assert sample == tile["SAMPLE"] and top & (top - 1) == 0 and rank < top <= te.pow2(reach)
+        assert top >= min(tile["SAMPLE_TOP"], te.pow2(reach))
+        assert min(n, 1.4 * (rank + 1) * n / reach) <= buf <= n
+    assert te._threshold_sizes(131072, 1024, tile)[1] == 64 and te._threshold_sizes(131072, 4096, tile)[1] == 128
 
 
 def test_select_tile_rejects_a_malformed_entry(monkeypatch):

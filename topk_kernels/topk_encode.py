@@ -564,14 +564,14 @@ SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
 DENSE_TILE_ELEMS = 64 * 2**20
 
 # The threshold strategy's selection kernel (``_threshold_select_kernel``), one program per token:
-# BLOCK = 32 * num_warps entries a tile (one per lane), the first SAMPLE entries as the sample,
-# PROBES thresholds counted per pass, at most CAP candidates sorted at the end. Chosen in ptxas for
-# sm_90 (tests/gpu_compile.py; RESULTS.md, "Threshold strategy"): SAMPLE 4096 took 107-115
-# registers (the sample's tl.topk), CAP 512 or more made ptxas serialise the read loop's eight
-# loads; SAMPLE 2048 and CAP 256 take 61 registers (4 CTAs / 32 warps an SM) with all 16 loads of
-# a step issued before the first append. The sample's bracket then often holds more than CAP
+# BLOCK = 32 * num_warps entries a tile (one per lane), at most the first SAMPLE entries as the
+# sample, of which the best SAMPLE_TOP are sorted, PROBES thresholds counted per pass, at most CAP
+# candidates sorted at the end. Chosen in ptxas for sm_90 (tests/gpu_compile.py; RESULTS.md,
+# "Threshold strategy"): a top 128 of the sample took 107 registers, SAMPLE 4096 115, CAP 512 or
+# more made ptxas serialise the read loop's eight loads; SAMPLE 2048, a top 64 and CAP 256 take 61
+# registers (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the first append. The sample's bracket then often holds more than CAP
 # entries, which costs a counting pass over the buffer (a few thousand keys), not over the row.
-THRESHOLD_TILE = dict(BLOCK=256, SAMPLE=2048, PROBES=8, CAP=256, num_warps=8)
+THRESHOLD_TILE = dict(BLOCK=256, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, num_warps=8)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
@@ -595,10 +595,11 @@ ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
 # table). Before any GPU measured, the H100 roofline (benchmarks/encoder_roofline.py) had chunked at
 # 8.7-9.5 ms against fused 6.4-12.5 ms on tensor cores, ~85 against ~97 ms in exact fp32; measured
 # (above) it won everywhere up to K_PAD 512. The threshold strategy: the dense strategy's GEMM
-# blocks (~7.5 ms) plus one read of the fp32 rows (4 GiB, ~1.4 ms at 3 TB/s) and small work per
-# token, ~9.5-10.5 ms at K_PAD 1024-4096 (benchmarks/threshold_model.py; RESULTS.md, "Threshold
-# strategy"), against measured chunked 18.2 ms at 1024, dense 29.8 / 33.6 ms at 2048 / 4096, and
-# cuBLAS + torch.topk 13.8-14.5 ms. A PREDICTION: no GPU has run it.
+# blocks (~7.3 ms) plus one read of the fp32 rows (4 GiB, ~1.5 ms at 3 TB/s), the buffers and the
+# sort of the [B, k] keys: ~9.7 ms at K_PAD 1024, ~10.3 at 2048, ~11.6 at 4096 (RESULTS.md,
+# "Threshold strategy"), against measured chunked 18.2 ms at 1024, dense 29.8 / 33.6 ms at 2048 /
+# 4096, and cuBLAS + torch.topk 13.8-14.5 ms. A PREDICTION: no GPU has run it
+# (benchmarks/gpu_session.sh PART=d measures it).
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
     (kind, kp): "chunked" if kp <= 512 else "threshold"
     for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -826,7 +827,7 @@ def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int
     gemm = _gemm_rows(x, weight, whole=True)
     block_b = min(B, max(1, DENSE_TILE_ELEMS // N))
     tile = dict(THRESHOLD_TILE)
-    tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
+    tile["SAMPLE"], tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
     keys = torch.empty(B, k, device=x.device, dtype=torch.int64)
     scratch = torch.empty(block_b, tile["CAP"], device=x.device, dtype=torch.int64)
     buf = torch.empty(block_b, buf_len, device=x.device, dtype=torch.int64)
@@ -840,17 +841,19 @@ def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int
     return merge_candidates(keys.sort(dim=1).values, k, out_dtype, ascending=True)
 
 
-def _threshold_sizes(n: int, k: int, tile: dict) -> tuple[int, int]:
-    """(SAMPLE_TOP, BUF) of a threshold-kernel launch. SAMPLE_TOP: how many of the sorted sample
-    the probes can reach (next_pow2 of the outermost probe's rank, mu - 1 + 2**(PROBES // 2 - 2)
-    * (sqrt(mu) + 1) with mu = k * SAMPLE / n; the kernel clamps ranks to it). BUF: room for the
-    entries at or above the lowest probe, about (rank + 1) * n / SAMPLE of them, with a margin of
-    half that plus a tile (a row that overflows reads its row a second time)."""
+def _threshold_sizes(n: int, k: int, tile: dict) -> tuple[int, int, int]:
+    """(SAMPLE, SAMPLE_TOP, BUF) of a threshold-kernel launch. The probes reach down to sample rank
+    mu - 1 + 2**(PROBES // 2 - 2) * (sqrt(mu) + 1), mu = k * SAMPLE / n; the sample's sorted top
+    must cover it: ``tile["SAMPLE_TOP"]`` or the next power of two past that rank, at most the
+    sample (ptxas: a top 64 of 2048 takes 61 registers on sm_90, a top 128 107; smaller samples
+    for the same top were no better). BUF: room for the entries at or above the lowest probe,
+    about (rank + 1) * n / SAMPLE, with a margin of half that plus a tile (a row that overflows
+    reads its row a second time)."""
     sample = min(n, tile["SAMPLE"])
     mu = k * sample / n
     rank = max(0.0, min(sample - 1, mu - 1 + 2 ** (tile["PROBES"] // 2 - 2) * (mu ** 0.5 + 1)))
-    top = min(pow2(sample), pow2(int(rank) + 1))
-    return top, min(n, int(1.5 * (int(rank) + 2) * n / sample) + tile["BLOCK"])
+    top = min(pow2(sample), max(tile["SAMPLE_TOP"], pow2(int(rank) + 1)))
+    return tile["SAMPLE"], top, min(n, int(1.5 * (int(rank) + 2) * n / sample) + tile["BLOCK"])
 
 
 def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, bias: Optional[Tensor],
