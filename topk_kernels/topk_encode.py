@@ -847,13 +847,13 @@ def _threshold_sizes(n: int, k: int, tile: dict) -> tuple[int, int, int]:
     must cover it: ``tile["SAMPLE_TOP"]`` or the next power of two past that rank, at most the
     sample (ptxas: a top 64 of 2048 takes 61 registers on sm_90, a top 128 107; smaller samples
     for the same top were no better). BUF: room for the entries at or above the lowest probe,
-    about (rank + 1) * n / SAMPLE, with a margin of half that plus a tile (a row that overflows
+    about (rank + 1) * n / SAMPLE, with a margin of as many again plus a tile (a row that overflows
     reads its row a second time)."""
     sample = min(n, tile["SAMPLE"])
     mu = k * sample / n
     rank = max(0.0, min(sample - 1, mu - 1 + 2 ** (tile["PROBES"] // 2 - 2) * (mu ** 0.5 + 1)))
     top = min(pow2(sample), max(tile["SAMPLE_TOP"], pow2(int(rank) + 1)))
-    return tile["SAMPLE"], top, min(n, int(1.5 * (int(rank) + 2) * n / sample) + tile["BLOCK"])
+    return tile["SAMPLE"], top, min(n, int(2 * (int(rank) + 2) * n / sample) + tile["BLOCK"])
 
 
 def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, bias: Optional[Tensor],
