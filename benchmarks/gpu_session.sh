@@ -37,81 +37,64 @@ models_rc=$?
 timeout 300 "$py" benchmarks/gpu.py --out "$out/gpu.md" > "$out/gpu.log" 2>&1
 gpu_rc=$?
 fi
+# sweep NAME SECONDS ARGS...: one encode_sweep.py run appended to $out/NAME.md (log: NAME.log),
+# its exit status or-ed into sweep_rc. encoder_tests NAME FILES...: the ops tests of FILES on CUDA.
+sweep() {
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" "$py" benchmarks/encode_sweep.py "$@" >> "$out/$name.md" 2>> "$out/$name.log"
+    sweep_rc=$(( sweep_rc | $? ))
+}
+encoder_tests() {
+    local name=$1
+    shift
+    timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs "$@" > "$out/$name.log" 2>&1
+    tests_rc=$?
+    tail -3 "$out/$name.log"
+}
 if [[ $part == *b* ]]; then
 # Selection tiles (RESULTS.md, "Selection tiles of one warp" and "Selection by threshold,
 # append and merge"): the measured insertion tile beside the 1-warp insertion tiles and the threshold-and-sort
 # tiles (suffix b) the SASS predicts faster, at k = 64; at k = 256, where insertion lost to cuBLAS
 # + topk; past K_PAD 256, also against the packed-keys path every k > 256 once took.
-timeout 100 "$py" benchmarks/encode_sweep.py --chunks 33554432 --tiles 8x128x4,1x128x1,2x128x1,1x64x1b,1x128x1b \
-    > "$out/sweep.md" 2> "$out/sweep.log"
-sweep_rc=$?
-timeout 80 "$py" benchmarks/encode_sweep.py --k 256 --no-fused --chunks 33554432 \
-    --tiles 1x128x1b,1x64x1b,1x256x1b,8x256x4,1x256x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
-sweep_rc=$(( sweep_rc | $? ))
-timeout 80 "$py" benchmarks/encode_sweep.py --k 512 --no-fused --packed-fallback --chunks 33554432 \
-    --tiles 1x128x1b,1x256x1b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
-sweep_rc=$(( sweep_rc | $? ))
-timeout 80 "$py" benchmarks/encode_sweep.py --k 1024 --no-fused --packed-fallback --chunks 33554432 \
-    --tiles 1x256x1b,1x128x1b,1x256x2b,1x128x1 >> "$out/sweep.md" 2>> "$out/sweep.log"
-sweep_rc=$(( sweep_rc | $? ))
-timeout 150 "$py" benchmarks/encode_sweep.py --k 2048 --no-fused --packed-fallback --chunks 33554432 \
-    --tiles 1x256x2b,1x512x4b >> "$out/sweep.md" 2>> "$out/sweep.log"
-sweep_rc=$(( sweep_rc | $? ))
+: > "$out/sweep.md"; : > "$out/sweep.log"
+sweep_rc=0
+sweep sweep 100 --chunks 33554432 --tiles 8x128x4,1x128x1,2x128x1,1x64x1b,1x128x1b
+sweep sweep 80 --k 256 --no-fused --chunks 33554432 --tiles 1x128x1b,1x64x1b,1x256x1b,8x256x4,1x256x1
+sweep sweep 80 --k 512 --no-fused --packed-fallback --chunks 33554432 --tiles 1x128x1b,1x256x1b,1x128x1
+sweep sweep 80 --k 1024 --no-fused --packed-fallback --chunks 33554432 --tiles 1x256x1b,1x128x1b,1x256x2b,1x128x1
+sweep sweep 150 --k 2048 --no-fused --packed-fallback --chunks 33554432 --tiles 1x256x2b,1x512x4b
 # expander_encode: the fused kernel (measured 25.5 ms) against the chunked strategy (predicted 11-15).
-timeout 80 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \
-    >> "$out/sweep.md" 2>> "$out/sweep.log"
-sweep_rc=$(( sweep_rc | $? ))
+sweep sweep 80 --expander --B 4096 --n 1048576 --tiles 32x128x4
 fi
 if [[ $part == *c* ]]; then
-timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests/test_topk_encode.py \
-    tests/test_specials.py tests/test_expander_encode.py > "$out/tests_c.log" 2>&1
-tests_rc=$?
-tail -3 "$out/tests_c.log"
+encoder_tests tests_c tests/test_topk_encode.py tests/test_specials.py tests/test_expander_encode.py
 sweep_rc=0
 for kt in 8:8x128x4,1x128x1b 32:8x128x4,1x128x1b,1x64x1b 128:8x128x4,1x128x1b,1x256x1b; do
-    timeout 60 "$py" benchmarks/encode_sweep.py --k "${kt%%:*}" --no-fused --chunks 33554432 \
-        --tiles "${kt#*:}" >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
-    sweep_rc=$(( sweep_rc | $? ))
+    sweep sweep_c 60 --k "${kt%%:*}" --no-fused --chunks 33554432 --tiles "${kt#*:}"
 done
 for kt in 256:1x256x1b 512:1x256x1b 1024:1x128x1b; do
-    timeout 60 "$py" benchmarks/encode_sweep.py --k "${kt%%:*}" --no-fused --chunks 33554432 --dense \
-        --tiles "${kt#*:}" >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
-    sweep_rc=$(( sweep_rc | $? ))
+    sweep sweep_c 60 --k "${kt%%:*}" --no-fused --chunks 33554432 --dense --tiles "${kt#*:}"
 done
 for k in 2048 4096; do
-    timeout 50 "$py" benchmarks/encode_sweep.py --k $k --no-fused --no-chunked --dense \
-        >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
-    sweep_rc=$(( sweep_rc | $? ))
+    sweep sweep_c 50 --k $k --no-fused --no-chunked --dense
 done
-timeout 70 "$py" benchmarks/encode_sweep.py --expander --B 4096 --n 1048576 --tiles 32x128x4 \
-    >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
-sweep_rc=$(( sweep_rc | $? ))
-timeout 60 "$py" benchmarks/encode_sweep.py --dtype fp32 --k 1024 --no-fused --chunks 33554432 --dense \
-    --tiles 1x128x1b >> "$out/sweep_c.md" 2>> "$out/sweep_c.log"
-sweep_rc=$(( sweep_rc | $? ))
+sweep sweep_c 70 --expander --B 4096 --n 1048576 --tiles 32x128x4
+sweep sweep_c 60 --dtype fp32 --k 1024 --no-fused --chunks 33554432 --dense --tiles 1x128x1b
 cat "$out/sweep_c.md"
 fi
 if [[ $part == *d* ]]; then
 # The threshold strategy (built without a GPU): its tests on CUDA, then against the chunked /
 # dense strategies and cuBLAS + torch.topk at k = 256 to 4096, bf16 and fp32 at 1024.
-timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests/test_topk_encode.py \
-    tests/test_specials.py > "$out/tests_d.log" 2>&1
-tests_rc=$?
-tail -3 "$out/tests_d.log"
+encoder_tests tests_d tests/test_topk_encode.py tests/test_specials.py
 sweep_rc=0
 for kt in 256:1x256x1b 512:1x256x1b 1024:1x128x1b; do
-    timeout 70 "$py" benchmarks/encode_sweep.py --k "${kt%%:*}" --no-fused --chunks 33554432 --threshold \
-        --tiles "${kt#*:}" >> "$out/sweep_d.md" 2>> "$out/sweep_d.log"
-    sweep_rc=$(( sweep_rc | $? ))
+    sweep sweep_d 70 --k "${kt%%:*}" --no-fused --chunks 33554432 --threshold --tiles "${kt#*:}"
 done
 for k in 2048 4096; do
-    timeout 60 "$py" benchmarks/encode_sweep.py --k $k --no-fused --no-chunked --dense --dense-elems 67108864 \
-        --threshold >> "$out/sweep_d.md" 2>> "$out/sweep_d.log"
-    sweep_rc=$(( sweep_rc | $? ))
+    sweep sweep_d 60 --k $k --no-fused --no-chunked --dense --dense-elems 67108864 --threshold
 done
-timeout 90 "$py" benchmarks/encode_sweep.py --dtype fp32 --k 1024 --no-fused --chunks 33554432 --threshold \
-    --tiles 1x128x1b >> "$out/sweep_d.md" 2>> "$out/sweep_d.log"
-sweep_rc=$(( sweep_rc | $? ))
+sweep sweep_d 90 --dtype fp32 --k 1024 --no-fused --chunks 33554432 --threshold --tiles 1x128x1b
 cat "$out/sweep_d.md"
 fi
 
