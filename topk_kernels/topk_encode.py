@@ -432,38 +432,28 @@ if HAS_TRITON:
         ties_in_order = c_lo - c_hi > CAP  # then the bracket is one value
         n_above = N * 0  # entries at or above hi so far
         n_in = N * 0  # entries in the bracket so far
-        if from_buf & ~ties_in_order:
-            for start in range(0, size, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
+        use_buf = from_buf & ~ties_in_order
+        for start in range(0, tl.where(use_buf, size, N), BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            if use_buf:
                 valid = offs < size
                 keys = tl.load(buf_row + offs, mask=valid, other=MIN_KEY)
                 bits = (keys >> 32).to(tl.int32)
-                above = valid & (bits >= hi)
-                inside = valid & (bits >= lo) & ~above
-                flags = above.to(tl.int32) + (inside.to(tl.int32) << 16)
-                ranks = tl.cumsum(flags, axis=0)  # 1-based ranks among this tile's own kind
-                tl.store(out_row + n_above + (ranks & 0xFFFF) - 1, keys, mask=above)
-                tl.store(cand_row + n_in + (ranks >> 16) - 1, keys, mask=inside)
-                tile = tl.sum(flags, axis=0)
-                n_above += tile & 0xFFFF
-                n_in += tile >> 16
-        else:
-            for start in range(0, N, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
+            else:
                 valid = offs < N
                 bits = _row_bits(pre_row, bias_ptr, offs, valid, HAS_BIAS)
-                above = bits >= hi
-                inside = valid & (bits >= lo) & ~above
-                flags = above.to(tl.int32) + (inside.to(tl.int32) << 16)
-                ranks = tl.cumsum(flags, axis=0)
-                inside_at = n_in + (ranks >> 16) - 1
                 keys = pack_key(bits, offs)
-                tl.store(out_row + n_above + (ranks & 0xFFFF) - 1, keys, mask=above)
-                tl.store(out_row + c_hi + inside_at, keys, mask=inside & ties_in_order & (inside_at < need))
-                tl.store(cand_row + inside_at, keys, mask=inside & ~ties_in_order)
-                tile = tl.sum(flags, axis=0)
-                n_above += tile & 0xFFFF
-                n_in += tile >> 16
+            above = valid & (bits >= hi)
+            inside = valid & (bits >= lo) & ~above
+            flags = above.to(tl.int32) + (inside.to(tl.int32) << 16)
+            ranks = tl.cumsum(flags, axis=0)  # 1-based ranks among this tile's own kind
+            inside_at = n_in + (ranks >> 16) - 1
+            tl.store(out_row + n_above + (ranks & 0xFFFF) - 1, keys, mask=above)
+            tl.store(out_row + c_hi + inside_at, keys, mask=inside & ties_in_order & (inside_at < need))
+            tl.store(cand_row + inside_at, keys, mask=inside & ~ties_in_order)
+            tile = tl.sum(flags, axis=0)
+            n_above += tile & 0xFFFF
+            n_in += tile >> 16
         if not ties_in_order:
             tl.debug_barrier()  # the other lanes' candidate stores before the loads
             slot = tl.arange(0, CAP)
