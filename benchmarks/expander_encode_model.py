@@ -8,7 +8,8 @@ and the compiled SASS:
   traffic in 32-byte sectors (gathers, and the rows / values / bias every token block reads) and
   HBM bytes (each tensor once: a lower bound, as everything but rows/values fits in the 50 MB L2);
 - static SASS: instructions, and instructions x warps / tile elements (per pre-activation);
-- dynamic warp instructions per pre-activation: per tile, d trips of the gather loop, the tile's
+- dynamic warp instructions per pre-activation: per tile, ceil(d / DEGREES_PER_TRIP) trips of the
+  gather loop (1 degree a trip in builds before it), the tile's
   straight-line code, and (insertion top-k) the insertion loop times its passes per tile, which are
   simulated with iid normal pre-activations (tile after tile, a pass per entry that enters the
   running top-K_PAD of the slowest row);
@@ -79,7 +80,8 @@ def predict(label: str, launch, insertion: bool) -> dict:
     warps, tiles = stats["num_warps"], args["TILES_PER_SPLIT"]
     passes = passes_per_tile(bb, bn, k_pad, tiles) if insertion else 0.0
     straight = loops["tile"] - loops["gather"] - loops["fold"]
-    per_tile = warps * (d * loops["gather"] + straight + passes * loops["fold"])
+    trips = -(-d // getattr(importlib.import_module("topk_kernels.expander_encode"), "DEGREES_PER_TRIP", 1))
+    per_tile = warps * (trips * loops["gather"] + straight + passes * loops["fold"])
     programs = plan["token_blocks"] * plan["splits"]
     instr = programs * tiles * per_tile
     l2 = plan["gather_bytes_l2"] + plan["atom_bytes_l2"] + plan["cand_bytes"]
@@ -120,7 +122,7 @@ def main(argv: list[str]) -> int:
           f"| dynamic / pre-act | L2 ms | HBM ms | issue ms | PREDICTED ms | waves |")
     print("|" + "---|" * 20)
     for spec in gc._expander_encode_specs():
-        if not spec.label.endswith(f",K_PAD={gc.EXPANDER['k']}"):
+        if spec.label.startswith("chunked") or not spec.label.endswith(f",K_PAD={gc.EXPANDER['k']}"):
             continue
         (launch,) = gc.capture(spec, ARCH)
         r = predict(spec.label, launch, insertion)

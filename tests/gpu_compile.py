@@ -216,7 +216,7 @@ def expander_encode_plan(args: dict) -> dict:
     transposed (``xt_ptr`` [m, LD]: BLOCK_B contiguous tokens per latent, spread over lanes in
     16-byte vectors, each token block starting at a multiple of BLOCK_B)."""
     B, N, D, bb, k_pad = args["B"], args["N"], args["D"], args["BLOCK_B"], args["K_PAD"]
-    values, rows, cand = args["values_ptr"], args["rows_ptr"], args["cand_ptr"]
+    cand = args["cand_ptr"]
     token_blocks = -(-B // bb)
     if "xt_ptr" in args:
         src = args["xt_ptr"]
@@ -235,7 +235,11 @@ def expander_encode_plan(args: dict) -> dict:
         gathered = B * N * D
         transpose = 0
         x_bytes = src.numel() * elt
-    atoms = N * D * (rows.element_size() + values.element_size()) + (N * values.element_size() if args["HAS_BIAS"] else 0)
+    if "taps_ptr" in args:  # rows and values packed per degree, [D, N] int64
+        atoms = args["taps_ptr"].numel() * args["taps_ptr"].element_size()
+    else:
+        atoms = N * D * (args["rows_ptr"].element_size() + args["values_ptr"].element_size())
+    atoms += N * args["bias_ptr"].element_size() if args["HAS_BIAS"] else 0
     cand_bytes = cand.numel() * cand.element_size()
     return {
         "elt_bytes": elt, "sectors_per_value": spv, "gathered_values": gathered,
@@ -278,8 +282,8 @@ def disassemble(cubin: bytes) -> str:
 
 
 def expander_gather_layout(launch: Launch, arch: int) -> dict:
-    """Compile an expander_encode launch; return the register layout Triton gave its gather (the
-    kernel's one 2-D load, [BLOCK_B tokens, BLOCK_N latents]) from the TTGIR, the tokens of one
+    """Compile an expander_encode launch; return the register layout Triton gave its gathers (the
+    kernel's 2-D loads, [BLOCK_B tokens, BLOCK_N latents], all in one layout) from the TTGIR, the tokens of one
     latent that one warp-wide load reads (elements per thread x lanes, along tokens), and the
     global-load opcodes of the SASS with their counts."""
     compiled = compile_quietly(launch, arch)
@@ -287,16 +291,30 @@ def expander_gather_layout(launch: Launch, arch: int) -> dict:
     layouts = {name: [[int(v) for v in group.split(",")] for group in groups]
                for name, *groups in _BLOCKED.findall(ttgir)}
     gathers = _GATHER_LOAD.findall(ttgir)
-    if len(gathers) != 1:
-        raise RuntimeError(f"{launch.kernel.__name__}: expected one 2-D load, found {gathers}")
+    if not gathers or len(set(gathers)) != 1:
+        raise RuntimeError(f"{launch.kernel.__name__}: expected 2-D loads of one shape and layout, found {gathers}")
     spt, tpw, wpc, order = layouts[gathers[0][2]]
+    sass = disassemble(compiled.asm["cubin"])
     loads: dict = {}
-    for _, ins in _SASS_LINE.findall(disassemble(compiled.asm["cubin"])):
+    for _, ins in _SASS_LINE.findall(sass):
         op = re.search(r"\bLDG\S*", ins)
         if op:
             loads[op.group(0)] = loads.get(op.group(0), 0) + 1
     return {"size_per_thread": spt, "threads_per_warp": tpw, "warps_per_cta": wpc, "order": order,
-            "tokens_per_warp_load": spt[0] * tpw[0], "global_loads": loads}
+            "tokens_per_warp_load": spt[0] * tpw[0], "global_loads": loads, "gather_loop": gather_loop_order(sass)}
+
+
+def gather_loop_order(sass: str) -> dict:
+    """Where the waits fall in the gather loop (the innermost loop holding a 16-byte global load):
+    its global loads (``LDG``), in program order, as (index in the loop, opcode); the index of its
+    first ``BAR.SYNC`` and of its first ``FFMA``. A load issued before the first FFMA is in flight
+    before anything accumulates; one before the first barrier, before any layout conversion."""
+    instrs, loops = sass_loops(sass)
+    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    body = next(instrs[s:e + 1] for s, e in inner if any("LDG.E.128" in i for i in instrs[s:e + 1]))
+    first = lambda pattern: next((i for i, ins in enumerate(body) if re.search(pattern, ins)), len(body))  # noqa: E731
+    return {"loads": [(i, re.search(r"\bLDG\S*", ins).group(0)) for i, ins in enumerate(body) if "LDG" in ins],
+            "first_barrier": first(r"\bBAR\.SYNC"), "first_ffma": first(r"\bFFMA\b"), "size": len(body)}
 
 
 def launch_arguments(launch: Launch) -> dict:

@@ -291,8 +291,37 @@ def test_kernel_ignores_out_of_range_rows_in_padded_blocks(monkeypatch):
 def test_transposed_tokens_pads_with_zeros():
     x = torch.randn(37, 45)
     xt = ee.transposed_tokens(x, 16)
-    assert xt.shape == (45, 48) and xt.stride() == (48, 1)
-    assert torch.equal(xt[:, :37], x.T) and not xt[:, 37:].any()
+    assert xt.shape == (46, 48) and xt.stride() == (48, 1)
+    assert torch.equal(xt[:45, :37], x.T) and not xt[:, 37:].any() and not xt[45].any()
+
+
+@needs_triton
+def test_transposed_tokens_refuses_offsets_past_int32():
+    """The kernels' row offsets r * LD are int32: a copy of x.T past 2**31 elements is an error
+    naming x, not a wrapped offset (meta tensors: nothing is allocated)."""
+    ee.transposed_tokens(torch.empty(32, 2**26 - 2, device="meta"), 32)  # (m + 1) * 32 < 2**31
+    with pytest.raises(ValueError, match="x: expected"):
+        ee.transposed_tokens(torch.empty(32, 2**26, device="meta"), 32)
+
+
+@pytest.mark.parametrize("rows_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pack_taps_holds_fp32_values_and_rows_with_out_of_range_as_minus_one(rows_dtype, dtype):
+    """taps[t, j]: the fp32 bits of values[j, t] above rows[j, t] (as int32), -1 for a row outside
+    [0, m), including int64 rows that would wrap into range as int32."""
+    n, d, m = 41, 5, 30
+    values = torch.randn(n, d).to(dtype)
+    values[3, 1], values[4, 2] = float("-inf"), -0.0
+    rows = _rows(n, m, d).to(rows_dtype)
+    rows[0, 0], rows[5, 4] = -1, m
+    if rows_dtype == torch.int64:
+        rows[6, 2] = 2**32 + 3
+    taps = ee.pack_taps(values, rows, m)
+    assert taps.shape == (d, n) and taps.dtype == torch.int64 and taps.is_contiguous()
+    got_values = (taps >> 32).to(torch.int32).view(torch.float32)
+    assert torch.equal(got_values.view(torch.int32), values.float().T.contiguous().view(torch.int32))
+    ok = (rows >= 0) & (rows < m)
+    assert torch.equal(taps.to(torch.int32), torch.where(ok, rows, -1).to(torch.int32).T)
 
 
 @needs_triton
@@ -336,7 +365,7 @@ def test_gather_sector_traffic_is_at_most_a_quarter_of_a_row_major_gather(monkey
     args = _recorded_launch(monkeypatch, x, gpu_compile._t(n, d, dtype=dt), gpu_compile._t(n, d, dtype="i64"),
                             gpu_compile._t(n, dtype=dt), k, x.dtype)
     xt, block_b = args["xt_ptr"], args["BLOCK_B"]
-    assert xt.shape[0] == m and xt.shape[1] % block_b == 0 and xt.stride(1) == 1
+    assert xt.shape[0] == m + 1 and xt.shape[1] % block_b == 0 and xt.stride(1) == 1  # row m: zeros
     plan = gpu_compile.expander_encode_plan(args)
     row_major = gpu_compile.gather_sectors_per_value(x.stride(0), 1, x.element_size(), aligned=True)
     assert row_major == 1.0
@@ -349,8 +378,9 @@ def test_gather_sector_traffic_is_at_most_a_quarter_of_a_row_major_gather(monkey
 def test_compiled_gather_puts_tokens_along_lanes_in_vector_loads():
     """Compiled for sm_90 exactly as launched: the gather's layout holds contiguous tokens per
     latent (order fastest along tokens, >= 16 tokens per warp-wide load), its SASS loads are
-    16-byte vectors, and the sectors per value from that layout are at most 1/4 of a row-major
-    gather's."""
+    16-byte vectors, the sectors per value from that layout are at most 1/4 of a row-major
+    gather's, and the gather loop issues all its loads before it waits on any (two degrees a
+    trip)."""
     code = (
         "import json, gpu_compile as gc\n"
         "out = {}\n"
@@ -378,6 +408,15 @@ def test_compiled_gather_puts_tokens_along_lanes_in_vector_loads():
         assert compiled <= 1 / 4, (label, r)
         if "plan" in r:
             assert r["plan"]["elt_bytes"] == elt and compiled == r["plan"]["sectors_per_value"], (label, r)
+        # Two degrees a trip, each wait paid once per trip: both taps (8-byte loads) are issued
+        # before the first layout conversion's barrier, and both degrees' gathers (16-byte loads,
+        # BLOCK_B * BLOCK_N * elt / (16 * threads) per degree and thread) before the first FFMA.
+        loop = r["gather_loop"]
+        taps = [i for i, op in loop["loads"] if op == "LDG.E.64"]
+        gathers = [i for i, op in loop["loads"] if op == "LDG.E.128"]
+        assert len(taps) == 2 and max(taps) < loop["first_barrier"], (label, loop)
+        bb, bn, warps = ee.EXPANDER_GATHER_TILE if label.startswith("chunked") else ee.EXPANDER_ENCODE_CONFIGS[64]
+        assert len(gathers) == 2 * bb * bn * elt // (16 * 32 * warps) and max(gathers) < loop["first_ffma"], (label, loop)
 
 
 def test_triton_values_grad_bit_identical_across_runs():

@@ -6,18 +6,23 @@ gather of d inputs and a d-term dot product, so encoding costs O(B*n*d) instead 
 O(B*n*m); the cost that remains is choosing the top k of n per token.
 
 The Triton kernel runs one program per (token block, latent split): per [BLOCK_B, BLOCK_N] tile it
-gathers ``x[b, rows[j, t]]`` one t at a time (fp32 accumulation), adds the bias and folds the tile
-into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2 merges
-the splits. The [B, n] pre-activations are never written. On CUDA a second strategy,
+gathers ``x[b, rows[j, t]]`` two degrees t at a time (fp32 accumulation), adds the bias and folds
+the tile into running top-K_PAD keys with the shared helpers of :mod:`topk_kernels._topk`; stage 2
+merges the splits. The [B, n] pre-activations are never written. On CUDA a second strategy,
 "chunked", writes the gathered pre-activations one bounded chunk at a time and selects with
-topk_encode's selection kernel (``expander_strategy`` picks; see the tables there). It gathers from x transposed
-(``transposed_tokens``, a copy of at most XT_CHUNK_BYTES of tokens per launch), so that the lanes
-reading one latent read consecutive tokens of one model coordinate: 16-byte vector loads and 1/16
-(bf16) or 1/8 (fp32) of a 32-byte sector per value, where x row-major costs a sector per value
-(benchmarks/RESULTS.md, "coalesced gathers"). The CPU path computes pre-activations a (token tile
-x latent block) at a time with ``F.embedding_bag`` over the transposed token tile (a latent is a
-bag of d rows of ``x.T``, weighted by its values) and keeps a running top-k with
-``_topk.token_blocked_topk``, so extra memory stays O(tile) instead of O(B*n).
+topk_encode's selection kernel (``expander_strategy`` picks; see the tables there). Both gather
+from x transposed (``transposed_tokens``, a copy of at most XT_CHUNK_BYTES of tokens per launch,
+plus a zero row that out-of-range rows read), so that the lanes reading one latent read
+consecutive tokens of one model coordinate: 16-byte vector loads and 1/16 (bf16) or 1/8 (fp32) of
+a 32-byte sector per value, where x row-major costs a sector per value (benchmarks/RESULTS.md,
+"coalesced gathers"). Rows and values reach the kernels packed per degree (``pack_taps``: [d, n]
+int64, made per call), one coalesced load per degree and tile; both degrees' packed loads, then
+both gathers, are issued before the trip waits on any (RESULTS.md, "two degrees a trip").
+
+The CPU path computes pre-activations a (token tile x latent block) at a time with
+``F.embedding_bag`` over the transposed token tile (a latent is a bag of d rows of ``x.T``,
+weighted by its values) and keeps a running top-k with ``_topk.token_blocked_topk``, so extra
+memory stays O(tile) instead of O(B*n).
 
 Backward (only through selected entries with positive pre-activation, as ReLU dictates), with g the
 masked gradient of ``top_acts``: ``grad x`` is exactly an expander decode of g, and ``grad values``
@@ -70,28 +75,49 @@ if HAS_TRITON:
     from ._topk import empty_slots, fold_tile
 
     @triton.jit
-    def _gather_tile(xt_blk, values_ptr, rows_ptr, offs_n, mask_n, M, D, LD,
+    def _tap(degree_ptr, offs_n, live, M, LD):
+        """One degree of the tile's latents from its row of ``taps`` ([D, N] int64, fp32 value
+        bits << 32 | row; see ``pack_taps``): (offset of the row in x transposed, value). A row
+        outside [0, M) (``pack_taps`` makes it -1, and so is a dead lane's) reads row M of x
+        transposed, which is all zeros: it contributes nothing (the index contract of
+        ``_common``) and the gather needs no mask, hence no mask to move between layouts."""
+        tap = tl.load(degree_ptr + offs_n, mask=live, other=0xFFFFFFFF)
+        r = tap.to(tl.int32)
+        ok = (r >= 0) & (r < M)
+        tl.device_assert(ok | ~live, "rows: an index outside [0, m)")
+        v = (tap >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return tl.where(ok, r, M) * LD, v
+
+    # Degrees per trip of ``_gather_tile``'s loop (its body is written for two; the
+    # instruction model in benchmarks/expander_encode_model.py reads this).
+    DEGREES_PER_TRIP = 2
+
+    @triton.jit
+    def _gather_tile(xt_blk, taps_ptr, offs_n, mask_n, M, N, D, LD,
                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
         """fp32 [BLOCK_B, BLOCK_N] pre-activations (no bias) of one token block x latent tile:
-        pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b], one t at a time. xt_blk points at the
-        block's first token of coordinate 0 of x transposed ([M, LD]); the lanes reading one latent
-        read consecutive tokens of one coordinate: contiguous, aligned, vectorisable loads instead
-        of one 32-byte sector per value. Registers hold one tile, never a cube."""
-        atom = offs_n.to(tl.int64) * D
+        pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b]. xt_blk points at the block's first
+        token of coordinate 0 of x transposed ([M, LD]): the lanes reading one latent read
+        consecutive tokens of one coordinate (contiguous, aligned, vector loads). Two degrees per
+        trip: both taps are loaded, then both gathers issued, before anything waits, so a warp
+        waits on two L2 round trips per two degrees, not four. Nothing loaded is carried across
+        trips (a carried bf16 tile costs register moves that wait on the load). Registers hold
+        two gathered tiles, never a cube."""
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for t in range(0, D):
-            r = tl.load(rows_ptr + atom + t, mask=mask_n, other=0)
-            v = tl.load(values_ptr + atom + t, mask=mask_n, other=0.0).to(tl.float32)
-            # The index contract (``_common``): a row outside [0, M) contributes nothing.
-            ok = mask_n & (r >= 0) & (r < M)
-            tl.device_assert(ok | ~mask_n, "rows: an index outside [0, m)")
-            xv = tl.load(xt_blk + (r * LD)[None, :], mask=ok[None, :], other=0.0)
-            acc += xv.to(tl.float32) * v[None, :]
+        degree_ptr = taps_ptr  # advanced by N at a time: 64-bit pointer steps, no int32 t * N
+        for t in range(0, D, 2):
+            off0, v0 = _tap(degree_ptr, offs_n, mask_n, M, LD)
+            degree_ptr += N
+            off1, v1 = _tap(degree_ptr, offs_n, mask_n & (t + 1 < D), M, LD)
+            degree_ptr += N
+            x0 = tl.load(xt_blk + off0[None, :])
+            x1 = tl.load(xt_blk + off1[None, :])
+            acc += x0.to(tl.float32) * v0[None, :] + x1.to(tl.float32) * v1[None, :]
         return acc
 
     @triton.jit
     def _expander_encode_fwd_kernel(
-        xt_ptr, values_ptr, rows_ptr, bias_ptr, cand_ptr,
+        xt_ptr, taps_ptr, bias_ptr, cand_ptr,
         B, N, M, D, LD, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
     ):
@@ -108,7 +134,7 @@ if HAS_TRITON:
         for tile in range(0, TILES_PER_SPLIT):
             offs_n = n_first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            acc = _gather_tile(xt_blk, values_ptr, rows_ptr, offs_n, mask_n, M, D, LD, BLOCK_B, BLOCK_N)
+            acc = _gather_tile(xt_blk, taps_ptr, offs_n, mask_n, M, N, D, LD, BLOCK_B, BLOCK_N)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             running = fold_tile(running, acc, offs_n, mask_n)
@@ -117,8 +143,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _expander_pre_kernel(
-        xt_ptr, values_ptr, rows_ptr, pre_ptr,
-        B, NC, N0, M, D, LD,
+        xt_ptr, taps_ptr, pre_ptr,
+        B, NC, N0, N, M, D, LD,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Chunked strategy, program (token block, latent tile): the fp32 pre-activations (no
@@ -128,7 +154,7 @@ if HAS_TRITON:
         xt_blk = xt_ptr + offs_b[:, None]
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = cols < NC
-        acc = _gather_tile(xt_blk, values_ptr, rows_ptr, N0 + cols, mask_n, M, D, LD, BLOCK_B, BLOCK_N)
+        acc = _gather_tile(xt_blk, taps_ptr, N0 + cols, mask_n, M, N, D, LD, BLOCK_B, BLOCK_N)
         out = pre_ptr + offs_b.to(tl.int64)[:, None] * NC + cols[None, :]
         tl.store(out, acc, mask=(offs_b < B)[:, None] & mask_n[None, :])
 
@@ -154,6 +180,12 @@ EXPANDER_ENCODE_CONFIGS = {
     256: (16, 256, 8),
 }
 MAX_FUSED_K_PAD = max(EXPANDER_ENCODE_CONFIGS)
+# Register caps (ptxas ``maxnreg``) by (dtype of x, K_PAD), where the uncapped build would lose a
+# resident CTA per SM that a capped one keeps without spilling: fp32 at K_PAD=64 takes 188
+# registers on sm_90 uncapped (2 CTAs of 4 warps) and 168 capped (3 CTAs, 0 spills, as on sm_80).
+# Only where it helps: a cap lets ptxas use up to it (bf16 at K_PAD=64 goes from 128 registers to
+# 160 under a 168 cap). tests/gpu_compile.py compiles every entry and checks for spills.
+EXPANDER_ENCODE_MAXNREG = {(torch.float32, 64): 168}
 
 # CPU path tiles: embedding_bag writes a tile's pre-activations as [block_n, block_b] and they are
 # transposed into a reused [block_b, block_n] buffer, so 2 * CPU_TILE_ELEMS fp32 (128 MiB) exist at
@@ -174,13 +206,17 @@ XT_CHUNK_BYTES = 64 * 2**20
 
 
 def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
-    """x [B, m] -> x.T as [m, LD], LD = B rounded up to a multiple of block_b, padded tokens zero:
-    the fused kernel's gather reads block_b consecutive tokens of one coordinate, aligned, unmasked."""
+    """x [B, m] -> x.T as [m + 1, LD], LD = B rounded up to a multiple of block_b, padded tokens
+    and row m zero: the kernels' gather reads block_b consecutive tokens of one coordinate,
+    aligned and unmasked, and reads row m for a row outside [0, m)."""
     B, M = x.shape
     ld = triton.cdiv(B, block_b) * block_b
-    xt = x.new_empty(M, ld)
-    xt[:, :B].copy_(x.T)
-    xt[:, B:].zero_()
+    if (M + 1) * ld > 2**31 - 1:  # the kernels' row offsets are int32 (launches hold XT_CHUNK_BYTES)
+        raise ValueError(f"x: expected (m + 1) * {ld} tokens < 2**31 for the Triton expander encoder, got m = {M}")
+    xt = x.new_empty(M + 1, ld)
+    xt[:M, :B].copy_(x.T)
+    xt[:M, B:].zero_()
+    xt[M].zero_()
     return xt
 
 
@@ -221,6 +257,20 @@ def expander_strategy(k: int, x_dtype: torch.dtype, device: torch.device) -> str
     return EXPANDER_PREDICTED if device.type == "cuda" else "fused"
 
 
+def pack_taps(values: Tensor, rows: Tensor, m: int) -> Tensor:
+    """values, rows [n, d] -> taps [d, n] int64, what the kernels read per degree: the fp32 bits of
+    values[j, t] in the high half, rows[j, t] in the low half, and -1 there for a row outside
+    [0, m) (the kernels skip it). One coalesced load per degree and tile gives both, and one layout
+    conversion (not three) puts them where the gather needs them. Made per call (n * d * 8 bytes:
+    58 MB at n = 2**20, d = 7); values are rounded to fp32 as the kernels' accumulation does."""
+    n, d = rows.shape
+    taps = torch.empty(d, n, device=rows.device, dtype=torch.int64)
+    taps.copy_(values.float().view(torch.int32).T)
+    taps.bitwise_left_shift_(32)
+    low = torch.where((rows >= 0) & (rows < m), rows, -1).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+    return taps.bitwise_or_(low.T)
+
+
 def _xt_tokens(x: Tensor, block_b: int) -> int:
     """Tokens of x per transposed copy: a multiple of block_b whose copy fits XT_CHUNK_BYTES."""
     return max(1, XT_CHUNK_BYTES // (x.shape[1] * x.element_size() * block_b)) * block_b
@@ -252,16 +302,17 @@ def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tenso
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
     xt = transposed_tokens(x, block_b)
+    taps = pack_taps(values, rows, M)
     bias_arg = bias if bias is not None else values
     options = dict(HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
-                   **launch_options())
-    ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, values, rows, bias_arg, values.new_empty(
+                   maxnreg=EXPANDER_ENCODE_MAXNREG.get((x.dtype, k_pad)), **launch_options())
+    ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, taps, bias_arg, values.new_empty(
         0, dtype=torch.int64), B, N, M, D, token_blocks * block_b, n_tiles, k_pad), options)
     splits = latent_splits(token_blocks, n_tiles, x.device, ctas, _fill_cost_tiles(D, k_pad))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
     _expander_encode_fwd_kernel[(token_blocks, splits)](
-        xt, values, rows, bias_arg, cand,
+        xt, taps, bias_arg, cand,
         B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad, **options,
     )
     return merge_candidates(cand, k, out_dtype)
@@ -282,6 +333,7 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
     # Latent tiles run on grid axis 1, which CUDA caps at 65,535: with few tokens a chunk of
     # EXPANDER_CHUNK_ELEMS would otherwise span more (B=1, n=2^24: 131,072 tiles).
     block_n = min(N, max(1, EXPANDER_CHUNK_ELEMS // block_b), MAX_GRID_Y * g_n)
+    taps = pack_taps(values, rows, M)
     tile: dict = {}  # the current token tile, transposed
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
@@ -291,7 +343,7 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
         xt = tile["xt"]
         pre = torch.empty(b1 - b0, stop - start, device=x.device, dtype=torch.float32)
         _expander_pre_kernel[(triton.cdiv(b1 - b0, g_b), triton.cdiv(stop - start, g_n))](
-            xt, values, rows, pre, b1 - b0, stop - start, start, M, D, xt.shape[1],
+            xt, taps, pre, b1 - b0, stop - start, start, N, M, D, xt.shape[1],
             BLOCK_B=g_b, BLOCK_N=g_n, num_warps=g_warps, **launch_options(),
         )
         return pre
@@ -302,8 +354,9 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
 def _fill_cost_tiles(d: int, k_pad: int) -> float:
     """A program's fixed cost in tiles: its first tiles insert K_PAD entries per row into empty
     slots, one ``fold_tile`` pass each. In the sm_90 SASS (bf16, K_PAD=64, 32 x 128 tiles) a pass
-    is ~850 instructions per warp, one degree's gather ~155 and a tile's other code ~950."""
-    return k_pad * 850 / (155 * d + 950)
+    is ~850 instructions per warp, one degree's gather ~141 (282 a trip of two) and a tile's other
+    code ~950."""
+    return k_pad * 850 / (141 * d + 950)
 
 
 # ---------------------------------------------------------------------------------------------
