@@ -112,6 +112,8 @@ if HAS_TRITON:
             degree_ptr += N
             x0 = tl.load(xt_blk + off0[None, :])
             x1 = tl.load(xt_blk + off1[None, :])
+            # One statement (FMUL + FFMA + FADD an element pair): as two FFMA statements the loop is
+            # 30 instructions shorter, but sm_90 bf16 needs 151 registers (3 CTAs) or spills at 128.
             acc += x0.to(tl.float32) * v0[None, :] + x1.to(tl.float32) * v1[None, :]
         return acc
 
