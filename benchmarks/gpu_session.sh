@@ -9,6 +9,8 @@
 #                                                 # strategy against chunked at k = 256..4096 (~6 minutes)
 #   PART=d bash benchmarks/gpu_session.sh $OUT    # the threshold strategy: its tests on CUDA, then against
 #                                                 # chunked / dense / cuBLAS + torch.topk at k = 256..4096
+#   PART=e bash benchmarks/gpu_session.sh $OUT    # the expander encoder, two degrees a trip: its tests on CUDA,
+#                                                 # fused against chunked in bf16 and fp32 (~3 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -96,6 +98,16 @@ for k in 2048 4096; do
 done
 sweep sweep_d 90 --dtype fp32 --k 1024 --no-fused --chunks 33554432 --threshold --tiles 1x128x1b
 cat "$out/sweep_d.md"
+fi
+if [[ $part == *e* ]]; then
+# The expander encoder's two-degrees-a-trip gather (built without a GPU; RESULTS.md predicts
+# 15-20 ms in bf16 and 23-26 in fp32, from 25.6 / 28.2): its tests on CUDA, then fused against
+# chunked at the benchmark size.
+encoder_tests tests_e tests/test_expander_encode.py tests/test_specials.py
+sweep_rc=0
+sweep sweep_e 80 --expander --B 4096 --n 1048576 --tiles 32x128x4
+sweep sweep_e 80 --expander --dtype fp32 --B 4096 --n 1048576 --tiles 32x128x4
+cat "$out/sweep_e.md"
 fi
 
 echo
