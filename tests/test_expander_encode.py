@@ -306,9 +306,11 @@ def test_transposed_tokens_refuses_offsets_past_int32():
 
 @pytest.mark.parametrize("rows_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_pack_taps_holds_fp32_values_and_rows_with_out_of_range_as_minus_one(rows_dtype, dtype):
+def test_pack_taps_holds_fp32_values_and_rows_with_out_of_range_as_minus_one(monkeypatch, rows_dtype, dtype):
     """taps[t, j]: the fp32 bits of values[j, t] above rows[j, t] (as int32), -1 for a row outside
-    [0, m), including int64 rows that would wrap into range as int32."""
+    [0, m), including int64 rows that would wrap into range as int32; packed in chunks of 16
+    latents here (the last one short)."""
+    monkeypatch.setattr(ee, "PACK_CHUNK", 16)
     n, d, m = 41, 5, 30
     values = torch.randn(n, d).to(dtype)
     values[3, 1], values[4, 2] = float("-inf"), -0.0

@@ -259,18 +259,25 @@ def expander_strategy(k: int, x_dtype: torch.dtype, device: torch.device) -> str
     return EXPANDER_PREDICTED if device.type == "cuda" else "fused"
 
 
+PACK_CHUNK = 2**18  # latents per step of pack_taps: its temporaries stay ~2 MiB x d
+
+
 def pack_taps(values: Tensor, rows: Tensor, m: int) -> Tensor:
     """values, rows [n, d] -> taps [d, n] int64, what the kernels read per degree: the fp32 bits of
     values[j, t] in the high half, rows[j, t] in the low half, and -1 there for a row outside
-    [0, m) (the kernels skip it). One coalesced load per degree and tile gives both, and one layout
-    conversion (not three) puts them where the gather needs them. Made per call (n * d * 8 bytes:
-    58 MB at n = 2**20, d = 7); values are rounded to fp32 as the kernels' accumulation does."""
+    [0, m) (the kernels read a zero row for it). One coalesced load per degree and tile gives
+    both, and two layout conversions (not three with the mask) put them where the gather needs them. Made per call (n * d * 8 bytes:
+    58 MB at n = 2**20, d = 7, freed when the forward returns), PACK_CHUNK latents at a time;
+    values are rounded to fp32 as the kernels' accumulation does."""
     n, d = rows.shape
     taps = torch.empty(d, n, device=rows.device, dtype=torch.int64)
-    taps.copy_(values.float().view(torch.int32).T)
-    taps.bitwise_left_shift_(32)
-    low = torch.where((rows >= 0) & (rows < m), rows, -1).to(torch.int64).bitwise_and_(0xFFFFFFFF)
-    return taps.bitwise_or_(low.T)
+    for j0 in range(0, n, PACK_CHUNK):  # temporaries of one chunk, not of all n
+        block, r = taps[:, j0:j0 + PACK_CHUNK], rows[j0:j0 + PACK_CHUNK]
+        block.copy_(values[j0:j0 + PACK_CHUNK].float().view(torch.int32).T)
+        block.bitwise_left_shift_(32)
+        low = torch.where((r >= 0) & (r < m), r, -1).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+        block.bitwise_or_(low.T)
+    return taps
 
 
 def _xt_tokens(x: Tensor, block_b: int) -> int:
