@@ -214,7 +214,8 @@ def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
     B, M = x.shape
     ld = triton.cdiv(B, block_b) * block_b
     if (M + 1) * ld > 2**31 - 1:  # the kernels' row offsets are int32 (launches hold XT_CHUNK_BYTES)
-        raise ValueError(f"x: expected (m + 1) * {ld} tokens < 2**31 for the Triton expander encoder, got m = {M}")
+        raise ValueError(f"x: expected (m + 1) * {ld} < 2**31 elements of x.T per launch of the Triton "
+                         f"expander encoder (int32 offsets), got m = {M}")
     xt = x.new_empty(M + 1, ld)
     xt[:M, :B].copy_(x.T)
     xt[:M, B:].zero_()
