@@ -362,15 +362,10 @@ if HAS_TRITON:
         for start in range(0, whole, 8 * BLOCK):
             o0, o1, o2, o3 = start + lane, start + BLOCK + lane, start + 2 * BLOCK + lane, start + 3 * BLOCK + lane
             o4, o5, o6, o7 = o0 + 4 * BLOCK, o1 + 4 * BLOCK, o2 + 4 * BLOCK, o3 + 4 * BLOCK
-            v0, v1, v2, v3 = tl.load(pre_row + o0), tl.load(pre_row + o1), tl.load(pre_row + o2), tl.load(pre_row + o3)
-            v4, v5, v6, v7 = tl.load(pre_row + o4), tl.load(pre_row + o5), tl.load(pre_row + o6), tl.load(pre_row + o7)
-            if HAS_BIAS:
-                c0, c1, c2, c3 = tl.load(bias_ptr + o0), tl.load(bias_ptr + o1), tl.load(bias_ptr + o2), tl.load(bias_ptr + o3)
-                c4, c5, c6, c7 = tl.load(bias_ptr + o4), tl.load(bias_ptr + o5), tl.load(bias_ptr + o6), tl.load(bias_ptr + o7)
-                v0, v1, v2, v3 = v0 + c0.to(tl.float32), v1 + c1.to(tl.float32), v2 + c2.to(tl.float32), v3 + c3.to(tl.float32)
-                v4, v5, v6, v7 = v4 + c4.to(tl.float32), v5 + c5.to(tl.float32), v6 + c6.to(tl.float32), v7 + c7.to(tl.float32)
-            b0, b1, b2, b3 = ordered_bits(v0), ordered_bits(v1), ordered_bits(v2), ordered_bits(v3)
-            b4, b5, b6, b7 = ordered_bits(v4), ordered_bits(v5), ordered_bits(v6), ordered_bits(v7)
+            b0, b1 = _row_bits(pre_row, bias_ptr, o0, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o1, None, HAS_BIAS)
+            b2, b3 = _row_bits(pre_row, bias_ptr, o2, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o3, None, HAS_BIAS)
+            b4, b5 = _row_bits(pre_row, bias_ptr, o4, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o5, None, HAS_BIAS)
+            b6, b7 = _row_bits(pre_row, bias_ptr, o6, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o7, None, HAS_BIAS)
             _append(b0, o0, floor, counter, buf_row, BUF)
             _append(b1, o1, floor, counter, buf_row, BUF)
             _append(b2, o2, floor, counter, buf_row, BUF)
@@ -559,8 +554,9 @@ DENSE_TILE_ELEMS = 64 * 2**20
 # candidates sorted at the end. Chosen in ptxas for sm_90 (tests/gpu_compile.py; RESULTS.md,
 # "Threshold strategy"): a top 128 of the sample took 107 registers, SAMPLE 4096 115, CAP 512 or
 # more made ptxas serialise the read loop's eight loads; SAMPLE 2048, a top 64 and CAP 256 take 61
-# registers (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the first append. The sample's bracket then often holds more than CAP
-# entries, which costs a counting pass over the buffer (a few thousand keys), not over the row.
+# registers (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the first append.
+# The sample's bracket then often holds more than CAP entries, which costs a counting pass over
+# the buffer (a few thousand keys), not over the row.
 THRESHOLD_TILE = dict(BLOCK=256, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, num_warps=8)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
