@@ -112,7 +112,7 @@ def rows(dtypes: list[str]) -> list[str]:
             name = lc.kernel.__name__
             args = gc.launch_arguments(lc)
             report = gc.compile_launch(lc, 90)
-            instrs, loops = gc.sass_loops(gc.disassemble(gc.compile_quietly(lc, 90).asm["cubin"]))
+            instrs, loops = gc.sass_loops(gc.launch_asm(lc, 90)["sass"])
             start, end = max(((b, e) for b, e in loops if e - b > 2), key=lambda be: be[1] - be[0])
             body = end - start + 1
             warps = report["num_warps"]

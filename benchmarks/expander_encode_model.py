@@ -9,8 +9,8 @@ and the compiled SASS:
   HBM bytes (each tensor once: a lower bound, as everything but rows/values fits in the 50 MB L2);
 - static SASS: instructions, and instructions x warps / tile elements (per pre-activation);
 - dynamic warp instructions per pre-activation: per tile, ceil(d / DEGREES_PER_TRIP) trips of the
-  gather loop (1 degree a trip in builds before it), the tile's
-  straight-line code, and (insertion top-k) the insertion loop times its passes per tile, which are
+  gather loop (1 degree a trip in builds before it; floor(d / DEGREES_PER_TRIP) where an odd d's
+  first degree runs apart, the launch's ``ODD_APART``), the tile's straight-line code, and (insertion top-k) the insertion loop times its passes per tile, which are
   simulated with iid normal pre-activations (tile after tile, a pass per entry that enters the
   running top-K_PAD of the slowest row);
 - a predicted time: the largest of L2 bytes / 5.5 TB/s (an assumption), HBM bytes / 3.35 TB/s and
@@ -75,12 +75,14 @@ def predict(label: str, launch, insertion: bool) -> dict:
     args = gc.launch_arguments(launch)
     plan = gc.expander_encode_plan(args)
     stats = gc.compile_launch(launch, ARCH)
-    loops = loop_sizes(gc.disassemble(gc.compile_quietly(launch, ARCH).asm["cubin"]))
+    loops = loop_sizes(gc.launch_asm(launch, ARCH)["sass"])
     bb, bn, k_pad, d = args["BLOCK_B"], args["BLOCK_N"], args["K_PAD"], args["D"]
     warps, tiles = stats["num_warps"], args["TILES_PER_SPLIT"]
     passes = passes_per_tile(bb, bn, k_pad, tiles) if insertion else 0.0
     straight = loops["tile"] - loops["gather"] - loops["fold"]
-    trips = -(-d // getattr(importlib.import_module("topk_kernels.expander_encode"), "DEGREES_PER_TRIP", 1))
+    per_trip = getattr(importlib.import_module("topk_kernels.expander_encode"), "DEGREES_PER_TRIP", 1)
+    # An odd degree run apart from the loop is in the tile's straight-line code already.
+    trips = d // per_trip if args.get("ODD_APART", False) else -(-d // per_trip)
     per_tile = warps * (trips * loops["gather"] + straight + passes * loops["fold"])
     programs = plan["token_blocks"] * plan["splits"]
     instr = programs * tiles * per_tile

@@ -129,7 +129,7 @@ def sass_loops(k_pad: int, tile: tuple) -> dict:
             launch = next(lc for lc in gc.capture(spec, 90)
                           if lc.kernel.__name__ in ("_select_kernel", "_select_buffer_kernel"))
             report = gc.compile_launch(launch, 90)
-            text = gc.disassemble(gc.compile_quietly(launch, 90).asm["cubin"])
+            text = gc.launch_asm(launch, 90)["sass"]
     finally:
         te.SELECT_CONFIGS.clear()
         te.SELECT_CONFIGS.update(saved)

@@ -286,15 +286,15 @@ def expander_gather_layout(launch: Launch, arch: int) -> dict:
     kernel's 2-D loads, [BLOCK_B tokens, BLOCK_N latents], all in one layout) from the TTGIR, the tokens of one
     latent that one warp-wide load reads (elements per thread x lanes, along tokens), and the
     global-load opcodes of the SASS with their counts."""
-    compiled = compile_quietly(launch, arch)
-    ttgir = compiled.asm["ttgir"]
+    asm = launch_asm(launch, arch)
+    ttgir = asm["ttgir"]
     layouts = {name: [[int(v) for v in group.split(",")] for group in groups]
                for name, *groups in _BLOCKED.findall(ttgir)}
     gathers = _GATHER_LOAD.findall(ttgir)
     if not gathers or len(set(gathers)) != 1:
         raise RuntimeError(f"{launch.kernel.__name__}: expected 2-D loads of one shape and layout, found {gathers}")
     spt, tpw, wpc, order = layouts[gathers[0][2]]
-    sass = disassemble(compiled.asm["cubin"])
+    sass = asm["sass"]
     loads: dict = {}
     for _, ins in _SASS_LINE.findall(sass):
         op = re.search(r"\bLDG\S*", ins)
@@ -451,19 +451,32 @@ def specialise(launch: Launch, arch: int):
     return signature, constexprs, attrs, options
 
 
-_BUILDS: dict = {}  # one compile per build: the launchers' occupancy queries and the report share it
+# One compile per build: the launchers' occupancy queries, the report and the models that read a
+# build's SASS or TTGIR all share it. build key -> (report, {"ttgir": text, "sass": nvdisasm listing}).
+_BUILDS: dict = {}
 
 
-def compile_launch(launch: Launch, arch: int) -> dict:
+def _build(launch: Launch, arch: int) -> tuple[dict, dict]:
     signature, constexprs, attrs, options = specialise(launch, arch)
     key = (launch.kernel, arch, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
            repr(options))
     if key not in _BUILDS:
         _BUILDS[key] = _compile(launch, arch, signature, constexprs, attrs, options)
-    return dict(_BUILDS[key])
+    return _BUILDS[key]
 
 
-def _compile(launch: Launch, arch: int, signature, constexprs, attrs, options) -> dict:
+def compile_launch(launch: Launch, arch: int) -> dict:
+    """A launch's build for ``arch``: registers, shared memory, spills, CTAs per SM, SASS counts."""
+    return dict(_build(launch, arch)[0])
+
+
+def launch_asm(launch: Launch, arch: int) -> dict:
+    """The same build's TTGIR (``"ttgir"``) and disassembled SASS (``"sass"``), without compiling it
+    again."""
+    return _build(launch, arch)[1]
+
+
+def _compile(launch: Launch, arch: int, signature, constexprs, attrs, options) -> tuple[dict, dict]:
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True
@@ -475,15 +488,15 @@ def _compile(launch: Launch, arch: int, signature, constexprs, attrs, options) -
         raise RuntimeError(f"{launch.kernel.__name__} sm_{arch}: no ptxas report found in:\n{text}")
     stack, stores, loads = (int(v) for v in spill[-1])
     regs, shared = int(used[-1]), int(compiled.metadata.shared)
-    sass = sass_stats(compiled.asm["cubin"])
+    listing = disassemble(compiled.asm["cubin"])
     divisible = sorted(signature_names(launch.kernel)[k[0]] for k, v in attrs.items() if v)
     return {
         "registers": regs, "shared_bytes": shared, "stack_bytes": stack, "spill_stores": stores,
         "spill_loads": loads, "num_warps": options.num_warps, "num_stages": options.num_stages,
-        "ctas_per_sm": ctas_per_sm(arch, regs, shared, options.num_warps), **sass,
+        "ctas_per_sm": ctas_per_sm(arch, regs, shared, options.num_warps), **sass_stats(listing),
         "divisible_by_16": divisible,
         "constexprs": {signature_names(launch.kernel)[k[0]]: _jsonable(v) for k, v in constexprs.items()},
-    }
+    }, {"ttgir": compiled.asm["ttgir"], "sass": listing}
 
 
 def signature_names(kernel) -> list[str]:
@@ -551,11 +564,11 @@ def sass_loops(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return instrs, [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
 
 
-def sass_stats(cubin: bytes) -> dict:
+def sass_stats(listing: str) -> dict:
     """Total instructions, main-loop instructions (the largest innermost loop), every innermost
     loop's size, the tensor-core loop's size, MEMBAR fences and atomics (all, and those behind a
-    GPU-wide fence) of the kernel's SASS."""
-    instrs, loops = sass_loops(disassemble(cubin))
+    GPU-wide fence) of a kernel's disassembled SASS."""
+    instrs, loops = sass_loops(listing)
     innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
     main = max((e - s + 1 for s, e in innermost), default=0)
     # The tensor-core loop: the innermost loop holding an MMA (HGMMA on sm_90, HMMA on sm_80).
