@@ -14,8 +14,12 @@ degrees a trip"). Their split into "before the wait" and "after" is read from wh
 their first uses sit:
 - one degree a trip (155 loop instructions): tap loads (~10), then a wait; conversions and the
   gather (~25), then a wait; unpacking and FFMAs (~120).
-- two degrees a trip (269): two taps (~20), then a wait; conversions and 8 gathers (~60), then a
-  wait; the rest (~189).
+- two degrees a trip (9b9b35f, 269): two taps (~20), then a wait; conversions and 8 gathers
+  (~60), then a wait; the rest (~189).
+- odd degree apart (this, bf16 only: ``odd_apart``): at odd d the first degree runs alone
+  before the loop (~112 instructions: its tap, a wait, conversions and 4 gathers, a wait, the
+  rest), then floor(d / 2) trips of the two-degree loop (266); the same 8 waits a tile at d=7,
+  ~160 fewer instructions.
 - "prefetch", the rejected alternative (285): the next trip's taps are loaded at the top of this
   trip. It then waits once per trip, plus once for the tile's first taps, but it needs 158
   registers in bf16, so 3 CTAs per SM (128 spills).
@@ -42,7 +46,9 @@ FOLD = 628 + round(1.29 * 852)
 # build -> (segments of one tile as (instructions, waits), resident CTAs per SM)
 BUILDS = {
     "one degree a trip (8e09c25, measured)": ([(10, True), (25, True), (120, False)] * 7, 4),
-    "two degrees a trip (this)": ([(20, True), (60, True), (189, False)] * 4, 4),
+    "two degrees a trip (9b9b35f)": ([(20, True), (60, True), (189, False)] * 4, 4),
+    "odd degree apart (this, bf16)": ([(10, True), (25, True), (77, False)]
+                                + [(20, True), (60, True), (186, False)] * 3, 4),
     "prefetch, rejected (3 CTAs)": ([(10, True)] + [(100, True), (185, False)] * 4, 3),
 }
 

@@ -253,17 +253,20 @@ def test_expander_strategy_table(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("d", [1, 4, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_gathers_over_token_blocks_and_tiles(monkeypatch, dtype):
+def test_kernel_gathers_over_token_blocks_and_tiles(monkeypatch, dtype, d):
     """Small tiles, so that B=37 spans three token blocks (the last padded), n=70 several latent
     tiles and splits; m=45 is not a power of two and most latents use coordinates 0 and m - 1 (the
-    first and last row of x.T)."""
+    first and last row of x.T). Odd and even d, with the odd degree apart (bf16) and as a dead
+    second degree (fp32): ``odd_apart``."""
     monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 16, (16, 16, 4))
-    x, values, _, bias = _inputs((37,), 45, 70, 5, dtype)
+    assert ee.odd_apart(dtype, fused=True) == (dtype != torch.float32)
+    x, values, _, bias = _inputs((37,), 45, 70, d, dtype)
     order = torch.rand(70, 45)
     order[::2, 44], order[::3, 0] = -2.0, -1.0  # drawn first: distinct rows that include them
-    rows = order.argsort(dim=1)[:, :5]
-    assert (rows == 44).any(1)[::2].all() and (rows == 0).any(1)[::3].all()
+    rows = order.argsort(dim=1)[:, :d]
+    assert (rows == 44).any(1)[::2].all() and (rows == 0).any(1)[3::6].all()
     _check_against_reference(x, values, rows, bias, 9, "triton", TOL[dtype])
 
 

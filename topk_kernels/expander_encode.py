@@ -88,13 +88,13 @@ if HAS_TRITON:
         v = (tap >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         return tl.where(ok, r, M) * LD, v
 
-    # Degrees per trip of ``_gather_tile``'s loop (its body is written for two; the
-    # instruction model in benchmarks/expander_encode_model.py reads this).
+    # Degrees per trip of ``_gather_tile``'s loop (its body is written for two; the instruction
+    # model in benchmarks/expander_encode_model.py reads this and ``odd_apart``).
     DEGREES_PER_TRIP = 2
 
     @triton.jit
     def _gather_tile(xt_blk, taps_ptr, offs_n, mask_n, M, N, D, LD,
-                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, ODD_APART: tl.constexpr):
         """fp32 [BLOCK_B, BLOCK_N] pre-activations (no bias) of one token block x latent tile:
         pre[b, j] = sum_t values[j, t] * xt[rows[j, t], b]. xt_blk points at the block's first
         token of coordinate 0 of x transposed ([M, LD]): the lanes reading one latent read
@@ -102,13 +102,24 @@ if HAS_TRITON:
         trip: both taps are loaded, then both gathers issued, before anything waits, so a warp
         waits on two L2 round trips per two degrees, not four. Nothing loaded is carried across
         trips (a carried bf16 tile costs register moves that wait on the load). Registers hold
-        two gathered tiles, never a cube."""
+        two gathered tiles, never a cube. With ODD_APART an odd D's first degree runs alone
+        before the loop; without it, the last trip's second degree is a dead one (row M, value 0)
+        that still loads and multiplies (``odd_apart`` chooses)."""
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        degree_ptr = taps_ptr  # advanced by N at a time: 64-bit pointer steps, no int32 t * N
-        for t in range(0, D, 2):
+        t0 = 0
+        if ODD_APART:
+            if D % 2 == 1:
+                off0, v0 = _tap(taps_ptr, offs_n, mask_n, M, LD)
+                acc = tl.load(xt_blk + off0[None, :]).to(tl.float32) * v0[None, :]
+            t0 = D % 2
+        degree_ptr = taps_ptr + t0 * N  # advanced by N at a time: 64-bit pointer steps, no int32 t * N
+        for t in range(t0, D, 2):
+            live1 = mask_n
+            if not ODD_APART:
+                live1 = mask_n & (t + 1 < D)
             off0, v0 = _tap(degree_ptr, offs_n, mask_n, M, LD)
             degree_ptr += N
-            off1, v1 = _tap(degree_ptr, offs_n, mask_n & (t + 1 < D), M, LD)
+            off1, v1 = _tap(degree_ptr, offs_n, live1, M, LD)
             degree_ptr += N
             x0 = tl.load(xt_blk + off0[None, :])
             x1 = tl.load(xt_blk + off1[None, :])
@@ -122,6 +133,7 @@ if HAS_TRITON:
         xt_ptr, taps_ptr, bias_ptr, cand_ptr,
         B, N, M, D, LD, TILES_PER_SPLIT, C,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+        ODD_APART: tl.constexpr,
     ):
         """Fused strategy, program (token block, latent split): the split's top K_PAD keys per
         token -> cand[:, split]. xt is x transposed, [M, LD] with LD a multiple of BLOCK_B (padded
@@ -136,7 +148,7 @@ if HAS_TRITON:
         for tile in range(0, TILES_PER_SPLIT):
             offs_n = n_first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            acc = _gather_tile(xt_blk, taps_ptr, offs_n, mask_n, M, N, D, LD, BLOCK_B, BLOCK_N)
+            acc = _gather_tile(xt_blk, taps_ptr, offs_n, mask_n, M, N, D, LD, BLOCK_B, BLOCK_N, ODD_APART)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             running = fold_tile(running, acc, offs_n, mask_n)
@@ -147,7 +159,7 @@ if HAS_TRITON:
     def _expander_pre_kernel(
         xt_ptr, taps_ptr, pre_ptr,
         B, NC, N0, N, M, D, LD,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, ODD_APART: tl.constexpr,
     ):
         """Chunked strategy, program (token block, latent tile): the fp32 pre-activations (no
         bias) of latents N0 + [0, NC) -> pre [B, NC], row-major, for the selection kernels."""
@@ -156,7 +168,7 @@ if HAS_TRITON:
         xt_blk = xt_ptr + offs_b[:, None]
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = cols < NC
-        acc = _gather_tile(xt_blk, taps_ptr, N0 + cols, mask_n, M, N, D, LD, BLOCK_B, BLOCK_N)
+        acc = _gather_tile(xt_blk, taps_ptr, N0 + cols, mask_n, M, N, D, LD, BLOCK_B, BLOCK_N, ODD_APART)
         out = pre_ptr + offs_b.to(tl.int64)[:, None] * NC + cols[None, :]
         tl.store(out, acc, mask=(offs_b < B)[:, None] & mask_n[None, :])
 
@@ -260,6 +272,17 @@ def expander_strategy(k: int, x_dtype: torch.dtype, device: torch.device) -> str
     return EXPANDER_PREDICTED if device.type == "cuda" else "fused"
 
 
+def odd_apart(x_dtype: torch.dtype, fused: bool) -> bool:
+    """The kernels' ODD_APART: whether ``_gather_tile`` runs an odd d's first degree alone before
+    its loop, instead of as a dead second degree (row m, value 0) in its last trip that still
+    loads and multiplies. At d=7 that is 3 trips and a lone degree for 4 trips: sm_90 bf16 K_PAD=64,
+    266 x 3 + 112 against 269 x 4 instructions a tile's gather (-15 %), the same 8 waits. Not in the
+    fused kernel on fp32 x: there L2 bytes bound it, not instructions (the dead degree's gather
+    reads the zero row, from L1), and at K_PAD=64 the lone degree spills 8 bytes on sm_80 under
+    the 168-register cap (RESULTS.md, "odd degree apart")."""
+    return not fused or x_dtype != torch.float32
+
+
 PACK_CHUNK = 2**18  # latents per step of pack_taps: its temporaries stay ~2 MiB x d
 
 
@@ -314,7 +337,8 @@ def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tenso
     xt = transposed_tokens(x, block_b)
     taps = pack_taps(values, rows, M)
     bias_arg = bias if bias is not None else values
-    options = dict(HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad, num_warps=num_warps,
+    options = dict(HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad,
+                   ODD_APART=odd_apart(x.dtype, fused=True), num_warps=num_warps,
                    maxnreg=EXPANDER_ENCODE_MAXNREG.get((x.dtype, k_pad)), **launch_options())
     ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, taps, bias_arg, values.new_empty(
         0, dtype=torch.int64), B, N, M, D, token_blocks * block_b, n_tiles, k_pad), options)
@@ -354,7 +378,8 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
         pre = torch.empty(b1 - b0, stop - start, device=x.device, dtype=torch.float32)
         _expander_pre_kernel[(triton.cdiv(b1 - b0, g_b), triton.cdiv(stop - start, g_n))](
             xt, taps, pre, b1 - b0, stop - start, start, N, M, D, xt.shape[1],
-            BLOCK_B=g_b, BLOCK_N=g_n, num_warps=g_warps, **launch_options(),
+            BLOCK_B=g_b, BLOCK_N=g_n, ODD_APART=odd_apart(x.dtype, fused=False), num_warps=g_warps,
+            **launch_options(),
         )
         return pre
 
