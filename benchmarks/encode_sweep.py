@@ -198,7 +198,7 @@ def expander_sweep(args) -> int:
                   flush=True)
         ee.EXPANDER_ENCODE_CONFIGS[kp] = default
         ee.expander_strategy = lambda *a: "chunked"
-        for elems in args.chunks or [8 * 2**20, chunk_default]:
+        for elems in [] if args.no_chunked else args.chunks or [8 * 2**20, chunk_default]:
             ee.EXPANDER_CHUNK_ELEMS = elems
             same = bool(torch.equal(fn()[1], want))
             ms = do_bench(fn, warmup=20, rep=200, return_mode="median")

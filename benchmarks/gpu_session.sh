@@ -10,7 +10,7 @@
 #   PART=d bash benchmarks/gpu_session.sh $OUT    # the threshold strategy: its tests on CUDA, then against
 #                                                 # chunked / dense / cuBLAS + torch.topk at k = 256..4096
 #   PART=e bash benchmarks/gpu_session.sh $OUT    # the expander encoder, two degrees a trip: its tests on CUDA,
-#                                                 # fused against chunked in bf16 and fp32 (~3 minutes)
+#                                                 # fused against chunked in bf16 and fp32, bf16 d = 8 (~4 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -107,6 +107,10 @@ encoder_tests tests_e tests/test_expander_encode.py tests/test_specials.py
 sweep_rc=0
 sweep sweep_e 80 --expander --B 4096 --n 1048576 --tiles 32x128x4
 sweep sweep_e 80 --expander --dtype fp32 --B 4096 --n 1048576 --tiles 32x128x4
+# At odd d the bf16 fused kernel runs the first degree apart (RESULTS.md, "an odd degree apart"):
+# d = 8 (four full trips) is predicted ~3-6 % slower than d = 7 (three trips and a lone degree);
+# before that change both ran four trips.
+sweep sweep_e 60 --expander --B 4096 --n 1048576 --d 8 --tiles 32x128x4 --no-chunked
 cat "$out/sweep_e.md"
 fi
 
