@@ -105,7 +105,10 @@ if [[ $part == *e* ]]; then
 # chunked at the benchmark size.
 encoder_tests tests_e tests/test_expander_encode.py tests/test_specials.py
 sweep_rc=0
-sweep sweep_e 80 --expander --B 4096 --n 1048576 --tiles 32x128x4
+# bf16 also with tiles that keep more warps resident to hide the gathers' latency (sm_90:
+# 16x128x4 at 96 registers, 5 CTAs = 20 warps an SM; 32x128x8 at 103, 2 CTAs = 16; the default
+# 32x128x4 at 128, 4 CTAs = 16).
+sweep sweep_e 100 --expander --B 4096 --n 1048576 --tiles 32x128x4,16x128x4,32x128x8
 sweep sweep_e 80 --expander --dtype fp32 --B 4096 --n 1048576 --tiles 32x128x4
 # At odd d the bf16 fused kernel runs the first degree apart (RESULTS.md, "an odd degree apart"):
 # d = 8 (four full trips) is predicted ~3-6 % slower than d = 7 (three trips and a lone degree);
