@@ -11,6 +11,8 @@
 #                                                 # chunked / dense / cuBLAS + torch.topk at k = 256..4096
 #   PART=e bash benchmarks/gpu_session.sh $OUT    # the expander encoder, two degrees a trip: its tests on CUDA,
 #                                                 # fused against chunked in bf16 and fp32, bf16 d = 8 (~4 minutes)
+#   PART=f bash benchmarks/gpu_session.sh $OUT    # where the TopK / Expander SAE train steps' time goes:
+#                                                 # torch.profiler's kernels, bf16 and fp32 (~2 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -115,6 +117,14 @@ sweep sweep_e 80 --expander --dtype fp32 --B 4096 --n 1048576 --tiles 32x128x4
 # before that change both ran four trips.
 sweep sweep_e 60 --expander --B 4096 --n 1048576 --d 8 --tiles 32x128x4 --no-chunked
 cat "$out/sweep_e.md"
+fi
+if [[ $part == *f* ]]; then
+# gpu.py times whole training steps (TopK SAE bf16: 30.2 ms, of which the encoder's forward and
+# backward ~12.9 ms and the decoder's ~3.2): which kernels take the rest.
+for dt in bf16 fp32; do
+    timeout 150 "$py" benchmarks/step_profile.py --dtype $dt > "$out/profile_$dt.md" 2> "$out/profile_$dt.log"
+    echo "step_profile $dt rc $?"; cat "$out/profile_$dt.md"
+done
 fi
 
 echo

@@ -33,3 +33,19 @@ def test_dry_run_reports_every_op_and_step(tmp_path):
     trained = report.split("### (c) Training on the device", 1)[1].splitlines()
     trained = [line for line in trained if line.startswith(("| TopKSAE |", "| ExpanderSAE"))]
     assert len(trained) == 4 and all(line.rstrip().endswith("| PASS |") for line in trained), trained
+
+
+def test_step_profile_runs_on_cpu(capsys):
+    """benchmarks/step_profile.py (gpu_session.sh's PART=f) keeps working: on CPU at its small
+    sizes it prints one table per model whose rows are the step's operators, shares summing to
+    100 % with the remainder row."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import step_profile
+
+    assert step_profile.main(["--device", "cpu", "--small", "--steps", "1", "--warmup", "1", "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    for model in ("TopKSAE", "ExpanderSAE"):
+        table = text.split(f"### {model} train step, CPU", 1)[1].split("###", 1)[0]
+        shares = [float(line.rsplit("|", 2)[1].strip(" %")) for line in table.splitlines()
+                  if line.startswith("| `") or line.startswith("| (the other")]
+        assert len(shares) == 6 and abs(sum(shares) - 100) < 0.5, table
