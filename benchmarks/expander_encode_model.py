@@ -45,7 +45,7 @@ def loop_sizes(sass: str) -> dict:
     global load, 0 when there is none), and in all."""
     instrs, all_loops = gc.sass_loops(sass)
     loops = sorted({(s, e) for s, e in all_loops if s < e})
-    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    inner = gc.innermost_loops(loops)
     has_load = {(s, e): any("LDG" in i for i in instrs[s:e + 1]) for s, e in inner}
     gather = max((lp for lp in inner if has_load[lp]), key=lambda lp: lp[1] - lp[0])
     tile = min((lp for lp in loops if lp[0] <= gather[0] and gather[1] <= lp[1] and lp != gather),

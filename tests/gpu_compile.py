@@ -310,7 +310,7 @@ def gather_loop_order(sass: str) -> dict:
     first ``BAR.SYNC`` and of its first ``FFMA``. A load issued before the first FFMA is in flight
     before anything accumulates; one before the first barrier, before any layout conversion."""
     instrs, loops = sass_loops(sass)
-    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    inner = innermost_loops(loops)
     body = next(instrs[s:e + 1] for s, e in inner if any("LDG.E.128" in i for i in instrs[s:e + 1]))
     first = lambda pattern: next((i for i, ins in enumerate(body) if re.search(pattern, ins)), len(body))  # noqa: E731
     return {"loads": [(i, re.search(r"\bLDG\S*", ins).group(0)) for i, ins in enumerate(body) if "LDG" in ins],
@@ -564,12 +564,17 @@ def sass_loops(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return instrs, [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
 
 
+def innermost_loops(loops: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The loops of ``sass_loops`` that hold no other loop."""
+    return [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+
+
 def sass_stats(listing: str) -> dict:
     """Total instructions, main-loop instructions (the largest innermost loop), every innermost
     loop's size, the tensor-core loop's size, MEMBAR fences and atomics (all, and those behind a
     GPU-wide fence) of a kernel's disassembled SASS."""
     instrs, loops = sass_loops(listing)
-    innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    innermost = innermost_loops(loops)
     main = max((e - s + 1 for s, e in innermost), default=0)
     # The tensor-core loop: the innermost loop holding an MMA (HGMMA on sm_90, HMMA on sm_80).
     mma = max((e - s + 1 for s, e in innermost if any(re.match(r"(HGMMA|HMMA)\b", i) for i in instrs[s:e + 1])),
