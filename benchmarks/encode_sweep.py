@@ -139,12 +139,12 @@ def main(argv=None) -> int:
             for elems in args.dense_elems or DENSE_ELEMS:
                 te.DENSE_TILE_ELEMS = elems
                 same = (te._dense_forward(x, w, b, k, dt)[1] == want).double().mean().item()
-                bench(f"dense, {max(1, elems // n)} tokens a block", lambda: te._dense_forward(x, w, b, k, dt),
+                bench(f"dense, {te._dense_block_tokens(n)} tokens a block", lambda: te._dense_forward(x, w, b, k, dt),
                       f"ids equal to the reference run's: {same:.6f}")
         finally:
             te.DENSE_TILE_ELEMS = dense_default
     if args.threshold:
-        block = max(1, te.DENSE_TILE_ELEMS // n)
+        block = te._dense_block_tokens(n)
 
         def row_gemms():
             gemm = te._gemm_rows(x, w, whole=True)

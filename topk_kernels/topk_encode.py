@@ -548,6 +548,12 @@ SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
 # cuBLAS + torch.topk there; it is 8x faster than the packed keys it replaces past K_PAD 2048.
 DENSE_TILE_ELEMS = 64 * 2**20
 
+
+def _dense_block_tokens(n: int) -> int:
+    """Tokens per whole-row block of the dense and threshold strategies: DENSE_TILE_ELEMS // n, at
+    least one."""
+    return max(1, DENSE_TILE_ELEMS // n)
+
 # The threshold strategy's selection kernel (``_threshold_select_kernel``), one program per token:
 # BLOCK = 32 * num_warps entries a tile (one per lane), at most the first SAMPLE entries as the
 # sample, of which the best SAMPLE_TOP are sorted, PROBES thresholds counted per pass, at most CAP
@@ -794,7 +800,7 @@ def _dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
         pre = gemm(rows, 0, N)
         return pre if bias32 is None else pre.add_(bias32)
 
-    values, indices = rows_topk(pre_rows, B, N, k, max(1, DENSE_TILE_ELEMS // N))
+    values, indices = rows_topk(pre_rows, B, N, k, _dense_block_tokens(N))
     return values.relu().to(out_dtype), indices
 
 
@@ -811,7 +817,7 @@ def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
     gemm = _gemm_rows(x, weight, whole=True)
-    block_b = min(B, max(1, DENSE_TILE_ELEMS // N))
+    block_b = min(B, _dense_block_tokens(N))
     tile = dict(THRESHOLD_TILE)
     tile["SAMPLE"], tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
     keys = torch.empty(B, k, device=x.device, dtype=torch.int64)
