@@ -10,9 +10,10 @@ and the compiled SASS:
 - static SASS: instructions, and instructions x warps / tile elements (per pre-activation);
 - dynamic warp instructions per pre-activation: per tile, ceil(d / DEGREES_PER_TRIP) trips of the
   gather loop (1 degree a trip in builds before it; floor(d / DEGREES_PER_TRIP) where an odd d's
-  first degree runs apart, the launch's ``ODD_APART``), the tile's straight-line code, and (insertion top-k) the insertion loop times its passes per tile, which are
-  simulated with iid normal pre-activations (tile after tile, a pass per entry that enters the
-  running top-K_PAD of the slowest row);
+  first degree runs apart, the launch's ``ODD_APART``), the tile's straight-line code, and
+  (insertion top-k) the insertion loop times its passes per tile, which are simulated with iid
+  normal pre-activations (tile after tile, a pass per entry that enters the running top-K_PAD of
+  the slowest row);
 - a predicted time: the largest of L2 bytes / 5.5 TB/s (an assumption), HBM bytes / 3.35 TB/s and
   warp instructions / (132 SMs x 4 per clock x 1.755 GHz), for work spread evenly over the GPU;
   ``waves`` (programs / resident CTAs) tells how far a partly filled last wave can stretch it.

@@ -290,9 +290,10 @@ def pack_taps(values: Tensor, rows: Tensor, m: int) -> Tensor:
     """values, rows [n, d] -> taps [d, n] int64, what the kernels read per degree: the fp32 bits of
     values[j, t] in the high half, rows[j, t] in the low half, and -1 there for a row outside
     [0, m) (the kernels read a zero row for it). One coalesced load per degree and tile gives
-    both, and two layout conversions (not three with the mask) put them where the gather needs them. Made per call (n * d * 8 bytes:
-    58 MB at n = 2**20, d = 7, freed when the forward returns), PACK_CHUNK latents at a time;
-    values are rounded to fp32 as the kernels' accumulation does."""
+    both, and two layout conversions (not three with the mask) put them where the gather needs
+    them. Made per call (n * d * 8 bytes: 58 MB at n = 2**20, d = 7, freed when the forward
+    returns), PACK_CHUNK latents at a time; values are rounded to fp32 as the kernels'
+    accumulation does."""
     n, d = rows.shape
     taps = torch.empty(d, n, device=rows.device, dtype=torch.int64)
     for j0 in range(0, n, PACK_CHUNK):  # temporaries of one chunk, not of all n
