@@ -119,9 +119,10 @@ def test_reference_backend_matches_dense_reference():
 
 
 def test_cpu_tiles_and_blocks_merge(monkeypatch):
-    """The CPU path's running top-k across several token tiles and latent blocks (the default
-    tiles are larger than any test input)."""
+    """The CPU path's running top-k across several token tiles and latent blocks, each tile
+    computed in several embedding_bag pieces (the defaults are larger than any test input)."""
     monkeypatch.setattr(ee, "CPU_TILE_ELEMS", 8 * 70)
+    monkeypatch.setattr(ee, "CPU_PIECE_ELEMS", 8 * 9 + 3)  # 9 latents a piece (15 in the last tile)
     monkeypatch.setattr(ee, "CPU_MAX_BLOCK_N", 70)
     monkeypatch.setattr(ee, "CPU_MIN_BLOCK_B", 1)
     assert cpu_tile(29, 333, ee.CPU_TILE_ELEMS, ee.CPU_MAX_BLOCK_N, ee.CPU_MIN_BLOCK_B) == (8, 70)

@@ -202,15 +202,22 @@ MAX_FUSED_K_PAD = max(EXPANDER_ENCODE_CONFIGS)
 EXPANDER_ENCODE_MAXNREG = {(torch.float32, 64): 168}
 
 # CPU path tiles: embedding_bag writes a tile's pre-activations as [block_n, block_b] and they are
-# transposed into a reused [block_b, block_n] buffer, so 2 * CPU_TILE_ELEMS fp32 (128 MiB) exist at
-# a time. Tiles are wide in latents (one block spans all n up to CPU_MAX_BLOCK_N): torch.topk costs
-# less per element on long rows (1.4 ns at 65536 vs 2.9 at 4096 here), and few large calls stall
-# less on a busy 2-core machine than many small OpenMP regions. Same-run medians of the whole
+# transposed into a reused [block_b, block_n] buffer, so CPU_TILE_ELEMS fp32 (64 MiB) plus one
+# piece (below) exist at a time. Tiles are wide in latents (one block spans all n up to
+# CPU_MAX_BLOCK_N): torch.topk costs less per element on long rows (1.4 ns at 65536 vs 2.9 at 4096
+# here), and few large calls stall less on a busy 2-core machine than many small OpenMP regions. Same-run medians of the whole
 # forward (B=4096, m=768, n=24576, d=8, k=32): 626 ms with 1024 x 24576 tiles, 920 ms with
-# 1024 x 4096, 912 ms with 128 x 24576.
+# 1024 x 4096, 912 ms with 128 x 24576 (all three before the pieces below; with them, 32 Mi-element
+# tiles ran no faster than 16 Mi).
 CPU_TILE_ELEMS = 16 * 2**20
 CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
+# embedding_bag writes a tile CPU_PIECE_ELEMS pre-activations (1 MiB fp32) at a time, each piece
+# transposed while it is still in cache (the 2 cores' L2 hold 2 x 512 KiB here). Writing the whole
+# [block_n, block_b] tile and then transposing it went to DRAM and back twice: same-run medians of
+# one 682 x 24576 tile (m=768, d=8, fp32) 74 ms whole, 21 ms in 384-latent pieces; the whole
+# forward, B=4096 m=768 n=24576 d=8 k=32, 645-776 ms before, 286-342 ms after (RESULTS.md).
+CPU_PIECE_ELEMS = 2**18
 
 
 # The kernel gathers from x transposed; that copy is made for XT_CHUNK_BYTES of tokens at a time
@@ -414,7 +421,7 @@ def _exact_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor
 
 def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = False):
     """Tiles of tokens x latents (``_topk.cpu_tile``) through embedding_bag, then a running top-k.
-    Extra memory: two tile buffers plus O(B * k)."""
+    Extra memory: one tile buffer, one piece and the transposed token tile, plus O(B * k)."""
     B, M = x.shape
     N, D = rows.shape
     cd = compute_dtype(out_dtype)
@@ -428,11 +435,17 @@ def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = Fal
         if table.get("b0") != b0:
             table.clear()
             table["b0"], table["xt"] = b0, x[b0:b1].T.to(cd).contiguous()
-        pre_t = F.embedding_bag(rows[start:stop], table["xt"], per_sample_weights=vals[start:stop], mode="sum")
-        if bc is not None:
-            pre_t += bc[start:stop, None]
         out = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
-        return out.copy_(pre_t.T)  # rows per token: torch.topk is fastest along a contiguous dim
+        # embedding_bag writes latent-major rows; torch.topk is fastest along a contiguous dim, so
+        # each piece is transposed into token-major rows while it is still in cache.
+        step = max(1, CPU_PIECE_ELEMS // (b1 - b0)) if x.device.type == "cpu" else stop - start
+        for s in range(start, stop, step):
+            e = min(stop, s + step)
+            pre_t = F.embedding_bag(rows[s:e], table["xt"], per_sample_weights=vals[s:e], mode="sum")
+            if bc is not None:
+                pre_t += bc[s:e, None]
+            out[:, s - start:e - start].copy_(pre_t.T)
+        return out
 
     top_vals, top_idx = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
     if cd == torch.float64:  # keys rank fp32-rounded values; return the exact winners
