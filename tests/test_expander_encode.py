@@ -129,6 +129,31 @@ def test_cpu_tiles_and_blocks_merge(monkeypatch):
     _check_against_reference(*_inputs((29,), 60, 333, 5), 13, "torch", TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype,B", [(torch.float32, 131), (torch.float64, 67)])
+def test_cpu_padded_token_tables(monkeypatch, dtype, B):
+    """Token tiles of 512 bytes a row or more are padded (``_token_table``): embedding_bag then
+    computes padded token columns, which must never be read as tokens. Tiles of 131 / 67 tokens in
+    pieces of 23 latents (200 is not a multiple)."""
+    monkeypatch.setattr(ee, "CPU_PIECE_ELEMS", B * 23)
+    x, values, rows, bias = (t.to(dtype) if t.is_floating_point() else t for t in _inputs((B,), 37, 200, 5))
+    _check_against_reference(x, values, rows, bias, 9, "torch", TOL[dtype])
+
+
+@pytest.mark.parametrize("b", [1, 31, 127, 128, 129, 682, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_table_layout(b, dtype):
+    """x.T with rows an odd number of 64-byte lines apart from 512 bytes on, unpadded below."""
+    x = torch.randn(b, 6, dtype=dtype)
+    xt = ee._token_table(x, dtype)
+    ld = xt.shape[1]
+    assert torch.equal(xt[:, :b], x.T) and not xt[:, b:].any()
+    if b * dtype.itemsize < 512:
+        assert ld == b
+    else:
+        assert ld * dtype.itemsize % 64 == 0 and (ld * dtype.itemsize // 64) % 2 == 1
+        assert ld - b < 2 * 64 // dtype.itemsize
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k_beyond_register_candidates(backend):
     """k_pad > 256: the Triton launcher falls back to blocked gathers with exact keys."""
