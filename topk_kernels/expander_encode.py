@@ -396,10 +396,12 @@ def _chunked_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Ten
 
 def _fill_cost_tiles(d: int, k_pad: int) -> float:
     """A program's fixed cost in tiles: its first tiles insert K_PAD entries per row into empty
-    slots, one ``fold_tile`` pass each. In the sm_90 SASS (bf16, K_PAD=64, 32 x 128 tiles) a pass
-    is ~850 instructions per warp, one degree's gather ~141 (282 a trip of two) and a tile's other
-    code ~950."""
-    return k_pad * 850 / (141 * d + 950)
+    slots, one ``fold_tile`` pass each. In the sm_90 SASS (bf16, K_PAD=64, 32 x 128 tiles, odd
+    degree apart; ``benchmarks/expander_encode_model.py``) a pass is ~857 instructions per warp, a
+    trip of two degrees ~266, an odd d's lone degree ~110 and a tile's other code ~628. (Until the
+    fourteenth session: 850 / (141 d + 950), from older SASS; the split counts at the measured
+    shapes, B = 512..8192 and n = 2^16..2^20, are the same under both.)"""
+    return k_pad * 857 / (266 * (d // 2) + 110 * (d % 2) + 628)
 
 
 # ---------------------------------------------------------------------------------------------
