@@ -205,10 +205,10 @@ EXPANDER_ENCODE_MAXNREG = {(torch.float32, 64): 168}
 # transposed into a reused [block_b, block_n] buffer, so CPU_TILE_ELEMS fp32 (64 MiB) plus one
 # piece (below) exist at a time. Tiles are wide in latents (one block spans all n up to
 # CPU_MAX_BLOCK_N): torch.topk costs less per element on long rows (1.4 ns at 65536 vs 2.9 at 4096
-# here), and few large calls stall less on a busy 2-core machine than many small OpenMP regions. Same-run medians of the whole
-# forward (B=4096, m=768, n=24576, d=8, k=32): 626 ms with 1024 x 24576 tiles, 920 ms with
-# 1024 x 4096, 912 ms with 128 x 24576 (all three before the pieces below; with them, 32 Mi-element
-# tiles ran no faster than 16 Mi).
+# here), and few large calls stall less on a busy 2-core machine than many small OpenMP regions.
+# Same-run medians of the whole forward (B=4096, m=768, n=24576, d=8, k=32): 626 ms with
+# 1024 x 24576 tiles, 920 ms with 1024 x 4096, 912 ms with 128 x 24576 (all three before the
+# pieces below; with them, 32 Mi-element tiles ran no faster than 16 Mi).
 CPU_TILE_ELEMS = 16 * 2**20
 CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 128
@@ -426,10 +426,10 @@ def _token_table(x_tile: Tensor, dtype: torch.dtype) -> Tensor:
     token tile. From 512 bytes a row on, ld * itemsize is an odd multiple of 64 bytes, so the
     transposing copy, which reads a piece's column across rows ld apart, spreads them over every
     cache set (the padding, under two lines a row, adds 1.6 % to embedding_bag's work at b = 1024
-    in fp32 and at most a quarter at 512 bytes a row). With 2^j cache lines a
-    row they fall in a few sets: a 1 MiB fp32 piece took 480-740 us to transpose here at b = 1024,
-    2048, 4096 against 200-240 us with 16 columns of padding, and 235-258 us against 105-110 us at
-    b = 128, 256, 512 (rows 65536 latents long)."""
+    in fp32 and at most a quarter at 512 bytes a row). With 2^j cache lines a row they fall in a
+    few sets: a 1 MiB fp32 piece took 480-740 us to transpose here at b = 1024, 2048, 4096 against
+    200-240 us with 16 columns of padding, and 235-258 us against 105-110 us at b = 128, 256, 512
+    (rows 65536 latents long)."""
     b, m = x_tile.shape
     line = max(1, 64 // dtype.itemsize)
     ld = b
