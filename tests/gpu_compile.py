@@ -283,9 +283,10 @@ def disassemble(cubin: bytes) -> str:
 
 def expander_gather_layout(launch: Launch, arch: int) -> dict:
     """Compile an expander_encode launch; return the register layout Triton gave its gathers (the
-    kernel's 2-D loads, [BLOCK_B tokens, BLOCK_N latents], all in one layout) from the TTGIR, the tokens of one
-    latent that one warp-wide load reads (elements per thread x lanes, along tokens), and the
-    global-load opcodes of the SASS with their counts."""
+    kernel's 2-D loads, [BLOCK_B tokens, BLOCK_N latents], all in one layout) from the TTGIR, the
+    tokens of one latent that one warp-wide load reads (elements per thread x lanes, along
+    tokens), the global-load opcodes of the SASS with their counts, and the gather loop's order
+    (``gather_loop_order``)."""
     asm = launch_asm(launch, arch)
     ttgir = asm["ttgir"]
     layouts = {name: [[int(v) for v in group.split(",")] for group in groups]

@@ -554,6 +554,7 @@ def _dense_block_tokens(n: int) -> int:
     least one."""
     return max(1, DENSE_TILE_ELEMS // n)
 
+
 # The threshold strategy's selection kernel (``_threshold_select_kernel``), one program per token:
 # BLOCK = 32 * num_warps entries a tile (one per lane), at most the first SAMPLE entries as the
 # sample, of which the best SAMPLE_TOP are sorted, PROBES thresholds counted per pass, at most CAP
