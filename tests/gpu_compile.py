@@ -167,8 +167,9 @@ def _topk_encode_specs() -> list[Spec]:
         specs.append(Spec("topk_encode", f"chunked,bf16,K_PAD={k_pad}", lambda k=k_pad: te._chunked_forward(
             _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
     # The threshold strategy's selection kernel (its GEMMs are cuBLAS), at the k it is dispatched for
-    # (SAMPLE_TOP, its one k-dependent constexpr, is 32 / 64 / 128 there).
-    for k in (1024, 2048, 4096):
+    # (SAMPLE_TOP, its one k-dependent constexpr, is 64 / 128 there), and at k = 1, which Triton
+    # specialises into a constexpr (a launch there once failed to compile on the H100).
+    for k in (1, 512, 1024, 2048, 4096):
         specs.append(Spec("topk_encode", f"threshold,bf16,k={k}", lambda k=k: te._threshold_forward(
             _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
     return specs

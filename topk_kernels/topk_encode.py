@@ -340,7 +340,8 @@ if HAS_TRITON:
         # 1. Sample.
         at = tl.arange(0, SAMPLE)
         sample = tl.topk(_row_bits(pre_row, bias_ptr, at, at < N, HAS_BIAS), SAMPLE_TOP)
-        mu = k.to(tl.float32) * tl.minimum(N, SAMPLE).to(tl.float32) / N.to(tl.float32)
+        # tl.cast, not .to: Triton specialises an int argument equal to 1 into a constant.
+        mu = tl.cast(k, tl.float32) * tl.cast(tl.minimum(N, SAMPLE), tl.float32) / tl.cast(N, tl.float32)
         j = tl.arange(0, PROBES)
         d = (j - PROBES // 2).to(tl.float32)
         step = tl.where(d > 0, 1.0, -1.0) * tl.exp2(tl.abs(d) - 1.0)
