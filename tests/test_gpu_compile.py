@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for sm_80 and sm_90 with ptxas exactly as its launcher launches it
-(constexprs, warps, stages, divisibility specialisation), with no register spills, no atomic
-behind a GPU-wide fence (none at all in the decoders' row gradients), and no ``@triton.jit``
-kernel of the package lacks a spec.
+(constexprs, warps, stages, divisibility specialisation), with no register spills (one measured
+exception: ``MEASURED_SPILLS``), no atomic behind a GPU-wide fence (none at all in the decoders'
+row gradients), and no ``@triton.jit`` kernel of the package lacks a spec.
 
 Runs tests/gpu_compile.py in a subprocess without TRITON_INTERPRET (the interpreter is on in this
 process). Needs triton's CUDA backend, which ships in the Linux wheel even without a GPU.
@@ -89,10 +89,18 @@ def test_compiled_as_launched(report):
     assert fwd and all(r["num_stages"] == 1 for r in fwd)
 
 
+# Spills measured and kept: (kernel, arch) -> the most bytes stored (and loaded) to local memory.
+# _threshold_select_kernel at 4 warps on sm_90: ptxas stores two lane masks of the final sort once
+# a row and loads them once, outside every loop (64 registers, 8 CTAs an SM); the spill-free
+# build (maxnreg=72, 7 CTAs an SM) measured 18 % slower on the H100 (topk_encode.THRESHOLD_TILE).
+MEASURED_SPILLS = {("_threshold_select_kernel", "sm_90"): 8}
+
+
 @pytest.mark.gpu_compile
 def test_no_register_spills(report):
     spilling = [(r["kernel"], r["label"], r["arch"], r["spill_stores"], r["spill_loads"])
-                for r in report["rows"] if r["spill_stores"] or r["spill_loads"]]
+                for r in report["rows"]
+                if max(r["spill_stores"], r["spill_loads"]) > MEASURED_SPILLS.get((r["kernel"], r["arch"]), 0)]
     assert not spilling, f"kernels spill registers: {spilling}"
 
 

@@ -375,7 +375,7 @@ SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, SAMPLE_TOP=16, PROBES=8, CAP=8,
 def threshold(monkeypatch):
     """Make the Triton backend run the threshold strategy, with small tiles and blocks of 7 tokens."""
     monkeypatch.setattr(te, "encode_strategy", lambda *args: "threshold")
-    monkeypatch.setattr(te, "DENSE_TILE_ELEMS", 7 * 1000)
+    monkeypatch.setattr(te, "THRESHOLD_TILE_ELEMS", 7 * 1000)
     monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE)
 
 

@@ -548,12 +548,20 @@ SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
 # it costs over the user's one bf16 [B, n] tensor, so the strategy stays 2.1-2.3x slower than
 # cuBLAS + torch.topk there; it is 8x faster than the packed keys it replaces past K_PAD 2048.
 DENSE_TILE_ELEMS = 64 * 2**20
+# Threshold strategy blocks: whole rows, at most THRESHOLD_TILE_ELEMS fp32 pre-activations (1 GiB) a
+# block. MEASURED on the H100 (bf16 B=8192 m=2048 n=131072, with bias), 512 / 1024 / 2048 tokens a
+# block (64 / 128 / 256 Mi): 12.11 / 11.10 / 10.57 ms at k = 256, 15.12 / 13.51 / 12.50 at 1024,
+# 18.02 / 15.82 / 14.68 at 2048, 22.12 / 19.33 / 17.99 at 4096; peak extra memory 0.9 / 1.4 / 2.4 GiB
+# at k = 1024 against 4.3 GiB for cuBLAS + torch.topk (16.3 ms). Larger blocks make both the GEMM
+# (7.17 -> 6.24 ms) and the selection (one program per token: 512 programs fill 132 SMs poorly;
+# 6.98 -> 5.36 ms at k = 1024) faster.
+THRESHOLD_TILE_ELEMS = 256 * 2**20
 
 
-def _dense_block_tokens(n: int) -> int:
-    """Tokens per whole-row block of the dense and threshold strategies: DENSE_TILE_ELEMS // n, at
-    least one."""
-    return max(1, DENSE_TILE_ELEMS // n)
+def _dense_block_tokens(n: int, elems: Optional[int] = None) -> int:
+    """Tokens per whole-row block of the dense strategy (at most DENSE_TILE_ELEMS pre-activations)
+    or the threshold strategy (``elems`` = THRESHOLD_TILE_ELEMS): elems // n, at least one."""
+    return max(1, (DENSE_TILE_ELEMS if elems is None else elems) // n)
 
 
 # The threshold strategy's selection kernel (``_threshold_select_kernel``), one program per token:
@@ -562,10 +570,16 @@ def _dense_block_tokens(n: int) -> int:
 # candidates sorted at the end. Chosen in ptxas for sm_90 (tests/gpu_compile.py; RESULTS.md,
 # "Threshold strategy"): a top 128 of the sample took 107 registers, SAMPLE 4096 115, CAP 512 or
 # more made ptxas serialise the read loop's eight loads; SAMPLE 2048, a top 64 and CAP 256 take 61
-# registers (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the first append.
+# registers at 8 warps (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the first append.
 # The sample's bracket then often holds more than CAP entries, which costs a counting pass over
-# the buffer (a few thousand keys), not over the row.
-THRESHOLD_TILE = dict(BLOCK=256, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, num_warps=8)
+# the buffer (a few thousand keys), not over the row. MEASURED on the H100 (bf16 B=8192 m=2048
+# n=131072, 2048 tokens a block): 4 warps (BLOCK 128) against 8 (BLOCK 256): 11.23 / 11.29 ms at
+# k = 512, 11.93 / 12.52 at 1024, 13.22 / 14.67 at 2048, 15.93 / 17.99 at 4096; 16 warps lost at
+# k >= 1024. One program is one row's serial pipeline, so 8 CTAs an SM (sm_90: 64 registers) keep
+# more rows in flight than 4. ptxas then keeps two lane masks of the final sort in 8 bytes of local
+# memory (stored once, loaded once a row, outside every loop); a spill-free build (maxnreg=72:
+# 7 CTAs an SM) measured 18 % slower (13.98 against 11.86 ms at k = 1024, 18.38 / 15.87 at 4096).
+THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, num_warps=4)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
@@ -576,26 +590,29 @@ THRESHOLD_TILE = dict(BLOCK=256, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, 
 # chunked / dense strategy (512 tokens a block): bf16 10.66 / 26.49 ms at k=256, 13.75 / 26.93 at
 # k=512, 18.19 / 28.39 at k=1024, 32.48 / 29.84 at k=2048, packed keys 272.8 (measured at k=2048:
 # the chunked path without a selection tile) / 33.57 at k=4096; fp32 99.38 / 109.08 at k=1024.
-# bf16 K_PAD 1024, 2048 and 4096 are not listed: their winners (chunked 18.19, dense 29.84 and
-# 33.57 ms) lost to cuBLAS + torch.topk (13.78-14.45 ms), and the threshold strategy, built after
-# that run, is predicted below them (ENCODE_PREDICTED); the next GPU run measures it there.
+# Fifteenth session (same H100 and shape, with bias), chunked / threshold (2048-token blocks, 8 warps
+# a program) / cuBLAS + torch.topk: bf16 9.67 / 9.94 / 16.08 ms at k=128, 10.42 / 10.57 / 16.24 at
+# 256, 13.66 / 11.26 / 16.28 at 512, 18.35 / 12.50 / 16.32 at 1024, threshold 14.68 / 17.99 against
+# 16.54 / 16.98 at 2048 / 4096 (dense, 512-token blocks: 30.86 / 33.74); fp32 chunked / threshold
+# 100.07 / 91.40 at k=1024, threshold 93.48 at 2048. With 4 warps a program (THRESHOLD_TILE) the
+# threshold strategy took 11.23 / 11.93 / 13.22 / 15.93 ms at k = 512 / 1024 / 2048 / 4096.
 _H100 = "NVIDIA H100 80GB HBM3"
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
-    **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "chunked" for kp in (8, 32, 64, 128, 256, 512)},
+    **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "chunked" for kp in (8, 32, 64, 128, 256)},
+    **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "threshold" for kp in (512, 1024, 2048, 4096)},
     (_H100, torch.float32, torch.float32, 2048, 64): "chunked",
-    (_H100, torch.float32, torch.float32, 2048, 1024): "chunked",
+    **{(_H100, torch.float32, torch.float32, 2048, kp): "threshold" for kp in (1024, 2048)},
 }
-# Predicted for CUDA, by math kind and K_PAD: chunked up to 512, threshold from 1024 (and past the
-# table). Before any GPU measured, the H100 roofline (benchmarks/encoder_roofline.py) had chunked at
-# 8.7-9.5 ms against fused 6.4-12.5 ms on tensor cores, ~85 against ~97 ms in exact fp32; measured
-# (above) it won everywhere up to K_PAD 512. The threshold strategy: the dense strategy's GEMM
-# blocks (~7.3 ms) plus one read of the fp32 rows (4 GiB, ~1.5 ms at 3 TB/s), the buffers and the
-# sort of the [B, k] keys: ~9.7 ms at K_PAD 1024, ~10.3 at 2048, ~11.6 at 4096 (RESULTS.md,
-# "Threshold strategy"), against measured chunked 18.2 ms at 1024, dense 29.8 / 33.6 ms at 2048 /
-# 4096, and cuBLAS + torch.topk 13.8-14.5 ms. A PREDICTION: no GPU has run it
-# (benchmarks/gpu_session.sh PART=d measures it).
+# Predicted for CUDA shapes not measured, by math kind and K_PAD: chunked up to 256, threshold from
+# 512 (and past the table), as measured at m = 2048 (above). Before any GPU ran, the H100 roofline
+# (benchmarks/encoder_roofline.py) had chunked at 8.7-9.5 ms against fused 6.4-12.5 ms on tensor
+# cores; measured, chunked won everywhere up to K_PAD 256. The threshold strategy had been
+# predicted at ~9.7 / 10.3 / 11.6 ms at K_PAD 1024 / 2048 / 4096 (GEMM blocks ~7.3 ms plus one read
+# of the fp32 rows); measured, its 512-token blocks took 15.1 / 18.0 / 22.1 ms (the GEMM 7.2 ms,
+# the selection kernel 7.0 / 9.1 / 11.4, not ~1.5), and with 2048-token blocks and 4 warps a
+# program 11.9 / 13.2 / 15.9 (RESULTS.md, "Measured on an NVIDIA H100 ... fifteenth session").
 ENCODE_PREDICTED: dict[tuple[str, int], str] = {
-    (kind, kp): "chunked" if kp <= 512 else "threshold"
+    (kind, kp): "chunked" if kp <= 256 else "threshold"
     for kind in ("tensor", "fp32") for kp in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 }
 
@@ -808,18 +825,18 @@ def _dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
 
 def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype
                        ) -> tuple[Tensor, Tensor]:
-    """Whole rows, as the dense strategy forms them (a cuBLAS GEMM of DENSE_TILE_ELEMS // n
+    """Whole rows, as the dense strategy forms them (a cuBLAS GEMM of THRESHOLD_TILE_ELEMS // n
     tokens x all n latents in fp32), ranked by ``_threshold_select_kernel``: one program per
     token finds its exact top k, usually in one read of its row, with the bias added on the fly
     and the package's tie and NaN rules; then one sort of the [B, k] keys orders them. No host
-    sync. Extra memory: one fp32 block of at most max(DENSE_TILE_ELEMS, n), the block's buffer
+    sync. Extra memory: one fp32 block of at most max(THRESHOLD_TILE_ELEMS, n), the block's buffer
     and candidate scratch (``_threshold_sizes``) and the [B, k] int64 keys."""
     B = x.shape[0]
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
     gemm = _gemm_rows(x, weight, whole=True)
-    block_b = min(B, _dense_block_tokens(N))
+    block_b = min(B, _dense_block_tokens(N, THRESHOLD_TILE_ELEMS))
     tile = dict(THRESHOLD_TILE)
     tile["SAMPLE"], tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
     keys = torch.empty(B, k, device=x.device, dtype=torch.int64)
