@@ -10,13 +10,12 @@ Times (median of ``triton.testing.do_bench``), at one shape:
   checked to return the same ids as the package's defaults; a tile written ``1x128x1b`` runs the
   threshold-and-sort kernel (``_select_buffer_kernel``), the others insertion;
 - the fused strategy at its defaults;
-- with ``--dense``, the dense strategy (whole rows: GEMM, torch.topk, tie check) for each block
-  size in ``DENSE_ELEMS``, with the share of its ids equal to the chunked strategy's (cuBLAS may
-  round whole rows differently from chunks, so a near-tie can differ); ``--no-chunked`` skips the
-  chunked rows (then the dense strategy's default block is the id reference);
 - with ``--threshold``, the threshold strategy (whole rows: GEMM, ``_threshold_select_kernel``)
-  at its defaults, with the share of its ids equal to the reference run's, and its GEMM blocks
-  alone (so that the difference is the selection's share);
+  for each block size in ``--threshold-elems`` (default: the package's ``THRESHOLD_TILE_ELEMS``),
+  with its GEMM blocks alone (so that the difference is the selection's share) and the share of
+  its ids equal to the reference run's (the chunked strategy's: cuBLAS may round whole rows
+  differently from chunks, so a near-tie can differ); ``--no-chunked`` skips the chunked rows
+  (then the threshold strategy at its defaults is the id reference);
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
   at a K_PAD without a selection tile, or off Triton) beside the selection kernel;
 - with ``--expander``, ``expander_encode`` instead: the fused strategy for each (BLOCK_B, BLOCK_N,
@@ -43,7 +42,6 @@ te = importlib.import_module("topk_kernels.topk_encode")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK_ELEMS = [8 * 2**20, 32 * 2**20, 64 * 2**20]
-DENSE_ELEMS = [16 * 2**20, 32 * 2**20, 64 * 2**20]
 SELECT_TILES = [(8, 128, 4), (64, 128, 8), (32, 128, 4), (16, 128, 4), (8, 256, 4), (8, 64, 2),
                 (1, 128, 1), (2, 128, 1), (1, 256, 1), (2, 256, 1), (1, 64, 1, "buffer"), (1, 128, 1, "buffer")]
 
@@ -70,12 +68,11 @@ def main(argv=None) -> int:
                         "comma-separated (default: twelve shapes)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
-    p.add_argument("--dense", action="store_true", help="also time the dense strategy (whole rows + torch.topk)")
     p.add_argument("--threshold", action="store_true", help="also time the threshold strategy (whole rows + "
                    "the threshold kernel) and its GEMM blocks alone")
     p.add_argument("--no-chunked", action="store_true", help="skip the chunked strategy's rows")
-    p.add_argument("--dense-elems", type=lambda s: [int(v) for v in s.split(",")],
-                   help="fp32 elements per dense block, comma-separated (default: 16Mi,32Mi,64Mi)")
+    p.add_argument("--threshold-elems", type=lambda s: [int(v) for v in s.split(",")],
+                   help="fp32 elements per threshold-strategy block, comma-separated (default: the package's)")
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")
     p.add_argument("--d", type=int, default=7, help="expander degree (with --expander)")
     args = p.parse_args(argv)
@@ -102,7 +99,7 @@ def main(argv=None) -> int:
 
     bench("cuBLAS x @ W.T", lambda: x @ w.T)
     bench("cuBLAS + torch.topk", lambda: torch.topk(torch.addmm(b, x, w.T), k, dim=1))
-    want = (te._dense_forward if args.no_chunked else te._chunked_forward)(x, w, b, k, dt)[1]
+    want = (te._threshold_forward if args.no_chunked else te._chunked_forward)(x, w, b, k, dt)[1]
     defaults = (te.CHUNK_TILE_ELEMS, dict(te.SELECT_CONFIGS))
     kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
     for elems in [] if args.no_chunked else args.chunks or CHUNK_ELEMS:
@@ -133,28 +130,25 @@ def main(argv=None) -> int:
         bench("chunked, packed keys + torch.topk per chunk", lambda: te._chunked_forward(x, w, b, k, dt))
         rows[-1] = (*rows[-1][:2], f"ids same as defaults: {same}")
         te.SELECT_CONFIGS = defaults[1]
-    if args.dense:
-        dense_default = te.DENSE_TILE_ELEMS
-        try:
-            for elems in args.dense_elems or DENSE_ELEMS:
-                te.DENSE_TILE_ELEMS = elems
-                same = (te._dense_forward(x, w, b, k, dt)[1] == want).double().mean().item()
-                bench(f"dense, {te._dense_block_tokens(n)} tokens a block", lambda: te._dense_forward(x, w, b, k, dt),
-                      f"ids equal to the reference run's: {same:.6f}")
-        finally:
-            te.DENSE_TILE_ELEMS = dense_default
     if args.threshold:
-        block = te._dense_block_tokens(n)
+        elems_default = te.THRESHOLD_TILE_ELEMS
+        try:
+            for elems in args.threshold_elems or [elems_default]:
+                te.THRESHOLD_TILE_ELEMS = elems
+                block = te._threshold_block_tokens(n)
 
-        def row_gemms():
-            gemm = te._gemm_rows(x, w, whole=True)
-            for b0 in range(0, B, block):
-                gemm(slice(b0, min(B, b0 + block)), 0, n)
+                def row_gemms():
+                    gemm = te._gemm_rows(x, w, whole=True)
+                    for b0 in range(0, B, block):
+                        gemm(slice(b0, min(B, b0 + block)), 0, n)
 
-        gemm_ms = bench(f"whole-row GEMMs alone, {block} tokens a block", row_gemms)
-        same = (te._threshold_forward(x, w, b, k, dt)[1] == want).double().mean().item()
-        ms = bench("threshold strategy (defaults)", lambda: te._threshold_forward(x, w, b, k, dt))
-        rows[-1] = (rows[-1][0], ms, f"selection ~{ms - gemm_ms:.3f} ms; ids equal to the reference run's: {same:.6f}")
+                gemm_ms = bench(f"whole-row GEMMs alone, {block} tokens a block", row_gemms)
+                same = (te._threshold_forward(x, w, b, k, dt)[1] == want).double().mean().item()
+                ms = bench(f"threshold strategy, {block} tokens a block", lambda: te._threshold_forward(x, w, b, k, dt))
+                rows[-1] = (rows[-1][0], ms,
+                            f"selection ~{ms - gemm_ms:.3f} ms; ids equal to the reference run's: {same:.6f}")
+        finally:
+            te.THRESHOLD_TILE_ELEMS = elems_default
     if not args.no_fused:
         bench("fused strategy (defaults)", lambda: te._fused_forward(x, w, b, k, dt))
     print(f"\n### encode sweep: {torch.cuda.get_device_name()}, {args.dtype} B={B} m={m} n={n} k={k}\n")

@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu-session
 #   PART=a bash benchmarks/gpu_session.sh $OUT    # tests and gpu.py only (under 10 minutes)
 #   PART=b bash benchmarks/gpu_session.sh $OUT    # the encoder sweeps only (under 10 minutes)
-#   PART=c bash benchmarks/gpu_session.sh $OUT    # encoder op tests, buffer tiles at k = 8/32/128, dense
+#   PART=c bash benchmarks/gpu_session.sh $OUT    # encoder op tests, buffer tiles at k = 8/32/128, threshold
 #                                                 # strategy against chunked at k = 256..4096 (~6 minutes)
 #   PART=d bash benchmarks/gpu_session.sh $OUT    # the threshold strategy: its tests on CUDA, then against
-#                                                 # chunked / dense / cuBLAS + torch.topk at k = 256..4096
+#                                                 # chunked / cuBLAS + torch.topk at k = 256..4096
+#                                                 # (512- and 2048-token blocks at 2048 / 4096)
 #   PART=e bash benchmarks/gpu_session.sh $OUT    # the expander encoder, two degrees a trip: its tests on CUDA,
 #                                                 # fused against chunked in bf16 and fp32, bf16 d = 8 (~4 minutes)
 #   PART=f bash benchmarks/gpu_session.sh $OUT    # where the TopK / Expander SAE train steps' time goes:
@@ -78,25 +79,25 @@ for kt in 8:8x128x4,1x128x1b 32:8x128x4,1x128x1b,1x64x1b 128:8x128x4,1x128x1b,1x
     sweep sweep_c 60 --k "${kt%%:*}" --no-fused --chunks 33554432 --tiles "${kt#*:}"
 done
 for kt in 256:1x256x1b 512:1x256x1b 1024:1x128x1b; do
-    sweep sweep_c 60 --k "${kt%%:*}" --no-fused --chunks 33554432 --dense --tiles "${kt#*:}"
+    sweep sweep_c 60 --k "${kt%%:*}" --no-fused --chunks 33554432 --threshold --tiles "${kt#*:}"
 done
 for k in 2048 4096; do
-    sweep sweep_c 50 --k $k --no-fused --no-chunked --dense
+    sweep sweep_c 50 --k $k --no-fused --no-chunked --threshold
 done
 sweep sweep_c 70 --expander --B 4096 --n 1048576 --tiles 32x128x4
-sweep sweep_c 60 --dtype fp32 --k 1024 --no-fused --chunks 33554432 --dense --tiles 1x128x1b
+sweep sweep_c 60 --dtype fp32 --k 1024 --no-fused --chunks 33554432 --threshold --tiles 1x128x1b
 cat "$out/sweep_c.md"
 fi
 if [[ $part == *d* ]]; then
-# The threshold strategy (built without a GPU): its tests on CUDA, then against the chunked /
-# dense strategies and cuBLAS + torch.topk at k = 256 to 4096, bf16 and fp32 at 1024.
+# The threshold strategy: its tests on CUDA, then against the chunked strategy and cuBLAS +
+# torch.topk at k = 256 to 4096, bf16 and fp32 at 1024.
 encoder_tests tests_d tests/test_topk_encode.py tests/test_specials.py
 sweep_rc=0
 for kt in 256:1x256x1b 512:1x256x1b 1024:1x128x1b; do
     sweep sweep_d 70 --k "${kt%%:*}" --no-fused --chunks 33554432 --threshold --tiles "${kt#*:}"
 done
 for k in 2048 4096; do
-    sweep sweep_d 60 --k $k --no-fused --no-chunked --dense --dense-elems 67108864 --threshold
+    sweep sweep_d 60 --k $k --no-fused --no-chunked --threshold --threshold-elems 67108864,268435456
 done
 sweep sweep_d 90 --dtype fp32 --k 1024 --no-fused --chunks 33554432 --threshold --tiles 1x128x1b
 cat "$out/sweep_d.md"

@@ -4,8 +4,8 @@
 - The top-k never returns an id outside [0, n) for inputs full of NaN (both sign bits), +-inf and
   ties, at n not a multiple of any block, and the Triton kernels, the PyTorch path and the
   reference return the same ids (one order: value descending, NaN above +inf, ties to the lower id);
-  so do topk_encode's chunked strategy (GEMM per chunk + running top-k) and its dense strategy
-  (whole rows, torch.topk and a tie check).
+  so do topk_encode's chunked strategy (GEMM per chunk + running top-k) and its threshold strategy
+  (whole rows, a sampled floor, exact counts).
 - An out-of-range or negative index handed straight to the Triton launchers (no API check in
   front) contributes nothing and touches no memory outside its tensors; with
   ``TOPK_KERNELS_DEBUG=1`` the kernels raise. (The expander encoder's out-of-range rows are
@@ -70,7 +70,6 @@ def test_topk_encode_specials_every_backend_same_ids(k, monkeypatch):
     results = {b: topk_encode(x, weight, bias, k, backend=b) for b in RUNNABLE}
     if HAS_TRITON:
         results["triton, chunked"] = _chunked_topk_encode(monkeypatch, x, weight, bias, k)
-    results["dense strategy"] = _dense_topk_encode(monkeypatch, x, weight, bias, k)
     if HAS_TRITON:
         results["threshold strategy"] = _threshold_topk_encode(monkeypatch, x, weight, bias, k)
     _assert_same_topk(results, N, k)
@@ -87,15 +86,6 @@ def _chunked_topk_encode(monkeypatch, x, weight, bias, k):
         patch.setattr(te, "CHUNK_TILE_ELEMS", 4 * 20)
         patch.setattr(te, "CHUNK_MAX_BLOCK_B", 4)
         return topk_encode(x, weight, bias, k, backend="triton")
-
-
-def _dense_topk_encode(monkeypatch, x, weight, bias, k):
-    """topk_encode's dense strategy (whole rows, torch.topk, tie check), three tokens a block.
-    Plain torch, so it needs no Triton."""
-    te = importlib.import_module("topk_kernels.topk_encode")
-    with monkeypatch.context() as patch:
-        patch.setattr(te, "DENSE_TILE_ELEMS", 3 * weight.shape[0])
-        return te._dense_forward(x, weight, bias, k, torch.float32)
 
 
 def _threshold_topk_encode(monkeypatch, x, weight, bias, k):
@@ -123,7 +113,7 @@ def test_expander_encode_specials_every_backend_same_ids(k):
     assert torch.equal(results["reference"][1], _spec_order(pre, k))
 
 
-@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton), "dense",
+@pytest.mark.parametrize("backend", [*ALL_BACKENDS, pytest.param("chunked", marks=needs_triton),
                                      pytest.param("threshold", marks=needs_triton)])
 def test_all_nan_tokens_return_the_lowest_ids(backend, monkeypatch):
     x = torch.full((3, 5), NAN)
@@ -131,8 +121,6 @@ def test_all_nan_tokens_return_the_lowest_ids(backend, monkeypatch):
     weight, bias = torch.randn(N, 5), torch.randn(N)
     if backend == "chunked":
         acts, idx = _chunked_topk_encode(monkeypatch, x, weight, bias, 4)
-    elif backend == "dense":
-        acts, idx = _dense_topk_encode(monkeypatch, x, weight, bias, 4)
     elif backend == "threshold":
         acts, idx = _threshold_topk_encode(monkeypatch, x, weight, bias, 4)
     else:

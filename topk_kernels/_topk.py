@@ -255,35 +255,6 @@ def token_blocked_topk(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def rows_topk(pre_rows: Callable[[slice | Tensor], Tensor], B: int, n: int, k: int, block_b: int
-              ) -> tuple[Tensor, Tensor]:
-    """Top-k of whole rows by ``torch.topk``, ``block_b`` rows at a time, with the package's tie
-    and NaN rules, and ONE host sync per call.
-
-    ``pre_rows(rows)`` returns the fp32 pre-activations [r, n] of the tokens ``rows`` (a slice or
-    an int64 index tensor). Each block keeps ``torch.topk(k + 1)`` of its values: that set holds
-    the exact top-k (ties to the lower id) unless its smallest value appears twice in it, or is
-    NaN (``_topk_plus_one`` argues it). After every block is queued, one ``nonzero`` finds such
-    rows, and only they are computed again and ranked by packed keys. Returns values fp32 [B, k]
-    (raw, descending) and indices int64 [B, k]. Extra memory: one block of [block_b, n] plus
-    O(B * k)."""
-    def exact(rows, width: int) -> tuple[Tensor, Tensor]:
-        pre = pre_rows(rows)
-        return _exact_topk(pre, torch.arange(n, device=pre.device).expand(pre.shape[0], n), width)
-
-    blocks = [slice(b0, min(B, b0 + block_b)) for b0 in range(0, B, block_b)]
-    if n <= k + 1:  # nothing to drop but one column: packed keys on the whole row
-        parts = [exact(rows, k) for rows in blocks]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    parts = [_topk_plus_one(pre_rows(rows), k) for rows in blocks]
-    vals, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    redo = torch.cat([p[2] for p in parts]).nonzero().squeeze(1)  # the host sync
-    for r0 in range(0, len(redo), block_b):
-        rows = redo[r0:r0 + block_b]
-        vals[rows], idx[rows] = exact(rows, k + 1)
-    return _exact_topk(vals, idx, k)
-
-
 def cpu_tile(B: int, n: int, tile_elems: int, max_block_n: int, min_block_b: int) -> tuple[int, int]:
     """(tokens, latents) per CPU tile of an encoder: wide in latents (up to ``max_block_n``, since
     torch.topk is cheaper per element on long rows), at least ``min_block_b`` tokens, and about

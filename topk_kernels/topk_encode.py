@@ -9,16 +9,15 @@ candidates of all splits into the final k. The grid follows the compiled kernel'
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
 Ties go to the lower latent id on every backend.
 
-On CUDA the Triton backend runs one of four strategies per shape, picked by ``encode_strategy``
+On CUDA the Triton backend runs one of three strategies per shape, picked by ``encode_strategy``
 from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
 roofline and the compiled kernel's SASS predict, with the prediction written next to each row):
 ``"fused"`` (the kernel above), ``"chunked"`` (``_chunked_forward``: cuBLAS
 ``x @ W[chunk].T`` in fp32, then one selection pass per chunk that adds the bias, packs keys and
 folds them into running candidates kept across chunks, by insertion (``_select_kernel``) or by
 threshold, append and sort (``_select_buffer_kernel``); extra memory bounded by
-``CHUNK_TILE_ELEMS``), ``"dense"`` (``_dense_forward``: cuBLAS on whole rows, a block of tokens at
-a time, then ``torch.topk`` and a tie check with one host sync) or, for large k, ``"threshold"``
-(``_threshold_forward``: the same whole-row GEMM blocks, then ``_threshold_select_kernel``: a
+``CHUNK_TILE_ELEMS``) or, for large k, ``"threshold"`` (``_threshold_forward``: cuBLAS on whole
+rows, a block of tokens at a time, then ``_threshold_select_kernel``: a
 sample of each row gives a floor below its k-th value, one read of the row appends what is above
 the floor to a small buffer, and exact counts over that buffer find the k-th value). All follow
 the package's one NaN order and lowest-id tie rule, so the choice changes speed only.
@@ -62,7 +61,6 @@ from ._topk import (
     latent_splits,
     merge_candidates,
     resident_ctas,
-    rows_topk,
     tensor_core_generation,
     token_blocked_topk,
 )
@@ -519,7 +517,7 @@ CHUNK_MAX_BLOCK_B = 8192
 # (``_select_kernel``), or (1, BLOCK_N, num_warps, "buffer") for threshold-append-sort
 # (``_select_buffer_kernel``); ``select_tile`` reads an entry. A K_PAD without an entry (4096 and
 # up) goes through packed keys and torch.topk per chunk (on CUDA the dispatcher sends those K_PAD
-# to the dense strategy instead).
+# to the threshold strategy instead).
 # MEASURED on an H100 (benchmarks/encode_sweep.py, bf16 B=8192 m=2048 n=131072, chunks of 8192 x
 # 4096; whole strategy in ms, "dense" = cuBLAS + torch.topk beside it; RESULTS.md, "Selection tiles
 # and strategies, k = 8 to 4096"):
@@ -536,18 +534,12 @@ CHUNK_MAX_BLOCK_B = 8192
 #   k=2048: 1x256x2 buffer 32.48, 1x512x4 buffer 32.73, packed keys 272.8; dense 13.99 (a loss: the
 #           sm_90 model had predicted ~15.7, off by 2x at this occupancy).
 # So buffer tiles from K_PAD 32 up, insertion (8 x 128, 4 warps) at 2 to 16. At K_PAD 2048 the entry
-# serves forced runs and the expander's chunked strategy; topk_encode on CUDA takes the dense
+# serves forced runs and the expander's chunked strategy; topk_encode on CUDA takes the threshold
 # strategy there (below).
 SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
                   | {32: (1, 128, 1, "buffer"), 64: (1, 128, 1, "buffer"), 128: (1, 128, 1, "buffer"),
                      256: (1, 256, 1, "buffer"), 512: (1, 256, 1, "buffer"), 1024: (1, 128, 1, "buffer"),
                      2048: (1, 256, 2, "buffer")})
-# Dense strategy blocks: whole rows, at most DENSE_TILE_ELEMS fp32 pre-activations (256 MiB) a block.
-# MEASURED on the H100 (same shape), 128 / 256 / 512 tokens a block: 43.1 / 33.2 / 29.8 ms at
-# k = 2048, 47.2 / 36.8 / 33.6 at k = 4096: torch.topk over the fp32 rows of a block costs ~3x what
-# it costs over the user's one bf16 [B, n] tensor, so the strategy stays 2.1-2.3x slower than
-# cuBLAS + torch.topk there; it is 8x faster than the packed keys it replaces past K_PAD 2048.
-DENSE_TILE_ELEMS = 64 * 2**20
 # Threshold strategy blocks: whole rows, at most THRESHOLD_TILE_ELEMS fp32 pre-activations (1 GiB) a
 # block. MEASURED on the H100 (bf16 B=8192 m=2048 n=131072, with bias), 512 / 1024 / 2048 tokens a
 # block (64 / 128 / 256 Mi): 12.11 / 11.10 / 10.57 ms at k = 256, 15.12 / 13.51 / 12.50 at 1024,
@@ -558,10 +550,10 @@ DENSE_TILE_ELEMS = 64 * 2**20
 THRESHOLD_TILE_ELEMS = 256 * 2**20
 
 
-def _dense_block_tokens(n: int, elems: Optional[int] = None) -> int:
-    """Tokens per whole-row block of the dense strategy (at most DENSE_TILE_ELEMS pre-activations)
-    or the threshold strategy (``elems`` = THRESHOLD_TILE_ELEMS): elems // n, at least one."""
-    return max(1, (DENSE_TILE_ELEMS if elems is None else elems) // n)
+def _threshold_block_tokens(n: int) -> int:
+    """Tokens per whole-row block of the threshold strategy: THRESHOLD_TILE_ELEMS // n, at least
+    one."""
+    return max(1, THRESHOLD_TILE_ELEMS // n)
 
 
 # The threshold strategy's selection kernel (``_threshold_select_kernel``), one program per token:
@@ -583,11 +575,12 @@ THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, 
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
-# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked" | "dense" |
-# "threshold". Only a measurement goes here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an
+# (device name, dtype of x, dtype of weight, m, K_PAD) -> "fused" | "chunked" | "threshold". Only
+# a measurement goes here. H100 SXM, B=8192, m=2048, n=131072 (benchmarks/RESULTS.md, "Measured on an
 # NVIDIA H100"): bf16 chunked / fused 9.1 / 10.9 ms at k=8, 10.0 / 12.9 at k=32, 10.7 / 14.7 at
 # k=64, 12.0 / 39.5 at k=128; fp32 (exact) 91 / 631 ms at k=64. Past the fused kernel's K_PAD (128),
-# chunked / dense strategy (512 tokens a block): bf16 10.66 / 26.49 ms at k=256, 13.75 / 26.93 at
+# chunked / dense strategy (whole rows + torch.topk, 512 tokens a block; removed once the threshold
+# strategy measured faster everywhere): bf16 10.66 / 26.49 ms at k=256, 13.75 / 26.93 at
 # k=512, 18.19 / 28.39 at k=1024, 32.48 / 29.84 at k=2048, packed keys 272.8 (measured at k=2048:
 # the chunked path without a selection tile) / 33.57 at k=4096; fp32 99.38 / 109.08 at k=1024.
 # Fifteenth session (same H100 and shape, with bias), chunked / threshold (2048-token blocks, 8 warps
@@ -626,7 +619,7 @@ def _math_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
 
 def encode_strategy(B: int, m: int, n: int, k: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
                     device: torch.device) -> str:
-    """"fused", "chunked", "dense" or "threshold" for the Triton backend: a GPU measurement of
+    """"fused", "chunked" or "threshold" for the Triton backend: a GPU measurement of
     this shape if there is one, else the prediction for CUDA tensors (threshold past the table).
     Elsewhere (the
     interpreter) the fused kernel runs, since proving it is the point, and the chunked strategy
@@ -647,8 +640,6 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, o
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
     strategy = encode_strategy(B, M, N, k, x.dtype, weight.dtype, x.device)
-    if strategy == "dense":
-        return _dense_forward(x, weight, bias, k, out_dtype)
     if strategy == "threshold":
         return _threshold_forward(x, weight, bias, k, out_dtype)
     if strategy == "chunked":
@@ -754,12 +745,12 @@ def _blocked_forward(
 
 def _gemm_rows(x: Tensor, weight: Tensor, whole: bool = False):
     """``pre(rows, start, stop)``: the fp32 ``x[rows] @ weight[start:stop].T`` (no bias) of the
-    chunked and dense strategies, ``rows`` a slice or an index tensor. Like the fused kernel, mixed
+    chunked and threshold strategies, ``rows`` a slice. Like the fused kernel, mixed
     fp32 / half inputs multiply in the half type. Half inputs on CUDA: cuBLAS reads them as they
     are and writes fp32. Otherwise (fp32, bf16 with fp16, CPU) operands are widened to fp32, whose
     GEMMs are exact or TF32 as torch.get_float32_matmul_precision() says. A mixed-dtype weight is
-    converted a chunk at a time, or once when ``whole`` (the dense strategy reads all of it per
-    block)."""
+    converted a chunk at a time, or once when ``whole`` (the threshold strategy reads all of it
+    per block)."""
     narrow = _narrower_dot_dtype(x.dtype, weight.dtype)
     gemm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(narrow, x.dtype)
     native = x.device.type == "cuda" and gemm_dtype != torch.float32 and (bool(narrow) or x.dtype == weight.dtype)
@@ -799,34 +790,9 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     return select_chunks(pre_tile, B, N, k, block_b, block_n, bias, x.device, out_dtype)
 
 
-def _dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype) -> tuple[Tensor, Tensor]:
-    """Whole rows: a cuBLAS GEMM of DENSE_TILE_ELEMS // n tokens x all n latents in fp32, the
-    bias, and ``torch.topk(k + 1)`` per block (``_topk.rows_topk``); the rare rows whose kept set
-    ends in a tie or holds a NaN are computed again and ranked by packed keys, after one host
-    sync. What a user would write, with the package's tie and NaN rules, in bounded memory; it
-    measured 2.1-2.3x slower than the user's cuBLAS + ``torch.topk`` on one bf16 [B, n] tensor,
-    yet faster than the selection kernels from K_PAD 2048 up (DENSE_TILE_ELEMS). Extra memory:
-    one fp32 block of at most max(DENSE_TILE_ELEMS, n) + O(B * k), and a copy of weight in the
-    half type when x and weight are of mixed dtypes."""
-    B = x.shape[0]
-    N = weight.shape[0]
-    if B == 0:
-        return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    gemm = _gemm_rows(x, weight, whole=True)
-    bias32 = bias.float() if bias is not None else None
-
-    def pre_rows(rows) -> Tensor:
-        pre = gemm(rows, 0, N)
-        return pre if bias32 is None else pre.add_(bias32)
-
-    values, indices = rows_topk(pre_rows, B, N, k, _dense_block_tokens(N))
-    return values.relu().to(out_dtype), indices
-
-
 def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype
                        ) -> tuple[Tensor, Tensor]:
-    """Whole rows, as the dense strategy forms them (a cuBLAS GEMM of THRESHOLD_TILE_ELEMS // n
-    tokens x all n latents in fp32), ranked by ``_threshold_select_kernel``: one program per
+    """Whole rows (a cuBLAS GEMM of THRESHOLD_TILE_ELEMS // n tokens x all n latents in fp32), ranked by ``_threshold_select_kernel``: one program per
     token finds its exact top k, usually in one read of its row, with the bias added on the fly
     and the package's tie and NaN rules; then one sort of the [B, k] keys orders them. No host
     sync. Extra memory: one fp32 block of at most max(THRESHOLD_TILE_ELEMS, n), the block's buffer
@@ -836,7 +802,7 @@ def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
     gemm = _gemm_rows(x, weight, whole=True)
-    block_b = min(B, _dense_block_tokens(N, THRESHOLD_TILE_ELEMS))
+    block_b = min(B, _threshold_block_tokens(N))
     tile = dict(THRESHOLD_TILE)
     tile["SAMPLE"], tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
     keys = torch.empty(B, k, device=x.device, dtype=torch.int64)
