@@ -544,9 +544,9 @@ SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
 # block. MEASURED on the H100 (bf16 B=8192 m=2048 n=131072, with bias), 512 / 1024 / 2048 tokens a
 # block (64 / 128 / 256 Mi): 12.11 / 11.10 / 10.57 ms at k = 256, 15.12 / 13.51 / 12.50 at 1024,
 # 18.02 / 15.82 / 14.68 at 2048, 22.12 / 19.33 / 17.99 at 4096; peak extra memory 0.9 / 1.4 / 2.4 GiB
-# at k = 1024 against 4.3 GiB for cuBLAS + torch.topk (16.3 ms). Larger blocks make both the GEMM
-# (7.17 -> 6.24 ms) and the selection (one program per token: 512 programs fill 132 SMs poorly;
-# 6.98 -> 5.36 ms at k = 1024) faster.
+# at k = 1024 against 4.3 GiB for cuBLAS + torch.topk with the bias added apart (16.3 ms; 13.8 with
+# torch.addmm). Larger blocks make both the GEMM (7.17 -> 6.24 ms) and the selection (one program
+# per token: 512 programs fill 132 SMs poorly; 6.98 -> 5.36 ms at k = 1024) faster.
 THRESHOLD_TILE_ELEMS = 256 * 2**20
 
 
@@ -584,11 +584,13 @@ THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, 
 # k=512, 18.19 / 28.39 at k=1024, 32.48 / 29.84 at k=2048, packed keys 272.8 (measured at k=2048:
 # the chunked path without a selection tile) / 33.57 at k=4096; fp32 99.38 / 109.08 at k=1024.
 # Fifteenth session (same H100 and shape, with bias), chunked / threshold (2048-token blocks, 8 warps
-# a program) / cuBLAS + torch.topk: bf16 9.67 / 9.94 / 16.08 ms at k=128, 10.42 / 10.57 / 16.24 at
-# 256, 13.66 / 11.26 / 16.28 at 512, 18.35 / 12.50 / 16.32 at 1024, threshold 14.68 / 17.99 against
-# 16.54 / 16.98 at 2048 / 4096 (dense, 512-token blocks: 30.86 / 33.74); fp32 chunked / threshold
-# 100.07 / 91.40 at k=1024, threshold 93.48 at 2048. With 4 warps a program (THRESHOLD_TILE) the
-# threshold strategy took 11.23 / 11.93 / 13.22 / 15.93 ms at k = 512 / 1024 / 2048 / 4096.
+# a program) / cuBLAS + torch.topk with the bias added apart: bf16 9.67 / 9.94 / 16.08 ms at k=128,
+# 10.42 / 10.57 / 16.24 at 256, 13.66 / 11.26 / 16.28 at 512, 18.35 / 12.50 / 16.32 at 1024,
+# threshold 14.68 / 17.99 against 16.54 / 16.98 at 2048 / 4096 (dense, 512-token blocks: 30.86 /
+# 33.74); fp32 chunked / threshold 100.07 / 91.40 at k=1024, threshold 93.48 at 2048. With 4 warps a
+# program (THRESHOLD_TILE) the threshold strategy took 11.23 / 11.93 / 13.22 / 15.93 ms at k = 512 /
+# 1024 / 2048 / 4096, against torch.addmm (the bias inside the GEMM) + torch.topk 13.72 / 13.77 /
+# 14.01 / 14.44: a 10 % loss at 4096, the one K_PAD where the dispatcher still loses.
 _H100 = "NVIDIA H100 80GB HBM3"
 ENCODE_MEASURED: dict[tuple[str, torch.dtype, torch.dtype, int, int], str] = {
     **{(_H100, torch.bfloat16, torch.bfloat16, 2048, kp): "chunked" for kp in (8, 32, 64, 128, 256)},
