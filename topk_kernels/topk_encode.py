@@ -562,15 +562,16 @@ def _threshold_block_tokens(n: int) -> int:
 # candidates sorted at the end. Chosen in ptxas for sm_90 (tests/gpu_compile.py; RESULTS.md,
 # "Threshold strategy"): a top 128 of the sample took 107 registers, SAMPLE 4096 115, CAP 512 or
 # more made ptxas serialise the read loop's eight loads; SAMPLE 2048, a top 64 and CAP 256 take 61
-# registers at 8 warps (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the first append.
-# The sample's bracket then often holds more than CAP entries, which costs a counting pass over
-# the buffer (a few thousand keys), not over the row. MEASURED on the H100 (bf16 B=8192 m=2048
-# n=131072, 2048 tokens a block): 4 warps (BLOCK 128) against 8 (BLOCK 256): 11.23 / 11.29 ms at
-# k = 512, 11.93 / 12.52 at 1024, 13.22 / 14.67 at 2048, 15.93 / 17.99 at 4096; 16 warps lost at
-# k >= 1024. One program is one row's serial pipeline, so 8 CTAs an SM (sm_90: 64 registers) keep
-# more rows in flight than 4. ptxas then keeps two lane masks of the final sort in 8 bytes of local
-# memory (stored once, loaded once a row, outside every loop); a spill-free build (maxnreg=72:
-# 7 CTAs an SM) measured 18 % slower (13.98 against 11.86 ms at k = 1024, 18.38 / 15.87 at 4096).
+# registers at 8 warps (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the
+# first append. The sample's bracket then often holds more than CAP entries, which costs a
+# counting pass over the buffer (a few thousand keys), not over the row. MEASURED on the H100
+# (bf16 B=8192 m=2048 n=131072, 2048 tokens a block): 4 warps (BLOCK 128) against 8 (BLOCK 256):
+# 11.23 / 11.29 ms at k = 512, 11.93 / 12.52 at 1024, 13.22 / 14.67 at 2048, 15.93 / 17.99 at
+# 4096; 16 warps lost at k >= 1024. One program is one row's serial pipeline, so 8 CTAs an SM
+# (sm_90: 64 registers) keep more rows in flight than 4. ptxas then keeps two lane masks of the
+# final sort in 8 bytes of local memory (stored once, loaded once a row, outside every loop); a
+# spill-free build (maxnreg=72: 7 CTAs an SM) measured 18 % slower (13.98 against 11.86 ms at k =
+# 1024, 18.38 / 15.87 at 4096).
 THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, num_warps=4)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
@@ -794,11 +795,12 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
 
 def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype
                        ) -> tuple[Tensor, Tensor]:
-    """Whole rows (a cuBLAS GEMM of THRESHOLD_TILE_ELEMS // n tokens x all n latents in fp32), ranked by ``_threshold_select_kernel``: one program per
-    token finds its exact top k, usually in one read of its row, with the bias added on the fly
-    and the package's tie and NaN rules; then one sort of the [B, k] keys orders them. No host
-    sync. Extra memory: one fp32 block of at most max(THRESHOLD_TILE_ELEMS, n), the block's buffer
-    and candidate scratch (``_threshold_sizes``) and the [B, k] int64 keys."""
+    """Whole rows (a cuBLAS GEMM of THRESHOLD_TILE_ELEMS // n tokens x all n latents in fp32),
+    ranked by ``_threshold_select_kernel``: one program per token finds its exact top k, usually in
+    one read of its row, with the bias added on the fly and the package's tie and NaN rules; then
+    one sort of the [B, k] keys orders them. No host sync. Extra memory: one fp32 block of at most
+    max(THRESHOLD_TILE_ELEMS, n), the block's buffer and candidate scratch (``_threshold_sizes``)
+    and the [B, k] int64 keys."""
     B = x.shape[0]
     N = weight.shape[0]
     if B == 0:
