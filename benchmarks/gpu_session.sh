@@ -14,6 +14,9 @@
 #                                                 # fused against chunked in bf16 and fp32, bf16 d = 8 (~4 minutes)
 #   PART=f bash benchmarks/gpu_session.sh $OUT    # where the TopK / Expander SAE train steps' time goes:
 #                                                 # torch.profiler's kernels, bf16 and fp32 (~2 minutes)
+#   PART=g bash benchmarks/gpu_session.sh $OUT    # the threshold strategy's phases (its kernel's cycle
+#                                                 # timers) and its knobs at k = 512..4096, against
+#                                                 # torch.addmm + torch.topk (~5 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -126,6 +129,21 @@ for dt in bf16 fp32; do
     timeout 150 "$py" benchmarks/step_profile.py --dtype $dt > "$out/profile_$dt.md" 2> "$out/profile_$dt.log"
     echo "step_profile $dt rc $?"; cat "$out/profile_$dt.md"
 done
+fi
+if [[ $part == *g* ]]; then
+# At k = 4096 the threshold strategy lost to torch.addmm + torch.topk by 10 % (15.93 against 14.44
+# ms): where its selection kernel spends its cycles, per phase, and what a tighter probe spread
+# (SPREAD), a smaller sample or a larger CAP buy. Its tests on CUDA first (the shipped tile too).
+timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests/test_topk_encode.py \
+    -k threshold > "$out/tests_g.log" 2>&1
+tests_rc=$?
+tail -3 "$out/tests_g.log"
+timeout 200 "$py" benchmarks/threshold_phases.py --k 4096,2048 --tiles SPREAD=0.5 SPREAD=0.75 SAMPLE=1024 \
+    CAP=512 SPREAD=0.5,CAP=512 > "$out/phases.md" 2> "$out/phases.log"
+echo "threshold_phases rc $?"
+timeout 120 "$py" benchmarks/threshold_phases.py --k 1024,512 --tiles SPREAD=0.5 SPREAD=0.75 \
+    >> "$out/phases.md" 2>> "$out/phases.log"
+echo "threshold_phases rc $?"; cat "$out/phases.md"
 fi
 
 echo

@@ -361,7 +361,7 @@ def _spy_gemm_rows(monkeypatch):
 
 # Small threshold-kernel tiles: a 32-entry sample, 32-entry tiles and at most 8 candidates, so
 # that rows of a few hundred latents take the buffer, extra counting passes and the compaction.
-SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, SAMPLE_TOP=16, PROBES=8, CAP=8, num_warps=1)
+SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, SAMPLE_TOP=16, PROBES=8, CAP=8, SPREAD=1.0, num_warps=1)
 
 
 @pytest.fixture
@@ -424,18 +424,23 @@ def test_threshold_strategy_bounds_its_blocks(monkeypatch):
 
 
 @pytest.mark.usefixtures("threshold")
-@pytest.mark.parametrize("case", ["buffer", "buffer, one candidate slot", "overflow", "misled sample", "no bias"])
+@pytest.mark.parametrize("case", ["buffer", "buffer, one candidate slot", "overflow", "misled sample", "no bias",
+                                  "narrow spread"])
 def test_threshold_strategy_every_path(case, monkeypatch):
     """The threshold kernel's paths against the fp64 reference: the usual one (the row read once
     into the buffer, then counting passes and the compaction over the buffer), with CAP = 1 (many
     counting passes), with a buffer of one slot (every row overflows: counting passes and the
-    compaction over the row), and a sample that misleads (latents sorted by bias, x small: the
+    compaction over the row), a sample that misleads (latents sorted by bias, x small: the
     first SAMPLE latents are the row's best, so the floor is above the k-th value and the row is
-    the source). Rows are 470 latents, k = 45 (the sample's floor is 15 * 470 / 32 ~ 220 entries down)."""
+    the source), and probes a tenth as far apart (SPREAD: a floor that is often above the k-th
+    value, so rows mix both sources). Rows are 470 latents, k = 45 (the sample's floor is
+    15 * 470 / 32 ~ 220 entries down)."""
     B, m, n, k = 13, 10, 470, 45
     x, weight, bias = _inputs((B,), m, n)
     if case == "buffer, one candidate slot":
         monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE | dict(CAP=1))
+    if case == "narrow spread":
+        monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE | dict(SPREAD=0.1))
     if case == "overflow":
         monkeypatch.setattr(te, "_threshold_sizes", lambda n, k, tile: (32, 32, 1))
     if case == "misled sample":
@@ -450,19 +455,40 @@ def test_threshold_strategy_every_path(case, monkeypatch):
 
 
 def test_threshold_sizes_reach_the_outermost_probe():
-    """The sample's sorted top covers the outermost probe's rank (mu - 1 + 4 * (sqrt(mu) + 1) at
-    PROBES = 8), is a power of two within the sample and at least the tile's; BUF has room for the
-    entries down to that rank, with margin."""
+    """The sample's sorted top covers the outermost probe's rank (mu - 1 + 4 * SPREAD * (sqrt(mu) +
+    1) at PROBES = 8), is a power of two within the sample and at least the tile's; BUF has room
+    for the entries down to that rank, with margin."""
+    for spread in (te.THRESHOLD_TILE["SPREAD"], 0.5, 0.25):
+        tile = te.THRESHOLD_TILE | dict(SPREAD=spread)
+        for n, k in [(131072, 1024), (131072, 64), (131072, 4096), (131072, 30000), (2**20, 32), (500, 499),
+                     (300, 1)]:
+            sample, top, buf = te._threshold_sizes(n, k, tile)
+            reach = min(n, sample)
+            mu = k * reach / n
+            rank = min(reach - 1, mu - 1 + 4 * spread * (mu ** 0.5 + 1))
+            assert sample == tile["SAMPLE"] and top & (top - 1) == 0 and rank < top <= te.pow2(reach)
+            assert top >= min(tile["SAMPLE_TOP"], te.pow2(reach))
+            assert min(n, 1.4 * (rank + 1) * n / reach) <= buf <= n
     tile = te.THRESHOLD_TILE
-    for n, k in [(131072, 1024), (131072, 64), (131072, 4096), (131072, 30000), (2**20, 32), (500, 499), (300, 1)]:
-        sample, top, buf = te._threshold_sizes(n, k, tile)
-        reach = min(n, sample)
-        mu = k * reach / n
-        rank = min(reach - 1, mu - 1 + 4 * (mu ** 0.5 + 1))
-        assert sample == tile["SAMPLE"] and top & (top - 1) == 0 and rank < top <= te.pow2(reach)
-        assert top >= min(tile["SAMPLE_TOP"], te.pow2(reach))
-        assert min(n, 1.4 * (rank + 1) * n / reach) <= buf <= n
     assert te._threshold_sizes(131072, 1024, tile)[1] == 64 and te._threshold_sizes(131072, 4096, tile)[1] == 128
+    assert te._threshold_sizes(131072, 4096, tile | dict(SPREAD=0.5))[1] == 128  # rank 79.5
+
+
+@pytest.mark.parametrize("k,dtype", [(513, torch.float32), (700, torch.bfloat16)])
+def test_threshold_strategy_shipped_tile(monkeypatch, k, dtype):
+    """The threshold strategy with the tile it ships (THRESHOLD_TILE: 128-entry tiles, a 2048-entry
+    sample, CAP 256, 4 warps on CUDA), not the small test tile: rows of 4099 latents (four whole
+    read steps of 1024 and a ragged tail; the sample's top 256 or 512), three blocks of tokens."""
+    monkeypatch.setattr(te, "encode_strategy", lambda *args: "threshold")
+    B, m, n = 7, 24, 4099
+    monkeypatch.setattr(te, "THRESHOLD_TILE_ELEMS", 3 * n)
+    seen = _spy_gemm_rows(monkeypatch)
+    x, weight, bias = _inputs((B,), m, n, dtype)
+    acts, idx = topk_encode(x, weight, bias, k, backend="triton")
+    ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(), bias.double(), k)
+    assert len(seen) == 3 and acts.dtype == dtype
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[dtype], "top_acts")
 
 
 def test_select_tile_rejects_a_malformed_entry(monkeypatch):

@@ -291,11 +291,22 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _stamp(timers_row, at: tl.constexpr, TIMERS: tl.constexpr):
+        """With TIMERS, the SM's cycle counter after a barrier (so after the work before it) into
+        ``timers_row[at]``; nothing otherwise. For phase timing (benchmarks/threshold_phases.py)."""
+        if TIMERS:
+            tl.debug_barrier()
+            now = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False,
+                                            pack=1)
+            tl.store(timers_row + at, now)
+
+
+    @triton.jit
     def _threshold_select_kernel(
-        pre_ptr, bias_ptr, out_ptr, scratch_ptr, buf_ptr, count_ptr,
+        pre_ptr, bias_ptr, out_ptr, scratch_ptr, buf_ptr, count_ptr, timers_ptr,
         N, k, BUF,
         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr, SAMPLE_TOP: tl.constexpr,
-        PROBES: tl.constexpr, CAP: tl.constexpr,
+        PROBES: tl.constexpr, CAP: tl.constexpr, SPREAD: tl.constexpr, TIMERS: tl.constexpr,
     ):
         """Threshold strategy, one program per token: the row's exact top k of its N fp32
         pre-activations (plus bias) -> ``out[row, :k]`` as packed keys, in no particular order.
@@ -303,10 +314,11 @@ if HAS_TRITON:
         Everything is decided on ordered bits, so the NaN order and the tie rule are the package's.
           1. Sample: the best SAMPLE_TOP of the first SAMPLE entries, sorted. About
              mu = k * SAMPLE / N of them lie at or above the k-th best value T. Probes: PROBES - 1
-             sample entries at ranks mu - 1 + (0, +-1, +-2, +-4, ...) * (sqrt(mu) + 1), and the
-             central one's bits + 1 (a row where that value ties many times then brackets at
-             once). The lowest probe, the floor, is below T unless the sample misleads by over
-             4 of its standard deviations.
+             sample entries at ranks mu - 1 + (0, +-1, +-2, +-4, ...) * SPREAD * (sqrt(mu) + 1),
+             and the central one's bits + 1 (a row where that value ties many times then brackets
+             at once). The lowest probe, the floor, is below T unless the sample misleads by over
+             4 * SPREAD of its standard deviations (a smaller SPREAD appends fewer entries and
+             brackets tighter, and falls back to the row more often).
           2. One read of the row appends every entry at or above the floor to ``buf`` as a key
              (slots from a relaxed atomic counter per row, in no particular order; its final
              value is how many).
@@ -328,9 +340,13 @@ if HAS_TRITON:
         on the atomics' order: the slots hold a set, ranked by keys. One scan per compaction tile
         ranks both kinds of entry (in its low and high 16 bits: BLOCK <= 2**15). BLOCK should be
         32 * num_warps: one entry per lane keeps loads, atomics and scattered stores in one layout.
+        TIMERS (benchmarks only) writes the cycle counter at the phases' ends into
+        ``timers[row, 0:6]``, then the passes and the entries buffered into slots 6 and 7.
         """
         tl.static_assert(PROBES == 8, "the counting pass keeps eight accumulators")
         row = tl.program_id(0)
+        timers_row = timers_ptr + row.to(tl.int64) * 8
+        _stamp(timers_row, 0, TIMERS)
         pre_row = pre_ptr + row.to(tl.int64) * N
         out_row = out_ptr + row.to(tl.int64) * k
         cand_row = scratch_ptr + row.to(tl.int64) * CAP
@@ -344,13 +360,14 @@ if HAS_TRITON:
         d = (j - PROBES // 2).to(tl.float32)
         step = tl.where(d > 0, 1.0, -1.0) * tl.exp2(tl.abs(d) - 1.0)
         step = tl.where((d == 0) | (j == 0), 0.0, step)
-        rank = mu - 0.5 + step * (tl.sqrt(mu) + 1.0)  # round(mu - 1 + step * spread)
+        rank = mu - 0.5 + step * SPREAD * (tl.sqrt(mu) + 1.0)  # round(mu - 1 + step * spread)
         last = (tl.minimum(N, SAMPLE_TOP) - 1).to(tl.float32)
         rank = tl.minimum(tl.maximum(rank, 0.0), last).to(tl.int32)
         top_at = tl.arange(0, SAMPLE_TOP)
         first = tl.sum(tl.where(top_at[None, :] == rank[:, None], sample[None, :], 0), axis=1)
         first = tl.where(j == 0, first + 1, first)
         floor = tl.min(first, axis=0)
+        _stamp(timers_row, 1, TIMERS)
         # 2. The read: every entry at or above the floor, appended to buf.
         # Whole steps of eight tiles, loaded without masks before the first append: each append
         # waits for its atomic, and ptxas serialises masked loads (a zeroed register, then a
@@ -380,6 +397,7 @@ if HAS_TRITON:
         buffered = tl.atomic_add(counter, 0, sem="relaxed")
         from_buf = (buffered >= k) & (buffered <= BUF)
         size = tl.where(from_buf, buffered, N)
+        _stamp(timers_row, 2, TIMERS)
         # 3. Counting passes over the source.
         lo = tl.where(from_buf, floor, -(2**31))
         hi = tl.full([], CANONICAL_NAN + 1, tl.int32)
@@ -421,6 +439,7 @@ if HAS_TRITON:
             c_hi = tl.where(down < hi, tl.max(tl.where(~enough & (probes == down), counts, 0), axis=0), c_hi)
             hi = down
             passes += 1
+        _stamp(timers_row, 3, TIMERS)
         # 4. Compaction: entries at or above hi fill slots [0, c_hi), the bracket's best the rest.
         need = k - c_hi
         ties_in_order = c_lo - c_hi > CAP  # then the bracket is one value
@@ -448,11 +467,16 @@ if HAS_TRITON:
             tile = tl.sum(flags, axis=0)
             n_above += tile & 0xFFFF
             n_in += tile >> 16
+        _stamp(timers_row, 4, TIMERS)
         if not ties_in_order:
             tl.debug_barrier()  # the other lanes' candidate stores before the loads
             slot = tl.arange(0, CAP)
             best = tl.sort(tl.load(cand_row + slot, mask=slot < c_lo - c_hi, other=MIN_KEY), descending=True)
             tl.store(out_row + c_hi + slot, best, mask=slot < need)
+        _stamp(timers_row, 5, TIMERS)
+        if TIMERS:
+            tl.store(timers_row + 6, passes.to(tl.int64))
+            tl.store(timers_row + 7, buffered.to(tl.int64))
 
 
 # Launch configurations of the fused kernel, by K_PAD: (BLOCK_B, BLOCK_N, BLOCK_M, num_warps);
@@ -572,7 +596,7 @@ def _threshold_block_tokens(n: int) -> int:
 # final sort in 8 bytes of local memory (stored once, loaded once a row, outside every loop); a
 # spill-free build (maxnreg=72: 7 CTAs an SM) measured 18 % slower (13.98 against 11.86 ms at k =
 # 1024, 18.38 / 15.87 at 4096).
-THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, num_warps=4)
+THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, SPREAD=1.0, num_warps=4)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
@@ -793,19 +817,19 @@ def _chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, 
     return select_chunks(pre_tile, B, N, k, block_b, block_n, bias, x.device, out_dtype)
 
 
-def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype
-                       ) -> tuple[Tensor, Tensor]:
+def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype,
+                       timers: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Whole rows (a cuBLAS GEMM of THRESHOLD_TILE_ELEMS // n tokens x all n latents in fp32),
     ranked by ``_threshold_select_kernel``: one program per token finds its exact top k, usually in
     one read of its row, with the bias added on the fly and the package's tie and NaN rules; then
     one sort of the [B, k] keys orders them. No host sync. Extra memory: one fp32 block of at most
     max(THRESHOLD_TILE_ELEMS, n), the block's buffer and candidate scratch (``_threshold_sizes``)
-    and the [B, k] int64 keys."""
+    and the [B, k] int64 keys. ``timers``, a [B, 8] int64 tensor or None, turns on the
+    kernel's phase timers (benchmarks/threshold_phases.py; compiled code only)."""
     B = x.shape[0]
     N = weight.shape[0]
     if B == 0:
         return x.new_empty(0, k, dtype=out_dtype), x.new_empty(0, k, dtype=torch.int64)
-    gemm = _gemm_rows(x, weight, whole=True)
     block_b = min(B, _threshold_block_tokens(N))
     tile = dict(THRESHOLD_TILE)
     tile["SAMPLE"], tile["SAMPLE_TOP"], buf_len = _threshold_sizes(N, k, tile)
@@ -814,17 +838,28 @@ def _threshold_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int
     buf = torch.empty(block_b, buf_len, device=x.device, dtype=torch.int64)
     counters = torch.zeros(B, device=x.device, dtype=torch.int32)
     bias_arg = bias if bias is not None else scratch
+    for b0, b1, pre in _threshold_blocks(x, weight):
+        timers_at = timers[b0:b1] if timers is not None else scratch
+        _threshold_select_kernel[(b1 - b0,)](pre, bias_arg, keys[b0:b1], scratch, buf, counters[b0:b1], timers_at,
+                                             N, k, buf_len, HAS_BIAS=bias is not None, TIMERS=timers is not None,
+                                             **tile, **launch_options())
+    return merge_candidates(keys.sort(dim=1).values, k, out_dtype, ascending=True)
+
+
+def _threshold_blocks(x: Tensor, weight: Tensor):
+    """The threshold strategy's GEMMs: (b0, b1, pre) per block of _threshold_block_tokens(n)
+    tokens, ``pre`` the contiguous fp32 [b1 - b0, n] ``x[b0:b1] @ weight.T`` (no bias)."""
+    B, N = x.shape[0], weight.shape[0]
+    gemm = _gemm_rows(x, weight, whole=True)
+    block_b = min(B, _threshold_block_tokens(N))
     for b0 in range(0, B, block_b):
         b1 = min(B, b0 + block_b)
-        pre = gemm(slice(b0, b1), 0, N).contiguous()
-        _threshold_select_kernel[(b1 - b0,)](pre, bias_arg, keys[b0:b1], scratch, buf, counters[b0:b1], N, k,
-                                             buf_len, HAS_BIAS=bias is not None, **tile, **launch_options())
-    return merge_candidates(keys.sort(dim=1).values, k, out_dtype, ascending=True)
+        yield b0, b1, gemm(slice(b0, b1), 0, N).contiguous()
 
 
 def _threshold_sizes(n: int, k: int, tile: dict) -> tuple[int, int, int]:
     """(SAMPLE, SAMPLE_TOP, BUF) of a threshold-kernel launch. The probes reach down to sample rank
-    mu - 1 + 2**(PROBES // 2 - 2) * (sqrt(mu) + 1), mu = k * SAMPLE / n; the sample's sorted top
+    mu - 1 + 2**(PROBES // 2 - 2) * SPREAD * (sqrt(mu) + 1), mu = k * SAMPLE / n; the sample's sorted top
     must cover it: ``tile["SAMPLE_TOP"]`` or the next power of two past that rank, at most the
     sample (ptxas: a top 64 of 2048 takes 61 registers on sm_90, a top 128 107; smaller samples
     for the same top were no better). BUF: room for the entries at or above the lowest probe,
@@ -832,7 +867,7 @@ def _threshold_sizes(n: int, k: int, tile: dict) -> tuple[int, int, int]:
     reads its row a second time)."""
     sample = min(n, tile["SAMPLE"])
     mu = k * sample / n
-    rank = max(0.0, min(sample - 1, mu - 1 + 2 ** (tile["PROBES"] // 2 - 2) * (mu ** 0.5 + 1)))
+    rank = max(0.0, min(sample - 1, mu - 1 + 2 ** (tile["PROBES"] // 2 - 2) * tile["SPREAD"] * (mu ** 0.5 + 1)))
     top = min(pow2(sample), max(tile["SAMPLE_TOP"], pow2(int(rank) + 1)))
     return tile["SAMPLE"], top, min(n, int(2 * (int(rank) + 2) * n / sample) + tile["BLOCK"])
 
