@@ -235,10 +235,18 @@ def transposed_tokens(x: Tensor, block_b: int) -> Tensor:
     if (M + 1) * ld > 2**31 - 1:  # the kernels' row offsets are int32 (launches hold XT_CHUNK_BYTES)
         raise ValueError(f"x: expected (m + 1) * {ld} < 2**31 elements of x.T per launch of the Triton "
                          f"expander encoder (int32 offsets), got m = {M}")
-    xt = x.new_empty(M + 1, ld)
-    xt[:M, :B].copy_(x.T)
-    xt[:M, B:].zero_()
-    xt[M].zero_()
+    return _padded_transpose(x, M + 1, ld, x.dtype)
+
+
+def _padded_transpose(x: Tensor, rows: int, ld: int, dtype: torch.dtype) -> Tensor:
+    """x [b, m] -> [rows, ld] in dtype (rows >= m, ld >= b): x.T in the top-left corner, zeros in
+    the padding. Both token tables (the kernels' ``transposed_tokens``, the CPU path's
+    ``_token_table``) are this with their own padding."""
+    b, m = x.shape
+    xt = x.new_empty(rows, ld, dtype=dtype)
+    xt[:m, :b].copy_(x.T)
+    xt[:m, b:].zero_()
+    xt[m:].zero_()
     return xt
 
 
@@ -436,9 +444,7 @@ def _token_table(x_tile: Tensor, dtype: torch.dtype) -> Tensor:
     if b * dtype.itemsize >= 512:
         ld = -(-b // line) * line
         ld += line * (1 - (ld // line) % 2)
-    xt = x_tile.new_zeros(m, ld, dtype=dtype)
-    xt[:, :b].copy_(x_tile.T)
-    return xt
+    return _padded_transpose(x_tile, m, ld, dtype)
 
 
 def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = False):
