@@ -446,11 +446,14 @@ if HAS_TRITON:
         n_above = N * 0  # entries at or above hi so far
         n_in = N * 0  # entries in the bracket so far
         use_buf = from_buf & ~ties_in_order
+        # From the buffer, each tile's keys are loaded while the tile before is ranked.
+        ahead = tl.load(buf_row + lane, mask=use_buf & (lane < size), other=MIN_KEY)
         for start in range(0, tl.where(use_buf, size, N), BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+            offs = start + lane
             if use_buf:
                 valid = offs < size
-                keys = tl.load(buf_row + offs, mask=valid, other=MIN_KEY)
+                keys = ahead
+                ahead = tl.load(buf_row + BLOCK + offs, mask=BLOCK + offs < size, other=MIN_KEY)
                 bits = (keys >> 32).to(tl.int32)
             else:
                 valid = offs < N
