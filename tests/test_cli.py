@@ -95,7 +95,11 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path):
 
     cmd = _train_cmd(tiny_model, tmp_path / "run")
     cmd[cmd.index("--tokens") + 1] = "100000000"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    # A job a non-interactive shell starts in the background (``.ci/run &``) inherits SIGINT as
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the child the terminal's
+    # default, as a user pressing Ctrl-C has.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until training runs
         if "training activations ready" in line:
             break
