@@ -128,7 +128,9 @@ if HAS_TRITON:
             acc += x0.to(tl.float32) * v0[None, :] + x1.to(tl.float32) * v1[None, :]
         return acc
 
-    @triton.jit
+    # Not specialised on the split count's integers, so that the occupancy query's build is the
+    # launch's (as topk_encode's _encode_fwd_kernel).
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "C"])
     def _expander_encode_fwd_kernel(
         xt_ptr, taps_ptr, bias_ptr, cand_ptr,
         B, N, M, D, LD, TILES_PER_SPLIT, C,

@@ -77,7 +77,10 @@ if HAS_TRITON:
 
     from ._topk import CANONICAL_NAN, MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits, pack_key
 
-    @triton.jit
+    # The launcher's occupancy query (``resident_ctas``) compiles the kernel before it knows the
+    # split count; integers that depend on it are not specialised (==1, divisible by 16), so the
+    # query's build is the launch's: one compile per configuration, not two.
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "C"])
     def _encode_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, cand_ptr,
         B, N, M, TILES_PER_SPLIT, C,
@@ -123,7 +126,7 @@ if HAS_TRITON:
         tl.store(out, running, mask=mask_b[:, None])
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "SPLITS", "C"])  # as _encode_fwd_kernel
     def _select_kernel(
         pre_ptr, bias_ptr, run_ptr,
         B, NC, ID0, TILES_PER_SPLIT, SPLITS, C,
