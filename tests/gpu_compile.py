@@ -20,6 +20,8 @@ fence Triton's default ``acq_rel`` semantics put before each atomic; ``sem="rela
 
     python tests/gpu_compile.py            # JSON on stdout
     python tests/gpu_compile.py --markdown # the table for benchmarks/RESULTS.md
+    python tests/gpu_compile.py --shard I/N  # work units I, I + N, ... only
+    python tests/gpu_compile.py --queue F  # the units it claims from counter file F (one process a core)
 
 To prove a new kernel, add (or extend) its op's block: a function returning ``Spec``s whose
 ``run`` calls the launcher on meta tensors, registered in ``SPEC_BLOCKS``. A test fails for any
@@ -67,6 +69,10 @@ class Spec:
     op: str
     label: str
     run: Callable[[], object]
+    # Specs of one ``group`` build the same kernels (they are compiled in one process, once);
+    # ``weight`` is a rough cost, so that a work queue hands out the longest groups first.
+    group: str = ""
+    weight: float = 1.0
 
 
 def _mod(name: str):
@@ -165,13 +171,15 @@ def _topk_encode_specs() -> list[Spec]:
     # The chunked strategy's selection kernel (its GEMMs are cuBLAS): every K_PAD it serves.
     for k_pad in te.SELECT_CONFIGS:
         specs.append(Spec("topk_encode", f"chunked,bf16,K_PAD={k_pad}", lambda k=k_pad: te._chunked_forward(
-            _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
+            _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16")),
+            weight=max(1.0, k_pad / 64)))  # ~5 s a build to K_PAD 128, ~37 s at 2048 (sm_90, one core)
     # The threshold strategy's selection kernel (its GEMMs are cuBLAS), at the k it is dispatched for
     # (SAMPLE_TOP, its one k-dependent constexpr, is 64 / 128 there), and at k = 1, which Triton
     # specialises into a constexpr (a launch there once failed to compile on the H100).
     for k in (1, 512, 1024, 2048, 4096):
         specs.append(Spec("topk_encode", f"threshold,bf16,k={k}", lambda k=k: te._threshold_forward(
-            _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16"))))
+            _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16")),
+            group="threshold", weight=10))  # three builds an arch, ~30 s each
     return specs
 
 
@@ -596,11 +604,43 @@ def sass_stats(listing: str) -> dict:
 
 # --- the report -------------------------------------------------------------------------------
 
-def compile_all(shard: int = 0, shards: int = 1) -> tuple[list[dict], list[dict]]:
-    """Every spec's launches on both archs; with ``shards`` > 1 only specs ``shard``, ``shard +
-    shards``, ... (tests/test_gpu_compile.py runs the shards in parallel processes)."""
+def work_units() -> list[list[Spec]]:
+    """The specs in groups (a spec without ``group`` alone), heaviest total ``weight`` first."""
+    groups: dict[str, list[Spec]] = {}
+    for i, spec in enumerate(all_specs()):
+        groups.setdefault(spec.group or f"#{i}", []).append(spec)
+    return sorted(groups.values(), key=lambda unit: -sum(spec.weight for spec in unit))
+
+
+def _claim(queue: Path) -> int:
+    """The next unit's index from a counter file shared by the processes of one report."""
+    import fcntl
+
+    with open(queue, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        index = int(f.read().strip() or 0)
+        f.seek(0)
+        f.write(str(index + 1))
+        f.truncate()
+    return index
+
+
+def compile_all(shard: int = 0, shards: int = 1, queue: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Every spec's launches on both archs; with ``shards`` > 1 only the work units ``shard``,
+    ``shard + shards``, ...; with ``queue`` (a file holding 0), whichever units this process claims
+    next from it: tests/test_gpu_compile.py runs one process a core on one queue, so a core that
+    finishes early takes more, and each group's builds are compiled once."""
+    units = work_units()
+
+    def mine():
+        if queue is None:
+            yield from units[shard::shards]
+            return
+        while (index := _claim(queue)) < len(units):
+            yield units[index]
+
     rows, failures, seen = [], [], set()
-    for spec in all_specs()[shard::shards]:
+    for spec in (spec for unit in mine() for spec in unit):
         for arch in ARCHS:
             try:
                 launches = capture(spec, arch)
@@ -642,10 +682,12 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("gpu_compile: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
         return 2
-    shard, shards = 0, 1
+    shard, shards, queue = 0, 1, None
     if "--shard" in argv:  # --shard I/N
         shard, shards = (int(v) for v in argv[argv.index("--shard") + 1].split("/"))
-    rows, failures = compile_all(shard, shards)
+    if "--queue" in argv:  # --queue FILE: claim work units from a counter file shared with other processes
+        queue = Path(argv[argv.index("--queue") + 1])
+    rows, failures = compile_all(shard, shards, queue)
     if "--markdown" in argv:
         print(markdown(rows, failures))
     else:

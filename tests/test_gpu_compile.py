@@ -22,13 +22,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "topk_kernels"
 
 
 @pytest.fixture(scope="module")
-def report():
-    """tests/gpu_compile.py's report, its specs shared round-robin among one process per core
-    (at most 4): ptxas is single-threaded, and nothing else runs while this fixture waits."""
+def report(tmp_path_factory):
+    """tests/gpu_compile.py's report, from one process per core (at most 4) claiming its work
+    units from one queue: ptxas is single-threaded, and nothing else runs while this fixture waits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     shards = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--shard", f"{i}/{shards}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(shards)]
+    queue = tmp_path_factory.mktemp("gpu_compile") / "queue"
+    queue.write_text("0")
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--queue", str(queue)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(shards)]
     merged = {"rows": [], "failures": []}
     for proc in procs:
         try:
