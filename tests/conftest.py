@@ -42,6 +42,13 @@ os.environ.setdefault("TOPK_KERNELS_CPU_BACKEND", "torch")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (``-n N``) each worker is a process of its own: share the cores among them,
+# or N workers x torch's default of one thread a core oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, _cores // _WORKERS))
+
 # Inputs are drawn fresh from this seed (change it to draw others); each test mixes in its name.
 BASE_SEED = int(os.environ.get("TOPK_TEST_SEED", "0"))
 
@@ -55,6 +62,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ops: an op test module; its tensors are created on --device")
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: torch.cuda.is_available() is False")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The sm_80/sm_90 compile (``gpu_compile``, the suite's one long module: about 25 CPU-minutes)
+    runs first, so that under ``-n 2 --dist loadscope`` one worker starts it at once while the
+    other takes the rest, instead of its starting late and finishing alone."""
+    items.sort(key=lambda item: item.get_closest_marker("gpu_compile") is None)
 
 
 def pytest_report_header(config):
