@@ -293,6 +293,18 @@ def ctas_per_sm(regs: int, shared: int, num_warps: int, limits: dict) -> int:
 
 _RESIDENT: dict = {}
 
+# Triton specialises an integer argument divisible by 16 (``tt.divisibility``; 1 becomes a constexpr).
+ALIGN = 16
+
+
+def candidate_buffer(rows: int, width: int, device: torch.device) -> Tensor:
+    """An uninitialised int64 [rows, width] candidate buffer whose row stride is a multiple of
+    ``ALIGN``: a kernel taking the stride as an argument then has the same specialisation at every
+    split count, so ``resident_ctas``'s query (which passes ``ALIGN``) compiles the very build the
+    launch runs, and the stores keep their vector width."""
+    return torch.empty(rows, -(-width // ALIGN) * ALIGN, device=device, dtype=torch.int64)[:, :width]
+
+
 
 def resident_ctas(kernel, device: torch.device, args: tuple, kwargs: dict) -> int | None:
     """CTAs per SM of ``kernel`` compiled for this launch (``kernel.warmup`` compiles without

@@ -60,7 +60,7 @@ from ._common import (
     resolve_backend,
     unused_grad,
 )
-from ._topk import cpu_tile, latent_splits, merge_candidates, resident_ctas, token_blocked_topk
+from ._topk import ALIGN, candidate_buffer, cpu_tile, latent_splits, merge_candidates, resident_ctas, token_blocked_topk
 from .expander_decode import (
     torch_backward as decode_torch_backward,
     triton_backward as decode_triton_backward,
@@ -128,9 +128,9 @@ if HAS_TRITON:
             acc += x0.to(tl.float32) * v0[None, :] + x1.to(tl.float32) * v1[None, :]
         return acc
 
-    # Not specialised on the split count's integers, so that the occupancy query's build is the
-    # launch's (as topk_encode's _encode_fwd_kernel).
-    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "C"])
+    # TILES_PER_SPLIT not specialised and C a multiple of 16, so that the occupancy query's build
+    # is the launch's (as topk_encode's _encode_fwd_kernel).
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT"])
     def _expander_encode_fwd_kernel(
         xt_ptr, taps_ptr, bias_ptr, cand_ptr,
         B, N, M, D, LD, TILES_PER_SPLIT, C,
@@ -359,13 +359,13 @@ def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tenso
                    ODD_APART=odd_apart(x.dtype, fused=True), num_warps=num_warps,
                    maxnreg=EXPANDER_ENCODE_MAXNREG.get((x.dtype, k_pad)), **launch_options())
     ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, taps, bias_arg, values.new_empty(
-        0, dtype=torch.int64), B, N, M, D, token_blocks * block_b, n_tiles, k_pad), options)
+        0, dtype=torch.int64), B, N, M, D, token_blocks * block_b, n_tiles, ALIGN), options)
     splits = latent_splits(token_blocks, n_tiles, x.device, ctas, _fill_cost_tiles(D, k_pad))
     tiles_per_split = triton.cdiv(n_tiles, splits)
-    cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
+    cand = candidate_buffer(B, splits * k_pad, x.device)
     _expander_encode_fwd_kernel[(token_blocks, splits)](
         xt, taps, bias_arg, cand,
-        B, N, M, D, token_blocks * block_b, tiles_per_split, splits * k_pad, **options,
+        B, N, M, D, token_blocks * block_b, tiles_per_split, cand.stride(0), **options,
     )
     return merge_candidates(cand, k, out_dtype)
 

@@ -56,7 +56,9 @@ from ._common import (
     unused_grad,
 )
 from ._topk import (
+    ALIGN,
     MIN_KEY_VALUE,
+    candidate_buffer,
     cpu_tile,
     latent_splits,
     merge_candidates,
@@ -78,9 +80,12 @@ if HAS_TRITON:
     from ._topk import CANONICAL_NAN, MIN_KEY, REMOVED, empty_slots, fold_tile, ordered_bits, pack_key
 
     # The launcher's occupancy query (``resident_ctas``) compiles the kernel before it knows the
-    # split count; integers that depend on it are not specialised (==1, divisible by 16), so the
-    # query's build is the launch's: one compile per configuration, not two.
-    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "C"])
+    # split count, so the query's build is the launch's only if nothing specialised depends on it:
+    # TILES_PER_SPLIT is not specialised (==1, divisible by 16; the same SASS at the benchmark
+    # shapes), and C, the candidates' row stride, is always a multiple of 16 (``candidate_buffer``).
+    # Left unspecialised, C cost 24-144 SASS instructions (scalar stores), and 5 % in the sm_80
+    # expander encoder's main loop.
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT"])
     def _encode_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, cand_ptr,
         B, N, M, TILES_PER_SPLIT, C,
@@ -126,7 +131,11 @@ if HAS_TRITON:
         tl.store(out, running, mask=mask_b[:, None])
 
 
-    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "SPLITS", "C"])  # as _encode_fwd_kernel
+    # Not specialised on the split count's integers, so that the occupancy query's build (SPLITS=1,
+    # C=K_PAD) is the launch's. The cost in the SASS: at K_PAD=2 on sm_90, 48 registers (10 CTAs an
+    # SM) where a launch of one tile a split (TILES_PER_SPLIT == 1, a constexpr) took 38 (12 CTAs);
+    # at K_PAD=8 on sm_80, 24 instructions outside the loop.
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT", "SPLITS", "C"])
     def _select_kernel(
         pre_ptr, bias_ptr, run_ptr,
         B, NC, ID0, TILES_PER_SPLIT, SPLITS, C,
@@ -713,12 +722,12 @@ def _fused_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
     token_blocks = triton.cdiv(B, block_b)
     bias_arg = bias if bias is not None else x
     ctas = resident_ctas(_encode_fwd_kernel, x.device,
-                         (x, weight, bias_arg, x.new_empty(0, dtype=torch.int64), B, N, M, n_tiles, k_pad), options)
+                         (x, weight, bias_arg, x.new_empty(0, dtype=torch.int64), B, N, M, n_tiles, ALIGN), options)
     splits = latent_splits(token_blocks, n_tiles, x.device, ctas, _fill_cost_tiles(M, block_m, k_pad))
     tiles_per_split = triton.cdiv(n_tiles, splits)
-    cand = torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64)
+    cand = candidate_buffer(B, splits * k_pad, x.device)
     _encode_fwd_kernel[(token_blocks, splits)](
-        x, weight, bias_arg, cand, B, N, M, tiles_per_split, splits * k_pad, **options,
+        x, weight, bias_arg, cand, B, N, M, tiles_per_split, cand.stride(0), **options,
     )
     return merge_candidates(cand, k, out_dtype)
 
