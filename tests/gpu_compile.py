@@ -22,6 +22,7 @@ fence Triton's default ``acq_rel`` semantics put before each atomic; ``sem="rela
     python tests/gpu_compile.py --markdown # the table for benchmarks/RESULTS.md
     python tests/gpu_compile.py --shard I/N  # work units I, I + N, ... only
     python tests/gpu_compile.py --queue F  # the units it claims from counter file F (one process a core)
+    python tests/gpu_compile.py --jobs N --markdown  # N such processes, merged: the table, N times faster
 
 To prove a new kernel, add (or extend) its op's block: a function returning ``Spec``s whose
 ``run`` calls the launcher on meta tensors, registered in ``SPEC_BLOCKS``. A test fails for any
@@ -664,6 +665,33 @@ def compile_all(shard: int = 0, shards: int = 1, queue: Path | None = None) -> t
     return rows, failures
 
 
+def compile_parallel(jobs: int, timeout: float = 1500) -> tuple[list[dict], list[dict]]:
+    """``compile_all`` in ``jobs`` processes claiming units from one queue (ptxas is single-threaded),
+    merged back into spec order."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="gpu_compile_") as tmp:
+        queue = Path(tmp) / "queue"
+        queue.write_text("0")
+        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--queue", str(queue)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for _ in range(jobs)]
+        rows, failures = [], []
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for other in procs:
+                    other.kill()
+                raise
+            if not out.strip():
+                raise RuntimeError(f"gpu_compile --queue printed nothing (exit {proc.returncode}); stderr:\n{err[-4000:]}")
+            part = json.loads(out.strip().splitlines()[-1])
+            rows += part["rows"]
+            failures += part["failures"]
+    order = {(spec.op, spec.label): i for i, spec in enumerate(all_specs())}
+    rows.sort(key=lambda r: (order.get((r["op"], r["label"]), len(order)), r["arch"]))
+    return rows, failures
+
+
 def markdown(rows: list[dict], failures: list[dict]) -> str:
     head = ("| kernel | launch | arch | warps | stages | registers | shared (B) | spill st/ld (B) | CTAs/SM "
             "| SASS instrs | main-loop instrs | MEMBAR | atomics (fenced) |")
@@ -687,7 +715,10 @@ def main(argv: list[str]) -> int:
         shard, shards = (int(v) for v in argv[argv.index("--shard") + 1].split("/"))
     if "--queue" in argv:  # --queue FILE: claim work units from a counter file shared with other processes
         queue = Path(argv[argv.index("--queue") + 1])
-    rows, failures = compile_all(shard, shards, queue)
+    if "--jobs" in argv:  # --jobs N: N processes on one queue, merged in spec order
+        rows, failures = compile_parallel(int(argv[argv.index("--jobs") + 1]))
+    else:
+        rows, failures = compile_all(shard, shards, queue)
     if "--markdown" in argv:
         print(markdown(rows, failures))
     else:

@@ -22,28 +22,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "topk_kernels"
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """tests/gpu_compile.py's report, from one process per core (at most 4) claiming its work
-    units from one queue: ptxas is single-threaded, and nothing else runs while this fixture waits."""
+def report():
+    """tests/gpu_compile.py's report from one process per core (at most 4), claiming work units
+    from one queue: ptxas is single-threaded, and nothing else runs while this fixture waits."""
+    jobs = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    shards = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-    queue = tmp_path_factory.mktemp("gpu_compile") / "queue"
-    queue.write_text("0")
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--queue", str(queue)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(shards)]
-    merged = {"rows": [], "failures": []}
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=1500)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-        assert out.strip(), f"gpu_compile printed nothing; stderr:\n{err[-4000:]}"
-        shard = json.loads(out.strip().splitlines()[-1])
-        merged["rows"] += shard["rows"]
-        merged["failures"] += shard["failures"]
-    return merged
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--jobs", str(jobs)], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    assert proc.stdout.strip(), f"gpu_compile printed nothing; stderr:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _package_kernels() -> set[str]:
