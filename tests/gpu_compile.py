@@ -658,7 +658,7 @@ def compile_all(shard: int = 0, shards: int = 1, queue: Path | None = None) -> t
                         continue
                     seen.add(key)
                     rows.append({"op": spec.op, "label": spec.label, "kernel": name, "arch": f"sm_{arch}",
-                                 **compile_launch(launch, arch)})
+                                 "build": repr(key), **compile_launch(launch, arch)})
                 except Exception as exc:  # report every failure, not just the first
                     failures.append({"op": spec.op, "label": spec.label, "kernel": name, "arch": f"sm_{arch}",
                                      "error": repr(exc)[:2000]})
@@ -689,6 +689,9 @@ def compile_parallel(jobs: int, timeout: float = 1500) -> tuple[list[dict], list
             failures += part["failures"]
     order = {(spec.op, spec.label): i for i, spec in enumerate(all_specs())}
     rows.sort(key=lambda r: (order.get((r["op"], r["label"]), len(order)), r["arch"]))
+    # A build that two specs launch is reported once, under the first spec (as one process does).
+    seen: set[str] = set()
+    rows = [r for r in rows if not (r["build"] in seen or seen.add(r["build"]))]
     return rows, failures
 
 
