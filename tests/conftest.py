@@ -65,9 +65,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The sm_80/sm_90 compile (``gpu_compile``, the suite's one long module: about 25 CPU-minutes)
-    runs first, so that under ``-n 2 --dist loadscope`` one worker starts it at once while the
-    other takes the rest, instead of its starting late and finishing alone."""
+    """The sm_80/sm_90 compile (``gpu_compile``, the suite's one long module: about 15 CPU-minutes)
+    runs first, so that under ``-n auto --dist loadscope --no-loadscope-reorder`` one worker starts
+    it at once while the others take the rest, instead of its starting late and finishing alone
+    (xdist's default reorder would queue modules by their number of tests, this one's 9 late)."""
     items.sort(key=lambda item: item.get_closest_marker("gpu_compile") is None)
 
 

@@ -83,7 +83,7 @@ if HAS_TRITON:
     # split count, so the query's build is the launch's only if nothing specialised depends on it:
     # TILES_PER_SPLIT is not specialised (==1, divisible by 16; the same SASS at the benchmark
     # shapes), and C, the candidates' row stride, is always a multiple of 16 (``candidate_buffer``).
-    # Left unspecialised, C cost 24-144 SASS instructions (scalar stores), and 5 % in the sm_80
+    # Left unspecialised, C cost 24-144 SASS instructions (scalar stores), and 2-7 % in the sm_80
     # expander encoder's main loop.
     @triton.jit(do_not_specialize=["TILES_PER_SPLIT"])
     def _encode_fwd_kernel(
