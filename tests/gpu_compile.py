@@ -397,7 +397,7 @@ def _recording(arch: int):
     from triton.runtime.jit import JITFunction
 
     topk = _mod("_topk")
-    launches: list[Launch] = []
+    launches = _Launches()
     saved_run, saved_count = JITFunction.run, topk.multiprocessor_count
     saved_splits = {name: _mod(name).latent_splits for name in ("topk_encode", "expander_encode")}
     saved_generation = _mod("topk_encode").tensor_core_generation
@@ -415,7 +415,8 @@ def _recording(arch: int):
     _mod("topk_encode").tensor_core_generation = lambda device: arch // 10
 
     def occupancy(kernel, device, args, kwargs):  # what resident_ctas reads from a GPU build
-        return compile_launch(Launch(kernel, args, kwargs), arch)["ctas_per_sm"]
+        launches.probes.append(Launch(kernel, args, kwargs))
+        return compile_launch(launches.probes[-1], arch)["ctas_per_sm"]
 
     for name in saved_resident:
         setattr(_mod(name), "resident_ctas", occupancy)
@@ -431,12 +432,39 @@ def _recording(arch: int):
             setattr(_mod(name), "resident_ctas", fn)
 
 
+class _Launches(list):
+    """The launches recorded, and in ``probes`` the builds the launchers' occupancy queries asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.probes: list[Launch] = []
+
+
 def capture(spec: Spec, arch: int) -> list[Launch]:
+    """The spec's launches on ``arch``. Fails when a launcher's occupancy query (``resident_ctas``)
+    asked for a build that none of its launches runs: its CTAs per SM would describe another build,
+    and a GPU would JIT-compile both (Triton specialises ints equal to 1 or divisible by 16, so an
+    integer that depends on the split count must be left unspecialised or kept aligned)."""
     with _recording(arch) as launches:
         spec.run()
     if not launches:
         raise RuntimeError(f"{spec.op}[{spec.label}]: the launcher launched no kernel")
-    return launches
+    built = {build_key(launch, arch) for launch in launches}
+    for probe in launches.probes:
+        if build_key(probe, arch) not in built:
+            names = signature_names(probe.kernel)
+
+            def spec_of(launch):  # parameter name -> how it is specialised (constexpr value, attributes)
+                _, constexprs, attrs, _ = specialise(launch, arch)
+                return {**{(names[k[0]], "constexpr"): repr(v) for k, v in constexprs.items()},
+                        **{(names[k[0]], "attrs"): repr(v) for k, v in attrs.items()}}
+
+            mine = spec_of(probe)
+            differ = sorted({name for launch in launches if launch.kernel is probe.kernel
+                             for (name, _), _v in spec_of(launch).items() ^ mine.items()})
+            raise RuntimeError(f"{spec.op}[{spec.label}] sm_{arch}: the occupancy query of {probe.kernel.__name__} "
+                               f"compiled a build no launch runs (specialised differently: {differ})")
+    return list(launches)
 
 
 # --- compiling one launch ---------------------------------------------------------------------
@@ -467,12 +495,17 @@ def specialise(launch: Launch, arch: int):
 _BUILDS: dict = {}
 
 
-def _build(launch: Launch, arch: int) -> tuple[dict, dict]:
+def build_key(launch: Launch, arch: int) -> tuple:
+    """What tells one build of a kernel from another: the launch's specialisation on ``arch``."""
     signature, constexprs, attrs, options = specialise(launch, arch)
-    key = (launch.kernel, arch, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
-           repr(options))
+    return (launch.kernel, arch, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+            repr(options))
+
+
+def _build(launch: Launch, arch: int) -> tuple[dict, dict]:
+    key = build_key(launch, arch)
     if key not in _BUILDS:
-        _BUILDS[key] = _compile(launch, arch, signature, constexprs, attrs, options)
+        _BUILDS[key] = _compile(launch, arch, *specialise(launch, arch))
     return _BUILDS[key]
 
 

@@ -153,3 +153,56 @@ def test_every_tensor_core_tile_of_the_table_is_compiled(report):
                 (ce["BLOCK_B"], ce["BLOCK_N"], ce["BLOCK_M"], r["num_warps"]))
     for key, tile in ENCODE_TC_TILES.items():
         assert tile in built.get(key, set()), (key, tile, built.get(key))
+
+
+_QUERY_LAUNCHER = '''
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, sys.argv[1])
+import gpu_compile as g
+
+
+@triton.jit
+def _kernel(ptr, N, T, BLOCK: tl.constexpr):
+    for t in range(0, T):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, offs.to(tl.float32), mask=offs < N)
+
+
+x = torch.empty(1000, device="meta")
+
+
+def launcher(query_t):
+    """Asks for the occupancy of a build with T = query_t, then launches with T = 7."""
+    g._mod("topk_encode").resident_ctas(_kernel, x.device, (x, 1000, query_t), dict(BLOCK=128))
+    _kernel[(1,)](x, 1000, 7, BLOCK=128)
+
+
+for query_t in (7, 1):
+    try:
+        g.capture(g.Spec("probe", f"T={query_t}", lambda: launcher(query_t)), 90)
+        print(query_t, "ok")
+    except RuntimeError as exc:
+        print(query_t, "error:", exc)
+'''
+
+
+@pytest.mark.gpu_compile
+def test_capture_fails_when_the_occupancy_query_compiles_another_build(tmp_path):
+    """``capture`` fails on a launcher whose occupancy query (``resident_ctas``) asks for a build its
+    launch does not run (T = 1 is a constexpr to Triton, T = 7 an int), and passes the same launcher
+    when the query's T specialises as the launch's. The package's own launchers pass this check in
+    the report (a failed capture is a compile failure there)."""
+    script = tmp_path / "query_launcher.py"
+    script.write_text(_QUERY_LAUNCHER)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE.parent), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, str(script), str(SCRIPT.parent)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    assert lines[:1] == ["7 ok"], out.stdout + out.stderr[-3000:]
+    assert len(lines) == 2 and lines[1].startswith("1 error:") and "['T']" in lines[1], out.stdout + out.stderr[-3000:]
