@@ -20,7 +20,6 @@ fence Triton's default ``acq_rel`` semantics put before each atomic; ``sem="rela
 
     python tests/gpu_compile.py            # JSON on stdout
     python tests/gpu_compile.py --markdown # the table for benchmarks/RESULTS.md
-    python tests/gpu_compile.py --shard I/N  # work units I, I + N, ... only
     python tests/gpu_compile.py --queue F  # the units it claims from counter file F (one process a core)
     python tests/gpu_compile.py --jobs N --markdown  # N such processes, merged: the table, N times faster
 
@@ -448,6 +447,14 @@ class _Launches(list):
         self.probes: list[Launch] = []
 
 
+def _specialised_params(launch: Launch, arch: int) -> dict:
+    """(parameter name, "constexpr" | "attrs") -> how the launch specialises it on ``arch``."""
+    names = signature_names(launch.kernel)
+    _, constexprs, attrs, _ = specialise(launch, arch)
+    return {**{(names[k[0]], "constexpr"): repr(v) for k, v in constexprs.items()},
+            **{(names[k[0]], "attrs"): repr(v) for k, v in attrs.items()}}
+
+
 def capture(spec: Spec, arch: int) -> list[Launch]:
     """The spec's launches on ``arch``. Fails when a launcher's occupancy query (``resident_ctas``)
     asked for a build that none of its launches runs: its CTAs per SM would describe another build,
@@ -460,17 +467,11 @@ def capture(spec: Spec, arch: int) -> list[Launch]:
     built = {build_key(launch, arch) for launch in launches}
     for probe in launches.probes:
         if build_key(probe, arch) not in built and probe.kernel.__name__ not in QUERY_MISMATCH_ALLOWED:
-            names = signature_names(probe.kernel)
-
-            def spec_of(launch):  # parameter name -> how it is specialised (constexpr value, attributes)
-                _, constexprs, attrs, _ = specialise(launch, arch)
-                return {**{(names[k[0]], "constexpr"): repr(v) for k, v in constexprs.items()},
-                        **{(names[k[0]], "attrs"): repr(v) for k, v in attrs.items()}}
-
-            mine = spec_of(probe)
+            mine = _specialised_params(probe, arch)
             # against the nearest launch of the same kernel
-            differ = min((sorted({name for (name, _), _v in spec_of(launch).items() ^ mine.items()})
-                          for launch in launches if launch.kernel is probe.kernel), key=len, default=["(not launched)"])
+            differ = min((sorted({name for (name, _), _v in _specialised_params(launch, arch).items() ^ mine.items()})
+                          for launch in launches if launch.kernel is probe.kernel),
+                         key=len, default=["(not launched)"])
             raise RuntimeError(f"{spec.op}[{spec.label}] sm_{arch}: the occupancy query of {probe.kernel.__name__} "
                                f"compiled a build no launch runs (specialised differently: {differ})")
     return list(launches)
@@ -668,16 +669,15 @@ def _claim(queue: Path) -> int:
     return index
 
 
-def compile_all(shard: int = 0, shards: int = 1, queue: Path | None = None) -> tuple[list[dict], list[dict]]:
-    """Every spec's launches on both archs; with ``shards`` > 1 only the work units ``shard``,
-    ``shard + shards``, ...; with ``queue`` (a file holding 0), whichever units this process claims
-    next from it: tests/test_gpu_compile.py runs one process a core on one queue, so a core that
-    finishes early takes more, and each group's builds are compiled once."""
+def compile_all(queue: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Every spec's launches on both archs; with ``queue`` (a file holding 0), only the work units
+    this process claims from it: ``compile_parallel`` runs one process a core on one queue, so a
+    core that finishes early takes more, and each group's builds are compiled once."""
     units = work_units()
 
     def mine():
         if queue is None:
-            yield from units[shard::shards]
+            yield from units
             return
         while (index := _claim(queue)) < len(units):
             yield units[index]
@@ -693,9 +693,7 @@ def compile_all(shard: int = 0, shards: int = 1, queue: Path | None = None) -> t
             for launch in launches:
                 name = launch.kernel.__name__
                 try:
-                    sig = specialise(launch, arch)
-                    key = (name, arch, repr(sig[0]), repr(sorted(sig[1].items())), repr(sorted(sig[2].items())),
-                           repr(sig[3]))
+                    key = build_key(launch, arch)
                     if key in seen:  # the same build launched twice by one launcher
                         continue
                     seen.add(key)
@@ -714,8 +712,9 @@ def compile_parallel(jobs: int, timeout: float = 1500) -> tuple[list[dict], list
     with tempfile.TemporaryDirectory(prefix="gpu_compile_") as tmp:
         queue = Path(tmp) / "queue"
         queue.write_text("0")
-        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--queue", str(queue)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env) for _ in range(jobs)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--queue", str(queue)]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(jobs)]
         rows, failures = [], []
         for proc in procs:
             try:
@@ -725,7 +724,8 @@ def compile_parallel(jobs: int, timeout: float = 1500) -> tuple[list[dict], list
                     other.kill()
                 raise
             if not out.strip():
-                raise RuntimeError(f"gpu_compile --queue printed nothing (exit {proc.returncode}); stderr:\n{err[-4000:]}")
+                raise RuntimeError(f"gpu_compile --queue printed nothing (exit {proc.returncode}); "
+                                   f"stderr:\n{err[-4000:]}")
             part = json.loads(out.strip().splitlines()[-1])
             rows += part["rows"]
             failures += part["failures"]
@@ -755,15 +755,13 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("gpu_compile: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
         return 2
-    shard, shards, queue = 0, 1, None
-    if "--shard" in argv:  # --shard I/N
-        shard, shards = (int(v) for v in argv[argv.index("--shard") + 1].split("/"))
+    queue = None
     if "--queue" in argv:  # --queue FILE: claim work units from a counter file shared with other processes
         queue = Path(argv[argv.index("--queue") + 1])
     if "--jobs" in argv:  # --jobs N: N processes on one queue, merged in spec order
         rows, failures = compile_parallel(int(argv[argv.index("--jobs") + 1]))
     else:
-        rows, failures = compile_all(shard, shards, queue)
+        rows, failures = compile_all(queue)
     if "--markdown" in argv:
         print(markdown(rows, failures))
     else:

@@ -305,7 +305,6 @@ def candidate_buffer(rows: int, width: int, device: torch.device) -> Tensor:
     return torch.empty(rows, -(-width // ALIGN) * ALIGN, device=device, dtype=torch.int64)[:, :width]
 
 
-
 def resident_ctas(kernel, device: torch.device, args: tuple, kwargs: dict) -> int | None:
     """CTAs per SM of ``kernel`` compiled for this launch (``kernel.warmup`` compiles without
     running; the real launch then hits Triton's cache), cached per device and launch options.

@@ -60,7 +60,15 @@ from ._common import (
     resolve_backend,
     unused_grad,
 )
-from ._topk import ALIGN, candidate_buffer, cpu_tile, latent_splits, merge_candidates, resident_ctas, token_blocked_topk
+from ._topk import (
+    ALIGN,
+    candidate_buffer,
+    cpu_tile,
+    latent_splits,
+    merge_candidates,
+    resident_ctas,
+    token_blocked_topk,
+)
 from .expander_decode import (
     torch_backward as decode_torch_backward,
     triton_backward as decode_triton_backward,
