@@ -18,6 +18,10 @@ Times (median of ``triton.testing.do_bench``), at one shape:
   (then the threshold strategy at its defaults is the id reference);
 - with ``--packed-fallback``, the chunked strategy's packed-keys + ``torch.topk`` path (what runs
   at a K_PAD without a selection tile, or off Triton) beside the selection kernel;
+- with ``--select-ab``, the chunked strategy at its defaults four ways: ``_select_buffer_kernel``
+  with and without its tile one ahead (``SELECT_AHEAD``) and its register caps
+  (``SELECT_MAXNREG``), each checked against the shipped build's ids (with ``--expander``, the
+  expander's chunked strategy the same four ways);
 - with ``--expander``, ``expander_encode`` instead: the fused strategy for each (BLOCK_B, BLOCK_N,
   warps) given in ``--tiles`` (defaults: the package's tile and seven others), then the chunked
   strategy for each ``--chunks`` size, at B=4096 n=2**20 d=7 unless told.
@@ -52,6 +56,30 @@ def parse_tile(text: str) -> tuple:
     return (*tile, "buffer") if text.endswith("b") else tile
 
 
+SELECT_VARIANTS = {  # name -> (SELECT_AHEAD, register caps on)
+    "shipped (tile ahead, caps)": (True, True),
+    "tile ahead, no caps": (True, False),
+    "no tile ahead, caps": (False, True),
+    "no tile ahead, no caps (the kernel before)": (False, False),
+}
+
+
+def select_variants(run, bench):
+    """Time ``run`` (a chunked-strategy call returning (acts, ids)) under each of SELECT_VARIANTS
+    with ``bench(name, fn, note)``, checking its ids against the shipped variant's; restores the
+    package's settings."""
+    ahead, caps = te.SELECT_AHEAD, dict(te.SELECT_MAXNREG)
+    try:
+        want = None
+        for name, (on, capped) in SELECT_VARIANTS.items():
+            te.SELECT_AHEAD, te.SELECT_MAXNREG = on, (dict(caps) if capped else {})
+            ids = run()[1]
+            want = ids if want is None else want
+            bench(f"select A/B: {name}", run, f"ids same as shipped: {bool(torch.equal(ids, want))}")
+    finally:
+        te.SELECT_AHEAD, te.SELECT_MAXNREG = ahead, caps
+
+
 def main(argv=None) -> int:
     from triton.testing import do_bench
 
@@ -63,9 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")],
                    help="fp32 elements per GEMM chunk, comma-separated (default: 8Mi,32Mi,64Mi)")
-    p.add_argument("--tiles", type=lambda s: [parse_tile(t) for t in s.split(",")],
+    p.add_argument("--tiles", type=lambda s: [parse_tile(t) for t in s.split(",") if t],
                    help="selection tiles BxNxWARPS (insertion) or 1xNxWARPSb (threshold and sort), "
-                        "comma-separated (default: twelve shapes)")
+                        "comma-separated (default: twelve shapes; '' for none)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused strategy's row")
     p.add_argument("--packed-fallback", action="store_true", help="also time the packed-keys chunk path")
     p.add_argument("--threshold", action="store_true", help="also time the threshold strategy (whole rows + "
@@ -73,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-chunked", action="store_true", help="skip the chunked strategy's rows")
     p.add_argument("--threshold-elems", type=lambda s: [int(v) for v in s.split(",")],
                    help="fp32 elements per threshold-strategy block, comma-separated (default: the package's)")
+    p.add_argument("--select-ab", action="store_true", help="also time the chunked strategy with and without "
+                   "the selection's tile ahead and register caps")
     p.add_argument("--expander", action="store_true", help="sweep expander_encode's tiles instead")
     p.add_argument("--d", type=int, default=7, help="expander degree (with --expander)")
     args = p.parse_args(argv)
@@ -115,7 +145,7 @@ def main(argv=None) -> int:
                         torch.mm(x[b0:b0 + block_b], w[s:s + block_n].T, out_dtype=torch.float32)
 
         gemm_ms = bench(f"chunk GEMMs alone, {block_b}x{block_n}", gemms)
-        for tile in args.tiles or SELECT_TILES:
+        for tile in SELECT_TILES if args.tiles is None else args.tiles:
             te.CHUNK_TILE_ELEMS = elems
             te.SELECT_CONFIGS = {**defaults[1], kp: tile}
             got = te._chunked_forward(x, w, b, k, dt)[1]
@@ -123,6 +153,8 @@ def main(argv=None) -> int:
             ms = bench(f"chunked {block_b}x{block_n}, select {tile}", lambda: te._chunked_forward(x, w, b, k, dt))
             rows[-1] = (rows[-1][0], ms, f"selection ~{ms - gemm_ms:.3f} ms; ids same as defaults: {same}")
     te.CHUNK_TILE_ELEMS, te.SELECT_CONFIGS = defaults
+    if args.select_ab:
+        select_variants(lambda: te._chunked_forward(x, w, b, k, dt), bench)
     if args.packed_fallback:
         # Without a selection tile for this K_PAD the chunks take the packed-keys path.
         te.SELECT_CONFIGS = {p: tile for p, tile in defaults[1].items() if p != kp}
@@ -192,6 +224,14 @@ def expander_sweep(args) -> int:
             same = bool(torch.equal(fn()[1], want))
             ms = do_bench(fn, warmup=20, rep=200, return_mode="median")
             print(f"| chunked, {elems // 2**20} Mi pre-activations a chunk | {ms:.3f} | {same} |", flush=True)
+        if args.select_ab:
+            ee.EXPANDER_CHUNK_ELEMS = chunk_default
+
+            def bench(name, run, note):
+                ms = do_bench(run, warmup=20, rep=200, return_mode="median")
+                print(f"| chunked ({chunk_default // 2**20} Mi), {name} | {ms:.3f} | {note} |", flush=True)
+
+            select_variants(fn, bench)
     finally:
         ee.expander_strategy = dispatcher
         ee.EXPANDER_ENCODE_CONFIGS[kp] = default

@@ -17,6 +17,9 @@
 #   PART=g bash benchmarks/gpu_session.sh $OUT    # the threshold strategy's phases (its kernel's cycle
 #                                                 # timers) and its knobs at k = 512..4096, against
 #                                                 # torch.addmm + torch.topk (~5 minutes)
+#   PART=h bash benchmarks/gpu_session.sh $OUT    # the chunked selection one tile ahead and its register
+#                                                 # caps, A/B at k = 32 / 64 / 256 and in the expander's
+#                                                 # chunked strategy; its tests on CUDA (~4 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -144,6 +147,19 @@ echo "threshold_phases rc $?"
 timeout 120 "$py" benchmarks/threshold_phases.py --k 1024,512 --tiles SPREAD=0.5 SPREAD=0.75 \
     >> "$out/phases.md" 2>> "$out/phases.log"
 echo "threshold_phases rc $?"; cat "$out/phases.md"
+fi
+if [[ $part == *h* ]]; then
+# The chunked strategy's selection kernel loads each tile a trip ahead and runs under register caps
+# (RESULTS.md, "The chunked selection, one tile ahead"): predicted ~1 ms faster at k = 64 (9.63 ms
+# measured before), 0.5-1.0 at k = 256. Each variant's ids are checked against the shipped one's.
+encoder_tests tests_h tests/test_topk_encode.py tests/test_expander_encode.py -k "chunked or splits"
+tail -3 "$out/tests_h.log"
+for k in 64 256 32; do
+    sweep sweep_h 90 --k $k --select-ab --chunks $((32 * 2**20)) --tiles "" --no-fused
+done
+sweep sweep_h 100 --expander --B 4096 --n 1048576 --select-ab --tiles 32x128x4 --chunks $((32 * 2**20))
+sweep sweep_h 80 --expander --dtype fp32 --B 4096 --n 1048576 --select-ab --tiles 32x128x4 --chunks $((32 * 2**20))
+cat "$out/sweep_h.md"
 fi
 
 echo

@@ -431,14 +431,6 @@ def _recording(arch: int):
             setattr(_mod(name), "resident_ctas", fn)
 
 
-# Kernels whose occupancy query may compile a build a launch does not run, and why (the check in
-# ``capture`` skips them). _select_buffer_kernel: the query passes SPLITS=1 before the split count
-# is known; a launch with more splits compiles a second build. Specialised, SPLITS=1 saves 16
-# registers at K_PAD 256 on sm_90 (80 against 96: 25 against 21 one-warp CTAs an SM), the
-# chunked strategy measured fastest at k = 256 on the H100; unspecialising it waits for a GPU.
-QUERY_MISMATCH_ALLOWED = {"_select_buffer_kernel": "SPLITS=1 specialised in the query, see above"}
-
-
 class _Launches(list):
     """The launches recorded, and in ``probes`` the builds the launchers' occupancy queries asked for."""
 
@@ -466,7 +458,7 @@ def capture(spec: Spec, arch: int) -> list[Launch]:
         raise RuntimeError(f"{spec.op}[{spec.label}]: the launcher launched no kernel")
     built = {build_key(launch, arch) for launch in launches}
     for probe in launches.probes:
-        if build_key(probe, arch) not in built and probe.kernel.__name__ not in QUERY_MISMATCH_ALLOWED:
+        if build_key(probe, arch) not in built:
             mine = _specialised_params(probe, arch)
             # against the nearest launch of the same kernel
             differ = min((sorted({name for (name, _), _v in _specialised_params(launch, arch).items() ^ mine.items()})

@@ -301,6 +301,32 @@ def test_chunked_strategy_selection_tiles(monkeypatch, tile, k):
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
 
 
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("splits,tile,k,ahead", [(2, (1, 16, 1, "buffer"), 3, True), (3, (1, 16, 1, "buffer"), 3, True),
+                                                 (3, (1, 8, 1, "buffer"), 6, True), (2, "default", 40, True),
+                                                 (3, (1, 16, 1, "buffer"), 3, False), (2, "default", 40, False)])
+def test_chunked_buffer_selection_over_splits(monkeypatch, splits, tile, k, ahead):
+    """The buffer kernel with several latent splits a row (the interpreter's own split count is
+    1 here): each split reads every SPLITS-th tile of a chunk, one tile ahead of the one it ranks
+    (or, ``SELECT_AHEAD`` off as in the GPU A/B runs, the tile it ranks), keeps its own buffer, and
+    stage 2 merges the splits. Chunks of 40 latents and n = 187 make ragged last tiles and a ragged
+    last chunk; at K_PAD 64 the 128-latent tile is wider than the chunk, so some splits get no tile
+    at all."""
+    monkeypatch.setattr(te, "latent_splits", lambda *args, **kwargs: splits)
+    monkeypatch.setattr(te, "SELECT_AHEAD", ahead)
+    kp = te.pow2(k, lo=min(te.SELECT_CONFIGS))
+    if tile != "default":
+        monkeypatch.setitem(te.SELECT_CONFIGS, kp, tile)
+    assert te.select_tile(kp)[3] == "buffer"
+    x, weight, bias = _inputs((7,), 18, 187)
+    for b in (bias, None):
+        acts, idx = topk_encode(x, weight, b, k, backend="triton")
+        ref_acts, ref_idx = reference.topk_encode(x.double(), weight.double(),
+                                                  None if b is None else b.double(), k)
+        assert_same_topk(idx, ref_idx, _pre(x, weight, b), TOL[torch.float32], "top_indices")
+        assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+
+
 @pytest.mark.parametrize("k", [9, 300, 2100])  # insertion (K_PAD 16), threshold and sort (512), packed keys (4096)
 def test_chunked_strategy_extra_memory_is_bounded(monkeypatch, k):
     """No pre-activation tile above CHUNK_TILE_ELEMS, so never a [B, n] tensor."""

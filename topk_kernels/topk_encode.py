@@ -206,13 +206,27 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _tile_pre(pre_row, bias_ptr, offs, NC, HAS_BIAS: tl.constexpr):
+        """One tile of a row's fp32 pre-activations at columns ``offs``, the bias added (0 past NC)."""
+        mask = offs < NC
+        pre = tl.load(pre_row + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return pre
+
+    # The split count reaches this kernel only as SPLIT_STRIDE = SPLITS * BLOCK_N, a multiple of 16
+    # at every split count: passed as such, SPLITS == 1 would be specialised (a constexpr), and the
+    # occupancy query, made before the split count is known, would compile a build that a launch
+    # with more splits does not run. TILES_PER_SPLIT is not specialised for the same reason.
+    @triton.jit(do_not_specialize=["TILES_PER_SPLIT"])
     def _select_buffer_kernel(
         pre_ptr, bias_ptr, cand_ptr, state_ptr,
-        NC, ID0, TILES_PER_SPLIT, SPLITS,
+        NC, ID0, TILES_PER_SPLIT, SPLIT_STRIDE,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, SPARE: tl.constexpr,
-        FINAL: tl.constexpr,
+        FINAL: tl.constexpr, AHEAD: tl.constexpr,
     ):
-        """Chunked strategy at large K_PAD, program (token, split): threshold, append, merge.
+        """Chunked strategy at large K_PAD, program (token, split): threshold, append, merge. A
+        split ranks the chunk's tiles split, split + SPLITS, ... (SPLIT_STRIDE latents apart).
 
         Per (token, split), a buffer of K_PAD + SPARE int64 keys in ``cand`` (SPARE =
         max(K_PAD, BLOCK_N)) and two int32 in ``state`` persist across chunks: the number of keys
@@ -239,17 +253,23 @@ if HAS_TRITON:
         """
         row = tl.program_id(0)
         split = tl.program_id(1)
-        slot = row.to(tl.int64) * SPLITS + split
+        slot = row.to(tl.int64) * (SPLIT_STRIDE // BLOCK_N) + split
         buf = cand_ptr + slot * (K_PAD + SPARE)
         count = tl.load(state_ptr + slot * 2)
         threshold = tl.load(state_ptr + slot * 2 + 1)
         pre_row = pre_ptr + row.to(tl.int64) * NC
+        # AHEAD (``SELECT_AHEAD``): each trip loads the next tile before it ranks this one, so a
+        # program keeps two tiles' loads in flight where it had one (the loop is latency-bound:
+        # RESULTS.md, "The chunked selection, one tile ahead"). Off, for A/B runs on a GPU.
+        offs_n = split * BLOCK_N + tl.arange(0, BLOCK_N)
+        ahead = _tile_pre(pre_row, bias_ptr, offs_n, NC, HAS_BIAS)
         for t in range(0, TILES_PER_SPLIT):
-            offs_n = (split + t * SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < NC
-            pre = tl.load(pre_row + offs_n, mask=mask_n, other=0.0)
-            if HAS_BIAS:
-                pre += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if AHEAD:
+                pre = ahead
+                ahead = _tile_pre(pre_row, bias_ptr, offs_n + SPLIT_STRIDE, NC, HAS_BIAS)
+            else:
+                pre = _tile_pre(pre_row, bias_ptr, offs_n, NC, HAS_BIAS)
             bits = tl.where(mask_n, ordered_bits(pre), REMOVED)
             enters = bits > threshold
             n_new = tl.sum(enters.to(tl.int32), axis=0)
@@ -263,6 +283,7 @@ if HAS_TRITON:
                 at = count + tl.cumsum(enters.to(tl.int32), axis=0) - 1
                 tl.store(buf + at, pack_key(bits, ID0 + offs_n), mask=enters)
                 count += n_new
+            offs_n += SPLIT_STRIDE
         if FINAL:
             if count > K_PAD:
                 _flush(buf, count, K_PAD, SPARE)
@@ -579,6 +600,18 @@ SELECT_CONFIGS = ({kp: (8, 128, 4) for kp in (2, 4, 8, 16)}
                   | {32: (1, 128, 1, "buffer"), 64: (1, 128, 1, "buffer"), 128: (1, 128, 1, "buffer"),
                      256: (1, 256, 1, "buffer"), 512: (1, 256, 1, "buffer"), 1024: (1, 128, 1, "buffer"),
                      2048: (1, 256, 2, "buffer")})
+# Register caps (ptxas ``maxnreg``) of ``_select_buffer_kernel`` by K_PAD (both of its builds, the
+# tiles' and the final flush's). Its programs are one warp and its read loop is latency-bound, so
+# each more resident CTA keeps two more tiles' loads in flight. Chosen in ptxas for sm_80 and sm_90
+# (registers / CTAs an SM uncapped -> capped, 0 spills; tests/gpu_compile.py checks every build):
+# K_PAD 32-128: 69-72 / 28 -> 64 / 32 (the most CTAs an SM takes); 256: 96-110 / 18-21 -> 80 / 25;
+# 512: 196-213 / 9-10 -> 168 / 12 (the tile one ahead had cost 28-45 registers there). The read
+# loop's instructions before its first branch are the same capped or not (59-61 at K_PAD 64).
+# A PREDICTION until a GPU measures it: RESULTS.md, "The chunked selection, one tile ahead".
+SELECT_MAXNREG: dict[int, int] = {32: 64, 64: 64, 128: 64, 256: 80, 512: 168}
+# ``_select_buffer_kernel`` loads each tile one trip ahead (its AHEAD); False only for A/B runs
+# (benchmarks/encode_sweep.py --select-ab).
+SELECT_AHEAD = True
 # Threshold strategy blocks: whole rows, at most THRESHOLD_TILE_ELEMS fp32 pre-activations (1 GiB) a
 # block. MEASURED on the H100 (bf16 B=8192 m=2048 n=131072, with bias), 512 / 1024 / 2048 tokens a
 # block (64 / 128 / 256 Mi): 12.11 / 11.10 / 10.57 ms at k = 256, 15.12 / 13.51 / 12.50 at 1024,
@@ -916,6 +949,8 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     if buffered:
         options["SPARE"] = cap - k_pad
         options["FINAL"] = False
+        options["maxnreg"] = SELECT_MAXNREG.get(k_pad)
+        options["AHEAD"] = SELECT_AHEAD
     else:
         options["BLOCK_B"] = sel_b
     token_blocks, chunk_tiles = triton.cdiv(block_b, sel_b), triton.cdiv(block_n, sel_n)
@@ -923,7 +958,7 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
     bias_arg = bias if bias is not None else scratch
     ints = scratch.new_empty(0, dtype=torch.int64)
     # The launch's argument types (fp32 chunks) and small integers, for the occupancy query.
-    probe = ((scratch, bias_arg, ints, scratch.new_empty(0, dtype=torch.int32), block_n, 0, chunk_tiles, 1)
+    probe = ((scratch, bias_arg, ints, scratch.new_empty(0, dtype=torch.int32), block_n, 0, chunk_tiles, sel_n)
              if buffered else (scratch, bias_arg, ints, block_b, block_n, 0, chunk_tiles, 1, k_pad))
     ctas = resident_ctas(kernel, device, probe, options)
     # Each split keeps its own candidates per row for the whole run, so every extra split repeats
@@ -952,8 +987,8 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
             tiles_per_split = triton.cdiv(triton.cdiv(stop - start, sel_n), splits)
             bias_at = bias_arg[start:] if bias is not None else bias_arg
             if buffered:
-                kernel[(rows, splits)](pre, bias_at, run, state, stop - start, start, tiles_per_split, splits,
-                                       **options)
+                kernel[(rows, splits)](pre, bias_at, run, state, stop - start, start, tiles_per_split,
+                                       splits * sel_n, **options)
             else:
                 kernel[(triton.cdiv(rows, sel_b), splits)](pre, bias_at, run, rows, stop - start, start,
                                                            tiles_per_split, splits, splits * k_pad, **options)
@@ -961,7 +996,8 @@ def select_chunks(pre_tile, B: int, N: int, k: int, block_b: int, block_n: int, 
             # The final flush, a launch of its own without tiles (folded into the last chunk's, it
             # raised the loop's registers: 96 against 72 at K_PAD 256 on sm_90). It leaves each
             # split's exact top K_PAD, ascending, in its first K_PAD slots.
-            kernel[(rows, splits)](scratch, bias_arg, run, state, 0, N, 0, splits, **options | {"FINAL": True})
+            kernel[(rows, splits)](scratch, bias_arg, run, state, 0, N, 0, splits * sel_n,
+                                   **options | {"FINAL": True})
             run = run.view(rows, splits, cap)[:, :, :k_pad].reshape(rows, splits * k_pad)
         keys.append(run)
     # One buffer split per row is already the row's top K_PAD in order: stage 2 only slices it.
