@@ -81,7 +81,9 @@ def forward_backward(fn: Callable[..., torch.Tensor], *args) -> Callable[[], obj
 def train_step(model, x: torch.Tensor, ours: bool) -> Callable[[], torch.Tensor]:
     """A closure running one Adam training step: our SAEs (output object, decoder constraints) or a
     dense baseline of ``sae.baselines`` (returns ``(x_hat, loss)``)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    from sae.train import adam  # here, not at the top: cpu_ab.py imports this module with torch only
+
+    opt = adam(model.parameters(), 1e-4)  # sae.train's (fused) Adam, for ours and the baselines alike
 
     def step():
         if ours:

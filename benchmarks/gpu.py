@@ -59,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 import topk_kernels as tk  # noqa: E402
 from topk_kernels import reference  # noqa: E402
 from common import dense_topk_encode, forward_backward as _fwd_bwd, train_step as _train_step  # noqa: E402
+from sae.train import adam  # noqa: E402
 
 # Spec-sheet peaks (dense, no sparsity): HBM bytes/s and tensor-core FLOP/s by dtype. The floor
 # of a case is max(bytes / bandwidth, flops / peak): no kernel can beat it.
@@ -414,7 +415,7 @@ def sparsify_cases(size, dtype, device, grp, dec_flops, dec_bytes, prec) -> list
 
     def step():
         coder = SparseCoder(m, SparseCoderConfig(num_latents=n, k=k), device=device, dtype=dt)
-        opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
+        opt = adam(coder.parameters(), 1e-4)  # the same Adam as our steps (sae.train's)
         x = torch.randn(B, m, device=device, dtype=dt)
 
         def run():

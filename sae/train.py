@@ -52,7 +52,22 @@ _RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_
                 "resample_every")
 
 __all__ = ["CHECKPOINT", "METRICS", "CheckpointError", "NonFiniteError", "TrainingInterrupted", "TrainConfig",
-           "TrainResult", "train", "save_checkpoint", "load_checkpoint"]
+           "TrainResult", "train", "save_checkpoint", "load_checkpoint", "adam"]
+
+# Devices whose parameters get PyTorch's fused Adam (torch >= 2.4 has it on both; pyproject asks 2.6).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def adam(params, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Adam:
+    """The trainer's optimizer: ``torch.optim.Adam``, fused (one pass over each parameter, its
+    gradient and moments) when every parameter is a float tensor on a device of
+    FUSED_ADAM_DEVICES, else PyTorch's default implementation. Measured here (2 threads, one
+    process, medians of 7): a step over a TopK SAE's 37.8M fp32 parameters (n=24576, m=768) took
+    31-32 ms fused against 242-255 ms by default, bf16 26-33 against 134-141
+    (benchmarks/RESULTS.md, "Fused Adam"). Same update; in fp32 within an ulp of the default's."""
+    params = list(params)
+    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params) or None
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 @dataclass
@@ -255,8 +270,7 @@ class _Ranks:
         if self.mode == "latent":
             state = self.model.full_optimizer_state(optimizer)
             if self.rank == 0:
-                opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr,
-                                       betas=tuple(cfg.betas), eps=cfg.eps)
+                opt = adam([p for p in full.parameters() if p.requires_grad], base_lr, cfg.betas, cfg.eps)
                 opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
             self.last_full, self.saved_step = full, step
         if self.rank == 0:
@@ -267,7 +281,7 @@ class _Ranks:
         if self.mode != "latent":
             return load_checkpoint(path, self.sae, optimizer)
         full = self.model.full_class(**self.model.full_config) if self.sharded else self.sae
-        full_opt = torch.optim.Adam([p for p in full.parameters() if p.requires_grad], lr=base_lr)
+        full_opt = adam([p for p in full.parameters() if p.requires_grad], base_lr)
         record = load_checkpoint(path, full, full_opt)
         self.model.load_full_state_dict(full.state_dict())
         self.model.load_full_optimizer_state(optimizer, full_opt.state_dict()["state"])
@@ -343,7 +357,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
     params = [p for p in model.parameters() if p.requires_grad]
     total = cfg.steps()
     base_lr = cfg.lr_for(ranks.inner)
-    optimizer = torch.optim.Adam(params, lr=base_lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = adam(params, base_lr, cfg.betas, cfg.eps)
 
     step, tokens, history, changes = 0, 0, [], []
     ckpt = out / CHECKPOINT

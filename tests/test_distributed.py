@@ -29,7 +29,7 @@ from torch import nn
 from sae.data import ActivationBuffer
 from sae.distributed import communication_per_step
 from sae.models import ExpanderSAE, TopKSAE
-from sae.train import CHECKPOINT, TrainConfig, _lr_at, load_checkpoint, train
+from sae.train import CHECKPOINT, TrainConfig, _lr_at, adam, load_checkpoint, train
 
 WORLD = 2
 M, N, K, DEGREE = 16, 96, 4, 4        # each rank holds 48 latents > m: a [B, n/P] tensor would stand out
@@ -93,7 +93,7 @@ def _reference_from(sae):
     """Plain loop on one process: (per-step fvu and auxk_loss, final state_dict)."""
     buffer, cfg = _buffer(), _cfg()
     params = [p for p in sae.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    optimizer = adam(params, cfg.lr, cfg.betas, cfg.eps)  # the trainer's Adam
     total = cfg.steps()
     batches = buffer.batches(cfg.batch_size, -(-total // buffer.steps_per_epoch(cfg.batch_size)), seed=cfg.seed)
     fvu, auxk = [], []
