@@ -206,12 +206,17 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _tile_pre(pre_row, bias_ptr, offs, NC, HAS_BIAS: tl.constexpr):
-        """One tile of a row's fp32 pre-activations at columns ``offs``, the bias added (0 past NC)."""
-        mask = offs < NC
-        pre = tl.load(pre_row + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def _row_pre(pre_row, bias_ptr, offs, valid, HAS_BIAS: tl.constexpr):
+        """One row's fp32 pre-activations plus the bias at ``offs``; 0 where not ``valid``;
+        ``valid=None``: all are loaded."""
+        if valid is None:
+            pre = tl.load(pre_row + offs)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + offs).to(tl.float32)
+        else:
+            pre = tl.load(pre_row + offs, mask=valid, other=0.0)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         return pre
 
     # The split count reaches this kernel only as SPLIT_STRIDE = SPLITS * BLOCK_N, a multiple of 16
@@ -262,14 +267,15 @@ if HAS_TRITON:
         # program keeps two tiles' loads in flight where it had one (the loop is latency-bound:
         # RESULTS.md, "The chunked selection, one tile ahead"). Off, for A/B runs on a GPU.
         offs_n = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        ahead = _tile_pre(pre_row, bias_ptr, offs_n, NC, HAS_BIAS)
+        ahead = _row_pre(pre_row, bias_ptr, offs_n, offs_n < NC, HAS_BIAS)
         for t in range(0, TILES_PER_SPLIT):
             mask_n = offs_n < NC
             if AHEAD:
                 pre = ahead
-                ahead = _tile_pre(pre_row, bias_ptr, offs_n + SPLIT_STRIDE, NC, HAS_BIAS)
+                offs_next = offs_n + SPLIT_STRIDE
+                ahead = _row_pre(pre_row, bias_ptr, offs_next, offs_next < NC, HAS_BIAS)
             else:
-                pre = _tile_pre(pre_row, bias_ptr, offs_n, NC, HAS_BIAS)
+                pre = _row_pre(pre_row, bias_ptr, offs_n, mask_n, HAS_BIAS)
             bits = tl.where(mask_n, ordered_bits(pre), REMOVED)
             enters = bits > threshold
             n_new = tl.sum(enters.to(tl.int32), axis=0)
@@ -296,16 +302,10 @@ if HAS_TRITON:
     def _row_bits(pre_row, bias_ptr, offs, valid, HAS_BIAS: tl.constexpr):
         """Ordered bits (``_topk.ordered_bits``) of one row's pre-activations plus the bias at
         ``offs``; REMOVED (below every real value) where not ``valid``; ``valid=None``: all are."""
-        if valid is None:
-            pre = tl.load(pre_row + offs)
-            if HAS_BIAS:
-                pre += tl.load(bias_ptr + offs).to(tl.float32)
-            return ordered_bits(pre)
-        else:
-            pre = tl.load(pre_row + offs, mask=valid, other=0.0)
-            if HAS_BIAS:
-                pre += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            return tl.where(valid, ordered_bits(pre), REMOVED)
+        bits = ordered_bits(_row_pre(pre_row, bias_ptr, offs, valid, HAS_BIAS))
+        if valid is not None:
+            bits = tl.where(valid, bits, REMOVED)
+        return bits
 
 
     @triton.jit
