@@ -2,6 +2,8 @@
 reference (the [n, m] dictionary built from values on rows), on the CPU path and on the Triton
 kernels under the interpreter; value gradient bit-identical across runs; errors; torch.library and compile."""
 
+import sys
+
 import pytest
 import torch
 
@@ -78,6 +80,33 @@ def test_only_values_need_grad(backend):
     v64 = values.double().requires_grad_()
     reference.expander_decode(acts.double(), idx, v64, rows, 40, bias.double()).square().sum().backward()
     assert_close(v.grad, v64.grad, 1e-5, "grad values")
+
+
+@pytest.mark.parametrize("chunk_entries", [1, 5 * 7 * 3 + 4])  # one token a chunk; 3 tokens, 37 = 12 x 3 + 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need", ["both", "acts", "values"])
+def test_cpu_path_over_token_chunks(monkeypatch, chunk_entries, dtype, need):
+    """The CPU path walks tokens in chunks of ~_CHUNK_ENTRIES atom entries through scratch buffers
+    that every chunk reuses (a last chunk shorter than the buffers included): forward and each
+    backward branch against the fp64 reference."""
+    ed_module = sys.modules["topk_kernels.expander_decode"]  # the package exports the function by that name
+    monkeypatch.setattr(ed_module, "_CHUNK_ENTRIES", chunk_entries)
+    acts, idx, values, rows, bias = _inputs((37,), 60, 80, 7, 5, dtype)
+    a = acts.clone().requires_grad_(need in ("both", "acts"))
+    v = values.clone().requires_grad_(need in ("both", "values"))
+    out = expander_decode(a, idx, v, rows, 60, bias, backend="torch")
+    a64 = acts.double().requires_grad_(a.requires_grad)
+    v64 = values.double().requires_grad_(v.requires_grad)
+    ref = reference.expander_decode(a64, idx, v64, rows, 60, bias.double())
+    assert_close(out, ref, TOL[dtype], "forward")
+    grad_out = torch.randn(37, 60)
+    out.backward(grad_out.to(dtype))
+    ref.backward(grad_out.double())
+    for name, got, want in (("top_acts", a, a64), ("values", v, v64)):
+        if got.requires_grad:
+            assert_close(got.grad, want.grad, TOL[dtype], f"grad {name}")
+        else:
+            assert got.grad is None
 
 
 def test_reference_backend_matches():
