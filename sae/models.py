@@ -401,9 +401,18 @@ class TopKSAE(_SparseCoder):
         grad = self.W_dec.grad
         if grad is None:
             return
-        rows = slice(None) if indices is None else torch.unique(indices.reshape(-1))
-        w, g = self.W_dec[rows], grad[rows]
-        grad[rows] = g - (g * w).sum(-1, keepdim=True) * w / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            w, g = self.W_dec, grad  # all rows: g is the gradient itself, updated in place
+            if indices is not None:
+                rows = torch.unique(indices.reshape(-1))
+                w, g = w.index_select(0, rows), grad.index_select(0, rows)
+            # Two row dot products and one in-place update: no [rows, m] temporaries beyond the
+            # gathered rows (five before, each a fresh allocation; RESULTS.md, "Decoder gradient
+            # projection").
+            g.addcmul_((torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-12)).unsqueeze(-1), w,
+                       value=-1)
+            if indices is not None:
+                grad.index_copy_(0, rows, g)
 
     @torch.no_grad()
     def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:

@@ -52,17 +52,23 @@ def test_topk_tied_unit_norm_init():
     assert_close(sae.W_dec.norm(dim=1), torch.ones(40), 1e-6, "row norms")
 
 
-def test_remove_parallel_grads_touches_only_given_rows():
+@pytest.mark.parametrize("given", [True, False])
+def test_remove_parallel_grads_touches_only_given_rows(given):
     sae = TopKSAE(12, 30, 4)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(30, 1) + 0.5)  # rows off unit norm: the projection divides by |w|^2
     sae.W_dec.grad = torch.randn(30, 12)
     before = sae.W_dec.grad.clone()
-    rows = torch.tensor([3, 7, 7, 21])
+    rows = torch.tensor([3, 7, 7, 21]) if given else None
     sae.remove_parallel_grads(rows)
-    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
-    assert parallel[[3, 7, 21]].abs().max() < 1e-5
-    untouched = torch.ones(30, dtype=torch.bool)
-    untouched[rows] = False
-    assert torch.equal(sae.W_dec.grad[untouched], before[untouched])
+    touched = torch.zeros(30, dtype=torch.bool)
+    touched[rows if given else slice(None)] = True
+    w, g = sae.W_dec.detach().double(), before.double()
+    want = g - (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
+    assert_close(sae.W_dec.grad[touched], want[touched], 1e-5, "projected rows")
+    assert (sae.W_dec.grad * sae.W_dec).sum(1)[touched].abs().max() < 1e-5
+    assert torch.equal(sae.W_dec.grad[~touched], before[~touched])
+    assert sae.W_dec.grad_fn is None and not sae.W_dec.grad.requires_grad
 
 
 def test_normalize_decoder():
