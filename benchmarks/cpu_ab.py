@@ -63,4 +63,30 @@ bench("expander_encode fwd B=1024 m=1024 n=16384 d=7 k=32", lambda: tk.expander_
 ae = torch.rand(1024, k, generator=g)
 ie = torch.randint(0, n, (1024, k), generator=g)
 bench("expander_decode fwd same", lambda: tk.expander_decode(ae, ie, vals, rows, m, backend="torch"), 21)
+
+# The frontier's SAE size (m=576, n=4608, B=1024): expander_decode at d=100 (chunks of atom entries,
+# RESULTS.md "reused chunk buffers") and whole train steps (common.train_step: sae from this tree).
+from sae.models import ExpanderSAE, TopKSAE  # noqa: E402
+from common import train_step  # noqa: E402
+
+m, n, B = 576, 4608, 1024
+rows = torch.stack([torch.randperm(m, generator=g)[:100] for _ in range(n)])
+vals = torch.randn(n, 100, generator=g)
+ae = torch.rand(B, 64, generator=g).requires_grad_()
+ie = torch.randint(0, n, (B, 64), generator=g)
+vg = vals.clone().requires_grad_()
+
+
+def exp_dec_fb():
+    out = tk.expander_decode(ae, ie, vg, rows, m, backend="torch", check_rows=False)
+    out.backward(torch.ones_like(out))
+
+
+bench("expander_decode fwd+bwd B=1024 m=576 n=4608 d=100 k=64", exp_dec_fb, 11)
+xs = torch.randn(B, m, generator=g)
+for name, model in (("TopKSAE k=64", TopKSAE(m, n, 64, seed=0)), ("ExpanderSAE d=100 k=64", ExpanderSAE(m, n, 64, degree=100, seed=0))):
+    step = train_step(model, xs, True)
+    for _ in range(3):
+        step()
+    bench(f"{name} train step B=1024 m=576 n=4608", step, 11)
 print(root, res)

@@ -16,10 +16,15 @@ and the compiled SASS:
   the slowest row);
 - a predicted time: the largest of L2 bytes / 5.5 TB/s (an assumption), HBM bytes / 3.35 TB/s and
   warp instructions / (132 SMs x 4 per clock x 1.755 GHz), for work spread evenly over the GPU;
-  ``waves`` (programs / resident CTAs) tells how far a partly filled last wave can stretch it.
+  ``waves`` (programs / resident CTAs) tells how far a partly filled last wave can stretch it;
+- the token slabs an SM's resident CTAs gather from (CTAs x BLOCK_B x (m + 1) x element bytes of x
+  transposed): each CTA works on its own token block, so where they add up to more than the SM's L1
+  (at most 256 KiB on an H100, less the shared memory), the gathers go to L2. The L2 column
+  assumes they all do.
 
     python benchmarks/expander_encode_model.py                  # this checkout
     python benchmarks/expander_encode_model.py --tree /tmp/old  # another checkout's package
+    python benchmarks/expander_encode_model.py --tiles 32x512x16,16x256x8  # other K_PAD=64 tiles
 
 Runs without TRITON_INTERPRET (it compiles with the ptxas in Triton's wheel).
 """
@@ -100,6 +105,7 @@ def predict(label: str, launch, insertion: bool) -> dict:
         "dynamic_per_pre": per_tile / (bb * bn), "t_l2_ms": 1e3 * t_l2, "t_hbm_ms": 1e3 * t_hbm,
         "t_issue_ms": 1e3 * t_issue, "predicted_ms": 1e3 * max(t_l2, t_hbm, t_issue),
         "waves": programs / (stats["ctas_per_sm"] * H100["sms"]),
+        "slab_kib": stats["ctas_per_sm"] * bb * args["xt_ptr"].shape[0] * plan["elt_bytes"] / 1024,
     }
 
 
@@ -107,6 +113,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose topk_kernels to model")
     parser.add_argument("--name", default=None, help="build name for the table")
+    parser.add_argument("--tiles", default="", help="comma-separated BxNxWARPS tiles to model at K_PAD=64 in "
+                        "place of the shipped one (e.g. 32x512x16)")
     opts = parser.parse_args(argv)
     sys.path.insert(0, str(opts.tree.resolve()))
     for mod in [m for m in sys.modules if m.startswith("topk_kernels")]:
@@ -120,20 +128,30 @@ def main(argv: list[str]) -> int:
     ee = importlib.import_module("topk_kernels.expander_encode")
     insertion = "fold_tile" in Path(ee.__file__).read_text()
     name = opts.name or str(opts.tree)
-    print(f"| build | dtype | tile | regs | spills | CTAs/SM | sectors / gathered value | gather L2 GB "
-          f"| L2 GB | HBM MB | SASS | static / pre-act | loops gather / tile / insertion | passes / tile "
-          f"| dynamic / pre-act | L2 ms | HBM ms | issue ms | PREDICTED ms | waves |")
-    print("|" + "---|" * 20)
-    for spec in gc._expander_encode_specs():
-        if spec.label.startswith("chunked") or not spec.label.endswith(f",K_PAD={gc.EXPANDER['k']}"):
-            continue
-        (launch,) = gc.capture(spec, ARCH)
-        r = predict(spec.label, launch, insertion)
-        print(f"| {name} | {spec.label.split(',')[0]} | {r['tile']} | {r['registers']} | {r['spills']} "
-              f"| {r['ctas_per_sm']} | {r['sectors_per_value']:.4g} | {r['gather_gb']:.0f} | {r['l2_gb']:.0f} "
-              f"| {r['hbm_mb']:.0f} | {r['sass']} | {r['static_per_pre']:.2f} | {r['loops']} | {r['passes']:.2f} "
-              f"| {r['dynamic_per_pre']:.2f} | {r['t_l2_ms']:.1f} | {r['t_hbm_ms']:.2f} | {r['t_issue_ms']:.1f} "
-              f"| {r['predicted_ms']:.1f} | {r['waves']:.2f} |", flush=True)
+    print(f"| build | dtype | tile | regs | spills | CTAs/SM | token slabs KiB/SM | sectors / gathered value "
+          f"| gather L2 GB | L2 GB | HBM MB | SASS | static / pre-act | loops gather / tile / insertion "
+          f"| passes / tile | dynamic / pre-act | L2 ms | HBM ms | issue ms | PREDICTED ms | waves |")
+    print("|" + "---|" * 21)
+    k_pad = gc.EXPANDER["k"]
+    shipped = ee.EXPANDER_ENCODE_CONFIGS[k_pad]
+    tiles = [tuple(int(v) for v in t.split("x")) for t in opts.tiles.split(",") if t] or [shipped]
+    for tile in tiles:
+        ee.EXPANDER_ENCODE_CONFIGS[k_pad] = tile
+        for spec in gc._expander_encode_specs():
+            if spec.label.startswith("chunked") or not spec.label.endswith(f",K_PAD={k_pad}"):
+                continue
+            try:
+                (launch,) = gc.capture(spec, ARCH)
+            except ZeroDivisionError:  # the occupancy query found no resident CTA: the tile cannot launch
+                print(f"| {name} | {spec.label.split(',')[0]} | {tile} | 0 CTAs an SM: cannot launch |", flush=True)
+                continue
+            r = predict(spec.label, launch, insertion)
+            print(f"| {name} | {spec.label.split(',')[0]} | {r['tile']} | {r['registers']} | {r['spills']} "
+                  f"| {r['ctas_per_sm']} | {r['slab_kib']:.0f} | {r['sectors_per_value']:.4g} | {r['gather_gb']:.0f} "
+                  f"| {r['l2_gb']:.0f} | {r['hbm_mb']:.0f} | {r['sass']} | {r['static_per_pre']:.2f} | {r['loops']} "
+                  f"| {r['passes']:.2f} | {r['dynamic_per_pre']:.2f} | {r['t_l2_ms']:.1f} | {r['t_hbm_ms']:.2f} "
+                  f"| {r['t_issue_ms']:.1f} | {r['predicted_ms']:.1f} | {r['waves']:.2f} |", flush=True)
+    ee.EXPANDER_ENCODE_CONFIGS[k_pad] = shipped
     return 0
 
 

@@ -20,6 +20,9 @@
 #   PART=h bash benchmarks/gpu_session.sh $OUT    # the chunked selection one tile ahead and its register
 #                                                 # caps, A/B at k = 32 / 64 / 256 and in the expander's
 #                                                 # chunked strategy; its tests on CUDA (~4 minutes)
+#   PART=i bash benchmarks/gpu_session.sh $OUT    # the fused expander encoder with tiles whose token slabs
+#                                                 # fit an SM's L1 (16 warps, one CTA an SM), bf16 and
+#                                                 # fp32 (~2 minutes)
 #
 # Writes tests.log, junit.xml, gpu.md, gpu.log, sweep.md and sweep.log into OUT_DIR and prints a
 # summary last. Runs with whatever python3 has torch + triton (PYTHON=... to choose); no install.
@@ -160,6 +163,18 @@ done
 sweep sweep_h 100 --expander --B 4096 --n 1048576 --select-ab --tiles 32x128x4 --chunks $((32 * 2**20))
 sweep sweep_h 80 --expander --dtype fp32 --B 4096 --n 1048576 --select-ab --tiles 32x128x4 --chunks $((32 * 2**20))
 cat "$out/sweep_h.md"
+fi
+if [[ $part == *i* ]]; then
+# Each resident CTA of the fused expander encoder gathers from its own token block's slab of x
+# transposed ((m + 1) x BLOCK_B): the shipped 32x128x4 tile keeps 4 slabs an SM (512 KiB in bf16,
+# 768 in fp32, 3 CTAs), beyond the L1, so its gathers go to L2 (fp32 measured 23.4 ms, its L2 bound
+# 23.3). One 16-warp CTA an SM gathers from one slab (128 KiB) that the L1 can hold
+# (`python benchmarks/expander_encode_model.py --tiles ...`; RESULTS.md, "Expander encoder: token
+# slabs an L1 can hold"). Against that: 2 CTAs of 8 warps (256 KiB) measured 31 % slower in bf16.
+sweep_rc=0
+sweep sweep_i 110 --expander --B 4096 --n 1048576 --no-chunked --tiles 32x128x4,32x512x16,32x256x8,16x256x8
+sweep sweep_i 90 --expander --dtype fp32 --B 4096 --n 1048576 --no-chunked --tiles 32x128x4,16x512x16,16x256x8
+cat "$out/sweep_i.md"
 fi
 
 echo
