@@ -10,7 +10,7 @@ import torch
 from helpers import (
     BACKENDS, TF32_TOL, TOL, assert_close, assert_grads_match, assert_same_topk, cuda_only, force_fused,
 )
-from topk_kernels import reference, topk_encode
+from topk_kernels import _topk, reference, topk_encode
 from topk_kernels._topk import (
     MIN_KEY_VALUE,
     SM_LIMITS_DEFAULT,
@@ -251,6 +251,53 @@ def test_blocked_topk_matches_exact_topk(block):
     assert max(calls) <= block
     keyed_values, keyed_indices = blocked_topk(pre_block, 333, 60, block, exact_keys=True)
     assert torch.equal(keyed_indices, expected) and torch.equal(keyed_values, values)
+
+
+
+def _special_rows(case: str, R: int, w: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(w * 7 + k)
+    if case == "ties":  # seven distinct values: ties at every rank
+        return torch.randint(-3, 4, (R, w), generator=g).float()
+    pre = torch.randn(R, w, generator=g)
+    if case == "clustered":  # the largest entries crowd into two strided groups (columns 3 and 5 mod w // 8)
+        G = w // _topk.PREFILTER_GROUP
+        pre[:, 3:G * _topk.PREFILTER_GROUP:G] += 10
+        pre[:, 5:G * _topk.PREFILTER_GROUP:G] += 10
+        pre[:, -1] = 20  # a column past the last whole group (w not a multiple of 8)
+    if case == "specials":  # NaNs of both signs, infinities, both zeros; some rows with more NaNs than k
+        mask = torch.rand(R, w, generator=g)
+        pre[mask < 0.01] = float("nan")
+        pre[(mask > 0.5) & (mask < 0.51)] = -float("nan")
+        pre[(mask > 0.2) & (mask < 0.205)] = float("inf")
+        pre[(mask > 0.3) & (mask < 0.305)] = -float("inf")
+        pre[(mask > 0.6) & (mask < 0.65)] = 0.0
+        pre[(mask > 0.7) & (mask < 0.75)] = -0.0
+        pre[0, : 3 * k] = float("nan")
+    return pre
+
+
+@pytest.mark.parametrize("w,k", [(333, 5), (1001, 17), (4099, 64)])
+@pytest.mark.parametrize("case", ["random", "ties", "clustered", "specials"])
+def test_cpu_topk_through_group_maxima(monkeypatch, w, k, case):
+    """The CPU path's top-(k+1) through strided group maxima (``_topk._grouped_topk``, used on wide
+    rows whose groups outnumber k + 1 by PREFILTER_MIN_RATIO): the same values as torch.topk, as a multiset,
+    at ids that hold them; and blocked_topk's final ids are the exact order's (value descending, ties
+    to the lower id, NaN first, -0.0 == +0.0), against a sort of packed keys."""
+    monkeypatch.setattr(_topk, "PREFILTER_MIN_WIDTH", 0)  # the grouped path also at these narrower rows
+    assert w // _topk.PREFILTER_GROUP >= _topk.PREFILTER_MIN_RATIO * (k + 1)  # and it runs
+    pre = _special_rows(case, 13, w, k)
+    vals, ids = _topk._grouped_topk(pre, k + 1)
+    want = pre.topk(k + 1, dim=1).values
+    canon = lambda v: torch.where(v.isnan(), float("inf"), v).sort(dim=1).values  # noqa: E731  NaN ranks top
+    assert torch.equal(canon(vals), canon(want))
+    assert torch.equal(pre.gather(1, ids).isnan(), vals.isnan())
+    assert torch.equal(torch.nan_to_num(pre.gather(1, ids), nan=7.0), torch.nan_to_num(vals, nan=7.0))
+    assert all(len(set(r.tolist())) == k + 1 for r in ids)  # distinct entries
+    values, indices = blocked_topk(lambda a, b: pre[:, a:b], w, k, w)
+    col = torch.arange(w).expand_as(pre)
+    expected = pack_keys_torch(pre, col).sort(dim=1, descending=True).values
+    _, expected_ids = unpack_keys_torch(expected[:, :k])
+    assert torch.equal(indices, expected_ids)
 
 
 # --- the chunked strategy (cuBLAS-style GEMM per chunk + running top-k) and the dispatcher -----

@@ -179,14 +179,52 @@ def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_keys_torch(top)
 
 
+# The CPU path's per-row top-(k+1) goes through groups of PREFILTER_GROUP strided columns
+# (``_grouped_topk``) on rows of PREFILTER_MIN_WIDTH or more whose groups outnumber k + 1 by
+# PREFILTER_MIN_RATIO. Interleaved medians here (2 threads, ~4M entries a call, plain / grouped ms):
+# w = 4608: k = 8 3.90 / 2.65, k = 32 7.64 / 6.29, k = 64 12.43 / 8.17, k = 128 21.00 / 11.88;
+# w = 65536: k = 8 5.82 / 2.24, k = 64 7.74 / 4.27. At w = 2048 and k = 8 or 16 it lost (0.89x,
+# 0.92x), hence the width floor (RESULTS.md, "CPU top-k through group maxima").
+PREFILTER_GROUP = 8
+PREFILTER_MIN_RATIO = 4
+PREFILTER_MIN_WIDTH = 4096
+
+
+def _grouped_topk(pre: Tensor, kk: int) -> tuple[Tensor, Tensor]:
+    """The kk largest values of each [R, w] row as a multiset (what ``torch.topk(kk)`` returns, in no
+    order) and the ids of entries holding them, through group maxima: column c < G * s is in group
+    c mod G (s = PREFILTER_GROUP strided columns a group, so the group maxima are one vectorised max
+    over s rows of length G), and only the kk groups with the largest maxima, plus the columns past
+    G * s, are ranked. Exact: an entry outside those groups has kk group maxima at least as large
+    (kk other entries), so it is beaten kk times over or ties the kk-th value, and the kept groups
+    still hold kk entries of every value down to the kk-th (each kept maximum is one, or the kept
+    groups are every group with an entry that large). Group maxima propagate NaN, which torch.topk
+    ranks first, as it ranks NaN entries first."""
+    R, w = pre.shape
+    s = PREFILTER_GROUP
+    G = w // s
+    group_max = pre[:, :G * s].view(R, s, G).amax(dim=1)
+    groups = group_max.topk(kk, dim=1, sorted=False).indices
+    cols = (groups[:, None, :] + torch.arange(0, s * G, G, device=pre.device)[None, :, None]).view(R, s * kk)
+    if G * s < w:
+        cols = torch.cat([cols, torch.arange(G * s, w, device=pre.device).expand(R, w - G * s)], 1)
+    vals, pos = pre.gather(1, cols).topk(kk, dim=1, sorted=False)
+    return vals, cols.gather(1, pos)
+
+
 def _topk_plus_one(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.topk(k + 1)`` of [R, w] rows (w > k + 1) and which rows to rank again: fp32 values,
     int64 ids within the rows, and a bool [R] mask. torch.topk breaks ties arbitrarily. Its
     top-(k+1) holds the exact top-k (ties to the lower id) unless the k-th and the (k+1)-th value
     tie, and then the smallest kept value appears at least twice: only such rare rows need packed
     keys. A NaN among them (NaN == NaN is false) makes the row suspect too: torch.topk picks
-    arbitrary NaNs, the NaN order wants the lowest ids. Checking costs O(R * k), not O(R * w)."""
-    vals, idx = pre.topk(k + 1, dim=1, sorted=False)
+    arbitrary NaNs, the NaN order wants the lowest ids. Checking costs O(R * k), not O(R * w).
+    Long rows go through ``_grouped_topk`` (the same values; the check needs nothing else)."""
+    w = pre.shape[1]
+    if w >= PREFILTER_MIN_WIDTH and w // PREFILTER_GROUP >= PREFILTER_MIN_RATIO * (k + 1):
+        vals, idx = _grouped_topk(pre, k + 1)
+    else:
+        vals, idx = pre.topk(k + 1, dim=1, sorted=False)
     low = vals.min(dim=1, keepdim=True).values  # NaN when any selected value is NaN
     suspect = ((vals == low).sum(dim=1) > 1) | low.squeeze(1).isnan()
     return vals.float(), idx, suspect
