@@ -293,6 +293,8 @@ def test_cpu_topk_through_group_maxima(monkeypatch, w, k, case):
     assert torch.equal(pre.gather(1, ids).isnan(), vals.isnan())
     assert torch.equal(torch.nan_to_num(pre.gather(1, ids), nan=7.0), torch.nan_to_num(vals, nan=7.0))
     assert all(len(set(r.tolist())) == k + 1 for r in ids)  # distinct entries
+    for view in (pre[:, 1:], pre.t().contiguous().t()):  # a column slice; a column-major tensor
+        assert torch.equal(canon(_topk._grouped_topk(view, k + 1)[0]), canon(view.topk(k + 1, dim=1).values))
     values, indices = blocked_topk(lambda a, b: pre[:, a:b], w, k, w)
     col = torch.arange(w).expand_as(pre)
     expected = pack_keys_torch(pre, col).sort(dim=1, descending=True).values

@@ -203,7 +203,7 @@ def _grouped_topk(pre: Tensor, kk: int) -> tuple[Tensor, Tensor]:
     R, w = pre.shape
     s = PREFILTER_GROUP
     G = w // s
-    group_max = pre[:, :G * s].view(R, s, G).amax(dim=1)
+    group_max = pre[:, :G * s].reshape(R, s, G).amax(dim=1)  # a view unless pre is column-strided
     groups = group_max.topk(kk, dim=1, sorted=False).indices
     cols = (groups[:, None, :] + torch.arange(0, s * G, G, device=pre.device)[None, :, None]).view(R, s * kk)
     if G * s < w:
