@@ -404,12 +404,13 @@ class TopKSAE(_SparseCoder):
         with torch.no_grad():
             w, g = self.W_dec, grad  # all rows: g is the gradient itself, updated in place
             if indices is not None:
-                rows = torch.unique(indices.reshape(-1))
+                rows = torch.unique(indices.reshape(-1)).long()  # index_copy_ takes int64 ids only
                 w, g = w.index_select(0, rows), grad.index_select(0, rows)
             # Two row dot products and one in-place update: no [rows, m] temporaries beyond the
             # gathered rows (five before, each a fresh allocation; RESULTS.md, "Decoder gradient
             # projection").
-            g.addcmul_((torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-12)).unsqueeze(-1), w,
+            floor = max(1e-12, torch.finfo(w.dtype).tiny)  # 1e-12 is 0 in fp16: a zero row would give NaN
+            g.addcmul_((torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(floor)).unsqueeze(-1), w,
                        value=-1)
             if indices is not None:
                 grad.index_copy_(0, rows, g)

@@ -52,14 +52,14 @@ def test_topk_tied_unit_norm_init():
     assert_close(sae.W_dec.norm(dim=1), torch.ones(40), 1e-6, "row norms")
 
 
-@pytest.mark.parametrize("given", [True, False])
+@pytest.mark.parametrize("given", [torch.int64, torch.int32, None])
 def test_remove_parallel_grads_touches_only_given_rows(given):
     sae = TopKSAE(12, 30, 4)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(30, 1) + 0.5)  # rows off unit norm: the projection divides by |w|^2
     sae.W_dec.grad = torch.randn(30, 12)
     before = sae.W_dec.grad.clone()
-    rows = torch.tensor([3, 7, 7, 21]) if given else None
+    rows = torch.tensor([3, 7, 7, 21], dtype=given) if given else None
     sae.remove_parallel_grads(rows)
     touched = torch.zeros(30, dtype=torch.bool)
     touched[rows if given else slice(None)] = True
@@ -69,6 +69,20 @@ def test_remove_parallel_grads_touches_only_given_rows(given):
     assert (sae.W_dec.grad * sae.W_dec).sum(1)[touched].abs().max() < 1e-5
     assert torch.equal(sae.W_dec.grad[~touched], before[~touched])
     assert sae.W_dec.grad_fn is None and not sae.W_dec.grad.requires_grad
+
+
+
+def test_remove_parallel_grads_zero_row_in_half_precision():
+    """A zero decoder row has no direction to project out: its gradient stays as it is (the norm's
+    floor must not underflow to 0 in fp16 and turn it into NaN)."""
+    sae = TopKSAE(12, 30, 4).half()
+    with torch.no_grad():
+        sae.W_dec[5] = 0
+    sae.W_dec.grad = torch.randn(30, 12).half()
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grads(torch.tensor([5, 6]))
+    assert torch.equal(sae.W_dec.grad[5], before[5])
+    assert not sae.W_dec.grad.isnan().any()
 
 
 def test_normalize_decoder():
