@@ -302,6 +302,28 @@ def test_cpu_topk_through_group_maxima(monkeypatch, w, k, case):
     assert torch.equal(indices, expected_ids)
 
 
+
+@pytest.mark.parametrize("op", ["topk_encode", "expander_encode"])
+def test_float64_ranks_fp32_rounded_values_with_ties_to_the_lower_id(op):
+    """In float64 the CPU path ranks fp32-rounded pre-activations (ties: lower id) and returns the
+    winners' exact values. A winner by 1e-12 over seven entries that round to the same fp32 value
+    used to hide their tie from the tie check, and k = 1 returned an arbitrary one of the eight."""
+    from topk_kernels import expander_encode
+
+    n = 4096
+    w = -torch.ones(n, 1, dtype=torch.float64)
+    w[2000] = 1 + 1e-12
+    w[[1, 7, 100, 150, 250, 1001, 3000]] = 1
+    x = torch.ones(1, 1, dtype=torch.float64)
+    for k, want in ((1, [1]), (3, [1, 7, 100]), (8, [1, 7, 100, 150, 250, 1001, 2000, 3000])):
+        if op == "topk_encode":
+            acts, idx = topk_encode(x, w, None, k, backend="torch")
+        else:
+            acts, idx = expander_encode(x, w, torch.zeros(n, 1, dtype=torch.long), None, k, backend="torch")
+        assert idx.tolist() == [want]
+        assert torch.equal(acts, w[idx[0], 0][None])  # the exact values, not the rounded ones
+
+
 # --- the chunked strategy (cuBLAS-style GEMM per chunk + running top-k) and the dispatcher -----
 
 @pytest.fixture

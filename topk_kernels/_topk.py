@@ -240,6 +240,11 @@ def _block_candidates(pre: Tensor, start: int, k: int, exact_keys: bool) -> tupl
 
     if exact_keys:  # no host sync: for CUDA tensors
         return _exact_topk(pre, ids(pre.shape[0]), min(k, w))
+    if pre.dtype == torch.float64:
+        # Keys rank fp32-rounded values (the callers then return the winners' exact values), so the
+        # tie check must see those too: on fp64 values, a winner by 1e-12 hid ties that rounding
+        # makes (k = 1 picked an arbitrary one of them, not the lowest id).
+        pre = pre.float()
     if w <= k + 1:
         return pre.float(), ids(pre.shape[0])
     vals, idx, tied = _topk_plus_one(pre, k)
