@@ -37,7 +37,9 @@ NaN order (the one place it is defined; the Triton kernels, the PyTorch paths an
 with **every NaN (either sign bit) above +inf**, and equal values (all NaNs equal each other, and
 -0.0 equals +0.0) go to the lower latent id. ``top_acts`` at a NaN is NaN (ReLU keeps it), so a
 broken input shows in the loss instead of being hidden. This is ``torch.sort(pre, descending=True,
-stable=True)``'s order.
+stable=True)``'s order. In float64 (the PyTorch path) the order is that of the pre-activations
+rounded to fp32, the precision of the packed keys, and ``top_acts`` are the winners' exact float64
+values.
 """
 
 from __future__ import annotations
