@@ -140,9 +140,8 @@ def main(argv: list[str]) -> int:
         for spec in gc._expander_encode_specs():
             if spec.label.startswith("chunked") or not spec.label.endswith(f",K_PAD={k_pad}"):
                 continue
-            try:
-                (launch,) = gc.capture(spec, ARCH)
-            except ZeroDivisionError:  # the occupancy query found no resident CTA: the tile cannot launch
+            (launch,) = gc.capture(spec, ARCH)
+            if gc.compile_launch(launch, ARCH)["ctas_per_sm"] == 0:  # too many registers for one CTA an SM
                 print(f"| {name} | {spec.label.split(',')[0]} | {tile} | 0 CTAs an SM: cannot launch |", flush=True)
                 continue
             r = predict(spec.label, launch, insertion)

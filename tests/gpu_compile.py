@@ -415,7 +415,9 @@ def _recording(arch: int):
 
     def occupancy(kernel, device, args, kwargs):  # what resident_ctas reads from a GPU build
         launches.probes.append(Launch(kernel, args, kwargs))
-        return compile_launch(launches.probes[-1], arch)["ctas_per_sm"]
+        # At least 1, as resident_ctas returns: a build with no resident CTA fails at its launch,
+        # which compile_launch's ctas_per_sm (0) shows.
+        return max(1, compile_launch(launches.probes[-1], arch)["ctas_per_sm"])
 
     for name in saved_resident:
         setattr(_mod(name), "resident_ctas", occupancy)

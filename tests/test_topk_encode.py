@@ -253,7 +253,6 @@ def test_blocked_topk_matches_exact_topk(block):
     assert torch.equal(keyed_indices, expected) and torch.equal(keyed_values, values)
 
 
-
 def _special_rows(case: str, R: int, w: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(w * 7 + k)
     if case == "ties":  # seven distinct values: ties at every rank
@@ -300,7 +299,6 @@ def test_cpu_topk_through_group_maxima(monkeypatch, w, k, case):
     expected = pack_keys_torch(pre, col).sort(dim=1, descending=True).values
     _, expected_ids = unpack_keys_torch(expected[:, :k])
     assert torch.equal(indices, expected_ids)
-
 
 
 @pytest.mark.parametrize("op", ["topk_encode", "expander_encode"])
