@@ -173,12 +173,15 @@ class _SparseCoder(nn.Module):
         self._check_input(x)
         return self._encode_norm(self._scale_in(x))
 
+    def _centre(self, x: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(x - b_dec, bias) for ``_encode_with``; a subclass may route b_dec's gradient another way."""
+        return x - self.b_dec, bias
+
     def _encode_norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_centered = x - self.b_dec
         if not self.batch_topk:
-            return self._encode_with(x_centered, self.b_enc, self.k)
+            return self._encode_with(*self._centre(x, self.b_enc, self.k), self.k)
         cap = min(self.n_latents, self.batch_topk_cap * self.k)
-        acts, idx = self._encode_with(x_centered, self.b_enc, cap)
+        acts, idx = self._encode_with(*self._centre(x, self.b_enc, cap), cap)
         if self.training:
             return self._batch_select(acts, idx)
         return acts * (acts > self.batch_threshold), idx
@@ -240,7 +243,7 @@ class _SparseCoder(nn.Module):
         """
         k_aux = min(self.k_aux, num_dead)
         dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
-        aux_acts, aux_idx = self._encode_with(xn - self.b_dec, dead_bias, k_aux, signed=False)
+        aux_acts, aux_idx = self._encode_with(*self._centre(xn, dead_bias, k_aux), k_aux, signed=False)
         error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).float()
         sq = (error_hat - error).pow(2).sum()
         if self.auxk_norm == "residual":  # Gao et al.: relative to the residual's own size
@@ -338,6 +341,24 @@ class _SparseCoder(nn.Module):
         return model
 
 
+class _CentreGrad(torch.autograd.Function):
+    """bias -> bias in value; in the backward also b_dec's gradient, -(bias's gradient) @ weight."""
+
+    @staticmethod
+    def forward(ctx, bias: Tensor, b_dec: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.b_dec_dtype = b_dec.dtype
+        return bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        g_centre = None
+        if ctx.needs_input_grad[1]:
+            g_centre = torch.mv(weight.T, grad.to(weight.dtype)).neg_().to(ctx.b_dec_dtype)
+        return (grad if ctx.needs_input_grad[0] else None), g_centre, None
+
+
 class TopKSAE(_SparseCoder):
     """TopK SAE with a fused encoder and a sparse-gather decoder.
 
@@ -383,6 +404,15 @@ class TopKSAE(_SparseCoder):
     def _size_config(self) -> dict:
         return dict(d_model=self.d_model, n_latents=self.n_latents, k=self.k)
 
+    def _centre(self, x: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        # pre = (x - b_dec) @ W_enc.T + bias, so b_dec's gradient is -(bias's gradient) @ W_enc: one
+        # [n] x [n, m] product instead of x's gradient for every token (B * k rows of W_enc gathered)
+        # summed over the tokens. Taken when B * k >= n, the usual training shape.
+        tokens = x.numel() // self.d_model
+        if not (torch.is_grad_enabled() and self.b_dec.requires_grad) or tokens * k < self.n_latents:
+            return x - self.b_dec, bias
+        return x - self.b_dec.detach(), _CentreGrad.apply(bias, self.b_dec, self.W_enc.detach())
+
     def _encode_with(self, x_centered, bias, k, signed=None):
         return tk.topk_encode(x_centered, self.W_enc, bias, k, backend=self.backend)
 
@@ -401,19 +431,18 @@ class TopKSAE(_SparseCoder):
         grad = self.W_dec.grad
         if grad is None:
             return
-        with torch.no_grad():
-            w, g = self.W_dec, grad  # all rows: g is the gradient itself, updated in place
-            if indices is not None:
-                rows = torch.unique(indices.reshape(-1)).long()  # index_copy_ takes int64 ids only
-                w, g = w.index_select(0, rows), grad.index_select(0, rows)
-            # Two row dot products and one in-place update: no [rows, m] temporaries beyond the
-            # gathered rows (five before, each a fresh allocation; RESULTS.md, "Decoder gradient
-            # projection").
-            floor = max(1e-12, torch.finfo(w.dtype).tiny)  # 1e-12 is 0 in fp16: a zero row would give NaN
-            g.addcmul_((torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(floor)).unsqueeze(-1), w,
-                       value=-1)
-            if indices is not None:
-                grad.index_copy_(0, rows, g)
+        w, g = self.W_dec, grad  # all rows: g is the gradient itself, updated in place
+        if indices is not None:
+            rows = torch.unique(indices.reshape(-1)).long()  # index_copy_ takes int64 ids only
+            w, g = w.index_select(0, rows), grad.index_select(0, rows)
+        # Two row dot products and one in-place update: no [rows, m] temporaries beyond the
+        # gathered rows (five before, each a fresh allocation; RESULTS.md, "Decoder gradient
+        # projection").
+        floor = max(1e-12, torch.finfo(w.dtype).tiny)  # 1e-12 is 0 in fp16: a zero row would give NaN
+        g.addcmul_((torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(floor)).unsqueeze(-1), w,
+                   value=-1)
+        if indices is not None:
+            grad.index_copy_(0, rows, g)
 
     @torch.no_grad()
     def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:

@@ -46,6 +46,57 @@ def test_topk_forward_matches_dense_formula():
     assert_close(out.fvu.reshape(1), fvu.reshape(1), 1e-5, "fvu")
 
 
+@pytest.mark.parametrize("tokens", [37, 3])  # B * k >= n (b_dec's gradient through b_enc's) and < n
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_topk_gradients_match_dense_formula(monkeypatch, tokens, x_grad):
+    """Every parameter's gradient (and x's) against the dense formula in fp64, with b_dec off zero."""
+    import sae.models as models
+    calls = []
+    apply = models._CentreGrad.apply
+    monkeypatch.setattr(models._CentreGrad, "apply", lambda *a: calls.append(1) or apply(*a))
+    m, n, k = 24, 101, 5
+    sae = TopKSAE(m, n, k).double()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.W_enc.add_(0.3 * torch.randn(n, m, dtype=torch.float64))
+    dense = DenseTopKSAE(m, n, k).double()
+    dense.load_state_dict({"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec})
+    x = torch.randn(tokens, m, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(x_grad) for _ in range(2)]
+    g = torch.randn(tokens, m, dtype=torch.float64)
+    (sae(xs[0]).x_hat * g).sum().backward()
+    (dense(xs[1])[0] * g).sum().backward()
+    assert len(calls) == (tokens * k >= n)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert_close(getattr(sae, name).grad, getattr(dense, name).grad, 1e-10, f"grad {name}")
+    if x_grad:
+        assert_close(xs[0].grad, xs[1].grad, 1e-10, "grad x")
+
+
+def test_topk_auxk_gradient_of_b_dec_matches_dense_formula():
+    """AuxK's encoder centres x too: its b_dec gradient, with many dead latents, against fp64 autograd."""
+    m, n, k, k_aux = 16, 64, 2, 8
+    sae = TopKSAE(m, n, k, dead_tokens_threshold=10, k_aux=k_aux, auxk_norm="residual").double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+        sae.tokens_since_fired[:40] = 100
+    x = torch.randn(40, m, dtype=torch.float64)
+    out = sae(x)
+    out.auxk_loss.backward()
+    b_dec = sae.b_dec.detach().clone().requires_grad_(True)
+    W_enc, W_dec = sae.W_enc.detach(), sae.W_dec.detach()
+    dead_bias = sae.b_enc.detach().masked_fill(~out.dead_mask, -1e30)
+    pre = (x - b_dec) @ W_enc.T + dead_bias
+    acts, idx = pre.topk(k_aux, dim=-1)
+    e = (x - out.x_hat).detach()
+    e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ W_dec
+    ((e_hat - e).pow(2).sum() / e.pow(2).sum()).backward()
+    assert torch.equal(out.auxk_indices, idx)
+    assert_close(sae.b_dec.grad, b_dec.grad, 1e-6, "AuxK grad b_dec")  # the model's losses are fp32
+
+
 def test_topk_tied_unit_norm_init():
     sae = TopKSAE(16, 40, 3)
     assert torch.equal(sae.W_enc, sae.W_dec)
