@@ -43,7 +43,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,6 +137,22 @@ class ReconstructionMetrics:
         return asdict(self)
 
 
+@contextmanager
+def _evaluating(*saes):
+    """The SAEs (nn.Modules among them) in eval mode inside, their own modes restored after: a
+    BatchTopK SAE left in training mode would select by the batch and move its learned threshold."""
+    modules = [s for s in saes if isinstance(s, torch.nn.Module)]
+    modes = [[(m, m.training) for m in s.modules()] for s in modules]
+    for s in modules:
+        s.eval()
+    try:
+        yield
+    finally:
+        for saved in modes:
+            for m, training in saved:
+                m.training = training
+
+
 def _n_latents(sae) -> int:
     n_latents = getattr(sae, "n_latents", None)
     if isinstance(n_latents, bool) or not isinstance(n_latents, int) or n_latents < 1:
@@ -170,8 +186,9 @@ def reconstruction_metrics(sae, x, *, batch_size: int = 4096, decoder_values: in
     fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
     for xb in _progress(_capped(batches, max_tokens), progress, total, "reconstruction"):
         xb = xb.to(device=device, dtype=dtype)
-        top_acts, top_indices = sae.encode(xb)
-        x_hat = sae.decode(top_acts, top_indices)
+        with _evaluating(sae):
+            top_acts, top_indices = sae.encode(xb)
+            x_hat = sae.decode(top_acts, top_indices)
         x64 = xb.double()
         err = (x64 - x_hat.double()).pow(2).sum(-1)
         norm_sq = x64.pow(2).sum(-1)
@@ -218,9 +235,10 @@ def activation_mean(x, *, batch_size: int = 65536, max_tokens: int | None = None
 # --------------------------------------------------------------------------------------------
 
 def training_dead_fraction(sae, window_tokens: int | None = None) -> dict:
-    """``{"dead_fraction", "window_tokens"}``: the fraction of latents that fired on none of the
-    last ``window_tokens`` training tokens, from the SAE's ``tokens_since_fired`` buffer (counted
-    by the trainer). ``window_tokens`` defaults to the SAE's ``dead_tokens_threshold``. A window
+    """``{"dead_fraction", "window_tokens"}``: the fraction of latents that went more than
+    ``window_tokens`` training tokens without firing, from the SAE's ``tokens_since_fired`` buffer
+    (counted by the trainer; the SAE's own dead count for AuxK and the training log uses the same
+    strict ``>``). ``window_tokens`` defaults to the SAE's ``dead_tokens_threshold``. A window
     longer than the run counts nothing as dead: report it with the tokens trained."""
     since = getattr(sae, "tokens_since_fired", None)
     if not isinstance(since, torch.Tensor):
@@ -232,7 +250,7 @@ def training_dead_fraction(sae, window_tokens: int | None = None) -> dict:
             raise ValueError("window_tokens: expected an int (the SAE has no dead_tokens_threshold), got None")
     if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens < 1:
         raise ValueError(f"window_tokens: expected an int >= 1, got {window_tokens!r}")
-    dead = int((since >= window_tokens).sum()) / since.numel()
+    dead = int((since > window_tokens).sum()) / since.numel()  # as the SAE counts dead (models.py)
     return {"dead_fraction": dead, "window_tokens": int(window_tokens)}
 
 
@@ -268,7 +286,8 @@ def firing_density(sae, x, *, batch_size: int = 4096, max_tokens: int | None = N
     counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
     n = 0
     for xb in _progress(_capped(batches, max_tokens), progress, total, "firing density"):
-        top_acts, top_indices = sae.encode(xb.to(device=device, dtype=dtype))
+        with _evaluating(sae):
+            top_acts, top_indices = sae.encode(xb.to(device=device, dtype=dtype))
         counts += torch.bincount(top_indices[top_acts != 0].flatten(), minlength=n_latents)
         n += xb.shape[0]
     if n == 0:
@@ -625,8 +644,9 @@ def ce_loss_recovered(model, sae, tokens: torch.Tensor, layer: int, *, baseline:
         raise ValueError(f"baseline: expected a CEBaseline for layer {layer}, BOS id {bos_id} on these tokens, got "
                          f"one for layer {baseline.layer}, BOS id {baseline.bos_id} on {same} tokens")
     splices = {f"s{i}": _splice(_reconstructor(s)) for i, s in enumerate(saes.values())}
-    sums = _passes(model, tokens, layer, bos_id, splices, batch_size or baseline.batch_size, progress,
-                   "CE with SAE" if not many else f"CE with {len(saes)} SAEs", splice_all=paper)
+    with _evaluating(*saes.values()):
+        sums = _passes(model, tokens, layer, bos_id, splices, batch_size or baseline.batch_size, progress,
+                       "CE with SAE" if not many else f"CE with {len(saes)} SAEs", splice_all=paper)
     drift = (sums["clean.ce"] - baseline.context_sums["clean.ce"]).abs().max().item() / max(baseline.n_tokens, 1)
     if drift > 1e-4:
         raise ValueError(f"baseline: its clean CE differs from this model's on these tokens by {drift:.2e} nats per "

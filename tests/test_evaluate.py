@@ -25,6 +25,7 @@ from sae.data.layouts import layer_replay
 from sae.evaluate import (CEBaseline, Interval, _passes, _reconstructor, _splice, activation_mean, ce_baseline,
                           ce_loss_recovered, firing_density, plot_firing_density, reconstruction_metrics,
                           training_dead_fraction)
+from sae.models import TopKSAE
 
 
 class _KeepFirst(torch.nn.Module):
@@ -131,8 +132,13 @@ def test_training_dead_fraction_reads_the_counter():
     sae = _TopKLinear(8, 10, 2)
     sae.register_buffer("tokens_since_fired", torch.tensor([0, 5, 99, 100, 101, 7, 250, 3, 0, 100]))
     sae.dead_tokens_threshold = 100
-    assert training_dead_fraction(sae) == {"dead_fraction": 0.4, "window_tokens": 100}
-    assert training_dead_fraction(sae, window_tokens=7) == {"dead_fraction": 0.6, "window_tokens": 7}
+    # Dead means more than the window without firing (strictly): 101 and 250 of 100; five of 7.
+    assert training_dead_fraction(sae) == {"dead_fraction": 0.2, "window_tokens": 100}
+    assert training_dead_fraction(sae, window_tokens=7) == {"dead_fraction": 0.5, "window_tokens": 7}
+    # The same count as the SAE's own (AuxK's and the training log's), also at the boundary.
+    real = TopKSAE(8, 10, 2, dead_tokens_threshold=100)
+    real.tokens_since_fired.copy_(sae.tokens_since_fired)
+    assert training_dead_fraction(real)["dead_fraction"] == pytest.approx(real.dead_fraction()) == 0.2
     with pytest.raises(ValueError, match="window_tokens"):
         training_dead_fraction(sae, window_tokens=0)
     with pytest.raises(TypeError, match="tokens_since_fired"):
@@ -551,3 +557,21 @@ def test_paper_convention_zeroes_and_splices_every_position(tiny_llama, tokens):
     assert row["ce_convention"] == "paper" and not any(k.startswith("pos0_kept") for k in row)
     with pytest.raises(ValueError, match="convention: expected one of"):
         ce_loss_recovered(model, sae, tokens, layer, baseline=base, convention="gao")
+
+
+def test_metrics_evaluate_a_batch_topk_sae_in_eval_mode_and_restore_its_mode():
+    """A BatchTopK SAE left in training mode would select by the batch and move its threshold."""
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 40, 3, batch_topk=True)
+    x = torch.randn(300, 12)
+    sae(x[:100])  # training mode: learns a threshold
+    threshold = sae.batch_threshold.clone()
+    assert sae.training and threshold > 0
+    want = reconstruction_metrics(sae.eval(), x, batch_size=1000)
+    dens = firing_density(sae, x).density
+    sae.train()
+    for batch_size in (64, 1000):
+        got = reconstruction_metrics(sae, x, batch_size=batch_size)
+        assert got.fvu == pytest.approx(want.fvu, rel=1e-9) and got.l0 == want.l0
+    assert torch.equal(firing_density(sae, x, batch_size=64).density, dens)
+    assert sae.training and torch.equal(sae.batch_threshold, threshold)
