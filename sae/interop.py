@@ -87,6 +87,7 @@ def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec)
         sae.b_dec.copy_(b_dec)
+    sae._fresh = False  # trained weights: train() must not initialise b_dec from data
     return sae
 
 

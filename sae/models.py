@@ -62,6 +62,10 @@ class SAEOutput:
         return self.fvu if self.auxk_loss is None else self.fvu + self.auxk_coef * self.auxk_loss
 
 
+def _loaded(module: "_SparseCoder", incompatible_keys) -> None:
+    module._fresh = False
+
+
 class _SparseCoder(nn.Module):
     """Shared TopK machinery. Subclasses set ``arch``, implement ``_encode_with(x_centered, bias, k)``,
     ``_decode_atoms(top_acts, top_indices)`` (decode without bias), ``_decode_norm`` (with bias),
@@ -90,14 +94,20 @@ class _SparseCoder(nn.Module):
             for name in ("signed", "renorm_values"):
                 if opts[name]:
                     raise ValueError(f"{name}: only for ExpanderSAE, got {name}=True for {type(self).__name__}")
-        if opts["signed"] and opts["batch_topk"]:
-            raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
+        # The options' own checks (auxk_norm, auxk_coef, k_aux, batch_topk_cap, b_dec_init, ...), the
+        # ones SAEConfig runs; the degree is checked by the expander's mask.
+        SAEConfig(arch="expander" if self.arch == "expander" else "topk", n_latents=n_latents, k=k,
+                  degree=1 if self.arch == "expander" else None, **opts).validate()
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
         for name, value in opts.items():
             setattr(self, name, value)
         # Gao et al.: k_aux = d_model / 2.
         self.k_aux = min(n_latents, self.k_aux if self.k_aux is not None else max(1, d_model // 2))
         self._backend = backend
+        # As constructed: train() initialises b_dec / act_scale from data first (init_b_dec, a
+        # state-dict load or interop's weights clear it).
+        self._fresh = True
+        self.register_load_state_dict_post_hook(_loaded)
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64))
         # BatchTopK's inference threshold: a running mean of the smallest activation kept per batch.
         self.register_buffer("batch_threshold", torch.zeros(()))
@@ -285,6 +295,7 @@ class _SparseCoder(nn.Module):
         else:
             raise ValueError(f"method: expected 'median', 'mean' or 'zero', got {method!r}")
         self.b_dec.copy_(value.to(self.b_dec.dtype))
+        self._fresh = False
 
     def _apply_b_dec_init(self) -> None:
         """b_dec_init "zero": b_dec stays 0, outside the trained parameters."""
