@@ -49,7 +49,9 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 # Settings whose change on resume makes the run a different run: refused unless allowed.
 _RESUME_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "seed", "lr_schedule",
-                "resample_every")
+                "resample_every", "grad_clip", "betas", "eps", "dead_fraction")
+# Activations that initialise a fresh SAE's b_dec (and act_scale), as many as fit, drawn by a fixed seed.
+INIT_SAMPLE = 16384
 
 __all__ = ["CHECKPOINT", "METRICS", "CheckpointError", "NonFiniteError", "TrainingInterrupted", "TrainConfig",
            "TrainResult", "train", "save_checkpoint", "load_checkpoint", "adam"]
@@ -110,15 +112,19 @@ def save_checkpoint(path: str | os.PathLike, sae, optimizer: torch.optim.Optimiz
     save_sae(sae, path, optimizer_tensors=_optimizer_tensors(optimizer), train=record)
 
 
-def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                    derived: tuple = ()) -> dict:
     """Load a training checkpoint into ``sae`` (and ``optimizer``); returns its ``train`` record
     (step, tokens, train_config, ...). Raises ``CheckpointError`` when the file is missing,
-    truncated, corrupt, not a training checkpoint, or for an SAE of another class or shape."""
+    truncated, corrupt, not a training checkpoint, or for an SAE of another class or shape.
+    ``derived``: config keys the trainer set from the TrainConfig (the dead-latent threshold),
+    not compared: ``sae`` keeps its own value."""
     ckpt = read_checkpoint(path)
     if ckpt.train is None:
         raise CheckpointError(f"checkpoint: {path} is a final SAE, not a training checkpoint (no train record)")
     mine = sae.config()
-    if ckpt.class_name != type(sae).__name__ or any(mine.get(k, object()) != v for k, v in ckpt.config.items()):
+    if ckpt.class_name != type(sae).__name__ or any(
+            mine.get(k, object()) != v for k, v in ckpt.config.items() if k not in derived):
         raise CheckpointError(f"checkpoint: {path} holds a {ckpt.class_name} {ckpt.config}, "
                               f"expected a {type(sae).__name__} {mine}")
     sae.load_state_dict(ckpt.sae_tensors)
@@ -140,8 +146,10 @@ def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, 
                    names: Optional[dict] = None) -> dict:
     """{setting: (old, new)} for the settings of ``_RESUME_KEYS`` that differ from the checkpoint's
     ``record``; raises ``ValueError`` naming them (as ``names`` spells them) unless ``allow``."""
-    old = {**record["train_config"], "base_lr": record.get("base_lr", base_lr)}
-    new = {**asdict(cfg), "base_lr": base_lr}
+    # JSON holds tuples (betas) as lists.
+    old = {k: list(v) if isinstance(v, tuple) else v
+           for k, v in {**record["train_config"], "base_lr": record.get("base_lr", base_lr)}.items()}
+    new = {k: list(v) if isinstance(v, tuple) else v for k, v in {**asdict(cfg), "base_lr": base_lr}.items()}
     diff = {k: (old.get(k), new[k]) for k in _RESUME_KEYS if k in old and old[k] != new[k]}
     if diff and not allow:
         named = ", ".join(f"{(names or {}).get(k, k)} {a} -> {b}" for k, (a, b) in diff.items())
@@ -197,7 +205,11 @@ class _Ranks:
                                       f"(parallel='none'), got parallel={self.mode!r}")
         self.rank, self.world = sd.rank_and_world(group) if self.mode != "none" else (0, 1)
         self.inner = sae.shard if self.sharded else sae  # the SAE whose options the run reads
+        # Config keys set here from cfg: a resume compares them with the checkpoint's through cfg
+        # (batch_size, total_tokens, dead_fraction), not as SAE options.
+        self.derived = ()
         if getattr(self.inner, "dead_tokens_threshold", 0) is None:
+            self.derived = ("dead_tokens_threshold",)
             self.inner.dead_tokens_threshold = cfg.dead_tokens()
             if self.sharded:
                 sae.full_config["dead_tokens_threshold"] = cfg.dead_tokens()
@@ -279,10 +291,10 @@ class _Ranks:
     def load(self, path: Path, optimizer, base_lr: float) -> dict:
         """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
         if self.mode != "latent":
-            return load_checkpoint(path, self.sae, optimizer)
+            return load_checkpoint(path, self.sae, optimizer, derived=self.derived)
         full = self.model.full_class(**self.model.full_config) if self.sharded else self.sae
         full_opt = adam([p for p in full.parameters() if p.requires_grad], base_lr)
-        record = load_checkpoint(path, full, full_opt)
+        record = load_checkpoint(path, full, full_opt, derived=self.derived)
         self.model.load_full_state_dict(full.state_dict())
         self.model.load_full_optimizer_state(optimizer, full_opt.state_dict()["state"])
         return record
@@ -300,15 +312,23 @@ class _Ranks:
         return self.last_full
 
 
+def init_sample(buffer) -> torch.Tensor:
+    """The activations that initialise a fresh SAE: ``INIT_SAMPLE`` rows of ``buffer`` in a fixed
+    random order (all of them in a smaller buffer)."""
+    order = torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))
+    return buffer[order[:INIT_SAMPLE]]
+
+
 @torch.no_grad()
 def _resample(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, seed: int) -> int:
     """``sae.resample_dead`` on batch ``x``; zeroes the Adam moments of every per-latent row of the
-    resampled latents (parameters whose first dimension is n_latents). Returns how many."""
+    resampled latents (parameters whose first dimension is n_latents; b_dec [m] is not one, also
+    when m = n). Returns how many."""
     idx = sae.resample_dead(x, generator=torch.Generator().manual_seed(seed))
     if idx.numel():
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.dim() >= 1 and p.shape[0] == sae.n_latents:
+                if p.dim() >= 1 and p.shape[0] == sae.n_latents and p is not sae.b_dec:
                     for value in optimizer.state.get(p, {}).values():
                         if isinstance(value, torch.Tensor) and value.shape == p.shape:
                             value[idx.to(value.device)] = 0
@@ -332,6 +352,11 @@ def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: st
     evaluates and writes; ``out_dir`` must be one shared folder for every node. In "latent" mode
     the trained weights are copied into ``sae`` on rank 0 only; ``result.model`` is the sharded
     model on every rank.
+
+    A fresh run (no checkpoint in ``out_dir``) of an SAE as constructed (never initialised from
+    data, loaded or resumed) first sets its b_dec (``b_dec_init``) and act_scale
+    (``normalize_activations``) from ``INIT_SAMPLE`` activations of the buffer, as
+    ``python -m sae train`` does. ``evaluate`` sees the SAE in eval mode.
     """
     cfg = TrainConfig() if cfg is None else cfg
     cfg.validate()
@@ -341,6 +366,12 @@ def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: st
     if any(p.dtype == torch.float16 for p in sae.parameters() if p.requires_grad):
         raise ValueError("sae: fp16 training is not supported (Adam's squared gradients and eps underflow in fp16); "
                          "train in fp32 or bf16 and cast the trained SAE with .half() for inference")
+    if getattr(sae, "_fresh", False) and not (out / CHECKPOINT).exists():
+        sample = init_sample(buffer).to(sae.b_dec.device)
+        if not bool(torch.isfinite(sample).all()):
+            raise NonFiniteError(f"buffer: the training activations (x) hold NaN or inf: {len(sample)} of them, "
+                                 f"drawn to initialise b_dec, hold one. Nothing was trained.")
+        sae.init_b_dec(sample)
     ranks = _Ranks(sae, cfg, group)
     with contextlib.ExitStack() as stack:
         if ranks.rank == 0:  # only rank 0 writes: it alone holds the run directory
@@ -400,7 +431,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
 
     def evaluated() -> dict:
         full = ranks.full_model()  # a collective in "latent" mode: every rank joins
-        result = evaluate(full) if lead else {}
+        result = evaluate(full.eval()) if lead else {}
         model.train()
         return result
 
@@ -469,8 +500,9 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
         bar.close()
 
     full = ranks.finish(step)
-    final = evaluate(full) if evaluate is not None and lead else {}
-    model.train()
+    final = evaluate(full.eval()) if evaluate is not None and lead else {}
+    for trained in {id(m): m for m in (model, full) if m is not None}.values():
+        trained.train()
     result = TrainResult(step=step, tokens=tokens, history=history, final=final, model=model)
     if lead:
         write_json(out / METRICS, {"history": history, "final": final, "step": step, "tokens": tokens,

@@ -92,6 +92,10 @@ def _reference(arch):
 def _reference_from(sae):
     """Plain loop on one process: (per-step fvu and auxk_loss, final state_dict)."""
     buffer, cfg = _buffer(), _cfg()
+    if getattr(sae, "_fresh", False):  # as train() does for an SAE as constructed
+        from sae.train import init_sample
+
+        sae.init_b_dec(init_sample(buffer))
     params = [p for p in sae.parameters() if p.requires_grad]
     optimizer = adam(params, cfg.lr, cfg.betas, cfg.eps)  # the trainer's Adam
     total = cfg.steps()

@@ -97,6 +97,17 @@ def test_topk_auxk_gradient_of_b_dec_matches_dense_formula():
     assert_close(sae.b_dec.grad, b_dec.grad, 1e-6, "AuxK grad b_dec")  # the model's losses are fp32
 
 
+@pytest.mark.parametrize("option, value", [("auxk_norm", "resdual"), ("auxk_coef", -1.0), ("auxk_coef", float("nan")),
+                                           ("k_aux", 0), ("batch_topk_cap", 0), ("b_dec_init", "bogus"),
+                                           ("dead_tokens_threshold", 0)])
+@pytest.mark.parametrize("cls", ["TopKSAE", "ExpanderSAE"])
+def test_constructors_refuse_bad_options_by_name(cls, option, value):
+    build = (lambda **o: TopKSAE(16, 40, 3, **o)) if cls == "TopKSAE" else (lambda **o: ExpanderSAE(16, 40, 3, 4, **o))
+    build()
+    with pytest.raises(ValueError, match=f"^{option}: expected"):
+        build(**{option: value})
+
+
 def test_topk_tied_unit_norm_init():
     sae = TopKSAE(16, 40, 3)
     assert torch.equal(sae.W_enc, sae.W_dec)

@@ -120,11 +120,16 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_one_nan_activation_stops_training_and_disk_stays_finite(tmp_path):
+@pytest.mark.parametrize("fresh", [True, False])
+def test_one_nan_activation_stops_training_and_disk_stays_finite(tmp_path, fresh):
     x = torch.randn(200, 8)
     x[150, 3] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"step \d+: the training activations"):
-        train(TopKSAE(8, 24, 3), ActivationBuffer(x), _cfg(), tmp_path)
+    sae = TopKSAE(8, 24, 3)
+    if not fresh:  # initialised already: the NaN is met at its step
+        sae.init_b_dec(x[:100])
+    where = r"buffer: the training activations \(x\) hold NaN" if fresh else r"step \d+: the training activations"
+    with pytest.raises(NonFiniteError, match=where):
+        train(sae, ActivationBuffer(x), _cfg(), tmp_path)
     if (tmp_path / CHECKPOINT).exists():
         assert _all_finite_on_disk(tmp_path)
 
@@ -138,7 +143,8 @@ def test_non_finite_loss_or_weights_stop_training(tmp_path, case):
     elif case == "zero_variance":
         x = torch.ones(200, 8)
     else:
-        sae = TopKSAE(8, 24, 3, auxk_coef=float("nan"), dead_tokens_threshold=1)
+        sae = TopKSAE(8, 24, 3, dead_tokens_threshold=1)
+        sae.auxk_coef = float("nan")  # the constructor refuses it; the trainer must stop on it too
     with pytest.raises(NonFiniteError, match=r"^step \d+: (the training loss|parameter \S+) is not finite"):
         train(sae, ActivationBuffer(x), cfg, tmp_path)
     if (tmp_path / CHECKPOINT).exists():
@@ -383,3 +389,78 @@ def test_adam_is_fused_where_pytorch_has_the_kernel_and_matches_the_default():
         assert not torch.equal(a, s)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert not adam([torch.nn.Parameter(torch.empty(3, device="meta"))], 1e-3).defaults["fused"]
+
+
+def test_a_finished_run_extends_with_more_tokens_or_another_batch_size_when_allowed(tmp_path):
+    """The dead threshold the trainer derives from the run's length is not an SAE option a resume
+    compares: a longer run or another batch size is a training change, refused or recorded."""
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    train(TopKSAE(8, 24, 3), buffer, _cfg(), tmp_path)  # 12 steps, to the end
+    with pytest.raises(ValueError, match=r"^resume: .*total_tokens 384 -> 800"):
+        train(TopKSAE(8, 24, 3), buffer, _cfg(total_tokens=800), tmp_path, resume=True)
+    sae = TopKSAE(8, 24, 3)
+    result = train(sae, buffer, _cfg(total_tokens=800, batch_size=40), tmp_path, resume=True,
+                   allow_config_change=True)
+    assert (result.step, result.tokens) == (12 + 11, 384 + 11 * 40)
+    assert sae.dead_tokens_threshold == _cfg(total_tokens=800, batch_size=40).dead_tokens()
+    metrics = json.loads((tmp_path / METRICS).read_text())
+    assert metrics["config_changes"] == [{"step": 12, "changed": {"batch_size": [32, 40], "total_tokens": [384, 800]}}]
+
+
+@pytest.mark.parametrize("change", [dict(grad_clip=0.5), dict(betas=(0.8, 0.999)), dict(eps=1e-6),
+                                    dict(dead_fraction=0.5)])
+def test_resume_refuses_changed_optimiser_and_dead_settings_unless_allowed(tmp_path, change):
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    _run(tmp_path, lambda: TopKSAE(8, 24, 3), buffer, _cfg(), kill_at=7)  # checkpoint at step 6
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=rf"^resume: .*{name} "):
+        train(TopKSAE(8, 24, 3), buffer, _cfg(**change), tmp_path, resume=True)
+    train(TopKSAE(8, 24, 3), buffer, _cfg(**change), tmp_path, resume=True, allow_config_change=True)
+    changed = json.loads((tmp_path / METRICS).read_text())["config_changes"][0]["changed"]
+    assert list(changed) == [name] and changed[name][1] == (list(value) if isinstance(value, tuple) else value)
+
+
+def test_train_initialises_a_fresh_sae_from_the_buffer_and_leaves_a_loaded_one(tmp_path):
+    from sae.train import INIT_SAMPLE, init_sample
+
+    x = torch.randn(300, 8) * 40 + 7
+    buffer = ActivationBuffer(x)
+    assert torch.equal(init_sample(buffer), x[torch.randperm(300, generator=torch.Generator().manual_seed(0))])
+    assert INIT_SAMPLE >= 300
+    cfg = _cfg(lr=1e-12, total_tokens=32)  # one step that barely moves b_dec
+    sae = TopKSAE(8, 24, 3, normalize_activations=True)
+    train(sae, buffer, cfg, tmp_path / "fresh")
+    want = TopKSAE(8, 24, 3, normalize_activations=True)
+    want.init_b_dec(x)
+    assert torch.equal(sae.act_scale, want.act_scale) and sae.act_scale != 1
+    assert torch.allclose(sae.b_dec, want.b_dec, atol=1e-6)
+    loaded = TopKSAE(8, 24, 3, normalize_activations=True)
+    loaded.load_state_dict(TopKSAE(8, 24, 3, normalize_activations=True).state_dict())  # b_dec 0, act_scale 1
+    train(loaded, buffer, cfg, tmp_path / "loaded")
+    assert loaded.act_scale == 1 and loaded.b_dec.abs().max() < 1e-6
+
+
+def test_evaluate_sees_the_sae_in_eval_mode(tmp_path):
+    seen = []
+    sae = TopKSAE(8, 24, 3, batch_topk=True)
+    result = train(sae, ActivationBuffer(torch.randn(300, 8)), _cfg(eval_every=4), tmp_path,
+                   evaluate=lambda s: seen.append(s.training) or {"fvu": 0.0})
+    assert seen == [False, False, False] and sae.training and result.final == {"fvu": 0.0}
+
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
+def test_resample_keeps_b_dec_moments_when_n_equals_m(arch):
+    from sae.train import _resample
+
+    sae = TopKSAE(16, 16, 2, dead_tokens_threshold=5) if arch == "topk" else \
+        ExpanderSAE(16, 16, 2, degree=4, dead_tokens_threshold=5)
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(50, 16) + 3
+    sae(x).loss.backward()
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[sae.b_dec].items()}
+    sae.tokens_since_fired[:] = 0
+    sae.tokens_since_fired[[3, 7, 11]] = 6
+    assert _resample(sae, opt, x, seed=1) == 3
+    assert all(torch.equal(opt.state[sae.b_dec][k], v) for k, v in before.items())
+    assert bool((opt.state[sae.b_enc]["exp_avg"][[3, 7, 11]] == 0).all())
