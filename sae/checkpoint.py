@@ -16,8 +16,9 @@ a map: two identical runs give identical files) with:
   SAE. The record is the only metadata this package writes or reads, so this covers the whole
   header (the tensors' names, dtypes and shapes in safetensors' own header are covered by ``sha256``).
 
-The SAE's tensors are stored under their ``state_dict`` names; a training checkpoint adds the
-optimizer's state under ``optimizer.<param>.<key>``, so ``load_sae`` reads either kind. Older files still load: version 2
+The SAE's tensors are stored under their ``state_dict`` names, in the dtypes the SAE held (``load_sae``
+returns them in those dtypes); a training checkpoint adds the optimizer's state under
+``optimizer.<param>.<key>``, so ``load_sae`` reads either kind. Older files still load: version 2
 (no ``header_sha256``: its tensors are verified, its header cannot be) and the first format
 (``config``/``class`` metadata without checksums, or training checkpoints with ``sae.``/``opt.``
 prefixes and one digest). Anything that cannot be read, parsed, verified or built is refused with
@@ -246,7 +247,8 @@ def _clean_config(config: dict) -> dict:
 
 
 def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = None):
-    """The SAE a verified checkpoint describes, with its tensors loaded."""
+    """The SAE a verified checkpoint describes, with its tensors loaded in the dtypes they were saved
+    in (a bf16 SAE comes back bf16), then moved to ``device`` and, if given, cast to ``dtype``."""
     from .models import SAE_CLASSES
 
     where = f"checkpoint: {ckpt.path}" if ckpt.path is not None else "checkpoint:"
@@ -260,7 +262,9 @@ def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = Non
                               f"({_one_line(exc)})") from exc
     state = _saved_state(sae, ckpt.sae_tensors, where)
     try:
-        sae.load_state_dict(state)
+        # assign: each parameter and buffer becomes the saved tensor, in its saved dtype (copying into
+        # the freshly built SAE would cast to the default dtype).
+        sae.load_state_dict(state, assign=True)
     except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
         raise CheckpointError(f"{where} its tensors do not fit a {ckpt.class_name} {ckpt.config} "
                               f"({_one_line(exc)})") from exc
@@ -268,7 +272,8 @@ def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = Non
 
 
 def _saved_state(sae, tensors: dict, where: str) -> dict:
-    """``tensors`` checked against ``sae``'s state dict: the same names and shapes."""
+    """``tensors`` checked against ``sae``'s state dict: the same names and shapes; floating-point
+    tensors keep their saved dtype, integer ones take the SAE's (as ``load_state_dict`` casts them)."""
     mine = sae.state_dict()
     missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
     if missing or extra:
@@ -280,7 +285,10 @@ def _saved_state(sae, tensors: dict, where: str) -> dict:
         if t.shape != want.shape:
             raise CheckpointError(f"{where} tensor {name} has shape {tuple(t.shape)}; its config gives "
                                   f"{tuple(want.shape)}")
-        state[name] = t
+        if want.is_floating_point() != t.is_floating_point() or t.is_complex():
+            raise CheckpointError(f"{where} tensor {name} is {t.dtype}; expected a "
+                                  f"{'floating-point' if want.is_floating_point() else str(want.dtype)} tensor")
+        state[name] = t if want.is_floating_point() else t.to(want.dtype)
     return state
 
 

@@ -288,3 +288,42 @@ def test_a_config_that_does_not_fit_the_tensors_is_a_checkpoint_error(tmp_path):
     save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"config": "{", "class": "TopKSAE"})
     with pytest.raises(CheckpointError, match=r"t\.safetensors.*malformed"):
         load_sae(tmp_path / "t.safetensors")
+
+
+# -- dtypes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["topk", "expander"])
+def test_load_keeps_the_saved_dtype_bit_for_bit(tmp_path, kind, dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    if kind == "topk":
+        sae = TopKSAE(16, 64, 4, dtype=dtype)
+    else:
+        sae = ExpanderSAE(16, 64, 4, degree=3, tied=False, dtype=dtype)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    sae.save(str(tmp_path / "s.safetensors"))
+    loaded = load_sae(tmp_path / "s.safetensors")
+    assert _same_sae(loaded, sae)  # every tensor in its saved dtype, bit-identical
+    assert all(p.dtype == dtype and p.requires_grad for p in loaded.parameters())
+    x = torch.randn(32, 16, generator=gen).to(dtype)
+    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+    # asking for another dtype still works
+    assert all(p.dtype == torch.float32 for p in load_sae(tmp_path / "s.safetensors", dtype=torch.float32).parameters())
+
+
+def test_a_model_cast_whole_keeps_its_buffers_dtypes(tmp_path):
+    sae = _randomised(TopKSAE(8, 20, 2, normalize_activations=True)).to(torch.bfloat16)  # buffers too
+    sae.save(str(tmp_path / "s.safetensors"))
+    assert _same_sae(load_sae(tmp_path / "s.safetensors"), sae)
+
+
+def test_a_float_tensor_for_an_integer_buffer_is_refused(tmp_path):
+    sae = TopKSAE(8, 20, 2)
+    tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    tensors["tokens_since_fired"] = tensors["tokens_since_fired"].float()
+    save_file(tensors, str(tmp_path / "s.safetensors"),
+              metadata={"config": json.dumps(sae.config()), "class": "TopKSAE"})
+    with pytest.raises(CheckpointError, match="tokens_since_fired is torch.float32"):
+        load_sae(tmp_path / "s.safetensors")
