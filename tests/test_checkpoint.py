@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from sae import ExpanderSAE, SAEConfig, TopKSAE, load_sae
 from sae.checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint, read_train_record, tensor_sha256
+from sae.interop import UnsupportedPeerFormat
 from sae.models import SAE_CLASSES
 
 
@@ -327,3 +328,49 @@ def test_a_float_tensor_for_an_integer_buffer_is_refused(tmp_path):
               metadata={"config": json.dumps(sae.config()), "class": "TopKSAE"})
     with pytest.raises(CheckpointError, match="tokens_since_fired is torch.float32"):
         load_sae(tmp_path / "s.safetensors")
+
+
+# -- peers' cfg.json -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peer", ["saelens", "sparsify"])
+@pytest.mark.parametrize("cfg_text,error,match", [
+    ("{oops", CheckpointError, "cfg.json is not valid JSON"),
+    ("[]", CheckpointError, "expected an object"),
+    ("drop d_in", CheckpointError, "cfg.json: missing key 'd_in'"),
+    ("d_in string", UnsupportedPeerFormat, "cfg.json: expected a positive int d_in"),
+], ids=["invalid-json", "not-an-object", "no-d_in", "d_in-a-string"])
+def test_a_bad_peer_cfg_is_a_clear_error(tmp_path, peer, cfg_text, error, match):
+    from sae.interop import export_saelens, export_sparsify
+
+    folder = tmp_path / "peer"
+    (export_saelens if peer == "saelens" else export_sparsify)(TopKSAE(8, 20, 2), folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    if cfg_text == "drop d_in":
+        cfg_text = json.dumps({k: v for k, v in cfg.items() if k != "d_in"})
+    elif cfg_text == "d_in string":
+        cfg_text = json.dumps({**cfg, "d_in": "8"})
+    (folder / "cfg.json").write_text(cfg_text)
+    with pytest.raises(error, match=match):
+        load_sae(folder)
+
+
+def test_a_sparsify_cfg_without_k_is_a_clear_error(tmp_path):
+    from sae.interop import export_sparsify
+
+    export_sparsify(TopKSAE(8, 20, 2), tmp_path / "sp")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    del cfg["k"]
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing key 'k'"):
+        load_sae(tmp_path / "sp")
+
+
+@pytest.mark.parametrize("peer", ["saelens", "sparsify"])
+def test_a_peer_k_above_its_latents_is_refused(tmp_path, peer):
+    from sae.interop import export_saelens, export_sparsify
+
+    (export_saelens if peer == "saelens" else export_sparsify)(TopKSAE(8, 20, 2), tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "cfg.json").read_text())
+    (tmp_path / "p" / "cfg.json").write_text(json.dumps({**cfg, "k": 21}))
+    with pytest.raises(UnsupportedPeerFormat, match="k=21 is more than its 20 latents"):
+        load_sae(tmp_path / "p")
