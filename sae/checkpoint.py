@@ -134,8 +134,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def read_train_record(path: str | os.PathLike) -> Optional[dict]:
-    """The ``train`` record of a training checkpoint from its header alone (no tensor is read or
-    verified), or None for a final SAE. For quick checks before a run; ``read_checkpoint`` verifies."""
+    """The ``train`` record of a training checkpoint from its header alone (the header's digest is
+    checked, no tensor is read or verified), or None for a final SAE. For quick checks before a run;
+    ``read_checkpoint`` verifies everything."""
     from safetensors import safe_open
 
     try:
