@@ -9,12 +9,20 @@ a map: two identical runs give identical files) with:
 - ``config``: the SAE's full ``config()`` (every default; never runtime choices such as ``backend``);
 - ``sha256``: a JSON map from each tensor's name to the SHA-256 of its dtype, shape and bytes,
   verified on every load;
-- training checkpoints only: ``train``, a JSON object (step, tokens, the TrainConfig, ...).
+- training checkpoints only: ``train``, a JSON object (step, tokens, the TrainConfig, ...);
+- ``header_sha256`` (from format version 3): the SHA-256 of the canonical JSON (sorted keys, no
+  spaces) of every other key of this record, verified on every load, so that a flipped bit in the
+  class, the config, the train record or the tensor sums is refused rather than loaded as another
+  SAE. The record is the only metadata this package writes or reads, so this covers the whole
+  header (the tensors' names, dtypes and shapes in safetensors' own header are covered by ``sha256``).
 
-The SAE's tensors are stored under their ``state_dict`` names; a training checkpoint adds the
-optimizer's state under ``optimizer.<param>.<key>``, so ``load_sae`` reads either kind.
-Files of the first format (``config``/``class`` metadata without checksums, or training
-checkpoints with ``sae.``/``opt.`` prefixes and one digest) still load.
+The SAE's tensors are stored under their ``state_dict`` names, in the dtypes the SAE held (``load_sae``
+returns them in those dtypes); a training checkpoint adds the optimizer's state under
+``optimizer.<param>.<key>``, so ``load_sae`` reads either kind. Older files still load: version 2
+(no ``header_sha256``: its tensors are verified, its header cannot be) and the first format
+(``config``/``class`` metadata without checksums, or training checkpoints with ``sae.``/``opt.``
+prefixes and one digest). Anything that cannot be read, parsed, verified or built is refused with
+a ``CheckpointError`` naming the file.
 
 ``load_sae(path)`` also takes a directory: one of our run folders, or an SAE saved by SAELens
 (``save_model``) or sparsify (``save_to_disk``), converted by ``sae.interop``.
@@ -34,7 +42,10 @@ import torch
 from .rundir import atomic_write
 
 FORMAT = "topk-sae"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+HEADER_DIGEST = "header_sha256"
+# Version 2 records (written before HEADER_DIGEST) held exactly these keys.
+_V2_KEYS = frozenset({"format_version", "class", "config", "sha256", "train"})
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +62,7 @@ class Checkpoint:
     optimizer_tensors: dict = field(default_factory=dict)
     train: Optional[dict] = None
     version: int = FORMAT_VERSION
+    path: Optional[Path] = None  # the file it was read from, for error messages
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -60,6 +72,13 @@ def tensor_sha256(t: torch.Tensor) -> str:
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def header_sha256(record: dict) -> str:
+    """SHA-256 of a header record without its ``header_sha256`` key, over its canonical JSON (sorted
+    keys, no spaces): the digest depends on the record's content, not on how its JSON was laid out."""
+    body = {k: v for k, v in record.items() if k != HEADER_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_sae(sae, path: str | os.PathLike, *, optimizer_tensors: Optional[dict] = None,
@@ -79,6 +98,8 @@ def save_sae(sae, path: str | os.PathLike, *, optimizer_tensors: Optional[dict] 
               "sha256": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}}
     if train is not None:
         record["train"] = train
+    record = json.loads(json.dumps(record))  # as a reader will see it (tuples as lists, keys as strings)
+    record[HEADER_DIGEST] = header_sha256(record)
     meta = {FORMAT: json.dumps(record)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -97,40 +118,94 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for a bad header or size
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({_one_line(exc)})") from exc
     if FORMAT in meta:
-        return _read_v2(path, json.loads(meta[FORMAT]), tensors)
-    if "sae_class" in meta and "sha256" in meta:
-        return _read_v1_training(path, meta, tensors)
-    if "config" in meta and "class" in meta:  # first-format final SAE: no checksum to verify
-        return Checkpoint(meta["class"], _clean_config(json.loads(meta["config"])), tensors, version=1)
+        return _read_v2(path, _parse_record(path, meta[FORMAT]), tensors)
+    try:
+        if "sae_class" in meta and "sha256" in meta:
+            return _read_v1_training(path, meta, tensors)
+        if "config" in meta and "class" in meta:  # first-format final SAE: no checksum to verify
+            return Checkpoint(meta["class"], _clean_config(_json_object(meta["config"])), tensors, version=1,
+                              path=path)
+    except (KeyError, TypeError, ValueError) as exc:  # a missing key, a bad number, invalid JSON
+        raise CheckpointError(f"checkpoint: {path} is corrupt (its first-format metadata is malformed: "
+                              f"{_one_line(exc)})") from exc
     raise CheckpointError(f"checkpoint: {path} is not an SAE checkpoint of this package (no format in its metadata)")
 
 
 def read_train_record(path: str | os.PathLike) -> Optional[dict]:
-    """The ``train`` record of a training checkpoint from its header alone (no tensor is read or
-    verified), or None for a final SAE. For quick checks before a run; ``read_checkpoint`` verifies."""
+    """The ``train`` record of a training checkpoint from its header alone (the header's digest is
+    checked, no tensor is read or verified), or None for a final SAE. For quick checks before a run;
+    ``read_checkpoint`` verifies everything."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({_one_line(exc)})") from exc
     if FORMAT in meta:
-        return json.loads(meta[FORMAT]).get("train")
+        return _parse_record(path, meta[FORMAT]).get("train")  # the header is verified, the tensors are not
     if "sae_class" in meta and "step" in meta:
-        return {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
-                "train_config": json.loads(meta["train_config"])}
+        try:
+            return _v1_train_record(meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint: {path} is corrupt (its first-format metadata is malformed: "
+                                  f"{_one_line(exc)})") from exc
     return None
 
 
-def _read_v2(path: Path, meta: dict, tensors: dict) -> Checkpoint:
-    version = int(meta.get("format_version", 0))
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_record(path: Path, text: str) -> dict:
+    """The ``topk-sae`` record, parsed and, where it carries one, checked against its header digest."""
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint: {path} is corrupt ({what})")
+
+    try:
+        record = json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError, or a number too long to convert
+        raise corrupt(f"its header is not valid JSON: {_one_line(exc)}") from exc
+    if not isinstance(record, dict):
+        raise corrupt(f"its header is a JSON {type(record).__name__}, not an object")
+    version = record.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 2:
+        raise corrupt(f"its header has format_version {version!r}; expected an int from 2 to {FORMAT_VERSION}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint: {path} has format version {version}; this package reads up to "
                               f"{FORMAT_VERSION} (upgrade the package)")
-    sums = meta.get("sha256", {})
+    # Backward compatibility: files of version 2 were written before the header digest existed, so
+    # it is verified only where present; from version 3 on it must be.
+    if HEADER_DIGEST in record:
+        if record[HEADER_DIGEST] != header_sha256(record):
+            raise corrupt(f"its header (class, config, tensor sums, train record) does not match its "
+                          f"stored {HEADER_DIGEST}")
+    elif version >= 3:
+        raise corrupt(f"its version-{version} header has no {HEADER_DIGEST}")
+    elif set(record) - _V2_KEYS:  # nothing to verify a version-2 header by; it held only these keys
+        raise corrupt(f"its version-2 header has unknown keys {sorted(set(record) - _V2_KEYS)}")
+    for key, kind in (("class", str), ("config", dict), ("sha256", dict)):
+        if not isinstance(record.get(key), kind):
+            raise corrupt(f"its header's {key!r} is {type(record.get(key)).__name__}, expected {kind.__name__}")
+    if not all(isinstance(v, str) for v in record["sha256"].values()):
+        raise corrupt("its header's 'sha256' holds a value that is not a string")
+    if record.get("train") is not None and not isinstance(record["train"], dict):
+        raise corrupt(f"its header's 'train' is {type(record['train']).__name__}, expected dict")
+    return record
+
+
+def _read_v2(path: Path, meta: dict, tensors: dict) -> Checkpoint:
+    version = meta["format_version"]
+    sums = meta["sha256"]
     if set(sums) != set(tensors):
         raise CheckpointError(f"checkpoint: {path} is corrupt (tensors {sorted(set(sums) ^ set(tensors))} "
                               f"lack a checksum or are missing)")
@@ -139,7 +214,7 @@ def _read_v2(path: Path, meta: dict, tensors: dict) -> Checkpoint:
         raise CheckpointError(f"checkpoint: {path} is corrupt (tensor {bad[0]} does not match its stored SHA-256)")
     sae = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     opt = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-    return Checkpoint(meta["class"], meta["config"], sae, opt, meta.get("train"), version)
+    return Checkpoint(meta["class"], meta["config"], sae, opt, meta.get("train"), version, path)
 
 
 def _v1_digest(tensors: dict) -> str:
@@ -158,9 +233,13 @@ def _read_v1_training(path: Path, meta: dict, tensors: dict) -> Checkpoint:
         raise CheckpointError(f"checkpoint: {path} is corrupt (its tensors do not match the stored SHA-256)")
     sae = {k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}
     opt = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
-    train = {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
-             "train_config": json.loads(meta["train_config"])}
-    return Checkpoint(meta["sae_class"], _clean_config(json.loads(meta["sae_config"])), sae, opt, train, 1)
+    return Checkpoint(meta["sae_class"], _clean_config(_json_object(meta["sae_config"])), sae, opt,
+                      _v1_train_record(meta), 1, path)
+
+
+def _v1_train_record(meta: dict) -> dict:
+    return {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
+            "train_config": _json_object(meta["train_config"])}
 
 
 def _clean_config(config: dict) -> dict:
@@ -169,18 +248,49 @@ def _clean_config(config: dict) -> dict:
 
 
 def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = None):
-    """The SAE a verified checkpoint describes, with its tensors loaded."""
+    """The SAE a verified checkpoint describes, with its tensors loaded in the dtypes they were saved
+    in (a bf16 SAE comes back bf16), then moved to ``device`` and, if given, cast to ``dtype``."""
     from .models import SAE_CLASSES
 
+    where = f"checkpoint: {ckpt.path}" if ckpt.path is not None else "checkpoint:"
     cls = SAE_CLASSES.get(ckpt.class_name)
     if cls is None:
-        raise CheckpointError(f"checkpoint: unknown SAE class {ckpt.class_name!r}; known: {sorted(SAE_CLASSES)}")
+        raise CheckpointError(f"{where} unknown SAE class {ckpt.class_name!r}; known: {sorted(SAE_CLASSES)}")
     try:
         sae = cls(**ckpt.config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint: its config does not describe a {ckpt.class_name} ({exc})") from exc
-    sae.load_state_dict(ckpt.sae_tensors)
+    except Exception as exc:  # a config the class refuses, whatever the class raises for it
+        raise CheckpointError(f"{where} its config does not describe a {ckpt.class_name} "
+                              f"({_one_line(exc)})") from exc
+    state = _saved_state(sae, ckpt.sae_tensors, where)
+    try:
+        # assign: each parameter and buffer becomes the saved tensor, in its saved dtype (copying into
+        # the freshly built SAE would cast to the default dtype).
+        sae.load_state_dict(state, assign=True)
+    except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
+        raise CheckpointError(f"{where} its tensors do not fit a {ckpt.class_name} {ckpt.config} "
+                              f"({_one_line(exc)})") from exc
     return sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
+
+
+def _saved_state(sae, tensors: dict, where: str) -> dict:
+    """``tensors`` checked against ``sae``'s state dict: the same names and shapes; floating-point
+    tensors keep their saved dtype, integer ones take the SAE's (as ``load_state_dict`` casts them)."""
+    mine = sae.state_dict()
+    missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+    if missing or extra:
+        raise CheckpointError(f"{where} its tensors do not match a {type(sae).__name__}'s (missing {missing}, "
+                              f"unexpected {extra})")
+    state = {}
+    for name, want in mine.items():
+        t = tensors[name]
+        if t.shape != want.shape:
+            raise CheckpointError(f"{where} tensor {name} has shape {tuple(t.shape)}; its config gives "
+                                  f"{tuple(want.shape)}")
+        if want.is_floating_point() != t.is_floating_point() or t.is_complex():
+            raise CheckpointError(f"{where} tensor {name} is {t.dtype}; expected a "
+                                  f"{'floating-point' if want.is_floating_point() else str(want.dtype)} tensor")
+        state[name] = t if want.is_floating_point() else t.to(want.dtype)
+    return state
 
 
 def load_sae(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):

@@ -62,10 +62,36 @@ def load(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = N
 
 
 def _read(path: Path, weights: str) -> tuple[dict, dict]:
+    """cfg.json and the weights; a file that cannot be parsed raises ``CheckpointError`` naming it."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((path / CFG).read_text())
-    return cfg, load_file(str(path / weights))
+    from .checkpoint import CheckpointError
+
+    try:
+        cfg = json.loads((path / CFG).read_text())
+    except ValueError as exc:  # invalid JSON (json.JSONDecodeError) or not UTF-8
+        raise CheckpointError(f"peer cfg: {path / CFG} is not valid JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"peer cfg: {path / CFG} holds a JSON {type(cfg).__name__}, expected an object")
+    try:
+        tensors = load_file(str(path / weights))
+    except Exception as exc:  # safetensors raises its own error types for a bad header or size
+        raise CheckpointError(f"peer weights: {path / weights} is truncated or corrupt "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+    return cfg, tensors
+
+
+def _positive_int(cfg: dict, key: str, where: str) -> int:
+    """``cfg[key]``: a missing key raises ``CheckpointError``, a value that is not a positive int
+    ``UnsupportedPeerFormat``, each naming the file and the key."""
+    from .checkpoint import CheckpointError
+
+    if key not in cfg:
+        raise CheckpointError(f"{where}: missing key {key!r}")
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedPeerFormat(f"{where}: expected a positive int {key}, got {value!r}")
+    return value
 
 
 def _expect_keys(tensors: dict, want: set, where: str) -> None:
@@ -76,11 +102,13 @@ def _expect_keys(tensors: dict, want: set, where: str) -> None:
         raise UnsupportedPeerFormat(f"{where}: tensors {sorted(extra)} have no counterpart in a TopKSAE")
 
 
-def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int):
+def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, where: str = "peer SAE"):
     """A TopKSAE holding these weights (W_enc [n, m]); computed in fp64, stored in W_dec's dtype."""
     from .models import TopKSAE
 
     n, m = W_dec.shape
+    if k > n:
+        raise UnsupportedPeerFormat(f"{where}: k={k} is more than its {n} latents")
     sae = TopKSAE(m, n, k, dtype=W_dec.dtype)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
@@ -98,7 +126,8 @@ def load_saelens(path: str | os.PathLike):
     arch = cfg.get("architecture")
     act = cfg.get("activation_fn") or cfg.get("activation_fn_str")
     if arch == "topk" or (arch in (None, "standard") and act == "topk"):
-        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+        kwargs = cfg.get("activation_fn_kwargs")
+        k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
     else:
         raise UnsupportedPeerFormat(f"{where}: architecture {arch!r} (activation {act!r}) is not a TopK SAE; "
                                     f"only 'topk' can be represented")
@@ -109,11 +138,11 @@ def load_saelens(path: str | os.PathLike):
         raise UnsupportedPeerFormat(f"{where}: normalize_activations={norm!r} cannot be represented (only 'none'; "
                                     f"fold a constant scaling factor into the weights first)")
     _expect_keys(t, {"W_enc", "W_dec", "b_enc", "b_dec"}, f"SAELens weights {path / SAELENS_WEIGHTS}")
+    d_in, d_sae = _positive_int(cfg, "d_in", where), _positive_int(cfg, "d_sae", where)
     W_enc, W_dec, b_enc, b_dec = (t[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
-    if W_enc.shape != (cfg["d_in"], cfg["d_sae"]) or W_dec.shape != (cfg["d_sae"], cfg["d_in"]):
+    if W_enc.shape != (d_in, d_sae) or W_dec.shape != (d_sae, d_in):
         raise UnsupportedPeerFormat(f"{where}: expected W_enc [d_in, d_sae] and W_dec [d_sae, d_in] for d_in="
-                                    f"{cfg['d_in']}, d_sae={cfg['d_sae']}; got {tuple(W_enc.shape)}, "
-                                    f"{tuple(W_dec.shape)}")
+                                    f"{d_in}, d_sae={d_sae}; got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
     if not cfg.get("apply_b_dec_to_input", True):  # x @ W = (x - b_dec) @ W + b_dec @ W
         b_enc = b_enc + b_dec @ W_enc
     if cfg.get("rescale_acts_by_decoder_norm", False):  # fold r_j = ||W_dec_j|| as SAELens's fold does
@@ -121,7 +150,7 @@ def load_saelens(path: str | os.PathLike):
         if not bool((r > 0).all()):
             raise UnsupportedPeerFormat(f"{where}: rescale_acts_by_decoder_norm with a zero decoder row")
         W_enc, b_enc, W_dec = W_enc * r, b_enc * r, W_dec / r[:, None]
-    sae = _topk_sae(W_enc.T, b_enc, W_dec, b_dec, k)
+    sae = _topk_sae(W_enc.T, b_enc, W_dec, b_dec, k, where)
     return sae.to(t["W_dec"].dtype)
 
 
@@ -135,12 +164,12 @@ def load_sparsify(path: str | os.PathLike):
         if cfg.get(name, False):
             raise UnsupportedPeerFormat(f"{where}: {name}=true cannot be represented by a TopKSAE")
     _expect_keys(t, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, f"sparsify weights {path / SPARSIFY_WEIGHTS}")
-    d_in = cfg["d_in"]
+    d_in, k = _positive_int(cfg, "d_in", where), _positive_int(cfg, "k", where)
     n = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
     if t["W_dec"].shape != (n, d_in) or t["encoder.weight"].shape != (n, d_in):
         raise UnsupportedPeerFormat(f"{where}: expected encoder.weight and W_dec [{n}, {d_in}], got "
                                     f"{tuple(t['encoder.weight'].shape)}, {tuple(t['W_dec'].shape)}")
-    return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"])
+    return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], k, where)
 
 
 def _dense_weights(sae) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae import ExpanderSAE, SAEConfig, TopKSAE, load_sae
-from sae.checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint
+from sae.checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint, read_train_record, tensor_sha256
+from sae.interop import UnsupportedPeerFormat
 from sae.models import SAE_CLASSES
 
 
@@ -135,3 +136,241 @@ def test_first_format_training_checkpoint_still_loads(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_sae(tmp_path / "bad.safetensors")
+
+
+# -- the header is verified; every bad file is a CheckpointError --------------------------------
+
+def _header_span(data: bytes) -> range:
+    """Byte positions of safetensors' JSON header (tensor names, dtypes, offsets and our metadata)."""
+    return range(8, 8 + int.from_bytes(data[:8], "little"))
+
+
+def _same_sae(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return (type(a) is type(b) and a.config() == b.config() and sa.keys() == sb.keys()
+            and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa))
+
+
+def _random_sae(gen):
+    """A fresh SAE with a random config and random weights."""
+    d, n = int(torch.randint(4, 12, (), generator=gen)), int(torch.randint(12, 40, (), generator=gen))
+    k, seed = int(torch.randint(1, 6, (), generator=gen)), int(torch.randint(0, 1000, (), generator=gen))
+    if torch.rand((), generator=gen) < 0.5:
+        sae = TopKSAE(d, n, k, seed=seed, k_aux=int(torch.randint(1, n, (), generator=gen)))
+    else:
+        sae = ExpanderSAE(d, n, k, degree=3, seed=seed, tied=bool(torch.rand((), generator=gen) < 0.5))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return sae
+
+
+def test_a_flipped_header_bit_is_refused_or_harmless(tmp_path):
+    """Any one bit flipped in the header (config, class, sums, safetensors' own JSON) either raises
+    CheckpointError naming the file in one line, or loads exactly the saved SAE: never another SAE
+    and never another exception."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    path = tmp_path / "s.safetensors"
+    for _ in range(2):
+        sae = _random_sae(gen)
+        sae.save(str(path))
+        good = path.read_bytes()
+        span = _header_span(good)
+        picks = torch.randint(span.start, span.stop, (100,), generator=gen).tolist()
+        config = good.find(b'config\\": {') + len(b'config\\": {')  # and every byte of the config
+        picks += list(range(config, good.find(b"}", config)))
+        for pos in picks:
+            bad = bytearray(good)
+            bad[pos] ^= 1 << int(torch.randint(0, 8, (), generator=gen))
+            path.write_bytes(bytes(bad))
+            try:
+                loaded = load_sae(path)
+            except CheckpointError as exc:
+                assert str(path) in str(exc) and "\n" not in str(exc), str(exc)
+            else:
+                assert _same_sae(loaded, sae), f"a flipped bit at byte {pos} loaded a different SAE"
+
+
+def test_a_changed_config_value_is_refused(tmp_path):
+    """The review's case: "k": 4 -> "k": 5, one bit, a well-formed header for another SAE."""
+    path = tmp_path / "s.safetensors"
+    TopKSAE(8, 20, 4, seed=0).save(str(path))
+    data = bytearray(path.read_bytes())
+    i = data.find(b'\\"k\\": 4') + len(b'\\"k\\": ')
+    data[i] ^= 0x01
+    assert data[i:i + 1] == b"5"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its stored header_sha256"):
+        load_sae(path)
+    with pytest.raises(CheckpointError, match="header_sha256"):
+        read_train_record(path)
+
+
+def _write_v2(sae, path, **extra):
+    """A file as format version 2 wrote it: tensor sums, no header digest."""
+    tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    record = {"format_version": 2, "class": type(sae).__name__, "config": sae.config(),
+              "sha256": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}, **extra}
+    save_file(tensors, str(path), metadata={"topk-sae": json.dumps(record)})
+
+
+def test_version_2_file_without_header_digest_still_loads(tmp_path):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for i in range(2):
+        sae = _random_sae(gen)
+        _write_v2(sae, tmp_path / f"v2_{i}.safetensors")
+        ckpt = read_checkpoint(tmp_path / f"v2_{i}.safetensors")
+        assert ckpt.version == 2
+        assert _same_sae(load_sae(tmp_path / f"v2_{i}.safetensors"), sae)
+    # a training checkpoint of version 2 too
+    sae = _random_sae(gen)
+    _write_v2(sae, tmp_path / "v2_train.safetensors", train={"step": 3, "tokens": 30, "train_config": {}})
+    assert read_train_record(tmp_path / "v2_train.safetensors")["step"] == 3
+    assert _same_sae(load_sae(tmp_path / "v2_train.safetensors"), sae)
+
+
+def test_a_version_3_header_without_its_digest_is_refused(tmp_path):
+    sae = TopKSAE(8, 20, 2)
+    _write_v2(sae, tmp_path / "s.safetensors")
+    data = (tmp_path / "s.safetensors").read_bytes().replace(b'format_version\\": 2', b'format_version\\": 3')
+    (tmp_path / "s.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="no header_sha256"):
+        load_sae(tmp_path / "s.safetensors")
+
+
+@pytest.mark.parametrize("write", ["v2", "v1"])
+def test_corrupt_old_headers_raise_checkpoint_error_only(tmp_path, write):
+    """Files without a header digest cannot be verified, but a header that does not parse or does
+    not build an SAE is a CheckpointError, not a JSONDecodeError, KeyError or RuntimeError."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    path = tmp_path / "s.safetensors"
+    sae = _random_sae(gen)
+    if write == "v2":
+        _write_v2(sae, path)
+    else:
+        tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+        save_file(tensors, str(path), metadata={"config": json.dumps(sae.config()), "class": type(sae).__name__})
+    good = path.read_bytes()
+    span = _header_span(good)
+    for pos in torch.randint(span.start, span.stop, (200,), generator=gen).tolist():
+        bad = bytearray(good)
+        bad[pos] ^= 1 << int(torch.randint(0, 8, (), generator=gen))
+        path.write_bytes(bytes(bad))
+        try:
+            load_sae(path)
+        except CheckpointError as exc:
+            assert str(path) in str(exc) and "\n" not in str(exc), str(exc)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not an object"),
+    (json.dumps({"format_version": 2, "config": {}, "sha256": {}}), "'class'"),
+    (json.dumps({"format_version": "2", "class": "TopKSAE", "config": {}, "sha256": {}}), "format_version"),
+    (json.dumps({"format_version": 2, "class": "TopKSAE", "config": [], "sha256": {}}), "'config'"),
+], ids=["invalid-json", "not-an-object", "no-class", "version-a-string", "config-a-list"])
+def test_malformed_headers_are_checkpoint_errors(tmp_path, text, match):
+    path = tmp_path / "s.safetensors"
+    save_file({k: v.contiguous() for k, v in TopKSAE(8, 20, 2).state_dict().items()}, str(path),
+              metadata={"topk-sae": text})
+    with pytest.raises(CheckpointError, match=match):
+        load_sae(path)
+    with pytest.raises(CheckpointError, match=match):
+        read_train_record(path)
+
+
+def test_a_config_that_does_not_fit_the_tensors_is_a_checkpoint_error(tmp_path):
+    sae = TopKSAE(8, 20, 2)
+    config = {**sae.config(), "d_model": 9}  # an old file, nothing to verify its header by
+    tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata={"config": json.dumps(config), "class": "TopKSAE"})
+    with pytest.raises(CheckpointError, match=r"s\.safetensors.*W_enc has shape \(20, 8\)"):
+        load_sae(tmp_path / "s.safetensors")
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"config": "{", "class": "TopKSAE"})
+    with pytest.raises(CheckpointError, match=r"t\.safetensors.*malformed"):
+        load_sae(tmp_path / "t.safetensors")
+
+
+# -- dtypes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["topk", "expander"])
+def test_load_keeps_the_saved_dtype_bit_for_bit(tmp_path, kind, dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    if kind == "topk":
+        sae = TopKSAE(16, 64, 4, dtype=dtype)
+    else:
+        sae = ExpanderSAE(16, 64, 4, degree=3, tied=False, dtype=dtype)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    sae.save(str(tmp_path / "s.safetensors"))
+    loaded = load_sae(tmp_path / "s.safetensors")
+    assert _same_sae(loaded, sae)  # every tensor in its saved dtype, bit-identical
+    assert all(p.dtype == dtype and p.requires_grad for p in loaded.parameters())
+    x = torch.randn(32, 16, generator=gen).to(dtype)
+    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+    # asking for another dtype still works
+    assert all(p.dtype == torch.float32 for p in load_sae(tmp_path / "s.safetensors", dtype=torch.float32).parameters())
+
+
+def test_a_model_cast_whole_keeps_its_buffers_dtypes(tmp_path):
+    sae = _randomised(TopKSAE(8, 20, 2, normalize_activations=True)).to(torch.bfloat16)  # buffers too
+    sae.save(str(tmp_path / "s.safetensors"))
+    assert _same_sae(load_sae(tmp_path / "s.safetensors"), sae)
+
+
+def test_a_float_tensor_for_an_integer_buffer_is_refused(tmp_path):
+    sae = TopKSAE(8, 20, 2)
+    tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    tensors["tokens_since_fired"] = tensors["tokens_since_fired"].float()
+    save_file(tensors, str(tmp_path / "s.safetensors"),
+              metadata={"config": json.dumps(sae.config()), "class": "TopKSAE"})
+    with pytest.raises(CheckpointError, match="tokens_since_fired is torch.float32"):
+        load_sae(tmp_path / "s.safetensors")
+
+
+# -- peers' cfg.json -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peer", ["saelens", "sparsify"])
+@pytest.mark.parametrize("cfg_text,error,match", [
+    ("{oops", CheckpointError, "cfg.json is not valid JSON"),
+    ("[]", CheckpointError, "expected an object"),
+    ("drop d_in", CheckpointError, "cfg.json: missing key 'd_in'"),
+    ("d_in string", UnsupportedPeerFormat, "cfg.json: expected a positive int d_in"),
+], ids=["invalid-json", "not-an-object", "no-d_in", "d_in-a-string"])
+def test_a_bad_peer_cfg_is_a_clear_error(tmp_path, peer, cfg_text, error, match):
+    from sae.interop import export_saelens, export_sparsify
+
+    folder = tmp_path / "peer"
+    (export_saelens if peer == "saelens" else export_sparsify)(TopKSAE(8, 20, 2), folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    if cfg_text == "drop d_in":
+        cfg_text = json.dumps({k: v for k, v in cfg.items() if k != "d_in"})
+    elif cfg_text == "d_in string":
+        cfg_text = json.dumps({**cfg, "d_in": "8"})
+    (folder / "cfg.json").write_text(cfg_text)
+    with pytest.raises(error, match=match):
+        load_sae(folder)
+
+
+def test_a_sparsify_cfg_without_k_is_a_clear_error(tmp_path):
+    from sae.interop import export_sparsify
+
+    export_sparsify(TopKSAE(8, 20, 2), tmp_path / "sp")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    del cfg["k"]
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing key 'k'"):
+        load_sae(tmp_path / "sp")
+
+
+@pytest.mark.parametrize("peer", ["saelens", "sparsify"])
+def test_a_peer_k_above_its_latents_is_refused(tmp_path, peer):
+    from sae.interop import export_saelens, export_sparsify
+
+    (export_saelens if peer == "saelens" else export_sparsify)(TopKSAE(8, 20, 2), tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "cfg.json").read_text())
+    (tmp_path / "p" / "cfg.json").write_text(json.dumps({**cfg, "k": 21}))
+    with pytest.raises(UnsupportedPeerFormat, match="k=21 is more than its 20 latents"):
+        load_sae(tmp_path / "p")
