@@ -687,7 +687,9 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         if "topk-sae" in meta:  # one JSON record: class, config, per-tensor sha256 (sae.checkpoint)
-            record = json.loads(meta["topk-sae"])
+            from .checkpoint import _parse_record  # checked against its header digest
+
+            record = _parse_record(Path(path), meta["topk-sae"])
             class_name, config, sums, prefix = record["class"], record["config"], record.get("sha256", {}), ""
         elif "class" in meta and "config" in meta:
             class_name, config, sums, prefix = meta["class"], json.loads(meta["config"]), {}, ""

@@ -127,6 +127,11 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
             mine.get(k, object()) != v for k, v in ckpt.config.items() if k not in derived):
         raise CheckpointError(f"checkpoint: {path} holds a {ckpt.class_name} {ckpt.config}, "
                               f"expected a {type(sae).__name__} {mine}")
+    state = sae.state_dict()
+    for name, tensor in ckpt.sae_tensors.items():
+        if tensor.is_floating_point() and name in state and state[name].dtype != tensor.dtype:
+            raise CheckpointError(f"checkpoint: {path} holds {name} in {tensor.dtype}, the SAE to resume is "
+                                  f"{state[name].dtype}; build it with dtype={tensor.dtype} to go on")
     sae.load_state_dict(ckpt.sae_tensors)
     if optimizer is not None:
         state: dict = {}

@@ -204,6 +204,10 @@ def test_a_changed_config_value_is_refused(tmp_path):
         load_sae(path)
     with pytest.raises(CheckpointError, match="header_sha256"):
         read_train_record(path)
+    from sae.distributed import load_sharded  # one process: the whole SAE, read by rows
+
+    with pytest.raises(CheckpointError, match="header_sha256"):
+        load_sharded(path)
 
 
 def _write_v2(sae, path, **extra):

@@ -464,3 +464,12 @@ def test_resample_keeps_b_dec_moments_when_n_equals_m(arch):
     assert _resample(sae, opt, x, seed=1) == 3
     assert all(torch.equal(opt.state[sae.b_dec][k], v) for k, v in before.items())
     assert bool((opt.state[sae.b_enc]["exp_avg"][[3, 7, 11]] == 0).all())
+
+
+def test_resume_refuses_another_dtype(tmp_path):
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    _run(tmp_path, lambda: TopKSAE(8, 24, 3, dtype=torch.bfloat16), buffer, _cfg(), kill_at=4)
+    with pytest.raises(CheckpointError, match=r"W_enc in torch.bfloat16, the SAE to resume is torch.float32"):
+        train(TopKSAE(8, 24, 3), buffer, _cfg(), tmp_path, resume=True)
+    result = train(TopKSAE(8, 24, 3, dtype=torch.bfloat16), buffer, _cfg(), tmp_path, resume=True)
+    assert result.step == 12
