@@ -294,3 +294,28 @@ def test_expander_random_with_gradients(backend, lead, m, n, d, k, monkeypatch):
     assert_same_topk(idx, ref_idx, pre, TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
     assert_grads_match(acts, ref_acts, leaves, ref, ("x", "values", "bias"), 1e-4)
+
+
+@pytest.mark.parametrize("op", ["topk", "expander"])
+def test_fp32_x_with_fp64_weights_keeps_fp64_gradients(op):
+    """The output promotes to float64; the weight's (values') gradient, which gathers x, must
+    accumulate in float64 too, not in x's float32."""
+    g = torch.Generator().manual_seed(7)
+    B, m, n, k, d = 37, 29, 53, 6, 5
+    x = torch.randn(B, m, generator=g)
+    if op == "topk":
+        w = torch.randn(n, m, generator=g, dtype=torch.float64)
+        encode, ref, args = topk_encode, reference.topk_encode, ()
+    else:
+        w = torch.randn(n, d, generator=g, dtype=torch.float64)
+        rows = torch.stack([torch.randperm(m, generator=g)[:d] for _ in range(n)])
+        encode, ref, args = expander_encode, reference.expander_encode, (rows,)
+    bias = torch.randn(n, generator=g, dtype=torch.float64)
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    acts, idx = encode(x, w1, *args, bias, k, backend="torch")
+    want, want_idx = ref(x.double(), w2, *args, bias, k)
+    assert acts.dtype == torch.float64 and torch.equal(idx, want_idx)
+    grad = torch.randn(acts.shape, generator=g, dtype=torch.float64)
+    acts.backward(grad)
+    want.backward(grad)
+    assert_close(w1.grad, w2.grad, 1e-12, "weight grad")

@@ -19,7 +19,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import BACKENDS, HAS_TRITON, assert_close, interpreter_only
+from helpers import BACKENDS, DEVICE, HAS_TRITON, assert_close, interpreter_only
 from topk_kernels import check_expander_rows, expander_decode, expander_encode, reference, sparse_decode, topk_encode
 
 pytestmark = pytest.mark.ops
@@ -323,3 +323,24 @@ def test_sorted_bias_gradient_equals_the_scatter_add():
     keep = (bad >= 0) & (bad < n)
     want = torch.zeros(n, dtype=torch.float64).index_add_(0, bad[keep], g[keep].double())
     assert torch.allclose(segment_sums(g, sort_by_latent(bad, n)), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, bias_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_every_backend_returns_the_dtype_of_its_inputs_not_of_a_wider_bias(dtype, bias_dtype):
+    g = torch.Generator().manual_seed(3)
+    B, m, n, k, d = 5, 12, 17, 3, 4
+    x = torch.randn(B, m, generator=g).to(DEVICE, dtype)
+    w = torch.randn(n, m, generator=g).to(DEVICE, dtype)
+    v = torch.randn(n, d, generator=g).to(DEVICE, dtype)
+    rows = torch.stack([torch.randperm(m, generator=g)[:d] for _ in range(n)]).to(DEVICE)
+    acts = torch.rand(B, k, generator=g).to(DEVICE, dtype)
+    idx = torch.randint(0, n, (B, k), generator=g).to(DEVICE)
+    bn, bm = torch.randn(n, dtype=bias_dtype, device=DEVICE), torch.randn(m, dtype=bias_dtype, device=DEVICE)
+    calls = {"topk_encode": lambda be: topk_encode(x, w, bn, k, backend=be)[0],
+             "expander_encode": lambda be: expander_encode(x, v, rows, bn, k, backend=be)[0],
+             "sparse_decode": lambda be: sparse_decode(acts, idx, w, bm, backend=be),
+             "expander_decode": lambda be: expander_decode(acts, idx, v, rows, m, bm, backend=be)}
+    backends = ["torch", "reference"] + (["triton"] if HAS_TRITON else [])
+    for name, call in calls.items():
+        got = {be: call(be).dtype for be in backends}
+        assert set(got.values()) == {dtype}, (name, got)

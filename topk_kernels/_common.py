@@ -100,7 +100,8 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optiona
         if dtype == torch.float64:
             raise TypeError(
                 "backend='triton': expected float32/bfloat16/float16 inputs, got float64 (the kernels "
-                "compute in fp32); use backend='torch' (exact float64) or backend=None"
+                "compute in fp32); use backend='torch' (float64 values, the top-k ranked by their fp32 rounding) "
+                "or backend=None"
             )
     return backend
 
@@ -114,7 +115,7 @@ def check_float(name: str, t: Tensor, min_dim: int = 1) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES and t.dtype != torch.float64:
-        raise TypeError(f"{name}: expected a float32/bfloat16/float16 tensor, got dtype {t.dtype}")
+        raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got dtype {t.dtype}")
     if t.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
 

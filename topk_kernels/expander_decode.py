@@ -243,7 +243,8 @@ def torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
     """The PyTorch path of ``triton_backward`` (any device), same shapes (fp32/fp64 results)."""
     B, K = idx.shape
     n, D = rows.shape
-    cd = compute_dtype(grad.dtype)
+    # Every factor's dtype: the encoder's backward passes x as ``grad``, fp32 beside fp64 values.
+    cd = compute_dtype(torch.promote_types(torch.promote_types(grad.dtype, acts.dtype), values.dtype))
     gacts = torch.empty(B, K, device=grad.device, dtype=cd) if need_acts else None
     gvalues = torch.zeros(n, D, device=grad.device, dtype=cd) if need_values else None
     chunks = _token_chunks(B, K, D)
@@ -389,7 +390,9 @@ def expander_decode(
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m)
-        return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias)
+        # In the dtype the other backends return (the bias's does not count).
+        return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias).to(
+            torch.promote_types(top_acts.dtype, values.dtype))
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _expander_decode_op(
         top_acts.reshape(-1, k).contiguous(),

@@ -631,7 +631,8 @@ def expander_encode(
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m, "m = x.shape[-1]")
-        return reference.expander_encode(x, values, rows.long(), bias, k)
+        acts, idx = reference.expander_encode(x, values, rows.long(), bias, k)
+        return acts.to(torch.promote_types(x.dtype, values.dtype)), idx  # as the other backends (bias aside)
     lead = x.shape[:-1]
     top_acts, top_indices = _expander_encode_op(
         x.reshape(-1, m).contiguous(),

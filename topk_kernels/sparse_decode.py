@@ -205,7 +205,8 @@ def torch_grad_acts(grad: Tensor, idx: Tensor, weight: Tensor, acts_dtype) -> Te
 def torch_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dtype) -> Tensor:
     """The PyTorch path of ``triton_grad_weight`` (any device), same shapes."""
     B, K = idx.shape
-    cd = compute_dtype(grad.dtype)
+    # Both factors' dtype: the encoder's backward passes x as ``grad``, fp32 beside fp64 activations.
+    cd = compute_dtype(torch.promote_types(grad.dtype, acts.dtype))
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n)
@@ -325,8 +326,9 @@ def sparse_decode(
     check_same_device(top_acts=top_acts, top_indices=top_indices, weight=weight, bias=bias)
     backend = resolve_backend(backend, weight.device, torch.promote_types(top_acts.dtype, weight.dtype))
     check_decode_ids(top_indices, n, backend, check_indices)
-    if backend == "reference":
-        return reference.sparse_decode(top_acts, top_indices, weight, bias)
+    if backend == "reference":  # in the dtype the other backends return (the bias's does not count)
+        return reference.sparse_decode(top_acts, top_indices, weight, bias).to(
+            torch.promote_types(top_acts.dtype, weight.dtype))
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _sparse_decode_op(
         top_acts.reshape(-1, k).contiguous(),

@@ -1159,8 +1159,9 @@ def topk_encode(
     check_k(k, n)
     check_same_device(x=x, weight=weight, bias=bias)
     backend = resolve_backend(backend, weight.device, torch.promote_types(x.dtype, weight.dtype))
-    if backend == "reference":
-        return reference.topk_encode(x, weight, bias, k)
+    if backend == "reference":  # in the dtype the other backends return (the bias's does not count)
+        acts, idx = reference.topk_encode(x, weight, bias, k)
+        return acts.to(torch.promote_types(x.dtype, weight.dtype)), idx
     lead = x.shape[:-1]
     top_acts, top_indices = _topk_encode_op(
         x.reshape(-1, m).contiguous(),
