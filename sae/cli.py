@@ -121,23 +121,124 @@ def _configs(args, **sae_overrides):
     return sae_cfg, train_cfg
 
 
-def _check_resume(run_dir: Path, train_cfg, arch: str, allow: bool) -> None:
-    """Refuse a resume with changed settings before the model loads (``train()`` checks again)."""
-    from .checkpoint import CheckpointError, read_train_record
-    from .train import CHECKPOINT, resume_changes
+# ---------------------------------------------------------------------------------------------
+# What trained a run folder, and how it differs from what this command would train
+# ---------------------------------------------------------------------------------------------
 
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.exists():
-        return
-    flags = {"batch_size": "--batch-size", "base_lr": "--lr", "total_tokens": "--tokens",
-             "warmup_steps": "--warmup-steps", "decay_fraction": "--decay-fraction", "seed": "--seed",
-             "lr_schedule": "--lr-schedule", "resample_every": "--resample-every"}
+SAE_CLASS = {"topk": "TopKSAE", "expander": "ExpanderSAE"}
+# TrainConfig fields that change the trained SAE, beyond train()'s resume keys (compared when a
+# frontier reuses or resumes a point); the rest (checkpoint_every, log_every, eval_every,
+# progress, parallel) only change how a run is watched or split.
+_SHAPING_TRAIN_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "lr_schedule",
+                       "resample_every", "seed", "grad_clip", "betas", "eps", "dead_fraction")
+_FLAG_NAMES = {"total_tokens": "--tokens", "base_lr": "--lr", "n_latents": "--n-latents/--expansion",
+               "d_model": "d_model (--model/--layer)", "tied": "--tied"}
+
+
+def _flag_name(key: str, names: Optional[dict] = None) -> str:
+    return {**_FLAG_NAMES, **(names or {})}.get(key, "--" + key.replace("_", "-"))
+
+
+def _named(diff: dict, names: Optional[dict] = None) -> str:
+    """{key: (old, new)} -> "--k 4 -> 8, --batch-size 128 -> 64"."""
+    return ", ".join(f"{_flag_name(k, names)} {a} -> {b}" for k, (a, b) in diff.items())
+
+
+def _run_header(path: Path) -> Optional[dict]:
+    """``{"class", "config", "train"}`` of an SAE file (a training checkpoint or a final
+    ``sae.safetensors``) from its header alone, no tensor read; None where there is no file or
+    the header is of no format this reads (``train()`` verifies the whole file when it loads it).
+    Raises ``CheckpointError`` for a file whose header cannot be read."""
+    from .checkpoint import FORMAT, CheckpointError
+
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
     try:
-        record = read_train_record(ckpt)
-        if record is not None:
-            resume_changes(record, train_cfg, train_cfg.lr_for(arch), allow, run_dir, names=flags)
-    except (ValueError, CheckpointError) as exc:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if FORMAT in meta:
+            record = json.loads(meta[FORMAT])
+            return {"class": record["class"], "config": record["config"], "train": record.get("train")}
+        if "sae_class" in meta and "sae_config" in meta:  # first-format training checkpoint
+            config = {k: v for k, v in json.loads(meta["sae_config"]).items() if k != "backend"}
+            train = {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
+                     "train_config": json.loads(meta["train_config"])}
+            return {"class": meta["sae_class"], "config": config, "train": train}
+        if "class" in meta and "config" in meta:  # first-format final SAE
+            config = {k: v for k, v in json.loads(meta["config"]).items() if k != "backend"}
+            return {"class": meta["class"], "config": config, "train": None}
+    except Exception as exc:  # safetensors' own error types for a bad header; bad JSON; missing keys
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
+    return None
+
+
+def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = None) -> dict:
+    """{SAEConfig field: (the file's, this command's)} where the SAE in ``header`` is not the one
+    ``sae_cfg.build(d_model)`` would train (``d_model``: the file's when None). The fields that
+    ``train()`` derives when unset (dead_tokens_threshold) are left to it."""
+    old = header["config"]
+    if header["class"] != SAE_CLASS.get(sae_cfg.arch):
+        by_class = {v: k for k, v in SAE_CLASS.items()}
+        return {"arch": (by_class.get(header["class"], header["class"]), sae_cfg.arch)}
+    m = d_model if d_model is not None else old.get("d_model")
+    if not isinstance(m, int):
+        return {}
+    n = sae_cfg.resolved_n_latents(m)
+    new = {"d_model": m, "n_latents": n, "k": sae_cfg.k, **sae_cfg.model_options()}
+    if sae_cfg.arch == "expander":
+        new.update(degree=sae_cfg.degree, tied=sae_cfg.tied)
+    new["k_aux"] = min(n, new["k_aux"] if new["k_aux"] is not None else max(1, m // 2))  # as the models resolve it
+    if new["dead_tokens_threshold"] is None:
+        new.pop("dead_tokens_threshold")
+    return {key: (value, new[key]) for key, value in old.items() if key in new and new[key] != value}
+
+
+def _train_differences(record: dict, train_cfg, base_lr: float, keys) -> dict:
+    """{key: (the checkpoint's, this command's)} over ``keys`` of a checkpoint's ``train`` record."""
+    from dataclasses import asdict
+
+    old = {**record.get("train_config", {}), "base_lr": record.get("base_lr", base_lr)}
+    new = {**asdict(train_cfg), "base_lr": base_lr}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON has lists)
+    return {k: (old[k], new[k]) for k in keys if k in old and k in new and norm(old[k]) != norm(new[k])}
+
+
+def _check_resume(run_dir: Path, sae_cfg, train_cfg, allow: bool):
+    """Refuse a resume with changed settings before the model loads (``train()`` checks again):
+    the SAE's own settings (arch, sizes, k, AuxK, ...) never change on resume; the training
+    settings train() checks change only with --allow-config-change. Returns the SAEConfig to
+    build: with --allow-config-change and another --seed, the checkpoint's SAE seed (its weights,
+    and an Expander's graph, come from the checkpoint) while the new seed orders the data."""
+    import dataclasses
+
+    from .checkpoint import CheckpointError
+    from .train import _RESUME_KEYS, CHECKPOINT
+
+    try:
+        header = _run_header(run_dir / CHECKPOINT)
+    except CheckpointError as exc:
         raise _UsageError(str(exc)) from None
+    if header is None or header["train"] is None:
+        return sae_cfg
+    sae_diff = _sae_differences(header, sae_cfg, train_cfg)
+    seed = sae_diff.pop("seed", None)  # --seed is also a training setting: judged with them below
+    train_diff = _train_differences(header["train"], train_cfg, train_cfg.lr_for(sae_cfg.arch), _RESUME_KEYS)
+    if seed is not None and "seed" not in train_diff:
+        sae_diff["seed"] = seed
+    if sae_diff:
+        fixed = ", ".join(_flag_name(k) for k in sae_diff)
+        named = _named({**sae_diff, **train_diff})
+        raise _UsageError(f"resume: the checkpoint in {run_dir} holds another SAE ({named}); {fixed} cannot change "
+                          f"on resume: use the original values, or a new --out")
+    if train_diff and not allow:
+        raise _UsageError(f"resume: the checkpoint in {run_dir} was trained with other settings "
+                          f"({_named(train_diff)}); use the original values, or --allow-config-change to continue "
+                          f"anyway")
+    if seed is not None:
+        sae_cfg = dataclasses.replace(sae_cfg, seed=seed[0])
+    return sae_cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +300,11 @@ class _Workspace:
               f"{self.splits.bos_id} ({time.perf_counter() - t0:.0f} s)", flush=True)
         self._buffer = self._baseline = self._mean = None
         self._acts = {}
+
+    @property
+    def n_train_activations(self) -> int:
+        """Rows the training split's harvest will hold (position 0 of each context left out)."""
+        return self.splits.train.shape[0] * (self.splits.train.shape[1] - 1)
 
     @property
     def d_model(self) -> int:
@@ -399,12 +505,18 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
     rank trains the same SAEs and rank 0 evaluates and writes; the other ranks get None rows."""
     import torch
 
+    from .checkpoint import CheckpointError
     from .distributed import rank_and_world
     from .evaluate import training_dead_fraction
     from .rundir import RunLock, write_json
     from .train import CHECKPOINT, train
 
     rank, world = rank_and_world()
+    for _, train_cfg, _, _ in jobs:  # before the harvest: the training split's size is known from its tokens
+        if train_cfg.batch_size > ws.n_train_activations:
+            raise _UsageError(f"--batch-size: expected <= the {ws.n_train_activations:,} training activations "
+                              f"({ws.splits.train.shape[0]:,} contexts of --ctx-len {ws.args.ctx_len}, position 0 "
+                              f"left out), got {train_cfg.batch_size:,}; lower it or give more text")
     with contextlib.ExitStack() as locks:
         trained = []
         for sae_cfg, train_cfg, run_dir, extra in jobs:
@@ -426,9 +538,13 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
             try:
                 result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=evaluate,
                                allow_config_change=getattr(args, "allow_config_change", False))
-            except ValueError as exc:
+            except CheckpointError as exc:  # a corrupt checkpoint, or one of another SAE
+                raise _UsageError(str(exc)) from None
+            except ValueError as exc:  # a setting train() refuses: "resume: ..." or "<TrainConfig field>: ..."
                 if str(exc).startswith("resume:"):
                     raise _UsageError(str(exc)) from None
+                if str(exc).partition(":")[0] in {f.name for f in dataclasses.fields(train_cfg)}:
+                    raise _flag_error(exc) from None
                 raise
             if rank != 0:
                 continue
@@ -465,7 +581,7 @@ def cmd_train(args) -> int:
     with _torchrun(train_cfg) as (rank, device):
         # Before the model loads: a second trainer on --out stops at once (rank 0 holds it for all).
         with RunLock(out) if rank == 0 else contextlib.nullcontext():
-            _check_resume(out, train_cfg, sae_cfg.arch, args.allow_config_change)
+            sae_cfg = _check_resume(out, sae_cfg, train_cfg, args.allow_config_change)
             ws = _Workspace(args)
             row = _train_one(ws, sae_cfg, train_cfg, out, args, device=device)
     if rank == 0:
@@ -937,7 +1053,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint, metrics, sae.safetensors, row.json "
                    "(default: runs/train)")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the batch size, lr, schedule or "
-                   "seed differ from the checkpoint's (the change is recorded in metrics.json) (default: off)")
+                   "seed differ from the checkpoint's (the change is recorded in metrics.json; a new seed orders the "
+                   "data, the SAE keeps the checkpoint's); the SAE's own flags (--arch, --k, sizes, AuxK, ...) never "
+                   "change on resume (default: off)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text")

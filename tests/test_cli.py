@@ -134,3 +134,94 @@ def test_firing_density_counts_the_density_text_after_the_splits(tiny_model, tmp
     proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "bad", "--density-text", str(tmp_path / "none.txt")),
                           capture_output=True, text=True, timeout=120, env=_env(tmp_path))
     assert proc.returncode == 2 and "--density-text:" in proc.stderr and "does not exist" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags that are refused in one line (exit 2), before any model loads where the flag alone tells
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    """A finished k = 4 run (--no-progress), its data cache, and the process that trained it."""
+    root = tmp_path_factory.mktemp("finished")
+    proc = subprocess.run(_train_cmd(tiny_model, root / "run", "--seed", "3"), capture_output=True, text=True,
+                          timeout=600, env=_env(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", _env(root), proc
+
+
+def _copy_run(finished_run, tmp_path):
+    import shutil
+
+    run, env, _ = finished_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", env
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("python -m sae")]
+    assert len(lines) == 1 and "error:" in lines[0], proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_resume_with_another_sae_flag_is_refused_before_the_model_loads(tiny_model, finished_run, tmp_path):
+    """The SAE's own flags never change on resume: refused up front (train() would fail to load the
+    checkpoint into another SAE after the harvest), with any changed training flag named too."""
+    run, env = _copy_run(finished_run, tmp_path)
+
+    def with_k(k, *flags):
+        cmd = _train_cmd(tiny_model, run, "--seed", "3", *flags)
+        cmd[cmd.index("--k") + 1] = k
+        return cmd
+
+    for cmd, needles in ((with_k("8"), ("--k 4 -> 8",)),
+                         (with_k("4", "--arch", "expander", "--degree", "2"), ("--arch topk -> expander",)),
+                         (with_k("8", "--batch-size", "64", "--allow-config-change"),
+                          ("--k 4 -> 8", "--batch-size 128 -> 64"))):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        line = _one_line_error(proc, "resume:", str(run), "cannot change on resume", *needles)
+        assert "[sae]" not in proc.stdout, (line, proc.stdout)  # refused before the model loaded
+
+
+def test_resume_with_another_seed_and_allow_config_change_keeps_the_checkpoints_sae(tiny_model, finished_run,
+                                                                                    tmp_path):
+    """--seed is a training setting too: with --allow-config-change the run resumes (the SAE's
+    weights, and its seed, from the checkpoint; the change recorded) instead of failing to load
+    the checkpoint into an SAE of another seed."""
+    run, env = _copy_run(finished_run, tmp_path)
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5"), capture_output=True, text=True, timeout=120,
+                          env=env)
+    _one_line_error(proc, "--seed 3 -> 5", "--allow-config-change")
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5", "--allow-config-change"),
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changes = json.loads((run / "metrics.json").read_text())["config_changes"]
+    assert changes and changes[-1]["changed"] == {"seed": [3, 5]}
+    row = json.loads((run / "row.json").read_text())
+    assert row["seed"] == 3
+
+
+def test_corrupt_checkpoint_is_one_line(tiny_model, finished_run, tmp_path):
+    """A checkpoint whose header reads but whose tensors do not match their checksums: train()'s
+    CheckpointError becomes one line with exit 2, not a traceback."""
+    run, env = _copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoint.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's bytes
+    ckpt.write_bytes(bytes(data))
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "3"), capture_output=True, text=True, timeout=300,
+                          env=env)
+    _one_line_error(proc, "checkpoint:", "corrupt")
+
+
+def test_batch_larger_than_the_training_split_is_refused_before_the_harvest(tiny_model, finished_run, tmp_path):
+    _, env, _ = finished_run
+    proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "run", "--batch-size", "1000000"),
+                          capture_output=True, text=True, timeout=300, env=env)
+    _one_line_error(proc, "--batch-size:", "1,000,000")
+    assert "training activations ready" not in proc.stdout
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
