@@ -24,7 +24,10 @@ storage-matched to each Expander degree, and Expander SAEs of each degree, plus 
 the paper's recipe; it writes ``frontier.json`` and ``frontier.png`` into its run directory
 (``--runs``). Only a complete grid is published, into ``--out`` (``--publish``: ``results/``).
 Every SAE trains in its own run folder with checkpoints, so an interrupted frontier resumes where
-it stopped.
+it stopped. A run folder is reused (or resumed) only if it was trained with this sitting's settings:
+one trained with other flags stops the frontier (before anything trains, but for the lr the
+sweeps choose), naming the folder and the flags that differ, as ``train`` refuses to resume a run
+with changed settings: one grid never mixes settings.
 """
 
 from __future__ import annotations
@@ -775,38 +778,104 @@ def cmd_frontier(args) -> int:
     return 0
 
 
-def _done_row(run_dir: Path, tokens: int):
-    done = run_dir / "row.json"
-    if done.exists():
-        row = json.loads(done.read_text())
-        if row.get("tokens_trained", 0) >= tokens:
-            return row
+# Where a finished row's data came from (``_Workspace.provenance``), and the flags that choose it.
+_DATA_FLAGS = {"model": "--model", "model_sha256": "--model (its files' SHA-256)", "layer": "--layer",
+               "model_dtype": "--model-dtype", "ctx_len": "--ctx-len",
+               "train_split_tokens": "training split tokens (--text, --ctx-len, --validation-fraction, "
+                                     "--test-fraction)",
+               "validation_tokens": "validation tokens (--text, --ctx-len, --validation-fraction, --test-fraction)",
+               "test_tokens": "test tokens (--text, --ctx-len, --test-fraction, --eval-contexts)"}
+
+
+def _data_differences(row: dict, provenance: dict) -> dict:
+    """{provenance key: (the row's, this sitting's)} where a finished row saw other data."""
+    keys = [k for k in _DATA_FLAGS if k != "model"]
+    if not (row.get("model_sha256") and provenance.get("model_sha256")):  # no files to hash: by name
+        keys = ["model"] + [k for k in keys if k != "model_sha256"]
+    return {k: (row[k], provenance[k]) for k in keys if k in row and k in provenance and row[k] != provenance[k]}
+
+
+def _done_row(run_dir: Path, sae_cfg, train_cfg, ws: _Workspace, skip=(), names=None) -> Optional[dict]:
+    """The row of the SAE in ``run_dir`` when it finished training what ``sae_cfg`` / ``train_cfg``
+    describe on ``ws``'s data; None when the folder holds no run or an unfinished one (it resumes).
+
+    A run there trained with other settings, finished or not, stops the frontier with a one-line
+    error naming the folder and the settings that differ: as ``train`` refuses to resume a run
+    with changed settings, a frontier never mixes settings in one grid. The settings come from the
+    run's checkpoint header (its SAE config and TrainConfig), else from its ``sae.safetensors``
+    and ``row.json``; a finished row's data (model, layer, splits) from the row. ``skip``:
+    training keys not compared (the lr, before the sweeps chose it); ``names``: how the message
+    names a key where its flag is not ``--key``."""
+    from .checkpoint import CheckpointError
+    from .train import _RESUME_KEYS, CHECKPOINT
+
+    keys = [k for k in dict.fromkeys(_SHAPING_TRAIN_KEYS + tuple(_RESUME_KEYS)) if k not in skip]
+    row_path = run_dir / "row.json"
+    row = json.loads(row_path.read_text()) if row_path.exists() else None
+    try:
+        header = _run_header(run_dir / CHECKPOINT) or _run_header(run_dir / "sae.safetensors")
+    except CheckpointError as exc:
+        raise _UsageError(f"--runs: {exc}") from None
+    base_lr = train_cfg.lr_for(sae_cfg.arch)
+    diff = {}
+    if header is not None:
+        diff.update(_sae_differences(header, sae_cfg, train_cfg, ws.d_model))
+    if header is not None and header["train"] is not None:
+        diff.update(_train_differences(header["train"], train_cfg, base_lr, keys))
+    elif row is not None:  # no checkpoint: the settings the row records
+        record = {"train_config": {k: row[k] for k in ("batch_size", "lr_schedule", "warmup_steps", "resample_every",
+                                                      "seed") if k in row}, "base_lr": row.get("lr", base_lr)}
+        diff.update(_train_differences(record, train_cfg, base_lr, keys))
+    if row is not None:
+        diff.update(_data_differences(row, ws.provenance))
+        names = {**_DATA_FLAGS, **(names or {})}
+    if diff:
+        raise _UsageError(f"--runs: {run_dir} was trained with other settings ({_named(diff, names)}); a grid never "
+                          f"mixes settings: run with that folder's settings, use another --runs, or remove the "
+                          f"folder to retrain it")
+    if row is not None and row.get("tokens_trained", 0) >= train_cfg.total_tokens:
+        return row
     return None
+
+
+_SWEEP_NAMES = {"total_tokens": "--sweep-tokens", "base_lr": "lr (--lr times --sweep-factors)"}
+_CONTROL_NAMES = {"base_lr": "--control-lr", "resample_every": "--control-resample"}
+
+
+def _sweep_lrs(args, arch: str) -> list:
+    """The learning rates a sweep starts with: the architecture's default (or --lr) times each
+    --sweep-factors."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig(topk_lr=args.topk_lr, expander_lr=args.expander_lr)
+    base = args.lr if args.lr is not None else defaults.lr_for(arch)
+    return sorted(base * f for f in args.sweep_factors)
+
+
+def _sweep_run(args, runs: Path, arch: str, n: int, degree, k: int, lr: float):
+    """(run_dir, sae_cfg, train_cfg) of one lr-sweep SAE."""
+    p = dict(arch=arch, k=k, n=n, degree=degree, seed=0)
+    run_dir = runs / "sweep" / (_point_name(arch, k, n, degree, 0) + f"_lr{lr:.3g}")
+    return (run_dir, *_point_configs(args, p, lr, total_tokens=args.sweep_tokens))
 
 
 def _sweep(ws, args, runs: Path, arch: str, n: int, degree, k: int) -> dict:
     """Brackets the learning rate of one (arch, n, degree) on the validation split: trains at the
     architecture's default lr times each --sweep-factors for --sweep-tokens, then extends by
     factors of 2 past whichever edge wins (at most --sweep-extend times). Resumable."""
-    from .config import TrainConfig
-
     if len(ws.splits.validation) == 0:
         raise _UsageError("--validation-fraction: the validation split is empty; raise it or give more text")
-    defaults = TrainConfig(topk_lr=args.topk_lr, expander_lr=args.expander_lr)
-    base = args.lr if args.lr is not None else defaults.lr_for(arch)
-    lrs = sorted(base * f for f in args.sweep_factors)
+    lrs = _sweep_lrs(args, arch)
     fvu: dict = {}
     extended = 0
     while True:
         for lr in lrs:
             if lr in fvu:
                 continue
-            p = dict(arch=arch, k=k, n=n, degree=degree, seed=0)
-            run_dir = runs / "sweep" / (_point_name(arch, k, n, degree, 0) + f"_lr{lr:.3g}")
-            row = _done_row(run_dir, args.sweep_tokens)
+            run_dir, sae_cfg, train_cfg = _sweep_run(args, runs, arch, n, degree, k, lr)
+            row = _done_row(run_dir, sae_cfg, train_cfg, ws, names=_SWEEP_NAMES)
             if row is None:
                 print(f"[sae] lr sweep {run_dir.name}: {args.sweep_tokens:,} tokens", flush=True)
-                sae_cfg, train_cfg = _point_configs(args, p, lr, total_tokens=args.sweep_tokens)
                 row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, split="validation")
             fvu[lr] = row["val_fvu"]
         best = min(fvu, key=lambda lr: (fvu[lr], lr))
@@ -820,11 +889,41 @@ def _sweep(ws, args, runs: Path, arch: str, n: int, degree, k: int) -> dict:
             "bracketed": ordered[0] < best < ordered[-1], "val_fvu": {f"{lr:.3g}": fvu[lr] for lr in ordered}}
 
 
+def _control(args, d_model: int):
+    """(name, sae_cfg, train_cfg) of the paper-faithful control."""
+    d = min(args.degrees)
+    p = dict(arch="expander", k=max(args.ks), n=args.n_latents or args.expansion * d_model, degree=d, seed=0)
+    name = "control_paper_" + _point_name(p["arch"], p["k"], p["n"], d, 0)
+    sae_cfg, train_cfg = _point_configs(
+        args, p, args.control_lr, lr_schedule="cosine", warmup_steps=0, resample_every=args.control_resample,
+        sae=dict(signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False))
+    return name, sae_cfg, train_cfg
+
+
+def _check_runs(args, runs: Path, points: list, sweep_keys: dict, ws: _Workspace, control: bool) -> None:
+    """Before anything trains: every run folder of the plan already in --runs was trained with this
+    sitting's settings (``_done_row``; the grid points' lr is compared once the sweeps chose it)."""
+    if not args.skip_sweep:
+        for (arch, n, degree), k in sweep_keys.items():
+            for lr in _sweep_lrs(args, arch):
+                run_dir, sae_cfg, train_cfg = _sweep_run(args, runs, arch, n, degree, k, lr)
+                _done_row(run_dir, sae_cfg, train_cfg, ws, names=_SWEEP_NAMES)
+    for p in points:
+        sae_cfg, train_cfg = _point_configs(args, p, 1.0)  # a stand-in lr, not compared
+        _done_row(runs / _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"]), sae_cfg, train_cfg, ws,
+                  skip=("base_lr",))
+    if control:
+        name, sae_cfg, train_cfg = _control(args, ws.d_model)
+        _done_row(runs / name, sae_cfg, train_cfg, ws, names=_CONTROL_NAMES)
+
+
 def _frontier(args, runs: Path, out) -> None:
     from .rundir import write_json
 
     ws = _Workspace(args)
     points, sweep_keys = _frontier_plan(args, ws.d_model)
+    control = args.control and "control" in _parts(args)
+    _check_runs(args, runs, points, sweep_keys, ws, control)
     selected = {}
     for (arch, n, degree), k in sweep_keys.items():
         if args.skip_sweep:
@@ -837,7 +936,6 @@ def _frontier(args, runs: Path, out) -> None:
         else:
             selected[(arch, n, degree)] = _sweep(ws, args, runs, arch, n, degree, k)
         write_json(runs / "sweeps.json", list(selected.values()))
-    control = args.control and "control" in _parts(args)
     total = len(points) + bool(control)
     groups: dict = {}
     for p in points:  # the seeds of one point train one after the other, then are evaluated together
@@ -849,7 +947,9 @@ def _frontier(args, runs: Path, out) -> None:
             i += 1
             name = _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"])
             run_dir = runs / name
-            row = _done_row(run_dir, args.total_tokens)
+            sweep = selected[(p["arch"], p["n"], p["degree"])]
+            sae_cfg, train_cfg = _point_configs(args, p, sweep["lr"])
+            row = _done_row(run_dir, sae_cfg, train_cfg, ws, names={"base_lr": "lr (--lr or the sweep's)"})
             if row is not None:
                 print(f"[sae] SAE {i} of {total}: {name}: done earlier, reusing {run_dir / 'row.json'}", flush=True)
                 rows.append(row)
@@ -859,8 +959,6 @@ def _frontier(args, runs: Path, out) -> None:
             if trained:
                 eta = f", overall ETA {_fmt_minutes((time.perf_counter() - t_start) / trained * (total - i + 1))}"
             print(f"[sae] SAE {i} of {total}: {name}: training on {args.total_tokens:,} tokens{eta}", flush=True)
-            sweep = selected[(p["arch"], p["n"], p["degree"])]
-            sae_cfg, train_cfg = _point_configs(args, p, sweep["lr"])
             extra = {"matched_degree": p["matched_degree"], "storage_ratio": p["storage_ratio"],
                      "lr_selected_on": "validation FVU" if not sweep.get("skipped") else "not swept",
                      "lr_bracketed": sweep["bracketed"], "control": None}
@@ -873,16 +971,11 @@ def _frontier(args, runs: Path, out) -> None:
             trained += len(jobs)
         _write_frontier(runs, rows, selected, complete=False)
     if control:
-        d = min(args.degrees)
-        p = dict(arch="expander", k=max(args.ks), n=args.n_latents or args.expansion * ws.d_model, degree=d, seed=0)
-        name = "control_paper_" + _point_name(p["arch"], p["k"], p["n"], d, 0)
+        name, sae_cfg, train_cfg = _control(args, ws.d_model)
         run_dir = runs / name
-        row = _done_row(run_dir, args.total_tokens)
+        row = _done_row(run_dir, sae_cfg, train_cfg, ws, names=_CONTROL_NAMES)
         if row is None:
             print(f"[sae] SAE {total} of {total}: {name}: the paper-faithful control", flush=True)
-            sae_cfg, train_cfg = _point_configs(
-                args, p, args.control_lr, lr_schedule="cosine", warmup_steps=0, resample_every=args.control_resample,
-                sae=dict(signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False))
             extra = {"matched_degree": None, "storage_ratio": None, "lr_selected_on": "fixed (the paper's 3e-4)",
                      "lr_bracketed": False, "control": "paper"}
             row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, conventions=("saelens", "paper"), extra=extra)
@@ -1098,7 +1191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-resample", type=int, default=1000, help="the control resamples dead latents every "
                    "this many steps (default: 1000)")
     p.add_argument("--runs", default="runs/frontier", help="run directory: one folder per SAE, and the grid's "
-                   "frontier.json / frontier.png as it grows (default: runs/frontier)")
+                   "frontier.json / frontier.png as it grows; a folder already there is reused or resumed only if "
+                   "it was trained with this sitting's settings, else the frontier stops naming the flags that "
+                   "differ (default: runs/frontier)")
     p.add_argument("--out", default=None, help="publish the complete grid's frontier.json / frontier.png here "
                    "(default: only in --runs)")
     p.add_argument("--publish", action="store_true", help="publish the complete grid to results/ (same as --out "

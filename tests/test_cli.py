@@ -225,3 +225,27 @@ def test_batch_larger_than_the_training_split_is_refused_before_the_harvest(tiny
     _one_line_error(proc, "--batch-size:", "1,000,000")
     assert "training activations ready" not in proc.stdout
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_frontier_refuses_a_run_folder_trained_with_other_flags(tiny_model, tmp_path):
+    """A second sitting with other flags neither reuses the first sitting's finished SAE nor
+    trains anything: one line naming the folder and the flags that differ."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "sae", "frontier", "--model", str(tiny_model / "model"), "--text",
+           str(tiny_model / "corpus.txt"), "--layer", "1", "--ctx-len", "32", "--eval-contexts", "2",
+           "--min-test-tokens", "0", "--expansion", "2", "--ks", "4", "--degrees", "2", "--seeds", "0",
+           "--dense-between", "0", "--skip-sweep", "--no-control", "--tokens", "512", "--checkpoint-every", "2",
+           "--no-progress", "--density-tokens", "500", "--only", "expander", "--runs", str(runs)]
+    proc = subprocess.run(cmd + ["--batch-size", "128"], capture_output=True, text=True, timeout=300,
+                          env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = (runs / "frontier.json").read_bytes()
+    proc = subprocess.run(cmd + ["--batch-size", "64", "--auxk-coef", "0.5"], capture_output=True, text=True,
+                          timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--runs:", str(runs / "expander_k4_n64_d2_s0"), "--batch-size 128 -> 64",
+                    "--auxk-coef 0.03125 -> 0.5")
+    assert "training on" not in proc.stdout and (runs / "frontier.json").read_bytes() == before
+    # another layer of the same width: the finished row saw other data
+    proc = subprocess.run(cmd + ["--batch-size", "128", "--layer", "0"], capture_output=True, text=True,
+                          timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--layer 1 -> 0")
