@@ -299,6 +299,12 @@ class _Workspace:
                                        test_fraction=args.test_fraction, min_test_tokens=args.min_test_tokens)
         except ValueError as exc:
             raise _flag_error_from(exc, _SPLIT_FLAGS) from None
+        if self.splits.test.shape[0] == 0:  # --min-test-tokens 0 lets token_splits return an empty one
+            n_ctx = sum(getattr(self.splits, s).shape[0] for s in ("train", "validation", "test"))
+            raise _UsageError(f"--test-fraction: the test split is empty: the text gives {n_ctx} context(s) of "
+                              f"--ctx-len {args.ctx_len} tokens and --test-fraction {args.test_fraction} of them "
+                              f"leaves none (each text keeps one for training); give more text (--text) or a "
+                              f"shorter --ctx-len")
         if self.splits.bos_id is None:
             raise _UsageError(f"--model: {self.model_name}'s tokenizer has no BOS token; the CE conventions need "
                               f"every context to start with one")
@@ -766,17 +772,28 @@ def _point_configs(args, p: dict, lr: float, **overrides):
 
 
 def cmd_frontier(args) -> int:
+    import math
+
     if args.frontier_seed is not None:
         raise _UsageError(f"--seed: the frontier trains every point at each of --seeds; use --seeds "
                           f"{args.frontier_seed} (got --seed {args.frontier_seed})")
     _check_data_args(args)
     for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--sweep-factors", args.sweep_factors)):
-        bad = [v for v in values if not v > 0]
+        bad = [v for v in values if not (v > 0 and math.isfinite(v))]
         if bad:
-            raise _UsageError(f"{flag}: expected positive numbers, got {bad[0]}")
+            raise _UsageError(f"{flag}: expected finite positive numbers, got {bad[0]}")
     bad = [s for s in args.seeds if s < 0]
     if bad or not args.seeds:
         raise _UsageError(f"--seeds: expected ints >= 0, got {args.seeds}")
+    for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--seeds", args.seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # a repeated seed would enter a point's seed statistics twice
+            raise _UsageError(f"{flag}: expected distinct values, got {' '.join(map(str, values))} "
+                              f"({', '.join(map(str, repeated))} repeated)")
+    if not (math.isfinite(args.control_lr) and args.control_lr > 0):
+        raise _UsageError(f"--control-lr: expected a finite number > 0, got {args.control_lr}")
+    if args.control_resample < 0:
+        raise _UsageError(f"--control-resample: expected an int >= 0 (0: never), got {args.control_resample}")
     for flag, value in (("--dense-between", args.dense_between), ("--sweep-extend", args.sweep_extend)):
         if value < 0:
             raise _UsageError(f"{flag}: expected an int >= 0, got {value}")
@@ -786,6 +803,17 @@ def cmd_frontier(args) -> int:
         dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
         for k in args.ks:
             _configs(args, arch=arch, k=k, degree=degree, n_latents=None, **dense_only)
+    if args.control and "control" in _parts(args):
+        import dataclasses
+
+        try:  # the control's own settings (signed codes, b_dec = 0, cosine, resampling) with these flags
+            _, train_cfg = _configs(args, arch="expander", k=max(args.ks), degree=min(args.degrees), n_latents=None,
+                                    signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False)
+            dataclasses.replace(train_cfg, lr=args.control_lr, lr_schedule="cosine", warmup_steps=0,
+                                resample_every=args.control_resample).validate()
+        except (_UsageError, ValueError) as exc:
+            raise _UsageError(f"--control: the paper-faithful control cannot train with these flags ({exc}); "
+                              f"change them or pass --no-control") from None
     if args.only and set(args.only) == {"control"} and not args.control:
         raise _UsageError("--only: 'control' with --no-control leaves nothing to train")
     if args.only and (args.out or args.publish):

@@ -235,6 +235,16 @@ def test_batch_larger_than_the_training_split_is_refused_before_the_harvest(tiny
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
+def test_empty_test_split_is_refused_before_training(tiny_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join((tiny_model / "corpus.txt").read_text().split()[:40]))  # one context of 32
+    cmd = _train_cmd(tiny_model, tmp_path / "run", "--batch-size", "16", "--tokens", "64")
+    cmd[cmd.index("--text") + 1] = str(short)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--test-fraction:", "test split is empty", "--ctx-len")
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def test_evaluate_counts_firing_density_with_density_tokens(tiny_model, finished_run):
     """evaluate's --density-tokens (default 0: none) counts the firing density as train does: the
     training split first."""
@@ -267,6 +277,14 @@ def _main(argv, capsys, monkeypatch):
     (["train", "--arch", "topk", "--no-tied"], ["--no-tied:", "expander"]),
     (["train", "--seed", "-1"], ["--seed:", ">= 0"]),
     (["frontier", "--seed", "7"], ["--seed:", "--seeds 7"]),
+    (["frontier", "--control-lr", "nan"], ["--control-lr:"]),
+    (["frontier", "--control-lr", "-1"], ["--control-lr:"]),
+    (["frontier", "--control-resample", "-5"], ["--control-resample:"]),
+    (["frontier", "--sweep-factors", "1", "inf"], ["--sweep-factors:", "inf"]),
+    (["frontier", "--seeds", "0", "0"], ["--seeds:", "distinct"]),
+    (["frontier", "--ks", "4", "8", "4"], ["--ks:", "distinct"]),
+    (["frontier", "--degrees", "2", "2"], ["--degrees:", "distinct"]),
+    (["frontier", "--batch-topk"], ["--control:", "--signed", "--no-control"]),
 ])
 def test_bad_flags_are_refused_before_any_model_loads(argv, needles, capsys, monkeypatch, tmp_path):
     runs = ["--runs", str(tmp_path / "runs")] if argv[0] == "frontier" else ["--out", str(tmp_path / "run")]
