@@ -121,13 +121,6 @@ def _configs(args, **sae_overrides):
         train_cfg.validate()
     except ValueError as exc:
         raise _flag_error(exc) from None
-    # Checks SAEConfig / TrainConfig.validate() do not make (yet): a flag that build() or the
-    # data order would silently drop or choke on.
-    if sae_cfg.arch == "topk" and not sae_cfg.tied:
-        raise _UsageError("--no-tied: only for arch 'expander' (a TopK SAE always has its own encoder), "
-                          "got arch 'topk'")
-    if sae_cfg.seed < 0 or train_cfg.seed < 0:
-        raise _UsageError(f"--seed: expected an int >= 0, got {min(sae_cfg.seed, train_cfg.seed)}")
     return sae_cfg, train_cfg
 
 
@@ -159,7 +152,7 @@ def _run_header(path: Path) -> Optional[dict]:
     ``sae.safetensors``) from its header alone, no tensor read; None where there is no file or
     the header is of no format this reads (``train()`` verifies the whole file when it loads it).
     Raises ``CheckpointError`` for a file whose header cannot be read."""
-    from .checkpoint import FORMAT, CheckpointError
+    from .checkpoint import FORMAT, CheckpointError, _parse_record
 
     if not path.is_file():
         return None
@@ -168,8 +161,8 @@ def _run_header(path: Path) -> Optional[dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if FORMAT in meta:
-            record = json.loads(meta[FORMAT])
+        if FORMAT in meta:  # checked against its header digest
+            record = _parse_record(path, meta[FORMAT])
             return {"class": record["class"], "config": record["config"], "train": record.get("train")}
         if "sae_class" in meta and "sae_config" in meta:  # first-format training checkpoint
             config = {k: v for k, v in json.loads(meta["sae_config"]).items() if k != "backend"}
@@ -179,6 +172,8 @@ def _run_header(path: Path) -> Optional[dict]:
         if "class" in meta and "config" in meta:  # first-format final SAE
             config = {k: v for k, v in json.loads(meta["config"]).items() if k != "backend"}
             return {"class": meta["class"], "config": config, "train": None}
+    except CheckpointError:
+        raise
     except Exception as exc:  # safetensors' own error types for a bad header; bad JSON; missing keys
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
     return None
@@ -528,8 +523,6 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
     per batch) and plots each one's firing density; "validation" measures FVU for lr selection.
     Writes each run's ``sae.safetensors`` and ``row.json``; returns the rows. Under torchrun every
     rank trains the same SAEs and rank 0 evaluates and writes; the other ranks get None rows."""
-    import torch
-
     from .checkpoint import CheckpointError
     from .distributed import rank_and_world
     from .evaluate import training_dead_fraction
@@ -551,10 +544,7 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
             except ValueError as exc:  # a size that only the model's d_model rules out
                 raise _flag_error(exc) from None
             buffer = _shared_buffer(ws, rank, world)
-            fresh = not (run_dir / CHECKPOINT).exists()
-            if fresh:
-                sample = buffer[torch.randperm(len(buffer), generator=torch.Generator().manual_seed(0))[:16384]]
-                sae.init_b_dec(sample.to(sae.b_dec.device))
+            fresh = not (run_dir / CHECKPOINT).exists()  # train() initialises a fresh SAE's b_dec
             if split == "validation":
                 evaluate = ws.validate
             else:  # periodic test evaluations only when asked for; the final one is shared below
@@ -680,7 +670,9 @@ def cmd_evaluate(args) -> int:
     _check_data_args(args)
     try:
         sae = load_sae(args.checkpoint)
-    except (OSError, CheckpointError, UnsupportedPeerFormat) as exc:
+    except CheckpointError as exc:  # its message names the file already
+        raise _UsageError(str(exc) if str(exc).startswith("checkpoint: ") else f"checkpoint: {exc}") from None
+    except (OSError, UnsupportedPeerFormat) as exc:
         raise _UsageError(f"checkpoint: {exc}") from None
     ws = _Workspace(args)
     if sae.d_model != ws.d_model:

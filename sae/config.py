@@ -123,6 +123,10 @@ class SAEConfig:
             for name in ("signed", "renorm_values"):
                 if getattr(self, name):
                     raise ValueError(f"{name}: only for arch 'expander', got arch 'topk'")
+            if not self.tied:
+                raise ValueError("tied: only for arch 'expander' (a TopK SAE always has its own encoder), "
+                                 "got tied=False with arch 'topk'")
+        _seed(self)
         if self.signed and self.batch_topk:
             raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
         if self.auxk_norm not in ("variance", "residual"):
@@ -220,6 +224,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "total_tokens", "checkpoint_every", "log_every")
+        _seed(self)
         for name in ("warmup_steps", "eval_every", "resample_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
@@ -240,6 +245,11 @@ class TrainConfig:
             raise ValueError(f"grad_clip: expected a finite number >= 0, got {self.grad_clip}")
         if self.parallel not in ("none", "data", "latent"):
             raise ValueError(f"parallel: expected 'none', 'data' or 'latent', got {self.parallel!r}")
+
+
+def _seed(cfg) -> None:
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {cfg.seed!r}")
 
 
 def _positive(cfg, *names: str, optional: bool = False) -> None:

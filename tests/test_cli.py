@@ -274,7 +274,7 @@ def _main(argv, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["train", "--arch", "topk", "--no-tied"], ["--no-tied:", "expander"]),
+    (["train", "--arch", "topk", "--no-tied"], ["tied:", "expander", "tied=False"]),
     (["train", "--seed", "-1"], ["--seed:", ">= 0"]),
     (["frontier", "--seed", "7"], ["--seed:", "--seeds 7"]),
     (["frontier", "--control-lr", "nan"], ["--control-lr:"]),

@@ -1,6 +1,7 @@
 """One source of configuration: every field documented, the CLI's flags and defaults generated
 from the dataclasses, and every bad flag refused in one line with exit code 2 before a model loads."""
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -49,6 +50,8 @@ def test_help_shows_every_default_and_a_help_for_every_flag(command):
     for action in sub._actions:
         if action.dest in ("help", "checkpoint"):
             continue
+        if action.help == argparse.SUPPRESS:  # kept only to refuse it by name (frontier --seed)
+            continue
         assert action.help, action.option_strings
         assert "(default:" in action.help, action.option_strings
 
@@ -94,3 +97,16 @@ def test_a_bad_type_is_one_line_in_a_fresh_process():
                           timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--k" in proc.stderr
+
+
+def test_configs_refuse_a_negative_seed_and_an_untied_topk():
+    from sae.models import TopKSAE
+
+    for make in (lambda: SAEConfig(seed=-1), lambda: TrainConfig(seed=-1), lambda: SAEConfig(seed=True)):
+        with pytest.raises(ValueError, match=r"^seed: expected an int >= 0"):
+            make().validate()
+    with pytest.raises(ValueError, match=r"^seed: expected an int >= 0"):
+        TopKSAE(8, 16, 2, seed=-1)
+    with pytest.raises(ValueError, match=r"^tied: only for arch 'expander'"):
+        SAEConfig(arch="topk", tied=False).validate()
+    SAEConfig(arch="expander", degree=3, tied=False).validate()

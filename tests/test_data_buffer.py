@@ -71,6 +71,8 @@ def test_buffer_resume_from_step(numbered):
             assert torch.equal(a, b)
     with pytest.raises(ValueError, match="start_step"):
         next(buf.batches(8, epochs=1, start_step=100))
+    with pytest.raises(ValueError, match=r"^seed: expected an int >= 0, got -1"):
+        next(buf.batches(8, seed=-1))
 
 
 def test_buffer_from_numpy_and_bf16_bits(numbered):

@@ -151,6 +151,8 @@ class ActivationBuffer:
         total = epochs * spe
         if not 0 <= start_step <= total:
             raise ValueError(f"start_step: expected in [0, {total}], got {start_step}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
         perm, perm_epoch = None, -1
         for step in range(start_step, total):
             epoch, s = divmod(step, spe)
