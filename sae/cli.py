@@ -678,7 +678,14 @@ def cmd_evaluate(args) -> int:
     if sae.d_model != ws.d_model:
         raise _UsageError(f"checkpoint: the SAE has d_model {sae.d_model}, the model's layer has {ws.d_model}")
     row = {"checkpoint": args.checkpoint, **ws.provenance, "arch": type(sae).__name__,
-           "decoder_values": sae.decoder_values, **ws.evaluate(sae, conventions=args.conventions)}
+           "decoder_values": sae.decoder_values}
+    trained = _trained_on(Path(args.checkpoint), ws.provenance)
+    if trained:  # the run folder's row.json says it trained on other data: said, and kept in the row
+        print(f"[sae] warning: {args.checkpoint} was trained on other data than this evaluation's ("
+              + ", ".join(f"{_DATA_FLAGS[k]} {a} -> {b}" for k, (a, b) in trained.items()) + ")",
+              file=sys.stderr, flush=True)
+        row["trained_on"] = {k: a for k, (a, _) in trained.items()}
+    row.update(ws.evaluate(sae, conventions=args.conventions))
     if args.density_tokens:  # the numbers only: evaluate writes no files (train and frontier plot them)
         row.update(ws.firing_density(sae, None))
     print(json.dumps(row, indent=1))
@@ -827,6 +834,18 @@ _DATA_FLAGS = {"model": "--model", "model_sha256": "--model (its files' SHA-256)
                                      "--test-fraction)",
                "validation_tokens": "validation tokens (--text, --ctx-len, --validation-fraction, --test-fraction)",
                "test_tokens": "test tokens (--text, --ctx-len, --test-fraction, --eval-contexts)"}
+
+
+def _trained_on(checkpoint: Path, provenance: dict) -> dict:
+    """{key: (trained, evaluated)} for the model, its files, layer and dtype where the ``row.json``
+    of the checkpoint's run folder (if any) names others than ``provenance``."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    try:
+        row = json.loads((folder / "row.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    keep = ("model", "model_sha256", "layer", "model_dtype")
+    return {k: v for k, v in _data_differences(row, provenance).items() if k in keep} if isinstance(row, dict) else {}
 
 
 def _data_differences(row: dict, provenance: dict) -> dict:

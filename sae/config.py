@@ -224,6 +224,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "total_tokens", "checkpoint_every", "log_every")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size: expected >= 2 (the loss, FVU, divides by the batch's variance), "
+                             f"got {self.batch_size}")
         _seed(self)
         for name in ("warmup_steps", "eval_every", "resample_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:

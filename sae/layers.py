@@ -25,8 +25,9 @@ class SparseDecoder(nn.Module):
         """``check_indices``: check every id of ``top_indices`` on each call (on CUDA one host sync;
         pass False when the ids come from a trusted encoder, as ``sparse_decode`` says)."""
         super().__init__()
-        if n_latents < 1 or d_model < 1:
-            raise ValueError(f"n_latents, d_model: expected positive sizes, got {n_latents}, {d_model}")
+        for name, size in (("n_latents", n_latents), ("d_model", d_model)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name}: expected a positive int, got {size!r}")
         self.n_latents, self.d_model, self.backend = n_latents, d_model, backend
         self.check_indices = check_indices
         self.weight = nn.Parameter(torch.empty(n_latents, d_model, device=device, dtype=dtype))

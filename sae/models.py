@@ -281,6 +281,8 @@ class _SparseCoder(nn.Module):
         """
         method = self.b_dec_init if method is None else method
         self._check_input(sample)
+        if sample.numel() == 0:
+            raise ValueError(f"sample: expected at least one activation, got shape {tuple(sample.shape)}")
         flat = sample.reshape(-1, self.d_model).float()
         if self.normalize_activations:
             mean_sq = flat.pow(2).sum(-1).mean().clamp_min(torch.finfo(torch.float32).tiny)

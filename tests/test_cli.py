@@ -257,6 +257,20 @@ def test_evaluate_counts_firing_density_with_density_tokens(tiny_model, finished
     row = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
     assert row["firing_density_tokens"] == 100 and row["firing_density_sources"].startswith("train split")
     assert 0 <= row["never_fired"] <= 64
+    assert "trained_on" not in row and "warning" not in proc.stderr
+
+
+def test_evaluate_says_when_the_run_trained_on_another_layer(tiny_model, finished_run):
+    run, env, _ = finished_run
+    cmd = _train_cmd(tiny_model, run)
+    data_flags = cmd[cmd.index("--model"):cmd.index("--expansion")]
+    data_flags[data_flags.index("--layer") + 1] = "0"
+    proc = subprocess.run([sys.executable, "-m", "sae", "evaluate", str(run / "sae.safetensors"), *data_flags],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" in proc.stderr and "--layer 1 -> 0" in proc.stderr
+    row = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    assert row["layer"] == 0 and row["trained_on"] == {"layer": 1}
 
 
 def _main(argv, capsys, monkeypatch):

@@ -110,3 +110,5 @@ def test_configs_refuse_a_negative_seed_and_an_untied_topk():
     with pytest.raises(ValueError, match=r"^tied: only for arch 'expander'"):
         SAEConfig(arch="topk", tied=False).validate()
     SAEConfig(arch="expander", degree=3, tied=False).validate()
+    with pytest.raises(ValueError, match=r"^batch_size: expected >= 2"):
+        TrainConfig(batch_size=1).validate()

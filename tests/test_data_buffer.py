@@ -205,3 +205,14 @@ def test_buffer_harvest_cleans_what_killed_harvests_left(tiny_llama, tokens, tmp
         buf = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path, batch_size=4)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([buf.path.name, live.name, ".busy_L2_key.lock"])
+
+
+def test_model_fingerprint_sees_a_change_past_the_first_values():
+    from sae.data.buffer import _model_fingerprint
+
+    model = torch.nn.Linear(300, 200)
+    before = _model_fingerprint(model)
+    assert _model_fingerprint(model) == before
+    with torch.no_grad():
+        model.weight[150:] += 0.05  # rows far past the first 64 values
+    assert _model_fingerprint(model) != before

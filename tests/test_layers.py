@@ -80,3 +80,9 @@ def test_check_indices_is_passed_to_the_op(monkeypatch):
     assert seen == [True, False]
     with pytest.raises(IndexError, match="top_indices"):
         SparseDecoder(10, 6)(acts, idx + 10)
+
+
+def test_sparse_decoder_refuses_sizes_that_are_not_positive_ints():
+    for args, name in (((2.5, 4), "n_latents"), ((4, 0), "d_model"), ((True, 4), "n_latents")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a positive int"):
+            SparseDecoder(*args)

@@ -155,6 +155,11 @@ def test_normalize_decoder():
     assert_close(sae.W_dec.norm(dim=1), torch.ones(30), 1e-6, "row norms")
 
 
+def test_init_b_dec_refuses_an_empty_sample():
+    with pytest.raises(ValueError, match=r"^sample: expected at least one activation"):
+        TopKSAE(8, 16, 2).init_b_dec(torch.empty(0, 8))
+
+
 def test_init_b_dec_median():
     sae = TopKSAE(8, 16, 2)
     sample = torch.randn(101, 8) + 3

@@ -50,14 +50,24 @@ _STORAGE_BY_NAME = {name: dt for dt, (name, _) in _STORAGE.items()}
 _OLD_TMP = re.compile(r"^\.(?P<key>.+)\.(?P<pid>\d+)\.tmp$")  # per-process temp folders of older versions
 
 
+# Values of each weight tensor the cache key reads, spread evenly over the whole tensor.
+_FINGERPRINT_VALUES = 256
+
+
 def _model_fingerprint(model) -> str:
-    """Cheap identity of a model's weights: its config plus the first values of every tensor."""
+    """Cheap identity of a model's weights: its config plus, for every tensor, its shape, dtype and
+    ``_FINGERPRINT_VALUES`` values spread over all of it (the first values alone missed a model
+    that differs further in)."""
     h = hashlib.sha1()
     config = getattr(model, "config", None)
     h.update(repr(config.to_dict() if hasattr(config, "to_dict") else config).encode())
     for name, p in model.state_dict().items():
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        flat = p.detach().flatten()
+        h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
+        if flat.numel():
+            count = min(flat.numel(), _FINGERPRINT_VALUES)
+            at = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(1, count - 1)
+            h.update(flat[at].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
