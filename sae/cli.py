@@ -129,11 +129,6 @@ def _configs(args, **sae_overrides):
 # ---------------------------------------------------------------------------------------------
 
 SAE_CLASS = {"topk": "TopKSAE", "expander": "ExpanderSAE"}
-# TrainConfig fields that change the trained SAE, beyond train()'s resume keys (compared when a
-# frontier reuses or resumes a point); the rest (checkpoint_every, log_every, eval_every,
-# progress, parallel) only change how a run is watched or split.
-_SHAPING_TRAIN_KEYS = ("batch_size", "base_lr", "total_tokens", "warmup_steps", "decay_fraction", "lr_schedule",
-                       "resample_every", "seed", "grad_clip", "betas", "eps", "dead_fraction")
 _FLAG_NAMES = {"total_tokens": "--tokens", "base_lr": "--lr", "n_latents": "--n-latents/--expansion",
                "d_model": "d_model (--model/--layer)", "tied": "--tied"}
 
@@ -200,16 +195,6 @@ def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = 
     return {key: (value, new[key]) for key, value in old.items() if key in new and new[key] != value}
 
 
-def _train_differences(record: dict, train_cfg, base_lr: float, keys) -> dict:
-    """{key: (the checkpoint's, this command's)} over ``keys`` of a checkpoint's ``train`` record."""
-    from dataclasses import asdict
-
-    old = {**record.get("train_config", {}), "base_lr": record.get("base_lr", base_lr)}
-    new = {**asdict(train_cfg), "base_lr": base_lr}
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON has lists)
-    return {k: (old[k], new[k]) for k in keys if k in old and k in new and norm(old[k]) != norm(new[k])}
-
-
 def _check_resume(run_dir: Path, sae_cfg, train_cfg, allow: bool):
     """Refuse a resume with changed settings before the model loads (``train()`` checks again):
     the SAE's own settings (arch, sizes, k, AuxK, ...) never change on resume; the training
@@ -219,7 +204,7 @@ def _check_resume(run_dir: Path, sae_cfg, train_cfg, allow: bool):
     import dataclasses
 
     from .checkpoint import CheckpointError
-    from .train import _RESUME_KEYS, CHECKPOINT
+    from .train import _RESUME_KEYS, CHECKPOINT, config_differences
 
     try:
         header = _run_header(run_dir / CHECKPOINT)
@@ -229,7 +214,7 @@ def _check_resume(run_dir: Path, sae_cfg, train_cfg, allow: bool):
         return sae_cfg
     sae_diff = _sae_differences(header, sae_cfg, train_cfg)
     seed = sae_diff.pop("seed", None)  # --seed is also a training setting: judged with them below
-    train_diff = _train_differences(header["train"], train_cfg, train_cfg.lr_for(sae_cfg.arch), _RESUME_KEYS)
+    train_diff = config_differences(header["train"], train_cfg, train_cfg.lr_for(sae_cfg.arch), _RESUME_KEYS)
     if seed is not None and "seed" not in train_diff:
         sae_diff["seed"] = seed
     if sae_diff:
@@ -868,9 +853,11 @@ def _done_row(run_dir: Path, sae_cfg, train_cfg, ws: _Workspace, skip=(), names=
     training keys not compared (the lr, before the sweeps chose it); ``names``: how the message
     names a key where its flag is not ``--key``."""
     from .checkpoint import CheckpointError
-    from .train import _RESUME_KEYS, CHECKPOINT
+    from .train import _RESUME_KEYS, CHECKPOINT, config_differences
 
-    keys = [k for k in dict.fromkeys(_SHAPING_TRAIN_KEYS + tuple(_RESUME_KEYS)) if k not in skip]
+    # train()'s resume keys: every TrainConfig field that changes the trained SAE (the rest,
+    # checkpoint_every, log_every, eval_every, progress, parallel, change how a run is watched or split).
+    keys = [k for k in _RESUME_KEYS if k not in skip]
     row_path = run_dir / "row.json"
     row = json.loads(row_path.read_text()) if row_path.exists() else None
     try:
@@ -882,11 +869,11 @@ def _done_row(run_dir: Path, sae_cfg, train_cfg, ws: _Workspace, skip=(), names=
     if header is not None:
         diff.update(_sae_differences(header, sae_cfg, train_cfg, ws.d_model))
     if header is not None and header["train"] is not None:
-        diff.update(_train_differences(header["train"], train_cfg, base_lr, keys))
+        diff.update(config_differences(header["train"], train_cfg, base_lr, keys))
     elif row is not None:  # no checkpoint: the settings the row records
         record = {"train_config": {k: row[k] for k in ("batch_size", "lr_schedule", "warmup_steps", "resample_every",
                                                       "seed") if k in row}, "base_lr": row.get("lr", base_lr)}
-        diff.update(_train_differences(record, train_cfg, base_lr, keys))
+        diff.update(config_differences(record, train_cfg, base_lr, keys))
     if row is not None:
         diff.update(_data_differences(row, ws.provenance))
         names = {**_DATA_FLAGS, **(names or {})}

@@ -147,15 +147,22 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
 # The loop
 # ---------------------------------------------------------------------------------------------
 
+def config_differences(record: dict, cfg: TrainConfig, base_lr: float, keys=_RESUME_KEYS) -> dict:
+    """{setting: (the record's, cfg's)} over ``keys`` where a checkpoint's ``train`` record and
+    ``cfg`` (with its base learning rate) differ; tuples as lists, as the record's JSON holds them."""
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    old = {**record.get("train_config", {}), "base_lr": record.get("base_lr", base_lr)}
+    new = {**asdict(cfg), "base_lr": base_lr}
+    return {k: (plain(old[k]), plain(new[k])) for k in keys if k in old and k in new and plain(old[k]) != plain(new[k])}
+
+
 def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, out: Path,
                    names: Optional[dict] = None) -> dict:
     """{setting: (old, new)} for the settings of ``_RESUME_KEYS`` that differ from the checkpoint's
     ``record``; raises ``ValueError`` naming them (as ``names`` spells them) unless ``allow``."""
-    # JSON holds tuples (betas) as lists.
-    old = {k: list(v) if isinstance(v, tuple) else v
-           for k, v in {**record["train_config"], "base_lr": record.get("base_lr", base_lr)}.items()}
-    new = {k: list(v) if isinstance(v, tuple) else v for k, v in {**asdict(cfg), "base_lr": base_lr}.items()}
-    diff = {k: (old.get(k), new[k]) for k in _RESUME_KEYS if k in old and old[k] != new[k]}
+    diff = config_differences(record, cfg, base_lr)
     if diff and not allow:
         named = ", ".join(f"{(names or {}).get(k, k)} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: the checkpoint in {out} was trained with other settings ({named}); "
