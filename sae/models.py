@@ -320,12 +320,12 @@ class _SparseCoder(nn.Module):
         if not bool(weight.sum() > 0):
             return dead[:0]
         pick = torch.multinomial(weight / weight.sum(), dead.numel(), replacement=True, generator=generator)
-        self._reinit_latents(dead, err[pick.to(err.device)])
+        self._reinit_latents(dead, err[pick.to(err.device)], generator)
         self.b_enc[dead] = 0
         self.tokens_since_fired[dead] = 0
         return dead
 
-    def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
+    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
         raise NotImplementedError
 
     # Decoder constraints the trainer calls; the TopK SAE overrides them, an Expander SAE's atoms
@@ -458,7 +458,7 @@ class TopKSAE(_SparseCoder):
             grad.index_copy_(0, rows, g)
 
     @torch.no_grad()
-    def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
+    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
         # Bricken et al.: decoder row = unit residual; encoder row = it times 0.2 * mean live encoder norm.
         unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         live = torch.ones(self.n_latents, dtype=torch.bool, device=idx.device)
@@ -554,11 +554,13 @@ class ExpanderSAE(_SparseCoder):
                                   backend=self.backend, check_rows=False, check_indices=False)
 
     @torch.no_grad()
-    def _reinit_latents(self, idx: Tensor, directions: Tensor) -> None:
-        # The residual restricted to each latent's support; a support where it is 0 gets a random atom.
+    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
+        # The residual restricted to each latent's support; a support where it is 0 gets a random atom,
+        # drawn from the resampling's generator (the SAE's seed alone would repeat it every resample).
         v = directions.gather(1, self.rows[idx].to(directions.device).long())
         norm = v.norm(dim=1, keepdim=True)
-        fallback = torch.randn(v.shape, generator=self._generator(), device="cpu").to(v)
+        fallback = torch.randn(v.shape, generator=generator if generator is not None else self._generator(),
+                               device="cpu").to(v)
         v = torch.where(norm > 0, v, fallback)
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.values[idx] = v.to(self.values.dtype)

@@ -447,3 +447,24 @@ def test_built_under_a_default_device_draws_the_same_weights(cls, kwargs):
         assert b.shape == a.shape and b.device.type == device, (name, b.device)
         if device == "cuda" or b.device.type == "cpu":
             assert torch.equal(a, b.cpu()), name
+
+
+def test_expander_fallback_atoms_come_from_the_resampling_generator(monkeypatch):
+    """A dead latent whose support sees no residual gets a random atom: from the generator the
+    resampling passes (seeded per step by the trainer), not from the SAE's seed alone."""
+    sae = ExpanderSAE(16, 40, 3, degree=4, dead_tokens_threshold=5)
+    idx, zero = torch.tensor([2, 9]), torch.zeros(2, 16)
+
+    def atoms(seed):
+        sae._reinit_latents(idx, zero, torch.Generator().manual_seed(seed))
+        return sae.values[idx].detach().clone()
+
+    assert torch.equal(atoms(1), atoms(1)) and not torch.equal(atoms(1), atoms(2))
+    assert_close(atoms(3).norm(dim=1), torch.ones(2), 1e-6, "unit atoms")
+    seen = []
+    reinit = sae._reinit_latents
+    monkeypatch.setattr(sae, "_reinit_latents", lambda i, d, g=None: seen.append(g) or reinit(i, d, g))
+    gen = torch.Generator().manual_seed(5)
+    sae.tokens_since_fired[[2, 9]] = 6
+    assert sae.resample_dead(torch.randn(30, 16), generator=gen).tolist() == [2, 9]
+    assert seen == [gen]
