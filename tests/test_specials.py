@@ -344,3 +344,22 @@ def test_every_backend_returns_the_dtype_of_its_inputs_not_of_a_wider_bias(dtype
     for name, call in calls.items():
         got = {be: call(be).dtype for be in backends}
         assert set(got.values()) == {dtype}, (name, got)
+
+
+def test_meta_tensors_give_shapes_without_reading_values():
+    """On the meta device (shape inference, deferred init) the ops and the models skip their value
+    checks and return meta results of the right shapes."""
+    from sae.models import ExpanderSAE, TopKSAE
+
+    B, m, n, k, d = 5, 12, 30, 3, 4
+    meta = dict(device="meta")
+    x, w, v = torch.empty(B, m, **meta), torch.empty(n, m, **meta), torch.empty(n, d, **meta)
+    rows = torch.empty(n, d, dtype=torch.int64, **meta)
+    acts, idx = topk_encode(x, w, None, k)
+    assert acts.shape == idx.shape == (B, k) and acts.is_meta
+    assert sparse_decode(acts, idx, w).shape == (B, m)
+    acts, idx = expander_encode(x, v, rows, None, k)
+    assert expander_decode(acts, idx, v, rows, m).shape == (B, m)
+    for sae in (TopKSAE(m, n, k, **meta), ExpanderSAE(m, n, k, d, **meta)):
+        out = sae(x)
+        assert out.x_hat.shape == (B, m) and out.x_hat.is_meta

@@ -147,8 +147,8 @@ def check_indices(name: str, t: Tensor, upper: int, what: str = "n", every_devic
     out-of-range entry contributes nothing; ``TOPK_KERNELS_DEBUG=1`` asserts).
     """
     check_index_dtype(name, t)
-    if t.numel() == 0 or (t.device.type != "cpu" and not every_device):
-        return
+    if t.numel() == 0 or t.device.type == "meta" or (t.device.type != "cpu" and not every_device):
+        return  # meta tensors hold no values: shapes only
     lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device-to-host copy
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
@@ -176,7 +176,7 @@ def check_expander_rows(rows: Tensor, m: int, what: str = "m") -> None:
     check_index_dtype("rows", rows)
     if rows.dim() != 2:
         raise ValueError(f"rows: expected a 2-D tensor [n, d], got shape {tuple(rows.shape)}")
-    if rows.numel() == 0:
+    if rows.numel() == 0 or rows.device.type == "meta":  # meta: shapes only, no values to check
         return
     lo, hi = (int(v) for v in torch.aminmax(rows))
     if lo < 0 or hi >= m:
