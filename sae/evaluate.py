@@ -184,22 +184,22 @@ def reconstruction_metrics(sae, x, *, batch_size: int = 4096, decoder_values: in
     sum_x: torch.Tensor | None = None
     sum_sq = 0.0
     fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
-    for xb in _progress(_capped(batches, max_tokens), progress, total, "reconstruction"):
-        xb = xb.to(device=device, dtype=dtype)
-        with _evaluating(sae):
+    with _evaluating(sae):
+        for xb in _progress(_capped(batches, max_tokens), progress, total, "reconstruction"):
+            xb = xb.to(device=device, dtype=dtype)
             top_acts, top_indices = sae.encode(xb)
             x_hat = sae.decode(top_acts, top_indices)
-        x64 = xb.double()
-        err = (x64 - x_hat.double()).pow(2).sum(-1)
-        norm_sq = x64.pow(2).sum(-1)
-        sq_err += err.sum().item()
-        rel_err += (err.sqrt() / norm_sq.sqrt().clamp_min(1e-30)).sum().item()
-        sum_sq += norm_sq.sum().item()
-        sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
-        active = top_acts != 0
-        active_count += int(active.sum().item())
-        fired[top_indices[active]] = True
-        n += xb.shape[0]
+            x64 = xb.double()
+            err = (x64 - x_hat.double()).pow(2).sum(-1)
+            norm_sq = x64.pow(2).sum(-1)
+            sq_err += err.sum().item()
+            rel_err += (err.sqrt() / norm_sq.sqrt().clamp_min(1e-30)).sum().item()
+            sum_sq += norm_sq.sum().item()
+            sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
+            active = top_acts != 0
+            active_count += int(active.sum().item())
+            fired[top_indices[active]] = True
+            n += xb.shape[0]
     if n == 0:
         raise ValueError("x: expected at least one activation, got none")
     total_var = sum_sq - sum_x.pow(2).sum().item() / n
@@ -285,11 +285,11 @@ def firing_density(sae, x, *, batch_size: int = 4096, max_tokens: int | None = N
     total = None if n_rows is None else -(-min(n_rows, max_tokens or n_rows) // batch_size)
     counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
     n = 0
-    for xb in _progress(_capped(batches, max_tokens), progress, total, "firing density"):
-        with _evaluating(sae):
+    with _evaluating(sae):
+        for xb in _progress(_capped(batches, max_tokens), progress, total, "firing density"):
             top_acts, top_indices = sae.encode(xb.to(device=device, dtype=dtype))
-        counts += torch.bincount(top_indices[top_acts != 0].flatten(), minlength=n_latents)
-        n += xb.shape[0]
+            counts += torch.bincount(top_indices[top_acts != 0].flatten(), minlength=n_latents)
+            n += xb.shape[0]
     if n == 0:
         raise ValueError("x: expected at least one activation, got none")
     return FiringDensity(density=(counts.double() / n).cpu(), n_tokens=n)
