@@ -133,10 +133,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     raise CheckpointError(f"checkpoint: {path} is not an SAE checkpoint of this package (no format in its metadata)")
 
 
-def read_train_record(path: str | os.PathLike) -> Optional[dict]:
-    """The ``train`` record of a training checkpoint from its header alone (the header's digest is
-    checked, no tensor is read or verified), or None for a final SAE. For quick checks before a run;
-    ``read_checkpoint`` verifies everything."""
+def read_header(path: str | os.PathLike) -> Optional[dict]:
+    """``{"class", "config", "train"}`` of an SAE file (a training checkpoint or a final SAE, any
+    format) from its header alone: the header's digest is checked where it has one, no tensor is
+    read or verified (``read_checkpoint`` verifies everything). None for a file of no format this
+    reads; ``CheckpointError`` for one whose header cannot be read or parsed."""
     from safetensors import safe_open
 
     try:
@@ -145,14 +146,25 @@ def read_train_record(path: str | os.PathLike) -> Optional[dict]:
     except Exception as exc:
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({_one_line(exc)})") from exc
     if FORMAT in meta:
-        return _parse_record(path, meta[FORMAT]).get("train")  # the header is verified, the tensors are not
-    if "sae_class" in meta and "step" in meta:
-        try:
-            return _v1_train_record(meta)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint: {path} is corrupt (its first-format metadata is malformed: "
-                                  f"{_one_line(exc)})") from exc
+        record = _parse_record(path, meta[FORMAT])
+        return {"class": record["class"], "config": record["config"], "train": record.get("train")}
+    try:
+        if "sae_class" in meta and "sae_config" in meta:  # first-format training checkpoint
+            return {"class": meta["sae_class"], "config": _clean_config(_json_object(meta["sae_config"])),
+                    "train": _v1_train_record(meta)}
+        if "class" in meta and "config" in meta:  # first-format final SAE
+            return {"class": meta["class"], "config": _clean_config(_json_object(meta["config"])), "train": None}
+    except (KeyError, TypeError, ValueError) as exc:  # a missing key, a bad number, invalid JSON
+        raise CheckpointError(f"checkpoint: {path} is corrupt (its first-format metadata is malformed: "
+                              f"{_one_line(exc)})") from exc
     return None
+
+
+def read_train_record(path: str | os.PathLike) -> Optional[dict]:
+    """The ``train`` record of a training checkpoint from its header alone (``read_header``), or
+    None for a final SAE. For quick checks before a run; ``read_checkpoint`` verifies everything."""
+    header = read_header(path)
+    return None if header is None else header["train"]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -65,19 +65,18 @@ def _read(path: Path, weights: str) -> tuple[dict, dict]:
     """cfg.json and the weights; a file that cannot be parsed raises ``CheckpointError`` naming it."""
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, _one_line
 
     try:
         cfg = json.loads((path / CFG).read_text())
     except ValueError as exc:  # invalid JSON (json.JSONDecodeError) or not UTF-8
-        raise CheckpointError(f"peer cfg: {path / CFG} is not valid JSON ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"peer cfg: {path / CFG} is not valid JSON ({_one_line(exc)})") from exc
     if not isinstance(cfg, dict):
         raise CheckpointError(f"peer cfg: {path / CFG} holds a JSON {type(cfg).__name__}, expected an object")
     try:
         tensors = load_file(str(path / weights))
     except Exception as exc:  # safetensors raises its own error types for a bad header or size
-        raise CheckpointError(f"peer weights: {path / weights} is truncated or corrupt "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+        raise CheckpointError(f"peer weights: {path / weights} is truncated or corrupt ({_one_line(exc)})") from exc
     return cfg, tensors
 
 
