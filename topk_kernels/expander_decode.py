@@ -385,14 +385,13 @@ def expander_decode(
     check_decode_args(top_acts, top_indices)
     check_bias("bias", bias, m, "m")
     check_same_device(top_acts=top_acts, top_indices=top_indices, values=values, rows=rows, bias=bias)
-    backend = resolve_backend(backend, values.device, torch.promote_types(top_acts.dtype, values.dtype))
+    out_dtype = torch.promote_types(top_acts.dtype, values.dtype)  # every backend's (the bias's does not count)
+    backend = resolve_backend(backend, values.device, out_dtype)
     check_decode_ids(top_indices, values.shape[0], backend, check_indices)
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m)
-        # In the dtype the other backends return (the bias's does not count).
-        return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias).to(
-            torch.promote_types(top_acts.dtype, values.dtype))
+        return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias).to(out_dtype)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _expander_decode_op(
         top_acts.reshape(-1, k).contiguous(),

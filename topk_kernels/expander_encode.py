@@ -627,12 +627,13 @@ def expander_encode(
     check_bias("bias", bias, n, "n = values.shape[0]")
     check_k(k, n)
     check_same_device(x=x, values=values, rows=rows, bias=bias)
-    backend = resolve_backend(backend, values.device, torch.promote_types(x.dtype, values.dtype))
+    out_dtype = torch.promote_types(x.dtype, values.dtype)  # every backend's (the bias's does not count)
+    backend = resolve_backend(backend, values.device, out_dtype)
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m, "m = x.shape[-1]")
         acts, idx = reference.expander_encode(x, values, rows.long(), bias, k)
-        return acts.to(torch.promote_types(x.dtype, values.dtype)), idx  # as the other backends (bias aside)
+        return acts.to(out_dtype), idx
     lead = x.shape[:-1]
     top_acts, top_indices = _expander_encode_op(
         x.reshape(-1, m).contiguous(),

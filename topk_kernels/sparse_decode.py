@@ -324,11 +324,11 @@ def sparse_decode(
     check_decode_args(top_acts, top_indices)
     check_bias("bias", bias, m, "m = weight.shape[1]")
     check_same_device(top_acts=top_acts, top_indices=top_indices, weight=weight, bias=bias)
-    backend = resolve_backend(backend, weight.device, torch.promote_types(top_acts.dtype, weight.dtype))
+    out_dtype = torch.promote_types(top_acts.dtype, weight.dtype)  # every backend's (the bias's does not count)
+    backend = resolve_backend(backend, weight.device, out_dtype)
     check_decode_ids(top_indices, n, backend, check_indices)
-    if backend == "reference":  # in the dtype the other backends return (the bias's does not count)
-        return reference.sparse_decode(top_acts, top_indices, weight, bias).to(
-            torch.promote_types(top_acts.dtype, weight.dtype))
+    if backend == "reference":
+        return reference.sparse_decode(top_acts, top_indices, weight, bias).to(out_dtype)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _sparse_decode_op(
         top_acts.reshape(-1, k).contiguous(),

@@ -1158,10 +1158,11 @@ def topk_encode(
     check_bias("bias", bias, n, "n = weight.shape[0]")
     check_k(k, n)
     check_same_device(x=x, weight=weight, bias=bias)
-    backend = resolve_backend(backend, weight.device, torch.promote_types(x.dtype, weight.dtype))
-    if backend == "reference":  # in the dtype the other backends return (the bias's does not count)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)  # every backend's (the bias's does not count)
+    backend = resolve_backend(backend, weight.device, out_dtype)
+    if backend == "reference":
         acts, idx = reference.topk_encode(x, weight, bias, k)
-        return acts.to(torch.promote_types(x.dtype, weight.dtype)), idx
+        return acts.to(out_dtype), idx
     lead = x.shape[:-1]
     top_acts, top_indices = _topk_encode_op(
         x.reshape(-1, m).contiguous(),
