@@ -143,36 +143,10 @@ def _named(diff: dict, names: Optional[dict] = None) -> str:
 
 
 def _run_header(path: Path) -> Optional[dict]:
-    """``{"class", "config", "train"}`` of an SAE file (a training checkpoint or a final
-    ``sae.safetensors``) from its header alone, no tensor read; None where there is no file or
-    the header is of no format this reads (``train()`` verifies the whole file when it loads it).
-    Raises ``CheckpointError`` for a file whose header cannot be read."""
-    from .checkpoint import FORMAT, CheckpointError, _parse_record
+    """``checkpoint.read_header`` of a run folder's file; None where there is no file."""
+    from .checkpoint import read_header
 
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if FORMAT in meta:  # checked against its header digest
-            record = _parse_record(path, meta[FORMAT])
-            return {"class": record["class"], "config": record["config"], "train": record.get("train")}
-        if "sae_class" in meta and "sae_config" in meta:  # first-format training checkpoint
-            config = {k: v for k, v in json.loads(meta["sae_config"]).items() if k != "backend"}
-            train = {"step": int(meta["step"]), "tokens": int(meta["tokens"]),
-                     "train_config": json.loads(meta["train_config"])}
-            return {"class": meta["sae_class"], "config": config, "train": train}
-        if "class" in meta and "config" in meta:  # first-format final SAE
-            config = {k: v for k, v in json.loads(meta["config"]).items() if k != "backend"}
-            return {"class": meta["class"], "config": config, "train": None}
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors' own error types for a bad header; bad JSON; missing keys
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({exc})") from exc
-    return None
-
+    return read_header(path) if path.is_file() else None
 
 def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = None) -> dict:
     """{SAEConfig field: (the file's, this command's)} where the SAE in ``header`` is not the one
@@ -399,10 +373,8 @@ class _Workspace:
 
         t0 = time.perf_counter()
         print(f"[sae] evaluating {len(saes)} SAE(s) on {self.test_tokens.numel():,} test tokens ...", flush=True)
-        modes = {name: sae.training for name, sae in saes.items()}
-        rows = {}
+        rows = {}  # the metrics run each SAE in eval mode and restore its mode
         for name, sae in saes.items():
-            sae.eval()
             rec = reconstruction_metrics(sae, self.acts("test"))
             rows[name] = {"fvu": rec.fvu, "rel_err": rec.rel_error, "l0": rec.l0,
                           "dead_fraction_test": rec.dead_fraction, "eval_tokens": rec.n_tokens}
@@ -412,8 +384,6 @@ class _Workspace:
             for name, ce in results.items():
                 ce = ce.as_dict()
                 rows[name].update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
-        for name, sae in saes.items():
-            sae.train(modes[name])
         print(f"[sae] evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
         return rows
 
@@ -421,10 +391,7 @@ class _Workspace:
         """FVU on the validation split: what learning rates are chosen by."""
         from .evaluate import reconstruction_metrics
 
-        was_training = sae.training
-        sae.eval()
-        rec = reconstruction_metrics(sae, self.acts("validation"))
-        sae.train(was_training)
+        rec = reconstruction_metrics(sae, self.acts("validation"))  # in eval mode, the SAE's own restored
         return {"val_fvu": rec.fvu, "val_rel_err": rec.rel_error, "val_tokens": rec.n_tokens}
 
     def density_extra(self, needed: int):
@@ -459,10 +426,7 @@ class _Workspace:
                 for start in range(0, len(part), size):
                     yield part[start:min(start + size, len(part))]
 
-        was_training = sae.training
-        sae.eval()
-        density = firing_density(sae, batches(), max_tokens=limit)
-        sae.train(was_training)
+        density = firing_density(sae, batches(), max_tokens=limit)  # in eval mode, the SAE's own restored
         sources = ["train split", "test split"] + (["--density-text"] if extra is not None else [])
         out = {"firing_density_tokens": density.n_tokens, "firing_density_sources": " + ".join(sources),
                "never_fired": density.never_fired()}

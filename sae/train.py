@@ -127,11 +127,11 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
             mine.get(k, object()) != v for k, v in ckpt.config.items() if k not in derived):
         raise CheckpointError(f"checkpoint: {path} holds a {ckpt.class_name} {ckpt.config}, "
                               f"expected a {type(sae).__name__} {mine}")
-    state = sae.state_dict()
+    current = sae.state_dict()
     for name, tensor in ckpt.sae_tensors.items():
-        if tensor.is_floating_point() and name in state and state[name].dtype != tensor.dtype:
+        if tensor.is_floating_point() and name in current and current[name].dtype != tensor.dtype:
             raise CheckpointError(f"checkpoint: {path} holds {name} in {tensor.dtype}, the SAE to resume is "
-                                  f"{state[name].dtype}; build it with dtype={tensor.dtype} to go on")
+                                  f"{current[name].dtype}; build it with dtype={tensor.dtype} to go on")
     sae.load_state_dict(ckpt.sae_tensors)
     if optimizer is not None:
         state: dict = {}
@@ -158,13 +158,12 @@ def config_differences(record: dict, cfg: TrainConfig, base_lr: float, keys=_RES
     return {k: (plain(old[k]), plain(new[k])) for k in keys if k in old and k in new and plain(old[k]) != plain(new[k])}
 
 
-def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, out: Path,
-                   names: Optional[dict] = None) -> dict:
+def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, out: Path) -> dict:
     """{setting: (old, new)} for the settings of ``_RESUME_KEYS`` that differ from the checkpoint's
-    ``record``; raises ``ValueError`` naming them (as ``names`` spells them) unless ``allow``."""
+    ``record``; raises ``ValueError`` naming them unless ``allow`` (the CLI checks them first, by flag)."""
     diff = config_differences(record, cfg, base_lr)
     if diff and not allow:
-        named = ", ".join(f"{(names or {}).get(k, k)} {a} -> {b}" for k, (a, b) in diff.items())
+        named = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: the checkpoint in {out} was trained with other settings ({named}); "
                          f"use the original values, or allow_config_change (--allow-config-change) to continue "
                          f"anyway")
