@@ -268,8 +268,10 @@ class FiringDensity:
     def log10_histogram(self, bins: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
         """(counts [bins], edges [bins + 1]) of log10(density) over the latents that fired, on
         [log10(1 / n_tokens), 0]."""
-        fired = self.density[self.density > 0].double().log10()
         low = -math.log10(self.n_tokens)
+        # log10(1 / n) rounds below -log10(n) for some n (19, 24, 103, ...): clamp, or histc drops
+        # the latents that fired once
+        fired = self.density[self.density > 0].double().log10().clamp(low, 0.0)
         counts = torch.histc(fired, bins=bins, min=low, max=0.0)
         return counts, torch.linspace(low, 0.0, bins + 1, dtype=torch.float64)
 

@@ -575,3 +575,12 @@ def test_metrics_evaluate_a_batch_topk_sae_in_eval_mode_and_restore_its_mode():
         assert got.fvu == pytest.approx(want.fvu, rel=1e-9) and got.l0 == want.l0
     assert torch.equal(firing_density(sae, x, batch_size=64).density, dens)
     assert sae.training and torch.equal(sae.batch_threshold, threshold)
+
+
+def test_firing_density_histogram_counts_latents_that_fired_once():
+    """log10(1 / n) rounds below -log10(n) for some n (19 among them): a latent that fired on one
+    token of n must still land in the first bin."""
+    for n in (19, 24, 103, 1000):
+        dens = evaluate.FiringDensity(density=torch.tensor([1, 2, 0, n], dtype=torch.float64) / n, n_tokens=n)
+        counts, _ = dens.log10_histogram(bins=10)
+        assert counts.sum() == 3 and counts[0] >= 1 and counts[-1] == 1, (n, counts)
