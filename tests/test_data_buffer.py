@@ -85,6 +85,14 @@ def test_buffer_from_numpy_and_bf16_bits(numbered):
         ActivationBuffer(numbered.numpy().astype(np.int32))
 
 
+def test_buffer_int_index_out_of_range_raises(numbered):
+    buf = ActivationBuffer(numbered)  # 103 rows
+    assert torch.equal(buf[-1], numbered[102]) and torch.equal(buf[-103], numbered[0])
+    for idx in (103, 200, -104, -105, -206):  # -104 used to wrap twice, to row 101
+        with pytest.raises(IndexError, match="idx"):
+            buf[idx]
+
+
 def test_buffer_harvest_cached_on_disk(tiny_llama, tokens, tmp_path):
     model, layer = tiny_llama, 2
     in_mem = ActivationBuffer.harvest(model, tokens, layer, batch_size=4)

@@ -137,7 +137,10 @@ class ActivationBuffer:
     def __getitem__(self, idx) -> torch.Tensor:
         """Rows ``idx`` (an int, slice or index array) as a float32 tensor ``[..., d_model]``."""
         if isinstance(idx, int):
-            return self._rows(slice(idx, idx + 1))[0].float() if idx >= 0 else self[len(self) + idx]
+            if not -len(self) <= idx < len(self):
+                raise IndexError(f"idx: expected in [-{len(self)}, {len(self)}), got {idx}")
+            idx %= len(self)
+            return self._rows(slice(idx, idx + 1))[0].float()
         return self._rows(idx).float()
 
     def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
