@@ -169,6 +169,29 @@ def test_buffer_harvest_resumes_after_interruption(tiny_llama, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == [whole.path.name]  # no partial, lock or temp left
 
 
+def test_buffer_harvest_finishes_a_partial_killed_after_its_last_chunk(tiny_llama, tokens, tmp_path, monkeypatch):
+    """Killed after progress.json recorded every batch but before meta.json: the next harvest
+    only writes meta.json (it used to run the model on an empty batch and fail, every time)."""
+    from sae.data import buffer as buffer_module
+
+    ref = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "ref", batch_size=4)
+    write = buffer_module._write_json_atomic
+
+    def dies_at_meta(path, obj):
+        if path.name == "meta.json":
+            raise _Interrupt
+        write(path, obj)
+
+    monkeypatch.setattr(buffer_module, "_write_json_atomic", dies_at_meta)
+    with pytest.raises(_Interrupt):
+        ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "c", batch_size=4, chunk_batches=1)
+    monkeypatch.setattr(buffer_module, "_write_json_atomic", write)
+    with _count_batches(tiny_llama) as calls:
+        again = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "c", batch_size=4)
+    assert not calls and _npy_bytes(again) == _npy_bytes(ref)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [ref.path.name]
+
+
 def test_buffer_harvest_restarts_a_partial_of_other_batching(tiny_llama, tokens, tmp_path):
     ref = ActivationBuffer.harvest(tiny_llama, tokens, 2, cache_dir=tmp_path / "ref", batch_size=3)
     with _count_batches(tiny_llama, interrupt_at=2), pytest.raises(_Interrupt):

@@ -270,7 +270,8 @@ class ActivationBuffer:
             expected = dict(n_rows=n_rows, batch_size=batch_size, storage_dtype=sname)
             start, arr = _resume_partial(partial, expected)
             pos = start * batch_size * (ctx_len - 1)
-            for i, acts in enumerate(stream(start), start=start + 1):
+            # start == n_batches: killed after the last chunk was recorded, only meta.json is missing
+            for i, acts in enumerate(stream(start) if start < n_batches else (), start=start + 1):
                 if arr is None:
                     partial.mkdir(exist_ok=True)
                     arr = np.lib.format.open_memmap(partial / "acts.npy", mode="w+",
