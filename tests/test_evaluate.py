@@ -306,6 +306,20 @@ def test_ce_inputs_are_checked(tiny_llama, tokens):
         ce_loss_recovered(other, _KeepFirst(32, 32), tokens, 1, baseline=base)
 
 
+def test_ce_baseline_of_other_weights_is_refused_however_many_contexts(tiny_llama):
+    """The clean-CE check is per prediction: a baseline of slightly other weights (clean CE 1e-3
+    nats per prediction apart, ten times the tolerance) is refused on 64 contexts too; the largest
+    per-context sum over all predictions let it through."""
+    tokens = torch.randint(2, 101, (64, 16), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = BOS
+    base = ce_baseline(tiny_llama, tokens, 1, batch_size=32)
+    other = copy.deepcopy(tiny_llama)
+    other.model.layers[3].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="baseline: its clean CE differs"):
+        ce_loss_recovered(other, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=10)
+    assert ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=10).recovered == 1.0
+
+
 class _TupleLayer(torch.nn.Module):
     """A residual block whose forward returns (hidden, extra), as older transformers did."""
 
