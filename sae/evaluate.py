@@ -566,6 +566,9 @@ def ce_baseline(model, tokens: torch.Tensor, layer: int, *, bos_id: int | None =
     ``ce_loss_recovered`` for every SAE. ``mean_activation`` ``[d_model]`` (``activation_mean`` of
     the training split) adds the mean-ablation baseline."""
     tokens, bos_id = _check_tokens(model, tokens, bos_id)
+    if not bool((tokens[:, :-1] != bos_id).any()):
+        raise ValueError(f"tokens: expected at least one prediction made at a non-BOS position (the CE average), "
+                         f"got none in {tuple(tokens.shape)} tokens")
     decoder_layer(model, layer)
     splices = {
         "zero": lambda h, mask: torch.zeros_like(h),

@@ -300,6 +300,8 @@ def test_ce_inputs_are_checked(tiny_llama, tokens):
         ce_baseline(tiny_llama, no_bos, 1)
     with pytest.raises(ValueError, match="n_bootstrap"):
         ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=0)
+    with pytest.raises(ValueError, match="at least one prediction made at a non-BOS position"):
+        ce_baseline(tiny_llama, tokens[:, :2], 1)  # each context predicts only from its BOS
     other = copy.deepcopy(tiny_llama)
     other.model.layers[3].mlp.down_proj.weight.mul_(2)
     with pytest.raises(ValueError, match="baseline: its clean CE differs"):
