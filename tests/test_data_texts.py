@@ -112,6 +112,21 @@ def test_r_lazy_load_db_round_trip(tmp_path, version):
         assert list(db[name]) == strings
 
 
+def test_r_lazy_load_db_blob_markers(tmp_path):
+    """Blobs of compressed = 2 / 3 databases: a type byte after the length, then R's stream: 'Z'
+    raw LZMA2 (no .xz container, as R's lzma_raw_encoder writes), '2' bzip2, '1' zlib, '0' stored."""
+    import bz2
+    import lzma
+
+    from sae.data._rdata import _decompress_blob
+
+    w = _RWriter(3)
+    ser = w.serialize(w.strsxp([f"line {i}" for i in range(300)]))
+    raw_lzma2 = lzma.compress(ser, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}])
+    for marker, body in ((b"Z", raw_lzma2), (b"2", bz2.compress(ser)), (b"1", zlib.compress(ser)), (b"0", ser)):
+        assert _decompress_blob(struct.pack(">I", len(ser)) + marker + body) == ser, marker
+
+
 def test_r_unserialize_numbers_and_named_list():
     w = _RWriter(3)
     ser = w.serialize(w.named_list({
