@@ -145,6 +145,11 @@ def test_r_unserialize_numbers_and_named_list():
         unserialize(ser[:-6])
     with pytest.raises(ValueError, match="XDR"):
         unserialize(b"A\n" + ser[2:])
+    # a long vector's length is two unsigned ints: 2**31 raw bytes (low word 0x80000000) is far
+    # more than the stream holds, not a negative length that reads nothing
+    long_raw = w.header() + w.int(24) + w.int(-1) + w.int(0) + struct.pack(">I", 2**31) + b"abc"
+    with pytest.raises(ValueError, match="truncated"):
+        unserialize(long_raw)
 
 
 def test_load_austen_texts_from_generated_db(tmp_path):

@@ -60,8 +60,8 @@ class _RUnserializer:
 
     def _length(self) -> int:
         n = self._int()
-        if n == -1:  # long vector: two more ints
-            hi, lo = self._int(), self._int()
+        if n == -1:  # long vector: two more ints, unsigned (R's ReadLENGTH)
+            hi, lo = self._int() & 0xFFFFFFFF, self._int() & 0xFFFFFFFF
             n = (hi << 32) + lo
         return n
 
