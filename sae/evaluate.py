@@ -94,7 +94,17 @@ def _activation_batches(x, batch_size: int) -> tuple[Iterable[torch.Tensor], int
         return x.split(batch_size), x.shape[0]
     if isinstance(x, ActivationBuffer):  # read in order, slice by slice
         return (x[i:i + batch_size] for i in range(0, len(x), batch_size)), len(x)
-    return x, None
+    return _batch_rows(x), None
+
+
+def _batch_rows(batches):
+    """Each batch of an iterable as rows ``[b, d_model]`` (a ``[..., d_model]`` batch flattened, as a
+    tensor is); a 1-D batch (a single row, say, from iterating over a tensor) is refused: counted by
+    its length, it gave wrong token counts, L0 and FVU."""
+    for xb in batches:
+        if xb.dim() < 2:
+            raise ValueError(f"x: expected batches of activations [b, d_model], got a batch of shape {tuple(xb.shape)}")
+        yield xb.reshape(-1, xb.shape[-1])
 
 
 def _capped(batches, max_tokens: int | None):

@@ -93,6 +93,17 @@ def test_reconstruction_metrics_inputs_agree():
     assert capped.fvu == pytest.approx(reconstruction_metrics(sae, x[:100]).fvu, rel=1e-12)
     with pytest.raises(TypeError, match="n_latents"):
         reconstruction_metrics(SimpleNamespace(encode=None, decode=None), x)
+    # batches of an iterable count rows, as a tensor does: [..., d_model] batches are flattened,
+    # single rows (1-D, from iterating over a tensor) refused instead of counted by their length
+    from_3d = reconstruction_metrics(sae, iter(x.view(30, 10, 8).split(7)))
+    assert from_3d.n_tokens == 300 and from_3d.fvu == pytest.approx(ref.fvu, rel=1e-12) and from_3d.l0 == ref.l0
+    assert firing_density(sae, iter(x.view(30, 10, 8).split(7))).n_tokens == 300
+    torch.testing.assert_close(activation_mean(iter(x.view(30, 10, 8).split(7))), activation_mean(x))
+    for fn in (reconstruction_metrics, firing_density):
+        with pytest.raises(ValueError, match="batches of activations"):
+            fn(sae, iter(x))
+    with pytest.raises(ValueError, match="batches of activations"):
+        activation_mean(iter(x))
 
 
 class _TopKLinear(torch.nn.Module):
