@@ -534,7 +534,8 @@ def _passes(model, tokens: torch.Tensor, layer: int, bos_id: int, splices: dict,
         sums.setdefault(key, []).append(value.double().cpu())
 
     batches = tokens.split(batch_size)
-    with layer_output_hook(model, layer, hook), layer_replay(model, layer) as cache:
+    # the model in eval mode: with dropout on, CE is noise and the replay check fails on layer 0's input
+    with _evaluating(model), layer_output_hook(model, layer, hook), layer_replay(model, layer) as cache:
         if replay and splices:  # a short check: 64 tokens of one context
             replay = _replay_matches(model, tokens[:1, :64].to(device), cache)
         for ids in _progress(batches, progress, len(batches), desc):

@@ -333,6 +333,16 @@ def test_ce_baseline_of_other_weights_is_refused_however_many_contexts(tiny_llam
     assert ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=10).recovered == 1.0
 
 
+def test_ce_of_a_model_in_training_mode_runs_it_in_eval_mode(tokens):
+    """A model built from a config starts in training mode (dropout): the CE passes run it in eval
+    mode (they crashed in the replay check) and restore its modes."""
+    model = tiny_gpt2(BOS)
+    want = ce_loss_recovered(model, _KeepFirst(32, 7), tokens, 1, n_bootstrap=10)
+    model.train()
+    assert ce_loss_recovered(model, _KeepFirst(32, 7), tokens, 1, n_bootstrap=10) == want
+    assert all(m.training for m in model.modules())
+
+
 class _TupleLayer(torch.nn.Module):
     """A residual block whose forward returns (hidden, extra), as older transformers did."""
 
