@@ -85,6 +85,14 @@ def test_buffer_from_numpy_and_bf16_bits(numbered):
         ActivationBuffer(numbered.numpy().astype(np.int32))
 
 
+def test_buffer_int_index_out_of_range_raises(numbered):
+    buf = ActivationBuffer(numbered)  # 103 rows
+    assert torch.equal(buf[-1], numbered[102]) and torch.equal(buf[-103], numbered[0])
+    for idx in (103, 200, -104, -105, -206):  # -104 used to wrap twice, to row 101
+        with pytest.raises(IndexError, match="idx"):
+            buf[idx]
+
+
 def test_buffer_harvest_cached_on_disk(tiny_llama, tokens, tmp_path):
     model, layer = tiny_llama, 2
     in_mem = ActivationBuffer.harvest(model, tokens, layer, batch_size=4)
@@ -159,6 +167,29 @@ def test_buffer_harvest_resumes_after_interruption(tiny_llama, tmp_path):
     assert len(calls) == 4  # batches 3..6 only
     assert _npy_bytes(resumed) == _npy_bytes(whole)
     assert sorted(p.name for p in cache.iterdir()) == [whole.path.name]  # no partial, lock or temp left
+
+
+def test_buffer_harvest_finishes_a_partial_killed_after_its_last_chunk(tiny_llama, tokens, tmp_path, monkeypatch):
+    """Killed after progress.json recorded every batch but before meta.json: the next harvest
+    only writes meta.json (it used to run the model on an empty batch and fail, every time)."""
+    from sae.data import buffer as buffer_module
+
+    ref = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "ref", batch_size=4)
+    write = buffer_module._write_json_atomic
+
+    def dies_at_meta(path, obj):
+        if path.name == "meta.json":
+            raise _Interrupt
+        write(path, obj)
+
+    monkeypatch.setattr(buffer_module, "_write_json_atomic", dies_at_meta)
+    with pytest.raises(_Interrupt):
+        ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "c", batch_size=4, chunk_batches=1)
+    monkeypatch.setattr(buffer_module, "_write_json_atomic", write)
+    with _count_batches(tiny_llama) as calls:
+        again = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path / "c", batch_size=4)
+    assert not calls and _npy_bytes(again) == _npy_bytes(ref)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [ref.path.name]
 
 
 def test_buffer_harvest_restarts_a_partial_of_other_batching(tiny_llama, tokens, tmp_path):

@@ -55,6 +55,16 @@ def test_harvest_matches_hidden_states(tiny_llama, tokens, layer):
     torch.testing.assert_close(torch.cat(list(harvest_activations(model, batches, layer))), got)
 
 
+def test_harvest_runs_a_model_in_training_mode_without_dropout(tokens):
+    """A model built from a config starts in training mode: harvesting runs it in eval mode (no
+    dropout noise in the activations, which are cached on disk) and restores its modes."""
+    model = tiny_gpt2()
+    want = torch.cat(list(harvest_activations(model, tokens, 1)))
+    model.train()
+    got = torch.cat(list(harvest_activations(model, tokens, 1)))
+    assert torch.equal(got, want) and all(m.training for m in model.modules())
+
+
 def test_harvest_bf16_and_bad_layer(tiny_llama, tokens):
     model = tiny_llama
     ref = torch.cat(list(harvest_activations(model, tokens, 1)))

@@ -112,6 +112,21 @@ def test_r_lazy_load_db_round_trip(tmp_path, version):
         assert list(db[name]) == strings
 
 
+def test_r_lazy_load_db_blob_markers(tmp_path):
+    """Blobs of compressed = 2 / 3 databases: a type byte after the length, then R's stream: 'Z'
+    raw LZMA2 (no .xz container, as R's lzma_raw_encoder writes), '2' bzip2, '1' zlib, '0' stored."""
+    import bz2
+    import lzma
+
+    from sae.data._rdata import _decompress_blob
+
+    w = _RWriter(3)
+    ser = w.serialize(w.strsxp([f"line {i}" for i in range(300)]))
+    raw_lzma2 = lzma.compress(ser, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}])
+    for marker, body in ((b"Z", raw_lzma2), (b"2", bz2.compress(ser)), (b"1", zlib.compress(ser)), (b"0", ser)):
+        assert _decompress_blob(struct.pack(">I", len(ser)) + marker + body) == ser, marker
+
+
 def test_r_unserialize_numbers_and_named_list():
     w = _RWriter(3)
     ser = w.serialize(w.named_list({
@@ -130,6 +145,11 @@ def test_r_unserialize_numbers_and_named_list():
         unserialize(ser[:-6])
     with pytest.raises(ValueError, match="XDR"):
         unserialize(b"A\n" + ser[2:])
+    # a long vector's length is two unsigned ints: 2**31 raw bytes (low word 0x80000000) is far
+    # more than the stream holds, not a negative length that reads nothing
+    long_raw = w.header() + w.int(24) + w.int(-1) + w.int(0) + struct.pack(">I", 2**31) + b"abc"
+    with pytest.raises(ValueError, match="truncated"):
+        unserialize(long_raw)
 
 
 def test_load_austen_texts_from_generated_db(tmp_path):

@@ -93,6 +93,17 @@ def test_reconstruction_metrics_inputs_agree():
     assert capped.fvu == pytest.approx(reconstruction_metrics(sae, x[:100]).fvu, rel=1e-12)
     with pytest.raises(TypeError, match="n_latents"):
         reconstruction_metrics(SimpleNamespace(encode=None, decode=None), x)
+    # batches of an iterable count rows, as a tensor does: [..., d_model] batches are flattened,
+    # single rows (1-D, from iterating over a tensor) refused instead of counted by their length
+    from_3d = reconstruction_metrics(sae, iter(x.view(30, 10, 8).split(7)))
+    assert from_3d.n_tokens == 300 and from_3d.fvu == pytest.approx(ref.fvu, rel=1e-12) and from_3d.l0 == ref.l0
+    assert firing_density(sae, iter(x.view(30, 10, 8).split(7))).n_tokens == 300
+    torch.testing.assert_close(activation_mean(iter(x.view(30, 10, 8).split(7))), activation_mean(x))
+    for fn in (reconstruction_metrics, firing_density):
+        with pytest.raises(ValueError, match="batches of activations"):
+            fn(sae, iter(x))
+    with pytest.raises(ValueError, match="batches of activations"):
+        activation_mean(iter(x))
 
 
 class _TopKLinear(torch.nn.Module):
@@ -300,10 +311,36 @@ def test_ce_inputs_are_checked(tiny_llama, tokens):
         ce_baseline(tiny_llama, no_bos, 1)
     with pytest.raises(ValueError, match="n_bootstrap"):
         ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=0)
+    with pytest.raises(ValueError, match="at least one prediction made at a non-BOS position"):
+        ce_baseline(tiny_llama, tokens[:, :2], 1)  # each context predicts only from its BOS
     other = copy.deepcopy(tiny_llama)
     other.model.layers[3].mlp.down_proj.weight.mul_(2)
     with pytest.raises(ValueError, match="baseline: its clean CE differs"):
         ce_loss_recovered(other, _KeepFirst(32, 32), tokens, 1, baseline=base)
+
+
+def test_ce_baseline_of_other_weights_is_refused_however_many_contexts(tiny_llama):
+    """The clean-CE check is per prediction: a baseline of slightly other weights (clean CE 1e-3
+    nats per prediction apart, ten times the tolerance) is refused on 64 contexts too; the largest
+    per-context sum over all predictions let it through."""
+    tokens = torch.randint(2, 101, (64, 16), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = BOS
+    base = ce_baseline(tiny_llama, tokens, 1, batch_size=32)
+    other = copy.deepcopy(tiny_llama)
+    other.model.layers[3].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="baseline: its clean CE differs"):
+        ce_loss_recovered(other, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=10)
+    assert ce_loss_recovered(tiny_llama, _KeepFirst(32, 32), tokens, 1, baseline=base, n_bootstrap=10).recovered == 1.0
+
+
+def test_ce_of_a_model_in_training_mode_runs_it_in_eval_mode(tokens):
+    """A model built from a config starts in training mode (dropout): the CE passes run it in eval
+    mode (they crashed in the replay check) and restore its modes."""
+    model = tiny_gpt2(BOS)
+    want = ce_loss_recovered(model, _KeepFirst(32, 7), tokens, 1, n_bootstrap=10)
+    model.train()
+    assert ce_loss_recovered(model, _KeepFirst(32, 7), tokens, 1, n_bootstrap=10) == want
+    assert all(m.training for m in model.modules())
 
 
 class _TupleLayer(torch.nn.Module):
@@ -575,3 +612,12 @@ def test_metrics_evaluate_a_batch_topk_sae_in_eval_mode_and_restore_its_mode():
         assert got.fvu == pytest.approx(want.fvu, rel=1e-9) and got.l0 == want.l0
     assert torch.equal(firing_density(sae, x, batch_size=64).density, dens)
     assert sae.training and torch.equal(sae.batch_threshold, threshold)
+
+
+def test_firing_density_histogram_counts_latents_that_fired_once():
+    """log10(1 / n) rounds below -log10(n) for some n (19 among them): a latent that fired on one
+    token of n must still land in the first bin."""
+    for n in (19, 24, 103, 1000):
+        dens = evaluate.FiringDensity(density=torch.tensor([1, 2, 0, n], dtype=torch.float64) / n, n_tokens=n)
+        counts, _ = dens.log10_histogram(bins=10)
+        assert counts.sum() == 3 and counts[0] >= 1 and counts[-1] == 1, (n, counts)

@@ -60,8 +60,8 @@ class _RUnserializer:
 
     def _length(self) -> int:
         n = self._int()
-        if n == -1:  # long vector: two more ints
-            hi, lo = self._int(), self._int()
+        if n == -1:  # long vector: two more ints, unsigned (R's ReadLENGTH)
+            hi, lo = self._int() & 0xFFFFFFFF, self._int() & 0xFFFFFFFF
             n = (hi << 32) + lo
         return n
 
@@ -321,14 +321,15 @@ def _decompress_blob(raw: bytes) -> bytes:
     body = raw[4:]
     if body[:1] in (b"x",):  # zlib stream (compressed = TRUE / 1)
         out = zlib.decompress(body)
-    elif body[:1] == b"Z":
+    elif body[:1] == b"1":  # compressed = 3 falls back to zlib
         out = zlib.decompress(body[1:])
     elif body[:1] == b"2":
         import bz2
         out = bz2.decompress(body[1:])
-    elif body[:1] == b"X":
-        import lzma
-        out = lzma.decompress(body[1:])
+    elif body[:1] == b"Z":  # compressed = 3: a raw LZMA2 stream (no .xz container); matches reach
+        import lzma         # back at most the whole output, so a dictionary that long decodes any preset
+        out = lzma.decompress(body[1:], format=lzma.FORMAT_RAW,
+                              filters=[{"id": lzma.FILTER_LZMA2, "dict_size": max(expected, 4096)}])
     elif body[:1] == b"0":
         out = bytes(body[1:])
     else:

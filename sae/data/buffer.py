@@ -137,7 +137,10 @@ class ActivationBuffer:
     def __getitem__(self, idx) -> torch.Tensor:
         """Rows ``idx`` (an int, slice or index array) as a float32 tensor ``[..., d_model]``."""
         if isinstance(idx, int):
-            return self._rows(slice(idx, idx + 1))[0].float() if idx >= 0 else self[len(self) + idx]
+            if not -len(self) <= idx < len(self):
+                raise IndexError(f"idx: expected in [-{len(self)}, {len(self)}), got {idx}")
+            idx %= len(self)
+            return self._rows(slice(idx, idx + 1))[0].float()
         return self._rows(idx).float()
 
     def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
@@ -267,7 +270,8 @@ class ActivationBuffer:
             expected = dict(n_rows=n_rows, batch_size=batch_size, storage_dtype=sname)
             start, arr = _resume_partial(partial, expected)
             pos = start * batch_size * (ctx_len - 1)
-            for i, acts in enumerate(stream(start), start=start + 1):
+            # start == n_batches: killed after the last chunk was recorded, only meta.json is missing
+            for i, acts in enumerate(stream(start) if start < n_batches else (), start=start + 1):
                 if arr is None:
                     partial.mkdir(exist_ok=True)
                     arr = np.lib.format.open_memmap(partial / "acts.npy", mode="w+",
