@@ -43,7 +43,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import ActivationBuffer, decoder_layer, layer_output_hook
-from .data.layouts import layer_replay
+from .data.layouts import eval_mode as _evaluating, layer_replay
 
 __all__ = [
     "CONVENTIONS",
@@ -145,22 +145,6 @@ class ReconstructionMetrics:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@contextmanager
-def _evaluating(*saes):
-    """The SAEs (nn.Modules among them) in eval mode inside, their own modes restored after: a
-    BatchTopK SAE left in training mode would select by the batch and move its learned threshold."""
-    modules = [s for s in saes if isinstance(s, torch.nn.Module)]
-    modes = [[(m, m.training) for m in s.modules()] for s in modules]
-    for s in modules:
-        s.eval()
-    try:
-        yield
-    finally:
-        for saved in modes:
-            for m, training in saved:
-                m.training = training
 
 
 def _n_latents(sae) -> int:

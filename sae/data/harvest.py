@@ -9,12 +9,11 @@ on disk.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 
-from .layouts import decoder_layer, layer_output_hook
+from .layouts import decoder_layer, eval_mode, layer_output_hook
 
 __all__ = ["harvest_activations"]
 
@@ -38,19 +37,6 @@ def _iter_token_batches(tokens, batch_size: int) -> Iterator[torch.Tensor]:
             yield batch
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """The model in eval mode inside (no dropout: a model built from a config starts in training
-    mode), every module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 @torch.no_grad()
 def _run_to_layer(model, layer: int, input_ids: torch.Tensor, autocast_dtype) -> torch.Tensor:
     captured: list[torch.Tensor] = []
@@ -60,7 +46,7 @@ def _run_to_layer(model, layer: int, input_ids: torch.Tensor, autocast_dtype) ->
         raise _StopForward
 
     device = next(model.parameters()).device
-    with layer_output_hook(model, layer, capture), _eval_mode(model):
+    with layer_output_hook(model, layer, capture), eval_mode(model):
         try:
             if autocast_dtype is not None:
                 with torch.autocast(device_type=device.type, dtype=autocast_dtype):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["LayerReplay", "decoder_layer", "decoder_layers", "layer_output_hook", "layer_replay",
+__all__ = ["LayerReplay", "decoder_layer", "decoder_layers", "eval_mode", "layer_output_hook", "layer_replay",
            "n_decoder_layers"]
 
 # attribute paths from the model object to its ModuleList of decoder layers, tried in order
@@ -31,6 +31,22 @@ _LAYOUTS = {
     "gpt_neox.layers": "GPT-NeoX *ForCausalLM",
     "model.language_model.layers": "multimodal *ForConditionalGeneration (Gemma 3)",
 }
+
+
+@contextlib.contextmanager
+def eval_mode(*modules) -> Iterator[None]:
+    """The ``nn.Module``s among ``modules`` in eval mode inside, every submodule's own mode restored
+    after. For harvesting and evaluation: a model built from a config starts in training mode
+    (dropout), and a BatchTopK SAE left in it would select by the batch."""
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
