@@ -160,7 +160,7 @@ def reconstruction_metrics(sae, x, *, batch_size: int = 4096, decoder_values: in
     """Streams activations through ``sae`` and measures the reconstruction.
 
     ``x``: a tensor ``[N, d_model]`` (or ``[..., d_model]``), an ``ActivationBuffer``, or an
-    iterable of ``[b, d_model]`` tensors. Each batch is cast to the dtype and device of the
+    iterable of ``[b, d_model]`` tensors. Each batch goes to the SAE in the dtype and device of the
     SAE's first parameter (float32 when it has none). ``max_tokens`` stops after that many
     tokens. Sums are accumulated in float64."""
     n_latents = _n_latents(sae)
@@ -180,10 +180,10 @@ def reconstruction_metrics(sae, x, *, batch_size: int = 4096, decoder_values: in
     fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
     with _evaluating(sae):
         for xb in _progress(_capped(batches, max_tokens), progress, total, "reconstruction"):
-            xb = xb.to(device=device, dtype=dtype)
+            x64 = xb.to(device=device, dtype=torch.float64)  # the error against the activations as given,
+            xb = xb.to(device=device, dtype=dtype)              # not as rounded to a bf16 SAE's dtype
             top_acts, top_indices = sae.encode(xb)
             x_hat = sae.decode(top_acts, top_indices)
-            x64 = xb.double()
             err = (x64 - x_hat.double()).pow(2).sum(-1)
             norm_sq = x64.pow(2).sum(-1)
             sq_err += err.sum().item()
@@ -266,6 +266,10 @@ class FiringDensity:
         # log10(1 / n) rounds below -log10(n) for some n (19, 24, 103, ...): clamp, or histc drops
         # the latents that fired once
         fired = self.density[self.density > 0].double().log10().clamp(low, 0.0)
+        if self.n_tokens == 1:  # one token: every latent that fired has density 1 (histc would read
+            counts = torch.zeros(bins, dtype=fired.dtype)  # min == max == 0 as "the data's range")
+            counts[-1] = fired.numel()
+            return counts, torch.zeros(bins + 1, dtype=torch.float64)
         counts = torch.histc(fired, bins=bins, min=low, max=0.0)
         return counts, torch.linspace(low, 0.0, bins + 1, dtype=torch.float64)
 

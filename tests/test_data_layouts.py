@@ -148,3 +148,29 @@ def test_importing_data_and_evaluate_leaves_the_environment_alone():
             "sys.exit(0 if dict(os.environ) == before else 1)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_harvest_refuses_non_finite_activations_and_empty_batches(tiny_llama, tokens):
+    """Activations that overflow the harvest's dtype, or that the model itself makes NaN, are an
+    error naming out_dtype, not infinities cached for training; an empty batch is refused."""
+    model, layer = tiny_llama, 1
+    scale = model.model.layers[layer].mlp.down_proj.weight
+    saved = scale.detach().clone()
+    try:
+        with torch.no_grad():
+            scale.mul_(1e6)  # residual stream ~1e5..1e6: finite in fp32 and bf16, past fp16's 65504
+        big = torch.cat(list(harvest_activations(model, tokens, layer)))
+        assert bool(torch.isfinite(big).all()) and big.abs().max() > 65504
+        assert bool(torch.isfinite(torch.cat(list(harvest_activations(model, tokens, layer,
+                                                                        out_dtype=torch.bfloat16)))).all())
+        with pytest.raises(ValueError, match="out_dtype.*overflow"):
+            list(harvest_activations(model, tokens, layer, out_dtype=torch.float16))
+        with torch.no_grad():
+            scale[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="model's own activations"):
+            list(harvest_activations(model, tokens, layer))
+    finally:
+        with torch.no_grad():
+            scale.copy_(saved)
+    with pytest.raises(ValueError, match="token_batches"):
+        list(harvest_activations(model, tokens[:0], layer))

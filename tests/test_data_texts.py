@@ -150,6 +150,9 @@ def test_r_unserialize_numbers_and_named_list():
     long_raw = w.header() + w.int(24) + w.int(-1) + w.int(0) + struct.pack(">I", 2**31) + b"abc"
     with pytest.raises(ValueError, match="truncated"):
         unserialize(long_raw)
+    # any other negative length is corrupt data, not an empty read that misplaces the stream
+    with pytest.raises(ValueError, match="negative length"):
+        unserialize(w.header() + w.int(24) + w.int(-5) + b"abcdef")
 
 
 def test_load_austen_texts_from_generated_db(tmp_path):

@@ -621,3 +621,27 @@ def test_firing_density_histogram_counts_latents_that_fired_once():
         dens = evaluate.FiringDensity(density=torch.tensor([1, 2, 0, n], dtype=torch.float64) / n, n_tokens=n)
         counts, _ = dens.log10_histogram(bins=10)
         assert counts.sum() == 3 and counts[0] >= 1 and counts[-1] == 1, (n, counts)
+
+
+def test_reconstruction_of_a_bf16_sae_is_measured_against_the_activations_as_given():
+    """A bf16 SAE sees bf16-rounded inputs, but its error is measured against the fp32 activations
+    it was given: the rounding of the input counts against it (independent fp64 computation)."""
+    torch.manual_seed(0)
+    x = torch.randn(77, 24) * 3 + 0.5
+    sae = TopKSAE(24, 40, 6).to(torch.bfloat16)
+    got = reconstruction_metrics(sae, x, batch_size=32)
+    with torch.no_grad():
+        x_hat = sae.decode(*sae.encode(x.to(torch.bfloat16))).double()
+    x64 = x.double()
+    want = (x64 - x_hat).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+    assert got.fvu == pytest.approx(want.item(), rel=1e-9)
+    rounded = (x.to(torch.bfloat16).double() - x_hat).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+    assert abs(got.fvu - rounded.item()) > 1e-6 * got.fvu  # the old measure: not what is reported
+
+
+def test_firing_density_histogram_of_one_token():
+    """With one token every latent that fired has density 1: all of them in the last bin (histc
+    alone reads min == max == 0 as 'the data's range')."""
+    dens = evaluate.FiringDensity(density=torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), n_tokens=1)
+    counts, edges = dens.log10_histogram(bins=5)
+    assert counts.tolist() == [0, 0, 0, 0, 3] and edges.shape == (6,)

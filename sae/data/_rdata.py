@@ -46,6 +46,8 @@ class _RUnserializer:
 
     # -- primitives
     def _take(self, n: int) -> memoryview:
+        if n < 0:
+            raise ValueError(f"R serialisation: a negative length {n} at offset {self._pos} (corrupt data)")
         if self._pos + n > len(self._buf):
             raise ValueError(
                 f"R serialisation: expected {n} more bytes at offset {self._pos}, "

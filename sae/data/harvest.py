@@ -73,7 +73,16 @@ def harvest_activations(model, token_batches, layer: int, *, batch_size: int = 8
     harvesting) or, with ``autocast_dtype``, under ``torch.autocast`` in that dtype."""
     decoder_layer(model, layer)  # a bad layer fails here, before any batch
     for ids in _iter_token_batches(token_batches, batch_size):
+        if ids.numel() == 0:
+            raise ValueError(f"token_batches: expected batches of at least one token, got a batch of shape "
+                             f"{tuple(ids.shape)}")
         h = _run_to_layer(model, layer, ids, autocast_dtype)
         if skip_first:
             h = h[:, 1:]
-        yield h.reshape(-1, h.shape[-1]).to(out_dtype)
+        out = h.reshape(-1, h.shape[-1]).to(out_dtype)
+        if not bool(torch.isfinite(out).all()):  # one pass over the batch; a model forward costs far more
+            where = ("the model's own activations are" if not bool(torch.isfinite(h).all())
+                     else f"activations of magnitude up to {h.abs().max().item():.3g} overflow it, as")
+            raise ValueError(f"out_dtype: harvesting layer {layer} into {out_dtype} gives non-finite values: "
+                             f"{where} NaN or infinite (harvest into float32 or bfloat16 instead)")
+        yield out
