@@ -229,13 +229,21 @@ def test_buffer_harvest_cleans_what_killed_harvests_left(tiny_llama, tokens, tmp
     killed.mkdir()
     (killed / "acts.npy").write_bytes(b"\0" * 1000)
     (tmp_path / ".other_L3_key.lock").touch()
+    orphan = tmp_path / ".orphan_L4_key.partial"  # killed before its first chunk, no lock left
+    orphan.mkdir()
+    (orphan / "acts.npy").write_bytes(b"\0" * 1000)
+    resumable = tmp_path / ".resume_L0_key.partial"  # another entry's progress: kept for its harvest
+    resumable.mkdir()
+    (resumable / "progress.json").write_text("{}")
+    (tmp_path / ".resume_L0_key.lock").touch()
     live = tmp_path / ".busy_L2_key.partial"  # another process is writing this one right now
     live.mkdir()
     with open(tmp_path / ".busy_L2_key.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         buf = ActivationBuffer.harvest(tiny_llama, tokens, 1, cache_dir=tmp_path, batch_size=4)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted([buf.path.name, live.name, ".busy_L2_key.lock"])
+    assert names == sorted([buf.path.name, live.name, ".busy_L2_key.lock", resumable.name])
+    assert (resumable / "progress.json").is_file()
 
 
 def test_model_fingerprint_sees_a_change_past_the_first_values():

@@ -13,8 +13,10 @@ temporary name, then renamed), and renames the folder into place only when compl
   what an uninterrupted harvest writes (the same batches, in the same order);
 - a lock file ``.<key>.lock`` (``flock``, released by the kernel when a process dies) lets one
   process write a given entry; a second one waits for it and then maps the finished entry;
-- partial folders whose lock nobody holds (other harvests killed earlier), temporary files and
-  the per-process temporary folders of older versions are removed when the next harvest starts.
+- when the next harvest starts, partial folders whose lock nobody holds and that hold nothing to
+  resume (no ``progress.json``), and the per-process temporary folders of older versions, are
+  removed; another entry's resumable partial is kept for its own harvest to finish (delete the
+  hidden ``.<key>.partial`` folder by hand to reclaim its space).
 """
 
 from __future__ import annotations
@@ -380,8 +382,9 @@ def _resume_partial(partial: Path, expected: dict) -> tuple[int, np.memmap | Non
 
 
 def _remove_stale(cache_dir: Path) -> None:
-    """Removes what killed harvests left in ``cache_dir``: partial folders (and lock files) no
-    live process holds, and the per-process temporary folders of older versions."""
+    """Removes what killed harvests left in ``cache_dir``: partial folders no live process holds and
+    nothing can resume (no ``progress.json``), unheld lock files, and the per-process temporary
+    folders of older versions. A resumable partial is progress (a harvest can take hours): kept."""
     for p in cache_dir.iterdir():
         name = p.name
         old = _OLD_TMP.match(name)
@@ -392,7 +395,9 @@ def _remove_stale(cache_dir: Path) -> None:
             fd = _lock(p, blocking=False)
             if fd is None:
                 continue  # a live process is harvesting this one
-            shutil.rmtree(cache_dir / f".{key}.partial", ignore_errors=True)
+            if not (cache_dir / f".{key}.partial" / "progress.json").is_file():
+                shutil.rmtree(cache_dir / f".{key}.partial", ignore_errors=True)
             _unlock(fd, p)
-        elif name.startswith(".") and name.endswith(".partial") and not (cache_dir / f"{name[:-len('.partial')]}.lock").exists():
+        elif (name.startswith(".") and name.endswith(".partial") and not (p / "progress.json").is_file()
+              and not (cache_dir / f"{name[:-len('.partial')]}.lock").exists()):
             shutil.rmtree(p, ignore_errors=True)
