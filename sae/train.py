@@ -303,7 +303,7 @@ class _Ranks:
         """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
         if self.mode != "latent":
             return load_checkpoint(path, self.sae, optimizer, derived=self.derived)
-        full = self.model.full_class(**self.model.full_config) if self.sharded else self.sae
+        full = self.model.empty_full_model() if self.sharded else self.sae
         full_opt = adam([p for p in full.parameters() if p.requires_grad], base_lr)
         record = load_checkpoint(path, full, full_opt, derived=self.derived)
         self.model.load_full_state_dict(full.state_dict())

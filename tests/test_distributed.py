@@ -514,6 +514,32 @@ def test_world_of_one_sharded_model_is_the_model(arch):
         torch.testing.assert_close(dict(sharded.shard.named_parameters())[name].grad, p.grad, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_sharded_model_keeps_the_sae_dtype_and_its_run_resumes(tmp_path, dtype):
+    """Shards, the gathered model, a file read sharded and the latent-mode checkpoint keep the SAE's
+    dtype (they were built in the default dtype: a bf16 run wrote fp32 and could not resume)."""
+    from sae.checkpoint import read_checkpoint
+    from sae.distributed import LatentShardedSAE, load_sharded
+
+    sae = _make("topk").to(dtype)
+    sharded = LatentShardedSAE.from_model(sae)
+    assert {p.dtype for p in sharded.shard.parameters()} == {dtype}
+    assert all(torch.equal(a, b) for a, b in zip(sharded.shard.parameters(), sae.parameters()))
+    assert {p.dtype for p in sharded.to_model().parameters()} == {dtype}
+    sae.save(str(tmp_path / "sae.safetensors"))
+    assert {p.dtype for p in load_sharded(tmp_path / "sae.safetensors").shard.parameters()} == {dtype}
+
+    def kill(step, log):
+        if step == 7:
+            raise _Killed
+
+    cfg = _cfg(parallel="latent", total_tokens=BATCH * 9)
+    with pytest.raises(_Killed):
+        train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", on_step=kill)
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT).sae_tensors["W_enc"].dtype == dtype
+    assert train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", resume=True).step == 9
+
+
 def test_batch_topk_is_refused():
     from sae.distributed import DataParallel, LatentShardedSAE
 
