@@ -289,6 +289,9 @@ class DataParallel:
         if global_batch % self.world:
             raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, got {global_batch}")
         per = global_batch // self.world
+        if per < 2 and self.world > 1:  # one row has no variance: the model's AuxK term would be inf
+            raise ValueError(f"batch_size: expected at least 2 rows per rank ({2 * self.world} on {self.world} "
+                             f"ranks; each rank's AuxK term is normalised by its rows' variance), got {global_batch}")
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def local_rows(self, batch: Tensor) -> Tensor:

@@ -557,6 +557,18 @@ def test_data_parallel_batch_must_split_evenly():
         dp.local_slice(32)
 
 
+def test_data_parallel_needs_two_rows_per_rank():
+    """One row per rank has zero variance: its AuxK term was inf and the gradients NaN, where one
+    process with the same global batch trains."""
+    from sae.distributed import DataParallel
+
+    dp = DataParallel(_make("topk"))
+    dp.world = 2
+    with pytest.raises(ValueError, match="batch_size: expected at least 2 rows per rank .4 on 2 ranks"):
+        dp.local_slice(2)
+    assert dp.local_slice(4) == slice(0, 2)
+
+
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="parallel: expected 'none', 'data' or 'latent', got 'tensor'"):
         train(_make("topk"), _buffer(), _cfg(parallel="tensor"), tmp_path)
