@@ -449,7 +449,10 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
     try:
         while step < total:
             x = next(batches)
-            if watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all()):
+            bad_x = watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all())
+            if ranks.mode == "data" and watch.sync_every_step:
+                bad_x = ranks.any_rank(bad_x)  # the ranks read different rows: every rank stops, none waits
+            if bad_x:
                 raise NonFiniteError(f"step {step + 1}: the training activations (x) hold NaN or inf. "
                                      f"Nothing after step {last_ckpt} was written.")
             try:

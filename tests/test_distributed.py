@@ -434,6 +434,48 @@ def test_changed_settings_on_resume_are_refused_on_every_rank_unless_allowed(run
                                                                                      BATCH * (STEPS + 3)]}}]
 
 
+def _nan_rows_entry(rank, world, port, out):
+    """Data parallel on a buffer whose step-3 batch holds a NaN in rank 1's rows only."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=60))
+    try:
+        data = _buffer()[list(range(400))]
+        *_, third = zip(range(3), ActivationBuffer(data).batch_indices(BATCH, seed=0))
+        data[third[1][-1]] = float("nan")  # the last row of a sorted batch: rank 1's half
+        sae = _make("topk")
+        sae.init_b_dec(data[:8])  # not fresh: the NaN row stays out of the b_dec sample
+        try:
+            train(sae, ActivationBuffer(data), _cfg(parallel="data"), out / "run")
+            outcome = None
+        except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
+            outcome = (type(exc).__name__, str(exc))
+        torch.save(outcome, out / f"nan.rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_non_finite_rows_of_one_rank_stop_every_rank(tmp_path):
+    """Data parallel on the CPU: a NaN in one rank's rows stops every rank with the same error (the
+    other rank waited in the loss's all-reduce until the first one left, then failed in gloo)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_nan_rows_entry, args=(WORLD, _free_port(), tmp_path), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not context.join(timeout=1.0):
+            assert time.monotonic() < deadline, "the ranks did not stop"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    outcomes = [torch.load(tmp_path / f"nan.rank{rank}.pt") for rank in range(WORLD)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == ("NonFiniteError", "step 3: the training activations (x) hold NaN or inf. Nothing after "
+                                             "step 0 was written.")
+
+
 def test_latent_sharded_gradients_equal_one_process(runs):
     sae = _make("topk")
     sae.tokens_since_fired.fill_(10**6)
