@@ -377,12 +377,16 @@ def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: st
     if any(p.dtype == torch.float16 for p in sae.parameters() if p.requires_grad):
         raise ValueError("sae: fp16 training is not supported (Adam's squared gradients and eps underflow in fp16); "
                          "train in fp32 or bf16 and cast the trained SAE with .half() for inference")
-    if getattr(sae, "_fresh", False) and not (out / CHECKPOINT).exists():
-        sample = init_sample(buffer).to(sae.b_dec.device)
+    from .distributed import LatentShardedSAE
+
+    # A LatentShardedSAE.create()d SAE is as constructed too: its shards' b_dec and act_scale (replicated) are set.
+    inner = sae.shard if isinstance(sae, LatentShardedSAE) else sae
+    if getattr(inner, "_fresh", False) and not (out / CHECKPOINT).exists():
+        sample = init_sample(buffer).to(inner.b_dec.device)
         if not bool(torch.isfinite(sample).all()):
             raise NonFiniteError(f"buffer: the training activations (x) hold NaN or inf: {len(sample)} of them, "
                                  f"drawn to initialise b_dec, hold one. Nothing was trained.")
-        sae.init_b_dec(sample)
+        inner.init_b_dec(sample)
     ranks = _Ranks(sae, cfg, group)
     with contextlib.ExitStack() as stack:
         if ranks.rank == 0:  # only rank 0 writes: it alone holds the run directory

@@ -357,6 +357,7 @@ def test_created_sharded_expander_has_the_global_graph_and_trains_like_one_proce
     assert not torch.equal(initial["values"][: N // 2], initial["values"][N // 2:])  # ranks drew different values
     sae = _make("expander")
     sae.load_state_dict(initial)
+    sae._fresh = True  # as created: train() first sets b_dec from the data, as for a full SAE
     _assert_same_training(run, _reference_from(sae))
 
 
@@ -580,6 +581,21 @@ def test_sharded_model_keeps_the_sae_dtype_and_its_run_resumes(tmp_path, dtype):
         train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", on_step=kill)
     assert read_checkpoint(tmp_path / "run" / CHECKPOINT).sae_tensors["W_enc"].dtype == dtype
     assert train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", resume=True).step == 9
+
+
+def test_created_sharded_sae_is_initialised_from_the_data_like_a_full_one(tmp_path):
+    """train() sets a fresh SAE's b_dec and act_scale from the data first; a LatentShardedSAE.create()d
+    one kept b_dec 0 and act_scale 1 (its normalize_activations silently off)."""
+    from sae.distributed import LatentShardedSAE
+    from sae.train import init_sample
+
+    config = TopKSAE(M, N, K, normalize_activations=True).config()
+    created = LatentShardedSAE.create(TopKSAE, config, seed=4)
+    train(created, _buffer(), _cfg(parallel="latent", total_tokens=BATCH), tmp_path)
+    expected = TopKSAE(**config)
+    expected.init_b_dec(init_sample(_buffer()))
+    assert float(expected.act_scale) != 1.0
+    assert torch.equal(created.shard.act_scale, expected.act_scale)
 
 
 def test_batch_topk_is_refused():
