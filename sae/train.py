@@ -407,6 +407,13 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
 
     step, tokens, history, changes = 0, 0, [], []
     ckpt = out / CHECKPOINT
+    if ranks.world > 1:  # loading takes collectives: every rank must take the same branch below
+        from .distributed import min_max_over_ranks
+
+        lo, hi = min_max_over_ranks(int(ckpt.exists()), ranks.group, ranks.device)
+        if lo != hi:
+            raise RuntimeError(f"out_dir: some ranks found a checkpoint in {out} and some none; every node must see "
+                               f"the same out_dir (a shared filesystem)")
     if resume and ckpt.exists():
         record = ranks.together("loading the checkpoint", lambda: ranks.load(ckpt, optimizer, base_lr))
         step, tokens = record["step"], record["tokens"]

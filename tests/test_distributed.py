@@ -435,34 +435,29 @@ def test_changed_settings_on_resume_are_refused_on_every_rank_unless_allowed(run
                                                                                      BATCH * (STEPS + 3)]}}]
 
 
-def _nan_rows_entry(rank, world, port, out):
-    """Data parallel on a buffer whose step-3 batch holds a NaN in rank 1's rows only."""
+def _two_rank_entry(rank, world, port, out, scenario):
+    """Run ``scenario(rank, out)`` on one of two gloo ranks; save the error it raised (or None)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world, timeout=timedelta(seconds=60))
+                                         world_size=world, timeout=timedelta(seconds=20))
     try:
-        data = _buffer()[list(range(400))]
-        *_, third = zip(range(3), ActivationBuffer(data).batch_indices(BATCH, seed=0))
-        data[third[1][-1]] = float("nan")  # the last row of a sorted batch: rank 1's half
-        sae = _make("topk")
-        sae.init_b_dec(data[:8])  # not fresh: the NaN row stays out of the b_dec sample
         try:
-            train(sae, ActivationBuffer(data), _cfg(parallel="data"), out / "run")
+            scenario(rank, out)
             outcome = None
         except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
             outcome = (type(exc).__name__, str(exc))
-        torch.save(outcome, out / f"nan.rank{rank}.pt")
+        torch.save(outcome, out / f"outcome.rank{rank}.pt")
+        torch.distributed.barrier()  # as sae.cli does: neither rank leaves while the other still works
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_non_finite_rows_of_one_rank_stop_every_rank(tmp_path):
-    """Data parallel on the CPU: a NaN in one rank's rows stops every rank with the same error (the
-    other rank waited in the loss's all-reduce until the first one left, then failed in gloo)."""
+def _two_ranks(scenario, out) -> list:
+    """Spawn two gloo ranks running ``scenario``; their outcomes (fails, never hangs, after 60 s)."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_nan_rows_entry, args=(WORLD, _free_port(), tmp_path), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_two_rank_entry, args=(WORLD, _free_port(), out, scenario), nprocs=WORLD,
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + 60
     try:
         while not context.join(timeout=1.0):
@@ -471,10 +466,44 @@ def test_non_finite_rows_of_one_rank_stop_every_rank(tmp_path):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    outcomes = [torch.load(tmp_path / f"nan.rank{rank}.pt") for rank in range(WORLD)]
+    return [torch.load(out / f"outcome.rank{rank}.pt") for rank in range(WORLD)]
+
+
+def _nan_rows_of_rank_one(rank, out):
+    """Data parallel on a buffer whose step-3 batch holds a NaN in rank 1's rows only."""
+    data = _buffer()[list(range(400))]
+    *_, third = zip(range(3), ActivationBuffer(data).batch_indices(BATCH, seed=0))
+    data[third[1][-1]] = float("nan")  # the last row of a sorted batch: rank 1's half
+    sae = _make("topk")
+    sae.init_b_dec(data[:8])  # not fresh: the NaN row stays out of the b_dec sample
+    train(sae, ActivationBuffer(data), _cfg(parallel="data"), out / "run")
+
+
+def test_non_finite_rows_of_one_rank_stop_every_rank(tmp_path):
+    """Data parallel on the CPU: a NaN in one rank's rows stops every rank with the same error (the
+    other rank waited in the loss's all-reduce until the first one left, then failed in gloo)."""
+    outcomes = _two_ranks(_nan_rows_of_rank_one, tmp_path)
     assert outcomes[0] == outcomes[1]
     assert outcomes[0] == ("NonFiniteError", "step 3: the training activations (x) hold NaN or inf. Nothing after "
                                              "step 0 was written.")
+
+
+def _resume_from_own_folder(rank, out):
+    train(_make("topk"), _buffer(), _cfg(parallel="latent"), out / f"rank{rank}", resume=True)
+
+
+def test_a_checkpoint_only_some_ranks_see_stops_every_rank(tmp_path):
+    """Run folders that are not shared (a checkpoint on rank 0's, none on rank 1's): both ranks stop
+    with the error naming it (rank 0 loaded it, with collectives, while rank 1 waited in another
+    collective: both hung until the group's timeout, then failed in gloo)."""
+    def kill(step, log):
+        if step == 6:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(_make("topk"), _buffer(), _cfg(), tmp_path / "rank0", on_step=kill)
+    for kind, message in _two_ranks(_resume_from_own_folder, tmp_path):
+        assert kind == "RuntimeError" and message.startswith("out_dir: some ranks found a checkpoint in ")
 
 
 def test_latent_sharded_gradients_equal_one_process(runs):
