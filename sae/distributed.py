@@ -289,6 +289,9 @@ class DataParallel:
         if global_batch % self.world:
             raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, got {global_batch}")
         per = global_batch // self.world
+        if per < 2 and self.world > 1:  # one row has no variance: the model's AuxK term would be inf
+            raise ValueError(f"batch_size: expected at least 2 rows per rank ({2 * self.world} on {self.world} "
+                             f"ranks; each rank's AuxK term is normalised by its rows' variance), got {global_batch}")
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def local_rows(self, batch: Tensor) -> Tensor:
@@ -412,6 +415,7 @@ class LatentShardedSAE(nn.Module):
             on_gpu = _nccl(group)
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else next(full.parameters()).device
         shard = _build_shard(type(full), full.config(), hi - lo, device, getattr(full, "backend", None))
+        _cast_like(shard, full_state)  # a bf16 (or fp64) SAE's shard keeps its dtypes
         keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
         model = cls(shard, type(full), full.config(), keys, group)
         model.load_full_state_dict(full_state)
@@ -462,9 +466,13 @@ class LatentShardedSAE(nn.Module):
         state = self.full_state_dict()
         if state is None:
             return None
-        model = self.full_class(**self.full_config)
+        model = self.empty_full_model()
         model.load_state_dict(state)
         return model
+
+    def empty_full_model(self) -> nn.Module:
+        """A new full SAE of this config (its own initialisation) in the shard's dtypes, to load a full state into."""
+        return _cast_like(self.full_class(**self.full_config), self.shard.state_dict())
 
     def full_state_dict(self) -> Optional[dict]:
         """The full model's state dict on rank 0 (CPU copies), None elsewhere. Gathers one tensor at a time."""
@@ -650,6 +658,17 @@ class LatentShardedSAE(nn.Module):
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def _cast_like(module: nn.Module, like: dict) -> nn.Module:
+    """Give ``module``'s floating-point parameters and buffers the dtypes of the same-named tensors of
+    the state dict ``like`` (a model's constructor makes them in the default dtype)."""
+    state = module.state_dict()
+    if any(k in like and v.is_floating_point() and v.dtype != like[k].dtype for k, v in state.items()):
+        with torch.no_grad():
+            module.load_state_dict({k: v.to(like[k].dtype) if k in like and v.is_floating_point() else v
+                                    for k, v in state.items()}, assign=True)
+    return module
+
+
 def _build_shard(full_class: type, full_config: dict, n_local: int, device, backend=None) -> nn.Module:
     config = _shard_config(full_config, n_local)
     if backend is not None and "backend" not in config:
@@ -719,7 +738,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
             else:
                 state[key] = f.get_slice(name)[lo:hi] if key in keys else f.get_tensor(name)
     with torch.no_grad():
-        shard.load_state_dict(state)
+        _cast_like(shard, state).load_state_dict(state)  # the file's dtypes, as load_sae keeps them
     return LatentShardedSAE(shard, full_class, config, keys, group)
 
 

@@ -303,7 +303,7 @@ class _Ranks:
         """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
         if self.mode != "latent":
             return load_checkpoint(path, self.sae, optimizer, derived=self.derived)
-        full = self.model.full_class(**self.model.full_config) if self.sharded else self.sae
+        full = self.model.empty_full_model() if self.sharded else self.sae
         full_opt = adam([p for p in full.parameters() if p.requires_grad], base_lr)
         record = load_checkpoint(path, full, full_opt, derived=self.derived)
         self.model.load_full_state_dict(full.state_dict())
@@ -377,12 +377,16 @@ def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: st
     if any(p.dtype == torch.float16 for p in sae.parameters() if p.requires_grad):
         raise ValueError("sae: fp16 training is not supported (Adam's squared gradients and eps underflow in fp16); "
                          "train in fp32 or bf16 and cast the trained SAE with .half() for inference")
-    if getattr(sae, "_fresh", False) and not (out / CHECKPOINT).exists():
-        sample = init_sample(buffer).to(sae.b_dec.device)
+    from .distributed import LatentShardedSAE
+
+    # A LatentShardedSAE.create()d SAE is as constructed too: its shards' b_dec and act_scale (replicated) are set.
+    inner = sae.shard if isinstance(sae, LatentShardedSAE) else sae
+    if getattr(inner, "_fresh", False) and not (out / CHECKPOINT).exists():
+        sample = init_sample(buffer).to(inner.b_dec.device)
         if not bool(torch.isfinite(sample).all()):
             raise NonFiniteError(f"buffer: the training activations (x) hold NaN or inf: {len(sample)} of them, "
                                  f"drawn to initialise b_dec, hold one. Nothing was trained.")
-        sae.init_b_dec(sample)
+        inner.init_b_dec(sample)
     ranks = _Ranks(sae, cfg, group)
     with contextlib.ExitStack() as stack:
         if ranks.rank == 0:  # only rank 0 writes: it alone holds the run directory
@@ -403,6 +407,13 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
 
     step, tokens, history, changes = 0, 0, [], []
     ckpt = out / CHECKPOINT
+    if ranks.world > 1:  # loading takes collectives: every rank must take the same branch below
+        from .distributed import min_max_over_ranks
+
+        lo, hi = min_max_over_ranks(int(ckpt.exists()), ranks.group, ranks.device)
+        if lo != hi:
+            raise RuntimeError(f"out_dir: some ranks found a checkpoint in {out} and some none; every node must see "
+                               f"the same out_dir (a shared filesystem)")
     if resume and ckpt.exists():
         record = ranks.together("loading the checkpoint", lambda: ranks.load(ckpt, optimizer, base_lr))
         step, tokens = record["step"], record["tokens"]
@@ -449,7 +460,10 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
     try:
         while step < total:
             x = next(batches)
-            if watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all()):
+            bad_x = watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all())
+            if ranks.mode == "data" and watch.sync_every_step:
+                bad_x = ranks.any_rank(bad_x)  # the ranks read different rows: every rank stops, none waits
+            if bad_x:
                 raise NonFiniteError(f"step {step + 1}: the training activations (x) hold NaN or inf. "
                                      f"Nothing after step {last_ckpt} was written.")
             try:

@@ -357,6 +357,7 @@ def test_created_sharded_expander_has_the_global_graph_and_trains_like_one_proce
     assert not torch.equal(initial["values"][: N // 2], initial["values"][N // 2:])  # ranks drew different values
     sae = _make("expander")
     sae.load_state_dict(initial)
+    sae._fresh = True  # as created: train() first sets b_dec from the data, as for a full SAE
     _assert_same_training(run, _reference_from(sae))
 
 
@@ -432,6 +433,77 @@ def test_changed_settings_on_resume_are_refused_on_every_rank_unless_allowed(run
     assert metrics["step"] == STEPS + 3
     assert metrics["config_changes"] == [{"step": STEPS, "changed": {"total_tokens": [BATCH * STEPS,
                                                                                      BATCH * (STEPS + 3)]}}]
+
+
+def _two_rank_entry(rank, world, port, out, scenario):
+    """Run ``scenario(rank, out)`` on one of two gloo ranks; save the error it raised (or None)."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=20))
+    try:
+        try:
+            scenario(rank, out)
+            outcome = None
+        except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
+            outcome = (type(exc).__name__, str(exc))
+        torch.save(outcome, out / f"outcome.rank{rank}.pt")
+        torch.distributed.barrier()  # as sae.cli does: neither rank leaves while the other still works
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _two_ranks(scenario, out) -> list:
+    """Spawn two gloo ranks running ``scenario``; their outcomes (fails, never hangs, after 60 s)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_two_rank_entry, args=(WORLD, _free_port(), out, scenario), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not context.join(timeout=1.0):
+            assert time.monotonic() < deadline, "the ranks did not stop"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out / f"outcome.rank{rank}.pt") for rank in range(WORLD)]
+
+
+def _nan_rows_of_rank_one(rank, out):
+    """Data parallel on a buffer whose step-3 batch holds a NaN in rank 1's rows only."""
+    data = _buffer()[list(range(400))]
+    *_, third = zip(range(3), ActivationBuffer(data).batch_indices(BATCH, seed=0))
+    data[third[1][-1]] = float("nan")  # the last row of a sorted batch: rank 1's half
+    sae = _make("topk")
+    sae.init_b_dec(data[:8])  # not fresh: the NaN row stays out of the b_dec sample
+    train(sae, ActivationBuffer(data), _cfg(parallel="data"), out / "run")
+
+
+def test_non_finite_rows_of_one_rank_stop_every_rank(tmp_path):
+    """Data parallel on the CPU: a NaN in one rank's rows stops every rank with the same error (the
+    other rank waited in the loss's all-reduce until the first one left, then failed in gloo)."""
+    outcomes = _two_ranks(_nan_rows_of_rank_one, tmp_path)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == ("NonFiniteError", "step 3: the training activations (x) hold NaN or inf. Nothing after "
+                                             "step 0 was written.")
+
+
+def _resume_from_own_folder(rank, out):
+    train(_make("topk"), _buffer(), _cfg(parallel="latent"), out / f"rank{rank}", resume=True)
+
+
+def test_a_checkpoint_only_some_ranks_see_stops_every_rank(tmp_path):
+    """Run folders that are not shared (a checkpoint on rank 0's, none on rank 1's): both ranks stop
+    with the error naming it (rank 0 loaded it, with collectives, while rank 1 waited in another
+    collective: both hung until the group's timeout, then failed in gloo)."""
+    def kill(step, log):
+        if step == 6:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(_make("topk"), _buffer(), _cfg(), tmp_path / "rank0", on_step=kill)
+    for kind, message in _two_ranks(_resume_from_own_folder, tmp_path):
+        assert kind == "RuntimeError" and message.startswith("out_dir: some ranks found a checkpoint in ")
 
 
 def test_latent_sharded_gradients_equal_one_process(runs):
@@ -514,6 +586,47 @@ def test_world_of_one_sharded_model_is_the_model(arch):
         torch.testing.assert_close(dict(sharded.shard.named_parameters())[name].grad, p.grad, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_sharded_model_keeps_the_sae_dtype_and_its_run_resumes(tmp_path, dtype):
+    """Shards, the gathered model, a file read sharded and the latent-mode checkpoint keep the SAE's
+    dtype (they were built in the default dtype: a bf16 run wrote fp32 and could not resume)."""
+    from sae.checkpoint import read_checkpoint
+    from sae.distributed import LatentShardedSAE, load_sharded
+
+    sae = _make("topk").to(dtype)
+    sharded = LatentShardedSAE.from_model(sae)
+    assert {p.dtype for p in sharded.shard.parameters()} == {dtype}
+    assert all(torch.equal(a, b) for a, b in zip(sharded.shard.parameters(), sae.parameters()))
+    assert {p.dtype for p in sharded.to_model().parameters()} == {dtype}
+    sae.save(str(tmp_path / "sae.safetensors"))
+    assert {p.dtype for p in load_sharded(tmp_path / "sae.safetensors").shard.parameters()} == {dtype}
+
+    def kill(step, log):
+        if step == 7:
+            raise _Killed
+
+    cfg = _cfg(parallel="latent", total_tokens=BATCH * 9)
+    with pytest.raises(_Killed):
+        train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", on_step=kill)
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT).sae_tensors["W_enc"].dtype == dtype
+    assert train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", resume=True).step == 9
+
+
+def test_created_sharded_sae_is_initialised_from_the_data_like_a_full_one(tmp_path):
+    """train() sets a fresh SAE's b_dec and act_scale from the data first; a LatentShardedSAE.create()d
+    one kept b_dec 0 and act_scale 1 (its normalize_activations silently off)."""
+    from sae.distributed import LatentShardedSAE
+    from sae.train import init_sample
+
+    config = TopKSAE(M, N, K, normalize_activations=True).config()
+    created = LatentShardedSAE.create(TopKSAE, config, seed=4)
+    train(created, _buffer(), _cfg(parallel="latent", total_tokens=BATCH), tmp_path)
+    expected = TopKSAE(**config)
+    expected.init_b_dec(init_sample(_buffer()))
+    assert float(expected.act_scale) != 1.0
+    assert torch.equal(created.shard.act_scale, expected.act_scale)
+
+
 def test_batch_topk_is_refused():
     from sae.distributed import DataParallel, LatentShardedSAE
 
@@ -529,6 +642,18 @@ def test_data_parallel_batch_must_split_evenly():
     dp.world = 3  # as on 3 ranks
     with pytest.raises(ValueError, match="batch_size: expected a multiple of the world size 3, got 32"):
         dp.local_slice(32)
+
+
+def test_data_parallel_needs_two_rows_per_rank():
+    """One row per rank has zero variance: its AuxK term was inf and the gradients NaN, where one
+    process with the same global batch trains."""
+    from sae.distributed import DataParallel
+
+    dp = DataParallel(_make("topk"))
+    dp.world = 2
+    with pytest.raises(ValueError, match="batch_size: expected at least 2 rows per rank .4 on 2 ranks"):
+        dp.local_slice(2)
+    assert dp.local_slice(4) == slice(0, 2)
 
 
 def test_unknown_mode_is_refused(tmp_path):
