@@ -756,7 +756,9 @@ def communication_per_step(mode: str, *, batch: int, d_model: int, n_latents: in
     "data": one all-reduce of every gradient (parameter bytes) + the fired mask (n bytes) + the
     variance statistics. "latent" (``batch`` tokens on every rank): all-gather of B*k candidates
     per rank (+ B*k_aux with AuxK), one [B, m] all-reduce (+ one with AuxK), b_dec's [m] gradient
-    and scalars. The numbers match what ``count_communication`` records for the same step.
+    and scalars. The numbers match what ``count_communication`` records for the same step. On
+    CPUs, where the trainer checks each batch for NaN before the step, data parallel adds one int64
+    all-reduce a step (8 bytes) so that a bad row on one rank stops every rank.
     """
     P, B, m, n = world, batch, d_model, n_latents
     ring_reduce, ring_gather = 2 * (P - 1) / P, (P - 1) / P
