@@ -134,10 +134,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def read_header(path: str | os.PathLike) -> Optional[dict]:
-    """``{"class", "config", "train"}`` of an SAE file (a training checkpoint or a final SAE, any
-    format) from its header alone: the header's digest is checked where it has one, no tensor is
-    read or verified (``read_checkpoint`` verifies everything). None for a file of no format this
-    reads; ``CheckpointError`` for one whose header cannot be read or parsed."""
+    """``{"class", "config", "train", "sha256", "tensor_prefix"}`` of an SAE file (a training
+    checkpoint or a final SAE, any format) from its header alone: the header's digest is checked
+    where it has one, no tensor is read or verified (``read_checkpoint`` verifies everything).
+    ``sha256``: the stored per-tensor sums ({} in the first format, which has none);
+    ``tensor_prefix``: what the SAE's tensor names start with in the file ("sae." in a first-format
+    training checkpoint, else ""). None for a file of no format this reads; ``CheckpointError`` for
+    one whose header cannot be read or parsed."""
     from safetensors import safe_open
 
     try:
@@ -147,13 +150,15 @@ def read_header(path: str | os.PathLike) -> Optional[dict]:
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({_one_line(exc)})") from exc
     if FORMAT in meta:
         record = _parse_record(path, meta[FORMAT])
-        return {"class": record["class"], "config": record["config"], "train": record.get("train")}
+        return {"class": record["class"], "config": record["config"], "train": record.get("train"),
+                "sha256": record["sha256"], "tensor_prefix": ""}
     try:
         if "sae_class" in meta and "sae_config" in meta:  # first-format training checkpoint
             return {"class": meta["sae_class"], "config": _clean_config(_json_object(meta["sae_config"])),
-                    "train": _v1_train_record(meta)}
+                    "train": _v1_train_record(meta), "sha256": {}, "tensor_prefix": "sae."}
         if "class" in meta and "config" in meta:  # first-format final SAE
-            return {"class": meta["class"], "config": _clean_config(_json_object(meta["config"])), "train": None}
+            return {"class": meta["class"], "config": _clean_config(_json_object(meta["config"])), "train": None,
+                    "sha256": {}, "tensor_prefix": ""}
     except (KeyError, TypeError, ValueError) as exc:  # a missing key, a bad number, invalid JSON
         raise CheckpointError(f"checkpoint: {path} is corrupt (its first-format metadata is malformed: "
                               f"{_one_line(exc)})") from exc

@@ -25,7 +25,6 @@ hooks between its own steps, so every mode gets the same schedule, checks, check
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -700,36 +699,27 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     from safetensors import safe_open
 
     from . import models
+    from .checkpoint import read_header, tensor_sha256
 
     classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
     rank, world = rank_and_world(group)
+    header = read_header(path)  # any format; a current-format header is checked against its digest
+    if header is None:
+        raise ValueError(f"path: {path} is not an SAE file of this package (no format in its metadata)")
+    class_name, config, sums, prefix = header["class"], header["config"], header["sha256"], header["tensor_prefix"]
+    if class_name not in classes:
+        raise ValueError(f"path: {path} holds a {class_name!r}; expected one of {sorted(classes)}")
+    full_class = classes[class_name]
+    n = config["n_latents"]
+    lo, hi = latent_range(n, rank, world)
+    shard = _build_shard(full_class, config, hi - lo, device, backend)
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if "topk-sae" in meta:  # one JSON record: class, config, per-tensor sha256 (sae.checkpoint)
-            from .checkpoint import _parse_record  # checked against its header digest
-
-            record = _parse_record(Path(path), meta["topk-sae"])
-            class_name, config, sums, prefix = record["class"], record["config"], record.get("sha256", {}), ""
-        elif "class" in meta and "config" in meta:
-            class_name, config, sums, prefix = meta["class"], json.loads(meta["config"]), {}, ""
-        elif "sae_class" in meta and "sae_config" in meta:
-            class_name, config, sums, prefix = meta["sae_class"], json.loads(meta["sae_config"]), {}, "sae."
-        else:
-            raise ValueError(f"path: {path} is not an SAE file of this package (metadata keys {sorted(meta)})")
-        if class_name not in classes:
-            raise ValueError(f"path: {path} holds a {class_name!r}; expected one of {sorted(classes)}")
-        full_class = classes[class_name]
-        n = config["n_latents"]
-        lo, hi = latent_range(n, rank, world)
-        shard = _build_shard(full_class, config, hi - lo, device, backend)
         names = [k for k in f.keys() if k.startswith(prefix) and not k.startswith("optimizer.")]
         keys = _sharded_keys({k[len(prefix):]: f.get_slice(k).get_shape() for k in names}, shard.state_dict(), n)
         state = {}
         for name in names:
             key = name[len(prefix):]
             if verify and name in sums:
-                from .checkpoint import tensor_sha256
-
                 tensor = f.get_tensor(name)
                 if tensor_sha256(tensor) != sums[name]:
                     raise ValueError(f"path: {path} is corrupt ({name} does not match its stored SHA-256)")
