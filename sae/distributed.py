@@ -288,9 +288,6 @@ class DataParallel:
         if global_batch % self.world:
             raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, got {global_batch}")
         per = global_batch // self.world
-        if per < 2 and self.world > 1:  # one row has no variance: the model's AuxK term would be inf
-            raise ValueError(f"batch_size: expected at least 2 rows per rank ({2 * self.world} on {self.world} "
-                             f"ranks; each rank's AuxK term is normalised by its rows' variance), got {global_batch}")
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def local_rows(self, batch: Tensor) -> Tensor:
@@ -301,8 +298,9 @@ class DataParallel:
 
         FVU = sum over all ranks' tokens of ||x - x_hat||^2 over the global total variance (two
         small all-reduces: the coordinate sums and count, then three scalars). Summing the ranks'
-        gradients of the returned term gives the gradient of the global loss. The model's own AuxK
-        term is normalised by its local variance (or residual); it is renormalised globally.
+        gradients of the returned term gives the gradient of the global loss. The AuxK term is
+        normalised by global statistics too, from the model's unnormalised sum (``auxk_sq_error``),
+        which a rank whose own rows have no variance (identical rows) still gives.
         """
         m = x.shape[-1]
         flat = x.reshape(-1, m).float()
@@ -310,12 +308,9 @@ class DataParallel:
         _all_reduce(stats, group=self.group)
         mean = stats[:m] / stats[m]
         tiny = torch.finfo(torch.float32).tiny
-        local_tv = (flat - flat.mean(0)).pow(2).sum().clamp_min(tiny)
         error = (flat - output.x_hat.reshape(-1, m).float()).pow(2).sum()
-        # The model normalised its AuxK term by this rank's variance (or residual): undo, renormalise.
         residual = getattr(self.sae, "auxk_norm", "variance") == "residual"
-        weight = error.detach().clamp_min(tiny) if residual else local_tv
-        aux = output.auxk_loss * weight if output.auxk_loss is not None else error.new_zeros(())
+        aux = output.auxk_sq_error if output.auxk_loss is not None else error.new_zeros(())
         sums = torch.stack([(flat - mean).pow(2).sum(), error.detach(), aux.detach().float()])
         _all_reduce(sums, group=self.group)
         total_variance = sums[0]
@@ -568,7 +563,7 @@ class LatentShardedSAE(nn.Module):
         total_variance = (flat_f - flat_f.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / total_variance
 
-        dead_mask = auxk_loss = auxk_indices = None
+        dead_mask = auxk_loss = auxk_indices = sq = None
         if self.training:
             dead_mask = shard.tokens_since_fired > self._dead_threshold()
             num_dead = int(_all_reduce(dead_mask.sum().reshape(1), group=self.group))
@@ -581,13 +576,16 @@ class LatentShardedSAE(nn.Module):
                 if getattr(shard, "auxk_norm", "variance") == "residual":
                     auxk_loss = sq / error.detach().pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
                 else:
-                    auxk_loss = min(num_dead / self.k_aux, 1.0) * sq / total_variance
+                    sq = min(num_dead / self.k_aux, 1.0) * sq
+                    auxk_loss = sq / total_variance
                 auxk_indices = auxk_indices.reshape(*x.shape[:-1], k_aux)
+                if getattr(shard, "normalize_activations", False):  # auxk_sq_error is in x's units
+                    sq = sq / shard.act_scale.float().square()
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
         lead = x.shape[:-1]
         return SAEOutput(self._scale_out(x_hat).reshape(x.shape), top_acts.reshape(*lead, self.k),
                          top_indices.reshape(*lead, self.k), fvu, auxk_loss, dead_mask, auxk_indices,
-                         shard.auxk_coef)
+                         shard.auxk_coef, sq)
 
     @torch.no_grad()
     def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:

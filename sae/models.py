@@ -55,6 +55,11 @@ class SAEOutput:
     dead_mask: Optional[Tensor]  # [n] bool: the latents counted dead for this step's AuxK
     auxk_indices: Optional[Tensor] = None  # [..., k_aux] latents the AuxK term used
     auxk_coef: float = 0.0
+    # auxk_loss before its normalisation, in x's units (not normalize_activations' scaled ones): the
+    # squared error of the residual's reconstruction summed over the batch (times the fewer-dead-
+    # latents weight with auxk_norm="variance"). Data-parallel training normalises the ranks' sums
+    # by global statistics, which a rank's own could not give.
+    auxk_sq_error: Optional[Tensor] = None
 
     @property
     def loss(self) -> Tensor:
@@ -235,15 +240,18 @@ class _SparseCoder(nn.Module):
         total_variance = (flat_x - flat_x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / total_variance
 
-        dead_mask = auxk_loss = auxk_indices = None
+        dead_mask = auxk_loss = auxk_indices = auxk_sq = None
         if self.training:
             dead_mask = self.tokens_since_fired > self._dead_threshold
             num_dead = int(dead_mask.sum()) if self.auxk else 0  # AuxK's top-k size: one sync
             if num_dead > 0:
-                auxk_loss, auxk_indices = self._auxk_loss(xn, error.detach(), dead_mask, num_dead, total_variance)
+                auxk_loss, auxk_indices, auxk_sq = self._auxk_loss(xn, error.detach(), dead_mask, num_dead,
+                                                                   total_variance)
+                if self.normalize_activations:
+                    auxk_sq = auxk_sq / self.act_scale.float().square()
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
         return SAEOutput(self._scale_out(xn_hat), top_acts, top_indices, fvu, auxk_loss, dead_mask, auxk_indices,
-                         self.auxk_coef)
+                         self.auxk_coef, auxk_sq)
 
     def _auxk_loss(self, xn, error, dead_mask, num_dead, total_variance):
         """Gao et al.'s AuxK: the top k_aux dead latents reconstruct the residual x - x_hat.
@@ -257,9 +265,9 @@ class _SparseCoder(nn.Module):
         error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).float()
         sq = (error_hat - error).pow(2).sum()
         if self.auxk_norm == "residual":  # Gao et al.: relative to the residual's own size
-            return sq / error.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny), aux_idx
-        scale = min(num_dead / self.k_aux, 1.0)  # fewer dead latents than k_aux: weigh the term down
-        return scale * sq / total_variance, aux_idx
+            return sq / error.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny), aux_idx, sq
+        sq = min(num_dead / self.k_aux, 1.0) * sq  # fewer dead latents than k_aux: weigh the term down
+        return sq / total_variance, aux_idx, sq
 
     @torch.no_grad()
     def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:
