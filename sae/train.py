@@ -296,8 +296,10 @@ class _Ranks:
                 opt = adam([p for p in full.parameters() if p.requires_grad], base_lr, cfg.betas, cfg.eps)
                 opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
             self.last_full, self.saved_step = full, step
-        if self.rank == 0:
-            save_checkpoint(path, full, opt, step, tokens, cfg, **extra)
+        # rank 0 writes; a failure there (a full disk, say) stops every rank rather than leaving the
+        # others waiting in their next collective
+        self.together("writing the checkpoint",
+                      lambda: save_checkpoint(path, full, opt, step, tokens, cfg, **extra) if self.rank == 0 else None)
 
     def load(self, path: Path, optimizer, base_lr: float) -> dict:
         """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
@@ -453,7 +455,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
 
     def evaluated() -> dict:
         full = ranks.full_model()  # a collective in "latent" mode: every rank joins
-        result = evaluate(full.eval()) if lead else {}
+        result = ranks.together("evaluate()", lambda: evaluate(full.eval()) if lead else {})
         model.train()
         return result
 
@@ -515,22 +517,22 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
             if at_checkpoint:
                 ranks.save(out / CHECKPOINT, optimizer, step, tokens, cfg, base_lr, extra())
                 last_ckpt = step
-                if lead:
-                    write_json(out / METRICS, {"history": history, "config_changes": changes})
+                ranks.together("writing metrics.json", lambda: write_json(
+                    out / METRICS, {"history": history, "config_changes": changes}) if lead else None)
             if on_step is not None:
-                on_step(step, log or {"step": step})
+                ranks.together("on_step()", lambda: on_step(step, log or {"step": step}))
     except KeyboardInterrupt:
         raise TrainingInterrupted(step, total, last_ckpt, out) from None
     finally:
         bar.close()
 
     full = ranks.finish(step)
-    final = evaluate(full.eval()) if evaluate is not None and lead else {}
+    final = ranks.together("evaluate()", lambda: evaluate(full.eval()) if evaluate is not None and lead else {})
     for trained in {id(m): m for m in (model, full) if m is not None}.values():
         trained.train()
     result = TrainResult(step=step, tokens=tokens, history=history, final=final, model=model)
-    if lead:
-        write_json(out / METRICS, {"history": history, "final": final, "step": step, "tokens": tokens,
-                                   "config_changes": changes, "sae_class": type(full).__name__,
-                                   "sae_config": full.config(), "parallel": ranks.mode, "world_size": ranks.world})
+    ranks.together("writing metrics.json", lambda: write_json(
+        out / METRICS, {"history": history, "final": final, "step": step, "tokens": tokens, "config_changes": changes,
+                        "sae_class": type(full).__name__, "sae_config": full.config(), "parallel": ranks.mode,
+                        "world_size": ranks.world}) if lead else None)
     return result

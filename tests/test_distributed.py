@@ -536,6 +536,36 @@ def test_data_parallel_rank_whose_rows_have_no_variance_trains_like_one_process(
                                            msg=f"{batch} rows, {arch}, rank {rank}: {name}")
 
 
+def _rank_zero_callbacks_fail(rank, out):
+    """on_step raises on rank 0 alone at step 3; then, in a second run, evaluate (which runs on rank 0
+    alone) raises at the end."""
+    def on_step(step, log):
+        if step == 3 and rank == 0:
+            raise OSError("disk full")
+
+    outcomes = []
+    for kw in ({"on_step": on_step}, {"evaluate": lambda sae: 1 / 0}):
+        try:
+            train(_make("topk"), _buffer(), _cfg(parallel="data", total_tokens=BATCH * 5), out / f"run{len(outcomes)}", **kw)
+            outcomes.append(None)
+        except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
+            outcomes.append((type(exc).__name__, str(exc)))
+    torch.save(outcomes, out / f"callbacks.rank{rank}.pt")
+
+
+def test_an_error_on_rank_zero_alone_stops_every_rank(tmp_path):
+    """What rank 0 alone does (evaluate, metrics and checkpoint writes) and a callback raising on one
+    rank stop every rank at once; the others waited in their next collective until the group's
+    timeout."""
+    start = time.monotonic()
+    assert _two_ranks(_rank_zero_callbacks_fail, tmp_path) == [None, None]
+    assert time.monotonic() - start < 15  # the group's timeout is 20 s
+    zero, one = (torch.load(tmp_path / f"callbacks.rank{rank}.pt") for rank in range(WORLD))
+    assert zero == [("OSError", "disk full"), ("ZeroDivisionError", "division by zero")]
+    assert one == [("RuntimeError", "on_step() failed on another rank; see that rank's error"),
+                   ("RuntimeError", "evaluate() failed on another rank; see that rank's error")]
+
+
 def _resume_from_own_folder(rank, out):
     train(_make("topk"), _buffer(), _cfg(parallel="latent"), out / f"rank{rank}", resume=True)
 
