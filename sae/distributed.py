@@ -758,10 +758,11 @@ def communication_per_step(mode: str, *, batch: int, d_model: int, n_latents: in
         parts["fired-latent all-reduce (uint8)"] = (n, ring_reduce)
         parts["variance statistics"] = (4 * (m + 1 + 3), ring_reduce)
     elif mode == "latent":
-        parts["top-k candidate all-gather"] = (P * B * k * 8, ring_gather)
+        widest = latent_range(n, 0, P)[1]  # each rank sends as many candidates as the widest shard can
+        parts["top-k candidate all-gather"] = (P * B * min(k, widest) * 8, ring_gather)
         parts["reconstruction all-reduce [B, m]"] = (4 * B * m, ring_reduce)
-        if auxk_active:
-            parts["AuxK candidate all-gather"] = (P * B * min(k_aux, n) * 8, ring_gather)
+        if auxk_active:  # with at least k_aux dead latents (fewer narrow AuxK's top-k to their number)
+            parts["AuxK candidate all-gather"] = (P * B * min(k_aux, n, widest) * 8, ring_gather)
             parts["AuxK reconstruction all-reduce [B, m]"] = (4 * B * m, ring_reduce)
         parts["b_dec gradient + scalars"] = (4 * m + 8 + 4, ring_reduce)  # + dead count (int64), grad norm
     else:

@@ -566,6 +566,31 @@ def test_an_error_on_rank_zero_alone_stops_every_rank(tmp_path):
                    ("RuntimeError", "evaluate() failed on another rank; see that rank's error")]
 
 
+def _narrow_shards_step(rank, out):
+    """A latent-sharded step where k exceeds a shard's latents (n = 7 on two ranks, k = 5), AuxK on."""
+    import sae.distributed as sd
+
+    torch.manual_seed(0)
+    sae = TopKSAE(M, 7, 5, backend="torch", dead_tokens_threshold=64)
+    sae.tokens_since_fired.fill_(10**6)
+    sharded = sd.LatentShardedSAE.from_model(sae)
+    with sd.count_communication() as log:
+        sharded(_buffer()[list(range(BATCH))]).loss.backward()
+        sharded.clip_grad_norm_(1.0)  # the step's gradient-norm scalar, as the formula counts
+    torch.save([(r.op, r.shape, r.bytes) for r in log.records], out / f"narrow.rank{rank}.pt")
+
+
+def test_communication_formula_counts_narrow_shards(tmp_path):
+    """With k above a shard's latent count each rank sends only as many candidates as the widest
+    shard holds (here 4 of k = 5), and the formula says so."""
+    assert _two_ranks(_narrow_shards_step, tmp_path) == [None, None]
+    records = torch.load(tmp_path / "narrow.rank0.pt")
+    expected = communication_per_step("latent", batch=BATCH, d_model=M, n_latents=7, k=5, world=WORLD,
+                                      auxk_active=True)
+    assert expected["parts"]["top-k candidate all-gather"] == WORLD * BATCH * 4 * 8
+    assert sum(b for _, _, b in records) == expected["bytes"]
+
+
 def _resume_from_own_folder(rank, out):
     train(_make("topk"), _buffer(), _cfg(parallel="latent"), out / f"rank{rank}", resume=True)
 
