@@ -221,6 +221,26 @@ def test_dead_mask_and_auxk_term_reported():
     assert torch.allclose(out.loss, out.fvu + out.auxk_coef * out.auxk_loss)
 
 
+def test_dead_counts_add_the_tokens_reset_on_a_positive_act_and_dead_means_past_the_threshold():
+    """One training forward: latents with a positive activation in the batch restart at 0, the rest
+    (a selected latent whose act ReLU made 0 included) count the batch's tokens on top; the dead
+    mask is taken before the update and is strict (a count equal to the threshold is alive)."""
+    n, B, threshold = 37, 7, 10
+    sae = TopKSAE(16, n, 3, dead_tokens_threshold=threshold, auxk=False)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+        sae.b_enc[[4, 30]] = 100.0  # the only latents with a positive pre-activation
+        before = torch.randint(0, 2 * threshold, (n,))
+        before[[4, 30, 5, 6]] = torch.tensor([threshold + 1, threshold, threshold, threshold + 1])
+        sae.tokens_since_fired.copy_(before)
+    out = sae(torch.randn(B, 16))
+    assert torch.equal(out.dead_mask, before > threshold)
+    fired = torch.zeros(n, dtype=torch.bool)
+    fired[out.top_indices[out.top_acts > 0]] = True
+    assert fired.sum() == 2 and (out.top_acts == 0).any()  # selected zeros are not firings
+    assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, before + B))
+
+
 def test_batch_topk_keeps_batch_budget_and_learns_threshold():
     sae = TopKSAE(16, 64, 3, batch_topk=True)
     x = torch.randn(50, 16)
