@@ -241,6 +241,21 @@ def test_dead_counts_add_the_tokens_reset_on_a_positive_act_and_dead_means_past_
     assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, before + B))
 
 
+def test_batch_topk_keeps_exactly_the_batch_s_largest_candidates():
+    """No ties, every candidate positive: BatchTopK keeps exactly the B * k largest of the per-token
+    candidates (the budget's smallest one included), against a direct sort."""
+    B, k = 23, 3
+    sae = TopKSAE(16, 61, k, batch_topk=True)
+    with torch.no_grad():
+        sae.b_enc.fill_(50.0)
+    x = torch.randn(B, 16)
+    out = sae(x)
+    cand, _ = sae._encode_with(x - sae.b_dec, sae.b_enc, sae.batch_topk_cap * k)
+    want = torch.zeros_like(cand, dtype=torch.bool).view(-1)
+    want[cand.detach().reshape(-1).sort(descending=True).indices[: B * k]] = True
+    assert torch.equal(out.top_acts.detach() > 0, want.view_as(cand))
+
+
 def test_batch_topk_keeps_batch_budget_and_learns_threshold():
     sae = TopKSAE(16, 64, 3, batch_topk=True)
     x = torch.randn(50, 16)
