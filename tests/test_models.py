@@ -97,6 +97,27 @@ def test_topk_auxk_gradient_of_b_dec_matches_dense_formula():
     assert_close(sae.b_dec.grad, b_dec.grad, 1e-6, "AuxK grad b_dec")  # the model's losses are fp32
 
 
+def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux():
+    """auxk_norm="variance" with 5 dead latents and k_aux = 8: the term is (5 / 8) * ||e_hat - e||^2 /
+    total variance, e_hat the 5 dead latents' reconstruction of e = x - x_hat (fp64 dense formula)."""
+    m, n, k, k_aux, dead = 16, 53, 2, 8, 5
+    sae = TopKSAE(m, n, k, dead_tokens_threshold=10, k_aux=k_aux).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+        sae.tokens_since_fired[torch.randperm(n)[:dead]] = 100
+    x = torch.randn(31, m, dtype=torch.float64)
+    out = sae(x)
+    W_enc, W_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
+    pre = (x - b_dec) @ W_enc.T + sae.b_enc.detach().masked_fill(~out.dead_mask, -1e30)
+    acts, idx = pre.topk(dead, dim=-1)
+    e = (x - out.x_hat).detach()
+    e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ W_dec
+    want = dead / k_aux * (e_hat - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    got, want = float(out.auxk_loss.detach()), float(want)
+    assert abs(got - want) <= 1e-5 * want
+
+
 @pytest.mark.parametrize("option, value", [("auxk_norm", "resdual"), ("auxk_coef", -1.0), ("auxk_coef", float("nan")),
                                            ("k_aux", 0), ("batch_topk_cap", 0), ("b_dec_init", "bogus"),
                                            ("dead_tokens_threshold", 0)])
