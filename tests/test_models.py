@@ -336,6 +336,21 @@ def test_expander_equals_dense_masked_formulation():
     assert_close(sae.values.grad, grad_dense_at_support, 1e-4, "grad values")
 
 
+def test_expander_zero_value_row_is_a_zero_atom_not_nan():
+    """A latent whose values are all 0 has the zero atom (the norm is clamped), so forward, loss and
+    gradients stay finite even when that latent is selected."""
+    sae = ExpanderSAE(24, 61, 4, degree=5)
+    with torch.no_grad():
+        sae.values[7] = 0
+        sae.b_enc[7] = 5.0  # selected by every token
+    assert torch.isfinite(sae.atoms()).all() and (sae.atoms()[7] == 0).all()
+    out = sae(torch.randn(9, 24))
+    assert (out.top_indices == 7).any()
+    out.loss.backward()
+    assert torch.isfinite(out.x_hat).all() and torch.isfinite(out.fvu)
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)
+
+
 def test_expander_stores_only_n_times_d_matrix_values():
     sae = ExpanderSAE(64, 512, 8, degree=7)
     matrices = [p for p in sae.parameters() if p.dim() == 2]
