@@ -334,6 +334,22 @@ def test_a_float_tensor_for_an_integer_buffer_is_refused(tmp_path):
         load_sae(tmp_path / "s.safetensors")
 
 
+def test_integer_tensors_saved_in_another_integer_dtype_take_the_sae_s(tmp_path):
+    """int32 counters and expander rows in a file load as the SAE's int64 buffers, same values."""
+    sae = ExpanderSAE(9, 23, 2, degree=3)
+    with torch.no_grad():
+        sae.tokens_since_fired.copy_(torch.randint(0, 1000, (23,)))
+    tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    for name in ("tokens_since_fired", "rows"):
+        tensors[name] = tensors[name].int()
+    save_file(tensors, str(tmp_path / "s.safetensors"),
+              metadata={"config": json.dumps(sae.config()), "class": "ExpanderSAE"})
+    loaded = load_sae(tmp_path / "s.safetensors")
+    for name in ("tokens_since_fired", "rows"):
+        got, want = getattr(loaded, name), getattr(sae, name)
+        assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want), name
+
+
 # -- peers' cfg.json -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("peer", ["saelens", "sparsify"])

@@ -112,3 +112,10 @@ def test_configs_refuse_a_negative_seed_and_an_untied_topk():
     SAEConfig(arch="expander", degree=3, tied=False).validate()
     with pytest.raises(ValueError, match=r"^batch_size: expected >= 2"):
         TrainConfig(batch_size=1).validate()
+
+
+def test_sae_config_refuses_k_one_past_n_latents():
+    """k = n_latents is the largest k: one more is refused by the config, before any model is built."""
+    SAEConfig(n_latents=17, k=17).validate()
+    with pytest.raises(ValueError, match=r"^k: expected k <= n_latents=17, got 18"):
+        SAEConfig(n_latents=17, k=18).validate()

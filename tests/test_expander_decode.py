@@ -82,6 +82,18 @@ def test_only_values_need_grad(backend):
     assert_close(v.grad, v64.grad, 1e-5, "grad values")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_acts_need_grad(backend):
+    """values frozen: the activation gradient alone (on Triton its own kernel, not the row-gradient
+    pass that serves the value gradient), over several programs of (token, slot) entries."""
+    acts, idx, values, rows, bias = _inputs((23,), 41, 29, 5, 7, torch.float32)
+    a = acts.clone().requires_grad_()
+    expander_decode(a, idx, values, rows, 41, bias, backend=backend).square().sum().backward()
+    a64 = acts.double().requires_grad_()
+    reference.expander_decode(a64, idx, values.double(), rows, 41, bias.double()).square().sum().backward()
+    assert_close(a.grad, a64.grad, 1e-5, "grad top_acts")
+
+
 @pytest.mark.parametrize("chunk_entries", [1, 5 * 7 * 3 + 4])  # one token a chunk; 3 tokens, 37 = 12 x 3 + 1
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need", ["both", "acts", "values"])

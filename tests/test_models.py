@@ -97,6 +97,27 @@ def test_topk_auxk_gradient_of_b_dec_matches_dense_formula():
     assert_close(sae.b_dec.grad, b_dec.grad, 1e-6, "AuxK grad b_dec")  # the model's losses are fp32
 
 
+def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux():
+    """auxk_norm="variance" with 5 dead latents and k_aux = 8: the term is (5 / 8) * ||e_hat - e||^2 /
+    total variance, e_hat the 5 dead latents' reconstruction of e = x - x_hat (fp64 dense formula)."""
+    m, n, k, k_aux, dead = 16, 53, 2, 8, 5
+    sae = TopKSAE(m, n, k, dead_tokens_threshold=10, k_aux=k_aux).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+        sae.tokens_since_fired[torch.randperm(n)[:dead]] = 100
+    x = torch.randn(31, m, dtype=torch.float64)
+    out = sae(x)
+    W_enc, W_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
+    pre = (x - b_dec) @ W_enc.T + sae.b_enc.detach().masked_fill(~out.dead_mask, -1e30)
+    acts, idx = pre.topk(dead, dim=-1)
+    e = (x - out.x_hat).detach()
+    e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ W_dec
+    want = dead / k_aux * (e_hat - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    got, want = float(out.auxk_loss.detach()), float(want)
+    assert abs(got - want) <= 1e-5 * want
+
+
 @pytest.mark.parametrize("option, value", [("auxk_norm", "resdual"), ("auxk_coef", -1.0), ("auxk_coef", float("nan")),
                                            ("k_aux", 0), ("batch_topk_cap", 0), ("b_dec_init", "bogus"),
                                            ("dead_tokens_threshold", 0)])
@@ -221,6 +242,41 @@ def test_dead_mask_and_auxk_term_reported():
     assert torch.allclose(out.loss, out.fvu + out.auxk_coef * out.auxk_loss)
 
 
+def test_dead_counts_add_the_tokens_reset_on_a_positive_act_and_dead_means_past_the_threshold():
+    """One training forward: latents with a positive activation in the batch restart at 0, the rest
+    (a selected latent whose act ReLU made 0 included) count the batch's tokens on top; the dead
+    mask is taken before the update and is strict (a count equal to the threshold is alive)."""
+    n, B, threshold = 37, 7, 10
+    sae = TopKSAE(16, n, 3, dead_tokens_threshold=threshold, auxk=False)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+        sae.b_enc[[4, 30]] = 100.0  # the only latents with a positive pre-activation
+        before = torch.randint(0, 2 * threshold, (n,))
+        before[[4, 30, 5, 6]] = torch.tensor([threshold + 1, threshold, threshold, threshold + 1])
+        sae.tokens_since_fired.copy_(before)
+    out = sae(torch.randn(B, 16))
+    assert torch.equal(out.dead_mask, before > threshold)
+    fired = torch.zeros(n, dtype=torch.bool)
+    fired[out.top_indices[out.top_acts > 0]] = True
+    assert fired.sum() == 2 and (out.top_acts == 0).any()  # selected zeros are not firings
+    assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, before + B))
+
+
+def test_batch_topk_keeps_exactly_the_batch_s_largest_candidates():
+    """No ties, every candidate positive: BatchTopK keeps exactly the B * k largest of the per-token
+    candidates (the budget's smallest one included), against a direct sort."""
+    B, k = 23, 3
+    sae = TopKSAE(16, 61, k, batch_topk=True)
+    with torch.no_grad():
+        sae.b_enc.fill_(50.0)
+    x = torch.randn(B, 16)
+    out = sae(x)
+    cand, _ = sae._encode_with(x - sae.b_dec, sae.b_enc, sae.batch_topk_cap * k)
+    want = torch.zeros_like(cand, dtype=torch.bool).view(-1)
+    want[cand.detach().reshape(-1).sort(descending=True).indices[: B * k]] = True
+    assert torch.equal(out.top_acts.detach() > 0, want.view_as(cand))
+
+
 def test_batch_topk_keeps_batch_budget_and_learns_threshold():
     sae = TopKSAE(16, 64, 3, batch_topk=True)
     x = torch.randn(50, 16)
@@ -278,6 +334,21 @@ def test_expander_equals_dense_masked_formulation():
     (x_hat_dense * g).sum().backward()
     grad_dense_at_support = dense.V.grad[sae.rows, torch.arange(n)[:, None]]
     assert_close(sae.values.grad, grad_dense_at_support, 1e-4, "grad values")
+
+
+def test_expander_zero_value_row_is_a_zero_atom_not_nan():
+    """A latent whose values are all 0 has the zero atom (the norm is clamped), so forward, loss and
+    gradients stay finite even when that latent is selected."""
+    sae = ExpanderSAE(24, 61, 4, degree=5)
+    with torch.no_grad():
+        sae.values[7] = 0
+        sae.b_enc[7] = 5.0  # selected by every token
+    assert torch.isfinite(sae.atoms()).all() and (sae.atoms()[7] == 0).all()
+    out = sae(torch.randn(9, 24))
+    assert (out.top_indices == 7).any()
+    out.loss.backward()
+    assert torch.isfinite(out.x_hat).all() and torch.isfinite(out.fvu)
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)
 
 
 def test_expander_stores_only_n_times_d_matrix_values():

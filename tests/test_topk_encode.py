@@ -253,6 +253,23 @@ def test_blocked_topk_matches_exact_topk(block):
     assert torch.equal(keyed_indices, expected) and torch.equal(keyed_values, values)
 
 
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_blocked_topk_tie_of_several_straddling_the_kth_place(k):
+    """Four entries equal to the k-th largest value: torch.topk(k + 1) keeps two of them, not
+    necessarily the lowest ids, so a row whose smallest kept value appears just twice must still be
+    re-ranked by packed keys (ties to the lower id), whatever the block size."""
+    R, w = 48, 301
+    pre = torch.randn(R, w)
+    kth = pre.sort(dim=1, descending=True).values[:, k - 1 : k]
+    for r in range(R):
+        pre[r, torch.randperm(w)[:3]] = kth[r]
+    expected = torch.sort(-pre, dim=1, stable=True).indices[:, :k]
+    for block in (w, 97):
+        values, indices = blocked_topk(lambda a, b: pre[:, a:b], w, k, block)
+        assert torch.equal(indices, expected), f"block {block}"
+        assert torch.equal(values, pre.gather(1, expected))
+
+
 def _special_rows(case: str, R: int, w: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(w * 7 + k)
     if case == "ties":  # seven distinct values: ties at every rank
