@@ -56,14 +56,17 @@ def summary(times: list[float]) -> str:
 
 
 def dense_topk_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
-    """The dense baseline a user writes: the full [B, n] GEMM, ``+ bias``, ``torch.topk``, ReLU.
+    """The dense baseline a user writes: the full [B, n] GEMM with the bias inside it (``addmm``),
+    ``torch.topk``, ReLU.
 
     Not ``reference.topk_encode``: that is the tests' exact oracle (a stable full sort, for the
     package's tie and NaN order), several times slower than ``torch.topk`` on long rows, so timing
-    against it would flatter us."""
-    pre = x @ weight.T
-    if bias is not None:
-        pre = pre + bias
+    against it would flatter us. Nor ``x @ weight.T + bias``: that writes a second [B, n] tensor
+    and reads the first again (1.35x the time and 2x the memory of ``addmm`` at B=4096 n=24576)."""
+    if bias is None:
+        pre = x @ weight.T
+    else:
+        pre = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
     values, indices = pre.topk(k, dim=-1)
     return values.relu(), indices
 
