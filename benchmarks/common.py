@@ -71,6 +71,23 @@ def dense_topk_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return values.relu(), indices
 
 
+def dense_sparse_decode(top_acts: torch.Tensor, top_indices: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense decoder baseline a user writes: scatter the k activations into a zeroed [B, n]
+    in place, then the [B, n] x [n, m] GEMM (bias inside it).
+
+    Not ``reference.sparse_decode``: its out-of-place ``scatter_add`` copies the zeroed [B, n]
+    tensor into a second one (2x the baseline's memory, 1.26x its time at B=2048 n=16384 m=512)."""
+    z = top_acts.new_zeros(top_acts.shape[0], weight.shape[0]).scatter_add_(-1, top_indices, top_acts)
+    return z @ weight if bias is None else torch.addmm(bias, z, weight)
+
+
+def dense_expander_weight(values: torch.Tensor, rows: torch.Tensor, m: int) -> torch.Tensor:
+    """values [n, d] on support rows [n, d] -> dense [n, m], scattered in place (one [n, m] tensor,
+    where ``reference.expander_dense``'s out-of-place ``scatter_add`` holds two)."""
+    return values.new_zeros(values.shape[0], m).scatter_add_(1, rows, values)
+
+
 def forward_backward(fn: Callable[..., torch.Tensor], *args) -> Callable[[], object]:
     """A closure running fn(*args) then backward with a ones gradient (grads accumulate; harmless)."""
     def run():

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import topk_kernels as tk  # noqa: E402
-from common import H100_BANDWIDTH, dense_topk_encode, forward_backward, peak_extra_mib, summary, time_ms  # noqa: E402
-from topk_kernels import reference  # noqa: E402
+from common import (H100_BANDWIDTH, dense_expander_weight, dense_sparse_decode, dense_topk_encode,  # noqa: E402
+                    forward_backward, peak_extra_mib, summary, time_ms)
 
 
 @dataclass
@@ -48,10 +48,10 @@ def _decode_cases(B, m, n, k, backward):
         bytes_moved = fwd_bytes + B * m * f + B * k * m * f + n * m * f + 2 * B * k * m * f
         return Case("sparse_decode fwd+bwd", f"B={B} m={m} n={n} k={k}",
                     forward_backward(tk.sparse_decode, acts, idx, weight),
-                    forward_backward(reference.sparse_decode, acts, idx, weight), bytes_moved)
+                    forward_backward(dense_sparse_decode, acts, idx, weight), bytes_moved)
     return Case("sparse_decode fwd", f"B={B} m={m} n={n} k={k}",
                 lambda: tk.sparse_decode(acts, idx, weight),
-                lambda: reference.sparse_decode(acts, idx, weight), fwd_bytes)
+                lambda: dense_sparse_decode(acts, idx, weight), fwd_bytes)
 
 
 def _encode_cases(B, m, n, k, backward):
@@ -88,7 +88,7 @@ def _expander_encode_cases(B, m, n, d, k, backward):
     bytes_moved = B * m * f + n * d * (f + 8) + n * f + B * k * (f + 8)
 
     def dense(x, values, bias):
-        return dense_topk_encode(x, reference.expander_dense(values, rows, m), bias, k)
+        return dense_topk_encode(x, dense_expander_weight(values, rows, m), bias, k)
 
     def ours(x, values, bias):
         return tk.expander_encode(x, values, rows, bias, k)
@@ -109,7 +109,7 @@ def _expander_decode_cases(B, m, n, d, k, backward):
     bytes_moved = B * k * (f + 8) + B * k * d * (f + 8) + B * m * f
 
     def dense(acts, values):
-        return reference.sparse_decode(acts, idx, reference.expander_dense(values, rows, m))
+        return dense_sparse_decode(acts, idx, dense_expander_weight(values, rows, m))
 
     def ours(acts, values):
         return tk.expander_decode(acts, idx, values, rows, m)
