@@ -135,6 +135,14 @@ SMALL = {
 }
 
 
+def _check_same(case: Case, ours, dense) -> None:
+    """Ours and the baseline's (first) output agree to fp32 accumulation-order error."""
+    ours, dense = (out[0] if isinstance(out, tuple) else out for out in (ours, dense))
+    scale = dense.detach().abs().max().item() or 1.0
+    torch.testing.assert_close(ours.detach(), dense.detach(), rtol=1e-4, atol=1e-5 * scale,
+                               msg=lambda m: f"{case.op} {case.shape}: ours differs from the dense baseline\n{m}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
@@ -159,8 +167,11 @@ def main(argv=None) -> int:
                 except (ImportError, AttributeError) as exc:
                     print(f"{op:24s} skipped: {exc}")
                     break
-                ours = time_ms(case.ours, args.repeat)  # warm first: memory excludes one-off set-up
-                dense = time_ms(case.dense, max(1, min(args.repeat, 3)))
+                # The warm-up calls (memory excludes one-off set-up) double as the check that ours and
+                # the baseline compute the same thing: a speed-up over a different computation means nothing.
+                _check_same(case, case.ours(), case.dense())
+                ours = time_ms(case.ours, args.repeat, warmup=0)
+                dense = time_ms(case.dense, max(1, min(args.repeat, 3)), warmup=0)
                 ours_mem = peak_extra_mib(case.ours)
                 dense_mem = peak_extra_mib(case.dense)
                 ratio = statistics.median(dense) / statistics.median(ours)
