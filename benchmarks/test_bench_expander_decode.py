@@ -10,9 +10,9 @@ pytest benchmarks/test_bench_expander_decode.py --benchmark-only
 import pytest
 import torch
 
-from common import forward_backward
+from common import dense_expander_weight, dense_sparse_decode, forward_backward
 from sae.masks import expander_mask
-from topk_kernels import expander_decode, reference, sparse_decode
+from topk_kernels import expander_decode, sparse_decode
 
 CONFIGS = [  # (B, m, n, d, k)
     (1024, 1024, 16384, 7, 32),
@@ -32,7 +32,7 @@ def _inputs(B, m, n, d, k, grad):
 
 def _dense_masked(acts, idx, values, rows, bias):
     m = bias.shape[0]
-    return reference.sparse_decode(acts, idx, reference.expander_dense(values, rows, m), bias)
+    return dense_sparse_decode(acts, idx, dense_expander_weight(values, rows, m), bias)
 
 
 def _sparse_dense_weight_inputs(B, m, n, d, k, grad):

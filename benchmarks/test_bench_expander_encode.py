@@ -15,9 +15,9 @@ pre-activations alone are 1 GiB; expander_encode must stay under 300 MiB of extr
 import pytest
 import torch
 
-from common import dense_topk_encode, forward_backward
+from common import dense_expander_weight, dense_topk_encode, forward_backward
 from sae.masks import expander_mask
-from topk_kernels import expander_encode, reference, topk_encode
+from topk_kernels import expander_encode, topk_encode
 
 CONFIGS = [  # (B, m, n, d, k)
     (1024, 1024, 16384, 7, 32),
@@ -44,7 +44,7 @@ def _dense_weight_inputs(B, m, n, d, grad):
 
 def _dense_masked(k):
     def run(x, values, rows, bias):
-        return dense_topk_encode(x, reference.expander_dense(values, rows, x.shape[-1]), bias, k)
+        return dense_topk_encode(x, dense_expander_weight(values, rows, x.shape[-1]), bias, k)
     return run
 
 

@@ -7,8 +7,8 @@ pytest benchmarks/test_bench_sparse_decode.py --benchmark-only
 import pytest
 import torch
 
-from common import forward_backward
-from topk_kernels import reference, sparse_decode
+from common import dense_sparse_decode, forward_backward
+from topk_kernels import sparse_decode
 
 CONFIGS = [  # (B, m, n, k)
     (2048, 512, 16384, 32),
@@ -26,7 +26,7 @@ def _inputs(B, m, n, k, grad):
 
 
 def _dense(acts, idx, weight, bias):
-    return reference.sparse_decode(acts, idx, weight, bias)
+    return dense_sparse_decode(acts, idx, weight, bias)
 
 
 @pytest.mark.parametrize("B,m,n,k", CONFIGS, ids=lambda v: str(v))

@@ -31,10 +31,13 @@ class DenseTopKSAE(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, m] -> (x_hat [B, m], fvu)."""
-        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        # Biases inside the GEMMs (addmm) and an in-place scatter: what a competent user writes; the
+        # unfused forms hold and write two more [B, n] tensors (1166 -> 842 MiB peak extra RSS of a
+        # training step at B=4096 m=768 n=24576 k=32).
+        pre = torch.addmm(self.b_enc, (x - self.b_dec).reshape(-1, x.shape[-1]), self.W_enc.T)
         acts, idx = pre.topk(self.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, idx, acts.relu())
-        x_hat = z @ self.W_dec + self.b_dec
+        z = torch.zeros_like(pre).scatter_(-1, idx, acts.relu())
+        x_hat = torch.addmm(self.b_dec, z, self.W_dec).reshape(x.shape)
         return x_hat, _fvu(x, x_hat)
 
 
@@ -64,8 +67,8 @@ class DenseMaskedExpanderSAE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, m] -> (x_hat [B, m], fvu)."""
         w = self.dictionary()
-        pre = (x - self.b_dec) @ w + self.b_enc
+        pre = torch.addmm(self.b_enc, (x - self.b_dec).reshape(-1, x.shape[-1]), w)  # as DenseTopKSAE
         acts, idx = pre.topk(self.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, idx, acts.relu())
-        x_hat = z @ w.T + self.b_dec
+        z = torch.zeros_like(pre).scatter_(-1, idx, acts.relu())
+        x_hat = torch.addmm(self.b_dec, z, w.T).reshape(x.shape)
         return x_hat, _fvu(x, x_hat)
