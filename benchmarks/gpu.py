@@ -58,7 +58,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import topk_kernels as tk  # noqa: E402
 from topk_kernels import reference  # noqa: E402
-from common import dense_topk_encode, forward_backward as _fwd_bwd, train_step as _train_step  # noqa: E402
+from common import (dense_expander_weight, dense_sparse_decode, dense_topk_encode,  # noqa: E402
+                    forward_backward as _fwd_bwd, train_step as _train_step)
 from sae.train import adam  # noqa: E402
 
 # Spec-sheet peaks (dense, no sparsity): HBM bytes/s and tensor-core FLOP/s by dtype. The floor
@@ -338,7 +339,7 @@ def topk_cases(size: dict, dtype: str, device) -> list[Case]:
 
     def dense_dec():
         a, i, w = dec_inputs()
-        return lambda: reference.sparse_decode(a, i, w)
+        return lambda: dense_sparse_decode(a, i, w)
 
     def bag_dec():
         a, i, w = dec_inputs()
@@ -350,7 +351,7 @@ def topk_cases(size: dict, dtype: str, device) -> list[Case]:
 
     def dense_dec_fb():
         a, i, w = dec_inputs(True)
-        return _fwd_bwd(lambda a_, w_: reference.sparse_decode(a_, i, w_), a, w)
+        return _fwd_bwd(lambda a_, w_: dense_sparse_decode(a_, i, w_), a, w)
 
     def bag_dec_fb():
         a, i, w = dec_inputs(True)
@@ -459,7 +460,7 @@ def expander_cases(size: dict, dtype: str, device) -> list[Case]:
 
     def dense_enc():
         x, v, b = enc_inputs()
-        w = reference.expander_dense(v, rows, m)
+        w = dense_expander_weight(v, rows, m)
         return lambda: dense_topk_encode(x, w, b, k)
 
     def ours_enc():
@@ -467,7 +468,7 @@ def expander_cases(size: dict, dtype: str, device) -> list[Case]:
         return lambda: tk.expander_encode(x, v, rows, b, k, check_rows=False)
 
     def dense_enc_fb():
-        return _fwd_bwd(lambda x, v, b: dense_topk_encode(x, reference.expander_dense(v, rows, m), b, k),
+        return _fwd_bwd(lambda x, v, b: dense_topk_encode(x, dense_expander_weight(v, rows, m), b, k),
                        *enc_inputs(True))
 
     def ours_enc_fb():
@@ -475,7 +476,7 @@ def expander_cases(size: dict, dtype: str, device) -> list[Case]:
 
     def dense_dec():
         a, i, v = dec_inputs()
-        return lambda: reference.expander_decode(a, i, v, rows, m)
+        return lambda: dense_sparse_decode(a, i, dense_expander_weight(v, rows, m))
 
     def ours_dec():
         a, i, v = dec_inputs()
@@ -483,7 +484,7 @@ def expander_cases(size: dict, dtype: str, device) -> list[Case]:
 
     def dense_dec_fb():
         a, i, v = dec_inputs(True)
-        return _fwd_bwd(lambda a_, v_: reference.expander_decode(a_, i, v_, rows, m), a, v)
+        return _fwd_bwd(lambda a_, v_: dense_sparse_decode(a_, i, dense_expander_weight(v_, rows, m)), a, v)
 
     def ours_dec_fb():
         a, i, v = dec_inputs(True)
