@@ -170,8 +170,8 @@ def main(argv=None) -> int:
                 # The warm-up calls (memory excludes one-off set-up) double as the check that ours and
                 # the baseline compute the same thing: a speed-up over a different computation means nothing.
                 _check_same(case, case.ours(), case.dense())
-                ours = time_ms(case.ours, args.repeat, warmup=0)
-                dense = time_ms(case.dense, max(1, min(args.repeat, 3)), warmup=0)
+                ours = time_ms(case.ours, args.repeat, warmup=0, warmup_s=1.5)
+                dense = time_ms(case.dense, max(1, min(args.repeat, 3)), warmup=0, warmup_s=1.5)
                 ours_mem = peak_extra_mib(case.ours)
                 dense_mem = peak_extra_mib(case.dense)
                 ratio = statistics.median(dense) / statistics.median(ours)
