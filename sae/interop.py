@@ -101,6 +101,17 @@ def _expect_keys(tensors: dict, want: set, where: str) -> None:
         raise UnsupportedPeerFormat(f"{where}: tensors {sorted(extra)} have no counterpart in a TopKSAE")
 
 
+def _check_tensors(tensors: dict, shapes: dict, where: str) -> None:
+    """Each named tensor is floating-point with exactly its expected shape (a bias of shape [1] or []
+    would otherwise broadcast into every latent's bias)."""
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise UnsupportedPeerFormat(f"{where}: tensor {name} is {t.dtype}; expected a floating-point tensor")
+        if tuple(t.shape) != tuple(shape):
+            raise UnsupportedPeerFormat(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
 def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, where: str = "peer SAE"):
     """A TopKSAE holding these weights (W_enc [n, m]); computed in fp64, stored in W_dec's dtype."""
     from .models import TopKSAE
@@ -142,6 +153,8 @@ def load_saelens(path: str | os.PathLike):
     if W_enc.shape != (d_in, d_sae) or W_dec.shape != (d_sae, d_in):
         raise UnsupportedPeerFormat(f"{where}: expected W_enc [d_in, d_sae] and W_dec [d_sae, d_in] for d_in="
                                     f"{d_in}, d_sae={d_sae}; got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
+    _check_tensors(t, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)},
+                   f"SAELens weights {path / SAELENS_WEIGHTS}")
     if not cfg.get("apply_b_dec_to_input", True):  # x @ W = (x - b_dec) @ W + b_dec @ W
         b_enc = b_enc + b_dec @ W_enc
     if cfg.get("rescale_acts_by_decoder_norm", False):  # fold r_j = ||W_dec_j|| as SAELens's fold does
@@ -168,6 +181,8 @@ def load_sparsify(path: str | os.PathLike):
     if t["W_dec"].shape != (n, d_in) or t["encoder.weight"].shape != (n, d_in):
         raise UnsupportedPeerFormat(f"{where}: expected encoder.weight and W_dec [{n}, {d_in}], got "
                                     f"{tuple(t['encoder.weight'].shape)}, {tuple(t['W_dec'].shape)}")
+    _check_tensors(t, {"encoder.weight": (n, d_in), "W_dec": (n, d_in), "encoder.bias": (n,), "b_dec": (d_in,)},
+                   f"sparsify weights {path / SPARSIFY_WEIGHTS}")
     return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], k, where)
 
 

@@ -145,3 +145,24 @@ def test_export_folds_activation_normalisation(tmp_path):
 def test_export_refuses_signed_codes(tmp_path):
     with pytest.raises(UnsupportedPeerFormat, match="signed"):
         export_sparsify(ExpanderSAE(M, N, K, degree=3, signed=True), tmp_path / "sp")
+
+
+@pytest.mark.parametrize("writer,name,shape", [
+    (_saelens_dir, "b_enc", (1,)), (_saelens_dir, "b_dec", ()), (_saelens_dir, "b_enc", (2,)),
+    (_sparsify_dir, "encoder.bias", (1,)), (_sparsify_dir, "b_dec", (1,)),
+])
+def test_peer_bias_of_the_wrong_shape_is_refused_not_broadcast(tmp_path, writer, name, shape):
+    _, w = writer(tmp_path / "peer")
+    weights = next((tmp_path / "peer").glob("*.safetensors"))
+    save_file({**w, name: torch.randn(shape)}, str(weights))
+    with pytest.raises(UnsupportedPeerFormat, match=f"tensor {name} has shape"):
+        load_sae(tmp_path / "peer")
+
+
+@pytest.mark.parametrize("writer,name", [(_saelens_dir, "b_enc"), (_sparsify_dir, "encoder.weight")])
+def test_peer_integer_tensors_are_refused_by_name(tmp_path, writer, name):
+    _, w = writer(tmp_path / "peer")
+    weights = next((tmp_path / "peer").glob("*.safetensors"))
+    save_file({**w, name: w[name].round().long()}, str(weights))
+    with pytest.raises(UnsupportedPeerFormat, match=f"tensor {name} is torch.int64"):
+        load_sae(tmp_path / "peer")
