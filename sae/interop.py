@@ -141,7 +141,7 @@ def load_saelens(path: str | os.PathLike):
     else:
         raise UnsupportedPeerFormat(f"{where}: architecture {arch!r} (activation {act!r}) is not a TopK SAE; "
                                     f"only 'topk' can be represented")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UnsupportedPeerFormat(f"{where}: expected a positive int k, got {k!r}")
     norm = cfg.get("normalize_activations", "none") or "none"
     if norm != "none":

@@ -166,3 +166,9 @@ def test_peer_integer_tensors_are_refused_by_name(tmp_path, writer, name):
     save_file({**w, name: w[name].round().long()}, str(weights))
     with pytest.raises(UnsupportedPeerFormat, match=f"tensor {name} is torch.int64"):
         load_sae(tmp_path / "peer")
+
+
+def test_saelens_bool_k_is_refused_naming_the_file(tmp_path):
+    _saelens_dir(tmp_path / "sl", k=True)
+    with pytest.raises(UnsupportedPeerFormat, match=r"cfg\.json: expected a positive int k, got True"):
+        load_sae(tmp_path / "sl")
