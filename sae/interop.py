@@ -57,7 +57,8 @@ def load(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = N
     if kind is None:
         raise FileNotFoundError(f"path: {path} holds neither SAELens ({CFG} + {SAELENS_WEIGHTS}) nor sparsify "
                                 f"({CFG} + {SPARSIFY_WEIGHTS}) files")
-    sae = (load_saelens if kind == "saelens" else load_sparsify)(path)
+    # SAELens's folds are computed in fp64: cast them once, to dtype when given, not via the file's dtype.
+    sae = load_saelens(path, dtype=dtype) if kind == "saelens" else load_sparsify(path)
     return sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
 
 
@@ -129,7 +130,8 @@ def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
     return sae
 
 
-def load_saelens(path: str | os.PathLike):
+def load_saelens(path: str | os.PathLike, dtype: Optional[torch.dtype] = None):
+    """The TopKSAE of a SAELens folder, in ``dtype`` (default: the file's) cast from the fp64 folds."""
     path = Path(path)
     cfg, t = _read(path, SAELENS_WEIGHTS)
     where = f"SAELens cfg {path / CFG}"
@@ -163,7 +165,7 @@ def load_saelens(path: str | os.PathLike):
             raise UnsupportedPeerFormat(f"{where}: rescale_acts_by_decoder_norm with a zero decoder row")
         W_enc, b_enc, W_dec = W_enc * r, b_enc * r, W_dec / r[:, None]
     sae = _topk_sae(W_enc.T, b_enc, W_dec, b_dec, k, where)
-    return sae.to(t["W_dec"].dtype)
+    return sae.to(dtype if dtype is not None else t["W_dec"].dtype)
 
 
 def load_sparsify(path: str | os.PathLike):

@@ -172,3 +172,13 @@ def test_saelens_bool_k_is_refused_naming_the_file(tmp_path):
     _saelens_dir(tmp_path / "sl", k=True)
     with pytest.raises(UnsupportedPeerFormat, match=r"cfg\.json: expected a positive int k, got True"):
         load_sae(tmp_path / "sl")
+
+
+@pytest.mark.parametrize("apply_b_dec,rescale", [(False, False), (True, True)])
+def test_saelens_bf16_folds_loaded_in_fp64_are_not_rounded_to_bf16(tmp_path, apply_b_dec, rescale):
+    cfg, w = _saelens_dir(tmp_path / "sl", apply_b_dec_to_input=apply_b_dec, rescale_acts_by_decoder_norm=rescale)
+    w = {name: t.bfloat16() for name, t in w.items()}
+    save_file(w, str(tmp_path / "sl" / "sae_weights.safetensors"))
+    sae = load_sae(tmp_path / "sl", dtype=torch.float64)
+    x = torch.randn(7, M, dtype=torch.float64)
+    torch.testing.assert_close(sae(x).x_hat, saelens_topk_forward(cfg, w, x), atol=1e-9, rtol=1e-9)
