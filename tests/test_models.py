@@ -7,6 +7,7 @@ import torch
 from helpers import DEVICE, assert_close
 from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.data import ActivationBuffer
+from sae.layers import SparseDecoder
 from sae.models import ExpanderSAE, TopKSAE
 from sae.train import TrainConfig, train
 from topk_kernels import reference
@@ -127,6 +128,14 @@ def test_constructors_refuse_bad_options_by_name(cls, option, value):
     build()
     with pytest.raises(ValueError, match=f"^{option}: expected"):
         build(**{option: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_constructors_refuse_a_non_float_dtype_by_name(dtype):
+    for build in (lambda: TopKSAE(16, 40, 3, dtype=dtype), lambda: ExpanderSAE(16, 40, 3, 4, dtype=dtype),
+                  lambda: SparseDecoder(40, 16, dtype=dtype)):
+        with pytest.raises(TypeError, match="^dtype: expected"):
+            build()
 
 
 def test_topk_tied_unit_norm_init():
