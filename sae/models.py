@@ -500,6 +500,8 @@ class ExpanderSAE(_SparseCoder):
     def __init__(self, d_model: int, n_latents: int, k: int, degree: int, seed: int = 0, tied: bool = True, *,
                  device=None, dtype=None, backend: Optional[str] = None, **options):
         check_param_dtype(dtype)
+        if not isinstance(tied, bool):
+            raise ValueError(f"tied: expected True or False, got {tied!r}")
         super().__init__(d_model, n_latents, k, backend=backend, seed=seed, **options)
         self.degree, self.tied = degree, tied
         # expander_mask draws on CPU; rows are checked there (and after every state-dict load), so
