@@ -127,13 +127,17 @@ class SAEConfig:
                 raise ValueError("tied: only for arch 'expander' (a TopK SAE always has its own encoder), "
                                  "got tied=False with arch 'topk'")
         _seed(self)
+        for name in ("tied", "auxk", "batch_topk", "signed", "renorm_values", "normalize_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.signed and self.batch_topk:
             raise ValueError("signed: BatchTopK selects by a threshold on positive activations; use one of the two")
         if self.auxk_norm not in ("variance", "residual"):
             raise ValueError(f"auxk_norm: expected 'variance' or 'residual', got {self.auxk_norm!r}")
         if self.b_dec_init not in ("median", "mean", "zero"):
             raise ValueError(f"b_dec_init: expected 'median', 'mean' or 'zero', got {self.b_dec_init!r}")
-        if not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
+        if (isinstance(self.auxk_coef, bool) or not isinstance(self.auxk_coef, (int, float))
+                or not math.isfinite(self.auxk_coef) or self.auxk_coef < 0):
             raise ValueError(f"auxk_coef: expected a finite number >= 0, got {self.auxk_coef}")
         if self.n_latents is not None and self.k > self.n_latents:
             raise ValueError(f"k: expected k <= n_latents={self.n_latents}, got {self.k}")

@@ -57,7 +57,8 @@ def load(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = N
     if kind is None:
         raise FileNotFoundError(f"path: {path} holds neither SAELens ({CFG} + {SAELENS_WEIGHTS}) nor sparsify "
                                 f"({CFG} + {SPARSIFY_WEIGHTS}) files")
-    sae = (load_saelens if kind == "saelens" else load_sparsify)(path)
+    # SAELens's folds are computed in fp64: cast them once, to dtype when given, not via the file's dtype.
+    sae = load_saelens(path, dtype=dtype) if kind == "saelens" else load_sparsify(path)
     return sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
 
 
@@ -101,6 +102,17 @@ def _expect_keys(tensors: dict, want: set, where: str) -> None:
         raise UnsupportedPeerFormat(f"{where}: tensors {sorted(extra)} have no counterpart in a TopKSAE")
 
 
+def _check_tensors(tensors: dict, shapes: dict, where: str) -> None:
+    """Each named tensor is floating-point with exactly its expected shape (a bias of shape [1] or []
+    would otherwise broadcast into every latent's bias)."""
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise UnsupportedPeerFormat(f"{where}: tensor {name} is {t.dtype}; expected a floating-point tensor")
+        if tuple(t.shape) != tuple(shape):
+            raise UnsupportedPeerFormat(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
 def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, where: str = "peer SAE"):
     """A TopKSAE holding these weights (W_enc [n, m]); computed in fp64, stored in W_dec's dtype."""
     from .models import TopKSAE
@@ -118,7 +130,8 @@ def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
     return sae
 
 
-def load_saelens(path: str | os.PathLike):
+def load_saelens(path: str | os.PathLike, dtype: Optional[torch.dtype] = None):
+    """The TopKSAE of a SAELens folder, in ``dtype`` (default: the file's) cast from the fp64 folds."""
     path = Path(path)
     cfg, t = _read(path, SAELENS_WEIGHTS)
     where = f"SAELens cfg {path / CFG}"
@@ -130,7 +143,7 @@ def load_saelens(path: str | os.PathLike):
     else:
         raise UnsupportedPeerFormat(f"{where}: architecture {arch!r} (activation {act!r}) is not a TopK SAE; "
                                     f"only 'topk' can be represented")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UnsupportedPeerFormat(f"{where}: expected a positive int k, got {k!r}")
     norm = cfg.get("normalize_activations", "none") or "none"
     if norm != "none":
@@ -142,6 +155,8 @@ def load_saelens(path: str | os.PathLike):
     if W_enc.shape != (d_in, d_sae) or W_dec.shape != (d_sae, d_in):
         raise UnsupportedPeerFormat(f"{where}: expected W_enc [d_in, d_sae] and W_dec [d_sae, d_in] for d_in="
                                     f"{d_in}, d_sae={d_sae}; got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
+    _check_tensors(t, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)},
+                   f"SAELens weights {path / SAELENS_WEIGHTS}")
     if not cfg.get("apply_b_dec_to_input", True):  # x @ W = (x - b_dec) @ W + b_dec @ W
         b_enc = b_enc + b_dec @ W_enc
     if cfg.get("rescale_acts_by_decoder_norm", False):  # fold r_j = ||W_dec_j|| as SAELens's fold does
@@ -150,7 +165,7 @@ def load_saelens(path: str | os.PathLike):
             raise UnsupportedPeerFormat(f"{where}: rescale_acts_by_decoder_norm with a zero decoder row")
         W_enc, b_enc, W_dec = W_enc * r, b_enc * r, W_dec / r[:, None]
     sae = _topk_sae(W_enc.T, b_enc, W_dec, b_dec, k, where)
-    return sae.to(t["W_dec"].dtype)
+    return sae.to(dtype if dtype is not None else t["W_dec"].dtype)
 
 
 def load_sparsify(path: str | os.PathLike):
@@ -168,6 +183,8 @@ def load_sparsify(path: str | os.PathLike):
     if t["W_dec"].shape != (n, d_in) or t["encoder.weight"].shape != (n, d_in):
         raise UnsupportedPeerFormat(f"{where}: expected encoder.weight and W_dec [{n}, {d_in}], got "
                                     f"{tuple(t['encoder.weight'].shape)}, {tuple(t['W_dec'].shape)}")
+    _check_tensors(t, {"encoder.weight": (n, d_in), "W_dec": (n, d_in), "encoder.bias": (n,), "b_dec": (d_in,)},
+                   f"sparsify weights {path / SPARSIFY_WEIGHTS}")
     return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], k, where)
 
 

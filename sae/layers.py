@@ -12,6 +12,15 @@ from torch import Tensor, nn
 from topk_kernels import sparse_decode
 
 
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_param_dtype(dtype) -> None:
+    """``dtype`` for a module's parameters: None (the default dtype) or a float dtype the ops take."""
+    if dtype is not None and dtype not in _PARAM_DTYPES:
+        raise TypeError(f"dtype: expected None or one of float32/bfloat16/float16/float64, got {dtype!r}")
+
+
 class SparseDecoder(nn.Module):
     """out[..., :] = sum_s top_acts[..., s] * weight[top_indices[..., s]] + bias.
 
@@ -28,6 +37,7 @@ class SparseDecoder(nn.Module):
         for name, size in (("n_latents", n_latents), ("d_model", d_model)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name}: expected a positive int, got {size!r}")
+        check_param_dtype(dtype)
         self.n_latents, self.d_model, self.backend = n_latents, d_model, backend
         self.check_indices = check_indices
         self.weight = nn.Parameter(torch.empty(n_latents, d_model, device=device, dtype=dtype))

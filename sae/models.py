@@ -30,7 +30,7 @@ import topk_kernels as tk
 from topk_kernels import check_float
 
 from .config import SAEConfig
-from .layers import SparseDecoder
+from .layers import SparseDecoder, check_param_dtype
 from .masks import expander_mask
 
 SAE_CLASSES: dict[str, type] = {}
@@ -392,6 +392,7 @@ class TopKSAE(_SparseCoder):
 
     def __init__(self, d_model: int, n_latents: int, k: int, *, device=None, dtype=None,
                  backend: Optional[str] = None, **options):
+        check_param_dtype(dtype)
         super().__init__(d_model, n_latents, k, backend=backend, **options)
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
@@ -498,6 +499,9 @@ class ExpanderSAE(_SparseCoder):
 
     def __init__(self, d_model: int, n_latents: int, k: int, degree: int, seed: int = 0, tied: bool = True, *,
                  device=None, dtype=None, backend: Optional[str] = None, **options):
+        check_param_dtype(dtype)
+        if not isinstance(tied, bool):
+            raise ValueError(f"tied: expected True or False, got {tied!r}")
         super().__init__(d_model, n_latents, k, backend=backend, seed=seed, **options)
         self.degree, self.tied = degree, tied
         # expander_mask draws on CPU; rows are checked there (and after every state-dict load), so

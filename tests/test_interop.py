@@ -145,3 +145,40 @@ def test_export_folds_activation_normalisation(tmp_path):
 def test_export_refuses_signed_codes(tmp_path):
     with pytest.raises(UnsupportedPeerFormat, match="signed"):
         export_sparsify(ExpanderSAE(M, N, K, degree=3, signed=True), tmp_path / "sp")
+
+
+@pytest.mark.parametrize("writer,name,shape", [
+    (_saelens_dir, "b_enc", (1,)), (_saelens_dir, "b_dec", ()), (_saelens_dir, "b_enc", (2,)),
+    (_sparsify_dir, "encoder.bias", (1,)), (_sparsify_dir, "b_dec", (1,)),
+])
+def test_peer_bias_of_the_wrong_shape_is_refused_not_broadcast(tmp_path, writer, name, shape):
+    _, w = writer(tmp_path / "peer")
+    weights = next((tmp_path / "peer").glob("*.safetensors"))
+    save_file({**w, name: torch.randn(shape)}, str(weights))
+    with pytest.raises(UnsupportedPeerFormat, match=f"tensor {name} has shape"):
+        load_sae(tmp_path / "peer")
+
+
+@pytest.mark.parametrize("writer,name", [(_saelens_dir, "b_enc"), (_sparsify_dir, "encoder.weight")])
+def test_peer_integer_tensors_are_refused_by_name(tmp_path, writer, name):
+    _, w = writer(tmp_path / "peer")
+    weights = next((tmp_path / "peer").glob("*.safetensors"))
+    save_file({**w, name: w[name].round().long()}, str(weights))
+    with pytest.raises(UnsupportedPeerFormat, match=f"tensor {name} is torch.int64"):
+        load_sae(tmp_path / "peer")
+
+
+def test_saelens_bool_k_is_refused_naming_the_file(tmp_path):
+    _saelens_dir(tmp_path / "sl", k=True)
+    with pytest.raises(UnsupportedPeerFormat, match=r"cfg\.json: expected a positive int k, got True"):
+        load_sae(tmp_path / "sl")
+
+
+@pytest.mark.parametrize("apply_b_dec,rescale", [(False, False), (True, True)])
+def test_saelens_bf16_folds_loaded_in_fp64_are_not_rounded_to_bf16(tmp_path, apply_b_dec, rescale):
+    cfg, w = _saelens_dir(tmp_path / "sl", apply_b_dec_to_input=apply_b_dec, rescale_acts_by_decoder_norm=rescale)
+    w = {name: t.bfloat16() for name, t in w.items()}
+    save_file(w, str(tmp_path / "sl" / "sae_weights.safetensors"))
+    sae = load_sae(tmp_path / "sl", dtype=torch.float64)
+    x = torch.randn(7, M, dtype=torch.float64)
+    torch.testing.assert_close(sae(x).x_hat, saelens_topk_forward(cfg, w, x), atol=1e-9, rtol=1e-9)

@@ -7,6 +7,7 @@ import torch
 from helpers import DEVICE, assert_close
 from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.data import ActivationBuffer
+from sae.layers import SparseDecoder
 from sae.models import ExpanderSAE, TopKSAE
 from sae.train import TrainConfig, train
 from topk_kernels import reference
@@ -120,13 +121,29 @@ def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux():
 
 @pytest.mark.parametrize("option, value", [("auxk_norm", "resdual"), ("auxk_coef", -1.0), ("auxk_coef", float("nan")),
                                            ("k_aux", 0), ("batch_topk_cap", 0), ("b_dec_init", "bogus"),
-                                           ("dead_tokens_threshold", 0)])
+                                           ("dead_tokens_threshold", 0), ("auxk", "no"), ("auxk", 0),
+                                           ("normalize_activations", "false"), ("batch_topk", 1),
+                                           ("auxk_coef", True)])
 @pytest.mark.parametrize("cls", ["TopKSAE", "ExpanderSAE"])
 def test_constructors_refuse_bad_options_by_name(cls, option, value):
     build = (lambda **o: TopKSAE(16, 40, 3, **o)) if cls == "TopKSAE" else (lambda **o: ExpanderSAE(16, 40, 3, 4, **o))
     build()
     with pytest.raises(ValueError, match=f"^{option}: expected"):
         build(**{option: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_constructors_refuse_a_non_float_dtype_by_name(dtype):
+    for build in (lambda: TopKSAE(16, 40, 3, dtype=dtype), lambda: ExpanderSAE(16, 40, 3, 4, dtype=dtype),
+                  lambda: SparseDecoder(40, 16, dtype=dtype)):
+        with pytest.raises(TypeError, match="^dtype: expected"):
+            build()
+
+
+@pytest.mark.parametrize("option, value", [("tied", "no"), ("tied", 0), ("signed", "x"), ("renorm_values", 1)])
+def test_expander_refuses_a_non_bool_flag_by_name(option, value):
+    with pytest.raises(ValueError, match=f"^{option}: expected True or False"):
+        ExpanderSAE(16, 40, 3, 4, **{option: value})
 
 
 def test_topk_tied_unit_norm_init():
