@@ -313,6 +313,9 @@ def _saved_state(sae, tensors: dict, where: str) -> dict:
 def load_sae(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):
     """Any SAE this package can read: our checkpoint files (final or training), one of our run
     folders, or a folder saved by SAELens or sparsify. Returns the right class on ``device``."""
+    from .layers import check_param_dtype
+
+    check_param_dtype(dtype)  # before any file is read: a string such as "float32" names the argument
     path = Path(path)
     if path.is_dir():
         from . import interop

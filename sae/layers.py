@@ -37,6 +37,8 @@ class SparseDecoder(nn.Module):
         for name, size in (("n_latents", n_latents), ("d_model", d_model)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name}: expected a positive int, got {size!r}")
+        if not isinstance(bias, bool):  # bias="no" would make one
+            raise TypeError(f"bias: expected a bool, got {bias!r}")
         check_param_dtype(dtype)
         self.n_latents, self.d_model, self.backend = n_latents, d_model, backend
         self.check_indices = check_indices

@@ -78,6 +78,8 @@ def expander_mask(m: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
             f"n, d: expected n * d >= m so that every one of the m={m} rows is used, "
             f"got n * d = {n} * {d} = {n * d}"
         )
+    if not -(2**63) <= seed < 2**64:  # what a torch.Generator's seed holds
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
     gen = torch.Generator().manual_seed(int(seed))
     if d == m:
         return torch.arange(m).expand(n, m).clone()

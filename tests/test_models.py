@@ -556,3 +556,15 @@ def test_expander_fallback_atoms_come_from_the_resampling_generator(monkeypatch)
     sae.tokens_since_fired[[2, 9]] = 6
     assert sae.resample_dead(torch.randn(30, 16), generator=gen).tolist() == [2, 9]
     assert seen == [gen]
+
+
+def test_bad_bias_flag_seed_and_load_dtype_are_refused_by_name(tmp_path):
+    from sae import SparseDecoder, expander_mask, load_sae
+
+    with pytest.raises(TypeError, match="bias: expected a bool"):
+        SparseDecoder(7, 5, bias="no")
+    with pytest.raises(ValueError, match=r"seed: expected an int in \[-2\*\*63, 2\*\*64\)"):
+        expander_mask(8, 4, 2, seed=2**70)
+    assert torch.equal(expander_mask(8, 4, 2, seed=2**64 - 1), expander_mask(8, 4, 2, seed=2**64 - 1))
+    with pytest.raises(TypeError, match="dtype: expected None or one of"):
+        load_sae(tmp_path / "nothing.safetensors", dtype="float32")
