@@ -151,12 +151,9 @@ def load_saelens(path: str | os.PathLike, dtype: Optional[torch.dtype] = None):
                                     f"fold a constant scaling factor into the weights first)")
     _expect_keys(t, {"W_enc", "W_dec", "b_enc", "b_dec"}, f"SAELens weights {path / SAELENS_WEIGHTS}")
     d_in, d_sae = _positive_int(cfg, "d_in", where), _positive_int(cfg, "d_sae", where)
-    W_enc, W_dec, b_enc, b_dec = (t[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
-    if W_enc.shape != (d_in, d_sae) or W_dec.shape != (d_sae, d_in):
-        raise UnsupportedPeerFormat(f"{where}: expected W_enc [d_in, d_sae] and W_dec [d_sae, d_in] for d_in="
-                                    f"{d_in}, d_sae={d_sae}; got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
     _check_tensors(t, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)},
-                   f"SAELens weights {path / SAELENS_WEIGHTS}")
+                   f"SAELens weights {path / SAELENS_WEIGHTS} (d_in={d_in}, d_sae={d_sae})")
+    W_enc, W_dec, b_enc, b_dec = (t[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
     if not cfg.get("apply_b_dec_to_input", True):  # x @ W = (x - b_dec) @ W + b_dec @ W
         b_enc = b_enc + b_dec @ W_enc
     if cfg.get("rescale_acts_by_decoder_norm", False):  # fold r_j = ||W_dec_j|| as SAELens's fold does
@@ -180,11 +177,8 @@ def load_sparsify(path: str | os.PathLike):
     _expect_keys(t, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, f"sparsify weights {path / SPARSIFY_WEIGHTS}")
     d_in, k = _positive_int(cfg, "d_in", where), _positive_int(cfg, "k", where)
     n = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
-    if t["W_dec"].shape != (n, d_in) or t["encoder.weight"].shape != (n, d_in):
-        raise UnsupportedPeerFormat(f"{where}: expected encoder.weight and W_dec [{n}, {d_in}], got "
-                                    f"{tuple(t['encoder.weight'].shape)}, {tuple(t['W_dec'].shape)}")
     _check_tensors(t, {"encoder.weight": (n, d_in), "W_dec": (n, d_in), "encoder.bias": (n,), "b_dec": (d_in,)},
-                   f"sparsify weights {path / SPARSIFY_WEIGHTS}")
+                   f"sparsify weights {path / SPARSIFY_WEIGHTS} (d_in={d_in}, {n} latents)")
     return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], k, where)
 
 
