@@ -248,6 +248,11 @@ class _Ranks:
             raise RuntimeError(f"{what} failed on another rank; see that rank's error")
         return result
 
+    def on_lead(self, what: str, fn: Callable, otherwise=None):
+        """``fn()`` on rank 0 alone (what only it does: write, evaluate), ``otherwise`` elsewhere; an
+        error there stops every rank (``together``) rather than leaving them in their next collective."""
+        return self.together(what, lambda: fn() if self.rank == 0 else otherwise)
+
     def batches(self, buffer, cfg: TrainConfig, epochs: int, start_step: int):
         if self.rows is None:
             return buffer.batches(cfg.batch_size, epochs, seed=cfg.seed, start_step=start_step, device=self.device)
@@ -296,10 +301,7 @@ class _Ranks:
                 opt = adam([p for p in full.parameters() if p.requires_grad], base_lr, cfg.betas, cfg.eps)
                 opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
             self.last_full, self.saved_step = full, step
-        # rank 0 writes; a failure there (a full disk, say) stops every rank rather than leaving the
-        # others waiting in their next collective
-        self.together("writing the checkpoint",
-                      lambda: save_checkpoint(path, full, opt, step, tokens, cfg, **extra) if self.rank == 0 else None)
+        self.on_lead("writing the checkpoint", lambda: save_checkpoint(path, full, opt, step, tokens, cfg, **extra))
 
     def load(self, path: Path, optimizer, base_lr: float) -> dict:
         """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
@@ -391,10 +393,8 @@ def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: st
         inner.init_b_dec(sample)
     ranks = _Ranks(sae, cfg, group)
     with contextlib.ExitStack() as stack:
-        if ranks.rank == 0:  # only rank 0 writes: it alone holds the run directory
-            ranks.together("locking out_dir", lambda: stack.enter_context(RunLock(out)))
-        else:
-            ranks.together("locking out_dir", lambda: None)
+        # only rank 0 writes: it alone holds the run directory
+        ranks.on_lead("locking out_dir", lambda: stack.enter_context(RunLock(out)))
         return _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate, on_step)
 
 
@@ -455,7 +455,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
 
     def evaluated() -> dict:
         full = ranks.full_model()  # a collective in "latent" mode: every rank joins
-        result = ranks.together("evaluate()", lambda: evaluate(full.eval()) if lead else {})
+        result = ranks.on_lead("evaluate()", lambda: evaluate(full.eval()), {})
         model.train()
         return result
 
@@ -517,8 +517,8 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
             if at_checkpoint:
                 ranks.save(out / CHECKPOINT, optimizer, step, tokens, cfg, base_lr, extra())
                 last_ckpt = step
-                ranks.together("writing metrics.json", lambda: write_json(
-                    out / METRICS, {"history": history, "config_changes": changes}) if lead else None)
+                ranks.on_lead("writing metrics.json",
+                              lambda: write_json(out / METRICS, {"history": history, "config_changes": changes}))
             if on_step is not None:
                 ranks.together("on_step()", lambda: on_step(step, log or {"step": step}))
     except KeyboardInterrupt:
@@ -527,12 +527,12 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
         bar.close()
 
     full = ranks.finish(step)
-    final = ranks.together("evaluate()", lambda: evaluate(full.eval()) if evaluate is not None and lead else {})
+    final = ranks.on_lead("evaluate()", lambda: evaluate(full.eval()), {}) if evaluate is not None else {}
     for trained in {id(m): m for m in (model, full) if m is not None}.values():
         trained.train()
     result = TrainResult(step=step, tokens=tokens, history=history, final=final, model=model)
-    ranks.together("writing metrics.json", lambda: write_json(
+    ranks.on_lead("writing metrics.json", lambda: write_json(
         out / METRICS, {"history": history, "final": final, "step": step, "tokens": tokens, "config_changes": changes,
                         "sae_class": type(full).__name__, "sae_config": full.config(), "parallel": ranks.mode,
-                        "world_size": ranks.world}) if lead else None)
+                        "world_size": ranks.world}))
     return result
