@@ -317,6 +317,22 @@ def test_kernel_ignores_out_of_range_rows_in_padded_blocks(monkeypatch):
 
 
 @needs_triton
+def test_k_beyond_register_candidates_ignores_out_of_range_rows():
+    """The index contract past the fused kernel's K_PAD (k > 256, the blocked gathers the Triton
+    backend falls back to): rows outside [0, m) contribute nothing there too, where embedding_bag
+    raised on them (on CUDA a device-side assert, which ends the process's CUDA context)."""
+    B, n, m, d, k = 5, 400, 30, 3, 300
+    x = torch.randn(B, m)
+    values = torch.randn(n, d)
+    rows = _rows(n, m, d).contiguous()
+    rows[0, 0], rows[7, 2], rows[31, 1], rows[399, 0] = -1, m, 2**33, -(2**40)
+    row_ok = (rows >= 0) & (rows < m)
+    acts, idx = ee._triton_forward(x, values, rows, None, k, torch.float32)  # past the public row check
+    pre = x.double() @ reference.expander_dense(torch.where(row_ok, values, 0.0).double(), rows.clamp(0, m - 1), m).T
+    _assert_topk_matches(acts, idx, pre, k, TOL[torch.float32], "out-of-range rows, k > 256")
+
+
+@needs_triton
 def test_transposed_tokens_pads_with_zeros():
     x = torch.randn(37, 45)
     xt = ee.transposed_tokens(x, 16)

@@ -341,8 +341,9 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
     k_pad = pow2(k)
     if k_pad > MAX_FUSED_K_PAD:
         # Registers cannot hold that many candidates per token: blocked gathers + exact key
-        # top-k, still without a [B, n] tensor and without host syncs.
-        return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True)
+        # top-k, still without a [B, n] tensor and without host syncs. zero_row keeps the
+        # kernels' index contract there (embedding_bag fails on a row outside [0, m)).
+        return _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys=True, zero_row=True)
     if B > 0 and expander_strategy(k, x.dtype, x.device) == "chunked":
         return _chunked_forward(x, values, rows, bias, k, out_dtype)
     chunk = _xt_tokens(x, EXPANDER_ENCODE_CONFIGS[k_pad][0])
@@ -439,9 +440,9 @@ def _exact_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor
     return pre + bias[idx] if bias is not None else pre
 
 
-def _token_table(x_tile: Tensor, dtype: torch.dtype) -> Tensor:
-    """x_tile [b, m] -> x_tile.T [m, ld] in dtype, zero beyond column b: the embedding table of a
-    token tile. From 512 bytes a row on, ld * itemsize is an odd multiple of 64 bytes, so the
+def _token_table(x_tile: Tensor, dtype: torch.dtype, extra_rows: int = 0) -> Tensor:
+    """x_tile [b, m] -> x_tile.T [m + extra_rows, ld] in dtype, zero beyond column b and in the
+    extra rows: the embedding table of a token tile. From 512 bytes a row on, ld * itemsize is an odd multiple of 64 bytes, so the
     transposing copy, which reads a piece's column across rows ld apart, spreads them over every
     cache set (the padding, under two lines a row, adds 1.6 % to embedding_bag's work at b = 1024
     in fp32 and at most a quarter at 512 bytes a row). With 2^j cache lines a row they fall in a
@@ -454,14 +455,19 @@ def _token_table(x_tile: Tensor, dtype: torch.dtype) -> Tensor:
     if b * dtype.itemsize >= 512:
         ld = -(-b // line) * line
         ld += line * (1 - (ld // line) % 2)
-    return _padded_transpose(x_tile, m, ld, dtype)
+    return _padded_transpose(x_tile, m + extra_rows, ld, dtype)
 
 
-def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = False):
+def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = False, zero_row: bool = False):
     """Tiles of tokens x latents (``_topk.cpu_tile``) through embedding_bag, then a running top-k.
-    Extra memory: one tile buffer, one piece and the transposed token tile, plus O(B * k)."""
+    Extra memory: one tile buffer, one piece and the transposed token tile, plus O(B * k).
+    ``zero_row`` (the Triton backend's fallback): a row outside [0, m) reads an extra zero row m
+    of the token table, as the kernels do (``_tap``), so it contributes nothing (the index
+    contract of ``_common``) instead of failing in embedding_bag; costs a copy of ``rows``."""
     B, M = x.shape
     N, D = rows.shape
+    if zero_row:
+        rows = torch.where((rows >= 0) & (rows < M), rows, M)
     cd = compute_dtype(out_dtype)
     vals = values.to(cd)
     bc = bias.to(cd) if bias is not None else None
@@ -472,7 +478,7 @@ def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = Fal
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
         if table.get("b0") != b0:
             table.clear()
-            table["b0"], table["xt"] = b0, _token_table(x[b0:b1], cd)
+            table["b0"], table["xt"] = b0, _token_table(x[b0:b1], cd, int(zero_row))
         out = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
         # embedding_bag writes latent-major rows; torch.topk is fastest along a contiguous dim, so
         # each piece is transposed into token-major rows while it is still in cache.
