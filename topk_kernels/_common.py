@@ -63,6 +63,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2^31 - 1)
+# The Triton kernels hold latent ids as int32, with 2**31 - 1 kept for an id clamped past n
+# (``_topk.MAX_ID``, ``_rowgrad``'s sort): more latents take the PyTorch path (int64 ids).
+MAX_TRITON_LATENTS = 2**31 - 2
 
 BACKENDS = ("triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,15 +77,18 @@ if _DEFAULT_CPU_BACKEND not in ("triton", "torch"):
     raise ValueError(f"TOPK_KERNELS_CPU_BACKEND: expected 'triton' or 'torch', got {_DEFAULT_CPU_BACKEND!r}")
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None,
+                    latents: Optional[tuple[str, int]] = None) -> str:
     """Return the backend that runs for tensors on ``device`` whose compute dtype is ``dtype``.
 
     ``None`` picks Triton on CUDA (or on CPU under the interpreter, unless
     ``TOPK_KERNELS_CPU_BACKEND`` says otherwise) and the PyTorch path otherwise; float64 always
-    takes the PyTorch path, because the Triton kernels compute in fp32.
+    takes the PyTorch path, because the Triton kernels compute in fp32, and so does a dictionary of
+    more than ``MAX_TRITON_LATENTS`` latents (``latents``: the argument that holds them and n).
     """
+    too_many = latents is not None and latents[1] > MAX_TRITON_LATENTS
     if backend is None:
-        if dtype == torch.float64:
+        if dtype == torch.float64 or too_many:
             return "torch"
         if device.type == "cuda" and HAS_TRITON:
             return "triton"
@@ -97,6 +103,9 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optiona
                 f"backend='triton' on {device.type} tensors needs the Triton interpreter: "
                 "set TRITON_INTERPRET=1 before importing topk_kernels"
             )
+        if too_many:
+            raise ValueError(f"{latents[0]}: expected at most {MAX_TRITON_LATENTS} latents for backend='triton' "
+                             f"(its kernels hold latent ids as int32), got {latents[1]}; use backend='torch' or None")
         if dtype == torch.float64:
             raise TypeError(
                 "backend='triton': expected float32/bfloat16/float16 inputs, got float64 (the kernels "

@@ -386,7 +386,7 @@ def expander_decode(
     check_bias("bias", bias, m, "m")
     check_same_device(top_acts=top_acts, top_indices=top_indices, values=values, rows=rows, bias=bias)
     out_dtype = torch.promote_types(top_acts.dtype, values.dtype)  # every backend's (the bias's does not count)
-    backend = resolve_backend(backend, values.device, out_dtype)
+    backend = resolve_backend(backend, values.device, out_dtype, ("values", values.shape[0]))
     check_decode_ids(top_indices, values.shape[0], backend, check_indices)
     if backend == "reference":
         if check_rows:

@@ -634,7 +634,7 @@ def expander_encode(
     check_k(k, n)
     check_same_device(x=x, values=values, rows=rows, bias=bias)
     out_dtype = torch.promote_types(x.dtype, values.dtype)  # every backend's (the bias's does not count)
-    backend = resolve_backend(backend, values.device, out_dtype)
+    backend = resolve_backend(backend, values.device, out_dtype, ("values", n))
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m, "m = x.shape[-1]")

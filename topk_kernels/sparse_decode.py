@@ -325,7 +325,7 @@ def sparse_decode(
     check_bias("bias", bias, m, "m = weight.shape[1]")
     check_same_device(top_acts=top_acts, top_indices=top_indices, weight=weight, bias=bias)
     out_dtype = torch.promote_types(top_acts.dtype, weight.dtype)  # every backend's (the bias's does not count)
-    backend = resolve_backend(backend, weight.device, out_dtype)
+    backend = resolve_backend(backend, weight.device, out_dtype, ("weight", n))
     check_decode_ids(top_indices, n, backend, check_indices)
     if backend == "reference":
         return reference.sparse_decode(top_acts, top_indices, weight, bias).to(out_dtype)

@@ -1159,7 +1159,7 @@ def topk_encode(
     check_k(k, n)
     check_same_device(x=x, weight=weight, bias=bias)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)  # every backend's (the bias's does not count)
-    backend = resolve_backend(backend, weight.device, out_dtype)
+    backend = resolve_backend(backend, weight.device, out_dtype, ("weight", n))
     if backend == "reference":
         acts, idx = reference.topk_encode(x, weight, bias, k)
         return acts.to(out_dtype), idx
