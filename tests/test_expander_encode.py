@@ -373,15 +373,17 @@ def test_pack_taps_holds_fp32_values_and_rows_with_out_of_range_as_minus_one(mon
 
 @needs_triton
 def test_kernel_transposes_large_batches_in_chunks(monkeypatch):
-    """Tokens beyond XT_CHUNK_BYTES of x.T go to further launches (here 3 of 16, 16 and 5 tokens)."""
+    """Tokens beyond XT_CHUNK_BYTES of x.T go to further launches (here 3 of 16, 16 and 5 tokens),
+    which share one ``pack_taps`` (n * d * 8 bytes, rebuilt per launch until the 23rd session)."""
     monkeypatch.setattr(ee, "XT_CHUNK_BYTES", 45 * 4 * 16)
     monkeypatch.setitem(ee.EXPANDER_ENCODE_CONFIGS, 8, (16, 16, 4))
-    launches = []
-    fused = ee._fused_forward
+    launches, packs = [], []
+    fused, pack = ee._fused_forward, ee.pack_taps
     monkeypatch.setattr(ee, "_fused_forward", lambda x, *a: launches.append(x.shape[0]) or fused(x, *a))
+    monkeypatch.setattr(ee, "pack_taps", lambda *a: packs.append(1) or pack(*a))
     x, values, rows, bias = _inputs((37,), 45, 50, 4)
     acts, idx = ee._triton_forward(x, values, rows.contiguous(), bias, 7, torch.float32)  # as the op passes it
-    assert launches == [16, 16, 5]
+    assert launches == [16, 16, 5] and len(packs) == 1
     _assert_topk_matches(acts, idx, _reference_pre(x, values, rows, bias), 7, TOL[torch.float32], "chunked")
 
 

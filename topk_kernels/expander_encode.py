@@ -347,27 +347,27 @@ def _triton_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tens
     if B > 0 and expander_strategy(k, x.dtype, x.device) == "chunked":
         return _chunked_forward(x, values, rows, bias, k, out_dtype)
     chunk = _xt_tokens(x, EXPANDER_ENCODE_CONFIGS[k_pad][0])
-    parts = [_fused_forward(x[b0:b0 + chunk], values, rows, bias, k, out_dtype) for b0 in range(0, B, chunk)]
+    taps = pack_taps(values, rows, x.shape[1])  # once for every launch of this call
+    parts = [_fused_forward(x[b0:b0 + chunk], taps, bias, k, out_dtype) for b0 in range(0, B, chunk)]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _fused_forward(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, out_dtype):
-    """One launch of the fused kernel over the tokens of x (and stage 2)."""
+def _fused_forward(x: Tensor, taps: Tensor, bias: Optional[Tensor], k: int, out_dtype):
+    """One launch of the fused kernel over the tokens of x (and stage 2); taps [d, n] from ``pack_taps``."""
     B, M = x.shape
-    N, D = rows.shape
+    D, N = taps.shape
     k_pad = pow2(k)
     block_b, block_n, num_warps = EXPANDER_ENCODE_CONFIGS[k_pad]
     n_tiles = triton.cdiv(N, block_n)
     token_blocks = triton.cdiv(B, block_b)
     xt = transposed_tokens(x, block_b)
-    taps = pack_taps(values, rows, M)
-    bias_arg = bias if bias is not None else values
+    bias_arg = bias if bias is not None else xt  # any pointer: HAS_BIAS=False never reads it
     options = dict(HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, K_PAD=k_pad,
                    ODD_APART=odd_apart(x.dtype, fused=True), num_warps=num_warps,
                    maxnreg=EXPANDER_ENCODE_MAXNREG.get((x.dtype, k_pad)), **launch_options())
-    ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, taps, bias_arg, values.new_empty(
+    ctas = resident_ctas(_expander_encode_fwd_kernel, x.device, (xt, taps, bias_arg, taps.new_empty(
         0, dtype=torch.int64), B, N, M, D, token_blocks * block_b, n_tiles, ALIGN), options)
     splits = latent_splits(token_blocks, n_tiles, x.device, ctas, _fill_cost_tiles(D, k_pad))
     tiles_per_split = triton.cdiv(n_tiles, splits)
