@@ -160,6 +160,21 @@ def test_k_beyond_register_candidates(backend):
     _check_against_reference(*_inputs((5,), 30, 400, 3), 300, backend, TOL[torch.float32])
 
 
+def test_float64_winners_recomputed_in_token_chunks(monkeypatch):
+    """fp64 inputs: the exact values of the selected latents are gathered a few tokens at a time
+    (here 2 tokens of k * d = 15 taps per chunk), and still equal the fp64 dense reference."""
+    monkeypatch.setattr(ee, "CPU_TILE_ELEMS", 2 * 5 * 3)
+    chunks = []
+    gather = torch.Tensor.gather
+    monkeypatch.setattr(torch.Tensor, "gather", lambda t, *a: chunks.append(t.shape[0]) or gather(t, *a))
+    x, values, rows, bias = _inputs((7,), 11, 23, 3, torch.float64)
+    acts, idx = ee._torch_forward(x, values, rows, bias, 5, torch.float64)
+    assert chunks == [2, 2, 2, 1]
+    ref_acts, ref_idx = reference.expander_encode(x, values, rows, bias, 5)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(acts, ref_acts, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_go_to_lower_latent_id(backend):
     """Equal pre-activations are ordered by latent id, the same on every backend."""

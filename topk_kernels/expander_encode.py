@@ -432,11 +432,17 @@ def _fill_cost_tiles(d: int, k_pad: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def _exact_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], idx: Tensor) -> Tensor:
-    """Pre-activations at the selected latents idx [B, k], in x's dtype: O(B*k*d) gathers."""
+    """Pre-activations at the selected latents idx [B, k], in x's dtype: O(B*k*d) gathers, in token
+    chunks whose [chunk, k, d] gathered rows and values stay within the CPU tile budget (all B at
+    once would be 16 GiB of int64 rows at B*k*d = 2**31)."""
     B, K = idx.shape
     D = rows.shape[1]
-    xs = x.gather(1, rows[idx].view(B, K * D)).view(B, K, D)
-    pre = (xs * values[idx]).sum(-1)
+    chunk = max(1, CPU_TILE_ELEMS // (K * D))
+    pre = torch.empty(B, K, dtype=x.dtype, device=x.device)
+    for b0 in range(0, B, chunk):
+        sel = idx[b0:b0 + chunk]
+        xs = x[b0:b0 + chunk].gather(1, rows[sel].flatten(1)).view(sel.shape[0], K, D)
+        pre[b0:b0 + chunk] = (xs * values[sel]).sum(-1)
     return pre + bias[idx] if bias is not None else pre
 
 
