@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_checkpoint, save_sae
+from .checkpoint import CheckpointError, _saved_state, read_checkpoint, save_sae
 from .config import TrainConfig
 from .errors import NonFiniteError, TrainingInterrupted
 from .rundir import RunLock, write_json
@@ -127,20 +127,49 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
             mine.get(k, object()) != v for k, v in ckpt.config.items() if k not in derived):
         raise CheckpointError(f"checkpoint: {path} holds a {ckpt.class_name} {ckpt.config}, "
                               f"expected a {type(sae).__name__} {mine}")
+    # Names and shapes checked here: a file that verifies but does not fit (written by another
+    # version) is a CheckpointError naming it, as load_sae gives, not load_state_dict's RuntimeError.
+    state = _saved_state(sae, ckpt.sae_tensors, f"checkpoint: {path}")
     current = sae.state_dict()
-    for name, tensor in ckpt.sae_tensors.items():
-        if tensor.is_floating_point() and name in current and current[name].dtype != tensor.dtype:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and current[name].dtype != tensor.dtype:
             raise CheckpointError(f"checkpoint: {path} holds {name} in {tensor.dtype}, the SAE to resume is "
                                   f"{current[name].dtype}; build it with dtype={tensor.dtype} to go on")
-    sae.load_state_dict(ckpt.sae_tensors)
+    opt_state = _optimizer_state(path, optimizer, ckpt.optimizer_tensors) if optimizer is not None else None
+    try:
+        sae.load_state_dict(state)
+    except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
+        raise CheckpointError(f"checkpoint: {path} its tensors do not fit a {type(sae).__name__} "
+                              f"({' '.join(str(exc).split())})") from exc
     if optimizer is not None:
-        state: dict = {}
-        for name, value in ckpt.optimizer_tensors.items():
-            i, key = name.split(".", 1)
-            state.setdefault(int(i), {})[key] = value
         groups = optimizer.state_dict()["param_groups"]
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     return ckpt.train
+
+
+def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict) -> dict:
+    """A checkpoint's optimizer tensors (``<parameter index>.<key>``) as ``optimizer``'s state, checked:
+    PyTorch's ``load_state_dict`` checks neither the indices nor the shapes, and moments of another
+    shape reach the fused step, which turns them into NaN weights without an error. A parameter
+    without state is allowed (Adam keeps none for a parameter that never had a gradient)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict = {}
+    for name, value in tensors.items():
+        i, dot, key = name.partition(".")
+        if not (dot and key and i.isascii() and i.isdigit() and int(i) < len(params)):
+            raise CheckpointError(f"checkpoint: {path} is corrupt (optimizer tensor {name}: expected "
+                                  f"<parameter index below {len(params)}>.<key>)")
+        state.setdefault(int(i), {})[key] = value
+    keys = sorted({tuple(sorted(s)) for s in state.values()})
+    if len(keys) > 1:
+        raise CheckpointError(f"checkpoint: {path} is corrupt (the parameters' optimizer state holds different "
+                              f"keys: {[list(k) for k in keys]})")
+    for i, entries in sorted(state.items()):
+        for key, value in entries.items():
+            if key != "step" and value.shape != params[i].shape:
+                raise CheckpointError(f"checkpoint: {path} is corrupt (optimizer tensor {i}.{key} has shape "
+                                      f"{tuple(value.shape)}; its parameter has {tuple(params[i].shape)})")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

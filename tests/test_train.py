@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sae.data import ActivationBuffer
+from sae import load_sae
 from sae.models import ExpanderSAE, TopKSAE
 from sae.train import CHECKPOINT, METRICS, CheckpointError, TrainConfig, _lr_at, adam, load_checkpoint, train
 
@@ -473,3 +474,100 @@ def test_resume_refuses_another_dtype(tmp_path):
         train(TopKSAE(8, 24, 3), buffer, _cfg(), tmp_path, resume=True)
     result = train(TopKSAE(8, 24, 3, dtype=torch.bfloat16), buffer, _cfg(), tmp_path, resume=True)
     assert result.step == 12
+
+
+# -- checkpoints that verify but do not fit, a kill mid-write ---------------------------------------
+
+def _rewritten(path, edit, name):
+    """A copy of checkpoint ``path`` with its tensors changed by ``edit(tensors)`` and every checksum
+    recomputed: a file that verifies (as one written by another version of the package would) but
+    does not fit the SAE it names."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sae.checkpoint import FORMAT, HEADER_DIGEST, header_sha256, tensor_sha256
+
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()[FORMAT])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    record["sha256"] = {k: tensor_sha256(v) for k, v in sorted(tensors.items())}
+    record[HEADER_DIGEST] = header_sha256(record)
+    out = path.with_name(name)
+    save_file(tensors, str(out), metadata={FORMAT: json.dumps(record)})
+    return out
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.pop("b_enc"), r"missing \['b_enc'\]"),
+    (lambda t: t.update(extra=torch.zeros(3)), r"unexpected \['extra'\]"),
+    (lambda t: t.update(b_enc=torch.zeros(21)), r"b_enc has shape \(21,\)"),
+    (lambda t: t.pop("optimizer.0.exp_avg"), r"optimizer state"),
+    (lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(3, 3)}), r"optimizer tensor 0\.exp_avg has shape \(3, 3\)"),
+    (lambda t: t.update({"optimizer.9.exp_avg": torch.zeros(3)}), r"optimizer tensor 9\.exp_avg"),
+    (lambda t: t.update({"optimizer.x": torch.zeros(3)}), r"optimizer tensor x"),
+], ids=["missing-tensor", "extra-tensor", "tensor-shape", "missing-moment", "moment-shape", "no-such-parameter",
+        "bad-name"])
+def test_a_checkpoint_that_verifies_but_does_not_fit_is_a_checkpoint_error(tmp_path, edit, match):
+    """load_sae refuses such a file with a CheckpointError naming it; resuming from it must too, not
+    with load_state_dict's RuntimeError, a KeyError, or Adam moments of another shape that the fused
+    step would silently turn into NaN."""
+    path = _rewritten(_trained(tmp_path), edit, "edited.safetensors")
+    sae = TopKSAE(8, 20, 2, dead_tokens_threshold=50)
+    if "optimizer" not in match:  # the reference: the loader of final SAEs refuses the same file
+        with pytest.raises(CheckpointError):
+            load_sae(path)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint: {path}.*{match}"):
+        load_checkpoint(path, sae, adam([p for p in sae.parameters() if p.requires_grad], 1e-3))
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing_written_before(tmp_path):
+    """SIGKILL while the second checkpoint is half written: the first one is intact, the half file
+    is a temp file the next start removes, and the resumed run ends on the uninterrupted run's
+    weights, bit for bit."""
+    import os
+    import signal
+
+    script = textwrap.dedent("""
+        import os, signal, sys, torch
+        import safetensors.torch as st
+        from sae.data import ActivationBuffer
+        from sae.models import TopKSAE
+        from sae.train import TrainConfig, train
+        out, kill = sys.argv[1], sys.argv[2] == "kill"
+        real, calls = st.save_file, []
+        def save_file(tensors, filename, metadata=None):
+            calls.append(filename)
+            if kill and len(calls) == 2:  # half of the second checkpoint on disk, then killed
+                real(tensors, filename, metadata=metadata)
+                with open(filename, "r+b") as f:
+                    f.truncate(os.path.getsize(filename) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(tensors, filename, metadata=metadata)
+        st.save_file = save_file
+        buffer = ActivationBuffer(torch.randn(300, 8, generator=torch.Generator().manual_seed(0)))
+        cfg = TrainConfig(batch_size=32, total_tokens=32 * 12, lr=1e-3, warmup_steps=2, checkpoint_every=3,
+                          log_every=1, progress=False)
+        train(TopKSAE(8, 24, 3), buffer, cfg, out, resume=os.path.exists(os.path.join(out, "checkpoint.safetensors")))
+        """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def child(out, mode):
+        return subprocess.run([sys.executable, "-c", script, str(out), mode], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    killed = child(tmp_path / "run", "kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT).train["step"] == 3
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # the half-written one
+    for out, mode in ((tmp_path / "run", "resume"), (tmp_path / "full", "plain")):
+        done = child(out, mode)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+    resumed, full = read_checkpoint(tmp_path / "run" / CHECKPOINT), read_checkpoint(tmp_path / "full" / CHECKPOINT)
+    assert resumed.train["step"] == full.train["step"] == 12
+    for name, tensor in full.sae_tensors.items():
+        assert torch.equal(resumed.sae_tensors[name], tensor), name
+    for name, tensor in full.optimizer_tensors.items():
+        assert torch.equal(resumed.optimizer_tensors[name], tensor), name
+
