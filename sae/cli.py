@@ -151,7 +151,8 @@ def _run_header(path: Path) -> Optional[dict]:
 def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = None) -> dict:
     """{SAEConfig field: (the file's, this command's)} where the SAE in ``header`` is not the one
     ``sae_cfg.build(d_model)`` would train (``d_model``: the file's when None). The fields that
-    ``train()`` derives when unset (dead_tokens_threshold) are left to it."""
+    ``train()`` derives when unset (dead_tokens_threshold) are left to it, unless the file's run set
+    its own."""
     old = header["config"]
     if header["class"] != SAE_CLASS.get(sae_cfg.arch):
         by_class = {v: k for k, v in SAE_CLASS.items()}
@@ -165,7 +166,13 @@ def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = 
         new.update(degree=sae_cfg.degree, tied=sae_cfg.tied)
     new["k_aux"] = min(n, new["k_aux"] if new["k_aux"] is not None else max(1, m // 2))  # as the models resolve it
     if new["dead_tokens_threshold"] is None:
-        new.pop("dead_tokens_threshold")
+        # Unset, train() derives it from the run: a change only where the file's run set it itself
+        # (as train() judges it; a file without a train record cannot tell).
+        from .train import _derived_dead_tokens
+
+        own = _derived_dead_tokens(header["train"]) if header["train"] is not None else None
+        if own is None or old.get("dead_tokens_threshold") == own:
+            new.pop("dead_tokens_threshold")
     return {key: (value, new[key]) for key, value in old.items() if key in new and new[key] != value}
 
 

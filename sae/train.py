@@ -127,6 +127,14 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
             mine.get(k, object()) != v for k, v in ckpt.config.items() if k not in derived):
         raise CheckpointError(f"checkpoint: {path} holds a {ckpt.class_name} {ckpt.config}, "
                               f"expected a {type(sae).__name__} {mine}")
+    if "dead_tokens_threshold" in derived:
+        # Not compared only where the checkpoint's run derived it too: a threshold set on the SAE
+        # that trained would otherwise silently become this run's derived one.
+        saved, own = ckpt.config.get("dead_tokens_threshold"), _derived_dead_tokens(ckpt.train)
+        if saved is not None and own is not None and saved != own:
+            raise CheckpointError(f"checkpoint: {path} was trained with dead_tokens_threshold={saved} set on the SAE "
+                                  f"(its run derives {own}); build the SAE with dead_tokens_threshold={saved} to "
+                                  f"resume it")
     # Names and shapes checked here: a file that verifies but does not fit (written by another
     # version) is a CheckpointError naming it, as load_sae gives, not load_state_dict's RuntimeError.
     state = _saved_state(sae, ckpt.sae_tensors, f"checkpoint: {path}")
@@ -145,6 +153,16 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
         groups = optimizer.state_dict()["param_groups"]
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     return ckpt.train
+
+
+def _derived_dead_tokens(record: dict) -> Optional[int]:
+    """The dead-latent threshold the run of a ``train`` record derives (``TrainConfig.dead_tokens``),
+    or None where its record lacks what that needs (an old file)."""
+    saved = record.get("train_config") or {}
+    try:
+        return TrainConfig(**{k: saved[k] for k in ("batch_size", "total_tokens", "dead_fraction")}).dead_tokens()
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict) -> dict:

@@ -329,3 +329,26 @@ def test_frontier_refuses_a_run_folder_trained_with_other_flags(tiny_model, tmp_
     proc = subprocess.run(cmd + ["--batch-size", "128", "--layer", "0"], capture_output=True, text=True,
                           timeout=300, env=_env(tmp_path))
     _one_line_error(proc, "--layer 1 -> 0")
+
+
+def test_resume_without_the_run_s_own_dead_threshold_is_refused_before_the_model_loads(tmp_path):
+    """A run trained with --dead-tokens-threshold resumed without it would derive another threshold
+    and go on unlike the uninterrupted run: refused, naming the flag; a derived one resumes."""
+    import torch
+
+    from sae.cli import _check_resume, _UsageError
+    from sae.config import SAEConfig, TrainConfig
+    from sae.data import ActivationBuffer
+    from sae.train import train
+
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    train_cfg = TrainConfig(batch_size=32, total_tokens=32 * 4, progress=False)
+    for name, threshold in (("set", 40), ("derived", None)):
+        sae_cfg = SAEConfig(arch="topk", n_latents=24, k=3, dead_tokens_threshold=threshold)
+        train(sae_cfg.build(8), buffer, train_cfg, tmp_path / name)
+    unset = SAEConfig(arch="topk", n_latents=24, k=3)
+    with pytest.raises(_UsageError, match=r"--dead-tokens-threshold 40 -> None"):
+        _check_resume(tmp_path / "set", unset, train_cfg, allow=True)
+    assert _check_resume(tmp_path / "set", SAEConfig(arch="topk", n_latents=24, k=3, dead_tokens_threshold=40),
+                         train_cfg, allow=False).dead_tokens_threshold == 40
+    assert _check_resume(tmp_path / "derived", unset, train_cfg, allow=False) == unset

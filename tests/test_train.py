@@ -476,7 +476,7 @@ def test_resume_refuses_another_dtype(tmp_path):
     assert result.step == 12
 
 
-# -- checkpoints that verify but do not fit, a kill mid-write ---------------------------------------
+# -- checkpoints that verify but do not fit, a kill mid-write, an SAE option left out on resume ----
 
 def _rewritten(path, edit, name):
     """A copy of checkpoint ``path`` with its tensors changed by ``edit(tensors)`` and every checksum
@@ -571,3 +571,22 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing_written_before
     for name, tensor in full.optimizer_tensors.items():
         assert torch.equal(resumed.optimizer_tensors[name], tensor), name
 
+
+def test_resume_refuses_to_drop_an_sae_s_own_dead_threshold(tmp_path):
+    """An SAE trained with an explicit dead_tokens_threshold resumed as one without (None: derive it
+    from the run) would go on with another threshold than the uninterrupted run; refused, like any
+    other changed SAE option. A derived threshold still resumes as None."""
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    derived = _cfg().dead_tokens()
+    assert derived != 40
+    _run(tmp_path / "set", lambda: TopKSAE(8, 24, 3, dead_tokens_threshold=40), buffer, _cfg(), kill_at=7)
+    sae = TopKSAE(8, 24, 3)
+    with pytest.raises(CheckpointError, match=r"dead_tokens_threshold=40"):
+        train(sae, buffer, _cfg(), tmp_path / "set", resume=True)
+    sae = TopKSAE(8, 24, 3, dead_tokens_threshold=40)
+    train(sae, buffer, _cfg(), tmp_path / "set", resume=True)
+    assert sae.dead_tokens_threshold == 40
+    _run(tmp_path / "derived", lambda: TopKSAE(8, 24, 3), buffer, _cfg(), kill_at=7)
+    sae = TopKSAE(8, 24, 3)
+    train(sae, buffer, _cfg(), tmp_path / "derived", resume=True)
+    assert sae.dead_tokens_threshold == derived
