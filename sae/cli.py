@@ -1252,6 +1252,8 @@ def main(argv=None) -> int:
               f"is in {exc.out_dir}; resume with: {_resume_command(argv)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"\n[sae] interrupted before training started; run again with: {_resume_command(argv)}",
-              file=sys.stderr)
+        # Outside train()'s loop: before it (loading, harvesting) or after it (evaluating, a
+        # frontier's next SAE), where a run may have finished; its checkpoint keeps what trained.
+        print(f"\n[sae] interrupted outside a training loop (training done so far is in the run folders' "
+              f"checkpoints); run again with: {_resume_command(argv)}", file=sys.stderr)
         return 130

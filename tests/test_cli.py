@@ -352,3 +352,29 @@ def test_resume_without_the_run_s_own_dead_threshold_is_refused_before_the_model
     assert _check_resume(tmp_path / "set", SAEConfig(arch="topk", n_latents=24, k=3, dead_tokens_threshold=40),
                          train_cfg, allow=False).dead_tokens_threshold == 40
     assert _check_resume(tmp_path / "derived", unset, train_cfg, allow=False) == unset
+
+
+def test_ctrl_c_after_training_does_not_say_training_never_started(tmp_path, monkeypatch, capsys):
+    """Ctrl-C outside train()'s loop (here: in the evaluation after it, the harvest of a frontier's
+    next SAE) must not report "before training started" when the run folder holds a finished run."""
+    import torch
+
+    import sae.cli as cli
+    from sae.checkpoint import read_checkpoint
+    from sae.config import TrainConfig
+    from sae.data import ActivationBuffer
+    from sae.models import TopKSAE
+    from sae.train import CHECKPOINT, train
+
+    out = tmp_path / "run"
+
+    def trained_then_interrupted(args):
+        train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(300, 8)),
+              TrainConfig(batch_size=32, total_tokens=32 * 4, progress=False), out)
+        raise KeyboardInterrupt  # as in the evaluation that follows
+
+    monkeypatch.setattr(cli, "cmd_train", trained_then_interrupted)
+    assert cli.main(["train", "--out", str(out)]) == 130
+    assert read_checkpoint(out / CHECKPOINT).train["step"] == 4  # the run finished
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "before training started" not in last and f"python -m sae train --out {out}" in last, last
