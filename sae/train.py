@@ -123,10 +123,13 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
     if ckpt.train is None:
         raise CheckpointError(f"checkpoint: {path} is a final SAE, not a training checkpoint (no train record)")
     mine = sae.config()
-    if ckpt.class_name != type(sae).__name__ or any(
-            mine.get(k, object()) != v for k, v in ckpt.config.items() if k not in derived):
-        raise CheckpointError(f"checkpoint: {path} holds a {ckpt.class_name} {ckpt.config}, "
-                              f"expected a {type(sae).__name__} {mine}")
+    differ = {k: (v, mine.get(k)) for k, v in ckpt.config.items() if k not in derived and mine.get(k, object()) != v}
+    if ckpt.class_name != type(sae).__name__ or differ:
+        # The keys that differ first: two full configs side by side hide which one it is.
+        named = "class" if ckpt.class_name != type(sae).__name__ else ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+        raise CheckpointError(f"checkpoint: {path} holds another SAE than the one to resume ({named}): a "
+                              f"{ckpt.class_name} {ckpt.config}, expected a {type(sae).__name__} {mine}")
     if "dead_tokens_threshold" in derived:
         # Not compared only where the checkpoint's run derived it too: a threshold set on the SAE
         # that trained would otherwise silently become this run's derived one.

@@ -82,6 +82,18 @@ def test_checkpoint_for_another_shape_is_refused(tmp_path):
         load_checkpoint(path, TopKSAE(8, 21, 2))
 
 
+@pytest.mark.parametrize("option,value", [("n_latents", 21), ("auxk_coef", 0.5), ("batch_topk", True)])
+def test_resuming_another_sae_names_the_setting_that_differs(tmp_path, option, value):
+    """The refusal names the differing key with both values, not only two full configs to compare by eye."""
+    path = _trained(tmp_path)
+    options = {"d_model": 8, "n_latents": 20, "k": 2, "dead_tokens_threshold": 50, option: value}
+    saved = read_checkpoint(path).config[option]
+    assert saved != value
+    with pytest.raises(CheckpointError, match=rf"^checkpoint: {path} holds another SAE than the one to resume "
+                                              rf"\({option} {saved!r} -> {value!r}\)"):
+        load_checkpoint(path, TopKSAE(**options))
+
+
 def test_existing_checkpoint_without_resume_is_refused(tmp_path):
     _trained(tmp_path)
     with pytest.raises(FileExistsError, match="resume=True"):
