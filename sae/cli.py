@@ -1248,9 +1248,12 @@ def main(argv=None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
-        print(f"\n[sae] interrupted at step {exc.step} of {exc.total}; the last checkpoint (step {exc.checkpoint_step}) "
-              f"is in {exc.out_dir}; resume with: {_resume_command(argv)}", file=sys.stderr)
-        return 130
+        import signal
+
+        name = signal.Signals(exc.signum).name
+        print(f"\n[sae] interrupted at step {exc.step} of {exc.total} ({name}); the last checkpoint (step "
+              f"{exc.checkpoint_step}) is in {exc.out_dir}; resume with: {_resume_command(argv)}", file=sys.stderr)
+        return 128 + exc.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except KeyboardInterrupt:
         # Outside train()'s loop: before it (loading, harvesting) or after it (evaluating, a
         # frontier's next SAE), where a run may have finished; its checkpoint keeps what trained.

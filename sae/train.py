@@ -14,6 +14,9 @@ survive being killed at any moment:
   changed batch size, learning rate, schedule or seed is refused unless ``allow_config_change``
   (then recorded in the history);
 - one process per run directory (``sae.rundir.RunLock``); stale temporary files are removed;
+- SIGTERM or a first Ctrl-C stops after the step in hand and checkpoints it (``_StopSignals``;
+  under ``torchrun`` the ranks agree at the next log step), raising ``TrainingInterrupted``; a
+  second one stops at once;
 - a non-finite loss or parameter stops training with ``NonFiniteError`` naming the step before
   anything is written, so the newest checkpoint on disk is the last good one. On CUDA the check
   accumulates a flag on the device, read at log and checkpoint steps (no host sync per step).
@@ -32,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,6 +252,36 @@ class _FiniteWatch:
             if self.any_rank(broken is not None):
                 where = f"parameter {broken}" if broken else "a parameter (on another rank)"
                 raise NonFiniteError(f"step {step}: {where} is not finite. {hint}")
+
+
+class _StopSignals:
+    """SIGTERM (a scheduler preempting the job) and a first Ctrl-C ask the loop to stop after the step
+    in hand and write a checkpoint there, so nothing trained is lost; a second signal interrupts at
+    once (the newest checkpoint on disk is then the last complete one: writes are atomic).
+
+    Handlers are installed only in the main thread (Python delivers signals there alone) and only
+    over the defaults: an ignored SIGINT (a background job) or a caller's own handler is kept.
+    ``signum``: the first signal received, or None."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(sig) is default:
+                    self._old[sig] = signal.signal(sig, self._received)
+        return self
+
+    def _received(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 class _Ranks:
@@ -509,72 +544,91 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
         model.train()
         return result
 
-    try:
-        while step < total:
-            x = next(batches)
-            bad_x = watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all())
-            if ranks.mode == "data" and watch.sync_every_step:
-                bad_x = ranks.any_rank(bad_x)  # the ranks read different rows: every rank stops, none waits
-            if bad_x:
-                raise NonFiniteError(f"step {step + 1}: the training activations (x) hold NaN or inf. "
-                                     f"Nothing after step {last_ckpt} was written.")
-            try:
-                output = model(x)
-            except ValueError:
-                # An op refusing non-finite inputs (e.g. x - b_dec) names its own argument; name the
-                # parameter that actually broke instead.
-                watch.check(step + 1, last_ckpt)
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            loss, logged = ranks.objective(x, output)
-            loss.backward()
-            grad_norm = ranks.constrain_and_clip(output, params, cfg.grad_clip)
-            lr = _lr_at(step, total, base_lr, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            ranks.after_step(x)
-            step += 1
-            tokens += cfg.batch_size
-            resampled = None
-            if cfg.resample_every and step % cfg.resample_every == 0 and step != total:
-                resampled = _resample(model, optimizer, x, cfg.seed * 1_000_003 + step)
-            watch.record(step, logged["loss"])
-            if watch.sync_every_step:
-                watch.check(step, last_ckpt, params=False)
-            fvu_sum, fvu_n = fvu_sum + logged["fvu"].detach(), fvu_n + 1
-            bar.update(cfg.batch_size)
-            log = None
-            at_checkpoint = step % cfg.checkpoint_every == 0 or step == total
-            if step % cfg.log_every == 0 or at_checkpoint:
-                watch.check(step, last_ckpt)
-                elapsed = time.perf_counter() - t0
-                auxk = logged["auxk_loss"]
-                log = {"step": step, "tokens": tokens, "fvu": float(fvu_sum) / fvu_n, "lr": lr,
-                       "auxk_loss": None if auxk is None else float(auxk.detach()),
-                       "dead_fraction": model.dead_fraction(),
-                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "tokens_per_s": fvu_n * cfg.batch_size / max(elapsed, 1e-9)}
-                # The bar shows the training batches' running FVU, not the held-out figure reported at the end.
-                bar.set_postfix(train_fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")
-                t0, fvu_sum, fvu_n = time.perf_counter(), torch.zeros((), device=device), 0
-            if resampled is not None:
-                log = dict(log or {"step": step, "tokens": tokens}, resampled=resampled)
-            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-                log = dict(log or {"step": step, "tokens": tokens}, eval=evaluated())
-            if log is not None:
-                history.append(log)
-            if at_checkpoint:
-                ranks.save(out / CHECKPOINT, optimizer, step, tokens, cfg, base_lr, extra())
-                last_ckpt = step
-                ranks.on_lead("writing metrics.json",
-                              lambda: write_json(out / METRICS, {"history": history, "config_changes": changes}))
-            if on_step is not None:
-                ranks.together("on_step()", lambda: on_step(step, log or {"step": step}))
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(step, total, last_ckpt, out) from None
-    finally:
-        bar.close()
+    def checkpoint() -> int:
+        ranks.save(out / CHECKPOINT, optimizer, step, tokens, cfg, base_lr, extra())
+        ranks.on_lead("writing metrics.json",
+                      lambda: write_json(out / METRICS, {"history": history, "config_changes": changes}))
+        return step
+
+    with _StopSignals() as stop:  # its handlers live as long as the loop
+        try:
+            while step < total:
+                x = next(batches)
+                bad_x = watch.sync_every_step and x.numel() and not bool(torch.isfinite(x).all())
+                if ranks.mode == "data" and watch.sync_every_step:
+                    bad_x = ranks.any_rank(bad_x)  # the ranks read different rows: every rank stops, none waits
+                if bad_x:
+                    raise NonFiniteError(f"step {step + 1}: the training activations (x) hold NaN or inf. "
+                                         f"Nothing after step {last_ckpt} was written.")
+                try:
+                    output = model(x)
+                except ValueError:
+                    # An op refusing non-finite inputs (e.g. x - b_dec) names its own argument; name the
+                    # parameter that actually broke instead.
+                    watch.check(step + 1, last_ckpt)
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                loss, logged = ranks.objective(x, output)
+                loss.backward()
+                grad_norm = ranks.constrain_and_clip(output, params, cfg.grad_clip)
+                lr = _lr_at(step, total, base_lr, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                ranks.after_step(x)
+                step += 1
+                tokens += cfg.batch_size
+                resampled = None
+                if cfg.resample_every and step % cfg.resample_every == 0 and step != total:
+                    resampled = _resample(model, optimizer, x, cfg.seed * 1_000_003 + step)
+                watch.record(step, logged["loss"])
+                if watch.sync_every_step:
+                    watch.check(step, last_ckpt, params=False)
+                fvu_sum, fvu_n = fvu_sum + logged["fvu"].detach(), fvu_n + 1
+                bar.update(cfg.batch_size)
+                log = None
+                at_checkpoint = step % cfg.checkpoint_every == 0 or step == total
+                if step % cfg.log_every == 0 or at_checkpoint:
+                    watch.check(step, last_ckpt)
+                    elapsed = time.perf_counter() - t0
+                    auxk = logged["auxk_loss"]
+                    log = {"step": step, "tokens": tokens, "fvu": float(fvu_sum) / fvu_n, "lr": lr,
+                           "auxk_loss": None if auxk is None else float(auxk.detach()),
+                           "dead_fraction": model.dead_fraction(),
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_s": fvu_n * cfg.batch_size / max(elapsed, 1e-9)}
+                    # The bar shows the training batches' running FVU, not the held-out figure reported at the end.
+                    bar.set_postfix(train_fvu=f"{log['fvu']:.4f}", dead=f"{log['dead_fraction']:.3f}")
+                    t0, fvu_sum, fvu_n = time.perf_counter(), torch.zeros((), device=device), 0
+                if resampled is not None:
+                    log = dict(log or {"step": step, "tokens": tokens}, resampled=resampled)
+                if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+                    log = dict(log or {"step": step, "tokens": tokens}, eval=evaluated())
+                if log is not None:
+                    history.append(log)
+                if at_checkpoint:
+                    last_ckpt = checkpoint()
+                if on_step is not None:
+                    ranks.together("on_step()", lambda: on_step(step, log or {"step": step}))
+                # A stop asked by signal, at a step boundary. Ranks agree on it at log steps (one
+                # small all-reduce each), so that all of them write the same checkpoint.
+                asked = int(stop.signum or 0)
+                if ranks.world > 1:
+                    from .distributed import min_max_over_ranks
+
+                    at_log = step % cfg.log_every == 0 or at_checkpoint
+                    asked = min_max_over_ranks(asked, ranks.group, ranks.device)[1] if at_log else 0
+                if asked:
+                    if last_ckpt != step:
+                        watch.check(step, last_ckpt)
+                        last_ckpt = checkpoint()
+                    raise TrainingInterrupted(step, total, last_ckpt, out, asked)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(step, total, last_ckpt, out, int(stop.signum or signal.SIGINT)) from None
+        finally:
+            bar.close()
 
     full = ranks.finish(step)
     final = ranks.on_lead("evaluate()", lambda: evaluate(full.eval()), {}) if evaluate is not None else {}

@@ -3,11 +3,13 @@ random-weight transformers model with a tokenizer trained on the spot (no files 
 frontier end to end is in test_frontier.py."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 from helpers import word_level_corpus
+from sae.checkpoint import read_train_record
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -89,7 +91,10 @@ def test_second_trainer_on_one_out_exits_at_once(tiny_model, tmp_path):
         holder.stdout.close()
 
 
-def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path):
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path, name, code):
+    """Ctrl-C or SIGTERM (a scheduler's preemption): the step in hand is checkpointed, one line
+    says where and how to resume, and the exit status is the shell's 128 + signal."""
     import signal
     import time
 
@@ -104,12 +109,15 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_model, tmp_path):
         if "training activations ready" in line:
             break
     time.sleep(3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, name))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert "interrupted at step" in last and "resume with: python -m sae train" in last, last
+    assert f"({name}); the last checkpoint" in last and "resume with: python -m sae train" in last, last
+    step = int(re.search(r"interrupted at step (\d+) of", last).group(1))
+    assert f"(step {step}) is in" in last
+    assert read_train_record(tmp_path / "run" / "checkpoint.safetensors")["step"] == step
 
 
 def test_firing_density_counts_the_density_text_after_the_splits(tiny_model, tmp_path):

@@ -566,6 +566,47 @@ def test_an_error_on_rank_zero_alone_stops_every_rank(tmp_path):
                    ("RuntimeError", "evaluate() failed on another rank; see that rank's error")]
 
 
+def _sigterm_on_rank_one(rank, out):
+    """SIGTERM reaches rank 1 alone, after its step 3 (torchrun forwards a signal to each worker
+    on its own; they need not see it at the same step)."""
+    import signal
+
+    from sae.errors import TrainingInterrupted
+
+    def on_step(step, log):
+        if step == 3 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    mode = (out / "mode").read_text()
+    try:
+        train(_make("topk"), _buffer(), _cfg(parallel=mode, log_every=4, checkpoint_every=100), out / "run",
+              on_step=on_step)
+        stopped = None
+    except TrainingInterrupted as exc:
+        stopped = (exc.step, exc.checkpoint_step, int(exc.signum))
+    torch.save(stopped, out / f"stopped.rank{rank}.pt")
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_sigterm_on_one_rank_checkpoints_every_rank_at_the_next_log_step(tmp_path, mode):
+    """The ranks agree on a stop at the next log step (4), write one checkpoint there and raise
+    TrainingInterrupted together; that checkpoint resumes in one process to the uninterrupted
+    weights."""
+    import signal
+
+    from sae.checkpoint import read_train_record
+
+    (tmp_path / "mode").write_text(mode)
+    assert _two_ranks(_sigterm_on_rank_one, tmp_path) == [None, None]
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"stopped.rank{rank}.pt") == (4, 4, int(signal.SIGTERM))
+    assert read_train_record(tmp_path / "run" / CHECKPOINT)["step"] == 4
+    sae = _make("topk")
+    train(sae, _buffer(), _cfg(), tmp_path / "run", resume=True)
+    for name, value in _reference("topk")[2].items():
+        torch.testing.assert_close(sae.state_dict()[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _narrow_shards_step(rank, out):
     """A latent-sharded step where k exceeds a shard's latents (n = 7 on two ranks, k = 5), AuxK on."""
     import sae.distributed as sd

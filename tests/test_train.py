@@ -117,7 +117,7 @@ import subprocess
 import sys
 import textwrap
 
-from sae.checkpoint import read_checkpoint
+from sae.checkpoint import read_checkpoint, read_train_record
 from sae.errors import NonFiniteError, TrainingInterrupted
 from sae.rundir import RunLockedError
 
@@ -240,6 +240,39 @@ def test_ctrl_c_reports_where_it_stopped(tmp_path):
     with pytest.raises(TrainingInterrupted) as info:
         train(TopKSAE(8, 24, 3), ActivationBuffer(torch.randn(300, 8)), _cfg(), tmp_path, on_step=interrupt)
     assert (info.value.step, info.value.total, info.value.checkpoint_step) == (8, 12, 6)
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT",), ("SIGINT", "SIGINT")])
+def test_a_signal_checkpoints_the_step_in_hand_and_a_second_stops_at_once(tmp_path, signals):
+    """SIGTERM (preemption) or one Ctrl-C: the step in hand finishes and is checkpointed (here step 8,
+    the last periodic checkpoint being 6), and the resumed run ends bit for bit where an
+    uninterrupted one does. A second Ctrl-C stops at once, leaving the step-6 checkpoint."""
+    import os
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("the test runner replaced Python's SIGINT handler")
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    make = lambda: ExpanderSAE(8, 24, 3, degree=3, seed=1)  # noqa: E731
+    whole = make()
+    train(whole, buffer, _cfg(checkpoint_every=6, log_every=4), tmp_path / "whole")
+
+    def interrupt(step, log):
+        if step == 8:
+            for name in signals:
+                os.kill(os.getpid(), getattr(signal, name))
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(make(), buffer, _cfg(checkpoint_every=6, log_every=4), tmp_path / "cut", on_step=interrupt)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    saved = 6 if len(signals) == 2 else 8
+    assert (info.value.step, info.value.checkpoint_step, info.value.signum) == (8, saved, getattr(signal, signals[0]))
+    assert read_train_record(tmp_path / "cut" / CHECKPOINT)["step"] == saved
+    resumed = make()
+    train(resumed, buffer, _cfg(checkpoint_every=6, log_every=4), tmp_path / "cut", resume=True)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path):
