@@ -29,7 +29,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -481,12 +480,11 @@ class LatentShardedSAE(nn.Module):
         return out if self.rank == 0 else None
 
     def save(self, path: str | os.PathLike) -> None:
-        """One safetensors file for the whole SAE, written by rank 0 (``full_class.load`` reads it)."""
+        """One safetensors file for the whole SAE, written by rank 0 (``full_class.load`` reads it;
+        ``save`` writes atomically)."""
         model = self.to_model()
         if model is not None:
-            tmp = Path(path).with_name(Path(path).name + ".tmp")
-            model.save(str(tmp))
-            os.replace(tmp, path)
+            model.save(path)
         if self.world > 1:
             dist.barrier(self.group)
 
