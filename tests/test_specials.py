@@ -19,7 +19,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import BACKENDS, DEVICE, HAS_TRITON, assert_close, interpreter_only
+from helpers import BACKENDS, DEVICE, HAS_TRITON, TOL, assert_close, interpreter_only
 from topk_kernels import check_expander_rows, expander_decode, expander_encode, reference, sparse_decode, topk_encode
 
 pytestmark = pytest.mark.ops
@@ -344,6 +344,44 @@ def test_every_backend_returns_the_dtype_of_its_inputs_not_of_a_wider_bias(dtype
     for name, call in calls.items():
         got = {be: call(be).dtype for be in backends}
         assert set(got.values()) == {dtype}, (name, got)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.bfloat16)])
+def test_reference_backend_takes_mixed_dtypes_like_the_others(x_dtype, w_dtype):
+    """Every backend takes x (top_acts) and weight (values) of two float dtypes and computes in their
+    promoted dtype; backend="reference" too (it had passed them as they came to a matmul, which
+    refuses two dtypes). Outputs and gradients against the fp64 reference, in the leaves' dtypes."""
+    g = torch.Generator().manual_seed(11)
+    B, m, n, k, d = 6, 10, 15, 4, 3
+    x = torch.randn(B, m, generator=g).to(DEVICE, x_dtype)
+    w = (torch.randn(n, m, generator=g) / m**0.5).to(DEVICE, w_dtype)
+    v = torch.randn(n, d, generator=g).to(DEVICE, w_dtype)
+    rows = torch.stack([torch.randperm(m, generator=g)[:d] for _ in range(n)]).to(DEVICE)
+    acts = torch.rand(B, k, generator=g).to(DEVICE, x_dtype)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]).to(DEVICE)
+    bn = torch.randn(n, generator=g).to(DEVICE, w_dtype)
+    calls = {
+        "topk_encode": (lambda a, b, be: topk_encode(a, b, bn, k, backend=be)[0], x, w),
+        "expander_encode": (lambda a, b, be: expander_encode(a, b, rows, bn, k, backend=be)[0], x, v),
+        "sparse_decode": (lambda a, b, be: sparse_decode(a, idx, b, backend=be), acts, w),
+        "expander_decode": (lambda a, b, be: expander_decode(a, idx, b, rows, m, backend=be), acts, v),
+    }
+    out_dtype = torch.promote_types(x_dtype, w_dtype)
+    tol = TOL[torch.float32]  # the promoted dtype is fp32 or fp64 here; the inputs are exact in it
+    for name, (call, a, b) in calls.items():
+        leaves = [t.clone().requires_grad_() for t in (a, b)]
+        ref_leaves = [t.double().clone().requires_grad_() for t in (a, b)]
+        out = call(*leaves, "reference")
+        want = call(*ref_leaves, "reference")
+        assert out.dtype == out_dtype, (name, out.dtype)
+        assert_close(out, want, tol, f"{name} forward")
+        grad = torch.randn(want.shape, generator=g).to(DEVICE, out_dtype)
+        out.backward(grad)
+        want.backward(grad.double())
+        for leaf, ref_leaf, what in zip(leaves, ref_leaves, ("input", "weight")):
+            assert leaf.grad.dtype == leaf.dtype, (name, what, leaf.grad.dtype)
+            assert_close(leaf.grad, ref_leaf.grad, max(tol, TOL[leaf.dtype]), f"{name} grad {what}")
 
 
 def test_meta_tensors_give_shapes_without_reading_values():

@@ -391,7 +391,9 @@ def expander_decode(
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m)
-        return reference.expander_decode(top_acts, top_indices.long(), values, rows.long(), m, bias).to(out_dtype)
+        # In the promoted dtype, as every backend computes: the reference's matmul takes one dtype.
+        return reference.expander_decode(top_acts.to(out_dtype), top_indices.long(), values.to(out_dtype), rows.long(),
+                                         m, bias).to(out_dtype)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _expander_decode_op(
         top_acts.reshape(-1, k).contiguous(),

@@ -644,7 +644,8 @@ def expander_encode(
     if backend == "reference":
         if check_rows:
             check_expander_rows(rows, m, "m = x.shape[-1]")
-        acts, idx = reference.expander_encode(x, values, rows.long(), bias, k)
+        # In the promoted dtype, as every backend computes: the reference's matmul takes one dtype.
+        acts, idx = reference.expander_encode(x.to(out_dtype), values.to(out_dtype), rows.long(), bias, k)
         return acts.to(out_dtype), idx
     lead = x.shape[:-1]
     top_acts, top_indices = _expander_encode_op(

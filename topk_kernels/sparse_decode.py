@@ -328,7 +328,8 @@ def sparse_decode(
     backend = resolve_backend(backend, weight.device, out_dtype, ("weight", n))
     check_decode_ids(top_indices, n, backend, check_indices)
     if backend == "reference":
-        return reference.sparse_decode(top_acts, top_indices, weight, bias).to(out_dtype)
+        # In the promoted dtype, as every backend computes: the reference's matmul takes one dtype.
+        return reference.sparse_decode(top_acts.to(out_dtype), top_indices, weight.to(out_dtype), bias).to(out_dtype)
     lead, k = top_acts.shape[:-1], top_acts.shape[-1]
     out = _sparse_decode_op(
         top_acts.reshape(-1, k).contiguous(),

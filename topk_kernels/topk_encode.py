@@ -1161,7 +1161,8 @@ def topk_encode(
     out_dtype = torch.promote_types(x.dtype, weight.dtype)  # every backend's (the bias's does not count)
     backend = resolve_backend(backend, weight.device, out_dtype, ("weight", n))
     if backend == "reference":
-        acts, idx = reference.topk_encode(x, weight, bias, k)
+        # In the promoted dtype, as every backend computes: the reference's matmul takes one dtype.
+        acts, idx = reference.topk_encode(x.to(out_dtype), weight.to(out_dtype), bias, k)
         return acts.to(out_dtype), idx
     lead = x.shape[:-1]
     top_acts, top_indices = _topk_encode_op(
