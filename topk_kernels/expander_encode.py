@@ -630,7 +630,9 @@ def expander_encode(
         (top_acts [..., k] in the promoted dtype of x and values, top_indices [..., k] int64): the
         k largest of ``pre[..., j] = sum_t values[j, t] * x[..., rows[j, t]] + bias[j]`` per token,
         sorted descending (equal values: lower latent id first; NaN above +inf, see
-        ``topk_kernels._common``), ``top_acts = relu(pre)`` there. Gradients flow to x, values
+        ``topk_kernels._common``), ``top_acts = relu(pre)`` there. float64 inputs are ranked by
+        their pre-activations rounded to fp32 (values within an fp32 rounding, or past its range,
+        count as equal) and return the winners' exact float64 values. Gradients flow to x, values
         and bias through the selected, positive entries.
     """
     check_float("x", x)

@@ -1148,7 +1148,10 @@ def topk_encode(
     Returns:
         (top_acts [..., k] in the promoted dtype of x and weight, top_indices [..., k] int64):
         the k largest of ``pre = x @ weight.T + bias`` per token sorted descending (equal values:
-        lower latent id first), ``top_acts = relu(pre)`` at those indices.
+        lower latent id first), ``top_acts = relu(pre)`` at those indices. float64 inputs are
+        ranked by their pre-activations rounded to fp32 (values within an fp32 rounding, or past
+        its range, count as equal) and return the winners' exact float64 values
+        (``topk_kernels._common``).
     """
     check_float("x", x)
     check_matrix("weight", weight)
