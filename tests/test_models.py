@@ -368,6 +368,23 @@ def test_expander_zero_value_row_is_a_zero_atom_not_nan():
     assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("degree", [2, 7, 16])
+def test_half_precision_atoms_backward_against_fp64(dtype, degree):
+    """The gradient through ``atoms()`` (values / |values|) for bf16 / fp16 values, against fp64
+    autograd on the same values and output gradient: within 1 % of its scale (normalised in bf16
+    it was off by 2.7 % at d = 7 and 120 % at d = 16; in fp32 and rounded once, ~0.2 %)."""
+    g = torch.Generator().manual_seed(degree)
+    sae = ExpanderSAE(32, 500, 4, degree=degree, seed=degree, dtype=dtype, backend="torch")
+    grad_out = torch.randn(500, degree, generator=g).to(dtype)
+    (sae.atoms() * grad_out).float().sum().backward()
+    v = sae.values.detach().double().requires_grad_()
+    ((v / v.norm(dim=1, keepdim=True)) * grad_out.double()).sum().backward()
+    assert sae.atoms().dtype == dtype
+    err = (sae.values.grad.double() - v.grad).abs().max() / v.grad.abs().max()
+    assert err < 1e-2, float(err)
+
+
 def test_expander_stores_only_n_times_d_matrix_values():
     sae = ExpanderSAE(64, 512, 8, degree=7)
     matrices = [p for p in sae.parameters() if p.dim() == 2]
