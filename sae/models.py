@@ -500,6 +500,10 @@ class ExpanderSAE(_SparseCoder):
     def __init__(self, d_model: int, n_latents: int, k: int, degree: int, seed: int = 0, tied: bool = True, *,
                  device=None, dtype=None, backend: Optional[str] = None, **options):
         check_param_dtype(dtype)
+        # Checked here as d_model, n_latents and k are: expander_mask takes any Integral (a numpy int
+        # too), which would then sit in config() and make save() fail on JSON after training.
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree: expected a positive int, got {degree!r}")
         if not isinstance(tied, bool):
             raise ValueError(f"tied: expected True or False, got {tied!r}")
         super().__init__(d_model, n_latents, k, backend=backend, seed=seed, **options)

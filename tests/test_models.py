@@ -1,6 +1,7 @@
 """TopKSAE and ExpanderSAE: forward against independent dense formulas, the decoder constraints,
 dead latents and AuxK, BatchTopK, checkpoints, and learning a planted sparse dictionary."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,15 @@ def test_constructors_refuse_a_non_float_dtype_by_name(dtype):
                   lambda: SparseDecoder(40, 16, dtype=dtype)):
         with pytest.raises(TypeError, match="^dtype: expected"):
             build()
+
+
+@pytest.mark.parametrize("degree", [np.int64(4), 4.0, True, 0, -2, "4"])
+def test_expander_refuses_a_degree_that_is_not_a_positive_int_by_name(degree, tmp_path):
+    """As d_model, n_latents and k: a numpy int was taken once (the mask accepts any Integral), and the
+    SAE then trained but could not be saved (its config held an np.int64, which JSON refuses)."""
+    with pytest.raises(ValueError, match=r"^degree: expected a positive int, got "):
+        ExpanderSAE(16, 40, 3, degree)
+    ExpanderSAE(16, 40, 3, 4).save(str(tmp_path / "sae.safetensors"))
 
 
 @pytest.mark.parametrize("option, value", [("tied", "no"), ("tied", 0), ("signed", "x"), ("renorm_values", 1)])
