@@ -9,6 +9,8 @@ from helpers import DEVICE, assert_close
 from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.data import ActivationBuffer
 from sae.layers import SparseDecoder
+from sae.masks import expander_mask
+from sae import load_sae
 from sae.models import ExpanderSAE, TopKSAE
 from sae.train import TrainConfig, train
 from topk_kernels import reference
@@ -401,6 +403,131 @@ def test_expander_stores_only_n_times_d_matrix_values():
     assert [tuple(p.shape) for p in matrices] == [(512, 7)]
     assert sae.decoder_values == 512 * 7
     assert sae.rows.shape == (512, 7) and sae.rows.dtype == torch.int64
+
+
+def _dense_masked_expander(x, values, rows, b_enc, b_dec, k, enc_values=None, signed=False):
+    """The paper's form, written from the mask, in x's dtype: W = colnorm(M * V) with M [m, n] the
+    0/1 mask of ``rows`` and V [m, n] the values scattered onto it; pre = (x - b_dec) @ W_enc + b_enc
+    with W_enc = W (tied) or M * V_enc; a dense top-k (ReLU, or signed by |pre|); x_hat = z @ W.T + b_dec.
+    Returns (x_hat, acts at idx, idx), idx the selected latents in ascending order."""
+    m, (n, d) = x.shape[-1], rows.shape
+    support = (rows.reshape(-1), torch.arange(n).repeat_interleave(d))
+    mask = torch.zeros(m, n, dtype=x.dtype).index_put(support, torch.ones(n * d, dtype=x.dtype))
+    V = torch.zeros(m, n, dtype=x.dtype).index_put(support, values.reshape(-1))
+    W = (mask * V) / (mask * V).norm(dim=0, keepdim=True)
+    W_enc = W if enc_values is None else mask * torch.zeros(m, n, dtype=x.dtype).index_put(support, enc_values.reshape(-1))
+    pre = (x - b_dec) @ W_enc + b_enc
+    idx = (pre.abs() if signed else pre).topk(k, dim=-1).indices.sort(dim=-1).values
+    acts = pre.gather(-1, idx) if signed else pre.gather(-1, idx).relu()
+    z = torch.zeros_like(pre).scatter(-1, idx, acts)
+    return z @ W.T + b_dec, acts, idx
+
+
+def _expander_against_dense(m, n, d, k, tied, signed, backend, dtype, tol):
+    """ExpanderSAE (non-zero biases, values of unequal norms) against ``_dense_masked_expander`` in
+    fp64: x_hat, the codes, and the gradients of every parameter and of x (the dense V's gradient
+    read at the support)."""
+    sae = ExpanderSAE(m, n, k, degree=d, seed=m + n, tied=tied, signed=signed, auxk=False, backend=backend)
+    assert torch.equal(sae.rows, expander_mask(m, n, d, seed=m + n))
+    sae = sae.double()
+    with torch.no_grad():
+        sae.values.mul_(torch.rand(n, 1, dtype=torch.float64) * 3 + 0.2)  # atoms normalise them away
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        if not tied:
+            sae.enc_values.normal_()
+    ref = {name: p.detach().clone().requires_grad_() for name, p in sae.named_parameters()}
+    sae = sae.to(dtype)
+    x_ref = torch.randn(7, m, dtype=torch.float64, requires_grad=True)
+    x = x_ref.detach().to(dtype).requires_grad_()
+    out = sae(x)
+    x_hat, acts, idx = _dense_masked_expander(x_ref, ref["values"], sae.rows, ref["b_enc"], ref["b_dec"], k,
+                                              ref.get("enc_values"), signed)
+    order = out.top_indices.argsort(dim=-1)
+    assert torch.equal(out.top_indices.gather(-1, order), idx)
+    assert_close(out.top_acts.gather(-1, order), acts, tol, "top_acts")
+    assert_close(out.x_hat, x_hat, tol, "x_hat")
+    g = torch.randn(7, m, dtype=torch.float64)
+    (out.x_hat.double() * g).sum().backward()
+    (x_hat * g).sum().backward()
+    for name, p in sae.named_parameters():
+        assert_close(p.grad, ref[name].grad, tol, f"grad {name}")
+    assert_close(x.grad, x_ref.grad, tol, "grad x")
+
+
+# (m, n, d, k): odd sizes, n*d not a multiple of m; d = 1; d = m; d > m/2 (the mask's complement
+# path) with k = n.
+EXPANDER_REFERENCE_SIZES = [(13, 29, 5, 3), (11, 23, 1, 3), (9, 17, 9, 4), (31, 11, 16, 11)]
+
+
+@pytest.mark.parametrize("m,n,d,k", EXPANDER_REFERENCE_SIZES)
+@pytest.mark.parametrize("tied,signed", [(True, False), (False, False), (True, True), (False, True)])
+def test_expander_equals_dense_masked_reference_with_biases_fp64(m, n, d, k, tied, signed):
+    _expander_against_dense(m, n, d, k, tied, signed, "torch", torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("tied,signed", [(True, False), (False, True)])
+def test_expander_triton_equals_dense_masked_reference_with_biases(tied, signed):
+    _expander_against_dense(13, 29, 5, 3, tied, signed, "triton", torch.float32, 2e-5)
+
+
+def test_expander_gradcheck_fp64():
+    """Every parameter and x through the normalised, tied atoms: autograd against finite differences."""
+    sae = ExpanderSAE(11, 23, 3, degree=4, seed=1, auxk=False).double()
+    with torch.no_grad():
+        sae.values.mul_(torch.rand(23, 1, dtype=torch.float64) + 0.5)
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    names = [name for name, _ in sae.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in sae.parameters()]
+    x = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        out = torch.func.functional_call(sae, dict(zip(names, ps)), (x,))
+        return out.x_hat, out.top_acts
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_expander_adam_steps_equal_the_dense_masked_form():
+    """Training, as the trainer steps: gradient clipping by global norm, Adam, then the decoder
+    constraints. Off the support the dense V's gradient is 0, so Adam on the compact values is Adam
+    on the dense V at the support, and the atoms stay equal step after step."""
+    m, n, d, k = 13, 29, 5, 3
+    sae = ExpanderSAE(m, n, k, degree=d, seed=2, auxk=False).double()
+    dense = DenseMaskedExpanderSAE(m, n, k, sae.rows, sae.values.detach()).double()
+    support = (sae.rows, torch.arange(n)[:, None])
+    opts = [torch.optim.Adam(model.parameters(), lr=3e-2) for model in (sae, dense)]
+    for _ in range(5):
+        x = torch.randn(16, m, dtype=torch.float64) + 1
+        for model, opt, x_hat in ((sae, opts[0], lambda: sae(x).x_hat), (dense, opts[1], lambda: dense(x)[0])):
+            opt.zero_grad()
+            (x - x_hat()).pow(2).sum().backward()
+            if model is sae:
+                sae.remove_parallel_grads(None)  # a no-op: the atoms are normalised inside autograd
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        sae.normalize_decoder()
+        assert_close(sae.atoms().detach(), dense.dictionary().detach()[support], 1e-10, "atoms")
+        assert_close(sae.b_dec.detach(), dense.b_dec.detach(), 1e-10, "b_dec")
+        assert_close(sae.b_enc.detach(), dense.b_enc.detach(), 1e-10, "b_enc")
+
+
+def test_expander_checkpoint_keeps_its_graph_not_the_seed_s(tmp_path):
+    """The saved rows come back, also when they are not the graph the config's seed would draw."""
+    sae = ExpanderSAE(17, 53, 3, degree=5, seed=4)
+    other = expander_mask(17, 53, 5, seed=99)
+    assert not torch.equal(other, sae.rows)
+    with torch.no_grad():
+        sae.rows.copy_(other)
+        sae.values.normal_()
+        sae.b_enc.normal_()
+    sae.save(str(tmp_path / "sae.safetensors"))
+    x = torch.randn(6, 17)
+    for dtype in (None, torch.float64):
+        loaded = load_sae(str(tmp_path / "sae.safetensors"), dtype=dtype)
+        assert torch.equal(loaded.rows, other) and loaded.rows.dtype == torch.int64
+        assert_close(loaded(x.to(loaded.values.dtype)).x_hat, sae(x).x_hat, 1e-6, "x_hat")
 
 
 def test_expander_dense_decoder_and_untied_encoder():
