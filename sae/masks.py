@@ -52,6 +52,14 @@ def _check_int(name: str, value, lo: int) -> int:
     return int(value)
 
 
+def _check_seed(seed) -> int:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:  # what a torch.Generator's seed holds
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
+    return int(seed)
+
+
 @_on_cpu
 def expander_mask(m: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
     """Draw the support rows of a random left-d-regular bipartite graph.
@@ -69,8 +77,7 @@ def expander_mask(m: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
     m = _check_int("m", m, 1)
     n = _check_int("n", n, 1)
     d = _check_int("d", d, 1)
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = _check_seed(seed)
     if d > m:
         raise ValueError(f"d: expected d <= m={m} (a latent's rows must be distinct), got d={d}")
     if n * d < m:
@@ -78,9 +85,7 @@ def expander_mask(m: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
             f"n, d: expected n * d >= m so that every one of the m={m} rows is used, "
             f"got n * d = {n} * {d} = {n * d}"
         )
-    if not -(2**63) <= seed < 2**64:  # what a torch.Generator's seed holds
-        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     if d == m:
         return torch.arange(m).expand(n, m).clone()
     if 2 * d > m:
@@ -185,13 +190,17 @@ def mask_diagnostics(
     m = _check_int("m", m, 1)
     k = _check_int("k", k, 1)
     n_sets = _check_int("n_sets", n_sets, 1)
+    # n_pairs = 0 would sample no pair and report a largest overlap of 0 whatever the graph.
+    n_pairs = _check_int("n_pairs", n_pairs, 1)
+    exact_overlap_up_to = _check_int("exact_overlap_up_to", exact_overlap_up_to, 0)
+    seed = _check_seed(seed)
     rows = rows.long().cpu()
     n, d = rows.shape
     if n == 0 or d == 0:
         raise ValueError(f"rows: expected a non-empty [n, d] tensor, got shape {tuple(rows.shape)}")
     if int(rows.min()) < 0 or int(rows.max()) >= m:
         raise IndexError(f"rows: expected every row in [0, m={m}), found {int(rows.min())}..{int(rows.max())}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     degree = torch.bincount(rows.reshape(-1), minlength=m)
     out = {
         "degree_min": int(degree.min()),

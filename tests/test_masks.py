@@ -123,3 +123,22 @@ def test_diagnostics_sampled_overlap_matches_exact():
 def test_diagnostics_rejects_rows_out_of_range():
     with pytest.raises(IndexError, match=r"rows: expected every row in \[0, m=4\)"):
         mask_diagnostics(torch.tensor([[0, 4]]), 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(n_pairs=0), ValueError, r"n_pairs: expected n_pairs >= 1, got 0"),
+        (dict(n_pairs=-1), ValueError, r"n_pairs: expected n_pairs >= 1, got -1"),
+        (dict(exact_overlap_up_to=-5), ValueError, r"exact_overlap_up_to: expected exact_overlap_up_to >= 0"),
+        (dict(seed=1.7), TypeError, r"seed: expected an int, got float"),
+        (dict(seed="a"), TypeError, r"seed: expected an int, got str"),
+    ],
+)
+def test_diagnostics_bad_arguments_raise_naming_the_argument(kwargs, err, match):
+    """n_pairs=0 once sampled no pair and reported a largest overlap of 0 for a graph whose exact
+    one is 5; a float seed was truncated."""
+    rows = expander_mask(40, 5000, 6, seed=2)
+    assert mask_diagnostics(rows, 40, exact_overlap_up_to=5000)["max_overlap"] > 0
+    with pytest.raises(err, match=match):
+        mask_diagnostics(rows, 40, **kwargs)
