@@ -36,7 +36,9 @@ _MAX_ROUNDS = 10_000
 
 def _on_cpu(fn):
     """Run ``fn`` with CPU as the default device: its seeded draws come from a CPU generator, so
-    they are the same on every machine, also when called under ``with torch.device("cuda")``."""
+    they are the same on every machine, also when called under ``with torch.device("cuda")``.
+    (Every float draw also names dtype=torch.float32: torch's default dtype changes what a seed
+    draws, and so, before, the graph under ``torch.set_default_dtype(torch.float64)``.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with torch.device("cpu"):
@@ -104,7 +106,7 @@ def _balanced_rows(m: int, n: int, d: int, gen: torch.Generator) -> torch.Tensor
     total = n * d
     n_perm = -(-total // m)
     # Row-wise argsort of uniform noise: n_perm independent random permutations in one call.
-    slots = torch.rand(n_perm, m, generator=gen).argsort(dim=1).view(-1)[:total]
+    slots = torch.rand(n_perm, m, generator=gen, dtype=torch.float32).argsort(dim=1).view(-1)[:total]
     rows = slots.view(n, d)[torch.randperm(n, generator=gen)]
     rows = rows.sort(dim=1).values
     return _repair_duplicates(rows, gen)
@@ -122,7 +124,7 @@ def _repair_duplicates(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor
             return rows
         # A random half of the bad latents are repaired this round; the rest (and all clean
         # latents) may serve as partners, so the repair never waits on a clean latent existing.
-        targets = bad[torch.rand(bad.numel(), generator=gen) < 0.5]
+        targets = bad[torch.rand(bad.numel(), generator=gen, dtype=torch.float32) < 0.5]
         if targets.numel() == 0:
             continue
         dup = rows[targets, 1:] == rows[targets, :-1]
@@ -211,7 +213,7 @@ def mask_diagnostics(
     if n < 2:
         out["max_overlap"], out["overlap_exact"] = 0, True
     elif n <= exact_overlap_up_to:
-        indicator = torch.zeros(n, m)
+        indicator = torch.zeros(n, m, dtype=torch.float32)  # overlaps exact up to 2^24, not bf16's 256
         indicator.scatter_(1, rows, 1.0)
         gram = indicator @ indicator.T
         gram.fill_diagonal_(-1.0)
@@ -238,7 +240,7 @@ def mask_diagnostics(
 def _random_sets(n: int, k: int, count: int, gen: torch.Generator) -> torch.Tensor:
     """[count, k] latent ids, distinct within each set."""
     if n * count <= 1 << 24:
-        return torch.rand(count, n, generator=gen).argsort(dim=1)[:, :k]
+        return torch.rand(count, n, generator=gen, dtype=torch.float32).argsort(dim=1)[:, :k]
     sets = torch.randint(0, n, (count, k), generator=gen)
     while True:  # redraw the (rare, since k << n) sets holding a repeated latent
         s = sets.sort(dim=1).values

@@ -142,3 +142,25 @@ def test_diagnostics_bad_arguments_raise_naming_the_argument(kwargs, err, match)
     assert mask_diagnostics(rows, 40, exact_overlap_up_to=5000)["max_overlap"] > 0
     with pytest.raises(err, match=match):
         mask_diagnostics(rows, 40, **kwargs)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.bfloat16])
+def test_graph_and_diagnostics_do_not_depend_on_the_default_dtype(default_dtype):
+    """The graph is a function of (m, n, d, seed): its random draws once took torch's default dtype,
+    so under torch.set_default_dtype(torch.float64) the same seed drew another graph."""
+    sizes = [(37, 101, 5), (37, 101, 18), (37, 101, 30), (2048, 3000, 7)]
+    want = [expander_mask(*size, seed=3) for size in sizes]
+    rows = expander_mask(600, 40, 500, seed=0)  # overlaps above 256: not exact in a bf16 product
+    stats = mask_diagnostics(rows, 600, k=8, n_sets=16)
+    brute = max(len(set(a.tolist()) & set(b.tolist())) for i, a in enumerate(rows) for b in rows[i + 1:])
+    assert stats["max_overlap"] == brute > 256
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        got = [expander_mask(*size, seed=3) for size in sizes]
+        again = mask_diagnostics(rows, 600, k=8, n_sets=16)
+    finally:
+        torch.set_default_dtype(previous)
+    for size, a, b in zip(sizes, want, got):
+        assert torch.equal(a, b), f"expander_mask{size} changed with the default dtype {default_dtype}"
+    assert again == stats
