@@ -524,7 +524,8 @@ class ExpanderSAE(_SparseCoder):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        v = torch.randn(self.n_latents, self.degree, generator=self._generator(), device="cpu")
+        # float32 whatever the default dtype, as the graph: the seed, not set_default_dtype, fixes the draw.
+        v = torch.randn(self.n_latents, self.degree, generator=self._generator(), device="cpu", dtype=torch.float32)
         v /= v.norm(dim=1, keepdim=True)
         self.values.copy_(v)
         if self.enc_values is not None:
@@ -579,7 +580,7 @@ class ExpanderSAE(_SparseCoder):
         v = directions.gather(1, self.rows[idx].to(directions.device).long())
         norm = v.norm(dim=1, keepdim=True)
         fallback = torch.randn(v.shape, generator=generator if generator is not None else self._generator(),
-                               device="cpu").to(v)
+                               device="cpu", dtype=torch.float32).to(v)
         v = torch.where(norm > 0, v, fallback)
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.values[idx] = v.to(self.values.dtype)

@@ -691,6 +691,22 @@ def test_built_under_a_default_device_draws_the_same_weights(cls, kwargs):
             assert torch.equal(a, b.cpu()), name
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.bfloat16])
+def test_expander_built_under_another_default_dtype_has_the_seed_s_graph_and_weights(default_dtype):
+    """The seed fixes the graph and the initial values; torch's default dtype (the parameters'
+    dtype when none is named) does not change what it draws, only what the values are cast to."""
+    want = ExpanderSAE(37, 101, 4, degree=5, seed=3, dtype=default_dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        built = ExpanderSAE(37, 101, 4, degree=5, seed=3)
+    finally:
+        torch.set_default_dtype(previous)
+    assert built.values.dtype == default_dtype
+    assert torch.equal(built.rows, want.rows) and torch.equal(built.rows, expander_mask(37, 101, 5, seed=3))
+    assert torch.equal(built.values, want.values)
+
+
 def test_expander_fallback_atoms_come_from_the_resampling_generator(monkeypatch):
     """A dead latent whose support sees no residual gets a random atom: from the generator the
     resampling passes (seeded per step by the trainer), not from the SAE's seed alone."""
