@@ -12,9 +12,14 @@ How the graph is drawn, fully vectorised (n = 2^20, m = 2048, d = 7 takes under 
    adds one to a random subset, so degrees differ by at most one and every row is used when
    n*d >= m.
 2. A group of d <= m consecutive slots spans at most two permutations, so it can repeat a row
-   only where it straddles a boundary: few latents. Those are repaired by swapping a repeated
-   entry with an entry of another latent where neither side then repeats; a swap moves entries
-   between latents and so leaves every row's degree unchanged. Many swaps run per round.
+   only where it straddles a boundary: few latents at small d. Those are repaired by swapping a
+   repeated entry with an entry of another latent where neither side then repeats; a swap moves
+   entries between latents and so leaves every row's degree unchanged. Many swaps run per round,
+   but one per latent, so a latent that repeats r rows takes about 2r rounds. At large d that is
+   slow: when d does not divide m about d/m of the latents straddle, each repeating about
+   a * b / m rows (a + b = d). Measured on one core here: m = 2048, n = 65536 took 36 s at d = 500
+   and had not finished after 11 minutes at d = 1000 (m = 576, n = 36864, d = 100: 0.4 s; d dividing
+   m: no repairs).
 3. When d > m/2 the latents' complements (the m - d rows a latent does *not* use) are the sparser
    graph: they are drawn the same way and inverted, which keeps repairs easy near d = m.
 
