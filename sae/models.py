@@ -404,7 +404,8 @@ class TopKSAE(_SparseCoder):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        w = torch.randn(self.n_latents, self.d_model, generator=self._generator(), device="cpu")
+        # float32 whatever the default dtype: the seed, not set_default_dtype, fixes the draw.
+        w = torch.randn(self.n_latents, self.d_model, generator=self._generator(), device="cpu", dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
         self.decoder.weight.copy_(w)
         self.W_enc.copy_(w)

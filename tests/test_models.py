@@ -707,6 +707,21 @@ def test_expander_built_under_another_default_dtype_has_the_seed_s_graph_and_wei
     assert torch.equal(built.values, want.values)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.bfloat16])
+def test_topk_built_under_another_default_dtype_has_the_seed_s_weights(default_dtype):
+    """As for the expander: torch's default dtype changes what TopKSAE's seeded draw is cast to, not
+    the draw (under float64 it drew other weights before)."""
+    want = TopKSAE(37, 101, 4, seed=3, dtype=default_dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        built = TopKSAE(37, 101, 4, seed=3)
+    finally:
+        torch.set_default_dtype(previous)
+    assert built.W_dec.dtype == default_dtype
+    assert torch.equal(built.W_dec, want.W_dec) and torch.equal(built.W_enc, want.W_enc)
+
+
 def test_expander_fallback_atoms_come_from_the_resampling_generator(monkeypatch):
     """A dead latent whose support sees no residual gets a random atom: from the generator the
     resampling passes (seeded per step by the trainer), not from the SAE's seed alone."""
