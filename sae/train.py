@@ -322,6 +322,12 @@ class _Ranks:
 
         return any_rank(flag, self.group, self.device) if self.world > 1 else bool(flag)
 
+    def largest(self, value: int) -> int:
+        """The largest of an int over the ranks (``value`` itself in one process)."""
+        from .distributed import min_max_over_ranks
+
+        return min_max_over_ranks(value, self.group, self.device)[1] if self.world > 1 else value
+
     def together(self, what: str, fn: Callable):
         """``fn()`` (no collectives inside) on every rank; if it raises on one, every rank raises."""
         try:
@@ -614,10 +620,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
                 # small all-reduce each), so that all of them write the same checkpoint.
                 asked = int(stop.signum or 0)
                 if ranks.world > 1:
-                    from .distributed import min_max_over_ranks
-
-                    at_log = step % cfg.log_every == 0 or at_checkpoint
-                    asked = min_max_over_ranks(asked, ranks.group, ranks.device)[1] if at_log else 0
+                    asked = ranks.largest(asked) if step % cfg.log_every == 0 or at_checkpoint else 0
                 if asked:
                     if last_ckpt != step:
                         watch.check(step, last_ckpt)
