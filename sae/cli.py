@@ -148,6 +148,7 @@ def _run_header(path: Path) -> Optional[dict]:
 
     return read_header(path) if path.is_file() else None
 
+
 def _sae_differences(header: dict, sae_cfg, train_cfg, d_model: Optional[int] = None) -> dict:
     """{SAEConfig field: (the file's, this command's)} where the SAE in ``header`` is not the one
     ``sae_cfg.build(d_model)`` would train (``d_model``: the file's when None). The fields that
