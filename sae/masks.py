@@ -15,11 +15,12 @@ How the graph is drawn, fully vectorised (n = 2^20, m = 2048, d = 7 takes under 
    only where it straddles a boundary: few latents at small d. Those are repaired by swapping a
    repeated entry with an entry of another latent where neither side then repeats; a swap moves
    entries between latents and so leaves every row's degree unchanged. Many swaps run per round,
-   but one per latent, so a latent that repeats r rows takes about 2r rounds. At large d that is
-   slow: when d does not divide m about d/m of the latents straddle, each repeating about
-   a * b / m rows (a + b = d). Measured on one core here: m = 2048, n = 65536 took 36 s at d = 500
-   and had not finished after 11 minutes at d = 1000 (m = 576, n = 36864, d = 100: 0.4 s; d dividing
-   m: no repairs).
+   but one per latent, so a latent that repeats r rows takes about 2r rounds. At large d that adds
+   up: when d does not divide m about d/m of the latents straddle, each repeating about
+   a * b / m rows (a + b = d), and a round costs O(d) per swap (binary searches of the sorted
+   rows, one entry moved into place). Measured on one core here: m = 2048, n = 65536 takes 8.7 s
+   at d = 500 and 118 s at d = 1000 (~400 rounds; 36 s and over 11 minutes before the rounds were
+   made O(d), with the same graphs); m = 576, n = 36864, d = 100: 0.4 s; d dividing m: no repairs.
 3. When d > m/2 the latents' complements (the m - d rows a latent does *not* use) are the sparser
    graph: they are drawn the same way and inverted, which keeps repairs easy near d = m.
 
@@ -118,32 +119,40 @@ def _balanced_rows(m: int, n: int, d: int, gen: torch.Generator) -> torch.Tensor
 
 
 def _repair_duplicates(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Make each latent's rows distinct by degree-preserving swaps; ``rows`` sorted per latent."""
+    """Make each latent's rows distinct by degree-preserving swaps; ``rows`` sorted per latent.
+
+    A round costs O(swaps * d) memory traffic plus a binary search per candidate. It used to
+    compare every candidate with all d rows of its latent and re-sort each swapped latent: at
+    m = 2048, n = 65,536, d = 1000 (~400 rounds) that took over 11 minutes. The draws, the
+    choices and so the graph are unchanged (tests/test_masks.py pins graphs drawn before).
+    """
     n, d = rows.shape
     if d == 1:
         return rows
-    # Only swapped latents can change, so the full scan runs once and later rounds re-check those.
-    bad = (rows[:, 1:] == rows[:, :-1]).any(dim=1).nonzero().squeeze(1)
+    rows = rows.int()  # half the traffic of the per-round passes over [swaps, d] rows
+    # repeats[j]: how many of latent j's d entries repeat an earlier one (adjacent equal pairs).
+    repeats = (rows[:, 1:] == rows[:, :-1]).sum(dim=1)
+    bad = repeats.nonzero().squeeze(1)
     for _ in range(_MAX_ROUNDS):
         if bad.numel() == 0:
-            return rows
+            return rows.long()
         # A random half of the bad latents are repaired this round; the rest (and all clean
         # latents) may serve as partners, so the repair never waits on a clean latent existing.
         targets = bad[torch.rand(bad.numel(), generator=gen, dtype=torch.float32) < 0.5]
         if targets.numel() == 0:
             continue
-        dup = rows[targets, 1:] == rows[targets, :-1]
-        pos = dup.int().argmax(dim=1) + 1  # second copy of the first repeated row
-        v = rows[targets, pos]
+        held = rows.index_select(0, targets)
+        pos = (held[:, 1:] == held[:, :-1]).int().argmax(dim=1) + 1  # 2nd copy of the 1st repeat
+        v = held.gather(1, pos[:, None]).squeeze(1)
         t_count = targets.numel()
         partner = torch.randint(0, n, (t_count, _CANDIDATES), generator=gen)
         slot = torch.randint(0, d, (t_count, _CANDIDATES), generator=gen)
-        w = rows[partner, slot]
+        w = rows.view(-1)[partner * d + slot]
         # Swap v (repeated in the target) with w (in the partner): the target then repeats one
         # row less iff w is new to it; the partner repeats no more iff v is new to it.
         ok = ~torch.isin(partner, targets)
-        ok &= ~(rows[targets][:, None, :] == w[..., None]).any(dim=-1)
-        ok &= ~(rows[partner] == v[:, None, None]).any(dim=-1)
+        ok &= ~_sorted_holds(held, w)
+        ok &= ~_row_holds(rows, partner, v[:, None].expand_as(partner))
         found = ok.any(dim=1)
         choice = ok.int().argmax(dim=1)
         targets, pos, v = targets[found], pos[found], v[found]
@@ -156,16 +165,69 @@ def _repair_duplicates(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor
         first[1:] = partner[order][1:] != partner[order][:-1]
         keep = order[first]
         targets, pos, v, partner, slot, w = (t[keep] for t in (targets, pos, v, partner, slot, w))
-        rows[targets, pos] = w
-        rows[partner, slot] = v
+        # The target loses one copy of v (a repeat); the partner loses w, a repeat iff w was there
+        # twice. Neither gains one (v is new to the partner, w to the target), so a latent that
+        # was clean stays clean and only ``bad`` needs watching.
         touched = torch.cat([targets, partner])
-        rows[touched] = rows[touched].sort(dim=1).values
-        check = torch.cat([bad, partner]).unique()
-        bad = check[(rows[check, 1:] == rows[check, :-1]).any(dim=1)]
+        before = rows.index_select(0, touched)
+        repeats[partner] -= _holds_twice(before[targets.numel():], slot)
+        repeats[targets] -= 1
+        after = _replace_sorted(before, torch.cat([pos, slot]), torch.cat([w, v]))
+        rows.index_copy_(0, touched, after)
+        bad = bad[repeats[bad] > 0]
     raise RuntimeError(
         f"expander_mask: could not make every latent's rows distinct after {_MAX_ROUNDS} repair "
         f"rounds (n={n}, d={d}); try another seed"
     )
+
+
+def _sorted_holds(rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[T, c] bool: whether sorted ``rows[i]`` [T, d] holds ``value[i, j]``."""
+    at = torch.searchsorted(rows, value).clamp_(max=rows.shape[1] - 1)
+    return rows.gather(1, at) == value
+
+
+def _row_holds(rows: torch.Tensor, latent: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Whether sorted ``rows[latent]`` holds ``value`` (same shapes): a binary search of each
+    latent's row in place, log2(d) gathers of one entry, where gathering the rows would move d."""
+    d = rows.shape[1]
+    flat = rows.view(-1)
+    start = latent * d
+    lo, width = torch.zeros_like(latent), d
+    while width > 1:  # branchless lower bound: the first entry >= value is at lo or lo + 1
+        half = width // 2
+        lo += (flat[start + lo + half] < value).long() * half
+        width -= half
+    lo += (flat[start + lo] < value).long()
+    return flat[start + lo.clamp_(max=d - 1)] == value
+
+
+def _holds_twice(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """1 where sorted ``rows[i]`` holds ``rows[i, slot[i]]`` at a neighbouring slot too, else 0."""
+    d = rows.shape[1]
+    at = rows.gather(1, slot[:, None])
+    left = rows.gather(1, (slot - 1).clamp_(min=0)[:, None])
+    right = rows.gather(1, (slot + 1).clamp_(max=d - 1)[:, None])
+    twice = ((slot > 0)[:, None] & (left == at)) | ((slot < d - 1)[:, None] & (right == at))
+    return twice.squeeze(1).long()
+
+
+def _replace_sorted(rows: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Sorted ``rows`` [T, d] with ``rows[i, slot[i]]`` replaced by ``value[i]``, sorted again: the
+    entries between the old slot and the new value's place move by one (O(d), not a sort)."""
+    d = rows.shape[1]
+    old = rows.gather(1, slot[:, None])
+    # The new place among the other d - 1 entries: how many of them are smaller.
+    place = torch.searchsorted(rows, value[:, None]) - (old < value[:, None]).long()
+    i = torch.arange(d, dtype=torch.int32)[None, :]
+    out = rows.clone()
+    # Moving up (slot < place): entries slot+1..place move one left. Down: place..slot-1 one right.
+    up = (i >= slot[:, None]) & (i < place)
+    out[:, :-1] = torch.where(up[:, :-1], rows[:, 1:], rows[:, :-1])
+    down = (i > place) & (i <= slot[:, None])
+    out[:, 1:] = torch.where(down[:, 1:], rows[:, :-1], out[:, 1:])
+    out.scatter_(1, place, value[:, None].to(out.dtype))
+    return out
 
 
 @_on_cpu

@@ -1,12 +1,13 @@
 """expander_mask: a left-d-regular bipartite graph with distinct rows per latent, every row used,
 balanced row degrees, deterministic per seed, fast at SAE scale; mask_diagnostics measures it."""
 
+import hashlib
 import time
 
 import pytest
 import torch
 
-from sae.masks import expander_mask, mask_diagnostics
+from sae.masks import _replace_sorted, _row_holds, _sorted_holds, expander_mask, mask_diagnostics
 
 SIZES = [  # (m, n, d)
     (37, 101, 5),  # odd sizes, n*d not a multiple of m
@@ -164,3 +165,40 @@ def test_graph_and_diagnostics_do_not_depend_on_the_default_dtype(default_dtype)
     for size, a, b in zip(sizes, want, got):
         assert torch.equal(a, b), f"expander_mask{size} changed with the default dtype {default_dtype}"
     assert again == stats
+
+
+# sha256 (first 16 hex digits) of the int64 bytes of graphs drawn by the repair before 2026-11-24,
+# which compared every candidate with a latent's d rows and re-sorted swapped latents (minutes at
+# d = 1000). The faster repair must draw the same graphs: a published run is rebuilt from its seed.
+PINNED_GRAPHS = [  # (m, n, d, seed), digest
+    ((2048, 1024, 1000, 3), "e0120f8b23a8234b"),  # d does not divide m: ~half the latents repaired
+    ((2048, 512, 700, 0), "298c7ec5398d9588"),
+    ((300, 200, 151, 5), "d96c0b833d988ec1"),  # d > m/2: through the complement (d' = 149)
+    ((576, 2000, 100, 1), "19f67069d0f61256"),
+    ((97, 300, 13, 2), "f3d831317aafad63"),
+]
+
+
+@pytest.mark.parametrize("size,digest", PINNED_GRAPHS)
+def test_graph_is_the_one_drawn_before_from_the_same_seed(size, digest):
+    rows = expander_mask(*size)
+    _assert_valid(rows, *size[:3])
+    assert hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 16, 17, 255, 1000])
+def test_repair_helpers_match_brute_force(d):
+    """The repair's sorted-row searches and its one-entry re-sort against comparisons and sorts,
+    on rows with many repeats (values 0..49) and probes outside the rows' range."""
+    g = torch.Generator().manual_seed(d)
+    rows = torch.randint(0, 50, (40, d), generator=g).sort(dim=1).values.int()
+    latent = torch.randint(0, 40, (300,), generator=g)
+    value = torch.randint(-2, 53, (300,), generator=g).int()
+    assert torch.equal(_row_holds(rows, latent, value), (rows[latent] == value[:, None]).any(dim=1))
+    probes = torch.randint(-2, 53, (40, 7), generator=g).int()
+    assert torch.equal(_sorted_holds(rows, probes), (rows[:, None, :] == probes[..., None]).any(dim=-1))
+    slot = torch.randint(0, d, (40,), generator=g)
+    new = torch.randint(0, 50, (40,), generator=g).int()
+    replaced = rows.clone()
+    replaced[torch.arange(40), slot] = new
+    assert torch.equal(_replace_sorted(rows, slot, new), replaced.sort(dim=1).values)
