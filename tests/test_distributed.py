@@ -72,6 +72,23 @@ def _make_optioned(name, x):
     return sae
 
 
+_AUXK_DEAD = [3, 20, 47, 50, 71]  # 5 dead latents < k_aux = m / 2 = 8; rank 0 holds 3, rank 1 holds 2
+_AUXK_GRID = [f"{arch}-{norm}-{'normalized' if normalize else 'raw'}" for arch in ("topk", "expander")
+              for norm in ("variance", "residual") for normalize in (False, True)]
+
+
+def _make_auxk(name, x):
+    arch, norm, scaling = name.split("-")
+    options = dict(auxk_norm=norm, normalize_activations=scaling == "normalized", dead_tokens_threshold=10,
+                   backend="torch")
+    sae = TopKSAE(M, N, K, **options) if arch == "topk" else ExpanderSAE(M, N, K, degree=DEGREE, seed=2, **options)
+    sae.init_b_dec(x)  # act_scale != 1 with normalize_activations: x is 2 * randn + 0.5
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    sae.tokens_since_fired[_AUXK_DEAD] = 100
+    return sae
+
+
 def _buffer():
     return ActivationBuffer(torch.randn(400, M, generator=torch.Generator().manual_seed(1)) * 2 + 0.5)
 
@@ -245,6 +262,24 @@ def _scenarios(rank, world, out):
                            "data_auxk": logged["auxk_loss"],
                            "data_grads": {n: p.grad.clone() for n, p in dp_sae.named_parameters()}}
         torch.save(steps, out / f"options.rank{rank}.pt")
+
+    # one step per AuxK normalisation, with and without normalize_activations, with fewer dead
+    # latents than k_aux (spread over both ranks): latent-sharded and data parallel
+    x = _buffer()[list(range(BATCH))]
+    grid = {}
+    for name in _AUXK_GRID:
+        sae = _make_auxk(name, x)
+        sharded = sd.LatentShardedSAE.from_model(sae)
+        output = sharded(x)
+        output.loss.backward()
+        dp_sae = _make_auxk(name, x)
+        dp = sd.DataParallel(dp_sae)
+        _, logged = dp.objective(dp.local_rows(x), dp_sae(dp.local_rows(x)))
+        grid[name] = {"latent_auxk": output.auxk_loss.detach(), "latent_sq": output.auxk_sq_error.detach(),
+                      "latent_grads": {n: p.grad.clone() for n, p in sharded.shard.named_parameters()},
+                      "latent_range": (sharded.lo, sharded.hi), "data_auxk": logged["auxk_loss"],
+                      "data_loss": logged["loss"]}
+    torch.save(grid, out / f"auxk-grid.rank{rank}.pt")
 
 
     # the reliability of sae.train on every rank: a run directory held by another process, a
@@ -959,3 +994,28 @@ def test_model_options_give_one_process_results(runs, name):
         torch.testing.assert_close(step["data_auxk"], plain_output.auxk_loss.detach(), rtol=1e-5, atol=0)
         for n, p in plain.named_parameters():
             torch.testing.assert_close(step["data_grads"][n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", _AUXK_GRID)
+def test_auxk_normalisation_is_the_one_process_one_with_fewer_dead_than_k_aux(runs, name):
+    """The AuxK term of both parallel modes equals one process's for both auxk_norm settings, with and
+    without normalize_activations (auxk_sq_error in x's units), when fewer latents are dead than
+    k_aux (the variance norm's min(dead / k_aux, 1) weight, counted over every rank's latents)."""
+    x = _buffer()[list(range(BATCH))]
+    sae = _make_auxk(name, x)
+    assert len(_AUXK_DEAD) < sae.k_aux
+    output = sae(x)
+    output.loss.backward()
+    assert output.auxk_loss is not None
+    if sae.normalize_activations:
+        assert abs(float(sae.act_scale) - 1) > 0.1  # else the unscaling of auxk_sq_error would go unseen
+    for rank in range(WORLD):
+        step = torch.load(runs / f"auxk-grid.rank{rank}.pt")[name]
+        torch.testing.assert_close(step["latent_auxk"], output.auxk_loss.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(step["latent_sq"], output.auxk_sq_error.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(step["data_auxk"], output.auxk_loss.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(step["data_loss"], output.loss.detach(), rtol=1e-5, atol=1e-7)
+        lo, hi = step["latent_range"]
+        for n, p in sae.named_parameters():
+            expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
+            torch.testing.assert_close(step["latent_grads"][n], expected, rtol=1e-5, atol=1e-6, msg=n)
