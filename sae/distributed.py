@@ -301,19 +301,21 @@ class DataParallel:
         normalised by global statistics too, from the model's unnormalised sum (``auxk_sq_error``),
         which a rank whose own rows have no variance (identical rows) still gives.
         """
+        from .models import _auxk_denominator
+
         m = x.shape[-1]
         flat = x.reshape(-1, m).float()
         stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
         _all_reduce(stats, group=self.group)
         mean = stats[:m] / stats[m]
-        tiny = torch.finfo(torch.float32).tiny
         error = (flat - output.x_hat.reshape(-1, m).float()).pow(2).sum()
-        residual = getattr(self.sae, "auxk_norm", "variance") == "residual"
         aux = output.auxk_sq_error if output.auxk_loss is not None else error.new_zeros(())
         sums = torch.stack([(flat - mean).pow(2).sum(), error.detach(), aux.detach().float()])
         _all_reduce(sums, group=self.group)
         total_variance = sums[0]
-        aux_norm = sums[1].clamp_min(tiny) if residual else total_variance
+        # aux already carries the fewer-dead-latents weight (and is in x's units, like the sums), so only
+        # the models' denominator is left to apply, from the global sums.
+        aux_norm = _auxk_denominator(getattr(self.sae, "auxk_norm", "variance"), sums[1], total_variance)
         loss = error / total_variance + output.auxk_coef * aux / aux_norm
         fvu, auxk = sums[1] / total_variance, sums[2] / aux_norm
         # Dead counters are equal on every rank, so AuxK runs on all of them or on none.
@@ -547,7 +549,7 @@ class LatentShardedSAE(nn.Module):
 
     def forward(self, x: Tensor):
         """x [..., m], the same on every rank -> ``SAEOutput`` (the full model's loss terms)."""
-        from .models import SAEOutput
+        from .models import SAEOutput, _auxk_normalised
 
         shard = self.shard
         shard._check_input(x)
@@ -571,14 +573,12 @@ class LatentShardedSAE(nn.Module):
                 options = {"signed": False} if hasattr(shard, "signed") else {}  # AuxK codes are ReLU codes
                 aux_acts, auxk_indices = self._merged_topk(flat_x - b_dec_shared, dead_bias, k_aux, **options)
                 sq = (self._decode_partial(aux_acts, auxk_indices).float() - error.detach()).pow(2).sum()
-                if getattr(shard, "auxk_norm", "variance") == "residual":
-                    auxk_loss = sq / error.detach().pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
-                else:
-                    sq = min(num_dead / self.k_aux, 1.0) * sq
-                    auxk_loss = sq / total_variance
+                # The global dead count and the full model's k_aux: the one-process normalisation.
+                auxk_loss, sq = _auxk_normalised(
+                    sq, error.detach().pow(2).sum(), total_variance, num_dead, self.k_aux,
+                    getattr(shard, "auxk_norm", "variance"),
+                    shard.act_scale if getattr(shard, "normalize_activations", False) else None)
                 auxk_indices = auxk_indices.reshape(*x.shape[:-1], k_aux)
-                if getattr(shard, "normalize_activations", False):  # auxk_sq_error is in x's units
-                    sq = sq / shard.act_scale.float().square()
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
         lead = x.shape[:-1]
         return SAEOutput(self._scale_out(x_hat).reshape(x.shape), top_acts.reshape(*lead, self.k),

@@ -67,6 +67,34 @@ class SAEOutput:
         return self.fvu if self.auxk_loss is None else self.fvu + self.auxk_coef * self.auxk_loss
 
 
+def _auxk_denominator(auxk_norm: str, residual_sq: Tensor, total_variance: Tensor) -> Tensor:
+    """What the AuxK numerator is divided by: the residual's squared norm ("residual", Gao et al.:
+    relative to the residual's own size; floored at the smallest normal float, so that a zero residual
+    gives no division by 0) or the batch's total variance ("variance", sparsify)."""
+    if auxk_norm == "residual":
+        return residual_sq.clamp_min(torch.finfo(torch.float32).tiny)
+    return total_variance
+
+
+def _auxk_normalised(sq: Tensor, residual_sq: Tensor, total_variance: Tensor, num_dead: int, k_aux: int,
+                     auxk_norm: str, act_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(auxk_loss, auxk_sq_error) from ``sq``, the squared error of the dead latents' reconstruction of
+    the residual summed over the batch, ``residual_sq`` (the residual's own) and the batch's
+    ``total_variance``, all three in the SAE's input units (normalize_activations' scaled ones).
+
+    ``num_dead``: the dead latents of the whole SAE; ``k_aux``: the whole SAE's (a latent-sharded SAE
+    passes the global count and the full model's k_aux, not its shard's). ``act_scale``: the SAE's,
+    with normalize_activations (None without). The one rule for ``_SparseCoder`` and
+    ``sae.distributed.LatentShardedSAE``, so that the two cannot drift apart.
+    """
+    if auxk_norm != "residual":
+        sq = min(num_dead / k_aux, 1.0) * sq  # fewer dead latents than k_aux: weigh the term down
+    auxk_loss = sq / _auxk_denominator(auxk_norm, residual_sq, total_variance)
+    if act_scale is not None:  # auxk_sq_error is in x's units
+        sq = sq / act_scale.float().square()
+    return auxk_loss, sq
+
+
 def _loaded(module: "_SparseCoder", incompatible_keys) -> None:
     module._fresh = False
 
@@ -250,8 +278,6 @@ class _SparseCoder(nn.Module):
             if num_dead > 0:
                 auxk_loss, auxk_indices, auxk_sq = self._auxk_loss(xn, error.detach(), dead_mask, num_dead,
                                                                    total_variance)
-                if self.normalize_activations:
-                    auxk_sq = auxk_sq / self.act_scale.float().square()
             self._update_dead_counts(top_acts, top_indices, flat_x.shape[0])
         return SAEOutput(self._scale_out(xn_hat), top_acts, top_indices, fvu, auxk_loss, dead_mask, auxk_indices,
                          self.auxk_coef, auxk_sq)
@@ -267,10 +293,9 @@ class _SparseCoder(nn.Module):
         aux_acts, aux_idx = self._encode_with(*self._centre(xn, dead_bias, k_aux), k_aux, signed=False)
         error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).float()
         sq = (error_hat - error).pow(2).sum()
-        if self.auxk_norm == "residual":  # Gao et al.: relative to the residual's own size
-            return sq / error.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny), aux_idx, sq
-        sq = min(num_dead / self.k_aux, 1.0) * sq  # fewer dead latents than k_aux: weigh the term down
-        return sq / total_variance, aux_idx, sq
+        auxk_loss, auxk_sq = _auxk_normalised(sq, error.pow(2).sum(), total_variance, num_dead, self.k_aux,
+                                              self.auxk_norm, self.act_scale if self.normalize_activations else None)
+        return auxk_loss, aux_idx, auxk_sq
 
     @torch.no_grad()
     def _update_dead_counts(self, top_acts: Tensor, top_indices: Tensor, num_tokens: int) -> None:
