@@ -566,6 +566,48 @@ def test_a_checkpoint_that_verifies_but_does_not_fit_is_a_checkpoint_error(tmp_p
         load_checkpoint(path, sae, adam([p for p in sae.parameters() if p.requires_grad], 1e-3))
 
 
+def _poisoned(name, value):
+    """An edit for ``_rewritten``: one element in the middle of tensor ``name`` set to ``value`` (a
+    check of the first or last element only would miss it)."""
+    def edit(tensors):
+        t = tensors[name].clone()
+        t.view(-1)[t.numel() // 2] = value
+        tensors[name] = t
+    return edit
+
+
+@pytest.mark.parametrize("name,value,named", [
+    ("W_enc", float("nan"), r"tensor W_enc"),
+    ("decoder.bias", float("-inf"), r"tensor decoder\.bias"),
+    ("optimizer.0.exp_avg", float("nan"), r"optimizer tensor 0\.exp_avg \(the state of W_enc\)"),
+    ("optimizer.2.exp_avg_sq", float("inf"), r"optimizer tensor 2\.exp_avg_sq \(the state of decoder\.weight\)"),
+    ("optimizer.1.step", float("nan"), r"optimizer tensor 1\.step \(the state of b_enc\)"),
+], ids=["nan-weight", "inf-bias", "nan-moment", "inf-second-moment", "nan-step"])
+def test_a_checkpoint_with_a_non_finite_tensor_is_refused(tmp_path, name, value, named):
+    """A checkpoint that verifies but holds a NaN or inf parameter or Adam state: resuming from it
+    used to go on and give NaN weights within two steps (then a NonFiniteError blaming the data or
+    the learning rate), or, for an infinite exp_avg_sq, freeze that weight for good without a word;
+    loading refuses it with a CheckpointError naming the file and the tensor."""
+    path = _rewritten(_trained(tmp_path), _poisoned(name, value), "poisoned.safetensors")
+    kind = "nan" if value != value else "inf"
+    sae = TopKSAE(8, 20, 2, dead_tokens_threshold=50)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    optimizer = adam([p for p in sae.parameters() if p.requires_grad], 1e-3)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint: {path} .*{named} is not finite \(it holds {kind}\)"):
+        load_checkpoint(path, sae, optimizer)
+    assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())  # refused before loading
+    assert not optimizer.state
+    if not name.startswith("optimizer."):
+        with pytest.raises(CheckpointError, match=rf"^checkpoint: {path} {named} is not finite"):
+            load_sae(path)
+    # and a run resumed from it stops there, before any step
+    path.replace(path.with_name(CHECKPOINT))
+    with pytest.raises(CheckpointError, match=named):
+        train(TopKSAE(8, 20, 2), ActivationBuffer(torch.randn(300, 8)),
+              TrainConfig(batch_size=50, total_tokens=400, checkpoint_every=2, progress=False), tmp_path,
+              resume=True, allow_config_change=True)  # 4 more steps than the finished run's
+
+
 def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing_written_before(tmp_path):
     """SIGKILL while the second checkpoint is half written: the first one is intact, the half file
     is a temp file the next start removes, and the resumed run ends on the uninterrupted run's
