@@ -22,7 +22,8 @@ returns them in those dtypes); a training checkpoint adds the optimizer's state 
 (no ``header_sha256``: its tensors are verified, its header cannot be) and the first format
 (``config``/``class`` metadata without checksums, or training checkpoints with ``sae.``/``opt.``
 prefixes and one digest). Anything that cannot be read, parsed, verified or built is refused with
-a ``CheckpointError`` naming the file.
+a ``CheckpointError`` naming the file, and so is a file whose parameters, buffers or optimizer
+state hold a NaN or infinity (its checksums verify, but nothing computed from it can be trusted).
 
 ``load_sae(path)`` also takes a directory: one of our run folders, or an SAE saved by SAELens
 (``save_model``) or sparsify (``save_to_disk``), converted by ``sae.interop``.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,8 +308,25 @@ def _saved_state(sae, tensors: dict, where: str) -> dict:
         if want.is_floating_point() != t.is_floating_point() or t.is_complex():
             raise CheckpointError(f"{where} tensor {name} is {t.dtype}; expected a "
                                   f"{'floating-point' if want.is_floating_point() else str(want.dtype)} tensor")
+        kind = _non_finite(t)
+        if kind is not None:
+            raise CheckpointError(f"{where} tensor {name} is not finite (it holds {kind}); expected finite "
+                                  f"parameters and buffers")
         state[name] = t if want.is_floating_point() else t.to(want.dtype)
     return state
+
+
+def _non_finite(t: torch.Tensor) -> Optional[str]:
+    """"nan" or "inf" where the floating-point tensor ``t`` holds one, else None (integer tensors:
+    None). One reduction over ``t`` that allocates nothing of its size (``aminmax`` propagates NaN
+    and keeps infinities, where ``isfinite(t).all()`` would first write a [numel] mask): checking
+    a large SAE's checkpoint costs a small part of the SHA-256 pass that reading it already makes."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return None
+    return "nan" if math.isnan(lo) or math.isnan(hi) else "inf"
 
 
 def load_sae(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _saved_state, read_checkpoint, save_sae
+from .checkpoint import CheckpointError, _non_finite, _saved_state, read_checkpoint, save_sae
 from .config import TrainConfig
 from .errors import NonFiniteError, TrainingInterrupted
 from .rundir import RunLock, write_json
@@ -121,7 +121,8 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
                     derived: tuple = ()) -> dict:
     """Load a training checkpoint into ``sae`` (and ``optimizer``); returns its ``train`` record
     (step, tokens, train_config, ...). Raises ``CheckpointError`` when the file is missing,
-    truncated, corrupt, not a training checkpoint, or for an SAE of another class or shape.
+    truncated, corrupt, not a training checkpoint, for an SAE of another class or shape, or holds
+    a tensor (parameter, buffer, Adam moment or step) that is not finite.
     ``derived``: config keys the trainer set from the TrainConfig (the dead-latent threshold),
     not compared: ``sae`` keeps its own value."""
     ckpt = read_checkpoint(path)
@@ -151,7 +152,10 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
         if tensor.is_floating_point() and current[name].dtype != tensor.dtype:
             raise CheckpointError(f"checkpoint: {path} holds {name} in {tensor.dtype}, the SAE to resume is "
                                   f"{current[name].dtype}; build it with dtype={tensor.dtype} to go on")
-    opt_state = _optimizer_state(path, optimizer, ckpt.optimizer_tensors) if optimizer is not None else None
+    opt_state = None
+    if optimizer is not None:
+        names = {id(p): name for name, p in sae.named_parameters()}
+        opt_state = _optimizer_state(path, optimizer, ckpt.optimizer_tensors, names)
     try:
         sae.load_state_dict(state)
     except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
@@ -173,11 +177,13 @@ def _derived_dead_tokens(record: dict) -> Optional[int]:
         return None
 
 
-def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict) -> dict:
+def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict, names: Optional[dict] = None) -> dict:
     """A checkpoint's optimizer tensors (``<parameter index>.<key>``) as ``optimizer``'s state, checked:
-    PyTorch's ``load_state_dict`` checks neither the indices nor the shapes, and moments of another
-    shape reach the fused step, which turns them into NaN weights without an error. A parameter
-    without state is allowed (Adam keeps none for a parameter that never had a gradient)."""
+    PyTorch's ``load_state_dict`` checks neither the indices nor the shapes nor the values, and
+    moments of another shape or a NaN moment or step reach the fused step, which turns them into
+    NaN weights without an error (an infinite exp_avg_sq freezes its weight for good). A parameter
+    without state is allowed (Adam keeps none for a parameter that never had a gradient).
+    ``names``: ``id(parameter) -> name``, for the messages."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for name, value in tensors.items():
@@ -195,6 +201,11 @@ def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict) -> d
             if key != "step" and value.shape != params[i].shape:
                 raise CheckpointError(f"checkpoint: {path} is corrupt (optimizer tensor {i}.{key} has shape "
                                       f"{tuple(value.shape)}; its parameter has {tuple(params[i].shape)})")
+            kind = _non_finite(value)
+            if kind is not None:
+                owner = (names or {}).get(id(params[i]), f"parameter {i}")
+                raise CheckpointError(f"checkpoint: {path} optimizer tensor {i}.{key} (the state of {owner}) is "
+                                      f"not finite (it holds {kind}); expected finite optimizer state")
     return state
 
 
