@@ -98,11 +98,12 @@ class SAEConfig:
         """The model this config describes, for activations of width ``d_model``."""
         from .models import ExpanderSAE, TopKSAE
 
+        # The checks the CLI runs, first: an option of the other architecture (tied=False for "topk")
+        # is refused here, not dropped by the model it does not apply to.
+        self.validate()
         n = self.resolved_n_latents(d_model)
         opts = self.model_options()
         if self.arch == "topk":
-            if self.degree is not None:
-                raise ValueError(f"degree: only for arch 'expander', got degree={self.degree} with arch 'topk'")
             return TopKSAE(d_model, n, self.k, device=device, dtype=dtype, backend=backend, **opts)
         if self.arch == "expander":
             if self.degree is None:
@@ -120,6 +121,8 @@ class SAEConfig:
         if self.arch == "expander" and self.degree is None:
             raise ValueError("degree: required for arch 'expander'")
         if self.arch == "topk":
+            if self.degree is not None:  # TopKSAE would take it and ignore it
+                raise ValueError(f"degree: only for arch 'expander', got degree={self.degree} with arch 'topk'")
             for name in ("signed", "renorm_values"):
                 if getattr(self, name):
                     raise ValueError(f"{name}: only for arch 'expander', got arch 'topk'")

@@ -68,6 +68,7 @@ def test_help_shows_every_default_and_a_help_for_every_flag(command):
     (["--tokens", "0"], "--tokens"),
     (["--k", "0"], "--k"),
     (["--degree", "0", "--arch", "expander"], "--degree"),
+    (["--degree", "7"], "--degree"),  # arch topk (the default) has no degree: refused, not dropped
     (["--auxk-coef", "nan"], "--auxk-coef"),
     (["--model", "/no/such/model"], "--model"),
     (["--model", "./no/such/model"], "--model"),
@@ -119,3 +120,17 @@ def test_sae_config_refuses_k_one_past_n_latents():
     SAEConfig(n_latents=17, k=17).validate()
     with pytest.raises(ValueError, match=r"^k: expected k <= n_latents=17, got 18"):
         SAEConfig(n_latents=17, k=18).validate()
+
+
+def test_options_of_another_architecture_are_refused_not_dropped():
+    """A TopK SAE has no degree and is never untied: SAEConfig.validate, SAEConfig.build and the
+    TopKSAE constructor refuse them naming the field, instead of building an SAE without them."""
+    from sae.models import TopKSAE
+
+    with pytest.raises(ValueError, match=r"^degree: only for arch 'expander'"):
+        SAEConfig(arch="topk", degree=7).validate()
+    with pytest.raises(ValueError, match=r"^degree: only for arch 'expander'"):
+        TopKSAE(8, 16, 2, degree=3)
+    with pytest.raises(ValueError, match=r"^tied: only for arch 'expander'"):
+        SAEConfig(arch="topk", tied=False).build(16)
+    assert SAEConfig(arch="expander", degree=3, tied=False).build(16).tied is False
