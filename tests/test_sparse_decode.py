@@ -175,6 +175,39 @@ def test_opcheck(use_triton):
     torch.library.opcheck(torch.ops.topk_kernels.sparse_decode.default, args)
 
 
+def test_cpu_backend_triton_without_the_interpreter_is_refused():
+    """TOPK_KERNELS_CPU_BACKEND=triton asks CPU tensors to run the Triton kernels, which needs the
+    interpreter: without it every op refuses, as backend="triton" does, instead of silently taking
+    the PyTorch path (which it did: the user believed the kernels ran)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, topk_kernels as tk\n"
+        "x, w = torch.randn(3, 4), torch.randn(5, 4)\n"
+        "vals, rows = torch.randn(5, 2), torch.tensor([[0, 1]] * 5)\n"
+        "acts, idx = torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.long)\n"
+        "calls = [lambda: tk.topk_encode(x, w, None, 2), lambda: tk.sparse_decode(acts, idx, w),\n"
+        "         lambda: tk.expander_encode(x, vals, rows, None, 2), lambda: tk.expander_decode(acts, idx, vals, rows, 4)]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('ran')\n"
+        "    except RuntimeError as exc:\n"
+        "        print('refused:', exc)\n"
+        "print(tk.topk_encode(x.double(), w.double(), None, 2, backend=None)[1].shape)  # float64: torch path\n"
+    )
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TOPK_KERNELS_CPU_BACKEND"] = "triton"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 5, proc.stdout
+    for line in lines[:4]:
+        assert line.startswith("refused: TOPK_KERNELS_CPU_BACKEND=triton") and "TRITON_INTERPRET=1" in line, line
+
+
 def test_torch_compile_cpu():
     acts, idx, weight, bias = _inputs((19,), 32, 64, 6, torch.float32)
     weight.requires_grad_()

@@ -10,7 +10,8 @@ are public inside the package (the op modules import them); only ``check_float``
 Environment (read where noted; nothing here is a mutable switch):
 
 - ``TOPK_KERNELS_CPU_BACKEND`` (read at import): what ``backend=None`` picks for CPU tensors.
-  Default ``"triton"`` under the interpreter, ``"torch"`` otherwise. The test suite sets
+  Default ``"triton"`` under the interpreter, ``"torch"`` otherwise; ``"triton"`` without the
+  interpreter is refused at the first call on such tensors, as ``backend="triton"`` is. The test suite sets
   ``"torch"`` so that only tests that force ``backend="triton"`` pay for the interpreter.
 - ``TOPK_KERNELS_DEBUG=1`` (read at every launch): the kernels ``tl.device_assert`` their
   indices (see the index contract below), on CUDA and under the interpreter.
@@ -92,7 +93,15 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optiona
             return "torch"
         if device.type == "cuda" and HAS_TRITON:
             return "triton"
-        return _DEFAULT_CPU_BACKEND if (HAS_TRITON and INTERPRET) else "torch"
+        if _DEFAULT_CPU_BACKEND == "triton" and not (HAS_TRITON and INTERPRET):
+            # Asked for explicitly (the default is "torch" here): refused as backend="triton" is,
+            # rather than silently running the PyTorch path the user meant to bypass.
+            raise RuntimeError(
+                f"TOPK_KERNELS_CPU_BACKEND=triton: {device.type} tensors need the Triton interpreter for it: "
+                "set TRITON_INTERPRET=1 before importing topk_kernels, or unset TOPK_KERNELS_CPU_BACKEND"
+                + ("" if HAS_TRITON else " (triton is not installed)")
+            )
+        return _DEFAULT_CPU_BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
