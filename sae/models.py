@@ -42,7 +42,8 @@ _GAO_DEAD_TOKENS = 10_000_000  # used when no threshold was set and train() neve
 
 @dataclass
 class SAEOutput:
-    """What ``forward`` returns. Shapes: x_hat [..., m]; top_acts, top_indices [..., k].
+    """What ``forward`` returns. Shapes: x_hat [..., m]; top_acts, top_indices [..., k] ([..., c] with
+    ``batch_topk``: c = min(n_latents, batch_topk_cap * k) candidates per token, those not kept at 0).
 
     ``fvu`` and ``auxk_loss`` are fp32 whatever the SAE's dtype.
     """
@@ -211,10 +212,12 @@ class _SparseCoder(nn.Module):
         return x / self.act_scale.to(x.dtype) if self.normalize_activations else x
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [..., m] -> (top_acts, top_indices) [..., k], sorted by descending pre-activation.
+        """x [..., m] -> (top_acts, top_indices) [..., k], sorted by descending pre-activation (with an
+        Expander SAE's ``signed``: by descending |pre-activation|, signs kept).
 
-        With ``batch_topk`` at inference, keeps the per-token candidates above the learned threshold
-        (the rest get activation 0), so the number of active latents varies per token.
+        With ``batch_topk`` both are [..., min(n_latents, batch_topk_cap * k)]: at inference the
+        per-token candidates above the learned threshold are kept (the rest get activation 0), so
+        the number of active latents varies per token.
         """
         self._check_input(x)
         return self._encode_norm(self._scale_in(x))
