@@ -20,6 +20,15 @@ from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 
+SEED_LIMIT = 2**64  # seeds are in [0, SEED_LIMIT): a torch.Generator's range
+
+
+def derived_seed(seed: int, salt: int) -> int:
+    """A seed for one part of a run (a resampling step, a rank) from the run's ``seed``, in the
+    generator's range whatever ``seed`` is; equal to ``seed * 1_000_003 + salt`` below ~1.8e13."""
+    return (seed * 1_000_003 + salt) % SEED_LIMIT
+
+
 @dataclass
 class SAEConfig:
     """An SAE: its architecture, size and training-time options. ``build(d_model)`` makes the model."""
@@ -258,8 +267,10 @@ class TrainConfig:
 
 
 def _seed(cfg) -> None:
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {cfg.seed!r}")
+    # Below 2**64: what a torch.Generator takes (a larger seed failed at its first draw with torch's
+    # "Overflow when unpacking long long").
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"seed: expected an int >= 0 and below 2**64, got {cfg.seed!r}")
 
 
 def _positive(cfg, *names: str, optional: bool = False) -> None:

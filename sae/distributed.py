@@ -426,6 +426,7 @@ class LatentShardedSAE(nn.Module):
         not the one ``full_class(**config)`` would draw). An Expander SAE's graph is
         ``expander_mask(m, n, degree, config seed)`` for all n latents, sliced.
         """
+        from .config import derived_seed
         from .masks import expander_mask
 
         rank, world = rank_and_world(group)
@@ -433,7 +434,7 @@ class LatentShardedSAE(nn.Module):
         lo, hi = latent_range(n, rank, world)
         if hi - lo < 1:
             raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
-        rank_seed = seed * 1_000_003 + rank
+        rank_seed = derived_seed(seed, rank)
         # SAEs that seed their initialisation from config["seed"] get the rank's seed there (and the
         # configured seed back afterwards; the expander graph is replaced below); others draw from
         # the global generator.

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, _non_finite, _saved_state, read_checkpoint, save_sae
-from .config import TrainConfig
+from .config import TrainConfig, derived_seed
 from .errors import NonFiniteError, TrainingInterrupted
 from .rundir import RunLock, write_json
 
@@ -597,7 +597,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
                 tokens += cfg.batch_size
                 resampled = None
                 if cfg.resample_every and step % cfg.resample_every == 0 and step != total:
-                    resampled = _resample(model, optimizer, x, cfg.seed * 1_000_003 + step)
+                    resampled = _resample(model, optimizer, x, derived_seed(cfg.seed, step))
                 watch.record(step, logged["loss"])
                 if watch.sync_every_step:
                     watch.check(step, last_ckpt, params=False)

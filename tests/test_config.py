@@ -134,3 +134,18 @@ def test_options_of_another_architecture_are_refused_not_dropped():
     with pytest.raises(ValueError, match=r"^tied: only for arch 'expander'"):
         SAEConfig(arch="topk", tied=False).build(16)
     assert SAEConfig(arch="expander", degree=3, tied=False).build(16).tied is False
+
+
+def test_seeds_past_a_torch_generator_s_range_are_refused_naming_the_seed():
+    """A torch.Generator takes seeds below 2**64: a larger one is refused by the configs and the
+    models naming ``seed``, not by torch's "Overflow when unpacking long long" when a draw starts."""
+    from sae.models import TopKSAE
+
+    for make in (lambda: SAEConfig(seed=2**64), lambda: TrainConfig(seed=2**64)):
+        with pytest.raises(ValueError, match=r"^seed: expected an int >= 0"):
+            make().validate()
+    with pytest.raises(ValueError, match=r"^seed: expected an int >= 0"):
+        TopKSAE(8, 16, 2, seed=2**64)
+    SAEConfig(seed=2**64 - 1).validate()
+    TrainConfig(seed=2**64 - 1).validate()
+    assert TopKSAE(8, 16, 2, seed=2**64 - 1).seed == 2**64 - 1

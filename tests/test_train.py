@@ -354,6 +354,18 @@ def test_resampling_reinitialises_dead_latents_and_their_adam_moments(tmp_path, 
         assert not torch.allclose(sae.values[:10], steps_seen["params"]["values"][:10], atol=1e-2)
 
 
+def test_resampling_with_a_large_seed_trains_to_the_end(tmp_path):
+    """The resampling's generator is seeded from (TrainConfig.seed, step): every seed the config
+    accepts (below 2**64) must keep it in a torch.Generator's range. A seed of 2**44 (or any past
+    ~1.8e13) overflowed it at the first resample step, after that many steps of training."""
+    torch.manual_seed(0)
+    buffer = ActivationBuffer(torch.randn(512, 16))
+    for seed in (2**44, 2**64 - 1):
+        cfg = TrainConfig(batch_size=64, total_tokens=64 * 4, resample_every=2, progress=False, seed=seed)
+        result = train(TopKSAE(16, 48, 3, dead_tokens_threshold=1), buffer, cfg, tmp_path / str(seed))
+        assert result.step == 4
+
+
 def test_resample_dead_points_atoms_at_the_worst_reconstructed_inputs():
     sae = TopKSAE(8, 24, 2, dead_tokens_threshold=5)
     x = torch.zeros(6, 8)
