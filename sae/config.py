@@ -244,24 +244,32 @@ class TrainConfig:
             raise ValueError(f"batch_size: expected >= 2 (the loss, FVU, divides by the batch's variance), "
                              f"got {self.batch_size}")
         _seed(self)
+        # Types first, so that a wrong one is named (a str compared with a number raised a bare
+        # TypeError; True passed as the number 1).
         for name in ("warmup_steps", "eval_every", "resample_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
         for name in ("lr", "topk_lr", "expander_lr"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+            if (value is not None or name != "lr") and not (_real(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite number > 0{' or None' if name == 'lr' else ''}, "
+                                 f"got {value!r}")
         if self.lr_schedule not in ("linear", "cosine"):
             raise ValueError(f"lr_schedule: expected 'linear' or 'cosine', got {self.lr_schedule!r}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps: expected a finite number > 0, got {self.eps}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas}")
+        if not (_real(self.eps) and math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps: expected a finite number > 0, got {self.eps!r}")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(_real(b) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
         for name in ("decay_fraction", "dead_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}: expected a number in [0, 1], got {getattr(self, name)}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise ValueError(f"grad_clip: expected a finite number >= 0, got {self.grad_clip}")
+            value = getattr(self, name)
+            if not (_real(value) and 0 <= value <= 1):
+                raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+        if not (_real(self.grad_clip) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip: expected a finite number >= 0, got {self.grad_clip!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress: expected True or False, got {self.progress!r}")
         if self.parallel not in ("none", "data", "latent"):
             raise ValueError(f"parallel: expected 'none', 'data' or 'latent', got {self.parallel!r}")
 
@@ -271,6 +279,11 @@ def _seed(cfg) -> None:
     # "Overflow when unpacking long long").
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
         raise ValueError(f"seed: expected an int >= 0 and below 2**64, got {cfg.seed!r}")
+
+
+def _real(value) -> bool:
+    """An int or float, not a bool (True is an int to Python, never a meant number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive(cfg, *names: str, optional: bool = False) -> None:

@@ -149,3 +149,16 @@ def test_seeds_past_a_torch_generator_s_range_are_refused_naming_the_seed():
     SAEConfig(seed=2**64 - 1).validate()
     TrainConfig(seed=2**64 - 1).validate()
     assert TopKSAE(8, 16, 2, seed=2**64 - 1).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lr", True), ("lr", "0.01"), ("topk_lr", True), ("expander_lr", None), ("eps", "1e-8"), ("grad_clip", None),
+    ("decay_fraction", "0.2"), ("dead_fraction", None), ("betas", 0.9), ("betas", ("a", "b")),
+    ("progress", "no"), ("warmup_steps", True), ("resample_every", False),
+])
+def test_train_config_refuses_a_wrong_type_naming_the_field(field, value):
+    """train() validates its TrainConfig: a wrong type is a ValueError naming the field, as SAEConfig
+    gives, not a bare TypeError from a comparison (lr="0.01"), nor accepted (lr=True trained at 1.0,
+    progress="no" showed the bar)."""
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        TrainConfig(**{field: value}).validate()
