@@ -348,7 +348,9 @@ class _SparseCoder(nn.Module):
         """Re-initialise the latents dead now (not fired for ``dead_tokens_threshold`` tokens)
         towards inputs of the batch ``x`` drawn with probability proportional to their squared
         reconstruction error (Bricken et al.'s resampling, as the paper does): each gets the unit
-        direction of that input's residual as its atom, encoder bias 0 and a fresh dead counter.
+        direction of that input's residual as its atom, encoder bias 0 and a fresh dead counter. An
+        untied encoder row (TopKSAE's ``W_enc``, an untied ExpanderSAE's ``enc_values``) gets that
+        direction times 0.2 times the mean norm of the live latents' encoder rows.
         Returns the latents' indices; the caller resets their optimizer state."""
         dead = (self.tokens_since_fired > self._dead_threshold).nonzero().flatten()
         if dead.numel() == 0:
@@ -502,15 +504,21 @@ class TopKSAE(_SparseCoder):
     def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
         # Bricken et al.: decoder row = unit residual; encoder row = it times 0.2 * mean live encoder norm.
         unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        live = torch.ones(self.n_latents, dtype=torch.bool, device=idx.device)
-        live[idx] = False
-        enc_norm = self.W_enc[live].norm(dim=1).mean() if bool(live.any()) else torch.ones((), device=unit.device)
         self.W_dec[idx] = unit.to(self.W_dec.dtype)
-        self.W_enc[idx] = (unit * 0.2 * enc_norm.float()).to(self.W_enc.dtype)
+        self.W_enc[idx] = (unit * _resampled_encoder_scale(self.W_enc, idx)).to(self.W_enc.dtype)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+
+def _resampled_encoder_scale(weight: Tensor, idx: Tensor) -> Tensor:
+    """Bricken et al.'s scale for a resampled latent's encoder row: 0.2 times the mean norm of the
+    rows not resampled (1 when every latent is), so a new latent does not outbid the live ones."""
+    norms = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=torch.float32)
+    live = torch.ones_like(norms, dtype=torch.bool)
+    live[idx.to(norms.device)] = False
+    return 0.2 * (norms[live].mean() if bool(live.any()) else norms.new_ones(()))
 
 
 def _check_loaded_rows(module: "ExpanderSAE", incompatible_keys) -> None:
@@ -610,8 +618,8 @@ class ExpanderSAE(_SparseCoder):
         v = torch.where(norm > 0, v, fallback)
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.values[idx] = v.to(self.values.dtype)
-        if self.enc_values is not None:
-            self.enc_values[idx] = v.to(self.enc_values.dtype)
+        if self.enc_values is not None:  # untied: scaled as TopKSAE's encoder rows are
+            self.enc_values[idx] = (v * _resampled_encoder_scale(self.enc_values, idx)).to(self.enc_values.dtype)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -753,3 +753,27 @@ def test_bad_bias_flag_seed_and_load_dtype_are_refused_by_name(tmp_path):
     assert torch.equal(expander_mask(8, 4, 2, seed=2**64 - 1), expander_mask(8, 4, 2, seed=2**64 - 1))
     with pytest.raises(TypeError, match="dtype: expected None or one of"):
         load_sae(tmp_path / "nothing.safetensors", dtype="float32")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TopKSAE(16, 40, 3, dead_tokens_threshold=5, seed=1),
+    lambda: ExpanderSAE(16, 40, 3, degree=5, tied=False, dead_tokens_threshold=5, seed=1),
+], ids=["topk", "expander-untied"])
+def test_resampled_encoder_rows_are_a_fifth_of_the_live_rows_mean_norm(make):
+    """Bricken et al.: a resampled latent's encoder row is its new atom's direction at 0.2 times the
+    mean norm of the live latents' encoder rows, for TopKSAE and the untied ExpanderSAE alike (the
+    untied Expander once got a unit row whatever the live rows' norms)."""
+    sae = make()
+    enc = sae.W_enc if isinstance(sae, TopKSAE) else sae.enc_values
+    with torch.no_grad():
+        enc.mul_(torch.linspace(0.5, 3.0, 40)[:, None])  # live norms far from 1
+    dead = [4, 17, 33]
+    live = [j for j in range(40) if j not in dead]
+    want_norm = 0.2 * enc.detach().double().norm(dim=1)[live].mean()
+    sae.tokens_since_fired[:] = 0
+    sae.tokens_since_fired[dead] = 6
+    assert sae.resample_dead(torch.randn(30, 16), generator=torch.Generator().manual_seed(0)).tolist() == dead
+    atoms = sae.W_dec[dead] if isinstance(sae, TopKSAE) else sae.values[dead]
+    rows = enc.detach()[dead].double()
+    assert_close(rows.norm(dim=1), want_norm.expand(3), 1e-6, "resampled encoder norms")
+    assert_close(rows / rows.norm(dim=1, keepdim=True), atoms.detach().double(), 1e-6, "encoder direction")
