@@ -632,7 +632,8 @@ def expander_encode(
         sorted descending (equal values: lower latent id first; NaN above +inf, see
         ``topk_kernels._common``), ``top_acts = relu(pre)`` there. float64 inputs are ranked by
         their pre-activations rounded to fp32 (values within an fp32 rounding, or past its range,
-        count as equal) and return the winners' exact float64 values. Gradients flow to x, values
+        count as equal) and return the winners' exact float64 values (``backend="reference"``
+        ranks the exact float64 values). Gradients flow to x, values
         and bias through the selected, positive entries.
     """
     check_float("x", x)

@@ -1151,7 +1151,7 @@ def topk_encode(
         lower latent id first), ``top_acts = relu(pre)`` at those indices. float64 inputs are
         ranked by their pre-activations rounded to fp32 (values within an fp32 rounding, or past
         its range, count as equal) and return the winners' exact float64 values
-        (``topk_kernels._common``).
+        (``topk_kernels._common``); ``backend="reference"`` ranks the exact float64 values.
     """
     check_float("x", x)
     check_matrix("weight", weight)
