@@ -269,14 +269,15 @@ def _clean_config(config: dict) -> dict:
 def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = None):
     """The SAE a verified checkpoint describes, with its tensors loaded in the dtypes they were saved
     in (a bf16 SAE comes back bf16), then moved to ``device`` and, if given, cast to ``dtype``."""
-    from .models import SAE_CLASSES
+    from .models import SAE_CLASSES, _empty_build
 
     where = f"checkpoint: {ckpt.path}" if ckpt.path is not None else "checkpoint:"
     cls = SAE_CLASSES.get(ckpt.class_name)
     if cls is None:
         raise CheckpointError(f"{where} unknown SAE class {ckpt.class_name!r}; known: {sorted(SAE_CLASSES)}")
     try:
-        sae = cls(**ckpt.config)
+        with _empty_build():  # a shell on the meta device: every tensor is assigned from the file below
+            sae = cls(**ckpt.config)
     except Exception as exc:  # a config the class refuses, whatever the class raises for it
         raise CheckpointError(f"{where} its config does not describe a {ckpt.class_name} "
                               f"({_one_line(exc)})") from exc

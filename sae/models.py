@@ -19,6 +19,8 @@ register first-order gradients only).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -94,6 +96,24 @@ def _auxk_normalised(sq: Tensor, residual_sq: Tensor, total_variance: Tensor, nu
     if act_scale is not None:  # auxk_sq_error is in x's units
         sq = sq / act_scale.float().square()
     return auxk_loss, sq
+
+
+_EMPTY_BUILD = contextvars.ContextVar("sae_models_empty_build", default=False)
+
+
+@contextlib.contextmanager
+def _empty_build():
+    """SAEs built in here are shells for a checkpoint's tensors to be assigned into
+    (``load_state_dict(..., assign=True)``, as ``sae.checkpoint.build_sae`` does): parameters and
+    buffers on the meta device, no weights drawn, no expander graph drawn. A load then pays neither
+    the draw (an expander graph at m = 2048, n = 65,536, d = 1000: two minutes) nor a second copy of
+    the weights beside the loaded ones."""
+    token = _EMPTY_BUILD.set(True)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        _EMPTY_BUILD.reset(token)
 
 
 def _loaded(module: "_SparseCoder", incompatible_keys) -> None:
@@ -437,6 +457,8 @@ class TopKSAE(_SparseCoder):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if _EMPTY_BUILD.get():
+            return
         # float32 whatever the default dtype: the seed, not set_default_dtype, fixes the draw.
         w = torch.randn(self.n_latents, self.d_model, generator=self._generator(), device="cpu", dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
@@ -545,8 +567,11 @@ class ExpanderSAE(_SparseCoder):
         # expander_mask draws on CPU; rows are checked there (and after every state-dict load), so
         # the ops can skip the per-call check (on CUDA a host sync per call), then go where the
         # parameters go (the default device if none is named).
-        rows = expander_mask(d_model, n_latents, degree, seed=seed)
-        tk.check_expander_rows(rows, d_model)
+        if _EMPTY_BUILD.get():  # the loaded rows are checked by _check_loaded_rows
+            rows = torch.empty(n_latents, degree, dtype=torch.int64, device="meta")
+        else:
+            rows = expander_mask(d_model, n_latents, degree, seed=seed)
+            tk.check_expander_rows(rows, d_model)
         self.register_buffer("rows", rows.to(device if device is not None else torch.get_default_device()))
         self.register_load_state_dict_post_hook(_check_loaded_rows)
         self.values = nn.Parameter(torch.empty(n_latents, degree, device=device, dtype=dtype))
@@ -558,6 +583,8 @@ class ExpanderSAE(_SparseCoder):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if _EMPTY_BUILD.get():
+            return
         # float32 whatever the default dtype, as the graph: the seed, not set_default_dtype, fixes the draw.
         v = torch.randn(self.n_latents, self.degree, generator=self._generator(), device="cpu", dtype=torch.float32)
         v /= v.norm(dim=1, keepdim=True)

@@ -295,6 +295,48 @@ def test_a_config_that_does_not_fit_the_tensors_is_a_checkpoint_error(tmp_path):
         load_sae(tmp_path / "t.safetensors")
 
 
+@pytest.mark.parametrize("make", [lambda: TopKSAE(12, 40, 4, seed=3),
+                                  lambda: ExpanderSAE(12, 40, 4, degree=5, seed=3, tied=False)],
+                         ids=["topk", "expander"])
+def test_load_draws_no_weights_and_no_graph(tmp_path, monkeypatch, make):
+    """load_sae assigns the file's tensors into a shell: it never draws initial weights or an
+    expander graph (at d = 1000 a graph took minutes, and fresh weights were a second copy of the
+    model in memory while loading)."""
+    import sae.models as models
+
+    before = make()  # drawn from its seed
+    saved = _randomised(make())
+    saved.save(str(tmp_path / "s.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_sae drew random weights or a graph")
+
+    monkeypatch.setattr(torch, "randn", refuse)
+    monkeypatch.setattr(models, "expander_mask", refuse)
+    loaded = load_sae(tmp_path / "s.safetensors")
+    monkeypatch.undo()
+    assert _same_sae(loaded, saved)
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    x = torch.randn(6, 12)
+    assert torch.equal(loaded(x).x_hat, saved(x).x_hat)
+    # A model built afterwards is drawn as ever: the shell's switch and meta device do not leak.
+    assert _same_sae(make(), before)
+
+
+def test_loaded_expander_rows_are_still_checked(tmp_path):
+    """The graph is no longer drawn and checked at load, so the loaded rows are: a repeated row
+    within a latent (the Triton decoder would lose an update) and a row past d_model are refused."""
+    sae = ExpanderSAE(9, 23, 2, degree=3)
+    for bad, match in ((lambda r: r.__setitem__((4, 1), r[4, 0]), "distinct"),
+                       (lambda r: r.__setitem__((7, 2), 9), r"\[0, m=9\)")):
+        tensors = {k: v.detach().clone().contiguous() for k, v in sae.state_dict().items()}
+        bad(tensors["rows"])
+        save_file(tensors, str(tmp_path / "s.safetensors"),
+                  metadata={"config": json.dumps(sae.config()), "class": "ExpanderSAE"})
+        with pytest.raises(CheckpointError, match=match):
+            load_sae(tmp_path / "s.safetensors")
+
+
 # -- dtypes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
