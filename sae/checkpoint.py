@@ -72,7 +72,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: tobytes() was a copy
     return h.hexdigest()
 
 
