@@ -689,3 +689,49 @@ def test_resume_refuses_to_drop_an_sae_s_own_dead_threshold(tmp_path):
     sae = TopKSAE(8, 24, 3)
     train(sae, buffer, _cfg(), tmp_path / "derived", resume=True)
     assert sae.dead_tokens_threshold == derived
+
+
+class _Allocations:
+    """A ``TorchDispatchMode`` recording the largest tensor any op allocates (its storage's bytes;
+    views of an op's inputs, such as ``detach``, allocate nothing)."""
+
+    def __new__(cls):
+        from torch.utils import _pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            largest = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor)}
+                for t in _pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                        self.largest = max(self.largest, t.untyped_storage().nbytes())
+                return out
+
+        return Mode()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_the_parameter_check_stops_on_a_non_finite_one_without_a_temporary_of_its_size(value):
+    """The check at every log step names the parameter that is not finite (NaN, +inf or -inf in the
+    middle of it), and allocates nothing of a parameter's size: ``isfinite(p).all()`` wrote about
+    1.8x the largest parameter's bytes (its abs, then two masks), at every log step."""
+    from sae.train import _FiniteWatch
+
+    sae = TopKSAE(64, 1024, 4)
+    watch = _FiniteWatch(sae, torch.device("cpu"))
+    spy = _Allocations()
+    with spy:
+        watch.check(5, 3)  # all finite: nothing to say
+    largest = max(p.numel() * p.element_size() for p in sae.parameters())
+    assert spy.largest < largest // 100, (spy.largest, largest)
+    params = dict(sae.named_parameters())
+    with torch.no_grad():
+        params["decoder.weight"].view(-1)[params["decoder.weight"].numel() // 2] = value
+    with pytest.raises(NonFiniteError, match=r"^step 5: parameter decoder\.weight is not finite\. Nothing after "
+                                             r"step 3 was written\."):
+        watch.check(5, 3)
+
