@@ -17,9 +17,10 @@ survive being killed at any moment:
 - SIGTERM or a first Ctrl-C stops after the step in hand and checkpoints it (``_StopSignals``;
   under ``torchrun`` the ranks agree at the next log step), raising ``TrainingInterrupted``; a
   second one stops at once;
-- a non-finite loss or parameter stops training with ``NonFiniteError`` naming the step before
-  anything is written, so the newest checkpoint on disk is the last good one. On CUDA the check
-  accumulates a flag on the device, read at log and checkpoint steps (no host sync per step).
+- a non-finite loss or parameter (or, before a checkpoint, Adam state, which the loader would
+  refuse) stops training with ``NonFiniteError`` naming the step before anything is written, so
+  the newest checkpoint on disk is the last good one. On CUDA the check accumulates a flag on the
+  device, read at log and checkpoint steps (no host sync per step).
 
 fp16 SAEs are refused (Adam's second moment underflows in fp16); bf16 trains with the same eps,
 which bf16 represents.
@@ -237,10 +238,12 @@ def resume_changes(record: dict, cfg: TrainConfig, base_lr: float, allow: bool, 
 
 
 class _FiniteWatch:
-    """A device-side flag for the first step with a non-finite loss, read only when asked."""
+    """A device-side flag for the first step with a non-finite loss, read only when asked; the
+    parameters and (before a checkpoint) ``optimizer``'s state, checked when asked."""
 
-    def __init__(self, sae: nn.Module, device: torch.device, any_rank: Callable[[bool], bool] = bool):
-        self.sae, self.any_rank = sae, any_rank
+    def __init__(self, sae: nn.Module, device: torch.device, any_rank: Callable[[bool], bool] = bool,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        self.sae, self.any_rank, self.optimizer = sae, any_rank, optimizer
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.sync_every_step = device.type != "cuda"
 
@@ -248,16 +251,18 @@ class _FiniteWatch:
         bad = ~torch.isfinite(loss.detach()) & (self.bad_step < 0)
         self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
 
-    def check(self, step: int, last_good: int, params: bool = True) -> None:
-        """Raise ``NonFiniteError`` if a loss so far or (``params``) a parameter is not finite.
+    def check(self, step: int, last_good: int, params: bool = True, moments: bool = False) -> None:
+        """Raise ``NonFiniteError`` if a loss so far, (``params``) a parameter or (``moments``) the
+        optimizer's state is not finite.
 
-        The loss is the global one (equal on every rank); a parameter is checked on every rank and
-        the verdict shared, so all ranks stop together. ``_non_finite`` reads each parameter once
-        without a temporary of its size (``isfinite(p).all()`` wrote about 1.8x the largest
-        parameter's bytes at every log step)."""
+        The loss is the global one (equal on every rank); parameters and optimizer state are checked
+        on every rank and the verdict shared, so all ranks stop together. ``_non_finite`` reads each
+        tensor once without a temporary of its size (``isfinite(p).all()`` wrote about 1.8x the
+        largest parameter's bytes at every log step)."""
         bad = int(self.bad_step)
-        hint = (f"Nothing after step {last_good} was written. Likely causes: non-finite activations, a batch "
-                f"with zero variance (FVU undefined), a learning rate or auxk_coef that is not finite or too large.")
+        written = f"Nothing after step {last_good} was written."
+        hint = (f"{written} Likely causes: non-finite activations, a batch with zero variance (FVU undefined), "
+                f"a learning rate or auxk_coef that is not finite or too large.")
         if bad >= 0:
             raise NonFiniteError(f"step {bad}: the training loss is not finite. {hint}")
         if params:
@@ -265,6 +270,28 @@ class _FiniteWatch:
             if self.any_rank(broken is not None):
                 where = f"parameter {broken}" if broken else "a parameter (on another rank)"
                 raise NonFiniteError(f"step {step}: {where} is not finite. {hint}")
+        if moments and self.optimizer is not None:
+            # Checked before a checkpoint: the loader refuses non-finite Adam state (it would turn
+            # into NaN weights or freeze a weight), so writing it would replace the last good
+            # checkpoint with one that cannot be resumed. Weights and loss can stay finite while it
+            # is not: an exp_avg_sq that overflows (a gradient whose square does, no clipping) gives
+            # that weight updates of 0 from then on.
+            broken = self._broken_state()
+            if self.any_rank(broken is not None):
+                where = f"the Adam state {broken}" if broken else "the Adam state of a parameter (on another rank)"
+                raise NonFiniteError(f"step {step}: {where} is not finite, so a checkpoint of it could not be "
+                                     f"resumed. {written} Likely causes: gradients too large to square in the "
+                                     f"parameters' dtype (train with grad_clip > 0), a learning rate that is too "
+                                     f"large.")
+
+    def _broken_state(self) -> Optional[str]:
+        """'<key> of <parameter>' for the first optimizer state tensor that is not finite, else None."""
+        names = {id(p): name for name, p in self.sae.named_parameters()}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and _non_finite(value) is not None:
+                    return f"{key} of {names.get(id(p), 'a parameter')}"
+        return None
 
 
 class _StopSignals:
@@ -547,7 +574,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
     device = ranks.device
     # Shards differ, so their verdicts are shared; data-parallel replicas are equal, and sharing
     # would pair a collective with another rank's all-reduce after an error on one rank's rows.
-    watch = _FiniteWatch(model, device, ranks.any_rank if ranks.mode == "latent" else bool)
+    watch = _FiniteWatch(model, device, ranks.any_rank if ranks.mode == "latent" else bool, optimizer)
     batches = ranks.batches(buffer, cfg, epochs, step)
     parallel = "" if ranks.mode == "none" else f" x{ranks.world} {ranks.mode}"
     bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
@@ -608,7 +635,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
                 log = None
                 at_checkpoint = step % cfg.checkpoint_every == 0 or step == total
                 if step % cfg.log_every == 0 or at_checkpoint:
-                    watch.check(step, last_ckpt)
+                    watch.check(step, last_ckpt, moments=at_checkpoint)
                     elapsed = time.perf_counter() - t0
                     auxk = logged["auxk_loss"]
                     log = {"step": step, "tokens": tokens, "fvu": float(fvu_sum) / fvu_n, "lr": lr,
@@ -636,7 +663,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
                     asked = ranks.largest(asked) if step % cfg.log_every == 0 or at_checkpoint else 0
                 if asked:
                     if last_ckpt != step:
-                        watch.check(step, last_ckpt)
+                        watch.check(step, last_ckpt, moments=True)
                         last_ckpt = checkpoint()
                     raise TrainingInterrupted(step, total, last_ckpt, out, asked)
         except TrainingInterrupted:

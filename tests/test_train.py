@@ -735,3 +735,26 @@ def test_the_parameter_check_stops_on_a_non_finite_one_without_a_temporary_of_it
                                              r"step 3 was written\."):
         watch.check(5, 3)
 
+
+def test_an_overflowing_adam_moment_stops_training_before_the_checkpoint_it_would_spoil(tmp_path):
+    """No gradient clipping, and at step 5 one gradient too large to square in fp32 (b_enc's, scaled
+    by 1e30 in a gradient hook): its exp_avg_sq is inf, which freezes those weights while they and
+    the loss stay finite. The trainer wrote that state at the next checkpoint (step 6), over the
+    good one, and the loader refuses it: the run could not be resumed. It now stops at step 6 with
+    a NonFiniteError naming the state, and the step-3 checkpoint resumes to the end."""
+    buffer = ActivationBuffer(torch.randn(200, 8))
+    sae, done = TopKSAE(8, 24, 3), [0]
+    sae.b_enc.register_hook(lambda grad: grad * 1e30 if done[0] == 4 else grad)
+
+    def on_step(step, log):
+        done[0] = step
+
+    cfg = _cfg(grad_clip=0.0)  # checkpoints at steps 3, 6, 9, 12
+    with pytest.raises(NonFiniteError, match=r"^step 6: the Adam state exp_avg_sq of b_enc is not finite, so a "
+                                             r"checkpoint of it could not be resumed\. Nothing after step 3 was "
+                                             r"written\."):
+        train(sae, buffer, cfg, tmp_path, on_step=on_step)
+    assert all(bool(torch.isfinite(p).all()) for p in sae.parameters())  # the weights never showed it
+    assert read_train_record(tmp_path / CHECKPOINT)["step"] == 3
+    result = train(TopKSAE(8, 24, 3), buffer, cfg, tmp_path, resume=True)
+    assert result.step == 12
