@@ -692,14 +692,44 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
 
     With ``verify`` (and a file that stores per-tensor SHA-256 sums) each tensor is read whole,
     checked and sliced, one at a time; ``verify=False`` reads only this rank's rows from disk.
+    A NaN or inf in what a rank reads is a ``CheckpointError`` on every rank (as ``load_sae``
+    refuses it), and an error on one rank stops every rank: a rank that raised alone would leave
+    the others waiting in their next collective (a collective, so every rank of ``group`` calls it).
     """
+    from .checkpoint import CheckpointError, _non_finite
+
+    rank, world = rank_and_world(group)
+    flags = torch.device("cuda", torch.cuda.current_device()) if _nccl(group) else torch.device("cpu")
+    # Each rank's outcome, 0: loaded, 1: a tensor is not finite, 2: an error; the largest decides.
+    try:
+        shard, full_class, config, keys, state = _read_shard(path, rank, world, device, verify, backend)
+        broken = next(((key, kind) for key, t in state.items() if (kind := _non_finite(t)) is not None), None)
+        if broken is None:
+            with torch.no_grad():  # may raise on one rank alone: its rows of an expander graph are checked
+                _cast_like(shard, state).load_state_dict(state)  # the file's dtypes, as load_sae keeps them
+            model = LatentShardedSAE(shard, full_class, config, keys, group)
+    except Exception:
+        min_max_over_ranks(2, group, flags)
+        raise
+    verdict = min_max_over_ranks(0 if broken is None else 1, group, flags)[1]
+    if verdict == 2:
+        raise RuntimeError(f"load_sharded: reading {path} failed on another rank; see that rank's error")
+    if verdict == 1:
+        where = (f"tensor {broken[0]} is not finite (it holds {broken[1]})" if broken is not None
+                 else "holds a tensor that is not finite (in another rank's latents)")
+        raise CheckpointError(f"checkpoint: {path} {where}; expected finite parameters and buffers")
+    return model
+
+
+def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Optional[str]) -> tuple:
+    """``load_sharded``'s reading, on one rank: (its empty shard, the class, the config, the sharded
+    keys, its rows of the file's state)."""
     from safetensors import safe_open
 
     from . import models
     from .checkpoint import read_header, tensor_sha256
 
     classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
-    rank, world = rank_and_world(group)
     header = read_header(path)  # any format; a current-format header is checked against its digest
     if header is None:
         raise ValueError(f"path: {path} is not an SAE file of this package (no format in its metadata)")
@@ -724,9 +754,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
                 del tensor
             else:
                 state[key] = f.get_slice(name)[lo:hi] if key in keys else f.get_tensor(name)
-    with torch.no_grad():
-        _cast_like(shard, state).load_state_dict(state)  # the file's dtypes, as load_sae keeps them
-    return LatentShardedSAE(shard, full_class, config, keys, group)
+    return shard, full_class, config, keys, state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -601,6 +601,53 @@ def test_an_error_on_rank_zero_alone_stops_every_rank(tmp_path):
                    ("RuntimeError", "evaluate() failed on another rank; see that rank's error")]
 
 
+def _load_sharded_files(rank, out):
+    """load_sharded on both ranks, of files written by the test (each read verified and unverified)."""
+    import sae.distributed as sd
+
+    outcomes = []
+    for name in ("nan", "narrow"):
+        for verify in (True, False):
+            try:
+                sd.load_sharded(out / f"{name}.safetensors", verify=verify)
+                outcomes.append(None)
+            except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
+                outcomes.append((type(exc).__name__, str(exc)))
+    torch.save(outcomes, out / f"sharded.rank{rank}.pt")
+
+
+def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
+    """load_sharded of a file with a NaN in rank 1's latents alone: both ranks loaded it (the NaN
+    reached the weights; load_sae refuses the file). Now every rank raises CheckpointError at once,
+    rank 1 naming the tensor, rank 0 saying another rank's latents hold it. An expander file whose
+    smaller shard cannot be built (3 latents x degree 4 < m = 16, on rank 1 alone) stops both ranks
+    too (rank 0 used to return and wait in its first collective)."""
+    from sae import load_sae
+    from sae.checkpoint import CheckpointError
+
+    sae = TopKSAE(M, N, K, backend="torch")
+    with torch.no_grad():
+        sae.W_enc[N - 10, 3] = float("nan")  # latent 86: rank 1 holds [48, 96)
+    sae.save(str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match="tensor W_enc is not finite"):  # the reference: one process
+        load_sae(tmp_path / "nan.safetensors")
+    ExpanderSAE(M, 7, 2, degree=4, backend="torch").save(str(tmp_path / "narrow.safetensors"))  # 4 + 3 latents
+    start = time.monotonic()
+    assert _two_ranks(_load_sharded_files, tmp_path) == [None, None]
+    assert time.monotonic() - start < 15  # the group's timeout is 20 s
+    zero, one = (torch.load(tmp_path / f"sharded.rank{rank}.pt") for rank in range(WORLD))
+    path = tmp_path / "nan.safetensors"
+    assert zero[:2] == [("CheckpointError", f"checkpoint: {path} holds a tensor that is not finite (in another "
+                                            f"rank's latents); expected finite parameters and buffers")] * 2
+    assert one[:2] == [("CheckpointError", f"checkpoint: {path} tensor W_enc is not finite (it holds nan); "
+                                           f"expected finite parameters and buffers")] * 2
+    path = tmp_path / "narrow.safetensors"
+    assert zero[2:] == [("RuntimeError", f"load_sharded: reading {path} failed on another rank; see that rank's "
+                                         f"error")] * 2
+    assert [kind for kind, _ in one[2:]] == ["ValueError"] * 2
+    assert all("cannot be built" in message and "use fewer ranks" in message for _, message in one[2:])
+
+
 def _sigterm_on_rank_one(rank, out):
     """SIGTERM reaches rank 1 alone, after its step 3 (torchrun forwards a signal to each worker
     on its own; they need not see it at the same step)."""
