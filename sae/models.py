@@ -152,7 +152,7 @@ class _SparseCoder(nn.Module):
                     raise ValueError(f"{name}: only for ExpanderSAE, got {name}=True for {type(self).__name__}")
         # The options' own checks (auxk_norm, auxk_coef, k_aux, batch_topk_cap, b_dec_init, ...) and
         # the expander's degree (a positive int: a numpy int would reach config() and make save()
-        # fail on JSON) and tied flag, the ones SAEConfig runs; d <= m is checked by the mask.
+        # fail on JSON) and tied flag, the ones SAEConfig runs; its fit to d_model, by ExpanderSAE.
         SAEConfig(arch="expander" if self.arch == "expander" else "topk", n_latents=n_latents, k=k,
                   degree=degree, tied=tied, **opts).validate()
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
@@ -564,6 +564,13 @@ class ExpanderSAE(_SparseCoder):
         check_param_dtype(dtype)
         super().__init__(d_model, n_latents, k, backend=backend, degree=degree, tied=tied, seed=seed, **options)
         self.degree, self.tied = degree, tied
+        # expander_mask checks these too, but names its own arguments (d, n): name the SAE's.
+        if degree > d_model:
+            raise ValueError(f"degree: expected degree <= d_model={d_model} (a latent's rows must be distinct), "
+                             f"got degree={degree}")
+        if n_latents * degree < d_model:
+            raise ValueError(f"n_latents, degree: expected n_latents * degree >= d_model={d_model} so that every "
+                             f"coordinate is on some atom, got {n_latents} * {degree} = {n_latents * degree}")
         # expander_mask draws on CPU; rows are checked there (and after every state-dict load), so
         # the ops can skip the per-call check (on CUDA a host sync per call), then go where the
         # parameters go (the default device if none is named).

@@ -152,6 +152,25 @@ def test_expander_refuses_a_degree_that_is_not_a_positive_int_by_name(degree, tm
     ExpanderSAE(16, 40, 3, 4).save(str(tmp_path / "sae.safetensors"))
 
 
+def test_expander_names_degree_when_it_does_not_fit_d_model():
+    """A degree above d_model, or too few latents x degree to cover d_model, was refused by
+    expander_mask under its own names ("d: expected d <= m=16", "n, d: ..."): no argument of
+    ExpanderSAE is called d. Through SAEConfig.build as well; the limits themselves are allowed."""
+    from sae.config import SAEConfig
+    from sae.masks import expander_mask
+
+    for build in (lambda: ExpanderSAE(16, 40, 3, 17), lambda: SAEConfig(arch="expander", n_latents=40, k=3,
+                                                                          degree=17).build(16)):
+        with pytest.raises(ValueError, match=r"^degree: expected degree <= d_model=16 \(a latent's rows must be "
+                                             r"distinct\), got degree=17$"):
+            build()
+    with pytest.raises(ValueError, match=r"^n_latents, degree: expected n_latents \* degree >= d_model=16 so that "
+                                         r"every coordinate is on some atom, got 3 \* 5 = 15$"):
+        ExpanderSAE(16, 3, 3, 5)
+    for m, n, d in ((16, 40, 16), (16, 4, 4)):  # the limits, as the mask draws them
+        assert torch.equal(ExpanderSAE(m, n, 3, d, seed=1).rows, expander_mask(m, n, d, seed=1))
+
+
 @pytest.mark.parametrize("option, value", [("tied", "no"), ("tied", 0), ("signed", "x"), ("renorm_values", 1)])
 def test_expander_refuses_a_non_bool_flag_by_name(option, value):
     with pytest.raises(ValueError, match=f"^{option}: expected True or False"):
@@ -323,7 +342,7 @@ def test_bad_arguments():
         TopKSAE(8, 10, 11)
     with pytest.raises(ValueError, match="x: expected last dimension d_model=8"):
         TopKSAE(8, 10, 2)(torch.randn(4, 9))
-    with pytest.raises(ValueError, match="d: expected"):
+    with pytest.raises(ValueError, match="^degree: expected degree <= d_model=8"):
         ExpanderSAE(8, 10, 2, degree=9)
 
 
