@@ -22,6 +22,7 @@ fence Triton's default ``acq_rel`` semantics put before each atomic; ``sem="rela
     python tests/gpu_compile.py --markdown # the table for benchmarks/RESULTS.md
     python tests/gpu_compile.py --queue F  # the units it claims from counter file F (one process a core)
     python tests/gpu_compile.py --jobs N --markdown  # N such processes, merged: the table, N times faster
+    python tests/gpu_compile.py --help     # these options; any other argument is an error
 
 To prove a new kernel, add (or extend) its op's block: a function returning ``Spec``s whose
 ``run`` calls the launcher on meta tensors, registered in ``SPEC_BLOCKS``. A test fails for any
@@ -30,6 +31,7 @@ To prove a new kernel, add (or extend) its op's block: a function returning ``Sp
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
@@ -745,18 +747,42 @@ def markdown(rows: list[dict], failures: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:  # --jobs 0 ran no process and reported no kernel and no failure: a pass
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (``--help``: usage); an unknown argument is an error, not a full compile."""
+    parser = argparse.ArgumentParser(
+        prog="gpu_compile.py", description="Compile every Triton kernel of topk_kernels for sm_80 and sm_90 as its "
+        "launcher launches it (no GPU needed; run without TRITON_INTERPRET) and report registers, spills, shared "
+        "memory, occupancy and SASS counts: JSON on stdout, or a markdown table.")
+    parser.add_argument("--markdown", action="store_true", help="print the table for benchmarks/RESULTS.md")
+    work = parser.add_mutually_exclusive_group()
+    work.add_argument("--queue", type=Path, metavar="FILE",
+                      help="compile only the work units this process claims from counter file FILE (shared "
+                           "with other processes; --jobs runs them)")
+    work.add_argument("--jobs", type=_positive_int, metavar="N",
+                      help="N processes claiming work units from one queue, merged in spec order")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
+    args = parse_args(argv)  # first: --help or a wrong argument never starts a compile
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("gpu_compile: unset TRITON_INTERPRET to compile for real GPUs", file=sys.stderr)
         return 2
-    queue = None
-    if "--queue" in argv:  # --queue FILE: claim work units from a counter file shared with other processes
-        queue = Path(argv[argv.index("--queue") + 1])
-    if "--jobs" in argv:  # --jobs N: N processes on one queue, merged in spec order
-        rows, failures = compile_parallel(int(argv[argv.index("--jobs") + 1]))
+    if args.jobs is not None:
+        rows, failures = compile_parallel(args.jobs)
     else:
-        rows, failures = compile_all(queue)
-    if "--markdown" in argv:
+        rows, failures = compile_all(args.queue)
+    if args.markdown:
         print(markdown(rows, failures))
     else:
         print(json.dumps({"rows": rows, "failures": failures}))

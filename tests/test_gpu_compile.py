@@ -9,6 +9,7 @@ process). Needs triton's CUDA backend, which ships in the Linux wheel even witho
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,26 @@ def report():
                           env=env, timeout=1800)
     assert proc.stdout.strip(), f"gpu_compile printed nothing; stderr:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args, code, out, err", [
+    (["--help"], 0, r"^usage: gpu_compile\.py \[-h\] \[--markdown\] \[--queue FILE \| --jobs N\]", r"^$"),
+    (["--jobs", "2", "--bogus"], 2, r"^$", r"error: unrecognized arguments: --bogus$"),
+    (["--jobs", "0"], 2, r"^$", r"error: argument --jobs: expected a positive int, got '0'$"),
+    (["--jobs"], 2, r"^$", r"error: argument --jobs: expected one argument$"),
+    (["--queue", "q", "--jobs", "2"], 2, r"^$", r"error: argument --jobs: not allowed with argument --queue$"),
+], ids=["help", "unknown", "no-jobs", "jobs-without-n", "queue-and-jobs"])
+def test_command_line_is_parsed_before_anything_compiles(args, code, out, err):
+    """``--help`` prints the usage and a wrong argument is an error (argparse's exit status 2),
+    before the compile: the script ignored what it did not know, so ``--help`` started the full
+    sm_80/sm_90 compile and ``--jobs 0`` reported no kernel and no failure (exit 0). Run with
+    TRITON_INTERPRET=1 (this process's), under which the script refuses to compile at all, so a
+    regression fails here at once instead of compiling for minutes."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert re.search(out, proc.stdout.strip()), proc.stdout
+    assert re.search(err, proc.stderr.strip()), proc.stderr
 
 
 def _package_kernels() -> set[str]:
