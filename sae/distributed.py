@@ -706,7 +706,13 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
         broken = next(((key, kind) for key, t in state.items() if (kind := _non_finite(t)) is not None), None)
         if broken is None:
             with torch.no_grad():  # may raise on one rank alone: its rows of an expander graph are checked
-                _cast_like(shard, state).load_state_dict(state)  # the file's dtypes, as load_sae keeps them
+                # assign: the shell's tensors become the file's, floats in the file's dtypes and
+                # integers in the SAE's (an older file's int32 rows or counters), as load_sae does
+                mine = shard.state_dict()
+                state = {k: t if t.is_floating_point() or k not in mine else t.to(mine[k].dtype)
+                         for k, t in state.items()}
+                shard.load_state_dict(state, assign=True)
+            shard = shard if device is None else shard.to(device)
             model = LatentShardedSAE(shard, full_class, config, keys, group)
     except Exception:
         min_max_over_ranks(2, group, flags)
@@ -722,8 +728,8 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
 
 
 def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Optional[str]) -> tuple:
-    """``load_sharded``'s reading, on one rank: (its empty shard, the class, the config, the sharded
-    keys, its rows of the file's state)."""
+    """``load_sharded``'s reading, on one rank: (its shard, a shell on the meta device, the class,
+    the config, the sharded keys, its rows of the file's state)."""
     from safetensors import safe_open
 
     from . import models
@@ -739,7 +745,8 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
     full_class = classes[class_name]
     n = config["n_latents"]
     lo, hi = latent_range(n, rank, world)
-    shard = _build_shard(full_class, config, hi - lo, device, backend)
+    with models._empty_build():  # a shell on the meta device (no weights or graph drawn), assigned into
+        shard = _build_shard(full_class, config, hi - lo, None, backend)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         names = [k for k in f.keys() if k.startswith(prefix) and not k.startswith("optimizer.")]
         keys = _sharded_keys({k[len(prefix):]: f.get_slice(k).get_shape() for k in names}, shard.state_dict(), n)

@@ -311,11 +311,16 @@ def test_load_draws_no_weights_and_no_graph(tmp_path, monkeypatch, make):
     def refuse(*args, **kwargs):
         raise AssertionError("load_sae drew random weights or a graph")
 
+    from sae.distributed import load_sharded  # one process: the whole SAE, read by rows
+
     monkeypatch.setattr(torch, "randn", refuse)
     monkeypatch.setattr(models, "expander_mask", refuse)
     loaded = load_sae(tmp_path / "s.safetensors")
+    sharded = load_sharded(tmp_path / "s.safetensors")
     monkeypatch.undo()
     assert _same_sae(loaded, saved)
+    assert all(torch.equal(t, saved.state_dict()[k]) and t.device.type == "cpu"
+               for k, t in sharded.shard.state_dict().items())
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     x = torch.randn(6, 12)
     assert torch.equal(loaded(x).x_hat, saved(x).x_hat)
@@ -386,10 +391,12 @@ def test_integer_tensors_saved_in_another_integer_dtype_take_the_sae_s(tmp_path)
         tensors[name] = tensors[name].int()
     save_file(tensors, str(tmp_path / "s.safetensors"),
               metadata={"config": json.dumps(sae.config()), "class": "ExpanderSAE"})
-    loaded = load_sae(tmp_path / "s.safetensors")
-    for name in ("tokens_since_fired", "rows"):
-        got, want = getattr(loaded, name), getattr(sae, name)
-        assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want), name
+    from sae.distributed import load_sharded  # one process: the whole SAE, read by rows
+
+    for loaded in (load_sae(tmp_path / "s.safetensors"), load_sharded(tmp_path / "s.safetensors").shard):
+        for name in ("tokens_since_fired", "rows"):
+            got, want = getattr(loaded, name), getattr(sae, name)
+            assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want), name
 
 
 # -- peers' cfg.json -------------------------------------------------------------------------
