@@ -696,6 +696,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     refuses it), and an error on one rank stops every rank: a rank that raised alone would leave
     the others waiting in their next collective (a collective, so every rank of ``group`` calls it).
     """
+    from . import models
     from .checkpoint import CheckpointError, _non_finite
 
     rank, world = rank_and_world(group)
@@ -712,6 +713,10 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
                 state = {k: t if t.is_floating_point() or k not in mine else t.to(mine[k].dtype)
                          for k, t in state.items()}
                 shard.load_state_dict(state, assign=True)
+            left = models._meta_tensor(shard)
+            if left is not None:
+                raise CheckpointError(f"checkpoint: {path} a {full_class.__name__} has a tensor the file cannot "
+                                      f"hold ({left}): it cannot be loaded into an empty shell")
             shard = shard if device is None else shard.to(device)
             model = LatentShardedSAE(shard, full_class, config, keys, group)
     except Exception:

@@ -129,7 +129,8 @@ def _repair_duplicates(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     n, d = rows.shape
     if d == 1:
         return rows
-    rows = rows.int()  # half the traffic of the per-round passes over [swaps, d] rows
+    if int(rows.max()) < 2**31:  # m < 2^31 (always, in practice): int32 halves the rounds' traffic
+        rows = rows.int()
     # repeats[j]: how many of latent j's d entries repeat an earlier one (adjacent equal pairs).
     repeats = (rows[:, 1:] == rows[:, :-1]).sum(dim=1)
     bad = repeats.nonzero().squeeze(1)

@@ -328,6 +328,43 @@ def test_load_draws_no_weights_and_no_graph(tmp_path, monkeypatch, make):
     assert _same_sae(make(), before)
 
 
+@pytest.mark.parametrize("size,d_model", [((8, 4, 2, 2), 9), ((8, 4, 2, 8), 7)], ids=["n*d<m", "degree>m"])
+def test_a_graph_config_the_constructor_refuses_is_still_refused_at_load(tmp_path, size, d_model):
+    """The shell no longer draws the graph, and expander_mask was what refused n * d < m (a row no
+    latent uses) and degree > m: the load still refuses such a config, with the constructor's
+    message, even when the file's rows are distinct and in range."""
+    sae = ExpanderSAE(*size[:3], degree=size[3])
+    config = {**sae.config(), "d_model": d_model}
+    with pytest.raises(ValueError) as refused:
+        ExpanderSAE(**config)
+    tensors = {k: v.detach().clone().contiguous() for k, v in sae.state_dict().items()}
+    tensors["b_dec"] = torch.zeros(d_model)
+    save_file(tensors, str(tmp_path / "s.safetensors"),
+              metadata={"config": json.dumps(config), "class": "ExpanderSAE"})
+    with pytest.raises(CheckpointError, match=r"s\.safetensors.*does not describe") as exc:
+        load_sae(tmp_path / "s.safetensors")
+    assert str(refused.value).split(",")[0] in str(exc.value)
+
+
+def test_a_class_with_a_tensor_outside_its_state_dict_is_refused_not_left_on_meta(tmp_path, monkeypatch):
+    """load_sae assigns the file's tensors into a shell on the meta device; a (future) SAE class
+    with a non-persistent buffer would keep a meta tensor there and fail at first use."""
+
+    class _Scratch(TopKSAE):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    monkeypatch.setitem(SAE_CLASSES, "_Scratch", _Scratch)
+    _Scratch(8, 20, 2).save(str(tmp_path / "s.safetensors"))
+    with pytest.raises(CheckpointError, match=r"s\.safetensors.*\(scratch\)"):
+        load_sae(tmp_path / "s.safetensors")
+    from sae.distributed import load_sharded
+
+    with pytest.raises(CheckpointError, match=r"s\.safetensors.*\(scratch\)"):
+        load_sharded(tmp_path / "s.safetensors")
+
+
 def test_loaded_expander_rows_are_still_checked(tmp_path):
     """The graph is no longer drawn and checked at load, so the loaded rows are: a repeated row
     within a latent (the Triton decoder would lose an update) and a row past d_model are refused."""
