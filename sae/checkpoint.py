@@ -330,7 +330,7 @@ def _non_finite(t: torch.Tensor) -> Optional[str]:
     a large SAE's checkpoint costs a small part of the SHA-256 pass that reading it already makes."""
     if not t.is_floating_point() or t.numel() == 0:
         return None
-    lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()  # one device-to-host read, not two
     if math.isfinite(lo) and math.isfinite(hi):
         return None
     return "nan" if math.isnan(lo) or math.isnan(hi) else "inf"

@@ -738,15 +738,15 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
     from safetensors import safe_open
 
     from . import models
-    from .checkpoint import read_header, tensor_sha256
+    from .checkpoint import CheckpointError, read_header, tensor_sha256
 
     classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
     header = read_header(path)  # any format; a current-format header is checked against its digest
     if header is None:
-        raise ValueError(f"path: {path} is not an SAE file of this package (no format in its metadata)")
+        raise CheckpointError(f"checkpoint: {path} is not an SAE file of this package (no format in its metadata)")
     class_name, config, sums, prefix = header["class"], header["config"], header["sha256"], header["tensor_prefix"]
     if class_name not in classes:
-        raise ValueError(f"path: {path} holds a {class_name!r}; expected one of {sorted(classes)}")
+        raise CheckpointError(f"checkpoint: {path} holds a {class_name!r}; expected one of {sorted(classes)}")
     full_class = classes[class_name]
     n = config["n_latents"]
     lo, hi = latent_range(n, rank, world)
@@ -761,7 +761,7 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
             if verify and name in sums:
                 tensor = f.get_tensor(name)
                 if tensor_sha256(tensor) != sums[name]:
-                    raise ValueError(f"path: {path} is corrupt ({name} does not match its stored SHA-256)")
+                    raise CheckpointError(f"checkpoint: {path} is corrupt ({name} does not match its stored SHA-256)")
                 state[key] = tensor[lo:hi].clone() if key in keys else tensor
                 del tensor
             else:

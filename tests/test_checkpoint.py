@@ -70,6 +70,13 @@ def test_a_flipped_byte_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its stored SHA-256"):
         load_sae(path)
+    from sae.distributed import load_sharded  # the same refusal, the same error type
+
+    with pytest.raises(CheckpointError, match=r"s\.safetensors is corrupt .*does not match its stored SHA-256"):
+        load_sharded(path)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="other.safetensors is not an SAE file"):
+        load_sharded(tmp_path / "other.safetensors")
 
 
 def test_missing_folder_and_wrong_kind_are_refused(tmp_path):
