@@ -518,9 +518,10 @@ class LatentShardedSAE(nn.Module):
         return cand_acts.gather(-1, pos), cand_ids.gather(-1, pos).long()
 
     def _decode_partial(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """Sum over ranks of each rank's own latents' atoms: [B, m] without bias."""
+        """Sum over ranks of each rank's own latents' atoms: [B, m] fp32 without bias (each rank's
+        partial accumulated in fp32 by the decoder and never rounded to a half type)."""
         mine = (top_indices >= self.lo) & (top_indices < self.hi)
-        local_acts = torch.where(mine, top_acts, torch.zeros_like(top_acts))
+        local_acts = torch.where(mine, top_acts, torch.zeros_like(top_acts)).float()
         local_ids = torch.where(mine, top_indices - self.lo, torch.zeros_like(top_indices))
         partial = self.shard._decode_atoms(local_acts, local_ids)
         return _SumPartials.apply(partial, self.group)
@@ -557,7 +558,12 @@ class LatentShardedSAE(nn.Module):
         flat_x = self._scale_in(x).reshape(-1, self.d_model)
         b_dec_shared = _SharedInput.apply(shard.b_dec, self.group)  # one [m] all-reduce in backward
         top_acts, top_indices = self._merged_topk(flat_x - b_dec_shared, shard.b_enc, self.k)
-        x_hat = self._decode_partial(top_acts, top_indices) + shard.b_dec
+        # The ranks' partial sums and b_dec added in fp32, rounded once to the SAE's dtype, as the
+        # full model's decoder (bias inside the kernel) does: a bf16 SAE's partials, all-reduced and
+        # biased in bf16, were rounded up to three times (~40 % of x_hat's entries off by an ulp
+        # even on one rank).
+        out_dtype = torch.promote_types(top_acts.dtype, shard.b_dec.dtype)  # the full model's x_hat dtype
+        x_hat = (self._decode_partial(top_acts, top_indices) + shard.b_dec.float()).to(out_dtype)
         # Losses in fp32, as the models compute them.
         flat_f = flat_x.float()
         error = flat_f - x_hat.float()
