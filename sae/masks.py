@@ -278,6 +278,15 @@ def mask_diagnostics(
         "degree_spread": int(degree.max() - degree.min()),
     }
 
+    # The sets are drawn first, so that they do not depend on whether the overlap is exact (the
+    # sampled pairs, drawn after them, once shifted the sets with exact_overlap_up_to).
+    k = min(k, n)
+    sets = _random_sets(n, k, n_sets, gen)
+    support = rows[sets].reshape(n_sets, k * d).sort(dim=1).values
+    distinct = 1 + (support[:, 1:] != support[:, :-1]).sum(dim=1)
+    expansion = distinct.double() / (d * k)
+    expansion_min, expansion_mean = float(expansion.min()), float(expansion.mean())
+
     if n < 2:
         out["max_overlap"], out["overlap_exact"] = 0, True
     elif n <= exact_overlap_up_to:
@@ -295,13 +304,7 @@ def mask_diagnostics(
             best = max(best, int((a[:, :, None] == b[:, None, :]).sum(dim=(1, 2)).max()))
         out["max_overlap"], out["overlap_exact"] = best, False
 
-    k = min(k, n)
-    sets = _random_sets(n, k, n_sets, gen)
-    support = rows[sets].reshape(n_sets, k * d).sort(dim=1).values
-    distinct = 1 + (support[:, 1:] != support[:, :-1]).sum(dim=1)
-    expansion = distinct.double() / (d * k)
-    out["expansion_min"] = float(expansion.min())
-    out["expansion_mean"] = float(expansion.mean())
+    out["expansion_min"], out["expansion_mean"] = expansion_min, expansion_mean
     return out
 
 

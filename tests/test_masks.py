@@ -202,3 +202,14 @@ def test_repair_helpers_match_brute_force(d):
     replaced = rows.clone()
     replaced[torch.arange(40), slot] = new
     assert torch.equal(_replace_sorted(rows, slot, new), replaced.sort(dim=1).values)
+
+
+def test_expansion_estimate_does_not_depend_on_how_the_overlap_is_found():
+    """The sampled overlap's pairs once drew from the same generator before the expansion's sets,
+    so exact_overlap_up_to changed the expansion estimate of the same graph and seed."""
+    rows = expander_mask(64, 500, 6, seed=4)
+    exact = mask_diagnostics(rows, 64, k=16, n_sets=32, seed=9, exact_overlap_up_to=10_000)
+    sampled = mask_diagnostics(rows, 64, k=16, n_sets=32, seed=9, exact_overlap_up_to=0, n_pairs=5000)
+    assert exact["overlap_exact"] and not sampled["overlap_exact"]
+    assert (exact["expansion_min"], exact["expansion_mean"]) == (sampled["expansion_min"], sampled["expansion_mean"])
+    assert sampled["max_overlap"] <= exact["max_overlap"]
