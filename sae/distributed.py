@@ -10,7 +10,8 @@ routed through four small wrappers that count the bytes they move (``count_commu
   rank), and the checkpoint is the ordinary single-process one, written by rank 0.
 - **Latent-sharded** (``LatentShardedSAE``): rank r holds latents ``[lo_r, hi_r)``: rows of
   ``W_enc``/``W_dec`` for ``TopKSAE``, rows of ``values``/``rows`` for ``ExpanderSAE`` (the graph is
-  drawn once for all n latents from the seed, then sliced). Every rank sees the same batch. Each
+  drawn once for all n latents from the seed, then sliced: a shard's n/P latents need not cover the
+  m coordinates by themselves, so up to n ranks work). Every rank sees the same batch. Each
   rank runs the fused top-k on its shard; the k candidates per token per rank (values + global ids)
   are all-gathered and merged into the global top-k; each rank decodes its own latents and the
   partial reconstructions are all-reduced. Per step that is O(B*k*P) candidates plus one [B, m]
@@ -409,7 +410,8 @@ class LatentShardedSAE(nn.Module):
         if device is None:
             on_gpu = _nccl(group)
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else next(full.parameters()).device
-        shard = _build_shard(type(full), full.config(), hi - lo, device, getattr(full, "backend", None))
+        rows = full_state["rows"][lo:hi] if "rows" in full_state else None  # an expander's slice of its graph
+        shard = _build_shard(type(full), full.config(), hi - lo, device, getattr(full, "backend", None), rows)
         _cast_like(shard, full_state)  # a bf16 (or fp64) SAE's shard keeps its dtypes
         keys = _sharded_keys({k: v.shape for k, v in full_state.items()}, shard.state_dict(), n)
         model = cls(shard, type(full), full.config(), keys, group)
@@ -424,8 +426,10 @@ class LatentShardedSAE(nn.Module):
         Each rank initialises its latents with the class's own rule (``reset_parameters``) from
         the seed ``(seed, rank)``, so the initial dictionary depends on the world size (it is
         not the one ``full_class(**config)`` would draw). An Expander SAE's graph is
-        ``expander_mask(m, n, degree, config seed)`` for all n latents, sliced.
+        ``expander_mask(m, n, degree, config seed)`` for all n latents, sliced (no shard draws a graph
+        of its own).
         """
+        from . import models
         from .config import derived_seed
         from .masks import expander_mask
 
@@ -434,20 +438,21 @@ class LatentShardedSAE(nn.Module):
         lo, hi = latent_range(n, rank, world)
         if hi - lo < 1:
             raise ValueError(f"group: expected at most n_latents={n} ranks, got {world}")
+        _check_full_config(full_class, config)  # before the graph: refused with the SAE's names, not the mask's
+        rows = None
+        if issubclass(full_class, models.ExpanderSAE):  # the shard takes its slice; it draws no graph itself
+            rows = expander_mask(config["d_model"], n, config["degree"], seed=config.get("seed", 0))[lo:hi]
         rank_seed = derived_seed(seed, rank)
         # SAEs that seed their initialisation from config["seed"] get the rank's seed there (and the
-        # configured seed back afterwards; the expander graph is replaced below); others draw from
-        # the global generator.
+        # configured seed back afterwards: the expander graph is the configured seed's); others draw
+        # from the global generator.
         shard_config = dict(config, seed=rank_seed) if "seed" in config else config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rank_seed)
-            shard = _build_shard(full_class, shard_config, hi - lo, device, backend)
+            shard = _build_shard(full_class, shard_config, hi - lo, device, backend, rows)
+        del rows  # the shard holds a copy of its slice: the whole graph is not kept
         if hasattr(shard, "seed"):
             shard.seed = config.get("seed", 0)
-        if "rows" in dict(shard.named_buffers()):
-            with torch.no_grad():
-                rows = expander_mask(config["d_model"], n, config["degree"], seed=config.get("seed", 0))
-                shard.rows.copy_(rows[lo:hi])
         return cls(shard, full_class, config, _latent_keys(full_class, config), group)
 
     @torch.no_grad()
@@ -671,15 +676,35 @@ def _cast_like(module: nn.Module, like: dict) -> nn.Module:
     return module
 
 
-def _build_shard(full_class: type, full_config: dict, n_local: int, device, backend=None) -> nn.Module:
+def _check_full_config(full_class: type, full_config: dict) -> None:
+    """Refuse a config the whole model's constructor refuses, with its message: a shard alone does not
+    check what only the whole model must satisfy (an expander graph covering every coordinate). Built
+    as a meta shell: no weights or graph drawn."""
+    from . import models
+
+    with models._empty_build():
+        full_class(**full_config)
+
+
+def _build_shard(full_class: type, full_config: dict, n_local: int, device, backend=None,
+                 rows: Optional[Tensor] = None) -> nn.Module:
+    """A ``full_class`` SAE holding ``n_local`` of the latents of ``full_config``, moved to ``device``.
+
+    An Expander shard takes ``rows``, its slice of the whole model's graph, and draws no graph of its
+    own: a slice need not cover the m coordinates by itself (n/P * degree < m is fine; the whole graph
+    covers them), so any number of ranks up to n_latents works. In an ``_empty_build`` the rows may
+    be left out: a meta placeholder that a file's rows are assigned into.
+    """
+    from . import models
+
+    _check_full_config(full_class, full_config)
     config = _shard_config(full_config, n_local)
     if backend is not None and "backend" not in config:
         config["backend"] = backend  # a runtime choice some versions keep out of config()
-    try:
+    if rows is None and models._EMPTY_BUILD.get() and issubclass(full_class, models.ExpanderSAE):
+        rows = torch.empty(n_local, full_config["degree"], dtype=torch.int64, device="meta")
+    with models._given_rows(rows) if rows is not None else contextlib.nullcontext():
         shard = full_class(**config)
-    except ValueError as exc:  # e.g. an expander shard whose n/P * degree < m
-        raise ValueError(f"group: a shard of {n_local} latents of {full_class.__name__} {full_config} "
-                         f"cannot be built ({exc}); use fewer ranks") from exc
     return shard if device is None else shard.to(device)
 
 
@@ -744,7 +769,7 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
     from safetensors import safe_open
 
     from . import models
-    from .checkpoint import CheckpointError, read_header, tensor_sha256
+    from .checkpoint import CheckpointError, _one_line, read_header, tensor_sha256
 
     classes = getattr(models, "SAE_CLASSES", {"TopKSAE": models.TopKSAE, "ExpanderSAE": models.ExpanderSAE})
     header = read_header(path)  # any format; a current-format header is checked against its digest
@@ -756,8 +781,12 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
     full_class = classes[class_name]
     n = config["n_latents"]
     lo, hi = latent_range(n, rank, world)
-    with models._empty_build():  # a shell on the meta device (no weights or graph drawn), assigned into
-        shard = _build_shard(full_class, config, hi - lo, None, backend)
+    try:
+        with models._empty_build():  # a shell on the meta device (no weights or graph drawn), assigned into
+            shard = _build_shard(full_class, config, hi - lo, None, backend)
+    except Exception as exc:  # a config the class refuses, whatever it raises for it (as load_sae says)
+        raise CheckpointError(f"checkpoint: {path} its config does not describe a {class_name} "
+                              f"({_one_line(exc)})") from exc
     with safe_open(str(path), framework="pt", device="cpu") as f:
         names = [k for k in f.keys() if k.startswith(prefix) and not k.startswith("optimizer.")]
         keys = _sharded_keys({k[len(prefix):]: f.get_slice(k).get_shape() for k in names}, shard.state_dict(), n)

@@ -116,6 +116,24 @@ def _empty_build():
         _EMPTY_BUILD.reset(token)
 
 
+_GIVEN_ROWS = contextvars.ContextVar("sae_models_given_rows", default=None)
+
+
+@contextlib.contextmanager
+def _given_rows(rows: Tensor):
+    """An ``ExpanderSAE`` built in here takes ``rows`` [n_latents, degree] as its graph instead of
+    drawing one: a latent shard's slice ``expander_mask(m, n, d, seed)[lo:hi]`` of the whole model's
+    graph (``sae.distributed``). A slice need not cover the d_model coordinates on its own (the whole
+    graph does, and the whole config is checked where the shard is built), so the constructor does
+    not ask ``n_latents * degree >= d_model`` of it. Meta rows (in an ``_empty_build``) are a
+    placeholder for a file's rows, checked when they are assigned."""
+    token = _GIVEN_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _GIVEN_ROWS.reset(token)
+
+
 def _meta_tensor(module: nn.Module) -> Optional[str]:
     """The name of a parameter or buffer still on the meta device (after assigning a state dict
     into an ``_empty_build`` shell: one outside the state dict, e.g. a non-persistent buffer)."""
@@ -575,13 +593,21 @@ class ExpanderSAE(_SparseCoder):
         if degree > d_model:
             raise ValueError(f"degree: expected degree <= d_model={d_model} (a latent's rows must be distinct), "
                              f"got degree={degree}")
-        if n_latents * degree < d_model:
+        given = _GIVEN_ROWS.get()  # a shard's slice of a whole graph (sae.distributed), or None
+        if n_latents * degree < d_model and given is None:
             raise ValueError(f"n_latents, degree: expected n_latents * degree >= d_model={d_model} so that every "
                              f"coordinate is on some atom, got {n_latents} * {degree} = {n_latents * degree}")
         # expander_mask draws on CPU; rows are checked there (and after every state-dict load), so
         # the ops can skip the per-call check (on CUDA a host sync per call), then go where the
         # parameters go (the default device if none is named).
-        if _EMPTY_BUILD.get():  # the loaded rows are checked by _check_loaded_rows
+        if given is not None:
+            if tuple(given.shape) != (n_latents, degree):
+                raise ValueError(f"rows: expected a shard's rows [n_latents={n_latents}, degree={degree}], "
+                                 f"got shape {tuple(given.shape)}")
+            # a copy: a view of the whole graph would keep all of it alive beside the shard
+            rows = given.to(torch.int64, copy=True)
+            tk.check_expander_rows(rows, d_model)  # meta rows: checked when a file's are assigned
+        elif _EMPTY_BUILD.get():  # the loaded rows are checked by _check_loaded_rows
             rows = torch.empty(n_latents, degree, dtype=torch.int64, device="meta")
         else:
             rows = expander_mask(d_model, n_latents, degree, seed=seed)

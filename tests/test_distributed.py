@@ -8,9 +8,10 @@ single-process losses within 1e-5 relative, step by step, and the same weights; 
 gradients equal one process's; a killed run resumes to the same weights (on 2 processes or on
 one); a held run directory, a non-finite step and changed settings on resume stop both ranks; a
 sharded checkpoint loads in one process and reproduces the outputs, and a single-process file
-reshards unevenly; the bytes communicated per step equal the formula, with no [B, n] tensor among
-them. The last tests launch ``python -m sae train`` through torchrun on a tiny random Llama and
-load its checkpoint in one process, and parse the README's torchrun commands.
+reshards unevenly; an Expander whose shards cannot cover m on their own (n/P * degree < m) creates,
+steps, saves and reshards like one process; the bytes communicated per step equal the formula,
+with no [B, n] tensor among them. The last tests launch ``python -m sae train`` through torchrun on
+a tiny random Llama and load its checkpoint in one process, and parse the README's torchrun commands.
 """
 
 import functools
@@ -606,7 +607,7 @@ def _load_sharded_files(rank, out):
     import sae.distributed as sd
 
     outcomes = []
-    for name in ("nan", "narrow"):
+    for name in ("nan", "repeat"):
         for verify in (True, False):
             try:
                 sd.load_sharded(out / f"{name}.safetensors", verify=verify)
@@ -620,8 +621,8 @@ def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
     """load_sharded of a file with a NaN in rank 1's latents alone: both ranks loaded it (the NaN
     reached the weights; load_sae refuses the file). Now every rank raises CheckpointError at once,
     rank 1 naming the tensor, rank 0 saying another rank's latents hold it. An expander file whose
-    smaller shard cannot be built (3 latents x degree 4 < m = 16, on rank 1 alone) stops both ranks
-    too (rank 0 used to return and wait in its first collective)."""
+    graph repeats a row inside one latent of rank 1's slice (refused there alone by the rows check)
+    stops both ranks too (rank 0 used to return and wait in its first collective)."""
     from sae import load_sae
     from sae.checkpoint import CheckpointError
 
@@ -631,7 +632,12 @@ def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
     sae.save(str(tmp_path / "nan.safetensors"))
     with pytest.raises(CheckpointError, match="tensor W_enc is not finite"):  # the reference: one process
         load_sae(tmp_path / "nan.safetensors")
-    ExpanderSAE(M, 7, 2, degree=4, backend="torch").save(str(tmp_path / "narrow.safetensors"))  # 4 + 3 latents
+    repeat = ExpanderSAE(M, N, K, degree=DEGREE, backend="torch")
+    with torch.no_grad():
+        repeat.rows[N - 6, 1] = repeat.rows[N - 6, 0]  # latent 90: rank 1's 43rd
+    repeat.save(str(tmp_path / "repeat.safetensors"))
+    with pytest.raises(CheckpointError, match="latent 90 repeats one"):  # the reference: one process
+        load_sae(tmp_path / "repeat.safetensors")
     start = time.monotonic()
     assert _two_ranks(_load_sharded_files, tmp_path) == [None, None]
     assert time.monotonic() - start < 15  # the group's timeout is 20 s
@@ -641,11 +647,12 @@ def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
                                             f"rank's latents); expected finite parameters and buffers")] * 2
     assert one[:2] == [("CheckpointError", f"checkpoint: {path} tensor W_enc is not finite (it holds nan); "
                                            f"expected finite parameters and buffers")] * 2
-    path = tmp_path / "narrow.safetensors"
+    path = tmp_path / "repeat.safetensors"
     assert zero[2:] == [("RuntimeError", f"load_sharded: reading {path} failed on another rank; see that rank's "
                                          f"error")] * 2
     assert [kind for kind, _ in one[2:]] == ["ValueError"] * 2
-    assert all("cannot be built" in message and "use fewer ranks" in message for _, message in one[2:])
+    assert all(message.startswith("rows: expected distinct rows within each latent, latent 42 repeats one")
+               for _, message in one[2:])
 
 
 def _sigterm_on_rank_one(rank, out):
@@ -712,6 +719,112 @@ def test_communication_formula_counts_narrow_shards(tmp_path):
                                       auxk_active=True)
     assert expected["parts"]["top-k candidate all-gather"] == WORLD * BATCH * 4 * 8
     assert sum(b for _, _, b in records) == expected["bytes"]
+
+# An Expander whose shards cannot cover the m coordinates on their own (7 latents x degree 4 = 28 < m
+# = 32 on each of 2 ranks), though the whole graph does (14 x 4 >= 32): each shard's graph is its
+# slice of the whole one, never a graph of its own.
+SMALL_M, SMALL_N, SMALL_DEGREE = 32, 14, 4
+
+
+def _make_small(n=SMALL_N):
+    sae = ExpanderSAE(SMALL_M, n, K, degree=SMALL_DEGREE, seed=5, dead_tokens_threshold=10, backend="torch")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
+    sae.tokens_since_fired[::3] = 100  # 5 dead latents on both ranks: AuxK on
+    return sae
+
+
+def _small_x():
+    return torch.randn(BATCH, SMALL_M, generator=torch.Generator().manual_seed(8)) * 2 + 0.5
+
+
+def _small_expander_shards(rank, out):
+    """create, a forward/backward of from_model, save + load_sharded, and a 13-latent single-process
+    file read as 7 + 6 latents, with shards too small to cover m."""
+    import sae.distributed as sd
+
+    x = _small_x()
+    created = sd.LatentShardedSAE.create(ExpanderSAE, _make_small().config(), seed=4)
+    saved = {"created_rows": created.shard.rows.clone(), "created": created.full_state_dict()}
+    created.save(out / "created.safetensors")
+    sharded = sd.LatentShardedSAE.from_model(_make_small())
+    output = sharded(x)
+    output.loss.backward()
+    saved.update(range=(sharded.lo, sharded.hi), x_hat=output.x_hat.detach(), top_acts=output.top_acts.detach(),
+                 top_indices=output.top_indices, fvu=output.fvu.detach(), auxk=output.auxk_loss.detach(),
+                 grads={name: p.grad.clone() for name, p in sharded.shard.named_parameters()})
+    sharded.save(out / "small.safetensors")
+    loaded = sd.load_sharded(out / "small.safetensors").eval()
+    with torch.no_grad():
+        saved["loaded_x_hat"] = loaded(x).x_hat
+    if rank == 0:
+        _make_small(13).save(str(out / "odd.safetensors"))
+    torch.distributed.barrier()
+    odd = sd.load_sharded(out / "odd.safetensors").eval()
+    with torch.no_grad():
+        odd_output = odd(x)
+    saved.update(odd_range=(odd.lo, odd.hi), odd_x_hat=odd_output.x_hat, odd_top_acts=odd_output.top_acts,
+                 odd_top_indices=odd_output.top_indices)
+    torch.save(saved, out / f"small.rank{rank}.pt")
+
+
+def test_expander_shards_too_small_to_cover_m_work_like_one_process(tmp_path):
+    """Each rank built its shard as an ExpanderSAE of its own n/P latents, which asked n/P * degree >= m
+    of it (and drew a graph of its own that create then replaced): with more ranks than that allows,
+    create, from_model and load_sharded refused ("cannot be built ...; use fewer ranks"). A shard's
+    graph is its slice of the whole graph; now the shards take it and every result is the one
+    process's."""
+    from sae.masks import expander_mask
+
+    assert (SMALL_N // WORLD) * SMALL_DEGREE < SMALL_M <= SMALL_N * SMALL_DEGREE
+    assert _two_ranks(_small_expander_shards, tmp_path) == [None, None]
+    ranks = [torch.load(tmp_path / f"small.rank{rank}.pt") for rank in range(WORLD)]
+    # create: the whole graph, sliced; the file it writes loads in one process
+    graph = expander_mask(SMALL_M, SMALL_N, SMALL_DEGREE, seed=5)
+    created = ranks[0]["created"]
+    assert torch.equal(created["rows"], graph)
+    for saved, (lo, hi) in zip(ranks, [(0, 7), (7, 14)]):
+        assert torch.equal(saved["created_rows"], graph[lo:hi])
+    torch.testing.assert_close(created["values"].norm(dim=1), torch.ones(SMALL_N))
+    one = ExpanderSAE.load(str(tmp_path / "created.safetensors"))
+    assert all(torch.equal(one.state_dict()[key], value) for key, value in created.items())
+    # a forward/backward against the one-process model with the same weights
+    sae, x = _make_small(), _small_x()
+    output = sae(x)
+    output.loss.backward()
+    assert output.auxk_loss is not None
+    for saved in ranks:
+        lo, hi = saved["range"]
+        assert hi - lo == SMALL_N // WORLD
+        torch.testing.assert_close(saved["x_hat"], output.x_hat.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(saved["top_acts"], output.top_acts.detach(), rtol=1e-5, atol=1e-6)
+        active = output.top_acts > 0
+        assert torch.equal(saved["top_indices"][active], output.top_indices[active])
+        torch.testing.assert_close(saved["fvu"], output.fvu.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(saved["auxk"], output.auxk_loss.detach(), rtol=1e-5, atol=1e-7)
+        for name, p in sae.named_parameters():
+            expected = p.grad if p.grad.shape[0] != SMALL_N else p.grad[lo:hi]
+            torch.testing.assert_close(saved["grads"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    # the checkpoint the shards wrote is the one-process model's, and reads back sharded
+    written = ExpanderSAE.load(str(tmp_path / "small.safetensors"))
+    for key, value in sae.state_dict().items():
+        assert torch.equal(written.state_dict()[key], value), key
+    sae.eval()
+    with torch.no_grad():
+        expected = sae(x)
+    for saved in ranks:
+        torch.testing.assert_close(saved["loaded_x_hat"], expected.x_hat, rtol=1e-5, atol=1e-5)
+    # resharding: a 13-latent single-process file read as 7 + 6 latents (28 and 24 < m)
+    single = ExpanderSAE.load(str(tmp_path / "odd.safetensors")).eval()
+    with torch.no_grad():
+        expected = single(x)
+    assert [saved["odd_range"] for saved in ranks] == [(0, 7), (7, 13)]
+    for saved in ranks:
+        torch.testing.assert_close(saved["odd_x_hat"], expected.x_hat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(saved["odd_top_acts"], expected.top_acts, rtol=1e-5, atol=1e-6)
+        active = expected.top_acts > 0
+        assert torch.equal(saved["odd_top_indices"][active], expected.top_indices[active])
 
 
 def _resume_from_own_folder(rank, out):
@@ -857,6 +970,45 @@ def test_sharded_model_keeps_the_sae_dtype_and_its_run_resumes(tmp_path, dtype):
         train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", on_step=kill)
     assert read_checkpoint(tmp_path / "run" / CHECKPOINT).sae_tensors["W_enc"].dtype == dtype
     assert train(_make("topk").to(dtype), _buffer(), cfg, tmp_path / "run", resume=True).step == 9
+
+
+def test_world_of_one_created_expander_is_the_class_s_own_model_of_the_rank_seed():
+    """create no longer draws a graph per shard (it hands each shard its slice of the whole graph):
+    the values are still the class's own draw from the rank's seed, the graph the configured seed's."""
+    from sae.config import derived_seed
+    from sae.distributed import LatentShardedSAE
+
+    config = _make("expander").config()
+    created = LatentShardedSAE.create(ExpanderSAE, config, seed=4)
+    values = ExpanderSAE(**dict(config, seed=derived_seed(4, 0))).values
+    expected = ExpanderSAE(**config)  # the configured seed's graph
+    assert torch.equal(created.shard.values, values)
+    assert torch.equal(created.shard.rows, expected.rows)
+    assert created.shard.seed == config["seed"]
+
+
+def test_a_config_no_whole_model_can_have_is_refused_by_create_and_load_sharded(tmp_path):
+    """Shards no longer ask n/P * degree >= m of themselves; the whole config still must (n * degree
+    >= m), refused with the constructor's message, as ExpanderSAE and load_sae refuse it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sae.checkpoint import CheckpointError
+    from sae.distributed import LatentShardedSAE, load_sharded
+
+    config = {**ExpanderSAE(8, 4, 2, degree=2).config(), "d_model": 9}  # 4 * 2 < 9
+    message = r"n_latents, degree: expected n_latents \* degree >= d_model=9 so that every coordinate is on some atom"
+    with pytest.raises(ValueError, match="^" + message):
+        ExpanderSAE(**config)
+    with pytest.raises(ValueError, match="^" + message):
+        LatentShardedSAE.create(ExpanderSAE, config)
+    tensors = {k: v.detach().clone().contiguous() for k, v in ExpanderSAE(8, 4, 2, degree=2).state_dict().items()}
+    tensors["b_dec"] = torch.zeros(9)
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata={"config": json.dumps(config), "class": "ExpanderSAE"})
+    refused = r"s\.safetensors its config does not describe a ExpanderSAE .*"
+    with pytest.raises(CheckpointError, match=refused + message):
+        load_sharded(tmp_path / "s.safetensors")
 
 
 def test_created_sharded_sae_is_initialised_from_the_data_like_a_full_one(tmp_path):
