@@ -845,6 +845,14 @@ def test_a_checkpoint_only_some_ranks_see_stops_every_rank(tmp_path):
         assert kind == "RuntimeError" and message.startswith("out_dir: some ranks found a checkpoint in ")
 
 
+def _assert_rank_grads(step: dict, sae) -> None:
+    """A rank's latent-mode gradients (``step["latent_grads"]``) are its rows of one process's."""
+    lo, hi = step["latent_range"]
+    for name, p in sae.named_parameters():
+        expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
+        torch.testing.assert_close(step["latent_grads"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_latent_sharded_gradients_equal_one_process(runs):
     sae = _make("topk")
     sae.tokens_since_fired.fill_(10**6)
@@ -853,10 +861,7 @@ def test_latent_sharded_gradients_equal_one_process(runs):
     assert output.auxk_loss is not None
     for rank in range(WORLD):
         step = torch.load(runs / f"step.rank{rank}.pt")
-        lo, hi = step["latent_range"]
-        for name, p in sae.named_parameters():
-            expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
-            torch.testing.assert_close(step["latent_grads"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        _assert_rank_grads(step, sae)
         norm = torch.cat([p.grad.reshape(-1) for p in sae.parameters()]).norm()
         assert step["latent_norm"] == pytest.approx(float(norm), rel=1e-5)
 
@@ -1206,10 +1211,7 @@ def test_model_options_give_one_process_results(runs, name):
         step = torch.load(runs / f"options.rank{rank}.pt")[name]
         torch.testing.assert_close(step["latent_x_hat"], output.x_hat.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step["latent_auxk"], output.auxk_loss.detach(), rtol=1e-5, atol=1e-7)
-        lo, hi = step["latent_range"]
-        for n, p in sae.named_parameters():
-            expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
-            torch.testing.assert_close(step["latent_grads"][n], expected, rtol=1e-5, atol=1e-6, msg=n)
+        _assert_rank_grads(step, sae)
         torch.testing.assert_close(step["data_fvu"], plain_output.fvu.detach(), rtol=1e-5, atol=0)
         torch.testing.assert_close(step["data_auxk"], plain_output.auxk_loss.detach(), rtol=1e-5, atol=0)
         for n, p in plain.named_parameters():
@@ -1235,7 +1237,4 @@ def test_auxk_normalisation_is_the_one_process_one_with_fewer_dead_than_k_aux(ru
         torch.testing.assert_close(step["latent_sq"], output.auxk_sq_error.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(step["data_auxk"], output.auxk_loss.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(step["data_loss"], output.loss.detach(), rtol=1e-5, atol=1e-7)
-        lo, hi = step["latent_range"]
-        for n, p in sae.named_parameters():
-            expected = p.grad if p.grad.shape[0] != N else p.grad[lo:hi]
-            torch.testing.assert_close(step["latent_grads"][n], expected, rtol=1e-5, atol=1e-6, msg=n)
+        _assert_rank_grads(step, sae)
