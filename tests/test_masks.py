@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from sae.masks import _replace_sorted, _row_holds, _sorted_holds, expander_mask, mask_diagnostics
+from sae.masks import (_repair_duplicates, _replace_sorted, _row_holds, _sorted_holds, expander_mask,
+                       mask_diagnostics)
 
 SIZES = [  # (m, n, d)
     (37, 101, 5),  # odd sizes, n*d not a multiple of m
@@ -213,3 +214,43 @@ def test_expansion_estimate_does_not_depend_on_how_the_overlap_is_found():
     assert exact["overlap_exact"] and not sampled["overlap_exact"]
     assert (exact["expansion_min"], exact["expansion_mean"]) == (sampled["expansion_min"], sampled["expansion_mean"])
     assert sampled["max_overlap"] <= exact["max_overlap"]
+
+
+def test_repair_of_rows_past_int32_is_the_repair_of_the_same_rows_shifted_down():
+    """The repair only compares rows, so shifting every row by a constant shifts its result: rows
+    near 2^31 (an m past int32, where the repair must not take its int32 shortcut) repair as rows
+    near 0 do. Built as expander_mask lays them out: consecutive permutations cut into latents."""
+    m, n, d = 10, 40, 4
+    g = torch.Generator().manual_seed(0)
+    slots = torch.rand(n * d // m, m, generator=g).argsort(dim=1).view(n, d)
+    small = slots.sort(dim=1).values
+    assert (small[:, 1:] == small[:, :-1]).any(), "no latent to repair: the test would prove nothing"
+    base = 2**31 - 5  # half the rows cross 2^31
+    want = _repair_duplicates(small.clone(), torch.Generator().manual_seed(1)) + base
+    got = _repair_duplicates(small + base, torch.Generator().manual_seed(1))
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    _assert_valid(want - base, m, n, d)
+
+
+def test_diagnostics_refuse_bad_rows_and_take_int32_rows():
+    rows = expander_mask(40, 30, 6, seed=2)
+    with pytest.raises(TypeError, match=r"^rows: expected an int64 \(or int32\) tensor, got dtype torch.float32"):
+        mask_diagnostics(rows.float(), 40)
+    with pytest.raises(IndexError, match=r"^rows: expected every row in \[0, m=40\), found -1\.\.39"):
+        mask_diagnostics(torch.cat([rows, torch.tensor([[-1, 1, 2, 3, 4, 5]])]), 40)
+    with pytest.raises(ValueError, match=r"^rows: expected a non-empty \[n, d\] tensor, got shape \(30, 0\)"):
+        mask_diagnostics(rows[:, :0], 40)
+    assert mask_diagnostics(rows.int(), 40) == mask_diagnostics(rows, 40)
+
+
+def test_diagnostics_overlap_is_exact_up_to_and_including_the_bound_and_0_for_one_latent():
+    """exact_overlap_up_to: "up to this many latents", so n == exact_overlap_up_to is exact; a graph
+    of one latent has no pair (largest overlap 0) however the overlap would be found."""
+    rows = expander_mask(40, 30, 6, seed=2)
+    brute = max(len(set(a.tolist()) & set(b.tolist())) for i, a in enumerate(rows) for b in rows[i + 1:])
+    stats = mask_diagnostics(rows, 40, exact_overlap_up_to=30)
+    assert stats["overlap_exact"] and stats["max_overlap"] == brute
+    one = expander_mask(6, 1, 6)
+    for bound in (0, 1):
+        stats = mask_diagnostics(one, 6, exact_overlap_up_to=bound)
+        assert (stats["max_overlap"], stats["overlap_exact"]) == (0, True)
