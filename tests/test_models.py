@@ -101,10 +101,13 @@ def test_topk_auxk_gradient_of_b_dec_matches_dense_formula():
     assert_close(sae.b_dec.grad, b_dec.grad, 1e-6, "AuxK grad b_dec")  # the model's losses are fp32
 
 
-def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux():
+@pytest.mark.parametrize("dead", [5, 12])
+def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux(dead):
     """auxk_norm="variance" with 5 dead latents and k_aux = 8: the term is (5 / 8) * ||e_hat - e||^2 /
-    total variance, e_hat the 5 dead latents' reconstruction of e = x - x_hat (fp64 dense formula)."""
-    m, n, k, k_aux, dead = 16, 53, 2, 8, 5
+    total variance, e_hat the 5 dead latents' reconstruction of e = x - x_hat (fp64 dense formula).
+    With 12 dead latents the top 8 of them reconstruct e, at weight 1 (the weight is min(dead / k_aux,
+    1): more dead latents than k_aux must not weigh the term up)."""
+    m, n, k, k_aux = 16, 53, 2, 8
     sae = TopKSAE(m, n, k, dead_tokens_threshold=10, k_aux=k_aux).double()
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -114,10 +117,10 @@ def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux():
     out = sae(x)
     W_enc, W_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
     pre = (x - b_dec) @ W_enc.T + sae.b_enc.detach().masked_fill(~out.dead_mask, -1e30)
-    acts, idx = pre.topk(dead, dim=-1)
+    acts, idx = pre.topk(min(dead, k_aux), dim=-1)
     e = (x - out.x_hat).detach()
     e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ W_dec
-    want = dead / k_aux * (e_hat - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    want = min(dead / k_aux, 1.0) * (e_hat - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     got, want = float(out.auxk_loss.detach()), float(want)
     assert abs(got - want) <= 1e-5 * want
 
@@ -796,3 +799,31 @@ def test_resampled_encoder_rows_are_a_fifth_of_the_live_rows_mean_norm(make):
     rows = enc.detach()[dead].double()
     assert_close(rows.norm(dim=1), want_norm.expand(3), 1e-6, "resampled encoder norms")
     assert_close(rows / rows.norm(dim=1, keepdim=True), atoms.detach().double(), 1e-6, "encoder direction")
+
+
+def test_auxk_residual_norm_of_a_zero_residual_is_zero_not_nan():
+    """auxk_norm="residual" divides by the residual's own squared norm: a batch the SAE reconstructs
+    exactly (residual 0, and so the dead latents' error 0) gives an AuxK term of 0, not 0 / 0."""
+    from sae.models import _auxk_normalised
+
+    zero, variance = torch.zeros(()), torch.tensor(3.0)
+    loss, sq = _auxk_normalised(zero, zero, variance, num_dead=4, k_aux=8, auxk_norm="residual", act_scale=None)
+    assert float(loss) == 0.0 and float(sq) == 0.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TopKSAE(16, 40, 3, dead_tokens_threshold=5, seed=1),
+    lambda: ExpanderSAE(16, 40, 3, degree=5, tied=False, dead_tokens_threshold=5, seed=1),
+], ids=["topk", "expander-untied"])
+def test_resampling_every_latent_gives_encoder_rows_of_norm_a_fifth(make):
+    """With no live latent to take a mean norm from, Bricken et al.'s scale falls back to 0.2 (a unit
+    mean): finite rows of norm 0.2, not the NaN of an empty mean or rows of 0."""
+    sae = make()
+    enc = sae.W_enc if isinstance(sae, TopKSAE) else sae.enc_values
+    sae.tokens_since_fired[:] = 6
+    resampled = sae.resample_dead(torch.randn(30, 16), generator=torch.Generator().manual_seed(0))
+    assert resampled.tolist() == list(range(40))
+    atoms = (sae.W_dec if isinstance(sae, TopKSAE) else sae.values).detach().double()
+    rows = enc.detach().double()
+    assert_close(rows.norm(dim=1), torch.full((40,), 0.2, dtype=torch.float64), 1e-6, "resampled encoder norms")
+    assert_close(rows / 0.2, atoms / atoms.norm(dim=1, keepdim=True), 1e-6, "encoder direction")
