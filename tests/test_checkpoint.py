@@ -487,3 +487,22 @@ def test_a_peer_k_above_its_latents_is_refused(tmp_path, peer):
     (tmp_path / "p" / "cfg.json").write_text(json.dumps({**cfg, "k": 21}))
     with pytest.raises(UnsupportedPeerFormat, match="k=21 is more than its 20 latents"):
         load_sae(tmp_path / "p")
+
+
+@pytest.mark.parametrize("t", [
+    torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    torch.arange(12, dtype=torch.float32).reshape(4, 3),  # the same bytes in another shape
+    torch.arange(12, dtype=torch.int32).reshape(3, 4),  # the same shape in another dtype
+    torch.arange(12, dtype=torch.float32).reshape(4, 3).T,  # not contiguous
+    torch.tensor(2.5),  # a scalar buffer (batch_threshold): one element is hashed too
+    torch.tensor([7], dtype=torch.int64),
+    torch.zeros(0, 5),
+    torch.linspace(-3, 3, 10, dtype=torch.bfloat16),
+], ids=["fp32", "fp32-reshaped", "int32", "transposed", "scalar", "one-element", "empty", "bf16"])
+def test_tensor_digest_is_sha256_of_dtype_shape_and_logical_bytes(t):
+    """Every file stores these digests, so they must not change with the implementation: SHA-256 of
+    the dtype, the shape and the elements' bytes in row-major order (numpy's tobytes of the values;
+    bf16 through its int16 bit pattern, which numpy can hold)."""
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    want = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + raw.numpy().tobytes()).hexdigest()
+    assert tensor_sha256(t) == want
