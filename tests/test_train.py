@@ -563,8 +563,19 @@ def _rewritten(path, edit, name):
     (lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(3, 3)}), r"optimizer tensor 0\.exp_avg has shape \(3, 3\)"),
     (lambda t: t.update({"optimizer.9.exp_avg": torch.zeros(3)}), r"optimizer tensor 9\.exp_avg"),
     (lambda t: t.update({"optimizer.x": torch.zeros(3)}), r"optimizer tensor x"),
+    # TopKSAE(8, 20, 2) has 4 parameters (W_enc [20, 8], b_enc, decoder.weight, decoder.bias)
+    (lambda t: t.update({"optimizer.4.exp_avg": torch.zeros(8)}), r"optimizer tensor 4\.exp_avg: expected "
+                                                                  r"<parameter index below 4>"),
+    (lambda t: t.update({"optimizer.0.": torch.zeros(20, 8)}), r"optimizer tensor 0\.: expected"),
+    (lambda t: t.update({"optimizer.0": torch.zeros(20, 8)}), r"optimizer tensor 0: expected"),
+    (lambda t: t.pop("optimizer.0.exp_avg_sq"), r"optimizer state holds different keys"),
+    (lambda t: t.update({"optimizer.0.exp_avg_sq": torch.zeros(20, 8)[:3]}), r"optimizer tensor 0\.exp_avg_sq has "
+                                                                             r"shape \(3, 8\)"),
+    (lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(8, 20)}), r"optimizer tensor 0\.exp_avg has shape "
+                                                                      r"\(8, 20\); its parameter has \(20, 8\)"),
 ], ids=["missing-tensor", "extra-tensor", "tensor-shape", "missing-moment", "moment-shape", "no-such-parameter",
-        "bad-name"])
+        "bad-name", "index-one-past", "empty-key", "no-key", "missing-second-moment", "second-moment-shape",
+        "moment-transposed"])
 def test_a_checkpoint_that_verifies_but_does_not_fit_is_a_checkpoint_error(tmp_path, edit, match):
     """load_sae refuses such a file with a CheckpointError naming it; resuming from it must too, not
     with load_state_dict's RuntimeError, a KeyError, or Adam moments of another shape that the fused
@@ -758,3 +769,40 @@ def test_an_overflowing_adam_moment_stops_training_before_the_checkpoint_it_woul
     assert read_train_record(tmp_path / CHECKPOINT)["step"] == 3
     result = train(TopKSAE(8, 24, 3), buffer, cfg, tmp_path, resume=True)
     assert result.step == 12
+
+
+def test_a_signal_stop_does_not_checkpoint_a_non_finite_adam_state(tmp_path):
+    """The stop asked by SIGTERM writes a checkpoint at the step in hand; with an Adam moment that
+    overflowed (weights and loss still finite, as above) that checkpoint could not be resumed, so
+    the stop is a NonFiniteError naming the state and the step-3 checkpoint stays."""
+    import os
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner")
+    buffer = ActivationBuffer(torch.randn(200, 8))
+    sae, done = TopKSAE(8, 24, 3), [0]
+    sae.b_enc.register_hook(lambda grad: grad * 1e30 if done[0] == 4 else grad)
+
+    def on_step(step, log):
+        done[0] = step
+        if step == 5:  # not a checkpoint step (3, 6, 9, 12): only the stop's own checkpoint is at stake
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(NonFiniteError, match=r"^step 5: the Adam state exp_avg_sq of b_enc is not finite.* "
+                                             r"Nothing after step 3 was written\."):
+        train(sae, buffer, _cfg(grad_clip=0.0), tmp_path, on_step=on_step)
+    assert read_train_record(tmp_path / CHECKPOINT)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_watch_reports_the_first_step_whose_loss_was_not_finite():
+    """On CUDA the loss flag is read only at log steps: the error must name the first bad step, not
+    the last one recorded before the read."""
+    from sae.train import _FiniteWatch
+
+    watch = _FiniteWatch(TopKSAE(8, 24, 3), torch.device("cpu"))
+    for step, loss in [(1, 0.5), (2, float("nan")), (3, 0.4), (4, float("inf"))]:
+        watch.record(step, torch.tensor(loss))
+    with pytest.raises(NonFiniteError, match=r"^step 2: the training loss is not finite\. Nothing after step 0 "):
+        watch.check(4, 0, params=False)
