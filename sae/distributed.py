@@ -728,7 +728,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     the others waiting in their next collective (a collective, so every rank of ``group`` calls it).
     """
     from . import models
-    from .checkpoint import CheckpointError, _non_finite
+    from .checkpoint import CheckpointError, _non_finite, _one_line
 
     rank, world = rank_and_world(group)
     flags = torch.device("cuda", torch.cuda.current_device()) if _nccl(group) else torch.device("cpu")
@@ -743,7 +743,14 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
                 mine = shard.state_dict()
                 state = {k: t if t.is_floating_point() or k not in mine else t.to(mine[k].dtype)
                          for k, t in state.items()}
-                shard.load_state_dict(state, assign=True)
+                try:
+                    shard.load_state_dict(state, assign=True)
+                except Exception as exc:  # e.g. a repeated row in one of this rank's latents
+                    lo, hi = latent_range(config["n_latents"], rank, world)
+                    raise CheckpointError(
+                        f"checkpoint: {path} its tensors do not fit a {full_class.__name__} in the "
+                        f"latents {lo}..{hi - 1} this rank reads (their ids below count from {lo}: "
+                        f"{_one_line(exc)})") from exc
             left = models._meta_tensor(shard)
             if left is not None:
                 raise CheckpointError(f"checkpoint: {path} a {full_class.__name__} has a tensor the file cannot "

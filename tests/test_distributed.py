@@ -650,9 +650,10 @@ def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
     path = tmp_path / "repeat.safetensors"
     assert zero[2:] == [("RuntimeError", f"load_sharded: reading {path} failed on another rank; see that rank's "
                                          f"error")] * 2
-    assert [kind for kind, _ in one[2:]] == ["ValueError"] * 2
-    assert all(message.startswith("rows: expected distinct rows within each latent, latent 42 repeats one")
-               for _, message in one[2:])
+    assert [kind for kind, _ in one[2:]] == ["CheckpointError"] * 2  # naming the file, as load_sae does
+    assert all(message.startswith(f"checkpoint: {path} its tensors do not fit a ExpanderSAE") and
+               f"in the latents 48..{N - 1} this rank reads (their ids below count from 48: ValueError: rows: expected "
+               f"distinct rows within each latent, latent 42 repeats one" in message for _, message in one[2:])
 
 
 def _sigterm_on_rank_one(rank, out):
