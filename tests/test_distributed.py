@@ -656,6 +656,37 @@ def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
                f"distinct rows within each latent, latent 42 repeats one" in message for _, message in one[2:])
 
 
+def _adam_overflow_on_rank_one(rank, out):
+    """Latent mode, no clipping: from step 7 rank 1's b_enc gradient is scaled by 1e30, so its
+    exp_avg_sq (rank 1's shard alone) overflows to inf while weights and loss stay finite."""
+    from sae.distributed import LatentShardedSAE
+
+    sharded, done = LatentShardedSAE.from_model(_make("topk")), [0]
+    if rank == 1:
+        sharded.shard.b_enc.register_hook(lambda grad: grad * 1e30 if done[0] >= 6 else grad)
+
+    def on_step(step, log):
+        done[0] = step
+
+    train(sharded, _buffer(), _cfg(parallel="latent", grad_clip=0.0), out / "run", on_step=on_step)
+
+
+def test_a_non_finite_adam_state_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
+    """The Adam-state check before a checkpoint is shared across latent-mode ranks: rank 1's state
+    alone is not finite, and both ranks stop at the checkpoint step (10) with NonFiniteError, the
+    step-5 checkpoint kept (a rank stopping alone would leave the other in the checkpoint's gather
+    until the group's timeout)."""
+    from sae.checkpoint import read_train_record
+
+    start = time.monotonic()
+    zero, one = _two_ranks(_adam_overflow_on_rank_one, tmp_path)
+    assert time.monotonic() - start < 15  # the group's timeout is 20 s
+    assert zero[0] == one[0] == "NonFiniteError"
+    assert zero[1].startswith("step 10: the Adam state of a parameter (on another rank) is not finite")
+    assert one[1].startswith("step 10: the Adam state exp_avg_sq of shard.b_enc is not finite")
+    assert read_train_record(tmp_path / "run" / CHECKPOINT)["step"] == 5
+
+
 def _sigterm_on_rank_one(rank, out):
     """SIGTERM reaches rank 1 alone, after its step 3 (torchrun forwards a signal to each worker
     on its own; they need not see it at the same step)."""
