@@ -285,7 +285,10 @@ def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = Non
     try:
         # assign: each parameter and buffer becomes the saved tensor, in its saved dtype (copying into
         # the freshly built SAE would cast to the default dtype).
-        sae.load_state_dict(state, assign=True)
+        # Clones: safetensors hands out views of its mapping of the file, and assigned as they are
+        # the parameters would stay backed by it (a file rewritten in place would change or, cut
+        # short, crash a loaded SAE).
+        sae.load_state_dict({k: t.clone() for k, t in state.items()}, assign=True)
     except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
         raise CheckpointError(f"{where} its tensors do not fit a {ckpt.class_name} {ckpt.config} "
                               f"({_one_line(exc)})") from exc

@@ -804,10 +804,12 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
                 tensor = f.get_tensor(name)
                 if tensor_sha256(tensor) != sums[name]:
                     raise CheckpointError(f"checkpoint: {path} is corrupt ({name} does not match its stored SHA-256)")
-                state[key] = tensor[lo:hi].clone() if key in keys else tensor
+                state[key] = (tensor[lo:hi] if key in keys else tensor).clone()
                 del tensor
             else:
-                state[key] = f.get_slice(name)[lo:hi] if key in keys else f.get_tensor(name)
+                # clones: views of safetensors' mapping of the file would keep the whole file mapped
+                # and leave the shard backed by it (a file rewritten in place would change it)
+                state[key] = (f.get_slice(name)[lo:hi] if key in keys else f.get_tensor(name)).clone()
     return shard, full_class, config, keys, state
 
 

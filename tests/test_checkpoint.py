@@ -372,6 +372,28 @@ def test_a_class_with_a_tensor_outside_its_state_dict_is_refused_not_left_on_met
         load_sharded(tmp_path / "s.safetensors")
 
 
+@pytest.mark.parametrize("load", ["load_sae", "load_sharded", "load_sharded_unverified"])
+def test_a_loaded_sae_does_not_change_when_its_file_is_rewritten_in_place(tmp_path, load):
+    """safetensors hands out views of its mapping of the file: assigned as they were, a loaded
+    SAE's weights changed when the file was overwritten in place (cp over it), and crashed the
+    process (SIGBUS) when it was cut short. The loaded tensors own their memory."""
+    from sae.distributed import load_sharded
+
+    saved = _randomised(ExpanderSAE(12, 40, 4, degree=5, tied=False))
+    path = tmp_path / "s.safetensors"
+    saved.save(str(path))
+    if load == "load_sae":
+        loaded = load_sae(path)
+    else:
+        loaded = load_sharded(path, verify=load == "load_sharded").shard
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the same size, every byte past the header zeroed, in place
+        header = 8 + int.from_bytes(f.read(8), "little")
+        f.seek(header)
+        f.write(bytes(size - header))
+    assert _same_sae(loaded, saved)
+
+
 def test_loaded_expander_rows_are_still_checked(tmp_path):
     """The graph is no longer drawn and checked at load, so the loaded rows are: a repeated row
     within a latent (the Triton decoder would lose an update) and a row past d_model are refused."""

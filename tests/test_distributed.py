@@ -656,6 +656,22 @@ def test_a_file_one_rank_cannot_load_stops_every_rank(tmp_path):
                f"distinct rows within each latent, latent 42 repeats one" in message for _, message in one[2:])
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_rank_keeps_only_its_rows_of_the_file(tmp_path, verify):
+    """Rank 1 of 2 reading a file keeps its 48 latents' rows in memory, not views of the whole
+    tensors (a view of a verified tensor would keep all of it alive beside the shard)."""
+    from sae.distributed import _read_shard
+
+    sae = _make("topk")
+    sae.save(str(tmp_path / "s.safetensors"))
+    _, _, _, keys, state = _read_shard(tmp_path / "s.safetensors", 1, 2, None, verify, None)
+    assert {"W_enc", "b_enc", "decoder.weight"} <= keys
+    for key in keys:
+        want = sae.state_dict()[key][N // 2:]
+        assert torch.equal(state[key], want), key
+        assert state[key].untyped_storage().nbytes() == want.numel() * want.element_size(), key
+
+
 def _adam_overflow_on_rank_one(rank, out):
     """Latent mode, no clipping: from step 7 rank 1's b_enc gradient is scaled by 1e30, so its
     exp_avg_sq (rank 1's shard alone) overflows to inf while weights and loss stay finite."""
