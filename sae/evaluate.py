@@ -379,7 +379,7 @@ class CEBaseline:
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["ce_baseline"])
-            sums = {k: f.get_tensor(k) for k in f.keys()}
+            sums = {k: f.get_tensor(k).clone() for k in f.keys()}  # owned: not views of the file's mapping
         return cls(**meta, context_sums=sums)
 
 

@@ -192,7 +192,9 @@ def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict, name
         if not (dot and key and i.isascii() and i.isdigit() and int(i) < len(params)):
             raise CheckpointError(f"checkpoint: {path} is corrupt (optimizer tensor {name}: expected "
                                   f"<parameter index below {len(params)}>.<key>)")
-        state.setdefault(int(i), {})[key] = value
+        # a clone: safetensors hands out views of its mapping of the file, which torch's
+        # load_state_dict keeps as they are, so the moments stayed backed by the checkpoint file
+        state.setdefault(int(i), {})[key] = value.clone()
     keys = sorted({tuple(sorted(s)) for s in state.values()})
     if len(keys) > 1:
         raise CheckpointError(f"checkpoint: {path} is corrupt (the parameters' optimizer state holds different "

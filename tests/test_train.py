@@ -806,3 +806,24 @@ def test_the_watch_reports_the_first_step_whose_loss_was_not_finite():
         watch.record(step, torch.tensor(loss))
     with pytest.raises(NonFiniteError, match=r"^step 2: the training loss is not finite\. Nothing after step 0 "):
         watch.check(4, 0, params=False)
+
+
+def test_resumed_state_does_not_change_when_the_checkpoint_is_rewritten_in_place(tmp_path):
+    """safetensors hands out views of its mapping of the file: the Adam moments a resume loaded stayed
+    backed by the checkpoint (overwritten in place, they changed; cut short, SIGBUS). They own their
+    memory, as the SAE's tensors do."""
+    buffer = ActivationBuffer(torch.randn(200, 8))
+    train(TopKSAE(8, 24, 3, dead_tokens_threshold=32), buffer, _cfg(total_tokens=32 * 3), tmp_path)
+    sae = TopKSAE(8, 24, 3, dead_tokens_threshold=32)
+    optimizer = adam([p for p in sae.parameters() if p.requires_grad], 1e-3)
+    load_checkpoint(tmp_path / CHECKPOINT, sae, optimizer)
+    before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    weights = {k: v.clone() for k, v in sae.state_dict().items()}
+    path = tmp_path / CHECKPOINT
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the same size, every byte past the header zeroed, in place
+        header = 8 + int.from_bytes(f.read(8), "little")
+        f.seek(header)
+        f.write(bytes(size - header))
+    assert before and all(torch.equal(v, before[id(p)][k]) for p, s in optimizer.state.items() for k, v in s.items())
+    assert all(torch.equal(v, weights[k]) for k, v in sae.state_dict().items())
