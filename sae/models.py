@@ -106,8 +106,9 @@ def _empty_build():
     """SAEs built in here are shells for a checkpoint's tensors to be assigned into
     (``load_state_dict(..., assign=True)``, as ``sae.checkpoint.build_sae`` does): parameters and
     buffers on the meta device, no weights drawn, no expander graph drawn. A load then pays neither
-    the draw (an expander graph at m = 2048, n = 65,536, d = 1000: two minutes) nor a second copy of
-    the weights beside the loaded ones."""
+    the draw (an expander graph at m = 2048, n = 65,536, d = 1000: two minutes) nor fresh weights
+    beside the loaded ones (``build_sae`` assigns clones of the file's tensors: its mapped pages are
+    the only other copy)."""
     token = _EMPTY_BUILD.set(True)
     try:
         with torch.device("meta"):
