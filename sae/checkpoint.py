@@ -269,7 +269,7 @@ def _clean_config(config: dict) -> dict:
 def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = None):
     """The SAE a verified checkpoint describes, with its tensors loaded in the dtypes they were saved
     in (a bf16 SAE comes back bf16), then moved to ``device`` and, if given, cast to ``dtype``."""
-    from .models import SAE_CLASSES, _empty_build, _meta_tensor
+    from .models import SAE_CLASSES, _empty_build
 
     where = f"checkpoint: {ckpt.path}" if ckpt.path is not None else "checkpoint:"
     cls = SAE_CLASSES.get(ckpt.class_name)
@@ -292,13 +292,20 @@ def build_sae(ckpt: Checkpoint, device="cpu", dtype: Optional[torch.dtype] = Non
     except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
         raise CheckpointError(f"{where} its tensors do not fit a {ckpt.class_name} {ckpt.config} "
                               f"({_one_line(exc)})") from exc
-    # The shell's tensors are all in the state dict today; a class with a tensor outside it (a
-    # non-persistent buffer) would be left on the meta device: refuse it here, not at first use.
-    left = _meta_tensor(sae)
-    if left is not None:
-        raise CheckpointError(f"{where} a {ckpt.class_name} has a tensor the file cannot hold ({left}): "
-                              f"it cannot be loaded into an empty shell")
+    _check_no_meta(sae, where)
     return sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
+
+
+def _check_no_meta(sae, where: str) -> None:
+    """After a state dict was assigned into an ``models._empty_build`` shell (``build_sae``,
+    ``sae.distributed.load_sharded``): every tensor of the two classes is in the state dict, but a
+    class with one outside it (a non-persistent buffer) would keep it on the meta device. Refused
+    here, naming it, not at its first use."""
+    named = list(sae.named_parameters()) + list(sae.named_buffers())
+    left = next((name for name, t in named if t.is_meta), None)
+    if left is not None:
+        raise CheckpointError(f"{where} a {type(sae).__name__} has a tensor the file cannot hold ({left}): "
+                              f"it cannot be loaded into an empty shell")
 
 
 def _saved_state(sae, tensors: dict, where: str) -> dict:

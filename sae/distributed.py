@@ -727,8 +727,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
     refuses it), and an error on one rank stops every rank: a rank that raised alone would leave
     the others waiting in their next collective (a collective, so every rank of ``group`` calls it).
     """
-    from . import models
-    from .checkpoint import CheckpointError, _non_finite, _one_line
+    from .checkpoint import CheckpointError, _check_no_meta, _non_finite, _one_line
 
     rank, world = rank_and_world(group)
     flags = torch.device("cuda", torch.cuda.current_device()) if _nccl(group) else torch.device("cpu")
@@ -751,10 +750,7 @@ def load_sharded(path: str | os.PathLike, group=None, device="cpu", *, verify: b
                         f"checkpoint: {path} its tensors do not fit a {full_class.__name__} in the "
                         f"latents {lo}..{hi - 1} this rank reads (their ids below count from {lo}: "
                         f"{_one_line(exc)})") from exc
-            left = models._meta_tensor(shard)
-            if left is not None:
-                raise CheckpointError(f"checkpoint: {path} a {full_class.__name__} has a tensor the file cannot "
-                                      f"hold ({left}): it cannot be loaded into an empty shell")
+            _check_no_meta(shard, f"checkpoint: {path}")
             shard = shard if device is None else shard.to(device)
             model = LatentShardedSAE(shard, full_class, config, keys, group)
     except Exception:

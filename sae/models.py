@@ -135,13 +135,6 @@ def _given_rows(rows: Tensor):
         _GIVEN_ROWS.reset(token)
 
 
-def _meta_tensor(module: nn.Module) -> Optional[str]:
-    """The name of a parameter or buffer still on the meta device (after assigning a state dict
-    into an ``_empty_build`` shell: one outside the state dict, e.g. a non-persistent buffer)."""
-    named = list(module.named_parameters()) + list(module.named_buffers())
-    return next((name for name, t in named if t.is_meta), None)
-
-
 def _loaded(module: "_SparseCoder", incompatible_keys) -> None:
     module._fresh = False
 
