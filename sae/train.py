@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _non_finite, _saved_state, read_checkpoint, save_sae
+from .checkpoint import CheckpointError, _non_finite, _one_line, _saved_state, read_checkpoint, save_sae
 from .config import TrainConfig, derived_seed
 from .errors import NonFiniteError, TrainingInterrupted
 from .rundir import RunLock, write_json
@@ -161,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
         sae.load_state_dict(state)
     except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
         raise CheckpointError(f"checkpoint: {path} its tensors do not fit a {type(sae).__name__} "
-                              f"({' '.join(str(exc).split())})") from exc
+                              f"({_one_line(exc)})") from exc
     if optimizer is not None:
         groups = optimizer.state_dict()["param_groups"]
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
