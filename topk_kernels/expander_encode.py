@@ -448,13 +448,13 @@ def _exact_values(x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor
 
 def _token_table(x_tile: Tensor, dtype: torch.dtype, extra_rows: int = 0) -> Tensor:
     """x_tile [b, m] -> x_tile.T [m + extra_rows, ld] in dtype, zero beyond column b and in the
-    extra rows: the embedding table of a token tile. From 512 bytes a row on, ld * itemsize is an odd multiple of 64 bytes, so the
-    transposing copy, which reads a piece's column across rows ld apart, spreads them over every
-    cache set (the padding, under two lines a row, adds 1.6 % to embedding_bag's work at b = 1024
-    in fp32 and at most a quarter at 512 bytes a row). With 2^j cache lines a row they fall in a
-    few sets: a 1 MiB fp32 piece took 480-740 us to transpose here at b = 1024, 2048, 4096 against
-    200-240 us with 16 columns of padding, and 235-258 us against 105-110 us at b = 128, 256, 512
-    (rows 65536 latents long)."""
+    extra rows: the embedding table of a token tile. From 512 bytes a row on, ld * itemsize is an
+    odd multiple of 64 bytes, so the transposing copy, which reads a piece's column across rows ld
+    apart, spreads them over every cache set (the padding, under two lines a row, adds 1.6 % to
+    embedding_bag's work at b = 1024 in fp32 and at most a quarter at 512 bytes a row). With 2^j
+    cache lines a row they fall in a few sets: a 1 MiB fp32 piece took 480-740 us to transpose here
+    at b = 1024, 2048, 4096 against 200-240 us with 16 columns of padding, and 235-258 us against
+    105-110 us at b = 128, 256, 512 (rows 65536 latents long)."""
     b, m = x_tile.shape
     line = max(1, 64 // dtype.itemsize)
     ld = b
