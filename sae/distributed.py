@@ -693,11 +693,11 @@ def _build_shard(full_class: type, full_config: dict, n_local: int, device, back
     An Expander shard takes ``rows``, its slice of the whole model's graph, and draws no graph of its
     own: a slice need not cover the m coordinates by itself (n/P * degree < m is fine; the whole graph
     covers them), so any number of ranks up to n_latents works. In an ``_empty_build`` the rows may
-    be left out: a meta placeholder that a file's rows are assigned into.
+    be left out: a meta placeholder that a file's rows are assigned into. The whole config is the
+    caller's to check (``_check_full_config``): a shard's own checks do not cover it.
     """
     from . import models
 
-    _check_full_config(full_class, full_config)
     config = _shard_config(full_config, n_local)
     if backend is not None and "backend" not in config:
         config["backend"] = backend  # a runtime choice some versions keep out of config()
@@ -785,6 +785,7 @@ def _read_shard(path, rank: int, world: int, device, verify: bool, backend: Opti
     n = config["n_latents"]
     lo, hi = latent_range(n, rank, world)
     try:
+        _check_full_config(full_class, config)
         with models._empty_build():  # a shell on the meta device (no weights or graph drawn), assigned into
             shard = _build_shard(full_class, config, hi - lo, None, backend)
     except Exception as exc:  # a config the class refuses, whatever it raises for it (as load_sae says)
