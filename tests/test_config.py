@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from sae import cli
-from sae.config import SAEConfig, TrainConfig, field_docs, from_args
+from sae.config import DataConfig, SAEConfig, TrainConfig, field_docs, from_args
 
 
-@pytest.mark.parametrize("cls", [SAEConfig, TrainConfig])
+@pytest.mark.parametrize("cls", [SAEConfig, TrainConfig, DataConfig])
 def test_every_field_has_a_docstring(cls):
     docs = field_docs(cls)
     assert [f.name for f in dataclasses.fields(cls)] == list(docs)
@@ -23,6 +23,39 @@ def test_cli_without_flags_gives_the_python_defaults():
     args = cli.build_parser().parse_args(["train"])
     assert from_args(TrainConfig, args) == TrainConfig()
     assert from_args(SAEConfig, args) == SAEConfig()
+
+
+@pytest.mark.parametrize("command,defaults", [("train", {}), ("evaluate", {"density_tokens": 0}),
+                                              ("frontier", {"min_test_tokens": 80_000})])
+def test_data_flags_come_from_data_config(command, defaults, tmp_path):
+    """Every DataConfig field is a flag of each command, with the field's default (or the
+    command's stated one), and the flags parse back into the dataclass."""
+    parser = cli.build_parser()
+    extra = [str(tmp_path)] if command == "evaluate" else []
+    args = parser.parse_args([command, *extra])
+    assert from_args(DataConfig, args) == DataConfig(**defaults)
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for t in texts:
+        t.write_text("words")
+    args = parser.parse_args([command, *extra, "--text", *map(str, texts), "--layer", "3", "--ctx-len", "17",
+                              "--model-dtype", "bfloat16", "--eval-contexts", "none"])
+    data = from_args(DataConfig, args)
+    assert data == DataConfig(**{**defaults, "text": tuple(map(str, texts)), "layer": 3, "ctx_len": 17,
+                                 "model_dtype": "bfloat16"})
+    data.validate()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("ctx_len", 1), ("ctx_len", 2.0), ("ctx_len", True), ("layer", -1), ("eval_contexts", 0), ("min_test_tokens", -1),
+    ("density_tokens", None), ("validation_fraction", 0.0), ("test_fraction", 1.0), ("test_fraction", "0.1"),
+    ("model_dtype", "float16"), ("model", 3), ("text", "corpus.txt"), ("text", ()), ("density_text", ["/no/such"]),
+    ("model", "/no/such/model"),
+])
+def test_data_config_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        DataConfig(**{field: value}).validate()
+    with pytest.raises(ValueError, match=r"^test_fraction: expected validation_fraction \+ test_fraction < 1"):
+        DataConfig(validation_fraction=0.5, test_fraction=0.5).validate()
 
 
 def test_cli_flags_reach_the_configs():
