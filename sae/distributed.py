@@ -302,16 +302,17 @@ class DataParallel:
         normalised by global statistics too, from the model's unnormalised sum (``auxk_sq_error``),
         which a rank whose own rows have no variance (identical rows) still gives.
         """
-        from .models import _auxk_denominator
+        from .models import _auxk_denominator, _loss_dtype
 
         m = x.shape[-1]
-        flat = x.reshape(-1, m).float()
+        wide = _loss_dtype(x.dtype, output.x_hat.dtype)
+        flat = x.reshape(-1, m).to(wide)
         stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
         _all_reduce(stats, group=self.group)
         mean = stats[:m] / stats[m]
-        error = (flat - output.x_hat.reshape(-1, m).float()).pow(2).sum()
+        error = (flat - output.x_hat.reshape(-1, m).to(wide)).pow(2).sum()
         aux = output.auxk_sq_error if output.auxk_loss is not None else error.new_zeros(())
-        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach(), aux.detach().float()])
+        sums = torch.stack([(flat - mean).pow(2).sum(), error.detach(), aux.detach().to(wide)])
         _all_reduce(sums, group=self.group)
         total_variance = sums[0]
         # aux already carries the fewer-dead-latents weight (and is in x's units, like the sums), so only
@@ -523,10 +524,12 @@ class LatentShardedSAE(nn.Module):
         return cand_acts.gather(-1, pos), cand_ids.gather(-1, pos).long()
 
     def _decode_partial(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """Sum over ranks of each rank's own latents' atoms: [B, m] fp32 without bias (each rank's
-        partial accumulated in fp32 by the decoder and never rounded to a half type)."""
+        """Sum over ranks of each rank's own latents' atoms: [B, m] without bias, fp32 (fp64 for fp64
+        codes; each rank's partial accumulated in fp32 by the decoder and never rounded to a half type)."""
+        from .models import _loss_dtype
+
         mine = (top_indices >= self.lo) & (top_indices < self.hi)
-        local_acts = torch.where(mine, top_acts, torch.zeros_like(top_acts)).float()
+        local_acts = torch.where(mine, top_acts, torch.zeros_like(top_acts)).to(_loss_dtype(top_acts.dtype))
         local_ids = torch.where(mine, top_indices - self.lo, torch.zeros_like(top_indices))
         partial = self.shard._decode_atoms(local_acts, local_ids)
         return _SumPartials.apply(partial, self.group)
@@ -556,7 +559,7 @@ class LatentShardedSAE(nn.Module):
 
     def forward(self, x: Tensor):
         """x [..., m], the same on every rank -> ``SAEOutput`` (the full model's loss terms)."""
-        from .models import SAEOutput, _auxk_normalised
+        from .models import SAEOutput, _auxk_normalised, _loss_dtype
 
         shard = self.shard
         shard._check_input(x)
@@ -568,10 +571,12 @@ class LatentShardedSAE(nn.Module):
         # biased in bf16, were rounded up to three times (~40 % of x_hat's entries off by an ulp
         # even on one rank).
         out_dtype = torch.promote_types(top_acts.dtype, shard.b_dec.dtype)  # the full model's x_hat dtype
-        x_hat = (self._decode_partial(top_acts, top_indices) + shard.b_dec.float()).to(out_dtype)
-        # Losses in fp32, as the models compute them.
-        flat_f = flat_x.float()
-        error = flat_f - x_hat.float()
+        partial = self._decode_partial(top_acts, top_indices)
+        x_hat = (partial + shard.b_dec.to(partial.dtype)).to(out_dtype)
+        # Losses in fp32 (fp64 for fp64 inputs), as the models compute them.
+        wide = _loss_dtype(flat_x.dtype, x_hat.dtype)
+        flat_f = flat_x.to(wide)
+        error = flat_f - x_hat.to(wide)
         total_variance = (flat_f - flat_f.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / total_variance
 
@@ -584,7 +589,7 @@ class LatentShardedSAE(nn.Module):
                 dead_bias = shard.b_enc.masked_fill(~dead_mask, torch.finfo(shard.b_enc.dtype).min / 2)
                 options = {"signed": False} if hasattr(shard, "signed") else {}  # AuxK codes are ReLU codes
                 aux_acts, auxk_indices = self._merged_topk(flat_x - b_dec_shared, dead_bias, k_aux, **options)
-                sq = (self._decode_partial(aux_acts, auxk_indices).float() - error.detach()).pow(2).sum()
+                sq = (self._decode_partial(aux_acts, auxk_indices).to(wide) - error.detach()).pow(2).sum()
                 # The global dead count and the full model's k_aux: the one-process normalisation.
                 auxk_loss, sq = _auxk_normalised(
                     sq, error.detach().pow(2).sum(), total_variance, num_dead, self.k_aux,
@@ -610,9 +615,13 @@ class LatentShardedSAE(nn.Module):
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the global gradient norm (sharded parameters summed over ranks, replicated once);
         returns that norm. Same rule as ``nn.utils.clip_grad_norm_``."""
+        from .models import _loss_dtype
+
+        wide = _loss_dtype(*(p.dtype for p in self.shard.parameters()))
+
         def sq(params):
-            return sum((p.grad.float().pow(2).sum() for p in params if p.grad is not None),
-                       torch.zeros((), device=self.shard.b_enc.device))
+            return sum((p.grad.to(wide).pow(2).sum() for p in params if p.grad is not None),
+                       torch.zeros((), dtype=wide, device=self.shard.b_enc.device))
 
         total = _all_reduce(sq(self._sharded_params).reshape(1), group=self.group)[0] + sq(self._replicated_params)
         norm = total.sqrt()

@@ -47,7 +47,7 @@ class SAEOutput:
     """What ``forward`` returns. Shapes: x_hat [..., m]; top_acts, top_indices [..., k] ([..., c] with
     ``batch_topk``: c = min(n_latents, batch_topk_cap * k) candidates per token, those not kept at 0).
 
-    ``fvu`` and ``auxk_loss`` are fp32 whatever the SAE's dtype.
+    ``fvu`` and ``auxk_loss`` are fp32 for fp32, bf16 and fp16 SAEs, and fp64 for an fp64 SAE.
     """
 
     x_hat: Tensor
@@ -68,6 +68,13 @@ class SAEOutput:
     def loss(self) -> Tensor:
         """The training objective: fvu + auxk_coef * auxk_loss."""
         return self.fvu if self.auxk_loss is None else self.fvu + self.auxk_coef * self.auxk_loss
+
+
+def _loss_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """What losses and partial sums are computed in: fp32 (fp16 squares of LLM-scale activations,
+    ~300, overflow, and bf16 sums lose the error's low bits), or fp64 when any input is fp64, so
+    that an fp64 SAE is an fp64 function end to end (gradcheck, references)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _auxk_denominator(auxk_norm: str, residual_sq: Tensor, total_variance: Tensor) -> Tensor:
@@ -94,7 +101,7 @@ def _auxk_normalised(sq: Tensor, residual_sq: Tensor, total_variance: Tensor, nu
         sq = min(num_dead / k_aux, 1.0) * sq  # fewer dead latents than k_aux: weigh the term down
     auxk_loss = sq / _auxk_denominator(auxk_norm, residual_sq, total_variance)
     if act_scale is not None:  # auxk_sq_error is in x's units
-        sq = sq / act_scale.float().square()
+        sq = sq / act_scale.to(sq.dtype).square()
     return auxk_loss, sq
 
 
@@ -305,9 +312,9 @@ class _SparseCoder(nn.Module):
         xn = self._scale_in(x)
         top_acts, top_indices = self._encode_norm(xn)
         xn_hat = self._decode_norm(top_acts, top_indices)
-        # Losses in fp32: fp16 squares of LLM-scale activations (~300) overflow.
-        flat_x = xn.reshape(-1, self.d_model).float()
-        error = flat_x - xn_hat.reshape(-1, self.d_model).float()
+        wide = _loss_dtype(xn.dtype, xn_hat.dtype)
+        flat_x = xn.reshape(-1, self.d_model).to(wide)
+        error = flat_x - xn_hat.reshape(-1, self.d_model).to(wide)
         # A batch of identical activations has zero variance: FVU is then undefined (inf or nan), and
         # the trainer stops on it rather than training on a meaningless loss.
         total_variance = (flat_x - flat_x.mean(0)).pow(2).sum()
@@ -333,7 +340,7 @@ class _SparseCoder(nn.Module):
         k_aux = min(self.k_aux, num_dead)
         dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
         aux_acts, aux_idx = self._encode_with(*self._centre(xn, dead_bias, k_aux), k_aux, signed=False)
-        error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).float()
+        error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).to(error.dtype)
         sq = (error_hat - error).pow(2).sum()
         auxk_loss, auxk_sq = _auxk_normalised(sq, error.pow(2).sum(), total_variance, num_dead, self.k_aux,
                                               self.auxk_norm, self.act_scale if self.normalize_activations else None)
@@ -361,7 +368,7 @@ class _SparseCoder(nn.Module):
         self._check_input(sample)
         if sample.numel() == 0:
             raise ValueError(f"sample: expected at least one activation, got shape {tuple(sample.shape)}")
-        flat = sample.reshape(-1, self.d_model).float()
+        flat = sample.reshape(-1, self.d_model).to(_loss_dtype(sample.dtype))
         if self.normalize_activations:
             mean_sq = flat.pow(2).sum(-1).mean().clamp_min(torch.finfo(torch.float32).tiny)
             self.act_scale.fill_(math.sqrt(self.d_model / float(mean_sq)))
@@ -395,7 +402,9 @@ class _SparseCoder(nn.Module):
         if dead.numel() == 0:
             return dead
         xn = self._scale_in(x.reshape(-1, self.d_model))
-        err = (xn.float() - self._decode_norm(*self._encode_norm(xn)).float())
+        xn_hat = self._decode_norm(*self._encode_norm(xn))
+        wide = _loss_dtype(xn.dtype, xn_hat.dtype)
+        err = xn.to(wide) - xn_hat.to(wide)
         weight = err.pow(2).sum(-1).double().cpu()
         if not bool(weight.sum() > 0):
             return dead[:0]

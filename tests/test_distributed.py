@@ -979,6 +979,29 @@ def test_world_of_one_sharded_model_is_the_model(arch):
 
 
 @pytest.mark.parametrize("arch", ["topk", "expander"])
+def test_world_of_one_fp64_sharded_model_is_the_model_to_fp64_precision(arch):
+    """An fp64 latent-sharded SAE decodes, sums and takes its losses in fp64, as the fp64 model does
+    (its partials were fp32, so x_hat, FVU, AuxK and the gradients were off by ~1e-7)."""
+    from sae.distributed import LatentShardedSAE
+
+    sae = _make(arch).double()
+    sae.tokens_since_fired[::3] = 10**6
+    sharded = LatentShardedSAE.from_model(_make(arch).double())
+    sharded.shard.tokens_since_fired[::3] = 10**6
+    x = _buffer()[list(range(BATCH))].double()
+    expected, got = sae(x), sharded(x)
+    assert got.fvu.dtype == got.auxk_loss.dtype == torch.float64
+    expected.loss.backward()
+    got.loss.backward()
+    tight = dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.x_hat, expected.x_hat, **tight)
+    torch.testing.assert_close(got.fvu, expected.fvu, **tight)
+    torch.testing.assert_close(got.auxk_loss, expected.auxk_loss, **tight)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(dict(sharded.shard.named_parameters())[name].grad, p.grad, msg=name, **tight)
+
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
 def test_world_of_one_bf16_sharded_reconstruction_is_the_model_s_bit_for_bit(arch):
     """The ranks' partial reconstructions are summed and biased in fp32 and rounded once, as the
     full model's decoder does: in bf16 they were rounded per rank, after the all-reduce and after

@@ -98,7 +98,30 @@ def test_topk_auxk_gradient_of_b_dec_matches_dense_formula():
     e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ W_dec
     ((e_hat - e).pow(2).sum() / e.pow(2).sum()).backward()
     assert torch.equal(out.auxk_indices, idx)
-    assert_close(sae.b_dec.grad, b_dec.grad, 1e-6, "AuxK grad b_dec")  # the model's losses are fp32
+    assert_close(sae.b_dec.grad, b_dec.grad, 1e-10, "AuxK grad b_dec")  # an fp64 SAE's losses are fp64
+
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
+def test_an_fp64_sae_is_an_fp64_function_loss_included(arch):
+    """An fp64 SAE computes FVU and AuxK in fp64 (they were fp32 whatever the SAE's dtype), so its
+    loss passes gradcheck and matches the fp64 formula to fp64 precision."""
+    m, n, k = 13, 45, 4
+    sae = (TopKSAE(m, n, k) if arch == "topk" else ExpanderSAE(m, n, k, degree=3)).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(9, m, dtype=torch.float64, requires_grad=True)
+    sae.eval()  # no dead-latent counts moving between gradcheck's calls
+    out = sae(x)
+    assert out.fvu.dtype == torch.float64
+    want = (x - out.x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert abs(float(out.fvu.detach()) - float(want.detach())) <= 1e-14 * float(want.detach())
+    assert torch.autograd.gradcheck(lambda t: sae(t).fvu, (x,))
+    sae.train()
+    with torch.no_grad():
+        sae.tokens_since_fired.fill_(10**9)  # every latent dead: AuxK on
+    aux = sae(x).auxk_loss
+    assert aux is not None and aux.dtype == torch.float64
 
 
 @pytest.mark.parametrize("dead", [5, 12])
@@ -122,7 +145,7 @@ def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux(dead):
     e_hat = torch.zeros_like(pre).scatter(-1, idx, acts.relu()) @ W_dec
     want = min(dead / k_aux, 1.0) * (e_hat - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     got, want = float(out.auxk_loss.detach()), float(want)
-    assert abs(got - want) <= 1e-5 * want
+    assert abs(got - want) <= 1e-12 * want
 
 
 @pytest.mark.parametrize("option, value", [("auxk_norm", "resdual"), ("auxk_coef", -1.0), ("auxk_coef", float("nan")),
