@@ -451,6 +451,8 @@ def _train_group(ws: _Workspace, jobs: list, args, *, split: str = "test", conve
     per batch) and plots each one's firing density; "validation" measures FVU for lr selection.
     Writes each run's ``sae.safetensors`` and ``row.json``; returns the rows. Under torchrun every
     rank trains the same SAEs and rank 0 evaluates and writes; the other ranks get None rows."""
+    import dataclasses  # train()'s refusals of a TrainConfig field are matched by its name below
+
     from .checkpoint import CheckpointError
     from .distributed import rank_and_world
     from .evaluate import training_dead_fraction

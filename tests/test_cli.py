@@ -386,3 +386,33 @@ def test_ctrl_c_after_training_does_not_say_training_never_started(tmp_path, mon
     assert read_checkpoint(out / CHECKPOINT).train["step"] == 4  # the run finished
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "before training started" not in last and f"python -m sae train --out {out}" in last, last
+
+
+def test_a_value_error_from_train_is_named_not_a_name_error(tmp_path, monkeypatch):
+    """``_train_group`` turns train()'s refusal of a TrainConfig field into a one-line flag error
+    and lets any other ValueError through as it came; neither may become a NameError of the CLI."""
+    import sys as _sys
+    import types
+
+    import torch
+
+    import sae.cli as cli
+    from sae.config import SAEConfig, TrainConfig
+    from sae.data import ActivationBuffer
+
+    buffer = ActivationBuffer(torch.randn(300, 8))
+    ws = types.SimpleNamespace(n_train_activations=len(buffer), buffer=lambda: buffer, d_model=8,
+                               args=types.SimpleNamespace(ctx_len=4),
+                               splits=types.SimpleNamespace(train=torch.zeros(75, 4)))
+    job = (SAEConfig(arch="topk", n_latents=24, k=3), TrainConfig(batch_size=32, total_tokens=64, progress=False),
+           tmp_path / "run", None)
+    for message, expected in (("batch_size: expected fewer", cli._UsageError),
+                              ("n_latents: expected more", ValueError)):
+        def refuses(*args, message=message, **kwargs):
+            raise ValueError(message)
+
+        monkeypatch.setattr(_sys.modules["sae.train"], "train", refuses)
+        with pytest.raises(expected) as info:
+            cli._train_group(ws, [job], types.SimpleNamespace())
+        assert type(info.value) is expected
+        assert str(info.value) == ("--batch-size: expected fewer" if expected is cli._UsageError else message)
