@@ -1146,8 +1146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-between", type=int, default=1, help="dense sizes spaced geometrically between the "
                    "largest storage-matched size and the full n (default: 1)")
     p.add_argument("--sweep-factors", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0],
-                   help="learning rates swept per (arch, n, degree), as multiples of the default lr (default: "
-                   "0.25 0.5 1 2 4)")
+                   help="learning rates swept per (arch, n, degree), as multiples of --lr or, without it, of the "
+                   "architecture's default (--topk-lr / --expander-lr) (default: 0.25 0.5 1 2 4)")
     p.add_argument("--sweep-tokens", type=int, default=500_000, help="training tokens of each lr-sweep SAE "
                    "(default: 500000)")
     p.add_argument("--sweep-extend", type=int, default=2, help="times the sweep may extend past an edge that wins, "

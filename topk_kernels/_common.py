@@ -30,7 +30,8 @@ line of defence, so:
    gathered row reads as zero, its scatter is dropped, and an output slot that only it would have
    written (e.g. the gradient of its activation) is zero.
 2. With ``TOPK_KERNELS_DEBUG=1`` the same kernels ``tl.device_assert`` that every live index is in
-   range (a failed assertion is an error on CUDA and an ``AssertionError`` under the interpreter).
+   range (a failed assertion is an error on CUDA; under the interpreter, Triton's
+   ``InterpreterError`` wrapping the ``AssertionError``).
    Launch with ``**launch_options()`` to honour the switch.
 
 NaN order (the one place it is defined; the Triton kernels, the PyTorch paths and
