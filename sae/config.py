@@ -299,7 +299,8 @@ class DataConfig:
     """Tokens per context, BOS included."""
 
     validation_fraction: float = 0.05
-    """Fraction of each text's contexts, before the test ones, kept for learning-rate selection."""
+    """Fraction of each text's contexts left by the test split, taken just before the test ones, kept
+    for learning-rate selection."""
 
     test_fraction: float = 0.1
     """Fraction of each text's contexts, at its end, kept for every reported number."""

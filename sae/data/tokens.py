@@ -53,9 +53,10 @@ def token_splits(texts: Sequence[str], tokenizer, ctx_len: int = 256, *, validat
     """Cuts ``texts`` into contexts of ``ctx_len`` tokens and splits them by position.
 
     Of each text's ``c`` contexts (the remainder shorter than a context is dropped) the last
-    ``round(test_fraction * c)`` are test, the ``round(validation_fraction * c)`` before them
-    validation, the rest train (a positive fraction gets at least one context while one is left
-    for the splits before it). ``min_test_tokens``: raise unless the test split has at least that
+    ``t = round(test_fraction * c)`` are test, the ``round(validation_fraction * (c - t))`` before
+    them validation (a fraction of the contexts the test split leaves, not of all ``c``), the rest
+    train (a positive fraction gets at least one context while one is left for the splits before
+    it). ``min_test_tokens``: raise unless the test split has at least that
     many tokens (the frontier asks for 80,000). With ``add_bos`` and a tokenizer that has a BOS
     token every context starts with it."""
     if isinstance(texts, str):
