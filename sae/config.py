@@ -193,8 +193,9 @@ class TrainConfig:
     over all remaining steps (the paper's schedule)."""
 
     resample_every: int = 0
-    """Every this many steps, re-initialise the latents dead at that step towards the current
-    batch's worst-reconstructed inputs and zero their Adam moments (the paper: 1000); 0: never."""
+    """Every this many steps, re-initialise the latents dead at that step towards inputs of the
+    current batch drawn with probability proportional to their squared reconstruction error, and
+    zero their Adam moments (the paper: 1000); 0: never."""
 
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this; 0: no clipping."""
