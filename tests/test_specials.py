@@ -233,6 +233,10 @@ def test_check_expander_rows():
         check_expander_rows(torch.where(rows == 15, 15, rows), 15)
     with pytest.raises(TypeError, match="rows: expected an int64"):
         check_expander_rows(rows.float(), 16)
+    # m is checked too (public: a caller's own m), named, not compared as whatever came
+    for bad, error in ((5.5, TypeError), (True, TypeError), ("16", TypeError), (None, TypeError), (0, ValueError)):
+        with pytest.raises(error, match=r"^m: expected"):
+            check_expander_rows(rows, bad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

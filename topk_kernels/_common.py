@@ -193,6 +193,12 @@ def check_expander_rows(rows: Tensor, m: int, what: str = "m") -> None:
     one step: a repeat would lose an update there.
     """
     check_index_dtype("rows", rows)
+    # Public, so m may be a caller's own: a float or bool m was compared as it came (m=5.5 let row
+    # 5 through; True read as 1), and a str or None failed inside the comparison, naming nothing.
+    if not isinstance(m, numbers.Integral) or isinstance(m, bool):
+        raise TypeError(f"m: expected an int, got {type(m).__name__}")
+    if m < 1:
+        raise ValueError(f"m: expected m >= 1, got {m}")
     if rows.dim() != 2:
         raise ValueError(f"rows: expected a 2-D tensor [n, d], got shape {tuple(rows.shape)}")
     if rows.numel() == 0 or rows.device.type == "meta":  # meta: shapes only, no values to check
