@@ -66,8 +66,9 @@ class SAEConfig:
     """Weight of the AuxK term in the loss (Gao et al.: 1/32)."""
 
     auxk_norm: Literal["variance", "residual"] = "variance"
-    """AuxK normalisation: "variance" divides by Var(x) times min(dead / k_aux, 1) (sparsify);
-    "residual" divides by the residual's squared norm (Gao et al.)."""
+    """AuxK normalisation: "variance" divides by the batch's total variance, sum ||x - mean(x)||^2,
+    and weighs the term by min(dead / k_aux, 1) (sparsify); "residual" divides by the residual's
+    squared norm (Gao et al.)."""
 
     dead_tokens_threshold: Optional[int] = None
     """Tokens without firing before a latent counts as dead; None: set by train() from
