@@ -731,7 +731,14 @@ def cmd_frontier(args) -> int:
     for arch, degree in [("topk", None)] + [("expander", d) for d in args.degrees]:
         dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
         for k in args.ks:
-            _configs(args, arch=arch, k=k, degree=degree, n_latents=None, **dense_only)
+            # With --n-latents the full size is known before the model loads: a k above it is
+            # refused here, naming --ks (the frontier has no --k), not after the model loads.
+            try:
+                _configs(args, arch=arch, k=k, degree=degree, n_latents=args.n_latents, **dense_only)
+            except _UsageError as exc:
+                if str(exc).startswith("--k:"):
+                    raise _UsageError(f"--ks:{str(exc)[len('--k:'):]}") from None
+                raise
     if args.control and "control" in _parts(args):
         import dataclasses
 

@@ -307,6 +307,7 @@ def _main(argv, capsys, monkeypatch):
     (["frontier", "--ks", "4", "8", "4"], ["--ks:", "distinct"]),
     (["frontier", "--degrees", "2", "2"], ["--degrees:", "distinct"]),
     (["frontier", "--batch-topk"], ["--control:", "--signed", "--no-control"]),
+    (["frontier", "--n-latents", "16", "--ks", "8", "32"], ["--ks:", "n_latents=16", "32"]),
 ])
 def test_bad_flags_are_refused_before_any_model_loads(argv, needles, capsys, monkeypatch, tmp_path):
     runs = ["--runs", str(tmp_path / "runs")] if argv[0] == "frontier" else ["--out", str(tmp_path / "run")]
