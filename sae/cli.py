@@ -243,6 +243,10 @@ class _Workspace:
             raise _UsageError(f"--model: {self.model_name}'s tokenizer has no BOS token; the CE conventions need "
                               f"every context to start with one")
         self.test_tokens = self.splits.test[: data.eval_contexts] if data.eval_contexts else self.splits.test
+        if self.test_tokens.numel() < data.min_test_tokens:  # the floor is on what is evaluated
+            raise _UsageError(f"--eval-contexts: {data.eval_contexts} test context(s) of --ctx-len {data.ctx_len} "
+                              f"are {self.test_tokens.numel():,} tokens, fewer than --min-test-tokens "
+                              f"{data.min_test_tokens:,}; evaluate on more contexts or lower --min-test-tokens")
         self.provenance = {
             "model": self.model_name, "model_file": ", ".join(files) or None,
             "model_sha256": ", ".join(files.values()) or None, "layer": self.layer, "n_layers": n_layers,
@@ -706,6 +710,10 @@ def cmd_frontier(args) -> int:
     if args.frontier_seed is not None:
         raise _UsageError(f"--seed: the frontier trains every point at each of --seeds; use --seeds "
                           f"{args.frontier_seed} (got --seed {args.frontier_seed})")
+    if args.frontier_parallel is not None:
+        raise _UsageError(f"--parallel: the frontier trains its SAEs one after another in one process, not under "
+                          f"torchrun; split the grid with --only, one part per process (got --parallel "
+                          f"{args.frontier_parallel})")
     data = _data_config(args)
     for flag, values in (("--ks", args.ks), ("--degrees", args.degrees), ("--sweep-factors", args.sweep_factors)):
         bad = [v for v in values if not (v > 0 and math.isfinite(v))]
@@ -1107,11 +1115,11 @@ def _add_data_args(p: argparse.ArgumentParser, **defaults) -> None:
     add_arguments(p.add_argument_group("data (sae.config.DataConfig)"), DataConfig, defaults=defaults)
 
 
-def _add_config_args(p: argparse.ArgumentParser, sae_skip=()) -> None:
+def _add_config_args(p: argparse.ArgumentParser, sae_skip=(), train_skip=()) -> None:
     from .config import SAEConfig, TrainConfig, add_arguments
 
     add_arguments(p.add_argument_group("SAE (sae.SAEConfig)"), SAEConfig, skip=sae_skip)
-    add_arguments(p.add_argument_group("training (sae.TrainConfig)"), TrainConfig, skip=("seed",),
+    add_arguments(p.add_argument_group("training (sae.TrainConfig)"), TrainConfig, skip=("seed", *train_skip),
                   rename={"total_tokens": "tokens"})
 
 
@@ -1142,9 +1150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frontier", help="sweep learning rates, then train and evaluate the dense vs Expander grid "
                        "(the main job)")
     _add_data_args(p, min_test_tokens=80_000)
-    _add_config_args(p, sae_skip=("arch", "k", "degree", "seed"))
+    # No --parallel: the frontier trains one SAE after another in one process (split the grid with --only).
+    _add_config_args(p, sae_skip=("arch", "k", "degree", "seed"), train_skip=("parallel",))
     # Refused with a pointer to --seeds; without it argparse would read "--seed 7" as "--seeds 7".
     p.add_argument("--seed", dest="frontier_seed", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parallel", dest="frontier_parallel", default=None, help=argparse.SUPPRESS)  # refused by name
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64], help="k of each SAE in the grid (default: 32 64)")
     p.add_argument("--degrees", type=int, nargs="+", default=[7, 30, 100],
                    help="Expander degrees; each also gives a storage-matched dense size (default: 7 30 100)")

@@ -253,6 +253,16 @@ def test_empty_test_split_is_refused_before_training(tiny_model, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
+def test_min_test_tokens_is_a_floor_on_the_tokens_evaluated(tiny_model, tmp_path):
+    """--eval-contexts cannot take the evaluation below --min-test-tokens (the floor was checked on the
+    whole test split only, so the frontier's 80,000 could be evaluated on 256 tokens)."""
+    cmd = _train_cmd(tiny_model, tmp_path / "run", "--batch-size", "16", "--tokens", "64")
+    cmd[cmd.index("--min-test-tokens") + 1] = "65"  # --eval-contexts 2 of --ctx-len 32: 64 tokens
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    _one_line_error(proc, "--eval-contexts:", "64 tokens", "--min-test-tokens 65")
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def test_evaluate_counts_firing_density_with_density_tokens(tiny_model, finished_run):
     """evaluate's --density-tokens (default 0: none) counts the firing density as train does: the
     training split first."""
@@ -308,6 +318,7 @@ def _main(argv, capsys, monkeypatch):
     (["frontier", "--degrees", "2", "2"], ["--degrees:", "distinct"]),
     (["frontier", "--batch-topk"], ["--control:", "--signed", "--no-control"]),
     (["frontier", "--n-latents", "16", "--ks", "8", "32"], ["--ks:", "n_latents=16", "32"]),
+    (["frontier", "--parallel", "data"], ["--parallel:", "--only"]),  # one process: the grid splits with --only
 ])
 def test_bad_flags_are_refused_before_any_model_loads(argv, needles, capsys, monkeypatch, tmp_path):
     runs = ["--runs", str(tmp_path / "runs")] if argv[0] == "frontier" else ["--out", str(tmp_path / "run")]
