@@ -409,12 +409,18 @@ class _SparseCoder(nn.Module):
         if not bool(weight.sum() > 0):
             return dead[:0]
         pick = torch.multinomial(weight / weight.sum(), dead.numel(), replacement=True, generator=generator)
-        self._reinit_latents(dead, err[pick.to(err.device)], generator)
+        # The batch's residuals and which one each latent takes, not err[pick]: that is [dead, m],
+        # up to n * m (8 GiB at n = 2^20, m = 2048, where early in a run nearly every latent is
+        # dead), and an Expander SAE reads only d of each row's m entries.
+        self._reinit_latents(dead, err, generator, picks=pick.to(err.device))
         self.b_enc[dead] = 0
         self.tokens_since_fired[dead] = 0
         return dead
 
-    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
+    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None,
+                        picks: Optional[Tensor] = None) -> None:
+        """Point latents ``idx`` at ``directions[picks]`` (``directions`` itself when ``picks`` is None),
+        rows of [..., d_model] residuals."""
         raise NotImplementedError
 
     # Decoder constraints the trainer calls; the TopK SAE overrides them, an Expander SAE's atoms
@@ -551,8 +557,11 @@ class TopKSAE(_SparseCoder):
             grad.index_copy_(0, rows, g)
 
     @torch.no_grad()
-    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
+    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None,
+                        picks: Optional[Tensor] = None) -> None:
         # Bricken et al.: decoder row = unit residual; encoder row = it times 0.2 * mean live encoder norm.
+        if picks is not None:
+            directions = directions[picks]
         unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec[idx] = unit.to(self.W_dec.dtype)
         self.W_enc[idx] = (unit * _resampled_encoder_scale(self.W_enc, idx)).to(self.W_enc.dtype)
@@ -678,10 +687,13 @@ class ExpanderSAE(_SparseCoder):
                                   backend=self.backend, check_rows=False, check_indices=False)
 
     @torch.no_grad()
-    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None) -> None:
+    def _reinit_latents(self, idx: Tensor, directions: Tensor, generator: Optional[torch.Generator] = None,
+                        picks: Optional[Tensor] = None) -> None:
         # The residual restricted to each latent's support; a support where it is 0 gets a random atom,
         # drawn from the resampling's generator (the SAE's seed alone would repeat it every resample).
-        v = directions.gather(1, self.rows[idx].to(directions.device).long())
+        # Gathered straight from the picked residuals: [len(idx), degree], never [len(idx), d_model].
+        support = self.rows[idx].to(directions.device).long()
+        v = directions.gather(1, support) if picks is None else directions[picks.unsqueeze(1), support]
         norm = v.norm(dim=1, keepdim=True)
         fallback = torch.randn(v.shape, generator=generator if generator is not None else self._generator(),
                                device="cpu", dtype=torch.float32).to(v)

@@ -781,7 +781,7 @@ def test_expander_fallback_atoms_come_from_the_resampling_generator(monkeypatch)
     assert_close(atoms(3).norm(dim=1), torch.ones(2), 1e-6, "unit atoms")
     seen = []
     reinit = sae._reinit_latents
-    monkeypatch.setattr(sae, "_reinit_latents", lambda i, d, g=None: seen.append(g) or reinit(i, d, g))
+    monkeypatch.setattr(sae, "_reinit_latents", lambda i, d, g=None, **kw: seen.append(g) or reinit(i, d, g, **kw))
     gen = torch.Generator().manual_seed(5)
     sae.tokens_since_fired[[2, 9]] = 6
     assert sae.resample_dead(torch.randn(30, 16), generator=gen).tolist() == [2, 9]

@@ -426,6 +426,30 @@ def test_resample_zeroes_the_adam_moments_of_resampled_latents_only():
                 assert torch.equal(now, old)
 
 
+def test_expander_resampling_allocates_per_support_entry_not_per_model_coordinate():
+    """Early in a run nearly every latent is dead, and resampling gathered the picked residual of
+    every one of them whole, ``err[pick]`` [dead, d_model]: n * m floats, 8 GiB at n = 2^20,
+    m = 2048, of which an Expander SAE reads d per latent. Every latent dead here: no allocation may
+    reach twice the [n, d] int64 rows' bytes (the whole gather was 16x them), and the new atoms are
+    still the picked residuals on each support, normalised (computed here from the same draws)."""
+    m, n, d, B = 512, 8192, 4, 32
+    sae = ExpanderSAE(m, n, 4, degree=d, dead_tokens_threshold=5, seed=1)
+    sae.tokens_since_fired[:] = 6
+    x = torch.randn(B, m, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        err = x - sae.decode(*sae.encode(x))
+    weight = err.pow(2).sum(-1).double()
+    pick = torch.multinomial(weight / weight.sum(), n, replacement=True, generator=torch.Generator().manual_seed(3))
+    want = torch.stack([err[p, sae.rows[j]] for j, p in enumerate(pick.tolist())])
+    want = want / want.norm(dim=1, keepdim=True)
+    spy = _Allocations()
+    with spy:
+        idx = sae.resample_dead(x, generator=torch.Generator().manual_seed(3))
+    assert idx.numel() == n
+    assert spy.largest < 2 * 8 * n * d, (spy.largest, 8 * n * d)
+    torch.testing.assert_close(sae.values.detach(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_adam_is_fused_where_pytorch_has_the_kernel_and_matches_the_default():
     """``adam`` (what ``train`` steps with) is PyTorch's fused Adam for CPU parameters and its
     default implementation on a device without a fused kernel ("meta"); fused, 20 steps of fp32
