@@ -182,8 +182,19 @@ def load_sparsify(path: str | os.PathLike):
     return _topk_sae(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], k, where)
 
 
-def _dense_weights(sae) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(W_enc [n, m], b_enc, W_dec [n, m], b_dec) of the function ``sae`` computes, for peers' formula."""
+# fp64 values per block of latents that _dense_weights folds at a time (32 MiB).
+_EXPORT_BLOCK = 2**22
+
+
+def _dense_weights(sae, encoder_transposed: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_enc, b_enc, W_dec, b_dec) of the function ``sae`` computes, for peers' formula, in the SAE's
+    dtype (b_enc's) and contiguous; W_enc [n, m], or [m, n] with ``encoder_transposed`` (SAELens).
+
+    The folds (activation normalisation) are computed in fp64 and rounded once, one block of
+    latents at a time, straight into the two dense outputs: the only [n, m] tensors allocated.
+    Whole fp64 copies made an Expander SAE's export about three times its output (n = 2^20,
+    m = 2048: the two fp32 matrices are 16 GiB, fp64 copies and the dense decoder's out-of-place
+    scatter added 32 GiB more)."""
     from .models import ExpanderSAE, TopKSAE
 
     name = type(sae).__name__
@@ -192,33 +203,43 @@ def _dense_weights(sae) -> tuple[Tensor, Tensor, Tensor, Tensor]:
                                     f"inference; the peers' TopK format cannot represent it")
     if getattr(sae, "signed", False):
         raise UnsupportedPeerFormat(f"sae: a {name} with signed=True keeps negative codes; the peers apply ReLU")
+    if isinstance(sae, TopKSAE):
+        enc, dec, rows = sae.W_enc, sae.W_dec, None
+    elif isinstance(sae, ExpanderSAE):  # values [n, d] on rows [n, d]: scattered into the dense rows
+        enc, dec, rows = sae._encoder_values(), sae.atoms(), sae.rows
+    else:
+        raise UnsupportedPeerFormat(f"sae: expected a TopKSAE or ExpanderSAE, got {name}")
+    dtype, n, m = sae.b_enc.dtype, sae.n_latents, sae.d_model
+    s = float(sae.act_scale) if sae.normalize_activations else None  # x * s in, / s out: folded in
     with torch.no_grad():
-        if isinstance(sae, TopKSAE):
-            W_enc, W_dec = sae.W_enc.double(), sae.W_dec.double()
-        elif isinstance(sae, ExpanderSAE):
-            from topk_kernels import reference
-
-            W_dec = sae.dense_decoder().double()
-            W_enc = reference.expander_dense(sae._encoder_values().double(), sae.rows, sae.d_model)
-        else:
-            raise UnsupportedPeerFormat(f"sae: expected a TopKSAE or ExpanderSAE, got {name}")
-        b_enc, b_dec = sae.b_enc.double(), sae.b_dec.double()
-        if sae.normalize_activations:  # x * s in, / s out: fold s into the weights
-            s = float(sae.act_scale)
-            W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
-    return W_enc, b_enc, W_dec, b_dec
+        W_enc = torch.zeros(m, n, dtype=dtype) if encoder_transposed else torch.zeros(n, m, dtype=dtype)
+        W_dec = torch.zeros(n, m, dtype=dtype)
+        step = max(1, _EXPORT_BLOCK // m)
+        for j0 in range(0, n, step):
+            j1 = min(n, j0 + step)
+            for src, out, fold in ((enc, W_enc.T if encoder_transposed else W_enc, lambda v: v * s),
+                                   (dec, W_dec, lambda v: v / s)):
+                block = src[j0:j1].detach().cpu().double()
+                block = block if s is None else fold(block)
+                if rows is None:
+                    out[j0:j1].copy_(block)
+                else:  # added to zeros, as the dense dictionary's scatter_add is
+                    out[j0:j1].scatter_add_(1, rows[j0:j1].cpu(), block.to(dtype))
+        b_enc, b_dec = sae.b_enc.detach().cpu().double(), sae.b_dec.detach().cpu().double()
+        if s is not None:
+            b_dec = b_dec / s
+    return W_enc, b_enc.to(dtype), W_dec, b_dec.to(dtype)
 
 
 def export_saelens(sae, path: str | os.PathLike) -> Path:
     """Write ``sae`` as a SAELens TopK SAE folder (``cfg.json`` + ``sae_weights.safetensors``)."""
     from safetensors.torch import save_file
 
-    W_enc, b_enc, W_dec, b_dec = _dense_weights(sae)
+    W_enc, b_enc, W_dec, b_dec = _dense_weights(sae, encoder_transposed=True)  # W_enc [m, n], as SAELens holds it
     dtype = sae.b_enc.dtype
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {"W_enc": W_enc.T.to(dtype).contiguous(), "W_dec": W_dec.to(dtype).contiguous(),
-               "b_enc": b_enc.to(dtype).contiguous(), "b_dec": b_dec.to(dtype).contiguous()}
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
     atomic_write(path / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     write_json(path / CFG, {
         "architecture": "topk", "d_in": sae.d_model, "d_sae": sae.n_latents, "k": sae.k,
@@ -234,11 +255,9 @@ def export_sparsify(sae, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     W_enc, b_enc, W_dec, b_dec = _dense_weights(sae)
-    dtype = sae.b_enc.dtype
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {"encoder.weight": W_enc.to(dtype).contiguous(), "encoder.bias": b_enc.to(dtype).contiguous(),
-               "W_dec": W_dec.to(dtype).contiguous(), "b_dec": b_dec.to(dtype).contiguous()}
+    tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     atomic_write(path / SPARSIFY_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     write_json(path / CFG, {
         "activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_model), "normalize_decoder": True,

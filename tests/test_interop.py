@@ -182,3 +182,61 @@ def test_saelens_bf16_folds_loaded_in_fp64_are_not_rounded_to_bf16(tmp_path, app
     sae = load_sae(tmp_path / "sl", dtype=torch.float64)
     x = torch.randn(7, M, dtype=torch.float64)
     torch.testing.assert_close(sae(x).x_hat, saelens_topk_forward(cfg, w, x), atol=1e-9, rtol=1e-9)
+
+
+class _AllocatedBytes:
+    """A ``TorchDispatchMode`` summing the bytes of every tensor an op allocates (views of its
+    inputs allocate nothing)."""
+
+    def __new__(cls):
+        from torch.utils import _pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            total = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor)}
+                for t in _pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                        self.total += t.untyped_storage().nbytes()
+                return out
+
+        return Mode()
+
+
+@pytest.mark.parametrize("export,weights,enc", [(export_saelens, "sae_weights.safetensors", "W_enc"),
+                                                (export_sparsify, "sae.safetensors", "encoder.weight")],
+                         ids=["saelens", "sparsify"])
+def test_expander_export_allocates_its_two_dense_matrices_and_little_else(tmp_path, monkeypatch, export, weights,
+                                                                          enc):
+    """An Expander SAE is exported as its dense [n, m] dictionary: the two fp32 matrices written are
+    what it must cost (16 GiB at n = 2^20, m = 2048). It allocated about three times that: the dense
+    decoder twice (an out-of-place scatter), fp64 copies of both matrices, then the casts back (and
+    for SAELens a transposed copy, made contiguous). Here everything allocated, summed, stays within
+    the two matrices plus a few [n, d] tensors, over several blocks of latents, and the matrices
+    are the dense reference's, with the activation scale folded in fp64 and rounded once."""
+    from topk_kernels import reference
+
+    import sae.interop as interop
+
+    m, n, d = 256, 4096, 4
+    sae = ExpanderSAE(m, n, K, degree=d, seed=1, tied=False, normalize_activations=True)
+    with torch.no_grad():
+        sae.enc_values.mul_(1.5)
+        sae.act_scale.fill_(0.37)
+    monkeypatch.setattr(interop, "_EXPORT_BLOCK", 1000 * m, raising=False)  # five blocks of latents
+    spy = _AllocatedBytes()
+    with spy:
+        export(sae, tmp_path / "out")
+    dense = n * m * 4
+    assert spy.total < 2 * dense + 32 * 8 * n * d, (spy.total, dense)
+    w = load_file(str(tmp_path / "out" / weights))
+    s = float(sae.act_scale)
+    with torch.no_grad():
+        W_dec = (reference.expander_dense(sae.atoms().double(), sae.rows, m) / s).float()
+        W_enc = (reference.expander_dense(sae.enc_values.double(), sae.rows, m) * s).float()
+    assert torch.equal(w["W_dec"], W_dec)
+    assert torch.equal(w[enc], W_enc.T if enc == "W_enc" else W_enc)
