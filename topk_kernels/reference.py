@@ -12,8 +12,8 @@ import torch
 
 def scatter_latents(top_acts: torch.Tensor, top_indices: torch.Tensor, n: int) -> torch.Tensor:
     """[..., k] activations at [..., k] indices -> dense [..., n]; duplicate indices add up."""
-    dense = top_acts.new_zeros(*top_acts.shape[:-1], n)
-    return dense.scatter_add(-1, top_indices, top_acts)
+    # in place into fresh zeros: one [..., n] tensor, not two (autograd still reaches top_acts)
+    return top_acts.new_zeros(*top_acts.shape[:-1], n).scatter_add_(-1, top_indices, top_acts)
 
 
 def sparse_decode(top_acts, top_indices, weight, bias=None):
@@ -45,8 +45,7 @@ def topk_encode(x, weight, bias, k):
 
 def expander_dense(values: torch.Tensor, rows: torch.Tensor, m: int) -> torch.Tensor:
     """values [n, d] on support rows [n, d] -> dense [n, m] (row j holds latent j's atom)."""
-    dense = values.new_zeros(values.shape[0], m)
-    return dense.scatter_add(1, rows, values)
+    return values.new_zeros(values.shape[0], m).scatter_add_(1, rows, values)  # one [n, m], as above
 
 
 def expander_encode(x, values, rows, bias, k):
