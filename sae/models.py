@@ -40,6 +40,9 @@ SAE_CLASSES: dict[str, type] = {}
 
 _OPTION_DEFAULTS = SAEConfig().model_options()
 _GAO_DEAD_TOKENS = 10_000_000  # used when no threshold was set and train() never ran
+# AuxK encodes only the dead latents' rows when at most 1/_AUXK_SUBSET of the latents are dead: the
+# rows gathered (twice for TopK's b_dec gradient) stay a quarter of W_enc at most.
+_AUXK_SUBSET = 8
 
 
 @dataclass
@@ -212,7 +215,10 @@ class _SparseCoder(nn.Module):
                 module.backend = value
 
     # -- to implement ---------------------------------------------------------------------------
-    def _encode_with(self, x_centered: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _encode_with(self, x_centered: Tensor, bias: Tensor, k: int, signed: Optional[bool] = None,
+                     latents: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Top-k codes over every latent, or over ``latents`` only (ascending int64 ids; ``bias`` is then
+        theirs, and the returned ids are global)."""
         raise NotImplementedError
 
     def _decode_atoms(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
@@ -268,7 +274,7 @@ class _SparseCoder(nn.Module):
         self._check_input(x)
         return self._encode_norm(self._scale_in(x))
 
-    def _centre(self, x: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _centre(self, x: Tensor, bias: Tensor, k: int, latents: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(x - b_dec, bias) for ``_encode_with``; a subclass may route b_dec's gradient another way."""
         return x - self.b_dec, bias
 
@@ -334,12 +340,20 @@ class _SparseCoder(nn.Module):
     def _auxk_loss(self, xn, error, dead_mask, num_dead, total_variance):
         """Gao et al.'s AuxK: the top k_aux dead latents reconstruct the residual x - x_hat.
 
-        Dead-only selection reuses the fused encoder: live latents get a bias so negative (half the
-        dtype's lowest finite value, so sums stay finite) that they never win and ReLU zeroes them.
+        Few dead latents (at most n / _AUXK_SUBSET, the usual case once training settles): the encoder
+        runs on their rows alone, a [B, dead] product instead of a second [B, n] one. Many: it runs
+        on every latent and live ones get a bias so negative (half the dtype's lowest finite value, so
+        sums stay finite) that they never win and ReLU zeroes them. Either way ties go to the lower id.
         """
         k_aux = min(self.k_aux, num_dead)
-        dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
-        aux_acts, aux_idx = self._encode_with(*self._centre(xn, dead_bias, k_aux), k_aux, signed=False)
+        if num_dead * _AUXK_SUBSET <= self.n_latents:
+            dead = dead_mask.nonzero().squeeze(1)  # ascending: local ties to the lower id are global ones
+            bias = self.b_enc.index_select(0, dead)
+            aux_acts, aux_idx = self._encode_with(*self._centre(xn, bias, k_aux, dead), k_aux, signed=False,
+                                                  latents=dead)
+        else:
+            dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
+            aux_acts, aux_idx = self._encode_with(*self._centre(xn, dead_bias, k_aux), k_aux, signed=False)
         error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).to(error.dtype)
         sq = (error_hat - error).pow(2).sum()
         auxk_loss, auxk_sq = _auxk_normalised(sq, error.pow(2).sum(), total_variance, num_dead, self.k_aux,
@@ -516,17 +530,22 @@ class TopKSAE(_SparseCoder):
     def _size_config(self) -> dict:
         return dict(d_model=self.d_model, n_latents=self.n_latents, k=self.k)
 
-    def _centre(self, x: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _centre(self, x: Tensor, bias: Tensor, k: int, latents: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         # pre = (x - b_dec) @ W_enc.T + bias, so b_dec's gradient is -(bias's gradient) @ W_enc: one
         # [n] x [n, m] product instead of x's gradient for every token (B * k rows of W_enc gathered)
         # summed over the tokens. Taken when B * k >= n, the usual training shape.
         tokens = x.numel() // self.d_model
-        if not (torch.is_grad_enabled() and self.b_dec.requires_grad) or tokens * k < self.n_latents:
+        n = self.n_latents if latents is None else latents.numel()
+        if not (torch.is_grad_enabled() and self.b_dec.requires_grad) or tokens * k < n:
             return x - self.b_dec, bias
-        return x - self.b_dec.detach(), _CentreGrad.apply(bias, self.b_dec, self.W_enc.detach())
+        weight = self.W_enc if latents is None else self.W_enc.index_select(0, latents)
+        return x - self.b_dec.detach(), _CentreGrad.apply(bias, self.b_dec, weight.detach())
 
-    def _encode_with(self, x_centered, bias, k, signed=None):
-        return tk.topk_encode(x_centered, self.W_enc, bias, k, backend=self.backend)
+    def _encode_with(self, x_centered, bias, k, signed=None, latents=None):
+        if latents is None:
+            return tk.topk_encode(x_centered, self.W_enc, bias, k, backend=self.backend)
+        acts, idx = tk.topk_encode(x_centered, self.W_enc.index_select(0, latents), bias, k, backend=self.backend)
+        return acts, latents[idx].to(idx.dtype)
 
     def _decode_atoms(self, top_acts, top_indices):
         return tk.sparse_decode(top_acts, top_indices, self.W_dec, backend=self.backend, check_indices=False)
@@ -664,19 +683,22 @@ class ExpanderSAE(_SparseCoder):
     def _encoder_values(self) -> Tensor:
         return self.atoms() if self.enc_values is None else self.enc_values
 
-    def _encode_with(self, x_centered, bias, k, signed=None):
-        values = self._encoder_values()
-        pos_acts, pos_idx = tk.expander_encode(x_centered, values, self.rows, bias, k, backend=self.backend,
+    def _encode_with(self, x_centered, bias, k, signed=None, latents=None):
+        values, rows = self._encoder_values(), self.rows
+        if latents is not None:
+            values, rows = values.index_select(0, latents), rows.index_select(0, latents)
+        pos_acts, pos_idx = tk.expander_encode(x_centered, values, rows, bias, k, backend=self.backend,
                                                check_rows=False)
         if not (self.signed if signed is None else signed):
-            return pos_acts, pos_idx
-        # The k largest |pre| are among the top k of pre and the top k of -pre: encode both, merge.
-        neg_acts, neg_idx = tk.expander_encode(x_centered, -values, self.rows, -bias, k, backend=self.backend,
-                                               check_rows=False)
-        acts = torch.cat([pos_acts, -neg_acts], -1)
-        idx = torch.cat([pos_idx, neg_idx], -1)
-        order = acts.detach().abs().topk(k, dim=-1).indices
-        return acts.gather(-1, order), idx.gather(-1, order)
+            acts, idx = pos_acts, pos_idx
+        else:  # the k largest |pre| are among the top k of pre and the top k of -pre: encode both, merge
+            neg_acts, neg_idx = tk.expander_encode(x_centered, -values, rows, -bias, k, backend=self.backend,
+                                                   check_rows=False)
+            both_acts = torch.cat([pos_acts, -neg_acts], -1)
+            both_idx = torch.cat([pos_idx, neg_idx], -1)
+            order = both_acts.detach().abs().topk(k, dim=-1).indices
+            acts, idx = both_acts.gather(-1, order), both_idx.gather(-1, order)
+        return (acts, idx) if latents is None else (acts, latents[idx].to(idx.dtype))
 
     def _decode_atoms(self, top_acts, top_indices):
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend,

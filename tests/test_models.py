@@ -124,6 +124,45 @@ def test_an_fp64_sae_is_an_fp64_function_loss_included(arch):
     assert aux is not None and aux.dtype == torch.float64
 
 
+@pytest.mark.parametrize("arch", ["topk", "expander", "expander-untied", "expander-signed"])
+@pytest.mark.parametrize("tokens", [3, 40])  # 40 * 8 >= 23 dead: TopK's b_dec gradient through _CentreGrad
+def test_auxk_over_the_dead_latents_alone_is_the_masked_encoder_s(monkeypatch, arch, tokens):
+    """With few dead latents AuxK encodes only their rows. Its indices, loss and every gradient are
+    those of the encoder over all latents with live ones masked by a huge negative bias (fp64)."""
+    import sae.models as models
+
+    m, n, k = 19, 203, 3
+    options = {"expander-untied": dict(tied=False), "expander-signed": dict(signed=True)}.get(arch, {})
+    make = (lambda: TopKSAE(m, n, k, dead_tokens_threshold=10, k_aux=8)) if arch == "topk" else \
+        (lambda: ExpanderSAE(m, n, k, degree=4, dead_tokens_threshold=10, k_aux=8, **options))
+    x = torch.randn(tokens, m, dtype=torch.float64)
+    dead = torch.randperm(n)[:23]
+    results, subsets = [], []
+    cls = TopKSAE if arch == "topk" else ExpanderSAE
+    encode = cls._encode_with
+    monkeypatch.setattr(cls, "_encode_with", lambda self, *a, latents=None, **kw: subsets.append(latents is not None)
+                        or encode(self, *a, latents=latents, **kw))
+    for subset in (models._AUXK_SUBSET, n + 1):  # 23 * 8 <= 203: the subset path; then the masked one
+        monkeypatch.setattr(models, "_AUXK_SUBSET", subset)
+        torch.manual_seed(0)
+        sae = make().double()
+        with torch.no_grad():
+            sae.b_dec.normal_()
+            sae.b_enc.normal_()
+            sae.tokens_since_fired[dead] = 100
+        out = sae(x)
+        out.auxk_loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}))
+    (sub, sub_grads), (masked, masked_grads) = results
+    assert subsets == [False, True, False, False]  # (codes, AuxK) per run: only the first AuxK took the rows
+    assert torch.equal(sub.auxk_indices, masked.auxk_indices)
+    assert set(sub.auxk_indices.unique().tolist()) <= set(dead.tolist())
+    assert_close(sub.auxk_loss, masked.auxk_loss, 1e-12, "auxk_loss")
+    assert sub_grads.keys() == masked_grads.keys() and len(sub_grads) >= 3  # b_dec (decoder.bias) among them
+    for name in sub_grads:
+        assert_close(sub_grads[name], masked_grads[name], 1e-10, f"grad {name}")
+
+
 @pytest.mark.parametrize("dead", [5, 12])
 def test_auxk_variance_term_weighed_down_when_fewer_dead_than_k_aux(dead):
     """auxk_norm="variance" with 5 dead latents and k_aux = 8: the term is (5 / 8) * ||e_hat - e||^2 /
