@@ -308,9 +308,11 @@ def _check_no_meta(sae, where: str) -> None:
                               f"it cannot be loaded into an empty shell")
 
 
-def _saved_state(sae, tensors: dict, where: str) -> dict:
+def _saved_state(sae, tensors: dict, where: str, *, cast: bool = True) -> dict:
     """``tensors`` checked against ``sae``'s state dict: the same names and shapes; floating-point
-    tensors keep their saved dtype, integer ones take the SAE's (as ``load_state_dict`` casts them)."""
+    tensors keep their saved dtype, integer ones take the SAE's (as ``load_state_dict`` casts them;
+    ``cast=False`` leaves them as saved, for a copying ``load_state_dict`` that casts only the rows
+    it keeps)."""
     mine = sae.state_dict()
     missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
     if missing or extra:
@@ -329,7 +331,7 @@ def _saved_state(sae, tensors: dict, where: str) -> dict:
         if kind is not None:
             raise CheckpointError(f"{where} tensor {name} is not finite (it holds {kind}); expected finite "
                                   f"parameters and buffers")
-        state[name] = t if want.is_floating_point() else t.to(want.dtype)
+        state[name] = t if want.is_floating_point() or not cast else t.to(want.dtype)
     return state
 
 

@@ -476,6 +476,16 @@ class LatentShardedSAE(nn.Module):
         """A new full SAE of this config (its own initialisation) in the shard's dtypes, to load a full state into."""
         return _cast_like(self.full_class(**self.full_config), self.shard.state_dict())
 
+    def _full_shell(self) -> nn.Module:
+        """The full SAE of this config as a shell on the meta device (``models._empty_build``: no
+        weights or graph drawn, nothing allocated) in the shard's dtypes: its class, config, state
+        shapes and parameter order, to check a whole model's file against (``sae.train``'s resume)."""
+        from . import models
+
+        with models._empty_build():
+            shell = self.full_class(**self.full_config)
+        return _cast_like(shell, self.shard.state_dict())
+
     def full_state_dict(self) -> Optional[dict]:
         """The full model's state dict on rank 0 (CPU copies), None elsewhere. Gathers one tensor at a time."""
         out = {}
@@ -665,10 +675,14 @@ class LatentShardedSAE(nn.Module):
         return out if self.rank == 0 else None
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
-        """Inverse of ``full_optimizer_state``: every rank passes the full state and keeps its rows."""
+        """Inverse of ``full_optimizer_state``: every rank passes the full state (or views of a file's)
+        and keeps copies of its rows."""
         names = self._param_names()
         # load_state_dict moves moments to each parameter's device and keeps Adam's step where it belongs.
-        state = {i: {key: (v[self.lo:self.hi] if names[i] in self.sharded_keys and v.ndim > 0 else v)
+        # Clones: load_state_dict keeps a tensor already of the parameter's dtype and device as it is,
+        # and a slice is a view of the whole tensor: every rank kept the whole moments alive (a
+        # resume held 2x the whole model's bytes on each rank for the rest of the run).
+        state = {i: {key: (v[self.lo:self.hi] if names[i] in self.sharded_keys and v.ndim > 0 else v).clone()
                      for key, v in entries.items()}
                  for i, entries in full_state.items()}
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

@@ -28,7 +28,8 @@ which bf16 represents.
 Under ``torchrun`` the same loop trains on every rank (``TrainConfig.parallel``: "data" or
 "latent", the hooks of ``sae.distributed``); ``batch_size`` is the global batch, so the run matches
 one process step for step. Rank 0 alone takes the lock, shows progress, evaluates and writes; the
-checkpoint is the single-process one (latent shards gathered), and resumes on any world size.
+checkpoint is the single-process one (latent shards gathered), and resumes on any world size (in
+"latent" mode each rank copies only its rows of it: no rank builds the whole SAE or Adam state).
 """
 
 from __future__ import annotations
@@ -126,6 +127,31 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
     a tensor (parameter, buffer, Adam moment or step) that is not finite.
     ``derived``: config keys the trainer set from the TrainConfig (the dead-latent threshold),
     not compared: ``sae`` keeps its own value."""
+    params = None if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
+    record, state, opt_state = _verified_checkpoint(path, sae, params, derived)
+    try:
+        sae.load_state_dict(state)
+    except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
+        raise CheckpointError(f"checkpoint: {path} its tensors do not fit a {type(sae).__name__} "
+                              f"({_one_line(exc)})") from exc
+    if optimizer is not None:
+        groups = optimizer.state_dict()["param_groups"]
+        # clones: safetensors hands out views of its mapping of the file, which torch's
+        # load_state_dict keeps as they are, so the moments stayed backed by the checkpoint file
+        state = {i: {key: value.clone() for key, value in entries.items()} for i, entries in opt_state.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return record
+
+
+def _verified_checkpoint(path, sae, params: Optional[list], derived: tuple = (), *,
+                         cast: bool = True) -> tuple[dict, dict, Optional[dict]]:
+    """``load_checkpoint``'s reading and checks, loading nothing: (the ``train`` record, the SAE's
+    state, the optimizer's state for ``params`` or None without them), every tensor checked and
+    still a view of safetensors' mapping of the file (nothing of a tensor's size is allocated: a
+    latent shard copies its own rows of them). ``sae`` may be a shell on the meta device
+    (``LatentShardedSAE._full_shell``): only its class, config, state-dict names, shapes and dtypes
+    and parameter names are read. ``cast``: integer tensors in the SAE's dtypes (else as saved;
+    ``load_state_dict`` casts them as it copies)."""
     ckpt = read_checkpoint(path)
     if ckpt.train is None:
         raise CheckpointError(f"checkpoint: {path} is a final SAE, not a training checkpoint (no train record)")
@@ -147,25 +173,17 @@ def load_checkpoint(path: str | os.PathLike, sae, optimizer: Optional[torch.opti
                                   f"resume it")
     # Names and shapes checked here: a file that verifies but does not fit (written by another
     # version) is a CheckpointError naming it, as load_sae gives, not load_state_dict's RuntimeError.
-    state = _saved_state(sae, ckpt.sae_tensors, f"checkpoint: {path}")
+    state = _saved_state(sae, ckpt.sae_tensors, f"checkpoint: {path}", cast=cast)
     current = sae.state_dict()
     for name, tensor in state.items():
         if tensor.is_floating_point() and current[name].dtype != tensor.dtype:
             raise CheckpointError(f"checkpoint: {path} holds {name} in {tensor.dtype}, the SAE to resume is "
                                   f"{current[name].dtype}; build it with dtype={tensor.dtype} to go on")
     opt_state = None
-    if optimizer is not None:
+    if params is not None:
         names = {id(p): name for name, p in sae.named_parameters()}
-        opt_state = _optimizer_state(path, optimizer, ckpt.optimizer_tensors, names)
-    try:
-        sae.load_state_dict(state)
-    except Exception as exc:  # e.g. an ExpanderSAE's rows that are not a valid expander graph
-        raise CheckpointError(f"checkpoint: {path} its tensors do not fit a {type(sae).__name__} "
-                              f"({_one_line(exc)})") from exc
-    if optimizer is not None:
-        groups = optimizer.state_dict()["param_groups"]
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    return ckpt.train
+        opt_state = _optimizer_state(path, params, ckpt.optimizer_tensors, names)
+    return ckpt.train, state, opt_state
 
 
 def _derived_dead_tokens(record: dict) -> Optional[int]:
@@ -178,23 +196,21 @@ def _derived_dead_tokens(record: dict) -> Optional[int]:
         return None
 
 
-def _optimizer_state(path, optimizer: torch.optim.Optimizer, tensors: dict, names: Optional[dict] = None) -> dict:
-    """A checkpoint's optimizer tensors (``<parameter index>.<key>``) as ``optimizer``'s state, checked:
-    PyTorch's ``load_state_dict`` checks neither the indices nor the shapes nor the values, and
-    moments of another shape or a NaN moment or step reach the fused step, which turns them into
-    NaN weights without an error (an infinite exp_avg_sq freezes its weight for good). A parameter
-    without state is allowed (Adam keeps none for a parameter that never had a gradient).
-    ``names``: ``id(parameter) -> name``, for the messages."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+def _optimizer_state(path, params: list, tensors: dict, names: Optional[dict] = None) -> dict:
+    """A checkpoint's optimizer tensors (``<parameter index>.<key>``) as the state of an optimizer of
+    ``params`` (in its order), checked: PyTorch's ``load_state_dict`` checks neither the indices nor
+    the shapes nor the values, and moments of another shape or a NaN moment or step reach the fused
+    step, which turns them into NaN weights without an error (an infinite exp_avg_sq freezes its
+    weight for good). A parameter without state is allowed (Adam keeps none for a parameter that
+    never had a gradient). The tensors are returned as given (views of the file: the caller copies
+    what it keeps). ``names``: ``id(parameter) -> name``, for the messages."""
     state: dict = {}
     for name, value in tensors.items():
         i, dot, key = name.partition(".")
         if not (dot and key and i.isascii() and i.isdigit() and int(i) < len(params)):
             raise CheckpointError(f"checkpoint: {path} is corrupt (optimizer tensor {name}: expected "
                                   f"<parameter index below {len(params)}>.<key>)")
-        # a clone: safetensors hands out views of its mapping of the file, which torch's
-        # load_state_dict keeps as they are, so the moments stayed backed by the checkpoint file
-        state.setdefault(int(i), {})[key] = value.clone()
+        state.setdefault(int(i), {})[key] = value
     keys = sorted({tuple(sorted(s)) for s in state.values()})
     if len(keys) > 1:
         raise CheckpointError(f"checkpoint: {path} is corrupt (the parameters' optimizer state holds different "
@@ -436,15 +452,29 @@ class _Ranks:
             self.last_full, self.saved_step = full, step
         self.on_lead("writing the checkpoint", lambda: save_checkpoint(path, full, opt, step, tokens, cfg, **extra))
 
-    def load(self, path: Path, optimizer, base_lr: float) -> dict:
-        """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part."""
+    def load(self, path: Path, optimizer) -> dict:
+        """Every rank reads the checkpoint (a shared filesystem on several nodes) and keeps its part.
+
+        In "latent" mode no rank builds the whole SAE or its Adam state (a dictionary sharded
+        because it does not fit in one process could not resume when each rank did): the file is
+        checked as ``load_checkpoint`` checks it, against a shell of the whole model on the meta
+        device, through views of safetensors' mapping of the file (every rank hashes and checks
+        every tensor whole, so all of them reach the same verdict without a collective, and each
+        verifies the bytes it keeps); each rank then copies only its rows of the SAE's tensors and
+        Adam moments, and the replicated ones."""
         if self.mode != "latent":
             return load_checkpoint(path, self.sae, optimizer, derived=self.derived)
-        full = self.model.empty_full_model() if self.sharded else self.sae
-        full_opt = adam([p for p in full.parameters() if p.requires_grad], base_lr)
-        record = load_checkpoint(path, full, full_opt, derived=self.derived)
-        self.model.load_full_state_dict(full.state_dict())
-        self.model.load_full_optimizer_state(optimizer, full_opt.state_dict()["state"])
+        shell = self.model._full_shell()
+        params = [p for p in shell.parameters() if p.requires_grad]  # the order the checkpoint's Adam had
+        record, state, opt_state = _verified_checkpoint(path, shell, params, self.derived, cast=False)
+        try:
+            self.model.load_full_state_dict(state)
+        except Exception as exc:  # e.g. a repeated row in one of this rank's latents of an expander graph
+            lo, hi = self.model.lo, self.model.hi
+            raise CheckpointError(f"checkpoint: {path} its tensors do not fit a {type(shell).__name__} in the "
+                                  f"latents {lo}..{hi - 1} this rank reads (their ids below count from {lo}: "
+                                  f"{_one_line(exc)})") from exc
+        self.model.load_full_optimizer_state(optimizer, opt_state)
         return record
 
     def finish(self, step: int) -> Optional[nn.Module]:
@@ -550,7 +580,7 @@ def _train_locked(ranks, buffer, cfg, out, resume, allow_config_change, evaluate
             raise RuntimeError(f"out_dir: some ranks found a checkpoint in {out} and some none; every node must see "
                                f"the same out_dir (a shared filesystem)")
     if resume and ckpt.exists():
-        record = ranks.together("loading the checkpoint", lambda: ranks.load(ckpt, optimizer, base_lr))
+        record = ranks.together("loading the checkpoint", lambda: ranks.load(ckpt, optimizer))
         step, tokens = record["step"], record["tokens"]
         history = list(record.get("history", []))
         changes = list(record.get("config_changes", []))

@@ -6,7 +6,8 @@ compare them with a single-process reference loop written below (same Adam, sche
 decoder constraints as ``sae.train``). Data parallel and latent-sharded training must give the
 single-process losses within 1e-5 relative, step by step, and the same weights; one step's
 gradients equal one process's; a killed run resumes to the same weights (on 2 processes or on
-one); a held run directory, a non-finite step and changed settings on resume stop both ranks; a
+one), a created sharded one without any rank allocating a whole [n, *] tensor; a held run
+directory, a non-finite step, changed settings on resume and a bad checkpoint stop both ranks; a
 sharded checkpoint loads in one process and reproduces the outputs, and a single-process file
 reshards unevenly; an Expander whose shards cannot cover m on their own (n/P * degree < m) creates,
 steps, saves and reshards like one process; the bytes communicated per step equal the formula,
@@ -14,6 +15,7 @@ with no [B, n] tensor among them. The last tests launch ``python -m sae train`` 
 a tiny random Llama and load its checkpoint in one process, and parse the README's torchrun commands.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -701,6 +703,166 @@ def test_a_non_finite_adam_state_on_one_rank_stops_every_rank_before_the_checkpo
     assert zero[1].startswith("step 10: the Adam state of a parameter (on another rank) is not finite")
     assert one[1].startswith("step 10: the Adam state exp_avg_sq of shard.b_enc is not finite")
     assert read_train_record(tmp_path / "run" / CHECKPOINT)["step"] == 5
+
+
+def _allocations_while(fn):
+    """``fn()``'s result and the shapes of the tensors it allocated (the outputs of every aten op that
+    does not return a view, on a real device: a meta shell or a view of a file's mapping is none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if not any(r.alias_info is not None for r in func._schema.returns):
+                shapes.extend(tuple(t.shape) for t in (result if isinstance(result, (tuple, list)) else [result])
+                              if isinstance(t, torch.Tensor) and t.device.type != "meta")
+            return result
+
+    with Allocations():
+        return fn(), shapes
+
+
+def _created_runs_resumed(rank, out):
+    """Per arch, a LatentShardedSAE.create()d run straight through, and the same run killed at step 7
+    (last checkpoint at 6) and resumed; each rank records what its resume's load allocated and the
+    bytes behind its Adam state after it."""
+    import importlib
+
+    from sae.distributed import LatentShardedSAE
+
+    trainer = importlib.import_module("sae.train")  # the module: sae.train is also the function's name
+    load, seen = trainer._Ranks.load, {}
+
+    def counted(ranks, path, optimizer, *rest):
+        record, shapes = _allocations_while(lambda: load(ranks, path, optimizer, *rest))
+        held = [(tuple(v.shape), v.untyped_storage().nbytes() // v.element_size())
+                for state in optimizer.state.values() for v in state.values() if v.ndim]
+        seen[ranks.model.full_class.__name__] = {"allocated": shapes, "held": held}
+        return record
+
+    trainer._Ranks.load = counted
+
+    def kill(step, log):
+        if step == 7:
+            raise _Killed
+
+    cfg = _cfg(parallel="latent", total_tokens=BATCH * 10, checkpoint_every=3)
+    saved = {}
+    for arch in ("topk", "expander"):
+        config, cls = _make(arch).config(), type(_make(arch))
+
+        def created(seed):
+            return LatentShardedSAE.create(cls, config, seed=seed, backend="torch")
+
+        whole = train(created(4), _buffer(), cfg, out / f"{arch}-whole")
+        with contextlib.suppress(_Killed):
+            train(created(4), _buffer(), cfg, out / f"{arch}-killed", on_step=kill)
+        # a fresh model of another seed: what it resumes to comes from the checkpoint alone
+        resumed = train(created(5), _buffer(), cfg, out / f"{arch}-killed", resume=True)
+        saved[arch] = {"whole": whole.model.shard.state_dict(), "resumed": resumed.model.shard.state_dict(),
+                       "whole_history": whole.history, "resumed_history": resumed.history}
+    torch.save({"runs": saved, "loads": seen}, out / f"created.rank{rank}.pt")
+
+
+def test_a_created_sharded_run_resumes_without_building_the_whole_model_on_any_rank(tmp_path):
+    """Resuming a latent-sharded run built every rank the whole SAE (empty_full_model) and a whole
+    Adam state, read the file into them, and only then kept its rows: a LatentShardedSAE.create()d
+    dictionary, sharded because it does not fit in one process, could not resume (2 gloo ranks, TopK
+    m=512, n=32768: 384 MiB of heap per rank at the load's peak, the largest piece a whole 64 MiB
+    [n, m] matrix). Each rank also kept the whole Adam moments alive behind views of its rows for the
+    rest of the run. Now no tensor with n rows is allocated on either rank, each rank's Adam state
+    holds its rows alone, and the resumed run ends on the uninterrupted run's weights bit for bit."""
+    assert _two_ranks(_created_runs_resumed, tmp_path) == [None, None]
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"created.rank{rank}.pt")
+        for arch, run in saved["runs"].items():
+            for name, value in run["whole"].items():
+                assert torch.equal(run["resumed"][name], value), (rank, arch, name)
+            logged = [[(h["step"], h["fvu"], h["auxk_loss"]) for h in run[which]]
+                      for which in ("whole_history", "resumed_history")]
+            assert logged[1] == logged[0] and len(logged[0]) == 10, (rank, arch)
+        for cls, width in (("TopKSAE", M), ("ExpanderSAE", DEGREE)):
+            load = saved["loads"][cls]
+            whole = [shape for shape in load["allocated"] if shape and shape[0] == N]
+            assert whole == [], f"rank {rank} allocated whole tensors {whole} resuming a {cls}"
+            assert load["held"] and all(shape[0] != N and math.prod(shape) == numel
+                                        for shape, numel in load["held"]), (rank, cls, load["held"])
+            assert (N // WORLD, width) in load["allocated"], (rank, cls)  # the counter sees the rank's moments copied
+
+
+def _resume_bad_files(rank, out):
+    """A created sharded SAE resumed from each of the test's bad checkpoints, on both ranks."""
+    from sae.distributed import LatentShardedSAE
+
+    outcomes = []
+    for name in ("inf-moment", "corrupt", "repeat"):
+        arch = "expander" if name == "repeat" else "topk"
+        sharded = LatentShardedSAE.create(type(_make(arch)), _make(arch).config(), seed=4, backend="torch")
+        try:
+            train(sharded, _buffer(), _cfg(parallel="latent"), out / name, resume=True)
+            outcomes.append(None)
+        except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
+            outcomes.append((type(exc).__name__, str(exc)))
+    torch.save(outcomes, out / f"bad.rank{rank}.pt")
+
+
+def test_a_bad_checkpoint_stops_every_rank_of_a_sharded_resume(tmp_path):
+    """Each rank of a sharded resume reads its rows alone, and still refuses what load_checkpoint
+    refuses in one process: an infinite Adam moment in rank 1's rows and a tensor that does not match
+    its SHA-256 are the same CheckpointError, naming the file, on both ranks (each rank checks every
+    tensor through the file's mapping); an expander graph repeating a row in one of rank 1's latents
+    is refused there, naming the latents it reads, and rank 0 stops too. None waits for the group's
+    timeout."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sae.checkpoint import CheckpointError, read_checkpoint, save_sae
+
+    for arch in ("topk", "expander"):
+        train(_make(arch), _buffer(), _cfg(total_tokens=BATCH * 4), tmp_path / f"{arch}-good")
+    good = tmp_path / "topk-good" / CHECKPOINT
+    ckpt = read_checkpoint(good)
+    sae = _make("topk")
+    sae.load_state_dict(ckpt.sae_tensors)
+    index = [name for name, _ in sae.named_parameters()].index("decoder.weight")
+    moments = {k: v.clone() for k, v in ckpt.optimizer_tensors.items()}
+    moments[f"{index}.exp_avg_sq"][N - 5, 2] = float("inf")  # latent 91: rank 1 holds [48, 96)
+    for name in ("inf-moment", "corrupt", "repeat"):
+        (tmp_path / name).mkdir()
+    save_sae(sae, tmp_path / "inf-moment" / CHECKPOINT, optimizer_tensors=moments, train=ckpt.train)
+    one = _make("topk")
+    with pytest.raises(CheckpointError, match=r"exp_avg_sq \(the state of decoder.weight\) is not finite"):
+        load_checkpoint(tmp_path / "inf-moment" / CHECKPOINT, one, adam(one.parameters(), 1e-3))  # in one process
+    tensors = load_file(str(good))
+    tensors["W_enc"][N - 5, 0] += 1  # the stored sums are the good file's
+    with safe_open(str(good), framework="pt") as f:
+        save_file(tensors, str(tmp_path / "corrupt" / CHECKPOINT), metadata=f.metadata())
+    ckpt = read_checkpoint(tmp_path / "expander-good" / CHECKPOINT)
+    state = {k: v.clone() for k, v in ckpt.sae_tensors.items()}
+    state["rows"][N - 6, 1] = state["rows"][N - 6, 0]  # latent 90: rank 1's 43rd
+    repeat = _make("expander")
+    for name, value in repeat.state_dict().items():  # copied in place: load_state_dict would refuse the rows
+        value.copy_(state[name])
+    save_sae(repeat, tmp_path / "repeat" / CHECKPOINT, optimizer_tensors=ckpt.optimizer_tensors, train=ckpt.train)
+
+    start = time.monotonic()
+    assert _two_ranks(_resume_bad_files, tmp_path) == [None, None]
+    assert time.monotonic() - start < 15  # the group's timeout is 20 s
+    zero, one = (torch.load(tmp_path / f"bad.rank{rank}.pt") for rank in range(WORLD))
+    path = tmp_path / "inf-moment" / CHECKPOINT
+    assert zero[0] == one[0] == (
+        "CheckpointError", f"checkpoint: {path} optimizer tensor {index}.exp_avg_sq (the state of decoder.weight) is "
+                           f"not finite (it holds inf); expected finite optimizer state")
+    path = tmp_path / "corrupt" / CHECKPOINT
+    assert zero[1] == one[1] == (
+        "CheckpointError", f"checkpoint: {path} is corrupt (tensor W_enc does not match its stored SHA-256)")
+    path = tmp_path / "repeat" / CHECKPOINT
+    assert zero[2] == ("RuntimeError", "loading the checkpoint failed on another rank; see that rank's error")
+    assert one[2][0] == "CheckpointError" and one[2][1].startswith(
+        f"checkpoint: {path} its tensors do not fit a ExpanderSAE in the latents 48..{N - 1} this rank reads (their "
+        f"ids below count from 48: ValueError: rows: expected distinct rows within each latent, latent 42 repeats one")
 
 
 def _sigterm_on_rank_one(rank, out):
