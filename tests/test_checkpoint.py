@@ -145,6 +145,29 @@ def test_first_format_training_checkpoint_still_loads(tmp_path):
         load_sae(tmp_path / "bad.safetensors")
 
 
+def test_first_format_digest_is_taken_without_copying_a_tensor(tmp_path):
+    """A first-format training checkpoint's one digest fed hashlib each tensor's bytes as a copy
+    (``tobytes()``): reading it, or a latent shard resuming from it (which reads the file through its
+    mapping so as never to hold a whole tensor), allocated each whole tensor once more."""
+    import tracemalloc
+
+    sae = _randomised(TopKSAE(256, 1024, 2))
+    tensors = {f"sae.{k}": v.detach().contiguous() for k, v in sae.state_dict().items()}
+    meta = {"step": "7", "tokens": "700", "sae_class": "TopKSAE",
+            "sae_config": json.dumps({"d_model": 256, "n_latents": 1024, "k": 2}),
+            "train_config": json.dumps({"batch_size": 100}), "sha256": _v1_digest(tensors)}
+    save_file(tensors, str(tmp_path / "ckpt.safetensors"), metadata=meta)
+    tracemalloc.start()
+    try:
+        ckpt = read_checkpoint(tmp_path / "ckpt.safetensors")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ckpt.version == 1 and torch.equal(ckpt.sae_tensors["W_enc"], sae.W_enc)
+    whole = sae.W_enc.numel() * sae.W_enc.element_size()  # 1 MiB
+    assert peak < whole // 4, f"reading the file allocated {peak} bytes; W_enc is {whole}"
+
+
 # -- the header is verified; every bad file is a CheckpointError --------------------------------
 
 def _header_span(data: bytes) -> range:
