@@ -526,7 +526,8 @@ def train(sae: nn.Module, buffer, cfg: Optional[TrainConfig] = None, out_dir: st
 
     With ``cfg.parallel`` "data" or "latent", every rank of ``group`` (default: the torchrun world,
     ``sae.distributed.init_distributed``) calls ``train`` with the same arguments and the same
-    ``sae`` (same seed), or in "latent" mode a ``LatentShardedSAE`` (never built whole). Rank 0
+    ``sae`` (same seed), or in "latent" mode a ``LatentShardedSAE`` (built, trained and resumed
+    without any rank holding the whole SAE; rank 0 gathers it to write checkpoints). Rank 0
     evaluates and writes; ``out_dir`` must be one shared folder for every node. In "latent" mode
     the trained weights are copied into ``sae`` on rank 0 only; ``result.model`` is the sharded
     model on every rank.
