@@ -211,3 +211,27 @@ def test_torch_compile_cpu():
     ref.backward()
     assert_close(loss.detach().reshape(1), ref.detach().reshape(1), 1e-5, "compiled loss")
     assert_close(grad, v64.grad, 1e-5, "compiled value grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,d,tile", [(29, 20, None), (6, 3, None), (25, 12, 2 * 30)])
+def test_cpu_dense_dictionary_when_atoms_and_k_are_large_shares(monkeypatch, dtype, k, d, tile):
+    """A degenerate Expander (d a large share of m, k of n) decodes on the CPU path through the
+    dense masked [n, m] dictionary and GEMMs (DENSE_ATOM_SHARE): k = 29 of n = 30 with d = m = 20,
+    and k = 25 with d = 12 over token tiles of two; k = 6 with d = 3 stays on the scatters. Ids repeat within
+    a token. Forward and the gradients of top_acts, values and bias against the fp64 reference."""
+    import importlib
+
+    ed = importlib.import_module("topk_kernels.expander_decode")
+    if tile is not None:
+        monkeypatch.setattr(importlib.import_module("topk_kernels._common"), "DENSE_TILE_ELEMS", tile)
+    built = []
+    dense_dictionary = ed._dense_dictionary
+    monkeypatch.setattr(ed, "_dense_dictionary", lambda *a: built.append(1) or dense_dictionary(*a))
+    n, m, B = 30, 20, 9
+    acts, _, values, rows, bias = _inputs((B,), m, n, d, k, dtype)
+    idx = torch.rand(B, n).argsort(1)[:, :k]
+    idx[:, 1] = idx[:, 0]
+    _check_against_reference(acts, idx, values, rows, bias, "torch", TOL[dtype])
+    dense = B * k >= 2 * n and k * d * ed.DENSE_ATOM_SHARE >= n * m
+    assert dense == (d != 3) and len(built) == 2 * dense  # the forward's and the backward's

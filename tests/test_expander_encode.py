@@ -561,3 +561,17 @@ def test_torch_compile_cpu():
     assert_close(loss.detach().reshape(1), ref.detach().reshape(1), 1e-5, "compiled loss")
     assert_close(gx, x64.grad, 1e-5, "compiled x grad")
     assert_close(gv, v64.grad, 1e-5, "compiled values grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backward_through_the_dense_dictionary(monkeypatch, dtype):
+    """A degenerate Expander (d = m, k close to n): the CPU backward's gradients of x and values
+    go through the decoder's dense [n, m] dictionary (expander_decode.DENSE_ATOM_SHARE), against
+    the fp64 reference."""
+    ed = importlib.import_module("topk_kernels.expander_decode")
+    built = []
+    dense_dictionary = ed._dense_dictionary
+    monkeypatch.setattr(ed, "_dense_dictionary", lambda *a: built.append(1) or dense_dictionary(*a))
+    x, values, rows, bias = _inputs((13,), 16, 40, 16, dtype)
+    _check_against_reference(x, values, rows, bias, 39, "torch", TOL[dtype])
+    assert built, "the dense dictionary was not used"

@@ -219,3 +219,73 @@ def test_torch_compile_cpu():
     ref.backward()
     assert_close(loss.detach().reshape(1), ref.detach().reshape(1), 1e-5, "compiled loss")
     assert_close(grad, w64.grad, 1e-5, "compiled weight grad")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's conversion of a narrower weight")
+@pytest.mark.parametrize("k", [49, 25])
+def test_cpu_half_weight_widened_once_when_the_ids_cover_n(monkeypatch, k):
+    """A bf16 weight on the CPU path whose k rows a token exceed WIDEN_ELEMS, with B * k >= n: the
+    whole weight is widened once, where chunks of one token would widen their k rows each (k = 49
+    of n = 50 is 49 rows a token); the weight's gradient is summed for the used rows only and comes
+    back in bf16. Forward and every gradient against the fp64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sd_module = importlib.import_module("topk_kernels.sparse_decode")
+
+    class Widened(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and (args[0].dtype, out.dtype) == (torch.bfloat16,
+                                                                                         torch.float32):
+                self.sizes.append(out.numel())
+            return out
+
+    n, m, B = 50, 24, 6
+    monkeypatch.setattr(sd_module, "WIDEN_ELEMS", k * m - 1)  # one token a chunk, over the budget
+    acts, _, weight, bias = _inputs((B,), m, n, k, torch.bfloat16)
+    idx = torch.rand(B, n).argsort(1)[:, :k]
+    spy = Widened()
+    with spy:
+        sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
+    assert spy.sizes.count(n * m) == 1 and max(spy.sizes) == n * m, spy.sizes
+    _check_against_reference(acts, idx, weight, bias, "torch", TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's dense tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,tile", [(70, None), (30, None), (139, 3 * 140)])
+def test_cpu_dense_tiles_when_k_is_a_large_share_of_n(monkeypatch, dtype, k, tile):
+    """From k = n / DENSE_FORWARD_SHARE on (the backward: n / DENSE_BACKWARD_SHARE), with B * k >= n,
+    the CPU path decodes through dense [tokens, n] tiles and GEMMs: k = 70 and 139 of n = 140 take
+    both, k = 30 the backward only; with a small tile budget (139) over several token tiles; ids
+    repeat within a token. Forward and every gradient against the fp64 reference."""
+    common = importlib.import_module("topk_kernels._common")
+    sd_module = importlib.import_module("topk_kernels.sparse_decode")
+    if tile is not None:
+        monkeypatch.setattr(common, "DENSE_TILE_ELEMS", tile)
+    latents = []
+    dense_latents = sd_module.dense_latents
+    monkeypatch.setattr(sd_module, "dense_latents", lambda *a: latents.append(a[0].shape[0]) or dense_latents(*a))
+    n, B = 140, 11
+    acts, _, weight, bias = _inputs((B,), 24, n, k, dtype)
+    idx = torch.rand(B, n).argsort(1)[:, :k]
+    idx[:, 1] = idx[:, 0]
+    _check_against_reference(acts, idx, weight, bias, "torch", TOL[dtype])
+    forward = k * common.DENSE_FORWARD_SHARE >= n
+    assert sum(latents) == B * (1 + forward), latents  # the backward's tiles, and the forward's
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's weight gradient of a narrower weight")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_weight_gradient_of_the_used_rows(dtype):
+    """A narrower weight with at most a quarter of its rows used (B * k * 4 <= n): its gradient is
+    summed for the used rows only and written into zeros of the weight's dtype; repeated ids add
+    up, unused rows are exactly zero. Against the fp64 reference."""
+    acts, idx, weight, bias = _inputs((3, 2), 16, 100, 4, dtype)
+    idx[0, 0, 1] = idx[0, 0, 0]
+    idx[1, 1, 2] = idx[0, 1, 3]
+    _check_against_reference(acts, idx, weight, bias, "torch", TOL[dtype])

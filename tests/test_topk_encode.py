@@ -776,3 +776,38 @@ def test_resident_ctas_reads_the_compiled_kernel(monkeypatch):
     small = kernel(64, 32768, 4, calls)  # shared memory allows 233472 // (32768 + 1024) = 6
     assert topk_mod.resident_ctas(small, cuda, (1, 2), {"BLOCK": 64, "num_warps": 4}) == 6
     assert topk_mod.resident_ctas(small, torch.device("cpu"), (1, 2), {"BLOCK": 64}) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,tile", [(100, None), (45, None), (399, 4 * 400)])
+def test_cpu_backward_through_a_dense_gradient_when_k_is_a_large_share_of_n(monkeypatch, dtype, k, tile):
+    """From k = n / DENSE_BACKWARD_SHARE on (and B * k >= n), the CPU backward scatters the gradient
+    into dense [tokens, n] tiles and runs GEMMs (k = 100 and 399 of n = 400 take it, 45 does not);
+    with a small tile budget (399) over several token tiles. Every gradient against the fp64
+    reference."""
+    if tile is not None:
+        monkeypatch.setattr(importlib.import_module("topk_kernels._common"), "DENSE_TILE_ELEMS", tile)
+    calls = []
+    dense_backward = te._dense_backward
+    monkeypatch.setattr(te, "_dense_backward", lambda *a: calls.append(1) or dense_backward(*a))
+    x, weight, bias = _inputs((13,), 24, 400, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    acts, idx = topk_encode(*leaves, k, backend="torch")
+    ref_leaves, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), TOL[dtype])
+    assert len(calls) == (k * te.DENSE_BACKWARD_SHARE >= 400 and 13 * k >= 400)
+
+
+@pytest.mark.usefixtures("small_cpu_blocks")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_weight_widened_in_pieces(monkeypatch, dtype):
+    """A narrower weight on the CPU path is widened a few rows at a time into one reused buffer
+    (7 rows a piece here, across the fixture's 64-latent blocks and 16-token tiles): indices and
+    values against the fp64 reference."""
+    monkeypatch.setattr(te, "CPU_WIDEN_ELEMS", 7 * 40)
+    x, weight, bias = _inputs((37,), 40, 150, dtype)
+    acts, idx = topk_encode(x, weight, bias, 9, backend="torch")
+    _, ref_acts, ref_idx = _reference(x, weight, bias, 9)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[dtype], "top_acts")

@@ -290,6 +290,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# When the CPU paths of the dense-dictionary ops (``sparse_decode``, ``topk_encode``'s backward)
+# go through a dense [tokens, n] latent tensor instead of gathers. The gathers cost B * k row reads
+# at gather speed (0.5 ns an element from DRAM here), a dense GEMM B * n * m FMAs at GEMM speed
+# (0.02-0.05 ns) plus one read of the [n, m] dictionary. So dense pays once the k of n are a large
+# share (GEMM work within a small multiple of the gathers') and the call names at least n ids
+# (the gathers read at least the dictionary's worth of rows). Measured here (fp32, one thread,
+# interleaved medians of 7, B, m, n from (7, 768, 16384) to (1000, 16, 1000)), sparse / dense time:
+# backward 0.19-0.68 at k = n/64, 0.46-8.5 at n/8 (the two below 0.8 at B * k < n), 0.64-9.2 at
+# n/4; the decoder's forward, whose gathers are cheap while the dictionary sits in cache, 0.06-2.35
+# at n/8 and 0.22-5.0 at n/4 (0.48 at B=1000 m=100 n=1000, 0.22 at m=16), so it takes half.
+# Dense tensors go DENSE_TILE_ELEMS (128 MiB in fp32) a tile of tokens at a time; at k >= n/8 one
+# holds at most 4x the bytes of those tokens' int64 ids.
+DENSE_BACKWARD_SHARE = 8
+DENSE_FORWARD_SHARE = 2
+DENSE_TILE_ELEMS = 32 * 2**20
+
+
+def dense_pays(tokens: int, k: int, n: int, share: int) -> bool:
+    """Whether a CPU path's k of n latents per token go through dense [tokens, n] tiles: from
+    k = n / share on, when the tokens name at least n ids in all (``DENSE_BACKWARD_SHARE``)."""
+    return k * share >= n and tokens * k >= n
+
+
+def dense_tiles(tokens: int, n: int):
+    """(b0, b1) token tiles of at most DENSE_TILE_ELEMS dense latents each (at least one token)."""
+    step = max(1, DENSE_TILE_ELEMS // n)
+    return [(b0, min(tokens, b0 + step)) for b0 in range(0, tokens, step)]
+
+
+def dense_latents(acts: Tensor, idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """[tokens, k] activations at [tokens, k] ids -> dense [tokens, n] in dtype, duplicates added."""
+    return torch.zeros(idx.shape[0], n, device=idx.device, dtype=dtype).scatter_add_(1, idx, acts.to(dtype))
+
+
 def grad_bias(g: Tensor, idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     """An encoder's bias gradient: [B, k] gradients at [B, k] latent ids -> [n], a scatter-add.
 

@@ -1,7 +1,10 @@
 """Sparse-gather decoder of a TopK SAE: ``out = sum_s top_acts[..., s] * weight[top_indices[..., s]]``.
 
 Only the k active rows of ``weight [n, m]`` are read per token, and the backward touches only
-those rows, so every pass costs O(B*k*m) instead of the dense O(B*n*m). Never forms [..., n].
+those rows, so every pass costs O(B*k*m) instead of the dense O(B*n*m). Never forms [..., n],
+except on the CPU path when k is a large share of n (``_common.dense_pays``: k >= n/2 in the
+forward, n/8 in the backward, and B * k >= n), where dense [tokens, n] tiles and GEMMs cost less
+than the gathers.
 
 This file holds the whole op family: the Triton kernels (forward, grad of the activations; the
 grad of the weight, fused with that of the activations when rows fit one program, is written once
@@ -19,6 +22,8 @@ from torch import Tensor
 
 from . import _rowgrad, reference
 from ._common import (
+    DENSE_BACKWARD_SHARE,
+    DENSE_FORWARD_SHARE,
     HAS_TRITON,
     check_bias,
     check_decode_args,
@@ -27,6 +32,9 @@ from ._common import (
     check_matrix,
     check_same_device,
     compute_dtype,
+    dense_latents,
+    dense_pays,
+    dense_tiles,
     launch_options,
     on_device,
     pow2,
@@ -166,10 +174,17 @@ def _widened(weight: Tensor, idx: Tensor, cd: torch.dtype):
     ``cd`` and their ids into it. A weight already in ``cd`` is used as it is, in one piece. Otherwise
     on CPU only the rows a token chunk uses are widened, O(B * k * m) in all instead of O(n * m) a
     call: widening a whole bf16 [65536, 2048] weight made a B=256, k=32 decode 733 ms against 13
-    in fp32 (benchmarks/RESULTS.md). Elsewhere (the CUDA fallback) the whole weight is widened:
-    ``torch.unique`` would cost a host sync."""
+    in fp32 (benchmarks/RESULTS.md). But when one token's k rows alone exceed WIDEN_ELEMS, every
+    chunk is one token widening its own k rows into a fresh tensor: at k = n - 1 the whole weight
+    once per token (a bf16 B=64 m=768 n=16384 k=8192 decode, forward + backward, took 980 ms
+    against 16 for the dense GEMM before such shapes went to the dense tiles). Then, if the
+    tokens name at least n ids (B * k >= n), the whole weight is widened once, n * m elements.
+    (Multi-token chunks stay: at B=1024 k=32 m=768 n=24576 the chunks' rows, deduplicated and in
+    reused heap memory, cost less than one fresh [n, m] fp32 copy.) Elsewhere (the CUDA fallback)
+    the whole weight is widened: ``torch.unique`` would cost a host sync."""
     B, K = idx.shape
-    if weight.dtype == cd or weight.device.type != "cpu" or B == 0:
+    whole = B * K >= weight.shape[0] and K * weight.shape[1] > WIDEN_ELEMS
+    if weight.dtype == cd or weight.device.type != "cpu" or B == 0 or whole:
         yield 0, B, weight.to(cd) if B else weight[:0].to(cd), idx
         return
     step = max(1, WIDEN_ELEMS // max(1, K * weight.shape[1]))
@@ -179,8 +194,22 @@ def _widened(weight: Tensor, idx: Tensor, cd: torch.dtype):
 
 
 def torch_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype) -> Tensor:
-    """The PyTorch path of ``triton_forward`` (any device), same shapes."""
+    """The PyTorch path of ``triton_forward`` (any device), same shapes. On CPU with k a large
+    share of n (``_common.dense_pays``), a GEMM of dense [tokens, n] tiles: at k = n - 1, B = 64,
+    m = 768, n = 16384 the embedding bag took 251 ms, the dense GEMM 19."""
     cd = compute_dtype(out_dtype)
+    B, K = idx.shape
+    n = weight.shape[0]
+    if idx.device.type == "cpu" and dense_pays(B, K, n, DENSE_FORWARD_SHARE):
+        wc, bc = weight.to(cd), bias.to(cd) if bias is not None else None
+        out = torch.empty(B, weight.shape[1], device=idx.device, dtype=cd)
+        for b0, b1 in dense_tiles(B, n):
+            dense = dense_latents(acts[b0:b1], idx[b0:b1], n, cd)
+            if bc is None:
+                torch.mm(dense, wc, out=out[b0:b1])
+            else:
+                torch.addmm(bc, dense, wc, out=out[b0:b1])
+        return out.to(out_dtype)
     parts = [F.embedding_bag(ids, table, per_sample_weights=acts[b0:b1].to(cd), mode="sum")
              for b0, b1, table, ids in _widened(weight, idx, cd)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -212,10 +241,20 @@ def torch_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dt
     counts = torch.bincount(flat, minlength=n)
     offsets = torch.zeros(n, dtype=torch.int64, device=idx.device)
     torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    gw = F.embedding_bag(
-        order // K, grad.to(cd), offsets, mode="sum", per_sample_weights=acts.reshape(-1)[order].to(cd)
-    )
-    return gw.to(weight_dtype)
+    weights = acts.reshape(-1)[order].to(cd)
+    if weight_dtype == cd or idx.device.type != "cpu" or 4 * B * K > n:
+        gw = F.embedding_bag(order // K, grad.to(cd), offsets, mode="sum", per_sample_weights=weights)
+        return gw.to(weight_dtype)
+    # A narrower weight (bf16, fp16) on CPU of which at most a quarter of the rows are used: only
+    # those are summed in cd and narrowed, then written into a zeroed gradient of the weight's
+    # dtype, where the whole [n, m] fp32 gradient, narrowed afterwards, wrote and read n * m fp32
+    # more and faulted its pages in. (With most rows used, B=1024 k=32 m=768 n=24576, this was
+    # 1.3x slower than the whole gradient.) Skipping empty bags changes no sum: the entries are
+    # sorted by latent, so each used latent's bag still holds exactly its own entries.
+    used = counts.nonzero().squeeze(1)
+    rows = F.embedding_bag(order // K, grad.to(cd), offsets[used], mode="sum", per_sample_weights=weights)
+    gw = torch.zeros(n, grad.shape[1], device=grad.device, dtype=weight_dtype)
+    return gw.index_copy_(0, used, rows.to(weight_dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +296,35 @@ def _sparse_decode_backward_op(
                 gacts = triton_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else unused_grad(grad)
                 gw = (triton_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
                       if need_weight else unused_grad(grad))
+    elif grad.device.type == "cpu" and dense_pays(*top_indices.shape, weight.shape[0], DENSE_BACKWARD_SHARE):
+        gacts, gw = _dense_backward(grad, top_acts, top_indices, weight, need_acts, need_weight)
     else:
         gacts = torch_grad_acts(grad, top_indices, weight, top_acts.dtype) if need_acts else unused_grad(grad)
         gw = (torch_grad_weight(grad, top_acts, top_indices, weight.shape[0], weight.dtype)
               if need_weight else unused_grad(grad))
     return gacts, gw
+
+
+def _dense_backward(grad: Tensor, acts: Tensor, idx: Tensor, weight: Tensor, need_acts: bool,
+                    need_weight: bool) -> tuple[Tensor, Tensor]:
+    """The CPU backward with k a large share of n (``_common.dense_pays``), in dense [tokens, n]
+    tiles: ``grad @ weight.T`` gathered at the ids, and ``G.T @ grad`` for the weight."""
+    B, n = idx.shape[0], weight.shape[0]
+    cd = compute_dtype(torch.promote_types(torch.promote_types(grad.dtype, acts.dtype), weight.dtype))
+    gc, wc = grad.to(cd), weight.to(cd) if need_acts else None
+    gacts = torch.empty(idx.shape, device=idx.device, dtype=cd) if need_acts else None
+    gw = torch.empty(n, weight.shape[1], device=idx.device, dtype=cd) if need_weight else None
+    for b0, b1 in dense_tiles(B, n):
+        if need_acts:
+            torch.gather(torch.mm(gc[b0:b1], wc.T), 1, idx[b0:b1], out=gacts[b0:b1])
+        if need_weight:  # the first tile writes gw, later ones add to it
+            dense = dense_latents(acts[b0:b1], idx[b0:b1], n, cd)
+            if b0 == 0:
+                torch.mm(dense.T, gc[b0:b1], out=gw)
+            else:
+                gw.addmm_(dense.T, gc[b0:b1])
+    return (gacts.to(acts.dtype) if need_acts else unused_grad(grad),
+            gw.to(weight.dtype) if need_weight else unused_grad(grad))
 
 
 @_sparse_decode_backward_op.register_fake

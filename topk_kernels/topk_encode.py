@@ -25,7 +25,9 @@ the package's one NaN order and lowest-id tie rule, so the choice changes speed 
 Backward (only through the selected entries with positive pre-activation, as ReLU dictates):
 ``grad x`` is a sparse decode of the masked gradient against ``weight``, ``grad weight`` touches
 only the active rows (row idx += g * x[token]), ``grad bias`` is a scatter-add; all three reuse the
-decoder's kernels and CPU routines in :mod:`topk_kernels.sparse_decode`.
+decoder's kernels and CPU routines in :mod:`topk_kernels.sparse_decode`. On the CPU path with k a
+large share of n (``_common.dense_pays``: k >= n/8 and B * k >= n) the gradient goes through dense
+[tokens, n] tiles and GEMMs instead (``_dense_backward``).
 
 All of it (kernel, CPU path, ``torch.library`` registration with fake and autograd) lives here,
 like the decoder.
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
+    DENSE_BACKWARD_SHARE,
     HAS_TRITON,
     INTERPRET,
     check_bias,
@@ -48,6 +51,8 @@ from ._common import (
     check_matrix,
     check_same_device,
     compute_dtype,
+    dense_pays,
+    dense_tiles,
     grad_bias,
     launch_options,
     on_device,
@@ -563,6 +568,8 @@ ENCODE_TC_TILES = {
 CPU_TILE_ELEMS = 32 * 2**20
 CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
+# fp32 elements of a narrower weight widened at a time on the CPU path (2 MiB: in L2 here).
+CPU_WIDEN_ELEMS = 2**19
 
 
 # Chunked path tiles: at most CHUNK_TILE_ELEMS fp32 pre-activations per GEMM (128 MiB, which the
@@ -804,13 +811,23 @@ def _blocked_forward(
     bc = bias.to(cd) if bias is not None else None
     block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
+    # A narrower weight (bf16, fp16) is widened CPU_WIDEN_ELEMS at a time into one reused buffer,
+    # each piece multiplied while it is in cache; widening a whole block into a fresh tensor faulted
+    # in its pages on every call (and again for every token tile).
+    piece = N if weight.dtype == cd else max(1, CPU_WIDEN_ELEMS // M)
+    wbuf = None if weight.dtype == cd else torch.empty(min(piece, N), M, device=x.device, dtype=cd)
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
         out = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
-        w = weight[start:stop].to(cd)  # a copy only when weight is not already in cd
-        if bc is None:
-            return torch.mm(xc[b0:b1], w.T, out=out)
-        return torch.addmm(bc[start:stop], xc[b0:b1], w.T, out=out)
+        for s in range(start, stop, piece):
+            e = min(stop, s + piece)
+            w = weight[s:e] if wbuf is None else wbuf[: e - s].copy_(weight[s:e])
+            part = out[:, s - start:e - start]  # row stride stop - start: a GEMM output as it is
+            if bc is None:
+                torch.mm(xc[b0:b1], w.T, out=part)
+            else:
+                torch.addmm(bc[s:e], xc[b0:b1], w.T, out=part)
+        return out
 
     values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
     if cd == torch.float64:
@@ -1081,6 +1098,9 @@ def _topk_encode_backward_op(
                 gx = decode_triton_forward(g, top_indices, weight, None, x.dtype)
             if need_weight:
                 gw = decode_triton_grad_weight(x, g, top_indices, n, weight.dtype)
+    elif x.device.type == "cpu" and dense_pays(x.shape[0], top_indices.shape[1], n, DENSE_BACKWARD_SHARE):
+        return _dense_backward(g, top_indices, x, weight, need_x, need_weight, need_bias and bias_dtype is not None,
+                               bias_dtype, (gx, gw, gb))
     else:
         if need_x:
             gx = decode_torch_forward(g, top_indices, weight, None, x.dtype)
@@ -1088,6 +1108,39 @@ def _topk_encode_backward_op(
             gw = decode_torch_grad_weight(x, g, top_indices, n, weight.dtype)
     if need_bias and bias_dtype is not None:
         gb = grad_bias(g, top_indices, n, bias_dtype)
+    return gx, gw, gb
+
+
+def _dense_backward(g: Tensor, idx: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
+                    need_bias: bool, bias_dtype, unused: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """The CPU backward with k a large share of n (``_common.dense_pays``): the gradient scattered
+    into dense [tokens, n] tiles, then ``G @ weight``, ``G.T @ x`` and ``G.sum(0)`` as GEMMs,
+    accumulated in the compute dtype, where the sparse backward gathers B * k rows of the weight
+    and of x at gather speed."""
+    B, n = x.shape[0], weight.shape[0]
+    cd = compute_dtype(torch.promote_types(torch.promote_types(g.dtype, x.dtype), weight.dtype))
+    gx, gw, gb = unused
+    wc = weight.to(cd) if need_x else None
+    gx_c = torch.empty(B, x.shape[1], device=x.device, dtype=cd) if need_x else None
+    gw_c = torch.empty(n, x.shape[1], device=x.device, dtype=cd) if need_weight else None
+    gb_c = torch.zeros(n, device=x.device, dtype=cd) if need_bias else None
+    for b0, b1 in dense_tiles(B, n):
+        dense = torch.zeros(b1 - b0, n, device=x.device, dtype=cd).scatter_add_(1, idx[b0:b1], g[b0:b1].to(cd))
+        if need_x:
+            torch.mm(dense, wc, out=gx_c[b0:b1])
+        if need_weight:  # the first tile writes gw_c, later ones add to it
+            if b0 == 0:
+                torch.mm(dense.T, x[b0:b1].to(cd), out=gw_c)
+            else:
+                gw_c.addmm_(dense.T, x[b0:b1].to(cd))
+        if need_bias:
+            gb_c += dense.sum(0)
+    if need_x:
+        gx = gx_c.to(x.dtype)
+    if need_weight:
+        gw = gw_c.to(weight.dtype)
+    if need_bias:
+        gb = gb_c.to(bias_dtype)
     return gx, gw, gb
 
 
