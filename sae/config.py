@@ -60,7 +60,9 @@ class SAEConfig:
     """Train dead latents with Gao et al.'s auxiliary TopK loss (AuxK)."""
 
     k_aux: Optional[int] = None
-    """Dead latents the AuxK term uses per token; None: d_model // 2 (Gao et al.)."""
+    """Dead latents the AuxK term uses per token; None: d_model // 2 (Gao et al.). Capped at
+    n_latents (a larger value is lowered to it, not refused: d_model // 2 may exceed a small n);
+    with fewer dead latents than k_aux the term uses them all."""
 
     auxk_coef: float = 1 / 32
     """Weight of the AuxK term in the loss (Gao et al.: 1/32)."""
@@ -203,7 +205,8 @@ class TrainConfig:
 
     dead_fraction: float = 0.125
     """A latent is dead after this fraction of the run's tokens without firing (used when the SAE's
-    dead_tokens_threshold is None; Gao et al.'s 10M tokens assume far longer runs)."""
+    dead_tokens_threshold is None; Gao et al.'s 10M tokens assume far longer runs). The threshold is
+    at least one batch: 0 means a latent is dead after one batch without firing."""
 
     eval_every: int = 0
     """Evaluate every this many steps; 0: only at the end."""
