@@ -811,3 +811,103 @@ def test_cpu_half_weight_widened_in_pieces(monkeypatch, dtype):
     _, ref_acts, ref_idx = _reference(x, weight, bias, 9)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[dtype], "top_acts")
+
+
+@pytest.fixture
+def bf16_candidates(monkeypatch):
+    """The CPU path's bf16-GEMM candidates at small sizes, on any CPU (bf16 matrix units or not):
+    a list that records each call's (tokens, extra) and each fp32 fall-back's tokens."""
+    monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
+    monkeypatch.setattr(te, "BF16_MIN_RATIO", 4)
+    calls = []
+    candidates, blocked = te._bf16_candidates_forward, te._blocked_forward
+
+    def spy_candidates(x, weight, bias, k, out_dtype, extra=None):
+        calls.append(("bf16", x.shape[0], extra))
+        return candidates(x, weight, bias, k, out_dtype, extra)
+
+    def spy_blocked(x, *args, **kwargs):
+        if kwargs.get("fp32_gemm"):
+            calls.append(("fp32", x.shape[0], None))
+        return blocked(x, *args, **kwargs)
+
+    monkeypatch.setattr(te, "_bf16_candidates_forward", spy_candidates)
+    monkeypatch.setattr(te, "_blocked_forward", spy_blocked)
+    return calls
+
+
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead,m,n,k", [((37,), 40, 700, 5), ((3, 11), 24, 1001, 9), ((1,), 96, 333, 1)])
+def test_cpu_bf16_candidates_match_the_reference(bf16_candidates, bias_dtype, lead, m, n, k):
+    """bf16 x and weight on CPU: the bf16 GEMM's candidates, rescored in fp32, give the fp64
+    reference's top-k (ties within fp32 rounding aside) and its values; gradients unchanged. With
+    an fp32 bias beside bf16 operands too."""
+    x, weight, bias = _inputs(lead, m, n, torch.bfloat16)
+    bias = None if bias_dtype is None else bias.to(bias_dtype)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    acts, idx = topk_encode(*leaves, k, backend="torch")
+    assert bf16_candidates and bf16_candidates[0][0] == "bf16", bf16_candidates
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    ref_acts, ref_idx = reference.topk_encode(*ref_leaves, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.bfloat16], "top_acts")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("crowd,tries", [(40, ["bf16", "bf16"]), (200, ["bf16", "bf16", "fp32"])])
+def test_cpu_bf16_candidates_near_ties_bf16_cannot_order(bf16_candidates, crowd, tries):
+    """A crowd of latents whose pre-activations differ by multiples of 2^-10 around 12, where bf16's
+    step is 2^-4: the bf16 GEMM rounds them to a few values and cannot order them, fp32 can. The
+    bound sends the tokens to a second try with 4x the extra candidates (k + 4 * 17 = 75: a crowd of
+    40 fits it, not the first 24) and then to the fp32 GEMM (a crowd of 200 fits neither); either way the top-k is exactly the fp64
+    reference's, which has no ties here."""
+    torch.manual_seed(0)
+    B, m, n, k = 5, 32, 1500, 7
+    x = torch.randn(B, m).to(torch.bfloat16)
+    x[:, 0] = 1
+    weight = (0.1 * torch.randn(n, m)).to(torch.bfloat16)
+    base = torch.zeros(m)
+    base[1:] = torch.randn(m - 1)
+    ids = torch.randperm(n)[:crowd]
+    weight[ids] = base.to(torch.bfloat16)
+    weight[ids, 0] = (torch.randperm(crowd) + 1).to(torch.bfloat16) * 2**-10  # exact in bf16
+    bias = torch.zeros(n, dtype=torch.bfloat16)
+    bias[ids] = (12 - (x[:, 1:].float() @ base[1:]).mean()).to(torch.bfloat16)  # the crowd near 12 ...
+    x[:, 1:] = x[0, 1:]  # ... for every token (same x but the first coordinate, which is 1)
+    acts, idx = topk_encode(x, weight, bias, k, backend="torch")
+    pre = _pre(x, weight, bias)
+    ref_vals, ref_idx = pre.topk(k, dim=1)
+    assert torch.equal(idx, ref_idx)
+    assert_close(acts, ref_vals.relu(), TOL[torch.bfloat16], "top_acts")
+    assert [c[:2] for c in bf16_candidates] == [(t, B) for t in tries], bf16_candidates
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_bf16_candidates_non_finite_tokens_take_the_fp32_path(bf16_candidates, bad):
+    """A token with a NaN or an infinite input goes straight to the fp32 GEMM, whose NaN order and
+    tie rule it keeps: that token's ids and values are the fp32 path's, bit for bit; the others are
+    the fp64 reference's."""
+    x, weight, bias = _inputs((9,), 20, 500, torch.bfloat16)
+    x[4, 3] = bad
+    acts, idx = topk_encode(x, weight, bias, 6, backend="torch")
+    assert [c[:2] for c in bf16_candidates] == [("bf16", 9), ("fp32", 1)], bf16_candidates
+    want_vals, want_idx = te._blocked_forward(x, weight, bias, 6, torch.float32, fp32_gemm=True)
+    assert torch.equal(idx[4], want_idx[4])
+    torch.testing.assert_close(acts[4], want_vals[4].relu().to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    others = torch.arange(9) != 4
+    _, ref_acts, ref_idx = _reference(x[others], weight, bias, 6)
+    assert_same_topk(idx[others], ref_idx, _pre(x[others], weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts[others], ref_acts, TOL[torch.bfloat16], "top_acts")
+
+
+def test_cpu_bf16_candidates_only_where_they_pay(bf16_candidates, monkeypatch):
+    """Taken for bf16 x and weight on CPU with n >= BF16_MIN_RATIO * (k + extra) and bf16 matrix
+    units; not for fp32 or mixed operands, a narrower n, or a CPU without the units."""
+    x, weight, bias = _inputs((6,), 16, 100, torch.bfloat16)
+    topk_encode(x, weight, bias, 3, backend="torch")                 # 4 * (3 + 16) <= 100
+    topk_encode(x, weight, bias, 9, backend="torch")                 # 4 * (9 + 18) > 100
+    topk_encode(x.float(), weight.float(), bias, 3, backend="torch")
+    topk_encode(x.float(), weight, bias, 3, backend="torch")
+    monkeypatch.setattr(te, "_bf16_matmul_units", lambda: False)
+    topk_encode(x, weight, bias, 3, backend="torch")
+    assert [c[0] for c in bf16_candidates] == ["bf16"], bf16_candidates

@@ -63,6 +63,10 @@ from ._common import (
 from ._topk import (
     ALIGN,
     MIN_KEY_VALUE,
+    _exact_topk,
+    _grouped_topk,
+    PREFILTER_GROUP,
+    PREFILTER_MIN_WIDTH,
     candidate_buffer,
     cpu_tile,
     latent_splits,
@@ -799,11 +803,142 @@ def _narrower_dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
 
 
+# bf16 x and weight on a CPU with bf16 matrix units (AMX, AVX512-BF16): oneDNN's bf16 GEMM ran 6-7x
+# faster than the fp32 GEMM of the widened operands here (B=1000, m=768, n=16384: 19-26 against
+# 144 ms), but it rounds every pre-activation to bf16, 8 bits, which reorders near-ties that the
+# selection contract (the top-k of fp32 pre-activations) must keep. So the bf16 GEMM only picks
+# k + extra candidates a token; their pre-activations are computed again in fp32 from the gathered
+# rows, and the k best of them are the answer wherever a bound proves that no other latent can
+# beat the k-th (``_bf16_candidates_forward``). Latents within the bound of the threshold number
+# about k t^2 / 128 for Gaussian pre-activations with the threshold t standard deviations out
+# (n pdf(t) ~ k t latents a unit there, the bound ~ 2^-7 t wide), so extra = 16 + k / 4. Tokens
+# the bound fails for try again with 4x the extra candidates, then (or at once with a NaN or an
+# Inf) go through the fp32 path. Random tokens (x ~ N(0, 1), rows ~ N(0, 1/m), bias ~ N(0, 0.01))
+# that needed the second try, of 1,000 at m=768, n=16384: 16 extra, 3 at k=32 (8 extra: 339), 37
+# at k=128; 16 + k/4 extra, none at k = 8, 32, 128, nor at m = 100 or 2048, nor (256 tokens) at
+# m=2048, n=65536, k=64.
+# The candidates' fp32 pre-activations cost a gathered row each, ~0.7 ns an element here against
+# ~0.011 ns a multiply-add of the fp32 GEMM they replace (n per token): the bf16 GEMM pays from n of
+# about 70 candidates up, so it is taken from BF16_MIN_RATIO (at B=1000, m=768, k=8, n=1000 it took
+# 27 ms against 13 for the fp32 path; k=32 at n=4096, 28 against 20).
+BF16_MIN_RATIO = 128
+
+
+def _bf16_extra(k: int) -> int:
+    return 16 + k // 4
+
+
+_BF16_MATMUL: list = []
+
+
+def _bf16_matmul_units() -> bool:
+    """Whether this CPU has bf16 matrix instructions (else a bf16 GEMM is no faster than fp32's)."""
+    if not _BF16_MATMUL:
+        cpu = getattr(torch, "cpu", None)
+        probes = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        try:
+            _BF16_MATMUL.append(any(bool(probe()) for probe in probes if probe is not None))
+        except Exception:  # a private probe that changed: take the fp32 path
+            _BF16_MATMUL.append(False)
+    return _BF16_MATMUL[0]
+
+
+def _bf16_candidates_pay(x: Tensor, weight: Tensor, k: int, exact_keys: bool) -> bool:
+    return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.bfloat16
+            and BF16_MIN_RATIO * (k + _bf16_extra(k)) <= weight.shape[0] and _bf16_matmul_units())
+
+
+def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype,
+                             extra: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """``_blocked_forward`` for bf16 x and weight on CPU, through a bf16 GEMM that picks candidates.
+
+    Per token, the bf16 GEMM's k' = k + extra largest values v (bf16, bias added) name the
+    candidates; their fp32 pre-activations e are computed from the gathered rows (bf16 products are
+    exact in fp32) and the k best taken (ties to the lower id). Every other latent j has v_j <= c,
+    the smallest candidate v. Its exact pre-activation P_j differs from v_j by the bf16 roundings
+    (the sum's, the bias's cast, the biased sum's, whichever order oneDNN adds the bias in: at most
+    2^-8 (2 |v_j| + 2 |b_j|) to first order, so a (|v_j| + max |b|) with a = 2^-7 * 1.02, which
+    also covers the second order and e's own bias rounding) and by the fp32 accumulation of m
+    products (at most A = m 2^-24 ||x|| max ||w_j||). As v + a|v| grows with v, P_j <= c + a (|c| +
+    max |b|) + A for every j outside the candidates, and a chosen candidate's P is at least its e -
+    A: where the k-th e exceeds c + a (|c| + max |b|) + 2A, the k chosen beat every other latent,
+    and they are ordered among themselves to within fp32 accumulation, as the fp32 path orders
+    them. Elsewhere (NaN or Inf too, whose comparisons fail) the token tries again with 4x the
+    extra candidates, and then goes through
+    ``_blocked_forward``'s fp32 GEMM (at once where a value is NaN or infinite). ``out_dtype`` None:
+    the fp32 values before ReLU (for such a retry)."""
+    B, M = x.shape
+    N = weight.shape[0]
+    extra = _bf16_extra(k) if extra is None else extra
+    kk = k + extra
+    bb = bias.to(torch.bfloat16) if bias is not None else None
+    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
+    buf = torch.empty(block_b * block_n, device=x.device, dtype=torch.bfloat16)
+    cand_v = torch.empty(B, kk, dtype=torch.bfloat16)
+    cand_i = torch.empty(B, kk, dtype=torch.int64)
+    for b0 in range(0, B, block_b):
+        b1 = min(B, b0 + block_b)
+        run_v = run_i = None
+        for start in range(0, N, block_n):
+            stop = min(N, start + block_n)
+            tile = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
+            if bb is None:
+                torch.mm(x[b0:b1], weight[start:stop].T, out=tile)
+            else:
+                torch.addmm(bb[start:stop], x[b0:b1], weight[start:stop].T, out=tile)
+            width = min(kk, stop - start)
+            if stop - start >= PREFILTER_MIN_WIDTH and (stop - start) // PREFILTER_GROUP >= 4 * width:
+                v, i = _grouped_topk(tile, width)
+            else:
+                v, i = tile.topk(width, dim=1, sorted=False)
+            i = i + start
+            if run_v is not None:
+                v, i = torch.cat([run_v, v], 1), torch.cat([run_i, i], 1)
+                v, pos = v.topk(kk, dim=1, sorted=False)
+                i = i.gather(1, pos)
+            run_v, run_i = v, i
+        cand_v[b0:b1], cand_i[b0:b1] = run_v, run_i
+    xf = x.float()
+    bf = bias.float() if bias is not None else None
+    exact = torch.empty(B, kk)
+    chunk = max(1, CPU_WIDEN_ELEMS // (kk * M))  # gathered fp32 rows per chunk, in cache
+    for b0 in range(0, B, chunk):
+        rows = weight.index_select(0, cand_i[b0:b0 + chunk].reshape(-1)).view(-1, kk, M)
+        exact[b0:b0 + chunk] = torch.einsum("bkm,bm->bk", rows.float(), xf[b0:b0 + chunk])
+    if bf is not None:
+        exact += bf[cand_i]
+    values, indices = _exact_topk(exact, cand_i, k)
+    c = cand_v.float().amin(dim=1)
+    b_max = float(bf.abs().max()) if bf is not None else 0.0
+    # ||w_j|| from bf16's norm (fp32 sums, the result rounded to bf16, 2^-8 relative: measured at
+    # most 2^-8.5 here), raised by 2^-6: 1.7 ms against 20 for the norms of a widened copy (n =
+    # 16384, m = 768). A is a small part of the slack (a fifth at m = 2048), so this needs no more.
+    w_max = (1 + 2.0**-6) * float(weight.norm(dim=1).max()) if N else 0.0
+    slack = 2.0**-7 * 1.02 * (c.abs() + b_max) + 2 * M * 2.0**-24 * xf.norm(dim=1) * w_max
+    redo = ~(values[:, k - 1] > c + slack)  # NaN and Inf compare False: those tokens too
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        finite = bool(torch.isfinite(cand_v[rows]).all()) and bool(torch.isfinite(exact[rows]).all())
+        if finite and extra == _bf16_extra(k) and k + 4 * extra <= N:  # one second try
+            v, i = _bf16_candidates_forward(x[rows], weight, bias, k, None, 4 * extra)
+        else:
+            v, i = _blocked_forward(x[rows], weight, bias, k, torch.float32, fp32_gemm=True)
+        values[rows], indices[rows] = v, i
+    if out_dtype is None:
+        return values, indices
+    return values.relu().to(out_dtype), indices
+
+
 def _blocked_forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype, exact_keys: bool = False
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype, exact_keys: bool = False,
+    fp32_gemm: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Tiles of tokens x latents (``_topk.cpu_tile``): one GEMM each into a reused buffer, then a
-    running top-k. Extra memory: the buffer plus O(B * k)."""
+    running top-k. Extra memory: the buffer plus O(B * k). bf16 operands on a CPU with bf16 matrix
+    units go through ``_bf16_candidates_forward`` unless ``fp32_gemm`` (its fall-back, which takes
+    the fp32 pre-activations back, before ReLU and the cast)."""
+    if not fp32_gemm and _bf16_candidates_pay(x, weight, k, exact_keys):
+        return _bf16_candidates_forward(x, weight, bias, k, out_dtype)
     B, M = x.shape
     N = weight.shape[0]
     cd = compute_dtype(torch.promote_types(x.dtype, weight.dtype))
@@ -832,6 +967,8 @@ def _blocked_forward(
     values, indices = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
     if cd == torch.float64:
         values = _exact_values(xc, weight, bc, indices)
+    if fp32_gemm:
+        return values, indices
     return values.relu().to(out_dtype), indices
 
 
