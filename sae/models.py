@@ -258,7 +258,13 @@ class _SparseCoder(nn.Module):
                 raise ValueError(f"x: expected finite activations, found {'nan' if torch.isnan(x).any() else 'inf'}")
 
     def _scale_in(self, x: Tensor) -> Tensor:
-        return x * self.act_scale.to(x.dtype) if self.normalize_activations else x
+        if not self.normalize_activations:
+            return x
+        # In the wider of x's dtype and the SAE's: bf16 activations into an fp32 (or fp64) SAE were
+        # scaled in bf16, the scale and every scaled value rounded to ~3 digits before the encoder
+        # (other latents chosen than for the same values given in the SAE's dtype).
+        wide = torch.promote_types(x.dtype, self.b_enc.dtype)
+        return x.to(wide) * self.act_scale.to(wide)
 
     def _scale_out(self, x: Tensor) -> Tensor:
         return x / self.act_scale.to(x.dtype) if self.normalize_activations else x

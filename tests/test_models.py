@@ -740,6 +740,35 @@ def test_activation_normalisation_scales_in_and_back_out():
     assert_close(out.x_hat, plain(x * s).x_hat / s, 1e-5, "x_hat")
 
 
+
+@pytest.mark.parametrize("arch", ["topk", "expander"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalised_sae_gives_bf16_activations_the_same_function_as_their_exact_values(arch, dtype):
+    """An fp32 or fp64 SAE with normalize_activations given bf16 activations (what the training
+    cache stores) computes what it computes on the same values in its own dtype (every bf16 value
+    is exact there), as it does without normalisation. The scaling ran in the input's dtype: the
+    scale and every scaled activation were rounded to bf16 (~3 significant digits) before the
+    encoder, which then picked other latents (FVU off by ~1e-3 here)."""
+    m, n, k = 16, 64, 4
+    kwargs = dict(normalize_activations=True, dtype=dtype, dead_tokens_threshold=1)
+    sae = TopKSAE(m, n, k, seed=0, **kwargs) if arch == "topk" else ExpanderSAE(m, n, k, degree=3, seed=0, **kwargs)
+    x = (torch.randn(64, m, generator=torch.Generator().manual_seed(1)) * 3 + 1).bfloat16()
+    sae.init_b_dec(x.to(dtype))
+    assert float(sae.act_scale) != 1.0
+    dead = torch.zeros_like(sae.tokens_since_fired)
+    dead[::2] = 10  # half dead: AuxK on
+
+    def forward(inputs):
+        sae.tokens_since_fired.copy_(dead)  # a training forward moves the counters: each call starts alike
+        return sae(inputs)
+
+    got, want = forward(x), forward(x.to(dtype))
+    assert torch.equal(got.top_indices, want.top_indices)
+    assert torch.equal(got.top_acts, want.top_acts)
+    assert torch.equal(got.x_hat, want.x_hat)
+    assert torch.equal(got.fvu, want.fvu) and torch.equal(got.auxk_loss, want.auxk_loss)
+    assert torch.equal(sae.encode(x)[1], want.top_indices)
+
 def test_expander_rows_checked_once_at_load_not_per_call(monkeypatch):
     """ExpanderSAE validates rows at construction and on load; the ops then skip the per-call check."""
     import topk_kernels as tk
