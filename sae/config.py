@@ -368,6 +368,9 @@ class DataConfig:
             if not items:
                 raise ValueError(f"{name}: expected at least one text file or folder")
             for item in items:
+                # An empty path is Path(".") to pathlib: "--text $UNSET" read the working folder's *.txt.
+                if not isinstance(item, (str, os.PathLike)) or not os.fspath(item):
+                    raise ValueError(f"{name}: expected a text file or folder path, got {item!r}")
                 p = Path(item)
                 if not p.exists():
                     raise ValueError(f"{name}: {item} does not exist")

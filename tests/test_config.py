@@ -49,7 +49,7 @@ def test_data_flags_come_from_data_config(command, defaults, tmp_path):
     ("ctx_len", 1), ("ctx_len", 2.0), ("ctx_len", True), ("layer", -1), ("eval_contexts", 0), ("min_test_tokens", -1),
     ("density_tokens", None), ("validation_fraction", 0.0), ("test_fraction", 1.0), ("test_fraction", "0.1"),
     ("model_dtype", "float16"), ("model", 3), ("text", "corpus.txt"), ("text", ()), ("density_text", ["/no/such"]),
-    ("model", "/no/such/model"),
+    ("model", "/no/such/model"), ("text", ("",)), ("density_text", ("",)), ("text", (3,)),
 ])
 def test_data_config_refuses_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field}: "):
@@ -195,3 +195,14 @@ def test_train_config_refuses_a_wrong_type_naming_the_field(field, value):
     progress="no" showed the bar)."""
     with pytest.raises(ValueError, match=rf"^{field}: expected"):
         TrainConfig(**{field: value}).validate()
+
+
+def test_an_empty_text_path_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    """``--text ""`` (a shell variable left unset) named no file, but pathlib reads "" as ".", so
+    the run trained on whatever *.txt the working folder held, silently."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unrelated.txt").write_text("words")
+    for flag in ("--text", "--density-text"):
+        args = cli.build_parser().parse_args(["train", flag, ""])
+        with pytest.raises(cli._UsageError, match=rf"^{flag}: expected a text file or folder path, got ''"):
+            cli._data_config(args)
