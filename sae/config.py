@@ -311,7 +311,8 @@ class DataConfig:
     """Fraction of each text's contexts, at its end, kept for every reported number."""
 
     min_test_tokens: int = 0
-    """Refuse a test split smaller than this."""
+    """Refuse to evaluate on fewer test tokens than this (BOS included): a test split, or the first
+    eval_contexts contexts of it, smaller than this."""
 
     eval_contexts: Optional[int] = None
     """Evaluate on only the first this many test contexts; None: the whole test split."""
