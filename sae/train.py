@@ -175,8 +175,16 @@ def _verified_checkpoint(path, sae, params: Optional[list], derived: tuple = (),
     # version) is a CheckpointError naming it, as load_sae gives, not load_state_dict's RuntimeError.
     state = _saved_state(sae, ckpt.sae_tensors, f"checkpoint: {path}", cast=cast)
     current = sae.state_dict()
+    param_names = {name for name, _ in sae.named_parameters()}
     for name, tensor in state.items():
         if tensor.is_floating_point() and current[name].dtype != tensor.dtype:
+            if name not in param_names:
+                # A floating buffer (act_scale, batch_threshold): TopKSAE(dtype=bf16) keeps it in
+                # fp32 and .bfloat16() casts it, the same SAE either way. It keeps the resuming
+                # SAE's dtype (fp32 holds a bf16 value exactly; the other way rounds a running mean
+                # or a fixed scale once, as the cast that built such an SAE did).
+                state[name] = tensor.to(current[name].dtype)
+                continue
             raise CheckpointError(f"checkpoint: {path} holds {name} in {tensor.dtype}, the SAE to resume is "
                                   f"{current[name].dtype}; build it with dtype={tensor.dtype} to go on")
     opt_state = None

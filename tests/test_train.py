@@ -851,3 +851,27 @@ def test_resumed_state_does_not_change_when_the_checkpoint_is_rewritten_in_place
         f.write(bytes(size - header))
     assert before and all(torch.equal(v, before[id(p)][k]) for p, s in optimizer.state.items() for k, v in s.items())
     assert all(torch.equal(v, weights[k]) for k, v in sae.state_dict().items())
+
+
+@pytest.mark.parametrize("first,second", [
+    (lambda: TopKSAE(8, 24, 3, normalize_activations=True).bfloat16(),
+     lambda: TopKSAE(8, 24, 3, normalize_activations=True, dtype=torch.bfloat16)),
+    (lambda: TopKSAE(8, 24, 3, normalize_activations=True, dtype=torch.bfloat16),
+     lambda: TopKSAE(8, 24, 3, normalize_activations=True).bfloat16()),
+], ids=["cast-then-built", "built-then-cast"])
+def test_resume_takes_the_buffers_of_an_sae_built_in_its_dtype_or_cast_to_it(tmp_path, first, second):
+    """``TopKSAE(dtype=bf16)`` keeps its floating buffers (act_scale, batch_threshold) in fp32, a cast
+    ``.bfloat16()`` casts them: the same parameters either way, so either resumes the other's run
+    (it was refused as 'build it with dtype=torch.bfloat16', which it was). The buffers keep the
+    resuming SAE's dtypes and take the checkpoint's values; the run ends as the uninterrupted one."""
+    buffer = ActivationBuffer(torch.randn(300, 8) * 4 + 1)
+    torch.manual_seed(0)
+    _run(tmp_path / "killed", first, buffer, _cfg(), kill_at=4)
+    sae = second()
+    dtypes = {name: t.dtype for name, t in sae.state_dict().items()}
+    result = train(sae, buffer, _cfg(), tmp_path / "killed", resume=True)
+    assert result.step == 12
+    assert {name: t.dtype for name, t in sae.state_dict().items()} == dtypes
+    assert float(sae.act_scale) != 1  # the checkpoint's scale (from data), not a fresh SAE's
+    with pytest.raises(CheckpointError, match=r"W_enc in torch.bfloat16, the SAE to resume is torch.float32"):
+        train(TopKSAE(8, 24, 3, normalize_activations=True), buffer, _cfg(), tmp_path / "killed", resume=True)
