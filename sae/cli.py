@@ -710,7 +710,7 @@ def cmd_frontier(args) -> int:
     if args.frontier_seed is not None:
         raise _UsageError(f"--seed: the frontier trains every point at each of --seeds; use --seeds "
                           f"{args.frontier_seed} (got --seed {args.frontier_seed})")
-    if args.frontier_parallel is not None:
+    if args.frontier_parallel not in (None, "none"):  # "none" names the one-process mode it runs in
         raise _UsageError(f"--parallel: the frontier trains its SAEs one after another in one process, not under "
                           f"torchrun; split the grid with --only, one part per process (got --parallel "
                           f"{args.frontier_parallel})")

@@ -428,3 +428,20 @@ def test_a_value_error_from_train_is_named_not_a_name_error(tmp_path, monkeypatc
             cli._train_group(ws, [job], types.SimpleNamespace())
         assert type(info.value) is expected
         assert str(info.value) == ("--batch-size: expected fewer" if expected is cli._UsageError else message)
+
+
+def test_frontier_parallel_none_names_the_mode_it_runs_in(capsys, monkeypatch, tmp_path):
+    """``frontier --parallel none`` passes the up-front checks (it is the one-process mode the
+    frontier runs in); ``data`` and ``latent`` are refused above."""
+    from sae import cli
+
+    loaded = []
+
+    def no_model(*args, **kwargs):
+        loaded.append(1)
+        raise cli._UsageError("stop here")
+
+    monkeypatch.setattr(cli, "_Workspace", no_model)
+    rc = cli.main(["frontier", "--parallel", "none", "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and loaded and "--parallel" not in err, (rc, err)
