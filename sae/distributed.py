@@ -658,7 +658,10 @@ class LatentShardedSAE(nn.Module):
 
     # -- optimizer state ------------------------------------------------------------------------
     def _param_names(self) -> list:
-        return [n for n, _ in self.shard.named_parameters()]
+        """The names of the parameters the optimizer holds, in its order: trainable ones only, as
+        ``adam`` is built (a frozen b_dec has no state; were it not the last parameter, counting it
+        would shift every later parameter's state index)."""
+        return [n for n, p in self.shard.named_parameters() if p.requires_grad]
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> Optional[dict]:
         """Adam-style per-parameter state gathered to the full model's shapes on rank 0 (index ->
