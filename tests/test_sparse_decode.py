@@ -222,12 +222,13 @@ def test_torch_compile_cpu():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's conversion of a narrower weight")
-@pytest.mark.parametrize("k", [49, 25])
-def test_cpu_half_weight_widened_once_when_the_ids_cover_n(monkeypatch, k):
+@pytest.mark.parametrize("whole_cap", [None, 50 * 24 - 1])
+@pytest.mark.parametrize("k", [20, 13])
+def test_cpu_half_weight_widened_once_when_the_ids_cover_n(monkeypatch, k, whole_cap):
     """A bf16 weight on the CPU path whose k rows a token exceed WIDEN_ELEMS, with B * k >= n: the
-    whole weight is widened once, where chunks of one token would widen their k rows each (k = 49
-    of n = 50 is 49 rows a token); the weight's gradient is summed for the used rows only and comes
-    back in bf16. Forward and every gradient against the fp64 reference."""
+    whole weight is widened once, where chunks of one token would widen their k rows each (k = 20
+    and 13 of n = 50, below the dense forward's n / 2); the weight's gradient comes back in bf16. Forward and every gradient against the fp64 reference. A weight larger than
+    WHOLE_WIDEN_ELEMS is widened a token's rows at a time instead (no [n, m] fp32 copy)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     sd_module = importlib.import_module("topk_kernels.sparse_decode")
@@ -246,12 +247,17 @@ def test_cpu_half_weight_widened_once_when_the_ids_cover_n(monkeypatch, k):
 
     n, m, B = 50, 24, 6
     monkeypatch.setattr(sd_module, "WIDEN_ELEMS", k * m - 1)  # one token a chunk, over the budget
+    if whole_cap is not None:
+        monkeypatch.setattr(sd_module, "WHOLE_WIDEN_ELEMS", whole_cap)
     acts, _, weight, bias = _inputs((B,), m, n, k, torch.bfloat16)
     idx = torch.rand(B, n).argsort(1)[:, :k]
     spy = Widened()
     with spy:
         sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
-    assert spy.sizes.count(n * m) == 1 and max(spy.sizes) == n * m, spy.sizes
+    if whole_cap is None:
+        assert spy.sizes.count(n * m) == 1 and max(spy.sizes) == n * m, spy.sizes
+    else:
+        assert spy.sizes and max(spy.sizes) == k * m, spy.sizes  # a token's k rows at a time
     _check_against_reference(acts, idx, weight, bias, "torch", TOL[torch.bfloat16])
 
 

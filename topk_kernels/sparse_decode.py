@@ -167,6 +167,10 @@ def _triton_grad_acts_and_weight(grad: Tensor, acts: Tensor, idx: Tensor, weight
 # Widened rows per token chunk on the CPU path, in fp32 elements (4 MiB): small enough for the
 # allocator to reuse. One [B * k, m] buffer per call cost more in page faults than the math.
 WIDEN_ELEMS = 2**20
+# The most a bf16 weight widened whole at once may hold, in fp32 elements (512 MiB): past it, a
+# dictionary such as n = 2^20, m = 4096 (16 GiB in fp32) is widened a token's rows at a time even
+# where widening it whole would be faster.
+WHOLE_WIDEN_ELEMS = 2**27
 
 
 def _widened(weight: Tensor, idx: Tensor, cd: torch.dtype):
@@ -178,12 +182,14 @@ def _widened(weight: Tensor, idx: Tensor, cd: torch.dtype):
     chunk is one token widening its own k rows into a fresh tensor: at k = n - 1 the whole weight
     once per token (a bf16 B=64 m=768 n=16384 k=8192 decode, forward + backward, took 980 ms
     against 16 for the dense GEMM before such shapes went to the dense tiles). Then, if the
-    tokens name at least n ids (B * k >= n), the whole weight is widened once, n * m elements.
+    tokens name at least n ids (B * k >= n), the whole weight is widened once, n * m elements
+    (up to WHOLE_WIDEN_ELEMS).
     (Multi-token chunks stay: at B=1024 k=32 m=768 n=24576 the chunks' rows, deduplicated and in
     reused heap memory, cost less than one fresh [n, m] fp32 copy.) Elsewhere (the CUDA fallback)
     the whole weight is widened: ``torch.unique`` would cost a host sync."""
     B, K = idx.shape
-    whole = B * K >= weight.shape[0] and K * weight.shape[1] > WIDEN_ELEMS
+    whole = (B * K >= weight.shape[0] and K * weight.shape[1] > WIDEN_ELEMS
+             and weight.shape[0] * weight.shape[1] <= WHOLE_WIDEN_ELEMS)
     if weight.dtype == cd or weight.device.type != "cpu" or B == 0 or whole:
         yield 0, B, weight.to(cd) if B else weight[:0].to(cd), idx
         return
