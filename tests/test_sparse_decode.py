@@ -84,7 +84,7 @@ def test_cpu_half_weight_converts_only_the_rows_used(monkeypatch, tokens_per_chu
     grad = torch.randn(13, m).to(torch.bfloat16)
     spy = Widened()
     with spy:  # the CPU routines themselves: the custom op is opaque to a dispatch mode
-        out = sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
+        out = sd_module.torch_forward(acts.float(), idx, weight, bias, torch.float32)  # fp32 acts: widened rows
         gacts = sd_module.torch_grad_acts(grad, idx, weight, torch.bfloat16)
     assert spy.sizes and max(spy.sizes) <= tokens_per_chunk * 6 * m, spy.sizes
     a, w = acts.double().requires_grad_(), weight.double()
@@ -253,7 +253,7 @@ def test_cpu_half_weight_widened_once_when_the_ids_cover_n(monkeypatch, k, whole
     idx = torch.rand(B, n).argsort(1)[:, :k]
     spy = Widened()
     with spy:
-        sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
+        sd_module.torch_forward(acts.float(), idx, weight, bias, torch.float32)  # fp32 acts: the widened path
     if whole_cap is None:
         assert spy.sizes.count(n * m) == 1 and max(spy.sizes) == n * m, spy.sizes
     else:
@@ -295,3 +295,86 @@ def test_cpu_half_weight_gradient_of_the_used_rows(dtype):
     idx[0, 0, 1] = idx[0, 0, 0]
     idx[1, 1, 2] = idx[0, 1, 3]
     _check_against_reference(acts, idx, weight, bias, "torch", TOL[dtype])
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's bf16 embedding bag")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_bf16_forward_rounds_once(with_bias):
+    """bf16 acts, weight and output on CPU: each output within half a bf16 step of the fp64 value
+    (fp32 accumulation, one rounding; plus the accumulation's own error), the bias included in the
+    fp32 sum. Without a bias it is one embedding bag over the bf16 rows (no widened copy); with one
+    the widened rows (a bias added to the bag's rounded sums would round twice). Repeated ids add
+    up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sd_module = importlib.import_module("topk_kernels.sparse_decode")
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widened = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 and args[0].dim() == 2:
+                self.widened += args[0].numel()
+            return func(*args, **(kwargs or {}))
+
+    acts, idx, weight, bias = _inputs((37,), 48, 301, 17, torch.bfloat16)
+    idx[:, 2] = idx[:, 1]
+    bias = bias if with_bias else None
+    spy = Copies()
+    with spy:
+        out = sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and (spy.widened > 0) == with_bias
+    want = reference.sparse_decode(acts.double(), idx, weight.double(), None if bias is None else bias.double())
+    magnitude = reference.sparse_decode(acts.double().abs(), idx, weight.double().abs(),
+                                        None if bias is None else bias.double().abs())
+    accumulation = 18 * 2.0**-24 * magnitude  # fp32 sums of 17 exact products (and the bias), any order
+    bound = 2.0**-8 * (want.abs() + accumulation) * 1.001 + accumulation  # half of bf16's spacing 2^-7
+    assert bool(((out.double() - want).abs() <= bound).all())
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's bf16 embedding bags")
+def test_cpu_bf16_gradients_sum_the_bf16_rows_in_fp32():
+    """bf16 gradient, acts and weight on CPU: the activations' and the weight's gradients come from
+    the bf16 rows as they are (no widened copy, no [n, m] fp32 buffer), each within half a bf16
+    step of the fp64 value plus the fp32 accumulation's error. Repeated ids add up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sd_module = importlib.import_module("topk_kernels.sparse_decode")
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32 = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.fp32 = max(self.fp32, t.numel())
+            return out
+
+    B, m, n, k = 29, 40, 211, 9
+    acts, idx, weight, _ = _inputs((B,), m, n, k, torch.bfloat16)
+    idx[:, 3] = idx[:, 2]
+    idx[1] = idx[0]
+    grad = torch.randn(B, m).to(torch.bfloat16)
+    spy = Allocations()
+    with spy:
+        gacts = sd_module.torch_grad_acts(grad, idx, weight, torch.bfloat16)
+        gw = sd_module.torch_grad_weight(grad, acts, idx, n, torch.bfloat16)
+    assert gacts.dtype == gw.dtype == torch.bfloat16 and spy.fp32 < m, spy.fp32
+
+    def exact(a, w, g):
+        a = a.double().requires_grad_()
+        w = w.double().requires_grad_()
+        reference.sparse_decode(a, idx, w).backward(g.double())
+        return a.grad, w.grad
+
+    want_acts, want_w = exact(acts, weight, grad)
+    mag_acts, mag_w = exact(acts.abs(), weight.abs(), grad.abs())
+    for got, want, mag, terms in ((gacts, want_acts, mag_acts, m), (gw, want_w, mag_w, B * k)):
+        accumulation = terms * 2.0**-24 * mag
+        bound = 2.0**-8 * (want.abs() + accumulation) * 1.001 + accumulation
+        assert bool(((got.double() - want).abs() <= bound).all())
