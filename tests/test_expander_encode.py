@@ -575,3 +575,32 @@ def test_cpu_backward_through_the_dense_dictionary(monkeypatch, dtype):
     x, values, rows, bias = _inputs((13,), 16, 40, 16, dtype)
     _check_against_reference(x, values, rows, bias, 39, "torch", TOL[dtype])
     assert built, "the dense dictionary was not used"
+
+
+@pytest.mark.parametrize("route", ["gathers", "dense rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lead,m,n,d,k", SHAPES)
+def test_cpu_routes_match_the_reference(monkeypatch, route, dtype, lead, m, n, d, k):
+    """Both CPU routes, whichever EXPANDER_DENSE_SHARE would pick for the shape: the gathers
+    (embedding_bag), and a degenerate Expander's dense masked rows and GEMMs, in pieces of three
+    latents' rows (DENSE_PIECE_ELEMS); forward and gradients against the fp64 reference, with and
+    without a bias."""
+    monkeypatch.setattr(ee, "EXPANDER_DENSE_SHARE", 0 if route == "gathers" else 10**9)
+    monkeypatch.setattr(ee, "DENSE_PIECE_ELEMS", 3 * m)
+    x, values, rows, bias = _inputs(lead, m, n, d, dtype)
+    _check_against_reference(x, values, rows, bias, k, "torch", TOL[dtype])
+    _check_against_reference(x, values, rows, None, k, "torch", TOL[dtype])
+
+
+def test_cpu_dense_rows_add_repeated_rows_up(monkeypatch):
+    """An atom naming one row twice (check_rows=False) counts both entries on the dense route, as
+    the gathers and the reference do."""
+    monkeypatch.setattr(ee, "EXPANDER_DENSE_SHARE", 10**9)
+    x, values, rows, bias = _inputs((13,), 12, 40, 4)
+    rows[:, 1] = rows[:, 0]
+    dense = expander_encode(x, values, rows, bias, 5, backend="torch", check_rows=False)
+    monkeypatch.setattr(ee, "EXPANDER_DENSE_SHARE", 0)
+    gathers = expander_encode(x, values, rows, bias, 5, backend="torch", check_rows=False)
+    pre = x.double() @ reference.expander_dense(values.double(), rows, 12).T + bias.double()
+    _assert_topk_matches(dense[0], dense[1], pre, 5, TOL[torch.float32], "dense rows")
+    _assert_topk_matches(gathers[0], gathers[1], pre, 5, TOL[torch.float32], "gathers")

@@ -22,7 +22,9 @@ both gathers, are issued before the trip waits on any (RESULTS.md, "two degrees 
 The CPU path computes pre-activations a (token tile x latent block) at a time with
 ``F.embedding_bag`` over the transposed token tile (a latent is a bag of d rows of ``x.T``,
 weighted by its values) and keeps a running top-k with ``_topk.token_blocked_topk``, so extra
-memory stays O(tile) instead of O(B*n).
+memory stays O(tile) instead of O(B*n). A degenerate Expander, its atoms a large share of m (d *
+EXPANDER_DENSE_SHARE >= m), goes through its dense masked rows, a few latents at a time, and GEMMs
+instead of the gathers.
 
 Backward (only through selected entries with positive pre-activation, as ReLU dictates), with g the
 masked gradient of ``top_acts``: ``grad x`` is exactly an expander decode of g, and ``grad values``
@@ -228,6 +230,14 @@ CPU_MIN_BLOCK_B = 128
 # one 682 x 24576 tile (m=768, d=8, fp32) 74 ms whole, 21 ms in 384-latent pieces; the whole
 # forward, B=4096 m=768 n=24576 d=8 k=32, 645-776 ms before, 286-342 ms after (RESULTS.md).
 CPU_PIECE_ELEMS = 2**18
+# A degenerate Expander, whose atoms cover a large share of m (d * EXPANDER_DENSE_SHARE >= m), is
+# encoded on CPU through its dense masked rows, built a piece of DENSE_PIECE_ELEMS at a time, and a
+# GEMM: the gathers cost ~0.115 ns an entry here (B * n * d of them), an fp32 GEMM ~0.0115 ns a
+# multiply-add (B * n * m), so the GEMM wins from d ~ m / 10 (B=1000, n=16384, k=8: at m=768, d=3
+# 68 ms against 170 for the masked GEMM, d=384 786 against 198; at m=100, d=50, 98 against 75).
+# A real Expander SAE (d = 7 to 100 at m = 2048) keeps the gathers.
+EXPANDER_DENSE_SHARE = 8
+DENSE_PIECE_ELEMS = 2**20
 
 
 # The kernel gathers from x transposed; that copy is made for XT_CHUNK_BYTES of tokens at a time
@@ -480,6 +490,30 @@ def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = Fal
     block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
     table = {}  # the current token tile, transposed: one [m, tile] table reused by every block
+    if x.device.type == "cpu" and not zero_row and D * EXPANDER_DENSE_SHARE >= M:
+        step = max(1, DENSE_PIECE_ELEMS // max(1, M))
+        dense_rows = torch.empty(min(step, N), M, device=x.device, dtype=cd)
+
+        def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:  # noqa: F811
+            if table.get("b0") != b0:
+                table.clear()
+                table["b0"], table["x"] = b0, x[b0:b1].to(cd)
+            out = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
+            for s in range(start, stop, step):
+                e = min(stop, s + step)
+                # the atoms' dense rows: repeated rows add up, as embedding_bag's gathers do
+                w = dense_rows[: e - s].zero_().scatter_add_(1, rows[s:e], vals[s:e])
+                part = out[:, s - start:e - start]
+                if bc is None:
+                    torch.mm(table["x"], w.T, out=part)
+                else:
+                    torch.addmm(bc[s:e], table["x"], w.T, out=part)
+            return out
+
+        top_vals, top_idx = token_blocked_topk(pre_tile, B, N, k, block_n, block_b, exact_keys=exact_keys)
+        if cd == torch.float64:
+            top_vals = _exact_values(x.to(cd), vals, rows, bc, top_idx)
+        return top_vals.relu().to(out_dtype), top_idx
 
     def pre_tile(b0: int, b1: int, start: int, stop: int) -> Tensor:
         if table.get("b0") != b0:
