@@ -185,8 +185,9 @@ def test_saelens_bf16_folds_loaded_in_fp64_are_not_rounded_to_bf16(tmp_path, app
 
 
 class _AllocatedBytes:
-    """A ``TorchDispatchMode`` summing the bytes of every tensor an op allocates (views of its
-    inputs allocate nothing)."""
+    """A ``TorchDispatchMode`` summing the bytes of every tensor storage an op creates (views of its
+    inputs' storages allocate nothing, nor does the meta device): an upper bound on the peak of what
+    was allocated under it."""
 
     def __new__(cls):
         from torch.utils import _pytree
@@ -198,9 +199,10 @@ class _AllocatedBytes:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor)}
+                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
                 for t in _pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    if (isinstance(t, torch.Tensor) and t.device.type != "meta"
+                            and t.untyped_storage().data_ptr() not in inputs):
                         self.total += t.untyped_storage().nbytes()
                 return out
 
@@ -396,31 +398,6 @@ def test_peer_import_is_a_trained_topk_sae_owning_its_tensors(tmp_path, monkeypa
     assert TopKSAE(IM, IN, IK, b_dec_init="zero").b_dec.requires_grad is False
 
 
-class _Allocations:
-    """A ``TorchDispatchMode`` summing the bytes of every tensor storage an op creates (not views of
-    its inputs' storages, nothing on the meta device): an upper bound on the peak of what was
-    allocated under it."""
-
-    def __new__(cls):
-        from torch.utils import _pytree
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Mode(TorchDispatchMode):
-            total = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-                for t in _pytree.tree_leaves(out):
-                    if (isinstance(t, torch.Tensor) and t.device.type != "meta"
-                            and t.untyped_storage().data_ptr() not in inputs):
-                        self.total += t.untyped_storage().nbytes()
-                return out
-
-        return Mode()
-
-
 def _read_beforehand(monkeypatch, path):
     """The folder's cfg and tensors, read now: the import under a spy then reads them from here, so
     that the spy counts what the import allocates, not how safetensors reads (it maps the file: its
@@ -451,7 +428,7 @@ def test_peer_import_allocates_the_model_once(tmp_path, monkeypatch, kind, dtype
         _sparsify_folder(tmp_path / "peer", m, n, IK)
     _read_beforehand(monkeypatch, tmp_path / "peer")
     model_bytes = (2 * n * m + n + m) * (dtype or torch.float32).itemsize
-    spy = _Allocations()
+    spy = _AllocatedBytes()
     with spy:
         sae = load_sae(tmp_path / "peer", dtype=dtype)
     assert sae.W_dec.dtype == (dtype or torch.float32)
@@ -464,7 +441,7 @@ def test_peer_k_above_its_latents_is_refused_before_the_weights_are_copied(tmp_p
     m, n = 96, 3001
     writer(tmp_path / "peer", m, n, n + 1)
     _read_beforehand(monkeypatch, tmp_path / "peer")
-    spy = _Allocations()
+    spy = _AllocatedBytes()
     with spy, pytest.raises(UnsupportedPeerFormat, match=f"k={n + 1} is more than its {n} latents"):
         load_sae(tmp_path / "peer")
     assert spy.total <= 4096, spy.total  # nothing of the model's size

@@ -55,15 +55,9 @@ def test_duplicate_indices_add_up(backend):
     _check_against_reference(acts, idx, weight, bias, backend, TOL[torch.float32])
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's conversion of used rows only")
-@pytest.mark.parametrize("tokens_per_chunk", [13, 4])
-def test_cpu_half_weight_converts_only_the_rows_used(monkeypatch, tokens_per_chunk):
-    """A bf16 weight on the CPU path: only the rows the ids use are widened to fp32 (forward and
-    grad of the activations), never the whole [n, m] weight, a token chunk at a time (13 tokens: one
-    chunk; 4: four, the last of one token); duplicates within a token add up."""
+def _Widened():
+    """A ``TorchDispatchMode`` recording the size of every bf16 -> fp32 copy (a widened weight)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    sd_module = importlib.import_module("topk_kernels.sparse_decode")  # the package re-exports the function
 
     class Widened(TorchDispatchMode):
         def __init__(self):
@@ -77,12 +71,22 @@ def test_cpu_half_weight_converts_only_the_rows_used(monkeypatch, tokens_per_chu
                 self.sizes.append(out.numel())
             return out
 
+    return Widened()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's conversion of used rows only")
+@pytest.mark.parametrize("tokens_per_chunk", [13, 4])
+def test_cpu_half_weight_converts_only_the_rows_used(monkeypatch, tokens_per_chunk):
+    """A bf16 weight on the CPU path: only the rows the ids use are widened to fp32 (forward and
+    grad of the activations), never the whole [n, m] weight, a token chunk at a time (13 tokens: one
+    chunk; 4: four, the last of one token); duplicates within a token add up."""
+    sd_module = importlib.import_module("topk_kernels.sparse_decode")  # the package re-exports the function
     n, m = 500, 24
     monkeypatch.setattr(sd_module, "WIDEN_ELEMS", tokens_per_chunk * 6 * m)
     acts, idx, weight, bias = _inputs((13,), m, n, 6, torch.bfloat16)
     idx[:, 1] = idx[:, 0]
     grad = torch.randn(13, m).to(torch.bfloat16)
-    spy = Widened()
+    spy = _Widened()
     with spy:  # the CPU routines themselves: the custom op is opaque to a dispatch mode
         out = sd_module.torch_forward(acts.float(), idx, weight, bias, torch.float32)  # fp32 acts: widened rows
         gacts = sd_module.torch_grad_acts(grad, idx, weight, torch.bfloat16)
@@ -227,31 +231,17 @@ def test_torch_compile_cpu():
 def test_cpu_half_weight_widened_once_when_the_ids_cover_n(monkeypatch, k, whole_cap):
     """A bf16 weight on the CPU path whose k rows a token exceed WIDEN_ELEMS, with B * k >= n: the
     whole weight is widened once, where chunks of one token would widen their k rows each (k = 20
-    and 13 of n = 50, below the dense forward's n / 2); the weight's gradient comes back in bf16. Forward and every gradient against the fp64 reference. A weight larger than
-    WHOLE_WIDEN_ELEMS is widened a token's rows at a time instead (no [n, m] fp32 copy)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    and 13 of n = 50, below the dense forward's n / 2); the weight's gradient comes back in bf16.
+    Forward and every gradient against the fp64 reference. A weight larger than WHOLE_WIDEN_ELEMS is
+    widened a token's rows at a time instead (no [n, m] fp32 copy)."""
     sd_module = importlib.import_module("topk_kernels.sparse_decode")
-
-    class Widened(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.sizes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten._to_copy.default and (args[0].dtype, out.dtype) == (torch.bfloat16,
-                                                                                         torch.float32):
-                self.sizes.append(out.numel())
-            return out
-
     n, m, B = 50, 24, 6
     monkeypatch.setattr(sd_module, "WIDEN_ELEMS", k * m - 1)  # one token a chunk, over the budget
     if whole_cap is not None:
         monkeypatch.setattr(sd_module, "WHOLE_WIDEN_ELEMS", whole_cap)
     acts, _, weight, bias = _inputs((B,), m, n, k, torch.bfloat16)
     idx = torch.rand(B, n).argsort(1)[:, :k]
-    spy = Widened()
+    spy = _Widened()
     with spy:
         sd_module.torch_forward(acts.float(), idx, weight, bias, torch.float32)  # fp32 acts: the widened path
     if whole_cap is None:
