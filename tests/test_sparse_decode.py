@@ -264,8 +264,8 @@ def test_cpu_dense_tiles_when_k_is_a_large_share_of_n(monkeypatch, dtype, k, til
     if tile is not None:
         monkeypatch.setattr(common, "DENSE_TILE_ELEMS", tile)
     latents = []
-    dense_latents = sd_module.dense_latents
-    monkeypatch.setattr(sd_module, "dense_latents", lambda *a: latents.append(a[0].shape[0]) or dense_latents(*a))
+    dense_latents = common.dense_latents
+    monkeypatch.setattr(common, "dense_latents", lambda *a: latents.append(a[0].shape[0]) or dense_latents(*a))
     n, B = 140, 11
     acts, _, weight, bias = _inputs((B,), 24, n, k, dtype)
     idx = torch.rand(B, n).argsort(1)[:, :k]

@@ -324,6 +324,49 @@ def dense_latents(acts: Tensor, idx: Tensor, n: int, dtype: torch.dtype) -> Tens
     return torch.zeros(idx.shape[0], n, device=idx.device, dtype=dtype).scatter_add_(1, idx, acts.to(dtype))
 
 
+# A decode and its two gradients through dense [tokens, n] tiles, for the CPU paths where
+# ``dense_pays`` (sparse_decode, topk_encode's backward) and for a degenerate Expander's dense
+# masked dictionary (expander_decode). ``w`` is [n, m]; results are in the compute dtype ``cd``.
+
+def dense_decode(acts: Tensor, idx: Tensor, w: Tensor, bias: Optional[Tensor], cd: torch.dtype) -> Tensor:
+    """[B, m]: sum_s acts[:, s] * w[idx[:, s]] (+ bias), a GEMM a tile of tokens."""
+    n = w.shape[0]
+    wc, bc = w.to(cd), bias.to(cd) if bias is not None else None
+    out = torch.empty(idx.shape[0], w.shape[1], device=idx.device, dtype=cd)
+    for b0, b1 in dense_tiles(idx.shape[0], n):
+        dense = dense_latents(acts[b0:b1], idx[b0:b1], n, cd)
+        if bc is None:
+            torch.mm(dense, wc, out=out[b0:b1])
+        else:
+            torch.addmm(bc, dense, wc, out=out[b0:b1])
+    return out
+
+
+def dense_grad_acts(grad: Tensor, idx: Tensor, w: Tensor, cd: torch.dtype) -> Tensor:
+    """[B, k]: the decode's gradient of its activations, ``grad @ w.T`` at the ids."""
+    gc, wc = grad.to(cd), w.to(cd)
+    out = torch.empty(idx.shape, device=idx.device, dtype=cd)
+    for b0, b1 in dense_tiles(idx.shape[0], w.shape[0]):
+        torch.gather(torch.mm(gc[b0:b1], wc.T), 1, idx[b0:b1], out=out[b0:b1])
+    return out
+
+
+def dense_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, cd: torch.dtype) -> Tensor:
+    """[n, m]: the decode's gradient of ``w``, ``G.T @ grad`` with G the dense activations."""
+    gc = grad.to(cd)
+    tiles = dense_tiles(idx.shape[0], n)
+    if not tiles:
+        return torch.zeros(n, grad.shape[1], device=grad.device, dtype=cd)
+    out = torch.empty(n, grad.shape[1], device=grad.device, dtype=cd)
+    for b0, b1 in tiles:  # the first tile writes out (no zeroing pass over [n, m]), later ones add
+        dense = dense_latents(acts[b0:b1], idx[b0:b1], n, cd)
+        if b0 == 0:
+            torch.mm(dense.T, gc[b0:b1], out=out)
+        else:
+            out.addmm_(dense.T, gc[b0:b1])
+    return out
+
+
 def grad_bias(g: Tensor, idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     """An encoder's bias gradient: [B, k] gradients at [B, k] latent ids -> [n], a scatter-add.
 

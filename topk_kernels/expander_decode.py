@@ -31,8 +31,9 @@ from ._common import (
     check_indices,
     check_same_device,
     compute_dtype,
-    dense_latents,
-    dense_tiles,
+    dense_decode,
+    dense_grad_acts,
+    dense_grad_weight,
     launch_options,
     on_device,
     pow2,
@@ -245,15 +246,7 @@ def torch_forward(acts, idx, values, rows, m, bias, out_dtype) -> Tensor:
     D = rows.shape[1]
     cd = compute_dtype(out_dtype)
     if _dense_pays(B, K, rows.shape[0], m, D, acts.device):
-        w = _dense_dictionary(values, rows, m, cd)
-        out = torch.empty(B, m, device=acts.device, dtype=cd)
-        for b0, b1 in dense_tiles(B, w.shape[0]):
-            dense = dense_latents(acts[b0:b1], idx[b0:b1], w.shape[0], cd)
-            if bias is None:
-                torch.mm(dense, w, out=out[b0:b1])
-            else:
-                torch.addmm(bias.to(cd), dense, w, out=out[b0:b1])
-        return out.to(out_dtype)
+        return dense_decode(acts, idx, _dense_dictionary(values, rows, m, cd), bias, cd).to(out_dtype)
     if bias is not None:
         out = bias.to(cd).repeat(B, 1)  # one write pass; a fresh buffer, never a view of bias
     else:
@@ -284,15 +277,9 @@ def torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
     if (need_acts or need_values) and _dense_pays(B, K, n, grad.shape[1], D, grad.device):
         # Dense tiles (see DENSE_ATOM_SHARE): gacts = (grad @ W.T) at the ids, and the values'
         # gradient is that of the dense dictionary, G.T @ grad, at the atoms' rows.
-        gc = grad.to(cd)
-        w = _dense_dictionary(values, rows, grad.shape[1], cd) if need_acts else None
-        gw = torch.zeros(n, grad.shape[1], device=grad.device, dtype=cd) if need_values else None
-        for b0, b1 in dense_tiles(B, n):
-            if need_acts:
-                torch.gather(torch.mm(gc[b0:b1], w.T), 1, idx[b0:b1], out=gacts[b0:b1])
-            if need_values:
-                gw.addmm_(dense_latents(acts[b0:b1], idx[b0:b1], n, cd).T, gc[b0:b1])
-        return gacts, gw.gather(1, rows) if need_values else None
+        if need_acts:
+            gacts = dense_grad_acts(grad, idx, _dense_dictionary(values, rows, grad.shape[1], cd), cd)
+        return gacts, dense_grad_weight(grad, acts, idx, n, cd).gather(1, rows) if need_values else None
     gvalues = torch.zeros(n, D, device=grad.device, dtype=cd) if need_values else None
     chunks = _token_chunks(B, K, D)
     if not chunks or not (need_acts or need_values):

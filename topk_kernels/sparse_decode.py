@@ -32,9 +32,10 @@ from ._common import (
     check_matrix,
     check_same_device,
     compute_dtype,
-    dense_latents,
+    dense_decode,
+    dense_grad_acts,
+    dense_grad_weight,
     dense_pays,
-    dense_tiles,
     launch_options,
     on_device,
     pow2,
@@ -207,15 +208,7 @@ def torch_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tens
     B, K = idx.shape
     n = weight.shape[0]
     if idx.device.type == "cpu" and dense_pays(B, K, n, DENSE_FORWARD_SHARE):
-        wc, bc = weight.to(cd), bias.to(cd) if bias is not None else None
-        out = torch.empty(B, weight.shape[1], device=idx.device, dtype=cd)
-        for b0, b1 in dense_tiles(B, n):
-            dense = dense_latents(acts[b0:b1], idx[b0:b1], n, cd)
-            if bc is None:
-                torch.mm(dense, wc, out=out[b0:b1])
-            else:
-                torch.addmm(bc, dense, wc, out=out[b0:b1])
-        return out.to(out_dtype)
+        return dense_decode(acts, idx, weight, bias, cd).to(out_dtype)
     if bias is None and idx.device.type == "cpu" and acts.dtype == weight.dtype == out_dtype == torch.bfloat16:
         # bf16 throughout, no bias (the encoder's backward, for one): embedding_bag reads the bf16
         # rows as they are and sums in fp32, each output rounded once (measured bit-equal to the
@@ -335,22 +328,10 @@ def _dense_backward(grad: Tensor, acts: Tensor, idx: Tensor, weight: Tensor, nee
                     need_weight: bool) -> tuple[Tensor, Tensor]:
     """The CPU backward with k a large share of n (``_common.dense_pays``), in dense [tokens, n]
     tiles: ``grad @ weight.T`` gathered at the ids, and ``G.T @ grad`` for the weight."""
-    B, n = idx.shape[0], weight.shape[0]
     cd = compute_dtype(torch.promote_types(torch.promote_types(grad.dtype, acts.dtype), weight.dtype))
-    gc, wc = grad.to(cd), weight.to(cd) if need_acts else None
-    gacts = torch.empty(idx.shape, device=idx.device, dtype=cd) if need_acts else None
-    gw = torch.empty(n, weight.shape[1], device=idx.device, dtype=cd) if need_weight else None
-    for b0, b1 in dense_tiles(B, n):
-        if need_acts:
-            torch.gather(torch.mm(gc[b0:b1], wc.T), 1, idx[b0:b1], out=gacts[b0:b1])
-        if need_weight:  # the first tile writes gw, later ones add to it
-            dense = dense_latents(acts[b0:b1], idx[b0:b1], n, cd)
-            if b0 == 0:
-                torch.mm(dense.T, gc[b0:b1], out=gw)
-            else:
-                gw.addmm_(dense.T, gc[b0:b1])
-    return (gacts.to(acts.dtype) if need_acts else unused_grad(grad),
-            gw.to(weight.dtype) if need_weight else unused_grad(grad))
+    return (dense_grad_acts(grad, idx, weight, cd).to(acts.dtype) if need_acts else unused_grad(grad),
+            dense_grad_weight(grad, acts, idx, weight.shape[0], cd).to(weight.dtype) if need_weight
+            else unused_grad(grad))
 
 
 @_sparse_decode_backward_op.register_fake

@@ -27,7 +27,7 @@ Backward (only through the selected entries with positive pre-activation, as ReL
 only the active rows (row idx += g * x[token]), ``grad bias`` is a scatter-add; all three reuse the
 decoder's kernels and CPU routines in :mod:`topk_kernels.sparse_decode`. On the CPU path with k a
 large share of n (``_common.dense_pays``: k >= n/8 and B * k >= n) the gradient goes through dense
-[tokens, n] tiles and GEMMs instead (``_dense_backward``).
+[tokens, n] tiles and GEMMs instead (``_common.dense_decode``, ``dense_grad_weight``).
 
 All of it (kernel, CPU path, ``torch.library`` registration with fake and autograd) lives here,
 like the decoder.
@@ -51,8 +51,9 @@ from ._common import (
     check_matrix,
     check_same_device,
     compute_dtype,
+    dense_decode,
+    dense_grad_weight,
     dense_pays,
-    dense_tiles,
     grad_bias,
     launch_options,
     on_device,
@@ -1236,8 +1237,13 @@ def _topk_encode_backward_op(
             if need_weight:
                 gw = decode_triton_grad_weight(x, g, top_indices, n, weight.dtype)
     elif x.device.type == "cpu" and dense_pays(x.shape[0], top_indices.shape[1], n, DENSE_BACKWARD_SHARE):
-        return _dense_backward(g, top_indices, x, weight, need_x, need_weight, need_bias and bias_dtype is not None,
-                               bias_dtype, (gx, gw, gb))
+        # k a large share of n: the same decodes through dense [tokens, n] tiles and GEMMs, where the
+        # sparse routines gather B * k rows of the weight and of x at gather speed.
+        cd = compute_dtype(torch.promote_types(torch.promote_types(g.dtype, x.dtype), weight.dtype))
+        if need_x:
+            gx = dense_decode(g, top_indices, weight, None, cd).to(x.dtype)
+        if need_weight:
+            gw = dense_grad_weight(x, g, top_indices, n, cd).to(weight.dtype)
     else:
         if need_x:
             gx = decode_torch_forward(g, top_indices, weight, None, x.dtype)
@@ -1245,39 +1251,6 @@ def _topk_encode_backward_op(
             gw = decode_torch_grad_weight(x, g, top_indices, n, weight.dtype)
     if need_bias and bias_dtype is not None:
         gb = grad_bias(g, top_indices, n, bias_dtype)
-    return gx, gw, gb
-
-
-def _dense_backward(g: Tensor, idx: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
-                    need_bias: bool, bias_dtype, unused: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """The CPU backward with k a large share of n (``_common.dense_pays``): the gradient scattered
-    into dense [tokens, n] tiles, then ``G @ weight``, ``G.T @ x`` and ``G.sum(0)`` as GEMMs,
-    accumulated in the compute dtype, where the sparse backward gathers B * k rows of the weight
-    and of x at gather speed."""
-    B, n = x.shape[0], weight.shape[0]
-    cd = compute_dtype(torch.promote_types(torch.promote_types(g.dtype, x.dtype), weight.dtype))
-    gx, gw, gb = unused
-    wc = weight.to(cd) if need_x else None
-    gx_c = torch.empty(B, x.shape[1], device=x.device, dtype=cd) if need_x else None
-    gw_c = torch.empty(n, x.shape[1], device=x.device, dtype=cd) if need_weight else None
-    gb_c = torch.zeros(n, device=x.device, dtype=cd) if need_bias else None
-    for b0, b1 in dense_tiles(B, n):
-        dense = torch.zeros(b1 - b0, n, device=x.device, dtype=cd).scatter_add_(1, idx[b0:b1], g[b0:b1].to(cd))
-        if need_x:
-            torch.mm(dense, wc, out=gx_c[b0:b1])
-        if need_weight:  # the first tile writes gw_c, later ones add to it
-            if b0 == 0:
-                torch.mm(dense.T, x[b0:b1].to(cd), out=gw_c)
-            else:
-                gw_c.addmm_(dense.T, x[b0:b1].to(cd))
-        if need_bias:
-            gb_c += dense.sum(0)
-    if need_x:
-        gx = gx_c.to(x.dtype)
-    if need_weight:
-        gw = gw_c.to(weight.dtype)
-    if need_bias:
-        gb = gb_c.to(bias_dtype)
     return gx, gw, gb
 
 
