@@ -212,6 +212,15 @@ def _grouped_topk(pre: Tensor, kk: int) -> tuple[Tensor, Tensor]:
     return vals, cols.gather(1, pos)
 
 
+def _unordered_topk(pre: Tensor, kk: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(kk, sorted=False)`` of [R, w] rows (values and ids within the rows), through
+    ``_grouped_topk`` on rows long enough for its prefilter to pay (PREFILTER_*)."""
+    w = pre.shape[1]
+    if w >= PREFILTER_MIN_WIDTH and w // PREFILTER_GROUP >= PREFILTER_MIN_RATIO * kk:
+        return _grouped_topk(pre, kk)
+    return pre.topk(kk, dim=1, sorted=False)
+
+
 def _topk_plus_one(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.topk(k + 1)`` of [R, w] rows (w > k + 1) and which rows to rank again: fp32 values,
     int64 ids within the rows, and a bool [R] mask. torch.topk breaks ties arbitrarily. Its
@@ -220,11 +229,7 @@ def _topk_plus_one(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     keys. A NaN among them (NaN == NaN is false) makes the row suspect too: torch.topk picks
     arbitrary NaNs, the NaN order wants the lowest ids. Checking costs O(R * k), not O(R * w).
     Long rows go through ``_grouped_topk`` (the same values; the check needs nothing else)."""
-    w = pre.shape[1]
-    if w >= PREFILTER_MIN_WIDTH and w // PREFILTER_GROUP >= PREFILTER_MIN_RATIO * (k + 1):
-        vals, idx = _grouped_topk(pre, k + 1)
-    else:
-        vals, idx = pre.topk(k + 1, dim=1, sorted=False)
+    vals, idx = _unordered_topk(pre, k + 1)
     low = vals.min(dim=1, keepdim=True).values  # NaN when any selected value is NaN
     suspect = ((vals == low).sum(dim=1) > 1) | low.squeeze(1).isnan()
     return vals.float(), idx, suspect

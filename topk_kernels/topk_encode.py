@@ -35,6 +35,7 @@ like the decoder.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -65,9 +66,7 @@ from ._topk import (
     ALIGN,
     MIN_KEY_VALUE,
     _exact_topk,
-    _grouped_topk,
-    PREFILTER_GROUP,
-    PREFILTER_MIN_WIDTH,
+    _unordered_topk,
     candidate_buffer,
     cpu_tile,
     latent_splits,
@@ -829,19 +828,15 @@ def _bf16_extra(k: int) -> int:
     return 16 + k // 4
 
 
-_BF16_MATMUL: list = []
-
-
+@functools.cache
 def _bf16_matmul_units() -> bool:
     """Whether this CPU has bf16 matrix instructions (else a bf16 GEMM is no faster than fp32's)."""
-    if not _BF16_MATMUL:
-        cpu = getattr(torch, "cpu", None)
-        probes = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        try:
-            _BF16_MATMUL.append(any(bool(probe()) for probe in probes if probe is not None))
-        except Exception:  # a private probe that changed: take the fp32 path
-            _BF16_MATMUL.append(False)
-    return _BF16_MATMUL[0]
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(bool(probe()) for probe in probes if probe is not None)
+    except Exception:  # a private probe that changed: take the fp32 path
+        return False
 
 
 def _bf16_candidates_pay(x: Tensor, weight: Tensor, k: int, exact_keys: bool) -> bool:
@@ -887,11 +882,7 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
                 torch.mm(x[b0:b1], weight[start:stop].T, out=tile)
             else:
                 torch.addmm(bb[start:stop], x[b0:b1], weight[start:stop].T, out=tile)
-            width = min(kk, stop - start)
-            if stop - start >= PREFILTER_MIN_WIDTH and (stop - start) // PREFILTER_GROUP >= 4 * width:
-                v, i = _grouped_topk(tile, width)
-            else:
-                v, i = tile.topk(width, dim=1, sorted=False)
+            v, i = _unordered_topk(tile, min(kk, stop - start))
             i = i + start
             if run_v is not None:
                 v, i = torch.cat([run_v, v], 1), torch.cat([run_i, i], 1)
@@ -901,13 +892,7 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         cand_v[b0:b1], cand_i[b0:b1] = run_v, run_i
     xf = x.float()
     bf = bias.float() if bias is not None else None
-    exact = torch.empty(B, kk)
-    chunk = max(1, CPU_WIDEN_ELEMS // (kk * M))  # gathered fp32 rows per chunk, in cache
-    for b0 in range(0, B, chunk):
-        rows = weight.index_select(0, cand_i[b0:b0 + chunk].reshape(-1)).view(-1, kk, M)
-        exact[b0:b0 + chunk] = torch.einsum("bkm,bm->bk", rows.float(), xf[b0:b0 + chunk])
-    if bf is not None:
-        exact += bf[cand_i]
+    exact = _exact_values(xf, weight, bf, cand_i)
     values, indices = _exact_topk(exact, cand_i, k)
     c = cand_v.float().amin(dim=1)
     b_max = float(bf.abs().max()) if bf is not None else 0.0
@@ -1180,13 +1165,18 @@ def _empty_candidates(rows: int, splits: int, k_pad: int, device: torch.device) 
 
 
 def _exact_values(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor) -> Tensor:
-    """fp64 pre-activations [B, k] at the selected [B, k] latents (keys rank by fp32-rounded values).
-    Token chunks keep the gathered [chunk, k, m] rows within the CPU tile budget."""
+    """Pre-activations [B, k] in x's dtype at the [B, k] latents ``indices``, from their gathered
+    rows: the fp64 winners' exact values (keys rank by fp32-rounded values), and the fp32 values of
+    the bf16 candidates (``_bf16_candidates_forward``). On CPU a chunk of tokens' rows fills
+    CPU_WIDEN_ELEMS, in cache (B=1000, k=48, m=768: 28 ms against 109 for chunks of the tile budget);
+    elsewhere the chunks keep the gathered [chunk, k, m] rows within half the tile budget."""
     B, k = indices.shape
-    chunk = max(1, CPU_TILE_ELEMS // (2 * k * x.shape[1]))
+    budget = CPU_WIDEN_ELEMS if x.device.type == "cpu" else CPU_TILE_ELEMS // 2
+    chunk = max(1, budget // max(1, k * x.shape[1]))
     values = torch.empty(B, k, dtype=x.dtype, device=x.device)
     for b0 in range(0, B, chunk):
-        rows = weight[indices[b0:b0 + chunk]].to(x.dtype)  # [chunk, k, m]
+        # index_select, not weight[ids]: 28 against 65 ms for the advanced indexing (same rows)
+        rows = weight.index_select(0, indices[b0:b0 + chunk].reshape(-1)).view(-1, k, x.shape[1]).to(x.dtype)
         values[b0:b0 + chunk] = torch.bmm(rows, x[b0:b0 + chunk, :, None]).squeeze(2)
     if bias is not None:
         values += bias[indices]
