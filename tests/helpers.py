@@ -117,3 +117,29 @@ def force_fused(monkeypatch) -> None:
         return "fused" if te.pow2(k, lo=min(te.ENCODE_CONFIGS)) <= te.MAX_FUSED_K_PAD else "chunked"
 
     monkeypatch.setattr(te, "encode_strategy", fused_where_it_fits)
+
+
+class StorageAllocations:
+    """A ``TorchDispatchMode`` over the tensor storages each op creates (not views of its inputs'
+    storages, nothing on the meta device): ``total`` bytes, an upper bound on the peak of what was
+    allocated under it, and the ``largest`` one."""
+
+    def __new__(cls):
+        from torch.utils import _pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            total = largest = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+                for t in _pytree.tree_leaves(out):
+                    if (isinstance(t, torch.Tensor) and t.device.type != "meta"
+                            and t.untyped_storage().data_ptr() not in inputs):
+                        self.total += t.untyped_storage().nbytes()
+                        self.largest = max(self.largest, t.untyped_storage().nbytes())
+                return out
+
+        return Mode()

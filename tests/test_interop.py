@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import StorageAllocations
 from safetensors.torch import load_file, save_file
 
 from sae import ExpanderSAE, TopKSAE, load_sae
@@ -184,31 +185,6 @@ def test_saelens_bf16_folds_loaded_in_fp64_are_not_rounded_to_bf16(tmp_path, app
     torch.testing.assert_close(sae(x).x_hat, saelens_topk_forward(cfg, w, x), atol=1e-9, rtol=1e-9)
 
 
-class _AllocatedBytes:
-    """A ``TorchDispatchMode`` summing the bytes of every tensor storage an op creates (views of its
-    inputs' storages allocate nothing, nor does the meta device): an upper bound on the peak of what
-    was allocated under it."""
-
-    def __new__(cls):
-        from torch.utils import _pytree
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Mode(TorchDispatchMode):
-            total = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-                for t in _pytree.tree_leaves(out):
-                    if (isinstance(t, torch.Tensor) and t.device.type != "meta"
-                            and t.untyped_storage().data_ptr() not in inputs):
-                        self.total += t.untyped_storage().nbytes()
-                return out
-
-        return Mode()
-
-
 @pytest.mark.parametrize("export,weights,enc", [(export_saelens, "sae_weights.safetensors", "W_enc"),
                                                 (export_sparsify, "sae.safetensors", "encoder.weight")],
                          ids=["saelens", "sparsify"])
@@ -230,7 +206,7 @@ def test_expander_export_allocates_its_two_dense_matrices_and_little_else(tmp_pa
         sae.enc_values.mul_(1.5)
         sae.act_scale.fill_(0.37)
     monkeypatch.setattr(interop, "_EXPORT_BLOCK", 1000 * m, raising=False)  # five blocks of latents
-    spy = _AllocatedBytes()
+    spy = StorageAllocations()
     with spy:
         export(sae, tmp_path / "out")
     dense = n * m * 4
@@ -428,7 +404,7 @@ def test_peer_import_allocates_the_model_once(tmp_path, monkeypatch, kind, dtype
         _sparsify_folder(tmp_path / "peer", m, n, IK)
     _read_beforehand(monkeypatch, tmp_path / "peer")
     model_bytes = (2 * n * m + n + m) * (dtype or torch.float32).itemsize
-    spy = _AllocatedBytes()
+    spy = StorageAllocations()
     with spy:
         sae = load_sae(tmp_path / "peer", dtype=dtype)
     assert sae.W_dec.dtype == (dtype or torch.float32)
@@ -441,7 +417,7 @@ def test_peer_k_above_its_latents_is_refused_before_the_weights_are_copied(tmp_p
     m, n = 96, 3001
     writer(tmp_path / "peer", m, n, n + 1)
     _read_beforehand(monkeypatch, tmp_path / "peer")
-    spy = _AllocatedBytes()
+    spy = StorageAllocations()
     with spy, pytest.raises(UnsupportedPeerFormat, match=f"k={n + 1} is more than its {n} latents"):
         load_sae(tmp_path / "peer")
     assert spy.total <= 4096, spy.total  # nothing of the model's size

@@ -4,6 +4,7 @@ bad checkpoints are refused; the learning-rate schedule."""
 import pytest
 import torch
 
+from helpers import StorageAllocations
 from sae.data import ActivationBuffer
 from sae import load_sae
 from sae.models import ExpanderSAE, TopKSAE
@@ -442,7 +443,7 @@ def test_expander_resampling_allocates_per_support_entry_not_per_model_coordinat
     pick = torch.multinomial(weight / weight.sum(), n, replacement=True, generator=torch.Generator().manual_seed(3))
     want = torch.stack([err[p, sae.rows[j]] for j, p in enumerate(pick.tolist())])
     want = want / want.norm(dim=1, keepdim=True)
-    spy = _Allocations()
+    spy = StorageAllocations()
     with spy:
         idx = sae.resample_dead(x, generator=torch.Generator().manual_seed(3))
     assert idx.numel() == n
@@ -726,29 +727,6 @@ def test_resume_refuses_to_drop_an_sae_s_own_dead_threshold(tmp_path):
     assert sae.dead_tokens_threshold == derived
 
 
-class _Allocations:
-    """A ``TorchDispatchMode`` recording the largest tensor any op allocates (its storage's bytes;
-    views of an op's inputs, such as ``detach``, allocate nothing)."""
-
-    def __new__(cls):
-        from torch.utils import _pytree
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Mode(TorchDispatchMode):
-            largest = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor)}
-                for t in _pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                        self.largest = max(self.largest, t.untyped_storage().nbytes())
-                return out
-
-        return Mode()
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_the_parameter_check_stops_on_a_non_finite_one_without_a_temporary_of_its_size(value):
     """The check at every log step names the parameter that is not finite (NaN, +inf or -inf in the
@@ -758,7 +736,7 @@ def test_the_parameter_check_stops_on_a_non_finite_one_without_a_temporary_of_it
 
     sae = TopKSAE(64, 1024, 4)
     watch = _FiniteWatch(sae, torch.device("cpu"))
-    spy = _Allocations()
+    spy = StorageAllocations()
     with spy:
         watch.check(5, 3)  # all finite: nothing to say
     largest = max(p.numel() * p.element_size() for p in sae.parameters())
