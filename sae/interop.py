@@ -114,8 +114,12 @@ def _check_tensors(tensors: dict, shapes: dict, where: str) -> None:
             raise UnsupportedPeerFormat(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-# fp64 values per block of latents that load_saelens folds at a time (32 MiB).
-_IMPORT_BLOCK = 2**22
+# Elements per block of latents that the import (load_saelens's folds) and the export
+# (_dense_weights) convert at a time: a block is max(1, _BLOCK_ELEMS // m) latents, so each fp64
+# working copy of a block of an [n, m] matrix holds at most 2**22 values (32 MiB) whatever the
+# model's size, where whole fp64 copies of both matrices cost several times the model. Tests
+# shrink it to fold and export over several blocks.
+_BLOCK_ELEMS = 2**22
 
 
 def _topk_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, where: str = "peer SAE"):
@@ -201,7 +205,7 @@ def load_saelens(path: str | os.PathLike, dtype: Optional[torch.dtype] = None):
     # then kept as the SAE's parameter).
     b_dec, b_enc = t["b_dec"].to(torch.float64, copy=True), t["b_enc"].to(torch.float64, copy=True)
     r = torch.empty(n, dtype=torch.float64)
-    step = min(n, max(1, _IMPORT_BLOCK // m))
+    step = min(n, max(1, _BLOCK_ELEMS // m))
     buf = torch.empty(step * m, dtype=torch.float64)  # one block of either matrix, folded in place
     with torch.no_grad():
         for j0 in range(0, n, step):
@@ -260,10 +264,6 @@ def load_sparsify(path: str | os.PathLike, dtype: Optional[torch.dtype] = None):
     return sae.to(dtype) if dtype is not None else sae  # its buffers; the parameters are in dtype already
 
 
-# fp64 values per block of latents that _dense_weights folds at a time (32 MiB).
-_EXPORT_BLOCK = 2**22
-
-
 def _dense_weights(sae, encoder_transposed: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(W_enc, b_enc, W_dec, b_dec) of the function ``sae`` computes, for peers' formula, in the SAE's
     dtype (b_enc's) and contiguous; W_enc [n, m], or [m, n] with ``encoder_transposed`` (SAELens).
@@ -292,7 +292,7 @@ def _dense_weights(sae, encoder_transposed: bool = False) -> tuple[Tensor, Tenso
     with torch.no_grad():
         W_enc = torch.zeros(m, n, dtype=dtype) if encoder_transposed else torch.zeros(n, m, dtype=dtype)
         W_dec = torch.zeros(n, m, dtype=dtype)
-        step = max(1, _EXPORT_BLOCK // m)
+        step = max(1, _BLOCK_ELEMS // m)
         for j0 in range(0, n, step):
             j1 = min(n, j0 + step)
             for src, out, fold in ((enc, W_enc.T if encoder_transposed else W_enc, lambda v: v * s),

@@ -205,7 +205,7 @@ def test_expander_export_allocates_its_two_dense_matrices_and_little_else(tmp_pa
     with torch.no_grad():
         sae.enc_values.mul_(1.5)
         sae.act_scale.fill_(0.37)
-    monkeypatch.setattr(interop, "_EXPORT_BLOCK", 1000 * m, raising=False)  # five blocks of latents
+    monkeypatch.setattr(interop, "_BLOCK_ELEMS", 1000 * m)  # five blocks of latents
     spy = StorageAllocations()
     with spy:
         export(sae, tmp_path / "out")
@@ -277,7 +277,7 @@ def test_saelens_blockwise_fold_equals_the_whole_matrix_fp64_fold(tmp_path, monk
     (dtype=None) or kept in fp64 (dtype=float64)."""
     import sae.interop as interop
 
-    monkeypatch.setattr(interop, "_IMPORT_BLOCK", IBLOCK * IM)
+    monkeypatch.setattr(interop, "_BLOCK_ELEMS", IBLOCK * IM)
     cfg, w = _saelens_folder(tmp_path / "sl", IM, IN, IK, file_dtype, apply_b_dec_to_input=apply_b_dec,
                              rescale_acts_by_decoder_norm=rescale)
     want = _fp64_saelens_fold(cfg, w)
@@ -298,7 +298,7 @@ def test_saelens_blockwise_fold_equals_the_whole_matrix_fp64_fold(tmp_path, monk
 def test_saelens_zero_decoder_row_is_refused_in_any_block(tmp_path, monkeypatch, row):
     import sae.interop as interop
 
-    monkeypatch.setattr(interop, "_IMPORT_BLOCK", IBLOCK * IM)
+    monkeypatch.setattr(interop, "_BLOCK_ELEMS", IBLOCK * IM)
     cfg, w = _saelens_folder(tmp_path / "sl", IM, IN, IK, rescale_acts_by_decoder_norm=True)
     w["W_dec"][row] = 0
     save_file(w, str(tmp_path / "sl" / "sae_weights.safetensors"))
@@ -397,7 +397,7 @@ def test_peer_import_allocates_the_model_once(tmp_path, monkeypatch, kind, dtype
     import sae.interop as interop
 
     m, n = 96, 3001
-    monkeypatch.setattr(interop, "_IMPORT_BLOCK", 64 * m)
+    monkeypatch.setattr(interop, "_BLOCK_ELEMS", 64 * m)
     if kind == "saelens":
         _saelens_folder(tmp_path / "peer", m, n, IK, apply_b_dec_to_input=False, rescale_acts_by_decoder_norm=True)
     else:
