@@ -60,12 +60,14 @@ class _Parser(argparse.ArgumentParser):
 # Checks that run before any model loads
 # ---------------------------------------------------------------------------------------------
 
-def _flag_error(exc: ValueError) -> _UsageError:
-    """``"field: message"`` from a config's validate() -> ``"--field: message"``."""
+def _flag_error(exc: ValueError, flags: Optional[dict] = None) -> _UsageError:
+    """``"field: message"`` from a config's validate() -> ``"--field: message"``; ``flags`` maps a
+    field to the flag that set it where the command's own flag is another (the frontier's k: --ks)."""
     text = str(exc)
     name, sep, rest = text.partition(":")
     if sep and name.isidentifier():
-        flag = {"total_tokens": "--tokens", "d": "--degree"}.get(name, "--" + name.replace("_", "-"))
+        flags = {"total_tokens": "--tokens", "d": "--degree", **(flags or {})}
+        flag = flags.get(name, "--" + name.replace("_", "-"))
         return _UsageError(f"{flag}:{rest}")
     return _UsageError(text)
 
@@ -82,7 +84,9 @@ def _data_config(args):
     return data
 
 
-def _configs(args, **sae_overrides):
+def _configs(args, *, flags: Optional[dict] = None, **sae_overrides):
+    """The checked (SAEConfig, TrainConfig) of ``args`` with ``sae_overrides``; an error names the
+    flag that set the field (``flags``: as ``_flag_error``'s)."""
     from .config import SAEConfig, TrainConfig, from_args
 
     sae_cfg = from_args(SAEConfig, args, **sae_overrides)
@@ -91,7 +95,7 @@ def _configs(args, **sae_overrides):
         sae_cfg.validate()
         train_cfg.validate()
     except ValueError as exc:
-        raise _flag_error(exc) from None
+        raise _flag_error(exc, flags) from None
     return sae_cfg, train_cfg
 
 
@@ -740,13 +744,10 @@ def cmd_frontier(args) -> int:
         dense_only = dict(signed=False, renorm_values=False, tied=True) if arch == "topk" else {}
         for k in args.ks:
             # With --n-latents the full size is known before the model loads: a k above it is
-            # refused here, naming --ks (the frontier has no --k), not after the model loads.
-            try:
-                _configs(args, arch=arch, k=k, degree=degree, n_latents=args.n_latents, **dense_only)
-            except _UsageError as exc:
-                if str(exc).startswith("--k:"):
-                    raise _UsageError(f"--ks:{str(exc)[len('--k:'):]}") from None
-                raise
+            # refused here, not after the model loads. SAEConfig's k is set by --ks (the frontier
+            # has no --k), so its errors name --ks.
+            _configs(args, flags={"k": "--ks"}, arch=arch, k=k, degree=degree, n_latents=args.n_latents,
+                     **dense_only)
     if args.control and "control" in _parts(args):
         import dataclasses
 
