@@ -15,8 +15,9 @@
 #   PART=f bash benchmarks/gpu_session.sh $OUT    # where the TopK / Expander SAE train steps' time goes:
 #                                                 # torch.profiler's kernels, bf16 and fp32 (~2 minutes)
 #   PART=g bash benchmarks/gpu_session.sh $OUT    # the threshold strategy's phases (its kernel's cycle
-#                                                 # timers) and its knobs at k = 512..4096, against
-#                                                 # torch.addmm + torch.topk (~5 minutes)
+#                                                 # timers) and its knobs at k = 512..4096 (the atomic
+#                                                 # read it replaced among them), against
+#                                                 # torch.addmm + torch.topk (~6 minutes)
 #   PART=h bash benchmarks/gpu_session.sh $OUT    # the chunked selection one tile ahead and its register
 #                                                 # caps, A/B at k = 32 / 64 / 256 and in the expander's
 #                                                 # chunked strategy; its tests on CUDA (~4 minutes)
@@ -139,15 +140,16 @@ fi
 if [[ $part == *g* ]]; then
 # At k = 4096 the threshold strategy lost to torch.addmm + torch.topk by 10 % (15.93 against 14.44
 # ms): where its selection kernel spends its cycles, per phase, and what a tighter probe spread
-# (SPREAD), a smaller sample or a larger CAP buy. Its tests on CUDA first (the shipped tile too).
+# (SPREAD), a smaller sample or a larger CAP buy, and the read with atomics it replaced (APPEND_SCAN=0,
+# RESULTS.md, "The threshold read without atomics"). Its tests on CUDA first (the shipped tile too).
 timeout 150 "$py" -m pytest --device cuda -q -m ops $xdist -p no:cacheprovider -rfEs tests/test_topk_encode.py \
     -k threshold > "$out/tests_g.log" 2>&1
 tests_rc=$?
 tail -3 "$out/tests_g.log"
-timeout 200 "$py" benchmarks/threshold_phases.py --k 4096,2048 --tiles SPREAD=0.5 SPREAD=0.75 SAMPLE=1024 \
-    CAP=512 SPREAD=0.5,CAP=512 > "$out/phases.md" 2> "$out/phases.log"
+timeout 220 "$py" benchmarks/threshold_phases.py --k 4096,2048 --tiles APPEND_SCAN=0 \
+    SPREAD=0.5 SAMPLE=1024 CAP=512 SPREAD=0.5,CAP=512 > "$out/phases.md" 2> "$out/phases.log"
 echo "threshold_phases rc $?"
-timeout 120 "$py" benchmarks/threshold_phases.py --k 1024,512 --tiles SPREAD=0.5 SPREAD=0.75 \
+timeout 140 "$py" benchmarks/threshold_phases.py --k 1024,512 --tiles APPEND_SCAN=0 SPREAD=0.5 SPREAD=0.75 \
     >> "$out/phases.md" 2>> "$out/phases.log"
 echo "threshold_phases rc $?"; cat "$out/phases.md"
 fi

@@ -182,7 +182,25 @@ def _topk_encode_specs() -> list[Spec]:
         specs.append(Spec("topk_encode", f"threshold,bf16,k={k}", lambda k=k: te._threshold_forward(
             _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k, _torch_dtype("bf16")),
             group="threshold", weight=10))  # three builds an arch, ~30 s each
+    # The read that is not shipped (THRESHOLD_TILE's APPEND_SCAN flipped), at both SAMPLE_TOPs, for
+    # benchmarks/threshold_phases.py's A/B on a GPU.
+    flipped = dict(te.THRESHOLD_TILE, APPEND_SCAN=1 - te.THRESHOLD_TILE["APPEND_SCAN"])
+    for k in (1024, 4096):
+        specs.append(Spec("topk_encode", f"threshold,bf16,k={k},APPEND_SCAN={flipped['APPEND_SCAN']}",
+                          lambda k=k: _with_tile(te, flipped, lambda: te._threshold_forward(
+                              _t(B, m, dtype="bf16"), _t(n, m, dtype="bf16"), _t(n, dtype="bf16"), k,
+                              _torch_dtype("bf16"))), group="threshold, flipped read", weight=7))
     return specs
+
+
+def _with_tile(te, tile: dict, run: Callable[[], object]):
+    """``run()`` with ``te.THRESHOLD_TILE`` set to ``tile``."""
+    saved = te.THRESHOLD_TILE
+    te.THRESHOLD_TILE = tile
+    try:
+        return run()
+    finally:
+        te.THRESHOLD_TILE = saved
 
 
 # --- expander_encode --------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _threshold_topk_encode(monkeypatch, x, weight, bias, k):
     with monkeypatch.context() as patch:
         patch.setattr(te, "THRESHOLD_TILE_ELEMS", 3 * weight.shape[0])
         patch.setattr(te, "THRESHOLD_TILE", dict(BLOCK=8, SAMPLE=8, SAMPLE_TOP=8, PROBES=8, CAP=4, SPREAD=1.0,
-                                                     num_warps=1))
+                                                     APPEND_SCAN=1, num_warps=1))
         return te._threshold_forward(x, weight, bias, k, torch.float32)
 
 

@@ -473,7 +473,8 @@ def _spy_gemm_rows(monkeypatch):
 
 # Small threshold-kernel tiles: a 32-entry sample, 32-entry tiles and at most 8 candidates, so
 # that rows of a few hundred latents take the buffer, extra counting passes and the compaction.
-SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, SAMPLE_TOP=16, PROBES=8, CAP=8, SPREAD=1.0, num_warps=1)
+SMALL_THRESHOLD_TILE = dict(BLOCK=32, SAMPLE=32, SAMPLE_TOP=16, PROBES=8, CAP=8, SPREAD=1.0, APPEND_SCAN=1,
+                            num_warps=1)
 
 
 @pytest.fixture
@@ -536,9 +537,10 @@ def test_threshold_strategy_bounds_its_blocks(monkeypatch):
 
 
 @pytest.mark.usefixtures("threshold")
+@pytest.mark.parametrize("append_scan", [0, 1], ids=["atomic", "scan"])
 @pytest.mark.parametrize("case", ["buffer", "buffer, one candidate slot", "overflow", "misled sample", "no bias",
                                   "narrow spread"])
-def test_threshold_strategy_every_path(case, monkeypatch):
+def test_threshold_strategy_every_path(case, append_scan, monkeypatch):
     """The threshold kernel's paths against the fp64 reference: the usual one (the row read once
     into the buffer, then counting passes and the compaction over the buffer), with CAP = 1 (many
     counting passes), with a buffer of one slot (every row overflows: counting passes and the
@@ -546,7 +548,8 @@ def test_threshold_strategy_every_path(case, monkeypatch):
     first SAMPLE latents are the row's best, so the floor is above the k-th value and the row is
     the source), and probes a tenth as far apart (SPREAD: a floor that is often above the k-th
     value, so rows mix both sources). Rows are 470 latents, k = 45 (the sample's floor is
-    15 * 470 / 32 ~ 220 entries down)."""
+    15 * 470 / 32 ~ 220 entries down). Each with either read (``APPEND_SCAN``): slots from the
+    row's atomic counter or from a scan across the program's lanes."""
     B, m, n, k = 13, 10, 470, 45
     x, weight, bias = _inputs((B,), m, n)
     if case == "buffer, one candidate slot":
@@ -555,6 +558,7 @@ def test_threshold_strategy_every_path(case, monkeypatch):
         monkeypatch.setattr(te, "THRESHOLD_TILE", SMALL_THRESHOLD_TILE | dict(SPREAD=0.1))
     if case == "overflow":
         monkeypatch.setattr(te, "_threshold_sizes", lambda n, k, tile: (32, 32, 1))
+    monkeypatch.setattr(te, "THRESHOLD_TILE", te.THRESHOLD_TILE | dict(APPEND_SCAN=append_scan))
     if case == "misled sample":
         x, bias = 1e-3 * x, torch.linspace(3.0, -3.0, n)
     if case == "no bias":
@@ -586,12 +590,16 @@ def test_threshold_sizes_reach_the_outermost_probe():
     assert te._threshold_sizes(131072, 4096, tile | dict(SPREAD=0.5))[1] == 128  # rank 79.5
 
 
+@pytest.mark.parametrize("other_read", [False, True], ids=["shipped", "other read"])
 @pytest.mark.parametrize("k,dtype", [(513, torch.float32), (700, torch.bfloat16)])
-def test_threshold_strategy_shipped_tile(monkeypatch, k, dtype):
+def test_threshold_strategy_shipped_tile(monkeypatch, k, dtype, other_read):
     """The threshold strategy with the tile it ships (THRESHOLD_TILE: 128-entry tiles, a 2048-entry
     sample, CAP 256, 4 warps on CUDA), not the small test tile: rows of 4099 latents (four whole
-    read steps of 1024 and a ragged tail; the sample's top 256 or 512), three blocks of tokens."""
+    read steps of 1024 and a ragged tail; the sample's top 256 or 512), three blocks of tokens.
+    Also with the read that is not shipped (``APPEND_SCAN`` flipped)."""
     monkeypatch.setattr(te, "encode_strategy", lambda *args: "threshold")
+    if other_read:
+        monkeypatch.setattr(te, "THRESHOLD_TILE", te.THRESHOLD_TILE | dict(APPEND_SCAN=1 - te.THRESHOLD_TILE["APPEND_SCAN"]))
     B, m, n = 7, 24, 4099
     monkeypatch.setattr(te, "THRESHOLD_TILE_ELEMS", 3 * n)
     seen = _spy_gemm_rows(monkeypatch)

@@ -333,6 +333,92 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _step_bits(pre_row, bias_ptr, start, lane, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """One whole step of the threshold kernel's read: the ordered bits of eight tiles of BLOCK
+        entries from ``start``, loaded without masks, all before any is used (ptxas serialises
+        masked loads: a zeroed register, then a predicated load into it), and their offsets."""
+        o0, o1, o2, o3 = start + lane, start + BLOCK + lane, start + 2 * BLOCK + lane, start + 3 * BLOCK + lane
+        o4, o5, o6, o7 = o0 + 4 * BLOCK, o1 + 4 * BLOCK, o2 + 4 * BLOCK, o3 + 4 * BLOCK
+        b0, b1 = _row_bits(pre_row, bias_ptr, o0, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o1, None, HAS_BIAS)
+        b2, b3 = _row_bits(pre_row, bias_ptr, o2, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o3, None, HAS_BIAS)
+        b4, b5 = _row_bits(pre_row, bias_ptr, o4, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o5, None, HAS_BIAS)
+        b6, b7 = _row_bits(pre_row, bias_ptr, o6, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o7, None, HAS_BIAS)
+        return b0, b1, b2, b3, b4, b5, b6, b7, o0, o1, o2, o3, o4, o5, o6, o7
+
+
+    @triton.jit
+    def _read_atomic(pre_row, bias_ptr, buf_row, counter, floor, N, BUF, HAS_BIAS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """The threshold kernel's read with slots from the row's atomic counter (zero before):
+        appends the keys of every entry at or above ``floor`` to ``buf_row`` (at most BUF) and
+        returns how many there were. Whole steps of eight tiles (each append waits for its
+        atomic, so all eight loads go first), then the rest a tile at a time."""
+        lane = tl.arange(0, BLOCK)
+        whole = N // (8 * BLOCK) * (8 * BLOCK)
+        for start in range(0, whole, 8 * BLOCK):
+            b0, b1, b2, b3, b4, b5, b6, b7, o0, o1, o2, o3, o4, o5, o6, o7 = _step_bits(
+                pre_row, bias_ptr, start, lane, HAS_BIAS, BLOCK)
+            _append(b0, o0, floor, counter, buf_row, BUF)
+            _append(b1, o1, floor, counter, buf_row, BUF)
+            _append(b2, o2, floor, counter, buf_row, BUF)
+            _append(b3, o3, floor, counter, buf_row, BUF)
+            _append(b4, o4, floor, counter, buf_row, BUF)
+            _append(b5, o5, floor, counter, buf_row, BUF)
+            _append(b6, o6, floor, counter, buf_row, BUF)
+            _append(b7, o7, floor, counter, buf_row, BUF)
+        for start in range(whole, N, BLOCK):
+            offs = start + lane
+            _append(_row_bits(pre_row, bias_ptr, offs, offs < N, HAS_BIAS), offs, floor, counter, buf_row, BUF)
+        tl.debug_barrier()  # every lane's appends (and their stores) before the count is read
+        return tl.atomic_add(counter, 0, sem="relaxed")
+
+
+    @triton.jit
+    def _put(bits, offs, keep, slot, buf_row, BUF):
+        """Store the keys of the entries ``keep`` (0 / 1) at their ``slot`` of ``buf_row`` (below BUF)."""
+        tl.store(buf_row + slot, pack_key(bits, offs), mask=(keep > 0) & (slot < BUF))
+
+
+    @triton.jit
+    def _read_scan(pre_row, bias_ptr, buf_row, floor, N, BUF, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """``_read_atomic`` without atomics: the program owns its row, so a lane's slots are the
+        count so far plus an exclusive scan, across lanes, of how many of its entries each lane
+        keeps: one scan and one sum a step of eight tiles (in lane order, then tile order within
+        a lane) where the counter took one L2 round trip a tile with any entry kept."""
+        lane = tl.arange(0, BLOCK)
+        whole = N // (8 * BLOCK) * (8 * BLOCK)
+        count = N * 0
+        for start in range(0, whole, 8 * BLOCK):
+            b0, b1, b2, b3, b4, b5, b6, b7, o0, o1, o2, o3, o4, o5, o6, o7 = _step_bits(
+                pre_row, bias_ptr, start, lane, HAS_BIAS, BLOCK)
+            k0, k1, k2, k3 = (b0 >= floor).to(tl.int32), (b1 >= floor).to(tl.int32), (b2 >= floor).to(
+                tl.int32), (b3 >= floor).to(tl.int32)
+            k4, k5, k6, k7 = (b4 >= floor).to(tl.int32), (b5 >= floor).to(tl.int32), (b6 >= floor).to(
+                tl.int32), (b7 >= floor).to(tl.int32)
+            kept = k0 + k1 + k2 + k3 + k4 + k5 + k6 + k7
+            s0 = count + tl.cumsum(kept, axis=0) - kept
+            s1, s2, s3 = s0 + k0, s0 + k0 + k1, s0 + k0 + k1 + k2
+            s4 = s3 + k3
+            s5, s6, s7 = s4 + k4, s4 + k4 + k5, s4 + k4 + k5 + k6
+            _put(b0, o0, k0, s0, buf_row, BUF)
+            _put(b1, o1, k1, s1, buf_row, BUF)
+            _put(b2, o2, k2, s2, buf_row, BUF)
+            _put(b3, o3, k3, s3, buf_row, BUF)
+            _put(b4, o4, k4, s4, buf_row, BUF)
+            _put(b5, o5, k5, s5, buf_row, BUF)
+            _put(b6, o6, k6, s6, buf_row, BUF)
+            _put(b7, o7, k7, s7, buf_row, BUF)
+            count += tl.sum(kept, axis=0)
+        for start in range(whole, N, BLOCK):
+            offs = start + lane
+            bits = _row_bits(pre_row, bias_ptr, offs, offs < N, HAS_BIAS)
+            keep = (bits >= floor).to(tl.int32)
+            _put(bits, offs, keep, count + tl.cumsum(keep, axis=0) - keep, buf_row, BUF)
+            count += tl.sum(keep, axis=0)
+        return count
+
+
+    @triton.jit
     def _stamp(timers_row, at: tl.constexpr, TIMERS: tl.constexpr):
         """With TIMERS, the SM's cycle counter after a barrier (so after the work before it) into
         ``timers_row[at]``; nothing otherwise. For phase timing (benchmarks/threshold_phases.py)."""
@@ -348,7 +434,8 @@ if HAS_TRITON:
         pre_ptr, bias_ptr, out_ptr, scratch_ptr, buf_ptr, count_ptr, timers_ptr,
         N, k, BUF,
         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr, SAMPLE_TOP: tl.constexpr,
-        PROBES: tl.constexpr, CAP: tl.constexpr, SPREAD: tl.constexpr, TIMERS: tl.constexpr,
+        PROBES: tl.constexpr, CAP: tl.constexpr, SPREAD: tl.constexpr, APPEND_SCAN: tl.constexpr,
+        TIMERS: tl.constexpr,
     ):
         """Threshold strategy, one program per token: the row's exact top k of its N fp32
         pre-activations (plus bias) -> ``out[row, :k]`` as packed keys, in no particular order.
@@ -361,9 +448,11 @@ if HAS_TRITON:
              at once). The lowest probe, the floor, is below T unless the sample misleads by over
              4 * SPREAD of its standard deviations (a smaller SPREAD appends fewer entries and
              brackets tighter, and falls back to the row more often).
-          2. One read of the row appends every entry at or above the floor to ``buf`` as a key
-             (slots from a relaxed atomic counter per row, in no particular order; its final
-             value is how many).
+          2. One read of the row appends every entry at or above the floor to ``buf`` as a key.
+             With APPEND_SCAN, slots come from a scan across the program's lanes (the row is this
+             program's alone: the count stays in a register, no atomic and no L2 round trip a
+             tile); else from a relaxed atomic counter per row (in no particular order; its
+             final value is how many).
           3. If that holds at least k and at most BUF entries, it holds T and everything above:
              the rest runs on ``buf`` (a few thousand keys, in L2), not on the row. Else (rare:
              a misleading sample, or many ties at the floor) the row is the source. The k-th best
@@ -411,32 +500,12 @@ if HAS_TRITON:
         floor = tl.min(first, axis=0)
         _stamp(timers_row, 1, TIMERS)
         # 2. The read: every entry at or above the floor, appended to buf.
-        # Whole steps of eight tiles, loaded without masks before the first append: each append
-        # waits for its atomic, and ptxas serialises masked loads (a zeroed register, then a
-        # predicated load into it). Then the rest a tile at a time.
         counter = count_ptr + row
         lane = tl.arange(0, BLOCK)
-        whole = N // (8 * BLOCK) * (8 * BLOCK)
-        for start in range(0, whole, 8 * BLOCK):
-            o0, o1, o2, o3 = start + lane, start + BLOCK + lane, start + 2 * BLOCK + lane, start + 3 * BLOCK + lane
-            o4, o5, o6, o7 = o0 + 4 * BLOCK, o1 + 4 * BLOCK, o2 + 4 * BLOCK, o3 + 4 * BLOCK
-            b0, b1 = _row_bits(pre_row, bias_ptr, o0, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o1, None, HAS_BIAS)
-            b2, b3 = _row_bits(pre_row, bias_ptr, o2, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o3, None, HAS_BIAS)
-            b4, b5 = _row_bits(pre_row, bias_ptr, o4, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o5, None, HAS_BIAS)
-            b6, b7 = _row_bits(pre_row, bias_ptr, o6, None, HAS_BIAS), _row_bits(pre_row, bias_ptr, o7, None, HAS_BIAS)
-            _append(b0, o0, floor, counter, buf_row, BUF)
-            _append(b1, o1, floor, counter, buf_row, BUF)
-            _append(b2, o2, floor, counter, buf_row, BUF)
-            _append(b3, o3, floor, counter, buf_row, BUF)
-            _append(b4, o4, floor, counter, buf_row, BUF)
-            _append(b5, o5, floor, counter, buf_row, BUF)
-            _append(b6, o6, floor, counter, buf_row, BUF)
-            _append(b7, o7, floor, counter, buf_row, BUF)
-        for start in range(whole, N, BLOCK):
-            offs = start + lane
-            _append(_row_bits(pre_row, bias_ptr, offs, offs < N, HAS_BIAS), offs, floor, counter, buf_row, BUF)
-        tl.debug_barrier()  # every lane's appends (and their stores) before the count is read
-        buffered = tl.atomic_add(counter, 0, sem="relaxed")
+        if APPEND_SCAN:
+            buffered = _read_scan(pre_row, bias_ptr, buf_row, floor, N, BUF, HAS_BIAS, BLOCK)
+        else:
+            buffered = _read_atomic(pre_row, bias_ptr, buf_row, counter, floor, N, BUF, HAS_BIAS, BLOCK)
         from_buf = (buffered >= k) & (buffered <= BUF)
         size = tl.where(from_buf, buffered, N)
         _stamp(timers_row, 2, TIMERS)
@@ -648,14 +717,26 @@ def _threshold_block_tokens(n: int) -> int:
 # registers at 8 warps (4 CTAs / 32 warps an SM) with all 16 loads of a step issued before the
 # first append. The sample's bracket then often holds more than CAP entries, which costs a
 # counting pass over the buffer (a few thousand keys), not over the row. MEASURED on the H100
-# (bf16 B=8192 m=2048 n=131072, 2048 tokens a block): 4 warps (BLOCK 128) against 8 (BLOCK 256):
+# with the atomic read (bf16 B=8192 m=2048 n=131072, 2048 tokens a block): 4 warps (BLOCK 128)
+# against 8 (BLOCK 256):
 # 11.23 / 11.29 ms at k = 512, 11.93 / 12.52 at 1024, 13.22 / 14.67 at 2048, 15.93 / 17.99 at
 # 4096; 16 warps lost at k >= 1024. One program is one row's serial pipeline, so 8 CTAs an SM
 # (sm_90: 64 registers) keep more rows in flight than 4. ptxas then keeps two lane masks of the
 # final sort in 8 bytes of local memory (stored once, loaded once a row, outside every loop); a
 # spill-free build (maxnreg=72: 7 CTAs an SM) measured 18 % slower (13.98 against 11.86 ms at k =
 # 1024, 18.38 / 15.87 at 4096).
-THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, SPREAD=1.0, num_warps=4)
+# APPEND_SCAN: the read's slots from a scan across the program's lanes (1) or from the row's atomic
+# counter (0: the build measured above). In the sm_90 SASS the atomic read's step (279
+# instructions) chains up to eight warp-aggregated ATOMG -> SHFL -> STG (the store could alias the
+# counter, so the next atomic waits for it): one L2 round trip a warp's tile with an entry kept,
+# ~6.4 a step at k = 4096, ~2.4 at 512. The scan's step is 245 instructions, no atomic, 5 barriers
+# (64 registers, a 4-byte spill, 8 CTAs an SM). PREDICTION, not measured (RESULTS.md, "The
+# threshold read without atomics"): the measured selection time grows ~0.67 ms per 1,000 entries
+# appended a row, and the atomic chain accounts for 8-21 of the ~21 SM cycles each costs, so the
+# scan saves ~1.6-3.3 ms at k = 4096 (15.9 -> 12.6-14.3 ms against addmm + topk's 14.4) and
+# ~0.4-0.8 ms at k = 512. PART=g of benchmarks/gpu_session.sh measures both reads.
+THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, SPREAD=1.0, APPEND_SCAN=1,
+                      num_warps=4)
 
 # --- which strategy runs on CUDA ---------------------------------------------------------------
 # Measured on a GPU (benchmarks/gpu.py's fused / chunked strategy rows, benchmarks/encode_sweep.py):
