@@ -45,6 +45,12 @@ _GAO_DEAD_TOKENS = 10_000_000  # used when no threshold was set and train() neve
 _AUXK_SUBSET = 8
 
 
+def _rows(weight: Tensor, latents: Tensor) -> Tensor:
+    """``weight[latents]`` whose gradient is a sparse [n, m] tensor of those rows (summed into the
+    dense gradient of the whole forward), not a dense [n, m] one per gather as index_select's."""
+    return nn.functional.embedding(latents, weight, sparse=True)
+
+
 @dataclass
 class SAEOutput:
     """What ``forward`` returns. Shapes: x_hat [..., m]; top_acts, top_indices [..., k] ([..., c] with
@@ -221,7 +227,9 @@ class _SparseCoder(nn.Module):
         theirs, and the returned ids are global)."""
         raise NotImplementedError
 
-    def _decode_atoms(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+    def _decode_atoms(self, top_acts: Tensor, top_indices: Tensor, latents: Optional[Tensor] = None) -> Tensor:
+        """Decode without bias. ``latents``: ascending ids holding every id of ``top_indices`` (AuxK's
+        dead latents), so that a subclass may read (and send gradients to) their rows alone."""
         raise NotImplementedError
 
     def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
@@ -357,10 +365,12 @@ class _SparseCoder(nn.Module):
             bias = self.b_enc.index_select(0, dead)
             aux_acts, aux_idx = self._encode_with(*self._centre(xn, bias, k_aux, dead), k_aux, signed=False,
                                                   latents=dead)
+            error_hat = self._decode_atoms(aux_acts, aux_idx, latents=dead)
         else:
             dead_bias = self.b_enc.masked_fill(~dead_mask, torch.finfo(self.b_enc.dtype).min / 2)
             aux_acts, aux_idx = self._encode_with(*self._centre(xn, dead_bias, k_aux), k_aux, signed=False)
-        error_hat = self._decode_atoms(aux_acts, aux_idx).reshape(-1, self.d_model).to(error.dtype)
+            error_hat = self._decode_atoms(aux_acts, aux_idx)
+        error_hat = error_hat.reshape(-1, self.d_model).to(error.dtype)
         sq = (error_hat - error).pow(2).sum()
         auxk_loss, auxk_sq = _auxk_normalised(sq, error.pow(2).sum(), total_variance, num_dead, self.k_aux,
                                               self.auxk_norm, self.act_scale if self.normalize_activations else None)
@@ -550,11 +560,14 @@ class TopKSAE(_SparseCoder):
     def _encode_with(self, x_centered, bias, k, signed=None, latents=None):
         if latents is None:
             return tk.topk_encode(x_centered, self.W_enc, bias, k, backend=self.backend)
-        acts, idx = tk.topk_encode(x_centered, self.W_enc.index_select(0, latents), bias, k, backend=self.backend)
+        acts, idx = tk.topk_encode(x_centered, _rows(self.W_enc, latents), bias, k, backend=self.backend)
         return acts, latents[idx].to(idx.dtype)
 
-    def _decode_atoms(self, top_acts, top_indices):
-        return tk.sparse_decode(top_acts, top_indices, self.W_dec, backend=self.backend, check_indices=False)
+    def _decode_atoms(self, top_acts, top_indices, latents=None):
+        if latents is None:
+            return tk.sparse_decode(top_acts, top_indices, self.W_dec, backend=self.backend, check_indices=False)
+        return tk.sparse_decode(top_acts, torch.searchsorted(latents, top_indices), _rows(self.W_dec, latents),
+                                backend=self.backend, check_indices=False)
 
     def _decode_norm(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return self.decoder(top_acts, top_indices)
@@ -706,7 +719,7 @@ class ExpanderSAE(_SparseCoder):
             acts, idx = both_acts.gather(-1, order), both_idx.gather(-1, order)
         return (acts, idx) if latents is None else (acts, latents[idx].to(idx.dtype))
 
-    def _decode_atoms(self, top_acts, top_indices):
+    def _decode_atoms(self, top_acts, top_indices, latents=None):  # [n, d] atoms: no need for a subset
         return tk.expander_decode(top_acts, top_indices, self.atoms(), self.rows, self.d_model, backend=self.backend,
                                   check_rows=False, check_indices=False)
 

@@ -121,8 +121,8 @@ def force_fused(monkeypatch) -> None:
 
 class StorageAllocations:
     """A ``TorchDispatchMode`` over the tensor storages each op creates (not views of its inputs'
-    storages, nothing on the meta device): ``total`` bytes, an upper bound on the peak of what was
-    allocated under it, and the ``largest`` one."""
+    storages, nothing on the meta device, no sparse tensor): ``total`` bytes, an upper bound on the
+    peak of what was allocated under it, the ``largest`` one and every one's bytes (``sizes``)."""
 
     def __new__(cls):
         from torch.utils import _pytree
@@ -131,15 +131,22 @@ class StorageAllocations:
         class Mode(TorchDispatchMode):
             total = largest = 0
 
+            def __init__(self):
+                super().__init__()
+                self.sizes: list[int] = []
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+
+                def strided(t):
+                    return isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided
+
+                inputs = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs)) if strided(t)}
                 for t in _pytree.tree_leaves(out):
-                    if (isinstance(t, torch.Tensor) and t.device.type != "meta"
-                            and t.untyped_storage().data_ptr() not in inputs):
-                        self.total += t.untyped_storage().nbytes()
-                        self.largest = max(self.largest, t.untyped_storage().nbytes())
+                    if strided(t) and t.untyped_storage().data_ptr() not in inputs:
+                        self.sizes.append(t.untyped_storage().nbytes())
+                        self.total += self.sizes[-1]
+                        self.largest = max(self.largest, self.sizes[-1])
                 return out
 
         return Mode()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, StorageAllocations, assert_close
 from sae.baselines import DenseMaskedExpanderSAE, DenseTopKSAE
 from sae.data import ActivationBuffer
 from sae.layers import SparseDecoder
@@ -151,8 +151,8 @@ def test_auxk_over_the_dead_latents_alone_is_the_masked_encoder_s(monkeypatch, a
             sae.b_enc.normal_()
             sae.tokens_since_fired[dead] = 100
         out = sae(x)
-        out.auxk_loss.backward()
-        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}))
+        out.auxk_loss.backward()  # alone, AuxK's W_enc / W_dec rows of TopK's subset are a sparse gradient
+        results.append((out, {name: p.grad.to_dense() for name, p in sae.named_parameters() if p.grad is not None}))
     (sub, sub_grads), (masked, masked_grads) = results
     assert subsets == [False, True, False, False]  # (codes, AuxK) per run: only the first AuxK took the rows
     assert torch.equal(sub.auxk_indices, masked.auxk_indices)
@@ -161,6 +161,36 @@ def test_auxk_over_the_dead_latents_alone_is_the_masked_encoder_s(monkeypatch, a
     assert sub_grads.keys() == masked_grads.keys() and len(sub_grads) >= 3  # b_dec (decoder.bias) among them
     for name in sub_grads:
         assert_close(sub_grads[name], masked_grads[name], 1e-10, f"grad {name}")
+
+
+def test_topk_auxk_over_the_dead_latents_sends_their_rows_a_sparse_gradient(monkeypatch):
+    """TopK's AuxK over few dead latents gathers their W_enc and W_dec rows with a sparse gradient,
+    which the step's backward adds to the codes' dense one: one dense [n, m] gradient a weight and
+    their sum (index_select's dense zeros and index_add, and the decoder's second dense gradient,
+    made seven). The parameters' gradients are dense and those of the masked path (fp64)."""
+    import sae.models as models
+
+    m, n, k, tokens = 24, 1000, 4, 16  # tokens < m: no [tokens, n] buffer is as large as [n, m]
+    x = torch.randn(tokens, m, dtype=torch.float64)
+    dead = torch.randperm(n)[:100]
+    grads, counts = [], []
+    for subset in (models._AUXK_SUBSET, n + 1):  # 100 * 8 <= 1000: the subset path; then the masked one
+        monkeypatch.setattr(models, "_AUXK_SUBSET", subset)
+        torch.manual_seed(0)
+        sae = TopKSAE(m, n, k, dead_tokens_threshold=10, k_aux=12).double()
+        with torch.no_grad():
+            sae.tokens_since_fired[dead] = 100
+        out = sae(x)
+        assert out.auxk_loss is not None
+        spy = StorageAllocations()
+        with spy:
+            out.loss.backward()
+        counts.append(sum(size == n * m * 8 for size in spy.sizes))
+        assert not sae.W_enc.grad.is_sparse and not sae.W_dec.grad.is_sparse
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
+    assert counts[0] <= 4, counts
+    for name in grads[1]:
+        assert_close(grads[0][name], grads[1][name], 1e-10, f"grad {name}")
 
 
 @pytest.mark.parametrize("dead", [5, 12])
