@@ -63,7 +63,9 @@ class SAEOutput:
     top_acts: Tensor
     top_indices: Tensor
     fvu: Tensor  # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch
-    auxk_loss: Optional[Tensor]  # None when AuxK is off or no latent is dead
+    # None when AuxK is off or no latent is dead. Backpropagated alone (not through ``loss``), a
+    # TopKSAE's W_enc / W_dec gradients are sparse when at most n / 8 latents are dead (their rows).
+    auxk_loss: Optional[Tensor]
     dead_mask: Optional[Tensor]  # [n] bool: the latents counted dead for this step's AuxK
     auxk_indices: Optional[Tensor] = None  # [..., k_aux] latents the AuxK term used
     auxk_coef: float = 0.0
