@@ -731,10 +731,12 @@ def _threshold_block_tokens(n: int) -> int:
 # counter, so the next atomic waits for it): one L2 round trip a warp's tile with an entry kept,
 # ~6.4 a step at k = 4096, ~2.4 at 512. The scan's step is 245 instructions, no atomic, 5 barriers
 # (64 registers, a 4-byte spill, 8 CTAs an SM). PREDICTION, not measured (RESULTS.md, "The
-# threshold read without atomics"): the measured selection time grows ~0.67 ms per 1,000 entries
-# appended a row, and the atomic chain accounts for 8-21 of the ~21 SM cycles each costs, so the
-# scan saves ~1.6-3.3 ms at k = 4096 (15.9 -> 12.6-14.3 ms against addmm + topk's 14.4) and
-# ~0.4-0.8 ms at k = 512. PART=g of benchmarks/gpu_session.sh measures both reads.
+# threshold read without atomics"): the measured selection time grows ~0.65 ms per 1,000 entries
+# appended a row (~21 SM cycles an entry); the atomic chain accounts for ~8 of them at an unloaded
+# L2 round trip and up to ~16 if the counters' shared sectors slow the atomics (all but the
+# counting passes' and compaction's ~5). So the scan saves ~1.6-3.2 ms at k = 4096 (15.9 ->
+# ~12.7-14.3 ms, against addmm + topk's 14.4) and ~0.4-0.7 ms at k = 512. PART=g of
+# benchmarks/gpu_session.sh measures both reads.
 THRESHOLD_TILE = dict(BLOCK=128, SAMPLE=2048, SAMPLE_TOP=64, PROBES=8, CAP=256, SPREAD=1.0, APPEND_SCAN=1,
                       num_warps=4)
 
