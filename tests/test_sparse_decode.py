@@ -288,34 +288,42 @@ def test_cpu_half_weight_gradient_of_the_used_rows(dtype):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's bf16 embedding bag")
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_bf16_forward_rounds_once(with_bias):
+@pytest.mark.parametrize("bias_route", [None, "copy", "chunks"])
+def test_cpu_bf16_forward_rounds_once(monkeypatch, bias_route):
     """bf16 acts, weight and output on CPU: each output within half a bf16 step of the fp64 value
     (fp32 accumulation, one rounding; plus the accumulation's own error), the bias included in the
-    fp32 sum. Without a bias it is one embedding bag over the bf16 rows (no widened copy); with one
-    the widened rows (a bias added to the bag's rounded sums would round twice). Repeated ids add
-    up."""
+    fp32 sum: one more row of the bag's table, appended to a copy of the weight (B * k >= n) or to
+    each token chunk's gathered rows (here 5 tokens a chunk, the last of 2). A bias added to the
+    bag's rounded sums would round twice and fail the bound. Never a widened copy. Repeated ids
+    add up."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     sd_module = importlib.import_module("topk_kernels.sparse_decode")
+    B, m, n, k = 37, 48, 301, 17
 
     class Copies(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.widened = 0
+            self.widened, self.copied = 0, 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 and args[0].dim() == 2:
                 self.widened += args[0].numel()
+            if func is torch.ops.aten.cat.default:
+                self.copied = max(self.copied, sum(t.numel() for t in args[0]))
             return func(*args, **(kwargs or {}))
 
-    acts, idx, weight, bias = _inputs((37,), 48, 301, 17, torch.bfloat16)
+    if bias_route == "chunks":
+        monkeypatch.setattr(sd_module, "WHOLE_WIDEN_ELEMS", n * m - 1)
+        monkeypatch.setattr(sd_module, "WIDEN_ELEMS", 5 * (k + 1) * m)
+    acts, idx, weight, bias = _inputs((B,), m, n, k, torch.bfloat16)
     idx[:, 2] = idx[:, 1]
-    bias = bias if with_bias else None
+    bias = bias if bias_route else None
     spy = Copies()
     with spy:
         out = sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and (spy.widened > 0) == with_bias
+    assert out.dtype == torch.bfloat16 and spy.widened == 0
+    assert (spy.copied == (n + 1) * m) == (bias_route == "copy"), spy.copied  # the weight and its bias
     want = reference.sparse_decode(acts.double(), idx, weight.double(), None if bias is None else bias.double())
     magnitude = reference.sparse_decode(acts.double().abs(), idx, weight.double().abs(),
                                         None if bias is None else bias.double().abs())
