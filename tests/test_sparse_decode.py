@@ -376,3 +376,36 @@ def test_cpu_bf16_gradients_sum_the_bf16_rows_in_fp32():
         accumulation = terms * 2.0**-24 * mag
         bound = 2.0**-8 * (want.abs() + accumulation) * 1.001 + accumulation
         assert bool(((got.double() - want).abs() <= bound).all())
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU helper behind the gradients and the encoder's values")
+@pytest.mark.parametrize("route", ["same dtype", "fp64", "pieces", "chunks"])
+def test_cpu_rows_dot_every_route(monkeypatch, route):
+    """``_common.rows_dot``: vectors[b] . weight[idx[b, s]] against fp64, within fp32
+    accumulation of the exact products: a weight in the vectors' dtype read as it is (fp32, fp64),
+    a bf16 one widened in latent pieces of 7 rows (B * K >= n: many pieces, a partial last one,
+    pieces no pair names) or a chunk of 3 tokens at a time (B * K < n, a partial last chunk), never
+    as a [B * K, m] copy of the rows. Ids repeat within and across tokens."""
+    from helpers import StorageAllocations
+
+    common = importlib.import_module("topk_kernels._common")
+    m, K = 23, 5
+    B, n = (37, 150) if route != "chunks" else (37, 1000)
+    monkeypatch.setattr(common, "ROWS_DOT_PIECE_ELEMS", 7 * m if route == "pieces" else 3 * K * m)
+    dtype, wdtype = {"same dtype": (torch.float32,) * 2, "fp64": (torch.float64,) * 2}.get(
+        route, (torch.float32, torch.bfloat16))
+    vectors = torch.randn(B, m, dtype=dtype)
+    weight = torch.randn(n, m).to(wdtype)
+    idx = torch.randint(0, n if route != "pieces" else n - 20, (B, K))  # the last pieces unnamed
+    idx[:, 1] = idx[:, 0]
+    idx[5] = idx[4]
+    spy = StorageAllocations()
+    with spy:
+        got = common.rows_dot(vectors, weight, idx)
+    assert got.dtype == dtype and got.shape == (B, K)
+    budget = 4 * common.ROWS_DOT_PIECE_ELEMS
+    assert spy.largest <= max(B * K * 8, budget), spy.sizes  # ids, a piece or chunk: no copy of every pair's row
+    products = vectors.double()[:, None, :] * weight.double()[idx]
+    err = (got.double() - products.sum(-1)).abs()
+    eps = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    assert bool((err <= (m + 1) * eps * products.abs().sum(-1) * 1.01).all()), err.max()

@@ -290,6 +290,54 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Elements of a narrower weight that ``rows_dot`` widens at a time (2 MiB of fp32: in L2 here).
+ROWS_DOT_PIECE_ELEMS = 2**19
+
+
+def rows_dot(vectors: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """CPU: [B, K] dot products ``vectors[b] . weight[idx[b, s]]`` in vectors' dtype, each a sum in
+    that dtype of the exact products with the (widened) rows. One ATen kernel gathers and
+    multiplies (an embedding bag's per-sample-weights gradient, parallel over the pairs), so no
+    [B, K, m] copy of the rows exists. A weight in vectors' dtype is read as it is. A narrower one
+    is widened: when the pairs name at least n rows (B * K >= n), in latent order,
+    ROWS_DOT_PIECE_ELEMS at a time into one reused buffer that is in cache while its pairs (sorted
+    by id) read it; else a chunk of tokens' rows at a time. bf16 weight, fp32 vectors, m=768,
+    n=16384, K=56, one thread: B=1000 13.1 ms against 38.9 for the gathered rows' batched GEMVs,
+    B=300 7.2 / 10.1, B=64 1.9 / 2.6 (two threads: 7.2 / 17.6 at B=1000)."""
+    B, K = idx.shape
+    n, m = weight.shape
+    cd = vectors.dtype
+    out = torch.empty(B * K, device=vectors.device, dtype=cd)
+    if out.numel() == 0 or m == 0:
+        return out.zero_().view(B, K)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward
+    flat = idx.reshape(-1)
+    none = flat[:0]  # offsets: unused where every pair names its bag (offset2bag)
+    if weight.dtype == cd:
+        return dots(vectors, weight, flat, none, torch.arange(B * K, device=idx.device) // K, 0, -1).view(B, K)
+    if B * K >= n:
+        ids, order = torch.sort(flat)
+        bags = order // K
+        step = max(1, ROWS_DOT_PIECE_ELEMS // m)
+        starts = torch.arange(0, n + step, step, device=idx.device).clamp_(max=n)
+        bounds = torch.searchsorted(ids, starts).tolist()
+        buf = torch.empty(min(n, step), m, device=vectors.device, dtype=cd)
+        for p, s in enumerate(range(0, n, step)):
+            lo, hi = bounds[p], bounds[p + 1]
+            if lo < hi:
+                table = buf[: min(n, s + step) - s].copy_(weight[s:s + step])
+                out[order[lo:hi]] = dots(vectors, table, ids[lo:hi] - s, none, bags[lo:hi], 0, -1)
+        return out.view(B, K)
+    chunk = max(1, ROWS_DOT_PIECE_ELEMS // (K * m))
+    pairs = torch.arange(min(B, chunk) * K, device=idx.device)
+    buf = torch.empty(min(B, chunk) * K, m, device=vectors.device, dtype=cd)
+    for b0 in range(0, B, chunk):
+        e = (min(B, b0 + chunk) - b0) * K
+        table = buf[:e].copy_(weight.index_select(0, flat[b0 * K:b0 * K + e]))
+        out[b0 * K:b0 * K + e] = dots(vectors[b0:b0 + chunk], table, pairs[:e], none, pairs[:e] // K, 0, -1)
+    return out.view(B, K)
+
+
 # When the CPU paths of the dense-dictionary ops (``sparse_decode``, ``topk_encode``'s backward)
 # go through a dense [tokens, n] latent tensor instead of gathers. The gathers cost B * k row reads
 # at gather speed (0.5 ns an element from DRAM here), a dense GEMM B * n * m FMAs at GEMM speed
