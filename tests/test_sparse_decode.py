@@ -409,3 +409,27 @@ def test_cpu_rows_dot_every_route(monkeypatch, route):
     err = (got.double() - products.sum(-1)).abs()
     eps = 2.0**-24 if dtype == torch.float32 else 2.0**-53
     assert bool((err <= (m + 1) * eps * products.abs().sum(-1) * 1.01).all()), err.max()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU helper behind the gradients and the encoder's values")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int32_ids_through_the_registered_op_and_rows_dot(monkeypatch, dtype):
+    """The registered op takes int32 ids (its index check allows them), and its CPU backward's
+    ``rows_dot`` read them beside int64 bag numbers: every route but the token chunks failed with
+    "expected scalar type Int but found Long" (the previous gradient, through unique's int64 ids,
+    took them). Same values as with int64 ids, for the op's gradient and for each rows_dot route."""
+    common = importlib.import_module("topk_kernels._common")
+    acts, idx, weight, _ = _inputs((6,), 8, 50, 3, dtype)
+    got, want = [], []
+    for ids, out in ((idx.int(), got), (idx, want)):
+        a, w = acts.clone().requires_grad_(), weight.clone().requires_grad_()
+        torch.ops.topk_kernels.sparse_decode(a, ids, w, None, False).square().sum().backward()
+        out += [a.grad, w.grad]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    vectors, m = torch.randn(37, 23), 23
+    for wdtype, n, piece in ((torch.float32, 150, 2**19), (torch.bfloat16, 150, 7 * m), (torch.bfloat16, 1000, 3 * 5 * m)):
+        monkeypatch.setattr(common, "ROWS_DOT_PIECE_ELEMS", piece)
+        w = torch.randn(n, m).to(wdtype)
+        ids = torch.randint(0, n, (37, 5))
+        assert torch.equal(common.rows_dot(vectors, w, ids.int()), common.rows_dot(vectors, w, ids))

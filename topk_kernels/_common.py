@@ -311,7 +311,7 @@ def rows_dot(vectors: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     if out.numel() == 0 or m == 0:
         return out.zero_().view(B, K)
     dots = torch.ops.aten._embedding_bag_per_sample_weights_backward
-    flat = idx.reshape(-1)
+    flat = idx.reshape(-1).long()  # int64 as the bag numbers: the kernel reads both as one type
     none = flat[:0]  # offsets: unused where every pair names its bag (offset2bag)
     if weight.dtype == cd:
         return dots(vectors, weight, flat, none, torch.arange(B * K, device=idx.device) // K, 0, -1).view(B, K)
