@@ -433,3 +433,38 @@ def test_cpu_int32_ids_through_the_registered_op_and_rows_dot(monkeypatch, dtype
         w = torch.randn(n, m).to(wdtype)
         ids = torch.randint(0, n, (37, 5))
         assert torch.equal(common.rows_dot(vectors, w, ids.int()), common.rows_dot(vectors, w, ids))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's bf16 embedding bag")
+@pytest.mark.parametrize("tokens", [25, 99, 100])  # B * k: n, just under 4n, 4n
+def test_cpu_bf16_bias_large_weight_copied_only_from_4n_ids(monkeypatch, tokens):
+    """bf16 with a bf16 bias: a weight past BAG_COPY_ELEMS (32 MiB of bf16) is copied whole, its
+    bias appended, only when the tokens name at least 4n ids. A fresh copy that size is mapped and
+    faulted in on every call (0.9 against 0.3 ns an element here): at B * k = n the copy cost 2.7-3x
+    the token chunks' gathered rows (n=65536 m=768 k=32 B=2048: 58 against 22 ms; n=32768 m=2048
+    k=64 B=512: 74 against 25, and 58 before 85f9f87) and broke even at 4n. Same bound either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sd_module = importlib.import_module("topk_kernels.sparse_decode")
+    m, n, k = 12, 100, 4
+    monkeypatch.setattr(sd_module, "BAG_COPY_ELEMS", n * m - 1, raising=False)
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copied = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default:
+                self.copied = max(self.copied, sum(t.numel() for t in args[0]))
+            return func(*args, **(kwargs or {}))
+
+    acts, idx, weight, bias = _inputs((tokens,), m, n, k, torch.bfloat16)
+    spy = Copies()
+    with spy:
+        out = sd_module.torch_forward(acts, idx, weight, bias, torch.bfloat16)
+    assert (spy.copied == (n + 1) * m) == (tokens * k >= 4 * n), spy.copied
+    want = reference.sparse_decode(acts.double(), idx, weight.double(), bias.double())
+    magnitude = reference.sparse_decode(acts.double().abs(), idx, weight.double().abs(), bias.double().abs())
+    accumulation = (k + 1) * 2.0**-24 * magnitude
+    assert bool(((out.double() - want).abs() <= 2.0**-8 * (want.abs() + accumulation) * 1.001 + accumulation).all())

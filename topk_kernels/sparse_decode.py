@@ -174,6 +174,12 @@ WIDEN_ELEMS = 2**20
 # a bf16 weight with its bias appended): past it, a dictionary such as n = 2^20, m = 4096 (16 GiB
 # in fp32) is read a chunk of tokens' rows at a time even where one copy would be faster.
 WHOLE_WIDEN_ELEMS = 2**27
+# The largest bf16 weight ``_bf16_bag_forward`` copies whole (its bias appended) once the tokens
+# name n ids, in elements (32 MiB): the allocator serves a block that size again from its heap, but
+# maps a larger one fresh each call and faults its pages in (0.9 against 0.3 ns an element here).
+# A larger weight is copied from 4n ids on, where the copy broke even with the token chunks (n=65536
+# m=768 k=32: at B * k = n 58 against 22 ms, at 4n 86 against 91).
+BAG_COPY_ELEMS = 2**24
 
 
 def _widened(weight: Tensor, idx: Tensor, cd: torch.dtype):
@@ -212,18 +218,19 @@ def _bf16_bag_forward(acts: Tensor, idx: Tensor, weight: Tensor, bias: Optional[
     A bias must join the fp32 sum before the one rounding, as in the kernels and a latent-sharded
     SAE's partial sums (adding it to the bag's rounded sums, as ``F.embedding_bag(...) + b`` does,
     rounds twice). So it is one more row of the bag's table, with weight 1: appended to a copy of
-    the whole weight when the tokens name at least n ids (B * k >= n, up to WHOLE_WIDEN_ELEMS),
-    else appended to the rows a chunk of tokens uses, gathered in bf16 (index_select, no
-    widening). Copying the weight costs ~0.15 ns an element here, gathering a row's elements ~0.2
-    plus a second read: B=1000 m=768 n=16384 k=32, 18.7 ms through widened rows, 9.2 through
-    gathered chunks, 4.3 through the copy, against 2.7 for the baseline that rounds twice."""
+    the whole weight when the tokens name at least n ids (B * k >= n, 4n past BAG_COPY_ELEMS; up
+    to WHOLE_WIDEN_ELEMS), else appended to the rows a chunk of tokens uses, gathered in bf16
+    (index_select, no widening). Copying the weight costs ~0.15 ns an element here, gathering a
+    row's elements ~0.2 plus a second read: B=1000 m=768 n=16384 k=32, 18.7 ms through widened
+    rows, 9.2 through gathered chunks, 4.3 through the copy, against 2.7 for the baseline that
+    rounds twice."""
     if bias is None:
         return F.embedding_bag(idx, weight, per_sample_weights=acts, mode="sum")
     B, K = idx.shape
     n, m = weight.shape
     if B == 0:
         return acts.new_empty(0, m)
-    if B * K >= n and n * m <= WHOLE_WIDEN_ELEMS:
+    if B * K >= (n if n * m <= BAG_COPY_ELEMS else 4 * n) and n * m <= WHOLE_WIDEN_ELEMS:
         table = torch.cat([weight, bias[None]])
         ids = torch.cat([idx, idx.new_full((B, 1), n)], 1)
         return F.embedding_bag(ids, table, per_sample_weights=torch.cat([acts, acts.new_ones(B, 1)], 1), mode="sum")
