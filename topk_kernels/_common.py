@@ -295,15 +295,16 @@ ROWS_DOT_PIECE_ELEMS = 2**19
 
 
 def rows_dot(vectors: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    """CPU: [B, K] dot products ``vectors[b] . weight[idx[b, s]]`` in vectors' dtype, each a sum in
+    """[B, K] dot products ``vectors[b] . weight[idx[b, s]]`` in vectors' dtype, each a sum in
     that dtype of the exact products with the (widened) rows. One ATen kernel gathers and
     multiplies (an embedding bag's per-sample-weights gradient, parallel over the pairs), so no
     [B, K, m] copy of the rows exists. A weight in vectors' dtype is read as it is. A narrower one
     is widened: when the pairs name at least n rows (B * K >= n), in latent order,
     ROWS_DOT_PIECE_ELEMS at a time into one reused buffer that is in cache while its pairs (sorted
-    by id) read it; else a chunk of tokens' rows at a time. bf16 weight, fp32 vectors, m=768,
-    n=16384, K=56, one thread: B=1000 13.1 ms against 38.9 for the gathered rows' batched GEMVs,
-    B=300 7.2 / 10.1, B=64 1.9 / 2.6 (two threads: 7.2 / 17.6 at B=1000)."""
+    by id) read it; else a chunk of tokens' rows at a time (both for CPU: the pieces sync with the
+    host). bf16 weight, fp32 vectors, m=768, n=16384, K=56, one thread: B=1000 13.1 ms against
+    38.9 for the gathered rows' batched GEMVs, B=300 7.2 / 10.1, B=64 1.9 / 2.6 (two threads: 7.2
+    / 17.6 at B=1000)."""
     B, K = idx.shape
     n, m = weight.shape
     cd = vectors.dtype
