@@ -31,6 +31,7 @@ from ._common import (
     check_indices,
     check_same_device,
     compute_dtype,
+    define_op,
     dense_decode,
     dense_grad_acts,
     dense_grad_weight,
@@ -306,8 +307,7 @@ def torch_backward(grad, acts, idx, values, rows, need_acts, need_values):
 # torch.library registration: 2-D [B, k] inputs; the public function flattens leading dims.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("topk_kernels::expander_decode", mutates_args=())
-def _expander_decode_op(
+def _expander_decode_impl(
     top_acts: Tensor, top_indices: Tensor, values: Tensor, rows: Tensor, m: int,
     bias: Optional[Tensor], use_triton: bool, check_rows: bool,
 ) -> Tensor:
@@ -325,14 +325,12 @@ def _expander_decode_op(
     return torch_forward(top_acts, top_indices, values, rows, m, bias, out_dtype)
 
 
-@_expander_decode_op.register_fake
-def _(top_acts, top_indices, values, rows, m, bias, use_triton, check_rows):
+def _expander_decode_fake(top_acts, top_indices, values, rows, m, bias, use_triton, check_rows):
     out_dtype = torch.promote_types(top_acts.dtype, values.dtype)
     return top_acts.new_empty(top_acts.shape[0], m, dtype=out_dtype)
 
 
-@torch.library.custom_op("topk_kernels::expander_decode_backward", mutates_args=())
-def _expander_decode_backward_op(
+def _expander_decode_backward_impl(
     grad: Tensor, top_acts: Tensor, top_indices: Tensor, values: Tensor, rows: Tensor,
     need_acts: bool, need_values: bool, use_triton: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -347,11 +345,15 @@ def _expander_decode_backward_op(
     return gacts, gvalues
 
 
-@_expander_decode_backward_op.register_fake
-def _(grad, top_acts, top_indices, values, rows, need_acts, need_values, use_triton):
+def _expander_decode_backward_fake(grad, top_acts, top_indices, values, rows, need_acts, need_values, use_triton):
     gacts = torch.empty_like(top_acts) if need_acts else unused_grad(grad)
     gvalues = torch.empty_like(values) if need_values else unused_grad(grad)
     return gacts, gvalues
+
+
+_expander_decode_backward_op = define_op(
+    "topk_kernels::expander_decode_backward", _expander_decode_backward_impl, _expander_decode_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -371,7 +373,9 @@ def _backward(ctx, grad):
     return (gacts if need_acts else None), None, (gvalues if need_values else None), None, None, gbias, None, None
 
 
-_expander_decode_op.register_autograd(_backward, setup_context=_setup_context)
+_expander_decode_op = define_op(
+    "topk_kernels::expander_decode", _expander_decode_impl, _expander_decode_fake, _setup_context, _backward
+)
 
 
 def expander_decode(

@@ -55,6 +55,7 @@ from ._common import (
     check_k,
     check_same_device,
     compute_dtype,
+    define_op,
     grad_bias,
     launch_options,
     on_device,
@@ -545,8 +546,7 @@ def _torch_forward(x, values, rows, bias, k, out_dtype):
 # torch.library registration: 2-D [B, m] inputs; the public function flattens leading dims.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("topk_kernels::expander_encode", mutates_args=())
-def _expander_encode_op(
+def _expander_encode_impl(
     x: Tensor, values: Tensor, rows: Tensor, bias: Optional[Tensor], k: int, use_triton: bool,
     check_rows: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -562,14 +562,12 @@ def _expander_encode_op(
     return _torch_forward(x, values, rows, bias, k, out_dtype)
 
 
-@_expander_encode_op.register_fake
-def _(x, values, rows, bias, k, use_triton, check_rows):
+def _expander_encode_fake(x, values, rows, bias, k, use_triton, check_rows):
     out_dtype = torch.promote_types(x.dtype, values.dtype)
     return x.new_empty(x.shape[0], k, dtype=out_dtype), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
-@torch.library.custom_op("topk_kernels::expander_encode_backward", mutates_args=())
-def _expander_encode_backward_op(
+def _expander_encode_backward_impl(
     grad_acts: Tensor, top_acts: Tensor, top_indices: Tensor, x: Tensor, values: Tensor, rows: Tensor,
     need_x: bool, need_values: bool, need_bias: bool, bias_dtype: Optional[torch.dtype], use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -597,13 +595,20 @@ def _expander_encode_backward_op(
     return gx, gv, gb
 
 
-@_expander_encode_backward_op.register_fake
-def _(grad_acts, top_acts, top_indices, x, values, rows, need_x, need_values, need_bias, bias_dtype, use_triton):
+def _expander_encode_backward_fake(
+    grad_acts, top_acts, top_indices, x, values, rows,
+    need_x, need_values, need_bias, bias_dtype, use_triton,
+):
     gx = torch.empty_like(x) if need_x else unused_grad(grad_acts)
     gv = torch.empty_like(values) if need_values else unused_grad(grad_acts)
     gb = (values.new_empty(values.shape[0], dtype=bias_dtype) if (need_bias and bias_dtype is not None)
           else unused_grad(grad_acts))
     return gx, gv, gb
+
+
+_expander_encode_backward_op = define_op(
+    "topk_kernels::expander_encode_backward", _expander_encode_backward_impl, _expander_encode_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -633,7 +638,9 @@ def _backward(ctx, grad_acts, grad_indices):
     )
 
 
-_expander_encode_op.register_autograd(_backward, setup_context=_setup_context)
+_expander_encode_op = define_op(
+    "topk_kernels::expander_encode", _expander_encode_impl, _expander_encode_fake, _setup_context, _backward
+)
 
 
 def expander_encode(

@@ -32,6 +32,7 @@ from ._common import (
     check_matrix,
     check_same_device,
     compute_dtype,
+    define_op,
     dense_decode,
     dense_grad_acts,
     dense_grad_weight,
@@ -317,8 +318,7 @@ def torch_grad_weight(grad: Tensor, acts: Tensor, idx: Tensor, n: int, weight_dt
 # torch.library registration: 2-D [B, k] inputs; the public function flattens leading dims.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("topk_kernels::sparse_decode", mutates_args=())
-def _sparse_decode_op(
+def _sparse_decode_impl(
     top_acts: Tensor, top_indices: Tensor, weight: Tensor, bias: Optional[Tensor], use_triton: bool
 ) -> Tensor:
     # Checked here, inside the op, so it also runs (eagerly) under torch.compile.
@@ -332,14 +332,12 @@ def _sparse_decode_op(
     return torch_forward(top_acts, top_indices, weight, bias, out_dtype)
 
 
-@_sparse_decode_op.register_fake
-def _(top_acts, top_indices, weight, bias, use_triton):
+def _sparse_decode_fake(top_acts, top_indices, weight, bias, use_triton):
     out_dtype = torch.promote_types(top_acts.dtype, weight.dtype)
     return top_acts.new_empty(top_acts.shape[0], weight.shape[1], dtype=out_dtype)
 
 
-@torch.library.custom_op("topk_kernels::sparse_decode_backward", mutates_args=())
-def _sparse_decode_backward_op(
+def _sparse_decode_backward_impl(
     grad: Tensor, top_acts: Tensor, top_indices: Tensor, weight: Tensor,
     need_acts: bool, need_weight: bool, use_triton: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -371,11 +369,15 @@ def _dense_backward(grad: Tensor, acts: Tensor, idx: Tensor, weight: Tensor, nee
             else unused_grad(grad))
 
 
-@_sparse_decode_backward_op.register_fake
-def _(grad, top_acts, top_indices, weight, need_acts, need_weight, use_triton):
+def _sparse_decode_backward_fake(grad, top_acts, top_indices, weight, need_acts, need_weight, use_triton):
     gacts = torch.empty_like(top_acts) if need_acts else grad.new_empty(0)
     gw = torch.empty_like(weight) if need_weight else grad.new_empty(0)
     return gacts, gw
+
+
+_sparse_decode_backward_op = define_op(
+    "topk_kernels::sparse_decode_backward", _sparse_decode_backward_impl, _sparse_decode_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -395,7 +397,9 @@ def _backward(ctx, grad):
     return (gacts if need_acts else None), None, (gw if need_weight else None), gbias, None
 
 
-_sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
+_sparse_decode_op = define_op(
+    "topk_kernels::sparse_decode", _sparse_decode_impl, _sparse_decode_fake, _setup_context, _backward
+)
 
 
 def sparse_decode(

@@ -52,6 +52,7 @@ from ._common import (
     check_matrix,
     check_same_device,
     compute_dtype,
+    define_op,
     dense_decode,
     dense_grad_weight,
     dense_pays,
@@ -1278,8 +1279,7 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, ou
 # torch.library registration: 2-D [B, m] inputs; the public function flattens leading dims.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("topk_kernels::topk_encode", mutates_args=())
-def _topk_encode_op(
+def _topk_encode_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, use_triton: bool
 ) -> tuple[Tensor, Tensor]:
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -1289,14 +1289,12 @@ def _topk_encode_op(
     return _torch_forward(x, weight, bias, k, out_dtype)
 
 
-@_topk_encode_op.register_fake
-def _(x, weight, bias, k, use_triton):
+def _topk_encode_fake(x, weight, bias, k, use_triton):
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     return x.new_empty(x.shape[0], k, dtype=out_dtype), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
-@torch.library.custom_op("topk_kernels::topk_encode_backward", mutates_args=())
-def _topk_encode_backward_op(
+def _topk_encode_backward_impl(
     grad_acts: Tensor, top_acts: Tensor, top_indices: Tensor, x: Tensor, weight: Tensor,
     need_x: bool, need_weight: bool, need_bias: bool, bias_dtype: Optional[torch.dtype], use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1329,13 +1327,20 @@ def _topk_encode_backward_op(
     return gx, gw, gb
 
 
-@_topk_encode_backward_op.register_fake
-def _(grad_acts, top_acts, top_indices, x, weight, need_x, need_weight, need_bias, bias_dtype, use_triton):
+def _topk_encode_backward_fake(
+    grad_acts, top_acts, top_indices, x, weight, need_x,
+    need_weight, need_bias, bias_dtype, use_triton,
+):
     gx = torch.empty_like(x) if need_x else unused_grad(grad_acts)
     gw = torch.empty_like(weight) if need_weight else unused_grad(grad_acts)
     need_gb = need_bias and bias_dtype is not None
     gb = weight.new_empty(weight.shape[0], dtype=bias_dtype) if need_gb else unused_grad(grad_acts)
     return gx, gw, gb
+
+
+_topk_encode_backward_op = define_op(
+    "topk_kernels::topk_encode_backward", _topk_encode_backward_impl, _topk_encode_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -1363,7 +1368,9 @@ def _backward(ctx, grad_acts, grad_indices):
     )
 
 
-_topk_encode_op.register_autograd(_backward, setup_context=_setup_context)
+_topk_encode_op = define_op(
+    "topk_kernels::topk_encode", _topk_encode_impl, _topk_encode_fake, _setup_context, _backward
+)
 
 
 def topk_encode(
