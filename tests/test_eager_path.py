@@ -165,3 +165,39 @@ def test_double_backward_is_refused_on_the_eager_route(op):
     grads = torch.autograd.grad(first.square().sum(), leaves[:2], create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         sum(g.square().sum() for g in grads).backward()
+
+
+def test_registered_op_under_jit_trace_forward_ad_meta_and_below_autograd():
+    """States a reviewer found the first probes missed, each with what went wrong on the eager
+    route: a jit trace recorded the implementation's steps fixed to the traced batch (or an
+    unsaveable Python Function); forward-mode AD ran the implementation on dual tensors (an
+    error inside it, where the op has no forward rule); meta tensors ran the real implementation
+    (bincount failed in the backward); a call below autograd still built a graph node."""
+    from torch.autograd import forward_ad
+
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(N, M, generator=gen)
+    b = torch.randn(N, generator=gen)
+    f = lambda x: topk_encode(x, w, b, K, backend="torch")[0]  # noqa: E731
+    with torch.no_grad():
+        traced = torch.jit.trace(f, (torch.randn(5, M, generator=gen),), check_trace=False)
+    assert "topk_kernels::topk_encode" in str(traced.graph)
+    x = torch.randn(B + 40, M, generator=gen)
+    assert torch.equal(traced(x), f(x))  # another batch size than the traced one
+
+    acts, idx = torch.rand(B, K, generator=gen), torch.randint(0, N, (B, K), generator=gen)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(acts, torch.randn(B, K, generator=gen))
+        out = sparse_decode(dual, idx, w, backend="torch")
+        assert out.shape == (B, M) and torch.equal(forward_ad.unpack_dual(out).primal,
+                                                    sparse_decode(acts, idx, w, backend="torch"))
+
+    meta = [t.to("meta").requires_grad_() for t in (acts, w)]
+    out = sparse_decode(meta[0], idx.to("meta"), meta[1], backend="torch")
+    out.sum().backward()
+    assert meta[1].grad.shape == w.shape and meta[1].grad.is_meta
+
+    leaf = w.clone().requires_grad_()
+    with torch._C._AutoDispatchBelowAutograd():
+        below = sparse_decode(acts, idx, leaf, backend="torch")
+    assert not below.requires_grad and below.grad_fn is None

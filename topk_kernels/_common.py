@@ -447,24 +447,36 @@ def unused_grad(like: Tensor) -> Tensor:
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 try:  # private probes of the state that decides; a torch without one of them never skips the dispatcher
-    _EAGER_PROBES = (torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled,
-                     torch._C._functorch.peek_interpreter_stack, torch._C._is_any_autocast_enabled,
-                     torch.autograd._profiler_enabled)
+    from torch.autograd import forward_ad as _forward_ad
+
+    _dispatch_modes = torch._C._len_torch_dispatch_stack
+    _function_mode = torch._C._is_torch_function_mode_enabled
+    _transforms = torch._C._functorch.peek_interpreter_stack
+    _autocast = torch._C._is_any_autocast_enabled
+    _profiler = torch.autograd._profiler_enabled
+    _jit_tracing = torch._C._get_tracing_state
+    _excluded = torch._C._dispatch_tls_is_dispatch_key_excluded
+    _AUTOGRAD_KEY = torch._C.DispatchKey.AutogradFunctionality
+    _forward_ad._current_level  # noqa: B018 - probed below
+    _EAGER_PROBES = True
 except AttributeError:  # pragma: no cover - torch versions without one of them
-    _EAGER_PROBES = None
+    _EAGER_PROBES = False
 
 
 def plain_eager(args) -> bool:
-    """Whether a call may skip the dispatcher (``define_op``): not compiling, no autocast, no
-    Python dispatch or function mode, no functorch transform, no profiler, and every tensor
-    argument a plain ``torch.Tensor`` or ``nn.Parameter`` (no fake tensor or other subclass).
-    Anything else goes through the registered op, which handles all of them."""
-    if torch.compiler.is_compiling() or _EAGER_PROBES is None:  # first: a constant while tracing
+    """Whether a call may skip the dispatcher (``define_op``). Not when compiling, jit-tracing, or
+    called below autograd; not under autocast, forward-mode AD, a Python dispatch mode (fake
+    tensors, FlopCounterMode, make_fx), a function mode (``with torch.device(...)``), a functorch
+    transform (vmap, grad, jvp) or the profiler (whose traces keep the op's name); and only when
+    every tensor argument is a plain ``torch.Tensor`` or ``nn.Parameter`` (no fake tensor or
+    other subclass) off the meta device. Anything else goes through the registered op, which
+    handles all of them."""
+    if torch.compiler.is_compiling() or not _EAGER_PROBES:  # first: a constant while tracing
         return False
-    dispatch_modes, function_mode, transforms, autocast, profiler = _EAGER_PROBES
-    if dispatch_modes() or function_mode() or transforms() is not None or autocast() or profiler():
+    if (_dispatch_modes() or _function_mode() or _transforms() is not None or _autocast() or _profiler()
+            or _jit_tracing() is not None or _forward_ad._current_level >= 0 or _excluded(_AUTOGRAD_KEY)):
         return False
-    return all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor))
+    return all(type(a) in _PLAIN_TYPES and not a.is_meta for a in args if isinstance(a, Tensor))
 
 
 class _EagerFunction(torch.autograd.Function):
