@@ -76,26 +76,28 @@ def _registered(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_eager_route_matches_registered_op(op, backend, monkeypatch):
-    gen = torch.Generator().manual_seed(hash(op) % 1000)
+    gen = torch.Generator().manual_seed(OPS.index(op))
     call, tensors = _case(op, gen)
     names = list(tensors)
-    for r in range(len(names) + 1):
-        for needs in itertools.combinations(names, r):
-            with monkeypatch.context() as mp:
-                _registered(mp)
-                ref_out, ref_fn, ref_grads = _run(call, tensors, needs, backend)
-            out, fn, grads = _run(call, tensors, needs, backend)
-            if needs:
-                assert fn == "_EagerFunctionBackward", (op, needs, fn)
-                assert ref_fn.startswith("GeneratedBackwardFor_topk_kernels_"), (op, needs, ref_fn)
-            else:
-                assert fn is None and ref_fn is None
-            for a, b in zip(out, ref_out):
-                assert a.dtype == b.dtype and torch.equal(a, b), (op, needs)
-            for name, g, ref_g in zip(names, grads, ref_grads):
-                assert (g is None) == (name not in needs) == (ref_g is None), (op, needs, name)
-                if g is not None:
-                    assert torch.equal(g, ref_g), (op, needs, name)
+    subsets = [needs for r in range(len(names) + 1) for needs in itertools.combinations(names, r)]
+    if backend == "triton" and DEVICE.type != "cuda":  # the interpreter is slow; routing is the same
+        subsets = [(), (names[0],), tuple(names)]
+    for needs in subsets:
+        with monkeypatch.context() as mp:
+            _registered(mp)
+            ref_out, ref_fn, ref_grads = _run(call, tensors, needs, backend)
+        out, fn, grads = _run(call, tensors, needs, backend)
+        if needs:
+            assert fn == "_EagerFunctionBackward", (op, needs, fn)
+            assert ref_fn.startswith("GeneratedBackwardFor_topk_kernels_"), (op, needs, ref_fn)
+        else:
+            assert fn is None and ref_fn is None
+        for a, b in zip(out, ref_out):
+            assert a.dtype == b.dtype and torch.equal(a, b), (op, needs)
+        for name, g, ref_g in zip(names, grads, ref_grads):
+            assert (g is None) == (name not in needs) == (ref_g is None), (op, needs, name)
+            if g is not None:
+                assert torch.equal(g, ref_g), (op, needs, name)
 
 
 class _Subclass(torch.Tensor):
