@@ -163,6 +163,44 @@ def test_auxk_over_the_dead_latents_alone_is_the_masked_encoder_s(monkeypatch, a
         assert_close(sub_grads[name], masked_grads[name], 1e-10, f"grad {name}")
 
 
+@pytest.mark.parametrize("options", [{}, dict(tied=False), dict(signed=True)])
+def test_expander_normalises_its_atoms_once_a_forward(monkeypatch, options):
+    """The tied encoder, the decoder and AuxK share one ``atoms()`` a forward (each normalised its
+    own); outputs equal those with fresh atoms at every use, gradients within fp64 rounding, and
+    ``encode`` / ``decode`` called alone still normalise the current values."""
+    m, n, k, tokens = 19, 203, 3, 40
+    x = torch.randn(tokens, m, dtype=torch.float64)
+    dead = torch.randperm(n)[:23]
+    calls, results = [], []
+    atoms = ExpanderSAE.atoms
+    monkeypatch.setattr(ExpanderSAE, "atoms", lambda self: calls.append(1) or atoms(self))
+    for shared in (True, False):
+        if not shared:  # every use normalises afresh, as before
+            monkeypatch.setattr(ExpanderSAE, "_atoms", lambda self: self.atoms())
+        torch.manual_seed(0)
+        sae = ExpanderSAE(m, n, k, degree=4, dead_tokens_threshold=10, k_aux=8, **options).double()
+        with torch.no_grad():
+            sae.b_dec.normal_()
+            sae.b_enc.normal_()
+            sae.values.mul_(torch.rand(n, 1, dtype=torch.float64) + 0.5)  # not unit norm: the division counts
+            sae.tokens_since_fired[dead] = 100
+        calls.clear()
+        out = sae(x)
+        results.append((len(calls), out))
+        (out.fvu + out.auxk_loss).backward()
+        results[-1] += ({name: p.grad for name, p in sae.named_parameters()},)
+    (once, out, grads), (fresh, out_fresh, grads_fresh) = results
+    assert once == 1 and fresh >= 3  # fresh: the decoder, AuxK's decoder, and the tied encoders
+    for name in ("x_hat", "top_acts", "top_indices", "fvu", "auxk_loss", "auxk_indices"):
+        assert torch.equal(getattr(out, name), getattr(out_fresh, name)), name
+    for name, g in grads.items():
+        assert_close(g, grads_fresh[name], 1e-12, f"grad {name}")
+    assert sae._forward_atoms is None  # nothing kept between forwards
+    calls.clear()
+    sae.decode(*sae.encode(x))
+    assert len(calls) == (2 if options.get("tied", True) else 1)
+
+
 def test_topk_auxk_over_the_dead_latents_sends_their_rows_a_sparse_gradient(monkeypatch):
     """TopK's AuxK over few dead latents gathers their W_enc and W_dec rows with a sparse gradient,
     which the step's backward adds to the codes' dense one: one dense [n, m] gradient a weight and
