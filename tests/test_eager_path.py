@@ -27,7 +27,8 @@ def _expander_graph(gen):
 
 
 def _case(op, gen):
-    """(call(*float tensors), float tensors, differentiable names) for one op, random inputs."""
+    """(call(*float tensors, backend=...), {name: float tensor}) for one op: random inputs, the ids
+    (and an expander's rows) fixed inside ``call``."""
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(DEVICE)
     idx = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(B)]).to(DEVICE)
@@ -58,7 +59,8 @@ def _route(out):
 
 
 def _run(call, tensors, needs, backend):
-    """Outputs, the first output's grad_fn name, and the gradients of the tensors named in ``needs``."""
+    """Outputs, the route that made the first output (``_route``), and each tensor's gradient (None
+    unless named in ``needs``)."""
     leaves = [t.clone().requires_grad_(name in needs) for name, t in tensors.items()]
     out = call(*leaves, backend=backend)
     first = out[0] if isinstance(out, tuple) else out
@@ -114,7 +116,6 @@ def test_registered_op_runs_outside_plain_eager(op):
     """Function modes, autocast, tensor subclasses and the profiler (which keeps the op's name in
     its trace) take the registered op; so does a fake tensor, which only its fake rule can run."""
     call, tensors = _case(op, torch.Generator().manual_seed(3))
-    first = tensors[next(iter(tensors))]
 
     def route(*leaves):
         out = call(*leaves, backend="torch")
@@ -138,7 +139,6 @@ def test_registered_op_runs_outside_plain_eager(op):
             out = call(*fake, backend="torch")
         shape = (B, M) if op.endswith("decode") else (B, K)
         assert tuple((out[0] if isinstance(out, tuple) else out).shape) == shape
-    assert first.grad is None  # the inputs themselves were never touched
 
 
 def test_eager_route_under_no_grad_and_inference_mode():
