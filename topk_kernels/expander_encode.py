@@ -215,16 +215,25 @@ MAX_FUSED_K_PAD = max(EXPANDER_ENCODE_CONFIGS)
 EXPANDER_ENCODE_MAXNREG = {(torch.float32, 64): 168}
 
 # CPU path tiles: embedding_bag writes a tile's pre-activations as [block_n, block_b] and they are
-# transposed into a reused [block_b, block_n] buffer, so CPU_TILE_ELEMS fp32 (64 MiB) plus one
+# transposed into a reused [block_b, block_n] buffer, so CPU_TILE_ELEMS fp32 (8 MiB) plus one
 # piece (below) exist at a time. Tiles are wide in latents (one block spans all n up to
 # CPU_MAX_BLOCK_N): torch.topk costs less per element on long rows (1.4 ns at 65536 vs 2.9 at 4096
-# here), and few large calls stall less on a busy 2-core machine than many small OpenMP regions.
-# Same-run medians of the whole forward (B=4096, m=768, n=24576, d=8, k=32): 626 ms with
-# 1024 x 24576 tiles, 920 ms with 1024 x 4096, 912 ms with 128 x 24576 (all three before the
-# pieces below; with them, 32 Mi-element tiles ran no faster than 16 Mi).
-CPU_TILE_ELEMS = 16 * 2**20
+# here), so a tile is narrow in tokens instead: at least CPU_MIN_BLOCK_B. A small tile pays twice:
+# (1) glibc serves an allocation of 32 MiB or more from a fresh mmap, so a 64 MiB buffer faulted
+# in its pages on every call (B=1000, m=768, n=16384, d=7, k=32: 95.7 -> 69.5 ms with malloc's
+# mmap threshold raised, against 46.5 ms with this tile); (2) a tile of 32-128 tokens keeps the
+# transposed token table (m x block_b) and the piece being transposed in L2. Same-run medians, one
+# thread, 16 Mi x 128 tokens at least (the budget before) against 2 Mi x 32 (ms): B=1000, m=768,
+# n=16384, k=8, d=3: 76.6 / 34.4; k=32, d=7: 96.3 / 48.3; B=4096, same: 318 / 197; B=4096,
+# m=2048, n=65536, k=64, d=7: 906 / 708; B=512, m=2048, n=131072, k=64, d=30: 342 / 286 (64
+# tokens: 256, but 755-778 against 708 at d=7); B=1024, m=576, n=4608, k=32, d=7: 25.3 / 21.4.
+# The dense-rows route below (a GEMM, which wants many tokens a tile) and other devices keep the
+# large tiles: d=100 at m=768 (B=2048, k=32) took 435 ms with them and 531 with these.
+CPU_TILE_ELEMS = 2 * 2**20
 CPU_MAX_BLOCK_N = 65536
-CPU_MIN_BLOCK_B = 128
+CPU_MIN_BLOCK_B = 32
+WIDE_TILE_ELEMS = 16 * 2**20
+WIDE_MIN_BLOCK_B = 128
 # embedding_bag writes a tile CPU_PIECE_ELEMS pre-activations (1 MiB fp32) at a time, each piece
 # transposed while it is still in cache (the 2 cores' L2 hold 2 x 512 KiB here). Writing the whole
 # [block_n, block_b] tile and then transposing it went to DRAM and back twice: same-run medians of
@@ -233,11 +242,12 @@ CPU_MIN_BLOCK_B = 128
 CPU_PIECE_ELEMS = 2**18
 # A degenerate Expander, whose atoms cover a large share of m (d * EXPANDER_DENSE_SHARE >= m), is
 # encoded on CPU through its dense masked rows, built a piece of DENSE_PIECE_ELEMS at a time, and a
-# GEMM: the gathers cost ~0.115 ns an entry here (B * n * d of them), an fp32 GEMM ~0.0115 ns a
-# multiply-add (B * n * m), so the GEMM wins from d ~ m / 10 (B=1000, n=16384, k=8: at m=768, d=3
-# 68 ms against 170 for the masked GEMM, d=384 786 against 198; at m=100, d=50, 98 against 75).
-# A real Expander SAE (d = 7 to 100 at m = 2048) keeps the gathers.
-EXPANDER_DENSE_SHARE = 8
+# GEMM. With the gather path's small tiles (above) the gathers win to d ~ m / 3: same-run medians
+# (ms, one thread, B=1000, n=16384, dense / gathers) at m=768, k=32: d=96 223 / 109, d=192 224 /
+# 180, d=384 213 / 299; at m=100, k=8: d=25 75 / 44, d=50 77 / 58; m=16, n=1000, d=8: 3.7 / 5.1.
+# (With the old 64 MiB tiles the crossover had measured at d ~ m / 10.) A real Expander SAE (d = 7
+# to 100 at m = 2048) keeps the gathers.
+EXPANDER_DENSE_SHARE = 3
 DENSE_PIECE_ELEMS = 2**20
 
 
@@ -488,10 +498,14 @@ def _blocked_forward(x, values, rows, bias, k, out_dtype, exact_keys: bool = Fal
     cd = compute_dtype(out_dtype)
     vals = values.to(cd)
     bc = bias.to(cd) if bias is not None else None
-    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
+    dense = x.device.type == "cpu" and not zero_row and D * EXPANDER_DENSE_SHARE >= M
+    if x.device.type == "cpu" and not dense:
+        block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
+    else:
+        block_b, block_n = cpu_tile(B, N, WIDE_TILE_ELEMS, CPU_MAX_BLOCK_N, WIDE_MIN_BLOCK_B)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
     table = {}  # the current token tile, transposed: one [m, tile] table reused by every block
-    if x.device.type == "cpu" and not zero_row and D * EXPANDER_DENSE_SHARE >= M:
+    if dense:
         step = max(1, DENSE_PIECE_ELEMS // max(1, M))
         dense_rows = torch.empty(min(step, N), M, device=x.device, dtype=cd)
 
