@@ -222,20 +222,21 @@ EXPANDER_ENCODE_MAXNREG = {(torch.float32, 64): 168}
 # (1) glibc serves an allocation of 32 MiB or more from a fresh mmap, so a 64 MiB buffer faulted
 # in its pages on every call (B=1000, m=768, n=16384, d=7, k=32: 95.7 -> 69.5 ms with malloc's
 # mmap threshold raised, against 46.5 ms with this tile); (2) a tile of 32-128 tokens keeps the
-# transposed token table (m x block_b) and the piece being transposed in L2. Same-run medians, one
-# thread, 16 Mi x 128 tokens at least (the budget before) against 2 Mi x 32 (ms): B=1000, m=768,
-# n=16384, k=8, d=3: 76.6 / 34.4; k=32, d=7: 96.3 / 48.3; B=4096, same: 318 / 197; B=4096,
-# m=2048, n=65536, k=64, d=7: 906 / 708; B=512, m=2048, n=131072, k=64, d=30: 342 / 286 (64
-# tokens: 256, but 755-778 against 708 at d=7); B=1024, m=576, n=4608, k=32, d=7: 25.3 / 21.4.
-# The dense-rows route below (a GEMM, which wants many tokens a tile) and other devices keep the
-# large tiles: d=100 at m=768 (B=2048, k=32) took 435 ms with them and 531 with these.
+# transposed token table (m x block_b) and the piece being transposed in L2. Medians, one thread,
+# the old budget (16 Mi elements, 128 tokens at least) against this one (ms): B=1000, m=768,
+# n=16384, k=8, d=3: 76.6 / 34.4; k=32, d=7: 98.5 / 51.1; B=4096, m=2048, n=65536, k=64, d=7:
+# 906 / 708-737; B=1024, m=576, n=4608, k=32, d=7: 25.3 / 21.4. A floor of 64 tokens won at d=30
+# (B=512, m=2048, n=131072: 256 against 286) and lost at d=7 (755-778 against 708); RESULTS.md,
+# "Thirtieth session". The dense-rows route below (a GEMM, which wants many tokens a tile) and
+# other devices keep the large tiles: d=100 at m=768 (B=2048, k=32) took 435 ms with them and 531
+# with these.
 CPU_TILE_ELEMS = 2 * 2**20
 CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 32
 WIDE_TILE_ELEMS = 16 * 2**20
 WIDE_MIN_BLOCK_B = 128
 # embedding_bag writes a tile CPU_PIECE_ELEMS pre-activations (1 MiB fp32) at a time, each piece
-# transposed while it is still in cache (the 2 cores' L2 hold 2 x 512 KiB here). Writing the whole
+# transposed while it is still in cache (L2, 2 MiB a core on this machine). Writing the whole
 # [block_n, block_b] tile and then transposing it went to DRAM and back twice: same-run medians of
 # one 682 x 24576 tile (m=768, d=8, fp32) 74 ms whole, 21 ms in 384-latent pieces; the whole
 # forward, B=4096 m=768 n=24576 d=8 k=32, 645-776 ms before, 286-342 ms after (RESULTS.md).
