@@ -919,3 +919,180 @@ def test_cpu_bf16_candidates_only_where_they_pay(bf16_candidates, monkeypatch):
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: False)
     topk_encode(x, weight, bias, 3, backend="torch")
     assert [c[0] for c in bf16_candidates] == ["bf16"], bf16_candidates
+
+
+@pytest.fixture
+def fp32_candidates(monkeypatch):
+    """fp32 operands through the bf16 GEMM's candidates at small sizes, on any CPU: probe chunks of
+    5 tokens; a list that records each candidate GEMM's (tokens, k + extra) and each fp32
+    fall-back's tokens."""
+    monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_RATIO", 4)
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_TOKENS", 8)
+    monkeypatch.setattr(te, "FP32_CANDIDATES_CHUNK", 5)
+    calls = []
+    gemm, blocked = te._bf16_gemm_candidates, te._blocked_forward
+
+    def spy_gemm(x, weight, bias, kk):
+        calls.append(("bf16", x.shape[0], kk))
+        return gemm(x, weight, bias, kk)
+
+    def spy_blocked(x, *args, **kwargs):
+        if kwargs.get("fp32_gemm"):
+            calls.append(("fp32", x.shape[0], None))
+        return blocked(x, *args, **kwargs)
+
+    monkeypatch.setattr(te, "_bf16_gemm_candidates", spy_gemm)
+    monkeypatch.setattr(te, "_blocked_forward", spy_blocked)
+    return calls
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("lead,m,n,k", [((37,), 40, 700, 5), ((3, 11), 24, 1001, 9), ((9,), 96, 333, 1)])
+def test_cpu_fp32_candidates_match_the_reference(fp32_candidates, with_bias, lead, m, n, k):
+    """fp32 x, weight and bias on CPU through the rounded operands' bf16 GEMM: the fp64
+    reference's top-k (ties within fp32 rounding aside), its values within fp32 rounding and its
+    gradients."""
+    x, weight, bias = _inputs(lead, m, n)
+    bias = bias if with_bias else None
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    acts, idx = topk_encode(*leaves, k, backend="torch")
+    assert fp32_candidates and fp32_candidates[0][0] == "bf16", fp32_candidates
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    ref_acts, ref_idx = reference.topk_encode(*ref_leaves, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), TOL[torch.float32])
+
+
+def _fp32_crowd(B, m, n, crowd, seed=0):
+    """fp32 tokens whose top latents are a crowd 2^-12 apart around 12: bf16 (a step of 2^-4
+    there) rounds them to a few values, fp32 orders them (the fp64 reference has no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, m, generator=g)
+    x[:, 0] = 1
+    x[:, 1:] = x[0, 1:]
+    weight = 0.1 * torch.randn(n, m, generator=g)
+    base = torch.randn(m, generator=g)
+    base[0] = 0
+    ids = torch.randperm(n, generator=g)[:crowd]
+    weight[ids] = base
+    weight[ids, 0] = (torch.randperm(crowd, generator=g) + 1).float() * 2**-12
+    bias = torch.zeros(n)
+    bias[ids] = 12 - float(x[0].double() @ base.double())
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("crowd,kks", [
+    (30, [39, 39]),                  # 7 + 32 candidates hold the crowd: one probe, then a tile
+    (60, [39, 71, 71]),              # the first probe fails, 7 + 64 hold it
+    (200, [39, 71, 135, 263, 263]),  # three probes fail
+])
+def test_cpu_fp32_candidates_near_ties_bf16_cannot_order(fp32_candidates, crowd, kks):
+    """A crowd of latents 2^-12 apart around 12 (where bf16 steps by 2^-4), every token alike:
+    probes of 5 tokens fail while k + extra cannot hold the crowd, the extra doubles after each,
+    and the first probe that passes sends the rest (12 tokens) in one tile. The failed probes'
+    tokens take the fp32 GEMM. Either way the top-k is exactly the fp64 reference's."""
+    B, m, n, k = 17 + 5 * (len(kks) - 2), 32, 1500, 7
+    x, weight, bias = _fp32_crowd(B, m, n, crowd)
+    acts, idx = topk_encode(x, weight, bias, k, backend="torch")
+    ref_vals, ref_idx = _pre(x, weight, bias).topk(k, dim=1)
+    assert torch.equal(idx, ref_idx)
+    assert_close(acts, ref_vals.relu(), TOL[torch.float32], "top_acts")
+    failed = 5 * (len(kks) - 2)
+    want = [("bf16", 5, kk) for kk in kks[:-1]] + [("bf16", 12, kks[-1])]
+    want += [("fp32", failed, None)] if failed else []
+    assert fp32_candidates == want, fp32_candidates
+
+
+def test_cpu_fp32_candidates_give_up_where_too_few_latents_a_candidate(fp32_candidates):
+    """A crowd of 400: after probes with 39, 71, 135 and 263 candidates, 7 + 512 would pass
+    n / FP32_CANDIDATES_MIN_RATIO = 375, so the rest of the call and every failed probe take the fp32 GEMM:
+    the fp64 reference's top-k exactly."""
+    B, m, n, k = 23, 32, 1500, 7
+    x, weight, bias = _fp32_crowd(B, m, n, 400, seed=1)
+    acts, idx = topk_encode(x, weight, bias, k, backend="torch")
+    ref_vals, ref_idx = _pre(x, weight, bias).topk(k, dim=1)
+    assert torch.equal(idx, ref_idx)
+    assert_close(acts, ref_vals.relu(), TOL[torch.float32], "top_acts")
+    assert fp32_candidates == [("bf16", 5, kk) for kk in (39, 71, 135, 263)] + [("fp32", B, None)], fp32_candidates
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_fp32_candidates_non_finite_tokens_take_the_fp32_path(fp32_candidates, bad):
+    """A token with a NaN or an infinite input fails the bound and goes through the fp32 GEMM,
+    whose NaN order and tie rule it keeps: its ids and values are the fp32 path's, bit for bit;
+    the others are the fp64 reference's."""
+    x, weight, bias = _inputs((19,), 20, 500)
+    x[13, 3] = bad
+    acts, idx = topk_encode(x, weight, bias, 6, backend="torch")
+    assert ("fp32", 1, None) in fp32_candidates, fp32_candidates
+    want_vals, want_idx = te._blocked_forward(x, weight, bias, 6, torch.float32, fp32_gemm=True)
+    assert torch.equal(idx[13], want_idx[13])
+    torch.testing.assert_close(acts[13], want_vals[13].relu(), rtol=0, atol=0, equal_nan=True)
+    others = torch.arange(19) != 13
+    _, ref_acts, ref_idx = _reference(x[others], weight, bias, 6)
+    assert_same_topk(idx[others], ref_idx, _pre(x[others], weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts[others], ref_acts, TOL[torch.float32], "top_acts")
+
+
+def test_cpu_fp32_candidates_only_where_they_pay(fp32_candidates, monkeypatch):
+    """Taken for fp32 x, weight and bias on CPU with enough tokens, n >= FP32_CANDIDATES_MIN_RATIO
+    * (k + extra), a weight within WHOLE_WIDEN_ELEMS (it is rounded to bf16 whole) and bf16 matrix
+    units; not otherwise."""
+    x, weight, bias = _inputs((9,), 16, 200)
+
+    def taken(*args):
+        fp32_candidates.clear()
+        topk_encode(*args, backend="torch")
+        return any(c[0] == "bf16" for c in fp32_candidates)
+
+    assert taken(x, weight, bias, 3)                        # 4 * (3 + 32) <= 200
+    assert taken(x, weight, None, 3)
+    assert not taken(x, weight, bias, 19)                   # 4 * (19 + 38) > 200
+    assert not taken(x[:7], weight, bias, 3)                # 7 tokens < 8
+    assert not taken(x, weight, bias.bfloat16(), 3)         # a bias of another dtype
+    assert not taken(x.double(), weight.double(), bias.double(), 3)
+    monkeypatch.setattr(te, "WHOLE_WIDEN_ELEMS", 200 * 16 - 1)
+    assert not taken(x, weight, bias, 3)
+    monkeypatch.setattr(te, "WHOLE_WIDEN_ELEMS", 200 * 16)
+    assert taken(x, weight, bias, 3)
+    monkeypatch.setattr(te, "_bf16_matmul_units", lambda: False)
+    assert not taken(x, weight, bias, 3)
+
+
+def test_cpu_fp32_candidates_bound_covers_the_rounded_operands(fp32_candidates):
+    """Rounding the operands to bf16 can hide the winner: x = (1 + 2^-10, 1) rounds to (1, 1), so
+    latent A = (1, -1), exactly 2^-10, scores 0 in the bf16 GEMM, below 33 candidates: W = (2^-12,
+    0) (exactly 2^-12 (1 + 2^-10)) and 32 at 2^-20. Without the operands' term in the bound, W
+    would pass as the top 1 (its e is far above the smallest candidate's 2^-20); with it the
+    probe fails, 1 + 64 candidates would pass n / 4 = 50, and every token takes the fp32 GEMM,
+    which finds A."""
+    n, B = 200, 8
+    weight = torch.tensor([-1.0, -1.0]).repeat(n, 1)
+    weight[0] = torch.tensor([1.0, -1.0])           # A
+    weight[1] = torch.tensor([2.0**-12, 0.0])       # W
+    weight[2:34] = torch.tensor([2.0**-20, 0.0])    # 32 fillers
+    x = torch.tensor([1 + 2.0**-10, 1.0]).repeat(B, 1)
+    acts, idx = topk_encode(x, weight, None, 1, backend="torch")
+    assert torch.equal(idx, torch.zeros(B, 1, dtype=torch.int64))
+    assert torch.equal(acts, torch.full((B, 1), 2.0**-10))
+    assert fp32_candidates == [("bf16", 5, 33), ("fp32", B, None)], fp32_candidates
+
+
+def test_cpu_fp32_candidates_at_the_default_floors(monkeypatch):
+    """At the shipped floors (FP32_CANDIDATES_MIN_TOKENS tokens, n = FP32_CANDIDATES_MIN_RATIO *
+    (k + 2k)), odd m: the route is taken with its real probe chunk and tiles, and gives the fp64
+    reference's top-k and values."""
+    monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
+    calls = []
+    gemm = te._bf16_gemm_candidates
+    monkeypatch.setattr(te, "_bf16_gemm_candidates", lambda x, *a: calls.append(x.shape[0]) or gemm(x, *a))
+    k = 11
+    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, 19, te.FP32_CANDIDATES_MIN_RATIO * (k + te._fp32_extra(k))
+    x, weight, bias = _inputs((B,), m, n)
+    acts, idx = topk_encode(x, weight, bias, k, backend="torch")
+    assert calls and calls[0] == te.FP32_CANDIDATES_CHUNK and sum(calls) >= B - te.FP32_CANDIDATES_CHUNK, calls
+    _, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")

@@ -7,7 +7,10 @@ keys (``_topk.fold_tile``: insertion, no sort), and writes them; a second stage 
 candidates of all splits into the final k. The grid follows the compiled kernel's occupancy
 (``_topk.latent_splits``). The CPU path computes ``pre`` a block of latents at a time with one GEMM per block into a
 reused buffer and keeps a running top-k, so its extra memory is O(B * block) instead of O(B * n).
-Ties go to the lower latent id on every backend.
+On a CPU with bf16 matrix units, bf16 operands (and fp32 ones on large enough shapes) go through a
+bf16 GEMM that only picks candidates: they are rescored in fp32, and a bound proves the k kept
+beat every other latent, else the token takes the fp32 GEMM (``_bf16_candidates_forward``,
+``_fp32_candidates_forward``). Ties go to the lower latent id on every backend.
 
 On CUDA the Triton backend runs one of three strategies per shape, picked by ``encode_strategy``
 from one table (``ENCODE_MEASURED``: GPU measurements; ``ENCODE_PREDICTED``: what the H100
@@ -78,6 +81,7 @@ from ._topk import (
     token_blocked_topk,
 )
 from .sparse_decode import (
+    WHOLE_WIDEN_ELEMS,
     torch_grad_weight as decode_torch_grad_weight,
     triton_grad_weight as decode_triton_grad_weight,
     torch_forward as decode_torch_forward,
@@ -929,6 +933,37 @@ def _bf16_candidates_pay(x: Tensor, weight: Tensor, k: int, exact_keys: bool) ->
             and BF16_MIN_RATIO * (k + _bf16_extra(k)) <= weight.shape[0] and _bf16_matmul_units())
 
 
+def _bf16_gemm_candidates(x: Tensor, weight: Tensor, bias: Optional[Tensor], kk: int) -> tuple[Tensor, Tensor]:
+    """The kk largest values of the bf16 GEMM ``x @ weight.T (+ bias)`` per token (bf16 operands
+    on CPU), in no order, and their latent ids: token x latent tiles into one reused buffer, a
+    running top-kk across each token tile's latent blocks."""
+    B = x.shape[0]
+    N = weight.shape[0]
+    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
+    buf = torch.empty(block_b * block_n, device=x.device, dtype=torch.bfloat16)
+    cand_v = torch.empty(B, kk, dtype=torch.bfloat16)
+    cand_i = torch.empty(B, kk, dtype=torch.int64)
+    for b0 in range(0, B, block_b):
+        b1 = min(B, b0 + block_b)
+        run_v = run_i = None
+        for start in range(0, N, block_n):
+            stop = min(N, start + block_n)
+            tile = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
+            if bias is None:
+                torch.mm(x[b0:b1], weight[start:stop].T, out=tile)
+            else:
+                torch.addmm(bias[start:stop], x[b0:b1], weight[start:stop].T, out=tile)
+            v, i = _unordered_topk(tile, min(kk, stop - start))
+            i = i + start
+            if run_v is not None:
+                v, i = torch.cat([run_v, v], 1), torch.cat([run_i, i], 1)
+                v, pos = v.topk(kk, dim=1, sorted=False)
+                i = i.gather(1, pos)
+            run_v, run_i = v, i
+        cand_v[b0:b1], cand_i[b0:b1] = run_v, run_i
+    return cand_v, cand_i
+
+
 def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype,
                              extra: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """``_blocked_forward`` for bf16 x and weight on CPU, through a bf16 GEMM that picks candidates.
@@ -951,30 +986,8 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     B, M = x.shape
     N = weight.shape[0]
     extra = _bf16_extra(k) if extra is None else extra
-    kk = k + extra
     bb = bias.to(torch.bfloat16) if bias is not None else None
-    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
-    buf = torch.empty(block_b * block_n, device=x.device, dtype=torch.bfloat16)
-    cand_v = torch.empty(B, kk, dtype=torch.bfloat16)
-    cand_i = torch.empty(B, kk, dtype=torch.int64)
-    for b0 in range(0, B, block_b):
-        b1 = min(B, b0 + block_b)
-        run_v = run_i = None
-        for start in range(0, N, block_n):
-            stop = min(N, start + block_n)
-            tile = buf[: (b1 - b0) * (stop - start)].view(b1 - b0, stop - start)
-            if bb is None:
-                torch.mm(x[b0:b1], weight[start:stop].T, out=tile)
-            else:
-                torch.addmm(bb[start:stop], x[b0:b1], weight[start:stop].T, out=tile)
-            v, i = _unordered_topk(tile, min(kk, stop - start))
-            i = i + start
-            if run_v is not None:
-                v, i = torch.cat([run_v, v], 1), torch.cat([run_i, i], 1)
-                v, pos = v.topk(kk, dim=1, sorted=False)
-                i = i.gather(1, pos)
-            run_v, run_i = v, i
-        cand_v[b0:b1], cand_i[b0:b1] = run_v, run_i
+    cand_v, cand_i = _bf16_gemm_candidates(x, weight, bb, k + extra)
     xf = x.float()
     bf = bias.float() if bias is not None else None
     exact = _exact_values(xf, weight, bf, cand_i)
@@ -1000,6 +1013,97 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return values.relu().to(out_dtype), indices
 
 
+# fp32 x and weight take the same bf16 GEMM for candidates where it pays. Rounding the operands
+# adds (2^-7 + 2^-15) ||x|| max ||w_j|| to the bound, ~10x the slack of bf16 operands on random
+# data (Cauchy-Schwarz is ~sqrt(m) looser than the typical error), so more candidates are needed:
+# of 1,000 random tokens at m=768, n=16384, k=32, 84 % failed the bound with 32 extra, 1.2 % with
+# 64. The extra starts at 2k (at least 32) and doubles whenever more than FP32_CANDIDATES_MAX_REDO
+# of a probe chunk of FP32_CANDIDATES_CHUNK tokens fail; once n < FP32_CANDIDATES_MIN_RATIO *
+# (k + extra), the rest of the call takes the fp32 GEMM, and so do the tokens that failed. What it
+# costs beside the bf16 GEMM: the weight rounded to bf16 once a call (a copy of at most
+# WHOLE_WIDEN_ELEMS), and k + extra gathered fp32 rows a token (~0.7 ns an element here, against
+# ~0.0095 ns a multiply-add saved on n latents), hence a floor of FP32_CANDIDATES_MIN_TOKENS tokens
+# and n >= FP32_CANDIDATES_MIN_RATIO (k + extra). MEASURED (one thread, ms, same-run medians, fp32
+# path / this; RESULTS.md, "Thirtieth session"): B=1000, m=768, n=16384, k=32: 184-193 / 109-133;
+# k=8: 163-172 / 85-86; m=576: 157-166 / 91-94; B=512, m=768, k=32: 101 / 71; B=1024, m=2048,
+# n=65536, k=64: 1721 / 1110. Where it lost (now below the floors): B=256, m=768, n=16384, k=32:
+# 46-49 / 48-51; B=256, m=2048, n=65536, k=64: 439-451 / 564-580 (the first extra failed, and
+# every probe's bf16 GEMM re-read the 256 MiB weight).
+FP32_CANDIDATES_MIN_TOKENS = 512
+FP32_CANDIDATES_MIN_RATIO = 160
+FP32_CANDIDATES_CHUNK = 64
+FP32_CANDIDATES_MAX_REDO = 1 / 8
+
+
+def _fp32_extra(k: int) -> int:
+    return max(32, 2 * k)
+
+
+def _fp32_candidates_pay(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, exact_keys: bool) -> bool:
+    return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and x.shape[0] >= FP32_CANDIDATES_MIN_TOKENS
+            and FP32_CANDIDATES_MIN_RATIO * (k + _fp32_extra(k)) <= weight.shape[0]
+            and weight.numel() <= WHOLE_WIDEN_ELEMS and _bf16_matmul_units())
+
+
+def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int,
+                             out_dtype) -> tuple[Tensor, Tensor]:
+    """``_blocked_forward`` for fp32 x and weight (and bias) on CPU, through the bf16 GEMM's
+    candidates: ``_bf16_candidates_forward``'s argument with x and weight rounded to bf16 first.
+
+    Per token, the bf16 GEMM of the rounded operands names k + extra candidates; their fp32
+    pre-activations e come from the fp32 rows (``rows_dot``, then the bias) and the k best are
+    taken (ties to the lower id). For any latent j, the bf16 value v_j differs from the exact P_j
+    by the roundings of ``_bf16_candidates_forward``'s bound, a (|v_j| + max |b|) + A, plus the
+    operands' roundings: each product x_i w_ji moves by at most (2^-7 + 2^-16) |x_i w_ji|, so R =
+    (2^-7 + 2^-15) ||x|| max ||w_j|| in all. e differs from P by at most the fp32 rounding of m
+    products and their sum: 2.1 (m + 2) 2^-24 ||x|| max ||w_j|| covers both A terms (5 % for the
+    rounded operands). Where the k-th e exceeds c + a (|c| + max |b|) +
+    2A + R (c the smallest candidate v), no latent outside the candidates can beat the k chosen;
+    elsewhere, NaN and Inf included, the token goes through the fp32 GEMM. Probe chunks of
+    FP32_CANDIDATES_CHUNK tokens set the extra: after one where more than FP32_CANDIDATES_MAX_REDO
+    of the tokens failed it doubles and the next chunk probes again; after one that passed, the rest
+    go a tile at a time. Once k + extra would pass n / FP32_CANDIDATES_MIN_RATIO, the rest of the
+    call takes the fp32 GEMM. The weight is rounded to bf16 once a call."""
+    B, M = x.shape
+    N = weight.shape[0]
+    wb = weight.to(torch.bfloat16)
+    bb = bias.to(torch.bfloat16) if bias is not None else None
+    b_max = float(bias.abs().max()) if bias is not None else 0.0
+    # fp32 norms: relative error ~m 2^-24; the factor covers it.
+    w_max = (1 + 2.0**-10) * float(weight.norm(dim=1).max())
+    values = torch.empty(B, k, dtype=torch.float32)
+    indices = torch.empty(B, k, dtype=torch.int64)
+    redo = torch.zeros(B, dtype=torch.bool)
+    extra = _fp32_extra(k)
+    chunk = FP32_CANDIDATES_CHUNK
+    b0 = 0
+    while b0 < B:
+        if FP32_CANDIDATES_MIN_RATIO * (k + extra) > N:
+            redo[b0:] = True
+            break
+        b1 = min(B, b0 + chunk)
+        xc = x[b0:b1]
+        cand_v, cand_i = _bf16_gemm_candidates(xc.to(torch.bfloat16), wb, bb, k + extra)
+        exact = _exact_values(xc, weight, bias, cand_i)
+        v, i = _exact_topk(exact, cand_i, k)
+        c = cand_v.float().amin(dim=1)
+        xn = (1 + 2.0**-10) * xc.norm(dim=1)
+        slack = (2.0**-7 * 1.02 * (c.abs() + b_max) + 2.1 * (M + 2) * 2.0**-24 * xn * w_max
+                 + (2.0**-7 + 2.0**-15) * xn * w_max)
+        failed = ~(v[:, k - 1] > c + slack)  # NaN and Inf compare False: those tokens too
+        values[b0:b1], indices[b0:b1], redo[b0:b1] = v, i, failed
+        b0 = b1
+        if float(failed.float().mean()) > FP32_CANDIDATES_MAX_REDO:
+            extra, chunk = 2 * extra, FP32_CANDIDATES_CHUNK  # probe again with more candidates
+        else:
+            chunk = max(FP32_CANDIDATES_CHUNK, CPU_TILE_ELEMS // N)  # then whole tiles
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        values[rows], indices[rows] = _blocked_forward(x[rows], weight, bias, k, torch.float32, fp32_gemm=True)
+    return values.relu().to(out_dtype), indices
+
+
 def _blocked_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype, exact_keys: bool = False,
     fp32_gemm: bool = False,
@@ -1007,9 +1111,12 @@ def _blocked_forward(
     """Tiles of tokens x latents (``_topk.cpu_tile``): one GEMM each into a reused buffer, then a
     running top-k. Extra memory: the buffer plus O(B * k). bf16 operands on a CPU with bf16 matrix
     units go through ``_bf16_candidates_forward`` unless ``fp32_gemm`` (its fall-back, which takes
-    the fp32 pre-activations back, before ReLU and the cast)."""
+    the fp32 pre-activations back, before ReLU and the cast), and so do fp32 operands where
+    ``_fp32_candidates_pay``."""
     if not fp32_gemm and _bf16_candidates_pay(x, weight, k, exact_keys):
         return _bf16_candidates_forward(x, weight, bias, k, out_dtype)
+    if not fp32_gemm and _fp32_candidates_pay(x, weight, bias, k, exact_keys):
+        return _fp32_candidates_forward(x, weight, bias, k, out_dtype)
     B, M = x.shape
     N = weight.shape[0]
     cd = compute_dtype(torch.promote_types(x.dtype, weight.dtype))
