@@ -929,6 +929,7 @@ def fp32_candidates(monkeypatch):
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_RATIO", 4)
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_TOKENS", 8)
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 2)
     monkeypatch.setattr(te, "FP32_CANDIDATES_CHUNK", 5)
     calls = []
     gemm, blocked = te._bf16_gemm_candidates, te._blocked_forward
@@ -1037,8 +1038,8 @@ def test_cpu_fp32_candidates_non_finite_tokens_take_the_fp32_path(fp32_candidate
 
 
 def test_cpu_fp32_candidates_only_where_they_pay(fp32_candidates, monkeypatch):
-    """Taken for fp32 x, weight and bias on CPU with enough tokens, n >= FP32_CANDIDATES_MIN_RATIO
-    * (k + extra), a weight within WHOLE_WIDEN_ELEMS (it is rounded to bf16 whole) and bf16 matrix
+    """Taken for fp32 x, weight and bias on CPU with enough tokens, m >= FP32_CANDIDATES_MIN_M,
+    n >= FP32_CANDIDATES_MIN_RATIO * (k + extra), a weight within WHOLE_WIDEN_ELEMS (it is rounded to bf16 whole) and bf16 matrix
     units; not otherwise."""
     x, weight, bias = _inputs((9,), 16, 200)
 
@@ -1051,6 +1052,10 @@ def test_cpu_fp32_candidates_only_where_they_pay(fp32_candidates, monkeypatch):
     assert taken(x, weight, None, 3)
     assert not taken(x, weight, bias, 19)                   # 4 * (19 + 38) > 200
     assert not taken(x[:7], weight, bias, 3)                # 7 tokens < 8
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 17)
+    assert not taken(x, weight, bias, 3)                    # m = 16 < 17
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 16)
+    assert taken(x, weight, bias, 3)
     assert not taken(x, weight, bias.bfloat16(), 3)         # a bias of another dtype
     assert not taken(x.double(), weight.double(), bias.double(), 3)
     monkeypatch.setattr(te, "WHOLE_WIDEN_ELEMS", 200 * 16 - 1)
@@ -1082,17 +1087,77 @@ def test_cpu_fp32_candidates_bound_covers_the_rounded_operands(fp32_candidates):
 
 def test_cpu_fp32_candidates_at_the_default_floors(monkeypatch):
     """At the shipped floors (FP32_CANDIDATES_MIN_TOKENS tokens, n = FP32_CANDIDATES_MIN_RATIO *
-    (k + 2k)), odd m: the route is taken with its real probe chunk and tiles, and gives the fp64
-    reference's top-k and values."""
+    (k + 2k), m just above FP32_CANDIDATES_MIN_M): the route is taken with its real probe chunk and
+    tiles, and gives the fp64 reference's top-k and values."""
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
     calls = []
     gemm = te._bf16_gemm_candidates
     monkeypatch.setattr(te, "_bf16_gemm_candidates", lambda x, *a: calls.append(x.shape[0]) or gemm(x, *a))
     k = 11
-    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, 19, te.FP32_CANDIDATES_MIN_RATIO * (k + te._fp32_extra(k))
+    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, te.FP32_CANDIDATES_MIN_M + 3, te.FP32_CANDIDATES_MIN_RATIO * (k + te._fp32_extra(k))
     x, weight, bias = _inputs((B,), m, n)
     acts, idx = topk_encode(x, weight, bias, k, backend="torch")
     assert calls and calls[0] == te.FP32_CANDIDATES_CHUNK and sum(calls) >= B - te.FP32_CANDIDATES_CHUNK, calls
     _, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
+
+
+@pytest.mark.parametrize("scaled", ["x", "weight"])
+def test_cpu_fp32_candidates_norms_that_underflow(fp32_candidates, scaled):
+    """x or W scaled by 1e-25: fp32 sums of squares underflow and the norms would read 0, which
+    would drop the operands' rounding from the bound, while the bf16 rounding of large cancelling
+    products (W's first two columns, +-100..200) still reorders latents (a review found 224 of 512
+    such tokens wrong). Norms below NORM_FLOOR send the tokens (a tiny x) or the call (a tiny W) to
+    the fp32 GEMM: the fp64 reference's top-k."""
+    g = torch.Generator().manual_seed(0)
+    B, m, n, k = 40, 32, 2000, 8
+    x = torch.randn(B, m, generator=g)
+    x[:, :2] = 1
+    big = 100 * (1 + torch.rand(n, generator=g))
+    weight = 0.01 * torch.randn(n, m, generator=g)
+    weight[:, 0], weight[:, 1] = big, -big + torch.randn(n, generator=g)
+    if scaled == "x":
+        x = x * 1e-25
+    else:
+        weight = weight * 1e-25
+    acts, idx = topk_encode(x, weight, None, k, backend="torch")
+    ref_vals, ref_idx = _pre(x, weight, None).topk(k, dim=1)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(acts.double(), ref_vals.relu(), rtol=1e-5, atol=0)
+    assert fp32_candidates == [("fp32", B, None)], fp32_candidates
+
+
+def test_cpu_fp32_candidates_subnormal_bias(fp32_candidates):
+    """A bias of subnormals (multiples of 2^-133, where bf16 keeps a bit or two or flushes to zero)
+    and x = 0: every bf16 value is 0 or 2^-133, so the candidates are arbitrary, and a relative
+    bound would pass the wrong latent (a review found one). x's zero norm sends every token to the
+    fp32 GEMM: latent 29, the largest bias. With x = 2^-30 the products dwarf the bias and the
+    route's answer is the reference's too."""
+    s = 2.0**-133
+    B, m, n = 12, 8, 1500
+    bias = torch.full((n,), 0.3 * s)
+    bias[:30] = 1.2 * s
+    bias[29] = 1.4 * s
+    weight = torch.randn(n, m)
+    for x in (torch.zeros(B, m), torch.full((B, m), 2.0**-30)):
+        fp32_candidates.clear()
+        acts, idx = topk_encode(x, weight, bias, 1, backend="torch")
+        ref_vals, ref_idx = _pre(x, weight, bias).topk(1, dim=1)
+        assert torch.equal(idx, ref_idx), (idx.flatten()[:4], ref_idx.flatten()[:4])
+        torch.testing.assert_close(acts.double(), ref_vals.relu(), rtol=1e-5, atol=0)
+        if not x.any():
+            assert fp32_candidates == [("fp32", B, None)], fp32_candidates
+
+
+def test_cpu_fp32_candidates_minus_inf_bias_masks(fp32_candidates):
+    """A bias of -inf masks latents (1 in 10 here): they never win, and the bound still holds over
+    the finite biases, so the tokens pass it instead of all falling back (a review measured 1.2x
+    the fp32 path when -inf made the bias term infinite)."""
+    x, weight, bias = _inputs((30,), 48, 900)
+    bias[::10] = -float("inf")
+    acts, idx = topk_encode(x, weight, bias, 5, backend="torch")
+    assert all(c[0] == "bf16" for c in fp32_candidates), fp32_candidates
+    _, ref_acts, ref_idx = _reference(x, weight, bias, 5)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
     assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")

@@ -1022,8 +1022,9 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 # (k + extra), the rest of the call takes the fp32 GEMM, and so do the tokens that failed. What it
 # costs beside the bf16 GEMM: the weight rounded to bf16 once a call (a copy of at most
 # WHOLE_WIDEN_ELEMS), and k + extra gathered fp32 rows a token (~0.7 ns an element here, against
-# ~0.0095 ns a multiply-add saved on n latents), hence a floor of FP32_CANDIDATES_MIN_TOKENS tokens
-# and n >= FP32_CANDIDATES_MIN_RATIO (k + extra). MEASURED (one thread, ms, same-run medians, fp32
+# ~0.0095 ns a multiply-add saved on n latents), hence floors of FP32_CANDIDATES_MIN_TOKENS tokens,
+# n >= FP32_CANDIDATES_MIN_RATIO (k + extra) and m >= FP32_CANDIDATES_MIN_M (a review measured
+# 1.89x the fp32 path at B=512, m=7, n=16000, k=8; 1.41x at m=40; faster from m=64). MEASURED (one thread, ms, same-run medians, fp32
 # path / this; RESULTS.md, "Thirtieth session"): B=1000, m=768, n=16384, k=32: 184-193 / 109-133;
 # k=8: 163-172 / 85-86; m=576: 157-166 / 91-94; B=512, m=768, k=32: 101 / 71; B=1024, m=2048,
 # n=65536, k=64: 1721 / 1110. Where it lost (now below the floors): B=256, m=768, n=16384, k=32:
@@ -1031,6 +1032,9 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 # every probe's bf16 GEMM re-read the 256 MiB weight).
 FP32_CANDIDATES_MIN_TOKENS = 512
 FP32_CANDIDATES_MIN_RATIO = 160
+FP32_CANDIDATES_MIN_M = 128
+# Token and row norms below NORM_FLOOR (or not finite) send tokens, or the call, to the fp32 GEMM.
+NORM_FLOOR = 2.0**-40
 FP32_CANDIDATES_CHUNK = 64
 FP32_CANDIDATES_MAX_REDO = 1 / 8
 
@@ -1042,6 +1046,7 @@ def _fp32_extra(k: int) -> int:
 def _fp32_candidates_pay(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, exact_keys: bool) -> bool:
     return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.shape[0] >= FP32_CANDIDATES_MIN_TOKENS
+            and x.shape[1] >= FP32_CANDIDATES_MIN_M
             and FP32_CANDIDATES_MIN_RATIO * (k + _fp32_extra(k)) <= weight.shape[0]
             and weight.numel() <= WHOLE_WIDEN_ELEMS and _bf16_matmul_units())
 
@@ -1058,49 +1063,81 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     operands' roundings: each product x_i w_ji moves by at most (2^-7 + 2^-16) |x_i w_ji|, so R =
     (2^-7 + 2^-15) ||x|| max ||w_j|| in all. e differs from P by at most the fp32 rounding of m
     products and their sum: 2.1 (m + 2) 2^-24 ||x|| max ||w_j|| covers both A terms (5 % for the
-    rounded operands). Where the k-th e exceeds c + a (|c| + max |b|) +
-    2A + R (c the smallest candidate v), no latent outside the candidates can beat the k chosen;
-    elsewhere, NaN and Inf included, the token goes through the fp32 GEMM. Probe chunks of
+    rounded operands). Subnormals, which bf16 keeps to a bit or two and the GEMM may flush, add at
+    most 2^-125 (m + 2 + sqrt(m) (||x|| + max ||w_j||)) on either side. Where the k-th e exceeds
+    c + a (|c| + max |b|) + 2A + R + that (c the smallest candidate v, finite), no latent outside
+    the candidates can beat the k chosen; elsewhere, NaN and Inf included, the token goes through
+    the fp32 GEMM. So do tokens whose norm is below NORM_FLOOR or infinite, and the whole call where
+    max ||w_j|| is, or a bias is NaN or +inf: fp32 sums of squares underflow below it, and a norm
+    read as 0 would drop R (a review found wrong answers at x * 1e-25). A bias of -inf masks its
+    latent and stays out of max |b|. Probe chunks of
     FP32_CANDIDATES_CHUNK tokens set the extra: after one where more than FP32_CANDIDATES_MAX_REDO
     of the tokens failed it doubles and the next chunk probes again; after one that passed, the rest
     go a tile at a time. Once k + extra would pass n / FP32_CANDIDATES_MIN_RATIO, the rest of the
     call takes the fp32 GEMM. The weight is rounded to bf16 once a call."""
     B, M = x.shape
     N = weight.shape[0]
+
+    def fp32_path(rows):
+        return _blocked_forward(x[rows], weight, bias, k, torch.float32, fp32_gemm=True)
+
+    # fp32 norms: their sums of squares are exact to ~m 2^-24, and they do not underflow for norms
+    # of 2^-40 and more (smaller ones lost every square and read 0, which dropped R and A).
+    grow = 1 + M * 2.0**-24
+    w_max = grow * float(weight.norm(dim=1).max())
+    bias_ok = bias is None or not bool((bias.isnan() | (bias == float("inf"))).any())
+    if not (bias_ok and NORM_FLOOR <= w_max < float("inf")):
+        values, indices = fp32_path(slice(None))
+        return values.relu().to(out_dtype), indices
+    b_max = 0.0
+    if bias is not None:
+        finite = bias[bias.isfinite()]  # -inf masks a latent: its v and e are -inf too
+        b_max = float(finite.abs().max()) if finite.numel() else 0.0
+    x_norm = grow * x.norm(dim=1)
+    redo = ~((x_norm >= NORM_FLOOR) & (x_norm < float("inf")))  # such tokens: the fp32 GEMM
+    rows = None if not bool(redo.any()) else (~redo).nonzero().squeeze(1)
+    xs, xns = (x, x_norm) if rows is None else (x[rows], x_norm[rows])
     wb = weight.to(torch.bfloat16)
     bb = bias.to(torch.bfloat16) if bias is not None else None
-    b_max = float(bias.abs().max()) if bias is not None else 0.0
-    # fp32 norms: relative error ~m 2^-24; the factor covers it.
-    w_max = (1 + 2.0**-10) * float(weight.norm(dim=1).max())
+    S = xs.shape[0]
     values = torch.empty(B, k, dtype=torch.float32)
     indices = torch.empty(B, k, dtype=torch.int64)
-    redo = torch.zeros(B, dtype=torch.bool)
+    sel_v = torch.empty(S, k, dtype=torch.float32)
+    sel_i = torch.empty(S, k, dtype=torch.int64)
+    sel_redo = torch.zeros(S, dtype=torch.bool)
     extra = _fp32_extra(k)
     chunk = FP32_CANDIDATES_CHUNK
     b0 = 0
-    while b0 < B:
+    while b0 < S:
         if FP32_CANDIDATES_MIN_RATIO * (k + extra) > N:
-            redo[b0:] = True
+            sel_redo[b0:] = True
             break
-        b1 = min(B, b0 + chunk)
-        xc = x[b0:b1]
+        b1 = min(S, b0 + chunk)
+        xc, xn = xs[b0:b1], xns[b0:b1]
         cand_v, cand_i = _bf16_gemm_candidates(xc.to(torch.bfloat16), wb, bb, k + extra)
         exact = _exact_values(xc, weight, bias, cand_i)
         v, i = _exact_topk(exact, cand_i, k)
         c = cand_v.float().amin(dim=1)
-        xn = (1 + 2.0**-10) * xc.norm(dim=1)
         slack = (2.0**-7 * 1.02 * (c.abs() + b_max) + 2.1 * (M + 2) * 2.0**-24 * xn * w_max
-                 + (2.0**-7 + 2.0**-15) * xn * w_max)
-        failed = ~(v[:, k - 1] > c + slack)  # NaN and Inf compare False: those tokens too
-        values[b0:b1], indices[b0:b1], redo[b0:b1] = v, i, failed
+                 + (2.0**-7 + 2.0**-15) * xn * w_max
+                 + 2.0**-125 * (M + 2 + M**0.5 * (xn + w_max)))
+        # NaN and Inf compare False: those tokens fail too, and so does c = -inf (all but fewer
+        # than k + extra latents masked), which would accept anything.
+        failed = ~((v[:, k - 1] > c + slack) & c.isfinite())
+        sel_v[b0:b1], sel_i[b0:b1], sel_redo[b0:b1] = v, i, failed
         b0 = b1
         if float(failed.float().mean()) > FP32_CANDIDATES_MAX_REDO:
             extra, chunk = 2 * extra, FP32_CANDIDATES_CHUNK  # probe again with more candidates
         else:
             chunk = max(FP32_CANDIDATES_CHUNK, CPU_TILE_ELEMS // N)  # then whole tiles
+    if rows is None:
+        values, indices, redo = sel_v, sel_i, sel_redo
+    else:
+        values[rows], indices[rows] = sel_v, sel_i
+        redo[rows] = sel_redo
     if bool(redo.any()):
-        rows = redo.nonzero().squeeze(1)
-        values[rows], indices[rows] = _blocked_forward(x[rows], weight, bias, k, torch.float32, fp32_gemm=True)
+        bad = redo.nonzero().squeeze(1)
+        values[bad], indices[bad] = fp32_path(bad)
     return values.relu().to(out_dtype), indices
 
 
