@@ -1050,7 +1050,7 @@ def test_cpu_fp32_candidates_only_where_they_pay(fp32_candidates, monkeypatch):
 
     assert taken(x, weight, bias, 3)                        # 4 * (3 + 32) <= 200
     assert taken(x, weight, None, 3)
-    assert not taken(x, weight, bias, 19)                   # 4 * (19 + 38) > 200
+    assert not taken(x, weight, bias, 19)                   # 4 * (19 + 32) > 200
     assert not taken(x[:7], weight, bias, 3)                # 7 tokens < 8
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 17)
     assert not taken(x, weight, bias, 3)                    # m = 16 < 17
@@ -1086,15 +1086,16 @@ def test_cpu_fp32_candidates_bound_covers_the_rounded_operands(fp32_candidates):
 
 
 def test_cpu_fp32_candidates_at_the_default_floors(monkeypatch):
-    """At the shipped floors (FP32_CANDIDATES_MIN_TOKENS tokens, n = FP32_CANDIDATES_MIN_RATIO *
-    (k + 2k), m just above FP32_CANDIDATES_MIN_M): the route is taken with its real probe chunk and
+    """At the shipped floors (FP32_CANDIDATES_MIN_TOKENS tokens, m just above FP32_CANDIDATES_MIN_M,
+    n just above FP32_CANDIDATES_MIN_RATIO * (k + extra)): the route is taken with its real probe chunk and
     tiles, and gives the fp64 reference's top-k and values."""
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
     calls = []
     gemm = te._bf16_gemm_candidates
     monkeypatch.setattr(te, "_bf16_gemm_candidates", lambda x, *a: calls.append(x.shape[0]) or gemm(x, *a))
     k = 11
-    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, te.FP32_CANDIDATES_MIN_M + 3, te.FP32_CANDIDATES_MIN_RATIO * (k + te._fp32_extra(k))
+    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, te.FP32_CANDIDATES_MIN_M + 3, 7001
+    assert te.FP32_CANDIDATES_MIN_RATIO * (k + te._fp32_extra(k, m, n)) <= n
     x, weight, bias = _inputs((B,), m, n)
     acts, idx = topk_encode(x, weight, bias, k, backend="torch")
     assert calls and calls[0] == te.FP32_CANDIDATES_CHUNK and sum(calls) >= B - te.FP32_CANDIDATES_CHUNK, calls

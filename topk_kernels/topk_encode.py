@@ -39,6 +39,7 @@ like the decoder.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -1017,19 +1018,22 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 # adds (2^-7 + 2^-15) ||x|| max ||w_j|| to the bound, ~10x the slack of bf16 operands on random
 # data (Cauchy-Schwarz is ~sqrt(m) looser than the typical error), so more candidates are needed:
 # of 1,000 random tokens at m=768, n=16384, k=32, 84 % failed the bound with 32 extra, 1.2 % with
-# 64. The extra starts at 2k (at least 32) and doubles whenever more than FP32_CANDIDATES_MAX_REDO
-# of a probe chunk of FP32_CANDIDATES_CHUNK tokens fail; once n < FP32_CANDIDATES_MIN_RATIO *
-# (k + extra), the rest of the call takes the fp32 GEMM, and so do the tokens that failed. What it
-# costs beside the bf16 GEMM: the weight rounded to bf16 once a call (a copy of at most
-# WHOLE_WIDEN_ELEMS), and k + extra gathered fp32 rows a token (~0.7 ns an element here, against
-# ~0.0095 ns a multiply-add saved on n latents), hence floors of FP32_CANDIDATES_MIN_TOKENS tokens,
-# n >= FP32_CANDIDATES_MIN_RATIO (k + extra) and m >= FP32_CANDIDATES_MIN_M (a review measured
-# 1.89x the fp32 path at B=512, m=7, n=16000, k=8; 1.41x at m=40; faster from m=64). MEASURED (one thread, ms, same-run medians, fp32
-# path / this; RESULTS.md, "Thirtieth session"): B=1000, m=768, n=16384, k=32: 184-193 / 109-133;
-# k=8: 163-172 / 85-86; m=576: 157-166 / 91-94; B=512, m=768, k=32: 101 / 71; B=1024, m=2048,
-# n=65536, k=64: 1721 / 1110. Where it lost (now below the floors): B=256, m=768, n=16384, k=32:
-# 46-49 / 48-51; B=256, m=2048, n=65536, k=64: 439-451 / 564-580 (the first extra failed, and
-# every probe's bf16 GEMM re-read the 256 MiB weight).
+# 64. The extra starts where Gaussian pre-activations would need it (``_fp32_extra``: it grows with
+# m and n / k) and doubles whenever more than FP32_CANDIDATES_MAX_REDO of a probe chunk of
+# FP32_CANDIDATES_CHUNK tokens fail; once n < FP32_CANDIDATES_MIN_RATIO (k + extra), the rest of
+# the call takes the fp32 GEMM, and so do the tokens that failed. Its costs beside the bf16 GEMM:
+# the weight rounded to bf16 once a call (a copy of at most WHOLE_WIDEN_ELEMS), and k + extra
+# gathered fp32 rows a token (~0.7 ns an element here, against ~0.0095 ns for each multiply-add it
+# saves on n latents). Hence its floors: FP32_CANDIDATES_MIN_TOKENS tokens, n >=
+# FP32_CANDIDATES_MIN_RATIO (k + extra) with the first extra, and m >= FP32_CANDIDATES_MIN_M (a
+# review measured 1.89x the fp32 path at B=512, m=7, n=16000, k=8, 1.41x at m=40, faster from
+# m=64). MEASURED (one thread, ms, same-run medians, fp32 path / this; RESULTS.md, "Thirtieth
+# session"): B=1000, m=768, n=16384, k=32: 184-206 / 109-143; k=8: 163-186 / 85-111; m=576:
+# 157-166 / 91-94; B=512, m=768, k=32: 101 / 71-76; B=1024, m=2048, n=65536, k=64:
+# 1721-1737 / 1029-1110.
+# Where it lost, and is now below the floors: B=256, m=768, n=16384, k=32: 46-49 / 48-51; B=256,
+# m=2048, n=65536, k=64: 439-451 / 564-580 (the first extra failed, and every probe's bf16 GEMM
+# re-read the 256 MiB weight); B=1000, m=2048, n=16384, k=32: 460 / 515 (every extra failed).
 FP32_CANDIDATES_MIN_TOKENS = 512
 FP32_CANDIDATES_MIN_RATIO = 160
 FP32_CANDIDATES_MIN_M = 128
@@ -1039,15 +1043,25 @@ FP32_CANDIDATES_CHUNK = 64
 FP32_CANDIDATES_MAX_REDO = 1 / 8
 
 
-def _fp32_extra(k: int) -> int:
-    return max(32, 2 * k)
+def _fp32_extra(k: int, m: int, n: int) -> int:
+    """The first extra of the fp32 route: 1.5x what Gaussian pre-activations need, at least 32.
+    There the operands' term R is ~2^-7 sqrt(m) 1.1 standard deviations (rows' norms 1.1x their
+    mean at most), the k-th value sits z = sqrt(2 ln(n / k)) out, and the density of values grows
+    about e^(z t) for t below it, so the bound's reach holds k (e^(z R) - 1) other latents.
+    Measured first extras that passed (of 1,000 random tokens, < 1.2 % failing): 64 at m = 768,
+    n = 16384, k = 32 (this gives 64); 64 at m = 576 (51); 96-128 at k = 64 (115); 256 at m = 2048,
+    n = 65536, k = 64 (314). At m = 2048, n = 16384, k = 32 it asks for 141, which the ratio floor
+    refuses: there 96 and 128 both failed, and the call lost 1.15x to the fp32 path."""
+    z = math.sqrt(2 * math.log(max(n / k, 1.0)))
+    reach = 2.0**-7 * math.sqrt(m) * 1.1
+    return max(32, math.ceil(1.5 * k * math.expm1(z * reach)))
 
 
 def _fp32_candidates_pay(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, exact_keys: bool) -> bool:
     return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.shape[0] >= FP32_CANDIDATES_MIN_TOKENS
             and x.shape[1] >= FP32_CANDIDATES_MIN_M
-            and FP32_CANDIDATES_MIN_RATIO * (k + _fp32_extra(k)) <= weight.shape[0]
+            and FP32_CANDIDATES_MIN_RATIO * (k + _fp32_extra(k, x.shape[1], weight.shape[0])) <= weight.shape[0]
             and weight.numel() <= WHOLE_WIDEN_ELEMS and _bf16_matmul_units())
 
 
@@ -1105,7 +1119,7 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     sel_v = torch.empty(S, k, dtype=torch.float32)
     sel_i = torch.empty(S, k, dtype=torch.int64)
     sel_redo = torch.zeros(S, dtype=torch.bool)
-    extra = _fp32_extra(k)
+    extra = _fp32_extra(k, M, N)
     chunk = FP32_CANDIDATES_CHUNK
     b0 = 0
     while b0 < S:
