@@ -1081,14 +1081,18 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     most 2^-125 (m + 2 + sqrt(m) (||x|| + max ||w_j||)) on either side. Where the k-th e exceeds
     c + a (|c| + max |b|) + 2A + R + that (c the smallest candidate v, finite), no latent outside
     the candidates can beat the k chosen; elsewhere, NaN and Inf included, the token goes through
-    the fp32 GEMM. So do tokens whose norm is below NORM_FLOOR or infinite, and the whole call where
-    max ||w_j|| is, or a bias is NaN or +inf: fp32 sums of squares underflow below it, and a norm
-    read as 0 would drop R (a review found wrong answers at x * 1e-25). A bias of -inf masks its
-    latent and stays out of max |b|. Probe chunks of
-    FP32_CANDIDATES_CHUNK tokens set the extra: after one where more than FP32_CANDIDATES_MAX_REDO
-    of the tokens failed it doubles and the next chunk probes again; after one that passed, the rest
-    go a tile at a time. Once k + extra would pass n / FP32_CANDIDATES_MIN_RATIO, the rest of the
-    call takes the fp32 GEMM. The weight is rounded to bf16 once a call."""
+    the fp32 GEMM.
+
+    Norms: fp32 sums of squares underflow for norms below NORM_FLOOR, and a norm read as 0 would
+    drop R (a review found wrong answers at x * 1e-25). So a token whose norm is below NORM_FLOOR or
+    infinite takes the fp32 GEMM, and so does the whole call when max ||w_j|| is, or when a bias is
+    NaN or +inf. A bias of -inf masks its latent and stays out of max |b|.
+
+    Probe chunks of FP32_CANDIDATES_CHUNK tokens set the extra: after one where more than
+    FP32_CANDIDATES_MAX_REDO of the tokens failed it doubles and the next chunk probes again; after
+    one that passed, the rest go a tile at a time. Once k + extra would pass n /
+    FP32_CANDIDATES_MIN_RATIO, the rest of the call takes the fp32 GEMM. The weight is rounded to
+    bf16 once a call."""
     B, M = x.shape
     N = weight.shape[0]
 
