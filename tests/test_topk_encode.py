@@ -821,6 +821,18 @@ def test_cpu_half_weight_widened_in_pieces(monkeypatch, dtype):
     assert_close(acts, ref_acts, TOL[dtype], "top_acts")
 
 
+def _record_fp32_fallbacks(monkeypatch, calls):
+    """Spy on ``_blocked_forward``: each fp32-GEMM fall-back appends ("fp32", tokens, None)."""
+    blocked = te._blocked_forward
+
+    def spy_blocked(x, *args, **kwargs):
+        if kwargs.get("fp32_gemm"):
+            calls.append(("fp32", x.shape[0], None))
+        return blocked(x, *args, **kwargs)
+
+    monkeypatch.setattr(te, "_blocked_forward", spy_blocked)
+
+
 @pytest.fixture
 def bf16_candidates(monkeypatch):
     """The CPU path's bf16-GEMM candidates at small sizes, on any CPU (bf16 matrix units or not):
@@ -828,19 +840,14 @@ def bf16_candidates(monkeypatch):
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
     monkeypatch.setattr(te, "BF16_MIN_RATIO", 4)
     calls = []
-    candidates, blocked = te._bf16_candidates_forward, te._blocked_forward
+    candidates = te._bf16_candidates_forward
 
     def spy_candidates(x, weight, bias, k, out_dtype, extra=None):
         calls.append(("bf16", x.shape[0], extra))
         return candidates(x, weight, bias, k, out_dtype, extra)
 
-    def spy_blocked(x, *args, **kwargs):
-        if kwargs.get("fp32_gemm"):
-            calls.append(("fp32", x.shape[0], None))
-        return blocked(x, *args, **kwargs)
-
     monkeypatch.setattr(te, "_bf16_candidates_forward", spy_candidates)
-    monkeypatch.setattr(te, "_blocked_forward", spy_blocked)
+    _record_fp32_fallbacks(monkeypatch, calls)
     return calls
 
 
@@ -932,19 +939,14 @@ def fp32_candidates(monkeypatch):
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 2)
     monkeypatch.setattr(te, "FP32_CANDIDATES_CHUNK", 5)
     calls = []
-    gemm, blocked = te._bf16_gemm_candidates, te._blocked_forward
+    gemm = te._bf16_gemm_candidates
 
     def spy_gemm(x, weight, bias, kk):
         calls.append(("bf16", x.shape[0], kk))
         return gemm(x, weight, bias, kk)
 
-    def spy_blocked(x, *args, **kwargs):
-        if kwargs.get("fp32_gemm"):
-            calls.append(("fp32", x.shape[0], None))
-        return blocked(x, *args, **kwargs)
-
     monkeypatch.setattr(te, "_bf16_gemm_candidates", spy_gemm)
-    monkeypatch.setattr(te, "_blocked_forward", spy_blocked)
+    _record_fp32_fallbacks(monkeypatch, calls)
     return calls
 
 
