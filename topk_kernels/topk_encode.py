@@ -1118,8 +1118,6 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     wb = weight.to(torch.bfloat16)
     bb = bias.to(torch.bfloat16) if bias is not None else None
     S = xs.shape[0]
-    values = torch.empty(B, k, dtype=torch.float32)
-    indices = torch.empty(B, k, dtype=torch.int64)
     sel_v = torch.empty(S, k, dtype=torch.float32)
     sel_i = torch.empty(S, k, dtype=torch.int64)
     sel_redo = torch.zeros(S, dtype=torch.bool)
@@ -1150,7 +1148,9 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
             chunk = max(FP32_CANDIDATES_CHUNK, CPU_TILE_ELEMS // N)  # then whole tiles
     if rows is None:
         values, indices, redo = sel_v, sel_i, sel_redo
-    else:
+    else:  # scatter the route's tokens back among those sent to the fp32 GEMM up front
+        values = torch.empty(B, k, dtype=torch.float32)
+        indices = torch.empty(B, k, dtype=torch.int64)
         values[rows], indices[rows] = sel_v, sel_i
         redo[rows] = sel_redo
     if bool(redo.any()):
