@@ -318,6 +318,33 @@ def test_cpu_topk_through_group_maxima(monkeypatch, w, k, case):
     assert torch.equal(indices, expected_ids)
 
 
+@pytest.mark.parametrize("w,k", [(37, 3), (5003, 9)])
+def test_cpu_tie_check_passes_rows_holding_a_few_nans(w, k):
+    """``_topk._topk_plus_one`` flags a row for re-ranking through packed keys only where torch.topk's
+    choice may be wrong: a tie at the (k+1)-th value, or k + 1 NaNs (then it picked arbitrary NaNs).
+    A row with fewer NaNs is not flagged (one NaN in a weight used to send every token's whole row
+    through packed keys, 5.2x slower), and blocked_topk's ids still follow the exact order."""
+    gen = torch.Generator().manual_seed(w + k)
+    pre = torch.stack([torch.randperm(w, generator=gen).float() for _ in range(4 * (k + 3))])  # distinct
+    nans = torch.arange(pre.shape[0]) % (k + 3)  # 0 .. k + 2 NaNs a row, at random columns
+    for r, c in enumerate(nans.tolist()):
+        pre[r, torch.randperm(w, generator=gen)[:c]] = float("nan") if r % 2 else -float("nan")
+    _, _, suspect = _topk._topk_plus_one(pre, k)
+    assert torch.equal(suspect, nans >= k + 1)
+    tie = pre.clone()
+    for r, c in enumerate(nans.tolist()):  # the row's k-th value lowered to tie its (k+1)-th
+        if c < k:
+            finite = tie[r][~tie[r].isnan()].sort(descending=True).values
+            tie[r, (tie[r] == finite[k - 1 - c]).nonzero()[0]] = finite[k - c]
+    _, _, suspect = _topk._topk_plus_one(tie, k)
+    assert torch.equal(suspect, (nans >= k + 1) | (nans < k))
+    for rows in (pre, tie):
+        values, indices = blocked_topk(lambda a, b, rows=rows: rows[:, a:b], w, k, w)
+        col = torch.arange(w).expand_as(rows)
+        _, expected_ids = unpack_keys_torch(pack_keys_torch(rows, col).sort(dim=1, descending=True).values[:, :k])
+        assert torch.equal(indices, expected_ids)
+
+
 @pytest.mark.parametrize("op", ["topk_encode", "expander_encode"])
 def test_float64_ranks_fp32_rounded_values_with_ties_to_the_lower_id(op):
     """In float64 the CPU path ranks fp32-rounded pre-activations (ties: lower id) and returns the
