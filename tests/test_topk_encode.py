@@ -865,7 +865,8 @@ def bf16_candidates(monkeypatch):
     """The CPU path's bf16-GEMM candidates at small sizes, on any CPU (bf16 matrix units or not):
     a list that records each call's (tokens, extra) and each fp32 fall-back's tokens."""
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
-    monkeypatch.setattr(te, "BF16_MIN_RATIO", 4)
+    monkeypatch.setattr(te, "BF16_MIN_WORK", 4 * 16)  # at m = 16: n >= 4 (k + extra)
+    monkeypatch.setattr(te, "BF16_MIN_N", 50)
     calls = []
     candidates = te._bf16_candidates_forward
 
@@ -924,6 +925,40 @@ def test_cpu_bf16_candidates_near_ties_bf16_cannot_order(bf16_candidates, crowd,
     assert [c[:2] for c in bf16_candidates] == [(t, B) for t in tries], bf16_candidates
 
 
+def test_cpu_bf16_candidates_rescore_only_those_that_can_win(bf16_candidates, monkeypatch):
+    """Of the bf16 GEMM's k + extra candidates, only those the bound leaves among the k best get
+    fp32 values (``_live_exact_values``): fewer pairs than all of them on random tokens, and the
+    same ids and values, bit for bit, as rescoring every candidate. Tokens 0-2 hold a pair that bf16
+    orders wrongly by one step (2^-4 at 12) through the bias's cast and the sum's rounding: latent
+    K = 100 reads 12.0625 in bf16 and is 12.0022, latent j = 200 reads 12.0 and is 12.0618, so the
+    k = 1 answer is j, a candidate below the k-th bf16 value that must be kept."""
+    torch.manual_seed(5)
+    B, m, n, k = 30, 48, 900, 1
+    x, weight, bias = _inputs((B,), m, n, torch.bfloat16)
+    bias = bias.float()
+    K, j = 100, 200
+    x[:, 0] = -1000  # the pair sits near -20 for tokens 3 and up
+    x[:3, 0] = 1
+    weight[:, 0] = 0
+    weight[[K, j]] = 0
+    weight[K, 0], bias[K] = 2.0**-5 + 2.0**-10, 12 - 0.03  # bias cast to 12.0, sum rounds up
+    weight[j, 0], bias[j] = 2.0**-5 - 2.0**-11, 12 + 2.0**-5 - 2.0**-12  # bias cast 12.0, sum down
+    pairs = []
+    dot = te.pairs_dot
+    monkeypatch.setattr(te, "pairs_dot", lambda *a: pairs.append(len(a[3])) or dot(*a))
+    acts, idx = topk_encode(x, weight, bias, k, backend="torch")
+    assert [c[:2] for c in bf16_candidates] == [("bf16", B)], bf16_candidates
+    assert torch.equal(idx[:3, 0], torch.tensor([j] * 3))
+    _, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.bfloat16], "top_acts")
+    extra = te._bf16_extra(k)
+    assert len(pairs) == 1 and B * k <= pairs[0] < B * (k + extra) // 2, pairs
+    monkeypatch.setattr(te, "_live_exact_values", lambda x, w, b, ids, *_: te._exact_values(x, w, b, ids))
+    every_acts, every_idx = topk_encode(x, weight, bias, k, backend="torch")
+    assert torch.equal(idx, every_idx) and torch.equal(acts, every_acts)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_cpu_bf16_candidates_non_finite_tokens_take_the_fp32_path(bf16_candidates, bad):
     """A token with a NaN or an infinite input goes straight to the fp32 GEMM, whose NaN order and
@@ -943,11 +978,16 @@ def test_cpu_bf16_candidates_non_finite_tokens_take_the_fp32_path(bf16_candidate
 
 
 def test_cpu_bf16_candidates_only_where_they_pay(bf16_candidates, monkeypatch):
-    """Taken for bf16 x and weight on CPU with n >= BF16_MIN_RATIO * (k + extra) and bf16 matrix
-    units; not for fp32 or mixed operands, a narrower n, or a CPU without the units."""
+    """Taken for bf16 x and weight on CPU with m n >= BF16_MIN_WORK (k + extra), n >= BF16_MIN_N
+    and bf16 matrix units; not for fp32 or mixed operands, a narrower m n or n, or a CPU without
+    the units."""
     x, weight, bias = _inputs((6,), 16, 100, torch.bfloat16)
-    topk_encode(x, weight, bias, 3, backend="torch")                 # 4 * (3 + 16) <= 100
-    topk_encode(x, weight, bias, 9, backend="torch")                 # 4 * (9 + 18) > 100
+    topk_encode(x, weight, bias, 3, backend="torch")                 # 4 * 16 * (3 + 16) <= 16 * 100
+    topk_encode(x, weight, bias, 9, backend="torch")                 # 4 * 16 * (9 + 18) > 16 * 100
+    topk_encode(x[:, :8], weight[:, :8], bias, 3, backend="torch")   # 4 * 16 * (3 + 16) > 8 * 100
+    monkeypatch.setattr(te, "BF16_MIN_N", 101)
+    topk_encode(x, weight, bias, 3, backend="torch")
+    monkeypatch.setattr(te, "BF16_MIN_N", 50)
     topk_encode(x.float(), weight.float(), bias, 3, backend="torch")
     topk_encode(x.float(), weight, bias, 3, backend="torch")
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: False)
@@ -962,6 +1002,7 @@ def fp32_candidates(monkeypatch):
     fall-back's tokens."""
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_RATIO", 4)
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_WORK", 0)
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_TOKENS", 8)
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 2)
     monkeypatch.setattr(te, "FP32_CANDIDATES_CHUNK", 5)
@@ -1068,8 +1109,9 @@ def test_cpu_fp32_candidates_non_finite_tokens_take_the_fp32_path(fp32_candidate
 
 def test_cpu_fp32_candidates_only_where_they_pay(fp32_candidates, monkeypatch):
     """Taken for fp32 x, weight and bias on CPU with enough tokens, m >= FP32_CANDIDATES_MIN_M,
-    n >= FP32_CANDIDATES_MIN_RATIO * (k + extra), a weight within WHOLE_WIDEN_ELEMS (it is rounded to bf16 whole) and bf16 matrix
-    units; not otherwise."""
+    n >= FP32_CANDIDATES_MIN_RATIO * (k + extra), m n >= FP32_CANDIDATES_MIN_WORK * (k + extra), a
+    weight within WHOLE_WIDEN_ELEMS (it is rounded to bf16 whole) and bf16 matrix units; not
+    otherwise."""
     x, weight, bias = _inputs((9,), 16, 200)
 
     def taken(*args):
@@ -1080,6 +1122,10 @@ def test_cpu_fp32_candidates_only_where_they_pay(fp32_candidates, monkeypatch):
     assert taken(x, weight, bias, 3)                        # 4 * (3 + 32) <= 200
     assert taken(x, weight, None, 3)
     assert not taken(x, weight, bias, 19)                   # 4 * (19 + 32) > 200
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_WORK", 16 * 200 // 35 + 1)
+    assert not taken(x, weight, bias, 3)                    # 92 * (3 + 32) > 16 * 200
+    monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_WORK", 16 * 200 // 35)
+    assert taken(x, weight, bias, 3)
     assert not taken(x[:7], weight, bias, 3)                # 7 tokens < 8
     monkeypatch.setattr(te, "FP32_CANDIDATES_MIN_M", 17)
     assert not taken(x, weight, bias, 3)                    # m = 16 < 17
@@ -1116,15 +1162,16 @@ def test_cpu_fp32_candidates_bound_covers_the_rounded_operands(fp32_candidates):
 
 def test_cpu_fp32_candidates_at_the_default_floors(monkeypatch):
     """At the shipped floors (FP32_CANDIDATES_MIN_TOKENS tokens, m just above FP32_CANDIDATES_MIN_M,
-    n just above FP32_CANDIDATES_MIN_RATIO * (k + extra)): the route is taken with its real probe chunk and
+    m n just above FP32_CANDIDATES_MIN_WORK * (k + extra)): the route is taken with its real probe chunk and
     tiles, and gives the fp64 reference's top-k and values."""
     monkeypatch.setattr(te, "_bf16_matmul_units", lambda: True)
     calls = []
     gemm = te._bf16_gemm_candidates
     monkeypatch.setattr(te, "_bf16_gemm_candidates", lambda x, *a: calls.append(x.shape[0]) or gemm(x, *a))
     k = 11
-    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, te.FP32_CANDIDATES_MIN_M + 3, 7001
-    assert te.FP32_CANDIDATES_MIN_RATIO * (k + te._fp32_extra(k, m, n)) <= n
+    B, m, n = te.FP32_CANDIDATES_MIN_TOKENS, te.FP32_CANDIDATES_MIN_M + 3, 13301
+    assert te._fp32_candidates_fit(m, n, k + te._fp32_extra(k, m, n))
+    assert not te._fp32_candidates_fit(m, n - 200, k + te._fp32_extra(k, m, n - 200))
     x, weight, bias = _inputs((B,), m, n)
     acts, idx = topk_encode(x, weight, bias, k, backend="torch")
     assert calls and calls[0] == te.FP32_CANDIDATES_CHUNK and sum(calls) >= B - te.FP32_CANDIDATES_CHUNK, calls

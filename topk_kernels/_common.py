@@ -297,32 +297,39 @@ ROWS_DOT_PIECE_ELEMS = 2**19
 
 
 def rows_dot(vectors: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    """[B, K] dot products ``vectors[b] . weight[idx[b, s]]`` in vectors' dtype, each a sum in
+    """[B, K] dot products ``vectors[b] . weight[idx[b, s]]`` in vectors' dtype: ``pairs_dot`` of
+    every (token, slot) pair. bf16 weight, fp32 vectors, m=768, n=16384, K=56, one thread: B=1000
+    13.1 ms against 38.9 for the gathered rows' batched GEMVs, B=300 7.2 / 10.1, B=64 1.9 / 2.6
+    (two threads: 7.2 / 17.6 at B=1000)."""
+    B, K = idx.shape
+    return pairs_dot(vectors, weight, torch.arange(B * K, device=idx.device) // max(K, 1), idx.reshape(-1)).view(B, K)
+
+
+def pairs_dot(vectors: Tensor, weight: Tensor, tokens: Tensor, ids: Tensor) -> Tensor:
+    """[P] dot products ``vectors[tokens[p]] . weight[ids[p]]`` in vectors' dtype, each a sum in
     that dtype of the exact products with the (widened) rows. One ATen kernel gathers and
     multiplies (an embedding bag's per-sample-weights gradient, parallel over the pairs), so no
-    [B, K, m] copy of the rows exists. A weight in vectors' dtype is read as it is. A narrower one
-    is widened: when the pairs name at least n rows (B * K >= n), in latent order,
+    [P, m] copy of the rows exists. A weight in vectors' dtype is read as it is. A narrower one
+    is widened: when the pairs name at least n rows (P >= n), in latent order,
     ROWS_DOT_PIECE_ELEMS at a time into one reused buffer that is in cache while its pairs (sorted
-    by id) read it; else a chunk of tokens' rows at a time (both for CPU: the pieces sync with the
-    host). bf16 weight, fp32 vectors, m=768, n=16384, K=56, one thread: B=1000 13.1 ms against
-    38.9 for the gathered rows' batched GEMVs, B=300 7.2 / 10.1, B=64 1.9 / 2.6 (two threads: 7.2
-    / 17.6 at B=1000)."""
-    B, K = idx.shape
+    by id) read it; else a chunk of pairs' rows at a time (both for CPU: the pieces sync with the
+    host). ``tokens`` int64 [P], ``ids`` integer [P]."""
+    P = ids.shape[0]
     n, m = weight.shape
     cd = vectors.dtype
-    out = torch.empty(B * K, device=vectors.device, dtype=cd)
-    if out.numel() == 0 or m == 0:
-        return out.zero_().view(B, K)
+    out = torch.empty(P, device=vectors.device, dtype=cd)
+    if P == 0 or m == 0:
+        return out.zero_()
     dots = torch.ops.aten._embedding_bag_per_sample_weights_backward
-    flat = idx.reshape(-1).long()  # int64 as the bag numbers: the kernel reads both as one type
+    flat = ids.long()  # int64 as the bag numbers: the kernel reads both as one type
     none = flat[:0]  # offsets: unused where every pair names its bag (offset2bag)
     if weight.dtype == cd:
-        return dots(vectors, weight, flat, none, torch.arange(B * K, device=idx.device) // K, 0, -1).view(B, K)
-    if B * K >= n:
+        return dots(vectors, weight, flat, none, tokens, 0, -1)
+    if P >= n:
         ids, order = torch.sort(flat)
-        bags = order // K
+        bags = tokens[order]
         step = max(1, ROWS_DOT_PIECE_ELEMS // m)
-        starts = torch.arange(0, n + step, step, device=idx.device).clamp_(max=n)
+        starts = torch.arange(0, n + step, step, device=flat.device).clamp_(max=n)
         bounds = torch.searchsorted(ids, starts).tolist()
         buf = torch.empty(min(n, step), m, device=vectors.device, dtype=cd)
         for p, s in enumerate(range(0, n, step)):
@@ -330,15 +337,15 @@ def rows_dot(vectors: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
             if lo < hi:
                 table = buf[: min(n, s + step) - s].copy_(weight[s:s + step])
                 out[order[lo:hi]] = dots(vectors, table, ids[lo:hi] - s, none, bags[lo:hi], 0, -1)
-        return out.view(B, K)
-    chunk = max(1, ROWS_DOT_PIECE_ELEMS // (K * m))
-    pairs = torch.arange(min(B, chunk) * K, device=idx.device)
-    buf = torch.empty(min(B, chunk) * K, m, device=vectors.device, dtype=cd)
-    for b0 in range(0, B, chunk):
-        e = (min(B, b0 + chunk) - b0) * K
-        table = buf[:e].copy_(weight.index_select(0, flat[b0 * K:b0 * K + e]))
-        out[b0 * K:b0 * K + e] = dots(vectors[b0:b0 + chunk], table, pairs[:e], none, pairs[:e] // K, 0, -1)
-    return out.view(B, K)
+        return out
+    chunk = max(1, ROWS_DOT_PIECE_ELEMS // m)
+    rows = torch.arange(min(P, chunk), device=flat.device)
+    buf = torch.empty(min(P, chunk), m, device=vectors.device, dtype=cd)
+    for p0 in range(0, P, chunk):
+        e = min(P, p0 + chunk) - p0
+        table = buf[:e].copy_(weight.index_select(0, flat[p0:p0 + e]))
+        out[p0:p0 + e] = dots(vectors, table, rows[:e], none, tokens[p0:p0 + e], 0, -1)
+    return out
 
 
 # When the CPU paths of the dense-dictionary ops (``sparse_decode``, ``topk_encode``'s backward)

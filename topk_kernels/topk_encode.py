@@ -63,6 +63,7 @@ from ._common import (
     grad_bias,
     launch_options,
     on_device,
+    pairs_dot,
     pow2,
     resolve_backend,
     rows_dot,
@@ -907,11 +908,19 @@ def _narrower_dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
 # that needed the second try, of 1,000 at m=768, n=16384: 16 extra, 3 at k=32 (8 extra: 339), 37
 # at k=128; 16 + k/4 extra, none at k = 8, 32, 128, nor at m = 100 or 2048, nor (256 tokens) at
 # m=2048, n=65536, k=64.
-# The candidates' fp32 pre-activations cost a gathered row each, ~0.7 ns an element here against
-# ~0.011 ns a multiply-add of the fp32 GEMM they replace (n per token): the bf16 GEMM pays from n of
-# about 70 candidates up, so it is taken from BF16_MIN_RATIO (at B=1000, m=768, k=8, n=1000 it took
-# 27 ms against 13 for the fp32 path; k=32 at n=4096, 28 against 20).
-BF16_MIN_RATIO = 128
+# The candidates' fp32 pre-activations cost a gathered row each (~0.3 ns an element here), the
+# fp32 GEMM they replace ~0.011 ns a multiply-add for n latents, and the two selections differ by
+# a little per (token, latent) (the bf16 one is slower on short rows): so the route pays once m n
+# >= BF16_MIN_WORK (k + extra) and n >= BF16_MIN_N. MEASURED (one thread, B=1000 unless said,
+# medians of 5, this / the fp32 path; RESULTS.md, "Thirty-first session"): m=768: n=16384, k=128
+# 0.48 (117 / 243 ms), k=512 0.86, k=640 0.93, k=1024 1.15 (m n / (k + extra) = 9984: not
+# taken); n=4096, k=128 0.83; n=2048, k=32 0.74; n=1000, k=8 0.81 at B=1000 but 1.01 at B=200
+# (below BF16_MIN_N); B=1, n=16384, k=8 0.68. m=512, n=2048, k=64 0.93 (10900: not taken), n=4096
+# 0.75. m=128, n=8192, k=8 0.91; n=4096, k=32 1.07 (9362: not taken). m=100, n=16384, k=8 0.46;
+# m=256, n=1000, k=8 1.64 and m=16, n=4096, k=8 1.43 (not taken). Until then the floor was n >=
+# 128 (k + extra), set when the rescoring and the selection were slower.
+BF16_MIN_WORK = 12000
+BF16_MIN_N = 2048
 
 
 def _bf16_extra(k: int) -> int:
@@ -931,7 +940,9 @@ def _bf16_matmul_units() -> bool:
 
 def _bf16_candidates_pay(x: Tensor, weight: Tensor, k: int, exact_keys: bool) -> bool:
     return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.bfloat16
-            and BF16_MIN_RATIO * (k + _bf16_extra(k)) <= weight.shape[0] and _bf16_matmul_units())
+            and weight.shape[0] >= BF16_MIN_N
+            and BF16_MIN_WORK * (k + _bf16_extra(k)) <= weight.shape[0] * weight.shape[1]
+            and _bf16_matmul_units())
 
 
 def _bf16_gemm_candidates(x: Tensor, weight: Tensor, bias: Optional[Tensor], kk: int) -> tuple[Tensor, Tensor]:
@@ -965,13 +976,38 @@ def _bf16_gemm_candidates(x: Tensor, weight: Tensor, bias: Optional[Tensor], kk:
     return cand_v, cand_i
 
 
+def _live_exact_values(x: Tensor, weight: Tensor, bias: Optional[Tensor], cand_i: Tensor, v: Tensor,
+                       k: int, reach) -> Tensor:
+    """``_exact_values`` of the candidates that can still be among the k best, -inf for the rest.
+    Every candidate's exact value e_j is within ``reach(v_j)`` of its bf16 value v_j, and v - reach(v)
+    grows with v, so the k candidates of the largest v all have e >= lo = v_k - reach(v_k) (v_k the
+    k-th largest v); one with v_j + reach(v_j) < lo has e_j below all k of them and is not computed.
+    Its -inf never ties a kept value: lo is then finite. NaN or Inf values (in v, or a lo of NaN)
+    fail the comparison, so those candidates are kept. Random tokens at m=768, n=16384: 10 of 26
+    candidates a token computed at k=8, 40 of 56 at k=32, 148 of 176 at k=128."""
+    B, K = cand_i.shape
+    v_k = v.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # NaN if any is NaN
+    live = ~(v + reach(v) < v_k - reach(v_k))
+    if bool(live.all()):
+        return _exact_values(x, weight, bias, cand_i)
+    tokens, slots = live.nonzero(as_tuple=True)
+    ids = cand_i[tokens, slots]
+    values = pairs_dot(x, weight, tokens, ids)
+    if bias is not None:
+        values += bias[ids]
+    exact = torch.full((B, K), -math.inf, dtype=x.dtype)
+    exact[tokens, slots] = values
+    return exact
+
+
 def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, out_dtype,
                              extra: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """``_blocked_forward`` for bf16 x and weight on CPU, through a bf16 GEMM that picks candidates.
 
     Per token, the bf16 GEMM's k' = k + extra largest values v (bf16, bias added) name the
     candidates; their fp32 pre-activations e are computed from the gathered rows (bf16 products are
-    exact in fp32) and the k best taken (ties to the lower id). Every other latent j has v_j <= c,
+    exact in fp32) and the k best taken (ties to the lower id). A candidate the same bound rules
+    out of the k best is not computed (``_live_exact_values``). Every other latent j has v_j <= c,
     the smallest candidate v. Its exact pre-activation P_j differs from v_j by the bf16 roundings
     (the sum's, the bias's cast, the biased sum's, whichever order oneDNN adds the bias in: at most
     2^-8 (2 |v_j| + 2 |b_j|) to first order, so a (|v_j| + max |b|) with a = 2^-7 * 1.02, which
@@ -991,16 +1027,21 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     cand_v, cand_i = _bf16_gemm_candidates(x, weight, bb, k + extra)
     xf = x.float()
     bf = bias.float() if bias is not None else None
-    exact = _exact_values(xf, weight, bf, cand_i)
-    values, indices = _exact_topk(exact, cand_i, k)
-    c = cand_v.float().amin(dim=1)
     b_max = float(bf.abs().max()) if bf is not None else 0.0
     # ||w_j|| from bf16's norm (fp32 sums, the result rounded to bf16, 2^-8 relative: measured at
     # most 2^-8.5 here), raised by 2^-6: 1.7 ms against 20 for the norms of a widened copy (n =
     # 16384, m = 768). A is a small part of the slack (a fifth at m = 2048), so this needs no more.
     w_max = (1 + 2.0**-6) * float(weight.norm(dim=1).max()) if N else 0.0
-    slack = 2.0**-7 * 1.02 * (c.abs() + b_max) + 2 * M * 2.0**-24 * xf.norm(dim=1) * w_max
-    redo = ~(values[:, k - 1] > c + slack)  # NaN and Inf compare False: those tokens too
+    twice_a = (2 * M * 2.0**-24 * w_max) * xf.norm(dim=1, keepdim=True)
+    v = cand_v.float()
+
+    def reach(val: Tensor) -> Tensor:  # |e_j - v_j| for a latent of bf16 value v_j: at most this
+        return 2.0**-7 * 1.02 * (val.abs() + b_max) + twice_a
+
+    exact = _live_exact_values(xf, weight, bf, cand_i, v, k, reach)
+    values, indices = _exact_topk(exact, cand_i, k)
+    c = v.amin(dim=1, keepdim=True)
+    redo = ~(values[:, k - 1:] > c + reach(c)).squeeze(1)  # NaN and Inf compare False: those tokens too
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(1)
         finite = bool(torch.isfinite(cand_v[rows]).all()) and bool(torch.isfinite(exact[rows]).all())
@@ -1020,22 +1061,29 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 # of 1,000 random tokens at m=768, n=16384, k=32, 84 % failed the bound with 32 extra, 1.2 % with
 # 64. The extra starts where Gaussian pre-activations would need it (``_fp32_extra``: it grows with
 # m and n / k) and doubles whenever more than FP32_CANDIDATES_MAX_REDO of a probe chunk of
-# FP32_CANDIDATES_CHUNK tokens fail; once n < FP32_CANDIDATES_MIN_RATIO (k + extra), the rest of
-# the call takes the fp32 GEMM, and so do the tokens that failed. Its costs beside the bf16 GEMM:
+# FP32_CANDIDATES_CHUNK tokens fail; once k + extra no longer fits (``_fp32_candidates_fit``), the
+# rest of the call takes the fp32 GEMM, and so do the tokens that failed. Its costs beside the bf16 GEMM:
 # the weight rounded to bf16 once a call (a copy of at most WHOLE_WIDEN_ELEMS), and k + extra
 # gathered fp32 rows a token (~0.7 ns an element here, against ~0.0095 ns for each multiply-add it
 # saves on n latents). Hence its floors: FP32_CANDIDATES_MIN_TOKENS tokens, n >=
-# FP32_CANDIDATES_MIN_RATIO (k + extra) with the first extra, and m >= FP32_CANDIDATES_MIN_M (a
-# review measured 1.89x the fp32 path at B=512, m=7, n=16000, k=8, 1.41x at m=40, faster from
-# m=64). MEASURED (one thread, ms, same-run medians, fp32 path / this; RESULTS.md, "Thirtieth
+# FP32_CANDIDATES_MIN_RATIO (k + extra) and m n >= FP32_CANDIDATES_MIN_WORK (k + extra) with the
+# first extra, and m >= FP32_CANDIDATES_MIN_M (a review measured 1.89x the fp32 path at B=512, m=7,
+# n=16000, k=8, 1.41x at m=40, faster from m=64). MEASURED (one thread, ms, same-run medians, fp32 path / this; RESULTS.md, "Thirtieth
 # session"): B=1000, m=768, n=16384, k=32: 184-206 / 109-143; k=8: 163-186 / 85-111; m=576:
 # 157-166 / 91-94; B=512, m=768, k=32: 101 / 71-76; B=1024, m=2048, n=65536, k=64:
 # 1721-1737 / 1029-1110.
 # Where it lost, and is now below the floors: B=256, m=768, n=16384, k=32: 46-49 / 48-51; B=256,
 # m=2048, n=65536, k=64: 439-451 / 564-580 (the first extra failed, and every probe's bf16 GEMM
 # re-read the 256 MiB weight); B=1000, m=2048, n=16384, k=32: 460 / 515 (every extra failed).
+# The floor was n >= 160 (k + extra) until the thirty-first session, which measured (B=1000, medians
+# of 5, this / the fp32 path; m n / (k + extra) in brackets): m=2048, n=16384, k=32 0.66 (the first
+# extra, 141, now passes) [194k]; k=64 0.95 [105k]; n=8192, k=16 0.69; m=768, n=16384, k=64 0.77
+# [69k], k=96 0.86 [48k], k=128 1.05 [37k]; n=4096, k=32 0.92 [37k], k=8 0.70; m=512, n=4096,
+# k=8 0.68 [52k]; m=256, n=4096, k=8 0.84 [26k]; m=128, n=4096, k=8 1.11 [13k], n=16384 0.68
+# [52k]. So the route takes 48 latents a candidate and 40000 multiply-adds a candidate.
 FP32_CANDIDATES_MIN_TOKENS = 512
-FP32_CANDIDATES_MIN_RATIO = 160
+FP32_CANDIDATES_MIN_RATIO = 48
+FP32_CANDIDATES_MIN_WORK = 40000
 FP32_CANDIDATES_MIN_M = 128
 # Token and row norms below NORM_FLOOR (or not finite) send tokens, or the call, to the fp32 GEMM.
 NORM_FLOOR = 2.0**-40
@@ -1057,11 +1105,16 @@ def _fp32_extra(k: int, m: int, n: int) -> int:
     return max(32, math.ceil(1.5 * k * math.expm1(z * reach)))
 
 
+def _fp32_candidates_fit(m: int, n: int, kk: int) -> bool:
+    """Whether kk candidates a token leave enough latents and multiply-adds per candidate to pay."""
+    return FP32_CANDIDATES_MIN_RATIO * kk <= n and FP32_CANDIDATES_MIN_WORK * kk <= m * n
+
+
 def _fp32_candidates_pay(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, exact_keys: bool) -> bool:
     return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.shape[0] >= FP32_CANDIDATES_MIN_TOKENS
             and x.shape[1] >= FP32_CANDIDATES_MIN_M
-            and FP32_CANDIDATES_MIN_RATIO * (k + _fp32_extra(k, x.shape[1], weight.shape[0])) <= weight.shape[0]
+            and _fp32_candidates_fit(x.shape[1], weight.shape[0], k + _fp32_extra(k, x.shape[1], weight.shape[0]))
             and weight.numel() <= WHOLE_WIDEN_ELEMS and _bf16_matmul_units())
 
 
@@ -1090,8 +1143,8 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
     Probe chunks of FP32_CANDIDATES_CHUNK tokens set the extra: after one where more than
     FP32_CANDIDATES_MAX_REDO of the tokens failed it doubles and the next chunk probes again; after
-    one that passed, the rest go a tile at a time. Once k + extra would pass n /
-    FP32_CANDIDATES_MIN_RATIO, the rest of the call takes the fp32 GEMM. The weight is rounded to
+    one that passed, the rest go a tile at a time. Once k + extra no longer fits
+    (``_fp32_candidates_fit``), the rest of the call takes the fp32 GEMM. The weight is rounded to
     bf16 once a call."""
     B, M = x.shape
     N = weight.shape[0]
@@ -1125,7 +1178,7 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     chunk = FP32_CANDIDATES_CHUNK
     b0 = 0
     while b0 < S:
-        if FP32_CANDIDATES_MIN_RATIO * (k + extra) > N:
+        if not _fp32_candidates_fit(M, N, k + extra):
             sel_redo[b0:] = True
             break
         b1 = min(S, b0 + chunk)
