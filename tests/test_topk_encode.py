@@ -292,7 +292,7 @@ def _special_rows(case: str, R: int, w: int, k: int) -> torch.Tensor:
     return pre
 
 
-@pytest.mark.parametrize("w,k", [(333, 5), (1001, 17), (4099, 64)])
+@pytest.mark.parametrize("w,k", [(333, 5), (1001, 17), (2500, 7), (4099, 64)])  # 2500: groups of groups
 @pytest.mark.parametrize("case", ["random", "ties", "clustered", "specials"])
 def test_cpu_topk_through_group_maxima(monkeypatch, w, k, case):
     """The CPU path's top-(k+1) through strided group maxima (``_topk._grouped_topk``, used on wide

@@ -183,11 +183,16 @@ def _exact_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # (``_grouped_topk``) on rows of PREFILTER_MIN_WIDTH or more whose groups outnumber k + 1 by
 # PREFILTER_MIN_RATIO. Interleaved medians here (2 threads, ~4M entries a call, plain / grouped ms):
 # w = 4608: k = 8 3.90 / 2.65, k = 32 7.64 / 6.29, k = 64 12.43 / 8.17, k = 128 21.00 / 11.88;
-# w = 65536: k = 8 5.82 / 2.24, k = 64 7.74 / 4.27. At w = 2048 and k = 8 or 16 it lost (0.89x,
-# 0.92x), hence the width floor (RESULTS.md, "CPU top-k through group maxima").
+# w = 65536: k = 8 5.82 / 2.24, k = 64 7.74 / 4.27 (RESULTS.md, "CPU top-k through group maxima").
+# The width floor was 4096 until the thirty-first session: at w = 2048 and k = 8 or 16 it had lost
+# (0.89x, 0.92x), but measured again (1,000 Gaussian rows, medians of 9, grouped / plain, 1 and
+# 2 threads) it won: w = 1024, k + 1 = 9: 0.89-0.99, 26: 0.54-0.57; w = 2048, 9: 0.88-0.97, 26:
+# 0.66-0.73, 33: 0.41-0.42, 56: 0.54-0.56 (bf16 and fp32 alike). The group maxima themselves go the
+# same way when wide enough: at w = 16384 their [R, 2048] top-56 had cost 13.7 ms a call, more
+# than the [R, 16384] group maxima (6.8).
 PREFILTER_GROUP = 8
 PREFILTER_MIN_RATIO = 4
-PREFILTER_MIN_WIDTH = 4096
+PREFILTER_MIN_WIDTH = 1024
 
 
 def _grouped_topk(pre: Tensor, kk: int) -> tuple[Tensor, Tensor]:
@@ -199,12 +204,13 @@ def _grouped_topk(pre: Tensor, kk: int) -> tuple[Tensor, Tensor]:
     (kk other entries), so it is beaten kk times over or ties the kk-th value, and the kept groups
     still hold kk entries of every value down to the kk-th (each kept maximum is one, or the kept
     groups are every group with an entry that large). Group maxima propagate NaN, which torch.topk
-    ranks first, as it ranks NaN entries first."""
+    ranks first, as it ranks NaN entries first. The groups are picked the same way where the group
+    maxima are wide enough (``_unordered_topk``)."""
     R, w = pre.shape
     s = PREFILTER_GROUP
     G = w // s
     group_max = pre[:, :G * s].reshape(R, s, G).amax(dim=1)  # a view unless pre is column-strided
-    groups = group_max.topk(kk, dim=1, sorted=False).indices
+    groups = _unordered_topk(group_max, kk)[1]  # any kk groups of the kk largest maxima will do
     cols = (groups[:, None, :] + torch.arange(0, s * G, G, device=pre.device)[None, :, None]).view(R, s * kk)
     if G * s < w:
         cols = torch.cat([cols, torch.arange(G * s, w, device=pre.device).expand(R, w - G * s)], 1)
