@@ -43,6 +43,8 @@ def small_cpu_blocks(monkeypatch):
     monkeypatch.setattr(te, "CPU_TILE_ELEMS", 16 * 64)
     monkeypatch.setattr(te, "CPU_MAX_BLOCK_N", 64)
     monkeypatch.setattr(te, "CPU_MIN_BLOCK_B", 16)
+    monkeypatch.setattr(te, "CPU_GEMM_TILE_ELEMS", 16 * 64)
+    monkeypatch.setattr(te, "CPU_GEMM_MIN_BLOCK_B", 16)
 
 
 def _inputs(lead, m, n, dtype=torch.float32):
