@@ -649,17 +649,19 @@ ENCODE_TC_TILES = {
 CPU_TILE_ELEMS = 32 * 2**20
 CPU_MAX_BLOCK_N = 65536
 CPU_MIN_BLOCK_B = 256
-# The fp32 GEMM's tiles (``_blocked_forward``) are smaller: CPU_GEMM_TILE_ELEMS pre-activations, or
-# half the weight's elements where that is more (every token tile reads the whole weight again),
-# and at least CPU_GEMM_MIN_BLOCK_B tokens. With a small m the GEMM costs little beside the
-# selection, which ran 2-3x faster on tiles a fraction of the size (fresh 64 MiB buffers also
-# faulted in their pages every call). MEASURED (fp32 path, B=1000, one thread, medians of 5,
+# The GEMMs' tiles (``_gemm_tile``: the fp32 path's and the bf16 candidates') are smaller:
+# CPU_GEMM_TILE_ELEMS pre-activations, or the weight's elements where that is more (every token
+# tile reads the whole weight again), and at least CPU_GEMM_MIN_BLOCK_B tokens. With a small m the
+# GEMM costs little beside the selection, which ran 2-3x faster on tiles a fraction of the size. MEASURED (fp32 path, B=1000, one thread, medians of 5,
 # ms at tiles of 32 / 8 / 4 / 2 Mi; RESULTS.md, "Thirty-first session"): n=16384, k=8: m=16 47.7 /
 # 31.6 / - / 18.7; m=32 51.3 / 34.7 / 21.1 / 22.3; m=64 63.7 / 51.2 / 29.4 / 29.0; m=128 75.0 /
 # 63.2 / 45.6 / 45.2; m=256 94.5 / 86.8 / 77.1 / 79.9; m=512 146.7 / 141.1 / 135.9 / 144.2; m=768,
 # k=32 194.3 / 190.3 / 188.3 / 211.5. n=65536, k=32: m=64 224.7 / 188.3 / 149.7 / 157.1; m=256
-# 348.8 / 350.6 / 420.7 / 587.0 (64 tokens a tile re-read its 64 MiB weight 16 times: the half-
-# weight rule gives it 8 Mi).
+# 348.8 / 350.6 / 420.7 / 587.0 (64 tokens a tile re-read its 64 MiB weight 16 times: the weight
+# rule gives it 16 Mi). bf16 candidates, medians of 7 interleaved, one tile of every token / this
+# rule: B=1000, m=768, n=16384, k=32 77.5 / 79.7, k=8 62.3 / 66.2 (two tiles of 500: within noise);
+# B=2048 158.6 / 141.9; B=4096, m=100, k=32 192.4 / 150.9; fp32 path B=1000, m=100, k=8 72.3 /
+# 38.4. Half the weight's elements lost at B=1000, m=768 (87.0 and 73.6).
 CPU_GEMM_TILE_ELEMS = 4 * 2**20
 CPU_GEMM_MIN_BLOCK_B = 32
 # fp32 elements of a narrower weight widened at a time on the CPU path (2 MiB: in L2 here).
@@ -958,13 +960,24 @@ def _bf16_candidates_pay(x: Tensor, weight: Tensor, k: int, exact_keys: bool) ->
             and _bf16_matmul_units())
 
 
+def _gemm_tile(B: int, n: int, m: int) -> tuple[int, int]:
+    """(tokens, latents) a tile of the CPU GEMMs (the fp32 path's and the bf16 candidates'):
+    CPU_GEMM_TILE_ELEMS pre-activations or the weight's elements, whichever is more, at most
+    CPU_TILE_ELEMS, at least CPU_GEMM_MIN_BLOCK_B tokens; the token tiles split B evenly (a
+    short last tile ran its GEMM at a worse rate)."""
+    tile = min(CPU_TILE_ELEMS, max(CPU_GEMM_TILE_ELEMS, n * m))
+    block_b, block_n = cpu_tile(B, n, tile, CPU_MAX_BLOCK_N, CPU_GEMM_MIN_BLOCK_B)
+    tiles = -(-B // block_b)
+    return -(-B // tiles), block_n
+
+
 def _bf16_gemm_candidates(x: Tensor, weight: Tensor, bias: Optional[Tensor], kk: int) -> tuple[Tensor, Tensor]:
     """The kk largest values of the bf16 GEMM ``x @ weight.T (+ bias)`` per token (bf16 operands
     on CPU), in no order, and their latent ids: token x latent tiles into one reused buffer, a
     running top-kk across each token tile's latent blocks."""
-    B = x.shape[0]
+    B, M = x.shape
     N = weight.shape[0]
-    block_b, block_n = cpu_tile(B, N, CPU_TILE_ELEMS, CPU_MAX_BLOCK_N, CPU_MIN_BLOCK_B)
+    block_b, block_n = _gemm_tile(B, N, M)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=torch.bfloat16)
     cand_v = torch.empty(B, kk, dtype=torch.bfloat16)
     cand_i = torch.empty(B, kk, dtype=torch.int64)
@@ -1243,8 +1256,7 @@ def _blocked_forward(
     cd = compute_dtype(torch.promote_types(x.dtype, weight.dtype))
     xc = x.to(cd)
     bc = bias.to(cd) if bias is not None else None
-    tile = min(CPU_TILE_ELEMS, max(CPU_GEMM_TILE_ELEMS, N * M // 2))
-    block_b, block_n = cpu_tile(B, N, tile, CPU_MAX_BLOCK_N, CPU_GEMM_MIN_BLOCK_B)
+    block_b, block_n = _gemm_tile(B, N, M)
     buf = torch.empty(block_b * block_n, device=x.device, dtype=cd)
     # A narrower weight (bf16, fp16) is widened CPU_WIDEN_ELEMS at a time into one reused buffer,
     # each piece multiplied while it is in cache; widening a whole block into a fresh tensor faulted
