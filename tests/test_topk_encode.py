@@ -961,6 +961,64 @@ def test_cpu_bf16_candidates_rescore_only_those_that_can_win(bf16_candidates, mo
     assert torch.equal(idx, every_idx) and torch.equal(acts, every_acts)
 
 
+def test_cpu_bf16_candidates_not_taken_past_n(bf16_candidates):
+    """k + extra > n refuses the route (a review found that the work floor alone let it through at
+    a large m, and the candidates' [B, k + extra] buffer failed to take n columns)."""
+    x, weight, bias = _inputs((5,), 200, 60, torch.bfloat16)
+    k = 40  # k + extra = 66 > 60, while 64 * 66 <= 200 * 60
+    acts, idx = topk_encode(x, weight, bias, k, backend="torch")
+    assert not any(c[0] == "bf16" for c in bf16_candidates), bf16_candidates
+    _, ref_acts, ref_idx = _reference(x, weight, bias, k)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.bfloat16], "top_acts")
+
+
+@pytest.mark.parametrize("case", ["x tiny", "weight tiny", "rows tiny"])
+def test_cpu_bf16_candidates_subnormal_pre_activations(bf16_candidates, case):
+    """Pre-activations the bf16 GEMM flushes or keeps to a bit (a review found every token of
+    x * 2^-100 with wrong ids: the GEMM gave 0 for all, and the bound, with no absolute term,
+    accepted arbitrary candidates). Tokens of norm below NORM_FLOOR and a call whose largest row is
+    below it take the fp32 GEMM; with a few normal rows among rows * 2^-130, the bound's absolute
+    terms send tokens whose k-th value is subnormal there too. All give the fp64 reference's ids,
+    which have no ties here. (Above NORM_FLOOR the accumulation term m 2^-24 ||x|| max ||w_j|| >=
+    m 2^-104 dwarfs the subnormal term, which is kept as the fp32 route keeps it.)"""
+    torch.manual_seed(3)
+    B, m, n, k = 12, 64, 300, 6
+    x, weight, _ = _inputs((B,), m, n)
+    if case == "x tiny":
+        x = x * 2.0**-100
+    elif case == "weight tiny":
+        weight = weight * 2.0**-130
+    else:
+        weight[3:] *= 2.0**-130  # the top k holds 3 normal rows and 3 of these, subnormal
+    x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+    acts, idx = topk_encode(x, weight, None, k, backend="torch")
+    pre = _pre(x, weight, None)
+    assert torch.equal(idx, pre.topk(k, dim=1).indices)
+    assert any(c[0] == "fp32" for c in bf16_candidates), bf16_candidates
+
+
+def test_cpu_bf16_candidates_minus_inf_bias_masks(bf16_candidates):
+    """A bias of -inf masks its latent and stays out of max |b| (it made the bound infinite, so every
+    token took a second try and then the fp32 GEMM: 3.1x slower); NaN or +inf in the bias sends the
+    whole call to the fp32 GEMM."""
+    x, weight, bias = _inputs((20,), 48, 900, torch.bfloat16)
+    bias[torch.randperm(900)[:90]] = -float("inf")
+    acts, idx = topk_encode(x, weight, bias, 5, backend="torch")
+    assert [c[:2] for c in bf16_candidates] == [("bf16", 20)], bf16_candidates
+    _, ref_acts, ref_idx = _reference(x, weight, bias, 5)
+    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
+    assert_close(acts, ref_acts, TOL[torch.bfloat16], "top_acts")
+    for bad in (float("nan"), float("inf")):
+        bf16_candidates.clear()
+        biased = bias.clone()
+        biased[7] = bad
+        acts, idx = topk_encode(x, weight, biased, 5, backend="torch")
+        assert [c[:2] for c in bf16_candidates] == [("bf16", 20), ("fp32", 20)], bf16_candidates
+        want_vals, want_idx = te._blocked_forward(x, weight, biased, 5, torch.float32, fp32_gemm=True)
+        assert torch.equal(idx, want_idx)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_cpu_bf16_candidates_non_finite_tokens_take_the_fp32_path(bf16_candidates, bad):
     """A token with a NaN or an infinite input goes straight to the fp32 GEMM, whose NaN order and

@@ -955,7 +955,7 @@ def _bf16_matmul_units() -> bool:
 
 def _bf16_candidates_pay(x: Tensor, weight: Tensor, k: int, exact_keys: bool) -> bool:
     return (x.device.type == "cpu" and not exact_keys and x.dtype == weight.dtype == torch.bfloat16
-            and weight.shape[0] >= BF16_MIN_N
+            and weight.shape[0] >= max(BF16_MIN_N, k + _bf16_extra(k))
             and BF16_MIN_WORK * (k + _bf16_extra(k)) <= weight.shape[0] * weight.shape[1]
             and _bf16_matmul_units())
 
@@ -1042,40 +1042,62 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     max |b|) + A for every j outside the candidates, and a chosen candidate's P is at least its e -
     A: where the k-th e exceeds c + a (|c| + max |b|) + 2A, the k chosen beat every other latent,
     and they are ordered among themselves to within fp32 accumulation, as the fp32 path orders
-    them. Elsewhere (NaN or Inf too, whose comparisons fail) the token tries again with 4x the
-    extra candidates, and then goes through
-    ``_blocked_forward``'s fp32 GEMM (at once where a value is NaN or infinite). ``out_dtype`` None:
-    the fp32 values before ReLU (for such a retry)."""
+    them. Subnormals, which the GEMM may flush, add at most 2^-125 (m + 2 + sqrt(m) (||x|| + max
+    ||w_j||)) (as in ``_fp32_candidates_forward``). Elsewhere (NaN or Inf too, whose comparisons
+    fail, and a smallest candidate of -inf) the token tries again with 4x the extra candidates, and
+    then goes through ``_blocked_forward``'s fp32 GEMM (at once where a value is NaN or infinite).
+
+    Norms and bias as in ``_fp32_candidates_forward``: a token whose norm is below NORM_FLOOR or not
+    finite takes the fp32 GEMM at once, and so does the whole call when max ||w_j|| is, or when a
+    bias is NaN or +inf; a bias of -inf masks its latent and stays out of max |b| (it had made the
+    bound infinite, and every token took two tries and the fp32 GEMM). ``out_dtype`` None: the fp32
+    values before ReLU (for such a retry)."""
     B, M = x.shape
     N = weight.shape[0]
     extra = _bf16_extra(k) if extra is None else extra
-    bb = bias.to(torch.bfloat16) if bias is not None else None
-    cand_v, cand_i = _bf16_gemm_candidates(x, weight, bb, k + extra)
     xf = x.float()
     bf = bias.float() if bias is not None else None
-    b_max = float(bf.abs().max()) if bf is not None else 0.0
     # ||w_j|| from bf16's norm (fp32 sums, the result rounded to bf16, 2^-8 relative: measured at
     # most 2^-8.5 here), raised by 2^-6: 1.7 ms against 20 for the norms of a widened copy (n =
     # 16384, m = 768). A is a small part of the slack (a fifth at m = 2048), so this needs no more.
     w_max = (1 + 2.0**-6) * float(weight.norm(dim=1).max()) if N else 0.0
-    twice_a = (2 * M * 2.0**-24 * w_max) * xf.norm(dim=1, keepdim=True)
+    bias_ok = bf is None or not bool((bf.isnan() | (bf == math.inf)).any())
+    if not (bias_ok and NORM_FLOOR <= w_max < math.inf):
+        values, indices = _blocked_forward(x, weight, bias, k, torch.float32, fp32_gemm=True)
+        return (values, indices) if out_dtype is None else (values.relu().to(out_dtype), indices)
+    b_max = 0.0
+    if bf is not None:
+        finite_b = bf[bf.isfinite()]
+        b_max = float(finite_b.abs().max()) if finite_b.numel() else 0.0
+    bb = bias.to(torch.bfloat16) if bias is not None else None
+    cand_v, cand_i = _bf16_gemm_candidates(x, weight, bb, k + extra)
+    x_norm = (1 + M * 2.0**-24) * xf.norm(dim=1, keepdim=True)
+    normal = (x_norm >= NORM_FLOOR) & (x_norm < math.inf)
+    twice_a = (2 * M * 2.0**-24 * w_max) * x_norm
+    tiny = 2.0**-125 * (M + 2 + M**0.5 * (x_norm + w_max))
     v = cand_v.float()
 
     def reach(val: Tensor) -> Tensor:  # |e_j - v_j| for a latent of bf16 value v_j: at most this
-        return 2.0**-7 * 1.02 * (val.abs() + b_max) + twice_a
+        return 2.0**-7 * 1.02 * (val.abs() + b_max) + twice_a + tiny
 
     exact = _live_exact_values(xf, weight, bf, cand_i, v, k, reach)
     values, indices = _exact_topk(exact, cand_i, k)
     c = v.amin(dim=1, keepdim=True)
-    redo = ~(values[:, k - 1:] > c + reach(c)).squeeze(1)  # NaN and Inf compare False: those tokens too
+    # NaN and Inf compare False: those tokens fail, and so does c = -inf (fewer than k + extra
+    # latents not masked), which would accept anything.
+    redo = ~((values[:, k - 1:] > c + reach(c)) & c.isfinite() & normal).squeeze(1)
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(1)
-        finite = bool(torch.isfinite(cand_v[rows]).all()) and bool(torch.isfinite(exact[rows]).all())
-        if finite and extra == _bf16_extra(k) and k + 4 * extra <= N:  # one second try
-            v, i = _bf16_candidates_forward(x[rows], weight, bias, k, None, 4 * extra)
-        else:
-            v, i = _blocked_forward(x[rows], weight, bias, k, torch.float32, fp32_gemm=True)
-        values[rows], indices[rows] = v, i
+        if extra == _bf16_extra(k) and k + 4 * extra <= N:  # one second try, for finite tokens
+            # (a failed token had no candidate pruned: its exact values are all computed)
+            again = (torch.isfinite(cand_v[rows]).all(dim=1) & torch.isfinite(exact[rows]).all(dim=1)
+                     & normal[rows, 0])
+            if bool(again.any()):
+                r = rows[again]
+                values[r], indices[r] = _bf16_candidates_forward(x[r], weight, bias, k, None, 4 * extra)
+                rows = rows[~again]
+        if rows.numel():
+            values[rows], indices[rows] = _blocked_forward(x[rows], weight, bias, k, torch.float32, fp32_gemm=True)
     if out_dtype is None:
         return values, indices
     return values.relu().to(out_dtype), indices
