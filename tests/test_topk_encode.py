@@ -889,14 +889,21 @@ def test_cpu_bf16_candidates_match_the_reference(bf16_candidates, bias_dtype, le
     an fp32 bias beside bf16 operands too."""
     x, weight, bias = _inputs(lead, m, n, torch.bfloat16)
     bias = None if bias_dtype is None else bias.to(bias_dtype)
+    _candidates_match_the_reference(bf16_candidates, x, weight, bias, k, TOL[torch.bfloat16])
+
+
+def _candidates_match_the_reference(calls, x, weight, bias, k, tol):
+    """A candidate route's call (``calls``: its fixture's record, whose first entry must be the bf16
+    GEMM) against the fp64 reference: ids (ties within fp32 rounding aside), values and gradients
+    within ``tol``."""
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
     acts, idx = topk_encode(*leaves, k, backend="torch")
-    assert bf16_candidates and bf16_candidates[0][0] == "bf16", bf16_candidates
+    assert calls and calls[0][0] == "bf16", calls
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
     ref_acts, ref_idx = reference.topk_encode(*ref_leaves, k)
     assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
-    assert_close(acts, ref_acts, TOL[torch.bfloat16], "top_acts")
-    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), TOL[torch.bfloat16])
+    assert_close(acts, ref_acts, tol, "top_acts")
+    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), tol)
 
 
 @pytest.mark.parametrize("crowd,tries", [(40, ["bf16", "bf16"]), (200, ["bf16", "bf16", "fp32"])])
@@ -1085,15 +1092,7 @@ def test_cpu_fp32_candidates_match_the_reference(fp32_candidates, with_bias, lea
     reference's top-k (ties within fp32 rounding aside), its values within fp32 rounding and its
     gradients."""
     x, weight, bias = _inputs(lead, m, n)
-    bias = bias if with_bias else None
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-    acts, idx = topk_encode(*leaves, k, backend="torch")
-    assert fp32_candidates and fp32_candidates[0][0] == "bf16", fp32_candidates
-    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-    ref_acts, ref_idx = reference.topk_encode(*ref_leaves, k)
-    assert_same_topk(idx, ref_idx, _pre(x, weight, bias), TOL[torch.float32], "top_indices")
-    assert_close(acts, ref_acts, TOL[torch.float32], "top_acts")
-    assert_grads_match(acts, ref_acts, leaves, ref_leaves, ("x", "weight", "bias"), TOL[torch.float32])
+    _candidates_match_the_reference(fp32_candidates, x, weight, bias if with_bias else None, k, TOL[torch.float32])
 
 
 def _fp32_crowd(B, m, n, crowd, seed=0):

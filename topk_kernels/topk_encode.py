@@ -1002,6 +1002,31 @@ def _bf16_gemm_candidates(x: Tensor, weight: Tensor, bias: Optional[Tensor], kk:
     return cand_v, cand_i
 
 
+# Token and row norms below NORM_FLOOR (or not finite) send tokens, or the call, to the fp32 GEMM
+# in both candidate routes: fp32 sums of squares underflow below it, and a norm read as 0 would drop
+# the bounds' terms that scale with it.
+NORM_FLOOR = 2.0**-40
+
+
+def _bias_bound(w_max: float, bias: Optional[Tensor]) -> Optional[float]:
+    """max |b| for the candidate routes' bounds, over the finite entries (a bias of -inf masks its
+    latent: its v and e are -inf too), 0 without a bias; None where the whole call takes the fp32
+    GEMM: max ||w_j|| (``w_max``) below NORM_FLOOR or not finite, or a bias of NaN or +inf."""
+    if not NORM_FLOOR <= w_max < math.inf:
+        return None
+    if bias is None:
+        return 0.0
+    if bool((bias.isnan() | (bias == math.inf)).any()):
+        return None
+    finite = bias[bias.isfinite()]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def _normal_norms(norms: Tensor) -> Tensor:
+    """Which token norms the candidate routes' bounds can use: at least NORM_FLOOR and finite."""
+    return (norms >= NORM_FLOOR) & (norms < math.inf)
+
+
 def _live_exact_values(x: Tensor, weight: Tensor, bias: Optional[Tensor], cand_i: Tensor, v: Tensor,
                        k: int, reach) -> Tensor:
     """``_exact_values`` of the candidates that can still be among the k best, -inf for the rest.
@@ -1061,18 +1086,14 @@ def _bf16_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     # most 2^-8.5 here), raised by 2^-6: 1.7 ms against 20 for the norms of a widened copy (n =
     # 16384, m = 768). A is a small part of the slack (a fifth at m = 2048), so this needs no more.
     w_max = (1 + 2.0**-6) * float(weight.norm(dim=1).max()) if N else 0.0
-    bias_ok = bf is None or not bool((bf.isnan() | (bf == math.inf)).any())
-    if not (bias_ok and NORM_FLOOR <= w_max < math.inf):
+    b_max = _bias_bound(w_max, bias)
+    if b_max is None:
         values, indices = _blocked_forward(x, weight, bias, k, torch.float32, fp32_gemm=True)
         return (values, indices) if out_dtype is None else (values.relu().to(out_dtype), indices)
-    b_max = 0.0
-    if bf is not None:
-        finite_b = bf[bf.isfinite()]
-        b_max = float(finite_b.abs().max()) if finite_b.numel() else 0.0
     bb = bias.to(torch.bfloat16) if bias is not None else None
     cand_v, cand_i = _bf16_gemm_candidates(x, weight, bb, k + extra)
     x_norm = (1 + M * 2.0**-24) * xf.norm(dim=1, keepdim=True)
-    normal = (x_norm >= NORM_FLOOR) & (x_norm < math.inf)
+    normal = _normal_norms(x_norm)
     twice_a = (2 * M * 2.0**-24 * w_max) * x_norm
     tiny = 2.0**-125 * (M + 2 + M**0.5 * (x_norm + w_max))
     v = cand_v.float()
@@ -1133,8 +1154,6 @@ FP32_CANDIDATES_MIN_TOKENS = 512
 FP32_CANDIDATES_MIN_RATIO = 48
 FP32_CANDIDATES_MIN_WORK = 40000
 FP32_CANDIDATES_MIN_M = 128
-# Token and row norms below NORM_FLOOR (or not finite) send tokens, or the call, to the fp32 GEMM.
-NORM_FLOOR = 2.0**-40
 FP32_CANDIDATES_CHUNK = 64
 FP32_CANDIDATES_MAX_REDO = 1 / 8
 
@@ -1146,8 +1165,9 @@ def _fp32_extra(k: int, m: int, n: int) -> int:
     about e^(z t) for t below it, so the bound's reach holds k (e^(z R) - 1) other latents.
     Measured first extras that passed (of 1,000 random tokens, < 1.2 % failing): 64 at m = 768,
     n = 16384, k = 32 (this gives 64); 64 at m = 576 (51); 96-128 at k = 64 (115); 256 at m = 2048,
-    n = 65536, k = 64 (314). At m = 2048, n = 16384, k = 32 it asks for 141, which the ratio floor
-    refuses: there 96 and 128 both failed, and the call lost 1.15x to the fp32 path."""
+    n = 65536, k = 64 (314). At m = 2048, n = 16384, k = 32 it asks for 141 (96 and 128 both
+    failed there), which the floor of n >= 160 (k + extra) refused until the thirty-first session;
+    now taken, it passes and runs 0.66x the fp32 path."""
     z = math.sqrt(2 * math.log(max(n / k, 1.0)))
     reach = 2.0**-7 * math.sqrt(m) * 1.1
     return max(32, math.ceil(1.5 * k * math.expm1(z * reach)))
@@ -1204,16 +1224,12 @@ def _fp32_candidates_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     # of 2^-40 and more (smaller ones lost every square and read 0, which dropped R and A).
     grow = 1 + M * 2.0**-24
     w_max = grow * float(weight.norm(dim=1).max())
-    bias_ok = bias is None or not bool((bias.isnan() | (bias == float("inf"))).any())
-    if not (bias_ok and NORM_FLOOR <= w_max < float("inf")):
+    b_max = _bias_bound(w_max, bias)
+    if b_max is None:
         values, indices = fp32_path(slice(None))
         return values.relu().to(out_dtype), indices
-    b_max = 0.0
-    if bias is not None:
-        finite = bias[bias.isfinite()]  # -inf masks a latent: its v and e are -inf too
-        b_max = float(finite.abs().max()) if finite.numel() else 0.0
     x_norm = grow * x.norm(dim=1)
-    redo = ~((x_norm >= NORM_FLOOR) & (x_norm < float("inf")))  # such tokens: the fp32 GEMM
+    redo = ~_normal_norms(x_norm)  # such tokens: the fp32 GEMM
     rows = None if not bool(redo.any()) else (~redo).nonzero().squeeze(1)
     xs, xns = (x, x_norm) if rows is None else (x[rows], x_norm[rows])
     wb = weight.to(torch.bfloat16)
